@@ -1,0 +1,215 @@
+"""The pool: routing identities, the accounts that alias them, proxies,
+account groups and the API keys gateways authenticate with."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+from django.core.validators import MinValueValidator
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+
+class Pool(models.TextChoices):
+    BALANCED = "balanced", "balanced"
+    CREDIT_FIRST = "credit_first", "credit first"
+
+
+class RouteStrategy(models.TextChoices):
+    AUTO = "auto", "auto (group or whole pool)"
+    FIXED = "fixed", "fixed account"
+
+
+def _pool_check(field: str, name: str) -> models.CheckConstraint:
+    return models.CheckConstraint(condition=Q(**{f"{field}__in": Pool.values}), name=name)
+
+
+class RoutingIdentity(models.Model):
+    """One upstream Kiro user. Throttling, cooldowns, last-started and load are
+    tracked here, so every alias of the user shares them."""
+
+    name = models.CharField(max_length=200, unique=True)
+    max_concurrency = models.PositiveIntegerField(default=1, validators=[MinValueValidator(1)])
+    min_start_interval_ms = models.PositiveIntegerField(default=0)
+    cooldown_until = models.DateTimeField(null=True, blank=True)
+    cooldown_reason = models.CharField(max_length=500, blank=True)
+    last_started_at = models.DateTimeField(null=True, blank=True, editable=False)
+    # Live (uncompleted) leases. Maintained by the lease services in the same
+    # transaction as the lease row, so a slot is claimed with one conditional
+    # UPDATE; leases past their TTL are reclaimed before the limit is enforced.
+    in_flight = models.PositiveIntegerField(default=0, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name_plural = "routing identities"
+        constraints = [
+            models.CheckConstraint(condition=Q(max_concurrency__gte=1), name="identity_max_concurrency_gte_1"),
+            models.CheckConstraint(condition=Q(min_start_interval_ms__gte=0), name="identity_interval_gte_0"),
+            models.CheckConstraint(condition=Q(in_flight__gte=0), name="identity_in_flight_gte_0"),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def cooling_down(self, now=None) -> bool:
+        return self.cooldown_until is not None and self.cooldown_until > (now or timezone.now())
+
+
+class Proxy(models.Model):
+    """An egress proxy that account traffic goes through."""
+
+    name = models.CharField(max_length=200, unique=True)
+    url = models.CharField(max_length=500, unique=True)
+    cooldown_until = models.DateTimeField(null=True, blank=True)
+    cooldown_reason = models.CharField(max_length=500, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name_plural = "proxies"
+
+    def __str__(self) -> str:
+        return self.name
+
+    def cooling_down(self, now=None) -> bool:
+        return self.cooldown_until is not None and self.cooldown_until > (now or timezone.now())
+
+
+class Account(models.Model):
+    """A credential for a routing identity; several accounts may alias one."""
+
+    name = models.CharField(max_length=200, unique=True)
+    identity = models.ForeignKey(RoutingIdentity, on_delete=models.PROTECT, related_name="accounts")
+    proxy = models.ForeignKey(Proxy, on_delete=models.SET_NULL, null=True, blank=True, related_name="accounts")
+    pool = models.CharField(max_length=20, choices=Pool.choices, default=Pool.BALANCED)
+    enabled = models.BooleanField(default=True)
+    remaining_credits = models.FloatField(null=True, blank=True)
+    quota_exhausted = models.BooleanField(default=False)
+    quota_exhausted_at = models.DateTimeField(null=True, blank=True)
+    quota_exhausted_reason = models.CharField(max_length=500, blank=True)
+    region = models.CharField(max_length=50, blank=True)
+    profile_arn = models.CharField(max_length=500, blank=True)
+    # Upstream secrets. Write-only: no admin page, list, dashboard, API read or
+    # log line ever shows them back.
+    credentials = models.JSONField(default=dict, blank=True)
+    # Number of SessionBinding rows (live or expired-but-unpurged) that point
+    # here. Kept exact by the binding services; the live count subtracts the
+    # expired rows, a bounded read because the purge task deletes them.
+    binding_rows = models.PositiveIntegerField(default=0, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            _pool_check("pool", "account_pool_known"),
+            models.CheckConstraint(condition=Q(binding_rows__gte=0), name="account_binding_rows_gte_0"),
+        ]
+        indexes = [models.Index(fields=["enabled", "quota_exhausted"], name="account_selectable_idx")]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def __repr__(self) -> str:  # never the credentials
+        return f"<Account {self.name!r}>"
+
+
+class AccountGroup(models.Model):
+    """A named set of accounts an API key can be limited to."""
+
+    name = models.CharField(max_length=200, unique=True)
+    accounts = models.ManyToManyField(Account, related_name="groups", blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+KEY_PREFIX_BYTES = 6
+KEY_SECRET_BYTES = 32
+
+
+def hash_key(plaintext: str) -> str:
+    """SHA-256 of the whole key. Keys carry 256 random bits, so a fast hash is
+    enough: there is nothing to brute-force that a slow hash would protect."""
+    return hashlib.sha256(plaintext.encode()).hexdigest()
+
+
+def key_prefix(plaintext: str) -> str | None:
+    parts = plaintext.split("_")
+    if len(parts) != 3 or parts[0] != "kp" or not parts[1] or not parts[2]:
+        return None
+    return parts[1]
+
+
+def generate_key() -> tuple[str, str, str]:
+    """A new key as (plaintext, prefix, hash). The prefix is a lookup index,
+    not a secret; only the hash of the whole key is stored."""
+    prefix = secrets.token_hex(KEY_PREFIX_BYTES)
+    plaintext = f"kp_{prefix}_{secrets.token_urlsafe(KEY_SECRET_BYTES)}"
+    return plaintext, prefix, hash_key(plaintext)
+
+
+class ApiKey(models.Model):
+    """What a gateway authenticates with. The plaintext is shown once, at
+    creation; only its prefix (for lookup) and hash are stored."""
+
+    name = models.CharField(max_length=200, unique=True)
+    prefix = models.CharField(max_length=32, unique=True, editable=False)
+    key_hash = models.CharField(max_length=64, editable=False)
+    enabled = models.BooleanField(default=True)
+    account_group = models.ForeignKey(
+        AccountGroup, on_delete=models.PROTECT, null=True, blank=True, related_name="api_keys"
+    )
+    route_strategy = models.CharField(max_length=10, choices=RouteStrategy.choices, default=RouteStrategy.AUTO)
+    fixed_account = models.ForeignKey(
+        Account, on_delete=models.PROTECT, null=True, blank=True, related_name="fixed_keys"
+    )
+    preferred_pool = models.CharField(max_length=20, choices=Pool.choices, default=Pool.BALANCED)
+    latency_routing_enabled = models.BooleanField(default=True)
+    max_concurrency = models.PositiveIntegerField(null=True, blank=True, validators=[MinValueValidator(1)])
+    min_start_interval_ms = models.PositiveIntegerField(default=0)
+    # {"model name": ["account name", ...]}: accounts tried first for that model.
+    model_preferences = models.JSONField(default=dict, blank=True)
+    # The key's own live leases and last start, for its optional limits.
+    in_flight = models.PositiveIntegerField(default=0, editable=False)
+    last_started_at = models.DateTimeField(null=True, blank=True, editable=False)
+    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name = "API key"
+        constraints = [
+            _pool_check("preferred_pool", "apikey_preferred_pool_known"),
+            models.CheckConstraint(
+                condition=Q(route_strategy__in=RouteStrategy.values), name="apikey_route_strategy_known"
+            ),
+            models.CheckConstraint(
+                condition=Q(route_strategy=RouteStrategy.AUTO) | Q(fixed_account__isnull=False),
+                name="apikey_fixed_names_account",
+            ),
+            models.CheckConstraint(
+                condition=Q(max_concurrency__isnull=True) | Q(max_concurrency__gte=1),
+                name="apikey_max_concurrency_gte_1",
+            ),
+            models.CheckConstraint(condition=Q(min_start_interval_ms__gte=0), name="apikey_interval_gte_0"),
+            models.CheckConstraint(condition=Q(in_flight__gte=0), name="apikey_in_flight_gte_0"),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def set_new_secret(self) -> str:
+        """Give the key a fresh secret and return its plaintext (not saved)."""
+        plaintext, self.prefix, self.key_hash = generate_key()
+        return plaintext
+
+    def is_usable(self, now=None) -> bool:
+        return self.enabled and (self.expires_at is None or self.expires_at > (now or timezone.now()))

@@ -1,0 +1,61 @@
+"""Writes on the pool. Keyword-only, typed, atomic."""
+
+from __future__ import annotations
+
+from django.db import transaction
+from django.utils import timezone
+
+from accounts.models import Account, ApiKey, Proxy, RoutingIdentity
+from routing.models import CooldownEvent, CooldownKind
+
+
+@transaction.atomic
+def api_key_create(**fields) -> tuple[ApiKey, str]:
+    """Create a key and return it with its plaintext: the only moment the
+    plaintext exists outside the caller's hands."""
+    key = ApiKey(**fields)
+    plaintext = key.set_new_secret()
+    key.full_clean()
+    key.save()
+    return key, plaintext
+
+
+def account_quota_reset(*, accounts) -> int:
+    """Put quota-exhausted accounts back into selection."""
+    now = timezone.now()
+    with transaction.atomic():
+        ids = list(accounts.filter(quota_exhausted=True).values_list("id", flat=True))
+        Account.objects.filter(id__in=ids).update(
+            quota_exhausted=False, quota_exhausted_at=None, quota_exhausted_reason=""
+        )
+        CooldownEvent.objects.bulk_create(
+            CooldownEvent(kind=CooldownKind.QUOTA_RESET, account_id=pk, reason="reset by operator", created_at=now)
+            for pk in ids
+        )
+    return len(ids)
+
+
+def identity_cooldown_clear(*, identities) -> int:
+    now = timezone.now()
+    with transaction.atomic():
+        ids = list(identities.filter(cooldown_until__gt=now).values_list("id", flat=True))
+        RoutingIdentity.objects.filter(id__in=ids).update(cooldown_until=None, cooldown_reason="")
+        CooldownEvent.objects.bulk_create(
+            CooldownEvent(
+                kind=CooldownKind.IDENTITY_CLEARED, identity_id=pk, reason="cleared by operator", created_at=now
+            )
+            for pk in ids
+        )
+    return len(ids)
+
+
+def proxy_cooldown_clear(*, proxies) -> int:
+    now = timezone.now()
+    with transaction.atomic():
+        ids = list(proxies.filter(cooldown_until__gt=now).values_list("id", flat=True))
+        Proxy.objects.filter(id__in=ids).update(cooldown_until=None, cooldown_reason="")
+        CooldownEvent.objects.bulk_create(
+            CooldownEvent(kind=CooldownKind.PROXY_CLEARED, proxy_id=pk, reason="cleared by operator", created_at=now)
+            for pk in ids
+        )
+    return len(ids)

@@ -1,0 +1,107 @@
+"""The one error shape: ``{"error": {"type": ..., "message": ...}}``.
+
+Views and services raise the typed exceptions below (or DRF's own); the
+exception handler, installed for every API in settings, renders them all the
+same way. Nothing raised for bad input ever becomes a 500."""
+
+from __future__ import annotations
+
+from django.core.exceptions import PermissionDenied
+from django.http import Http404
+from rest_framework import exceptions, status
+from rest_framework.views import exception_handler as drf_exception_handler
+
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    406: "invalid_request_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+class ApiError(exceptions.APIException):
+    """Base of the domain errors; ``status_code`` picks the type."""
+
+    status_code = status.HTTP_400_BAD_REQUEST
+    default_detail = "invalid request"
+
+
+class InvalidRequest(ApiError):
+    status_code = status.HTTP_400_BAD_REQUEST
+
+
+class NotFound(ApiError):
+    status_code = status.HTTP_404_NOT_FOUND
+    default_detail = "not found"
+
+
+class Conflict(ApiError):
+    status_code = status.HTTP_409_CONFLICT
+    default_detail = "conflict"
+
+
+class RateLimited(ApiError):
+    status_code = status.HTTP_429_TOO_MANY_REQUESTS
+    default_detail = "rate limited"
+
+    def __init__(self, detail: str, *, retry_after: int) -> None:
+        super().__init__(detail)
+        self.retry_after = max(1, int(retry_after))
+
+
+class AllAccountsFailed(ApiError):
+    status_code = status.HTTP_502_BAD_GATEWAY
+    default_detail = "all eligible accounts failed for this request"
+
+
+class NoUsableAccount(ApiError):
+    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    default_detail = "no usable account is configured"
+
+
+class ServiceUnavailable(ApiError):
+    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    default_detail = "service temporarily unavailable"
+
+
+def error_type(status_code: int) -> str:
+    if status_code >= 500:
+        return "api_error"
+    return ERROR_TYPES.get(status_code, "invalid_request_error")
+
+
+def error_body(status_code: int, message: str) -> dict:
+    return {"error": {"type": error_type(status_code), "message": message}}
+
+
+def _message(detail) -> str:
+    """Flatten DRF's nested validation detail into one readable sentence."""
+    if isinstance(detail, dict):
+        parts = []
+        for field, value in detail.items():
+            text = _message(value)
+            parts.append(text if field == "non_field_errors" else f"{field}: {text}")
+        return "; ".join(parts)
+    if isinstance(detail, list):
+        return "; ".join(_message(item) for item in detail)
+    return str(detail)
+
+
+def exception_handler(exc, context):
+    if isinstance(exc, Http404):
+        exc = exceptions.NotFound()
+    elif isinstance(exc, PermissionDenied):
+        exc = exceptions.PermissionDenied()
+    response = drf_exception_handler(exc, context)
+    if response is None:
+        return None
+    response.data = error_body(response.status_code, _message(exc.detail))
+    if isinstance(exc, RateLimited):
+        response["Retry-After"] = str(exc.retry_after)
+    return response

@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+from django.contrib import admin, messages
+from django.utils import timezone
+
+from routing.models import CooldownEvent, LatencySample, LatencySnapshot, Lease, SessionBinding
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """History and machine-written state: operators look, they do not edit."""
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+
+class LiveFilter(admin.SimpleListFilter):
+    title = "state"
+    parameter_name = "live"
+
+    def lookups(self, request, model_admin):
+        return [("yes", "live"), ("no", "expired")]
+
+    def queryset(self, request, queryset):
+        now = timezone.now()
+        if self.value() == "yes":
+            return queryset.filter(expires_at__gt=now)
+        if self.value() == "no":
+            return queryset.filter(expires_at__lte=now)
+        return queryset
+
+
+@admin.register(SessionBinding)
+class SessionBindingAdmin(ReadOnlyAdmin):
+    list_display = ["session_id", "api_key", "account", "updated_at", "expires_at"]
+    list_filter = [LiveFilter, "api_key", "account__identity"]
+    list_select_related = ["api_key", "account"]
+    search_fields = ["session_id", "account__name", "api_key__name"]
+    actions = ["unbind"]
+
+    @admin.action(description="Unbind selected sessions", permissions=["delete"])
+    def unbind(self, request, queryset):
+        count, _ = queryset.delete()
+        self.message_user(request, f"Unbound {count} sessions.", messages.SUCCESS)
+
+
+@admin.register(Lease)
+class LeaseAdmin(ReadOnlyAdmin):
+    list_display = ["id", "account_name", "api_key", "session_id", "started_at", "completed_at", "outcome"]
+    list_filter = ["outcome", "identity"]
+    list_select_related = ["api_key"]
+    search_fields = ["account_name", "session_id", "id"]
+    date_hierarchy = "started_at"
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(LatencySample)
+class LatencySampleAdmin(ReadOnlyAdmin):
+    list_display = ["account", "proxy_url", "first_token_ms", "recorded_at"]
+    list_filter = ["account"]
+    list_select_related = ["account"]
+    date_hierarchy = "recorded_at"
+
+
+@admin.register(LatencySnapshot)
+class LatencySnapshotAdmin(ReadOnlyAdmin):
+    list_display = ["generated_at", "global_avg_ms", "sample_count", "window_seconds"]
+
+
+@admin.register(CooldownEvent)
+class CooldownEventAdmin(ReadOnlyAdmin):
+    list_display = ["created_at", "kind", "identity", "proxy", "account", "until", "reason"]
+    list_filter = ["kind"]
+    list_select_related = ["identity", "proxy", "account"]

@@ -1,0 +1,167 @@
+"""The decision's state: session affinities, leases, latency samples and
+snapshots, and the cooldown/quota history. Everything the selector reads lives
+here (or on the pool rows), shared by every process and host through the
+database."""
+
+from __future__ import annotations
+
+import uuid
+
+from django.db import models
+from django.db.models import Q
+
+
+class SessionBinding(models.Model):
+    """Affinity: (API key, session id) → account, until ``expires_at``.
+
+    Rows past ``expires_at`` are ignored by every read and deleted by the purge
+    task. Inserts, deletes and re-pointings keep ``Account.binding_rows`` exact
+    through database triggers (see the migration), so even a cascade or a bulk
+    delete cannot make the per-account count drift."""
+
+    api_key = models.ForeignKey("accounts.ApiKey", on_delete=models.CASCADE, related_name="bindings")
+    session_id = models.CharField(max_length=512)
+    account = models.ForeignKey("accounts.Account", on_delete=models.CASCADE, related_name="bindings")
+    created_at = models.DateTimeField()
+    updated_at = models.DateTimeField()
+    expires_at = models.DateTimeField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["api_key", "session_id"], name="binding_unique_key_session"),
+            models.CheckConstraint(
+                condition=Q(expires_at__gt=models.F("updated_at")), name="binding_expires_after_update"
+            ),
+        ]
+        indexes = [
+            # live count per account = binding_rows - rows already expired
+            models.Index(fields=["account", "expires_at"], name="binding_account_expiry_idx"),
+            models.Index(fields=["expires_at"], name="binding_expiry_idx"),
+            models.Index(fields=["updated_at"], name="binding_lru_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.session_id} → {self.account_id}"
+
+
+class LeaseOutcome(models.TextChoices):
+    SUCCESS = "success", "success"
+    RATE_LIMITED = "rate_limited", "rate limited"
+    QUOTA_EXHAUSTED = "quota_exhausted", "quota exhausted"
+    RETRY_NEXT = "retry_next", "retry next"
+    FATAL = "fatal", "fatal"
+    EXPIRED = "expired", "expired (never completed)"
+
+
+class Lease(models.Model):
+    """One in-flight upstream request on an account. It counts against its
+    identity's (and key's) concurrency until completed or past ``expires_at``."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    api_key = models.ForeignKey("accounts.ApiKey", on_delete=models.SET_NULL, null=True, related_name="leases")
+    # An account may be deleted while its lease is out; the identity carries
+    # the in-flight count, so it stays.
+    account = models.ForeignKey("accounts.Account", on_delete=models.SET_NULL, null=True, related_name="leases")
+    account_name = models.CharField(max_length=200)
+    identity = models.ForeignKey("accounts.RoutingIdentity", on_delete=models.CASCADE, related_name="leases")
+    proxy_url = models.CharField(max_length=500, blank=True)
+    session_id = models.CharField(max_length=512, blank=True)
+    model = models.CharField(max_length=200, blank=True)
+    started_at = models.DateTimeField()
+    expires_at = models.DateTimeField()
+    completed_at = models.DateTimeField(null=True, blank=True)
+    outcome = models.CharField(max_length=20, choices=LeaseOutcome.choices, blank=True)
+    first_token_ms = models.FloatField(null=True, blank=True)
+    waited_ms = models.PositiveIntegerField(default=0)
+    error_message = models.CharField(max_length=2000, blank=True)
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(outcome="") | Q(outcome__in=LeaseOutcome.values), name="lease_outcome_known"
+            ),
+            models.CheckConstraint(
+                condition=Q(completed_at__isnull=True, outcome="") | Q(completed_at__isnull=False) & ~Q(outcome=""),
+                name="lease_completed_has_outcome",
+            ),
+        ]
+        indexes = [
+            models.Index(
+                fields=["identity", "expires_at"],
+                condition=Q(completed_at__isnull=True),
+                name="lease_live_identity_idx",
+            ),
+            models.Index(
+                fields=["api_key", "expires_at"], condition=Q(completed_at__isnull=True), name="lease_live_key_idx"
+            ),
+            models.Index(fields=["account", "-started_at"], name="lease_account_recent_idx"),
+            models.Index(fields=["started_at"], name="lease_started_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return str(self.id)
+
+
+class LatencySample(models.Model):
+    """First-token latency of one successful request."""
+
+    account = models.ForeignKey("accounts.Account", on_delete=models.CASCADE, related_name="latency_samples")
+    proxy_url = models.CharField(max_length=500, blank=True)
+    first_token_ms = models.FloatField()
+    recorded_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        constraints = [models.CheckConstraint(condition=Q(first_token_ms__gte=0), name="sample_latency_gte_0")]
+
+    def __str__(self) -> str:
+        return f"{self.first_token_ms:.0f} ms at {self.recorded_at:%Y-%m-%d %H:%M:%S}"
+
+
+class LatencySnapshot(models.Model):
+    """The last hour of samples, aggregated. ``accounts`` maps account name and
+    ``proxies`` maps proxy URL to ``[samples, avg_ms]``; one row is all a
+    dispatch needs to read."""
+
+    generated_at = models.DateTimeField(db_index=True)
+    window_seconds = models.PositiveIntegerField()
+    global_avg_ms = models.FloatField(null=True, blank=True)
+    sample_count = models.PositiveIntegerField(default=0)
+    accounts = models.JSONField(default=dict)
+    proxies = models.JSONField(default=dict)
+
+    class Meta:
+        get_latest_by = "generated_at"
+
+    def __str__(self) -> str:
+        return f"snapshot of {self.generated_at:%Y-%m-%d %H:%M:%S}"
+
+
+class CooldownKind(models.TextChoices):
+    IDENTITY_COOLDOWN = "identity_cooldown", "identity cooldown"
+    PROXY_COOLDOWN = "proxy_cooldown", "proxy cooldown"
+    IDENTITY_CLEARED = "identity_cleared", "identity cooldown cleared"
+    PROXY_CLEARED = "proxy_cleared", "proxy cooldown cleared"
+    QUOTA_EXHAUSTED = "quota_exhausted", "quota exhausted"
+    QUOTA_RESET = "quota_reset", "quota reset"
+
+
+class CooldownEvent(models.Model):
+    """History of cooldowns and quota changes, for the dashboards. The live
+    state is on the identity, proxy and account rows."""
+
+    kind = models.CharField(max_length=30, choices=CooldownKind.choices)
+    identity = models.ForeignKey("accounts.RoutingIdentity", on_delete=models.CASCADE, null=True, blank=True)
+    proxy = models.ForeignKey("accounts.Proxy", on_delete=models.CASCADE, null=True, blank=True)
+    account = models.ForeignKey("accounts.Account", on_delete=models.CASCADE, null=True, blank=True)
+    reason = models.CharField(max_length=500, blank=True)
+    until = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.CheckConstraint(condition=Q(kind__in=CooldownKind.values), name="cooldown_event_kind_known")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.get_kind_display()} at {self.created_at:%Y-%m-%d %H:%M:%S}"

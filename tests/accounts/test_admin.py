@@ -1,0 +1,139 @@
+from datetime import timedelta
+
+import pytest
+from django.urls import reverse
+from django.utils import timezone
+
+from accounts.models import Account, ApiKey, Proxy, RoutingIdentity
+from routing.models import CooldownEvent, SessionBinding
+from tests.factories import (
+    AccountFactory,
+    AccountGroupFactory,
+    ApiKeyFactory,
+    LatencySampleFactory,
+    LeaseFactory,
+    ProxyFactory,
+    RoutingIdentityFactory,
+    SessionBindingFactory,
+)
+
+pytestmark = pytest.mark.django_db
+
+SECRET = "secret-refresh-token"
+
+
+@pytest.fixture
+def pool():
+    proxy = ProxyFactory()
+    account = AccountFactory(proxy=proxy, credentials={"refresh_token": SECRET})
+    AccountGroupFactory(accounts=[account])
+    ApiKeyFactory()
+    SessionBindingFactory(account=account)
+    LeaseFactory(account=account)
+    LatencySampleFactory(account=account)
+    return account
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        "accounts.routingidentity",
+        "accounts.account",
+        "accounts.proxy",
+        "accounts.accountgroup",
+        "accounts.apikey",
+        "routing.sessionbinding",
+        "routing.lease",
+        "routing.latencysample",
+        "routing.latencysnapshot",
+        "routing.cooldownevent",
+    ],
+)
+def test_every_list_page_renders_without_secrets(staff_client, pool, model):
+    app, name = model.split(".")
+    response = staff_client.get(reverse(f"admin:{app}_{name}_changelist"), {"q": "a"})
+    assert response.status_code == 200
+    assert SECRET not in response.content.decode()
+
+
+def test_account_change_page_never_shows_credentials_and_keeps_them(staff_client, pool):
+    url = reverse("admin:accounts_account_change", args=[pool.pk])
+    page = staff_client.get(url)
+    assert page.status_code == 200
+    assert SECRET not in page.content.decode()
+    form = {
+        "name": pool.name,
+        "identity": pool.identity.pk,
+        "proxy": pool.proxy.pk,
+        "pool": "credit_first",
+        "enabled": "on",
+        "region": "us-east-1",
+        "profile_arn": "",
+        "quota_exhausted_reason": "",
+        "new_credentials": "",
+    }
+    assert staff_client.post(url, form).status_code == 302
+    pool.refresh_from_db()
+    assert pool.pool == "credit_first"
+    assert pool.credentials == {"refresh_token": SECRET}
+    assert staff_client.post(url, {**form, "new_credentials": '{"refresh_token": "rotated"}'}).status_code == 302
+    pool.refresh_from_db()
+    assert pool.credentials == {"refresh_token": "rotated"}
+    bad = staff_client.post(url, {**form, "new_credentials": "[1, 2]"})
+    assert bad.status_code == 200 and "must be a JSON object" in bad.content.decode()
+
+
+def run_action(client, model, action, objects):
+    app, name = model.split(".")
+    return client.post(
+        reverse(f"admin:{app}_{name}_changelist"),
+        {"action": action, "_selected_action": [o.pk for o in objects]},
+        follow=True,
+    )
+
+
+def test_enable_disable_accounts_and_keys(staff_client):
+    accounts = AccountFactory.create_batch(2)
+    keys = ApiKeyFactory.create_batch(2)
+    run_action(staff_client, "accounts.account", "disable", accounts)
+    run_action(staff_client, "accounts.apikey", "disable", keys)
+    assert not Account.objects.filter(enabled=True).exists()
+    assert not ApiKey.objects.filter(enabled=True).exists()
+    run_action(staff_client, "accounts.account", "enable", accounts[:1])
+    run_action(staff_client, "accounts.apikey", "enable", keys[:1])
+    assert list(Account.objects.filter(enabled=True)) == accounts[:1]
+    assert list(ApiKey.objects.filter(enabled=True)) == keys[:1]
+
+
+def test_reset_quota(staff_client):
+    exhausted = AccountFactory(quota_exhausted=True, quota_exhausted_at=timezone.now(), quota_exhausted_reason="out")
+    response = run_action(staff_client, "accounts.account", "reset_quota", [exhausted])
+    assert "Reset the quota of 1 accounts" in response.content.decode()
+    exhausted.refresh_from_db()
+    assert not exhausted.quota_exhausted and exhausted.quota_exhausted_at is None
+    assert CooldownEvent.objects.filter(kind="quota_reset", account=exhausted).count() == 1
+
+
+def test_clear_identity_and_proxy_cooldowns(staff_client):
+    later = timezone.now() + timedelta(minutes=5)
+    identity = RoutingIdentityFactory(cooldown_until=later, cooldown_reason="429")
+    proxy = ProxyFactory(cooldown_until=later, cooldown_reason="proxy 502")
+    run_action(staff_client, "accounts.routingidentity", "clear_cooldown", [identity])
+    run_action(staff_client, "accounts.proxy", "clear_cooldown", [proxy])
+    assert RoutingIdentity.objects.get(pk=identity.pk).cooldown_until is None
+    assert Proxy.objects.get(pk=proxy.pk).cooldown_until is None
+
+
+def test_unbind_sessions(staff_client):
+    account = AccountFactory()
+    doomed, kept = SessionBindingFactory(account=account), SessionBindingFactory(account=account)
+    run_action(staff_client, "routing.sessionbinding", "unbind", [doomed])
+    assert list(SessionBinding.objects.all()) == [kept]
+    assert Account.objects.get(pk=account.pk).binding_rows == 1
+
+
+def test_admin_requires_staff(client, django_user_model):
+    assert client.get(reverse("admin:accounts_account_changelist")).status_code == 302
+    user = django_user_model.objects.create_user(username="plain", password="pw")
+    client.force_login(user)
+    assert client.get(reverse("admin:accounts_account_changelist")).status_code == 302

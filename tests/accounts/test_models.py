@@ -1,0 +1,117 @@
+"""What must never be false is enforced by the database itself."""
+
+import pytest
+from django.db import IntegrityError, transaction
+from django.db.models import F
+
+from accounts.models import Account, ApiKey, RoutingIdentity
+from routing.models import Lease, SessionBinding
+from tests.factories import (
+    AccountFactory,
+    ApiKeyFactory,
+    LeaseFactory,
+    ProxyFactory,
+    RoutingIdentityFactory,
+    SessionBindingFactory,
+)
+
+pytestmark = pytest.mark.django_db
+
+
+def violates(make) -> bool:
+    try:
+        with transaction.atomic():
+            make()
+    except IntegrityError:
+        return True
+    return False
+
+
+def test_names_are_unique():
+    identity = RoutingIdentityFactory(name="alpha")
+    AccountFactory(name="a1", identity=identity)
+    ProxyFactory(name="p1", url="http://p1")
+    assert violates(lambda: RoutingIdentity.objects.create(name="alpha"))
+    assert violates(lambda: Account.objects.create(name="a1", identity=identity))
+    assert violates(lambda: ProxyFactory(name="p1"))
+    assert violates(lambda: ProxyFactory(url="http://p1"))
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"max_concurrency": 0}, {"in_flight": -1}],
+)
+def test_identity_limits(fields):
+    identity = RoutingIdentityFactory()
+    assert violates(lambda: RoutingIdentity.objects.filter(pk=identity.pk).update(**fields))
+
+
+def test_identity_interval_cannot_go_negative():
+    identity = RoutingIdentityFactory(min_start_interval_ms=0)
+    assert violates(
+        lambda: RoutingIdentity.objects.filter(pk=identity.pk).update(
+            min_start_interval_ms=F("min_start_interval_ms") - 1
+        )
+    )
+
+
+def test_pool_and_strategy_values_are_known():
+    account = AccountFactory()
+    key = ApiKeyFactory()
+    assert violates(lambda: Account.objects.filter(pk=account.pk).update(pool="cheapest"))
+    assert violates(lambda: ApiKey.objects.filter(pk=key.pk).update(preferred_pool="cheapest"))
+    assert violates(lambda: ApiKey.objects.filter(pk=key.pk).update(route_strategy="random"))
+
+
+def test_fixed_key_names_its_account():
+    key = ApiKeyFactory()
+    assert violates(lambda: ApiKey.objects.filter(pk=key.pk).update(route_strategy="fixed"))
+    account = AccountFactory()
+    ApiKey.objects.filter(pk=key.pk).update(route_strategy="fixed", fixed_account=account)
+    assert ApiKey.objects.get(pk=key.pk).fixed_account == account
+
+
+def test_key_limits():
+    key = ApiKeyFactory()
+    assert violates(lambda: ApiKey.objects.filter(pk=key.pk).update(max_concurrency=0))
+    ApiKey.objects.filter(pk=key.pk).update(max_concurrency=None)
+
+
+def test_one_binding_per_key_and_session():
+    binding = SessionBindingFactory(session_id="s-1")
+    assert violates(lambda: SessionBindingFactory(api_key=binding.api_key, session_id="s-1"))
+    # the same session id under another key is another binding
+    SessionBindingFactory(session_id="s-1")
+
+
+def test_completed_lease_has_known_outcome():
+    lease = LeaseFactory()
+    assert violates(lambda: Lease.objects.filter(pk=lease.pk).update(outcome="maybe"))
+    assert violates(lambda: Lease.objects.filter(pk=lease.pk).update(outcome="success"))  # not completed
+
+
+class TestBindingRowsCount:
+    """The per-account binding count is kept by triggers, whatever writes."""
+
+    def counts(self, *accounts):
+        return [Account.objects.get(pk=a.pk).binding_rows for a in accounts]
+
+    def test_insert_move_delete(self):
+        a, b = AccountFactory(), AccountFactory()
+        first = SessionBindingFactory(account=a)
+        SessionBindingFactory(account=a)
+        assert self.counts(a, b) == [2, 0]
+        SessionBinding.objects.filter(pk=first.pk).update(account=b)
+        assert self.counts(a, b) == [1, 1]
+        SessionBinding.objects.filter(pk=first.pk).update(session_id="renamed")
+        assert self.counts(a, b) == [1, 1]
+        SessionBinding.objects.all().delete()
+        assert self.counts(a, b) == [0, 0]
+
+    def test_cascade_from_deleted_key(self):
+        a = AccountFactory()
+        key = ApiKeyFactory()
+        SessionBindingFactory.create_batch(3, account=a, api_key=key)
+        SessionBindingFactory(account=a)
+        key.delete()
+        assert self.counts(a) == [1]

@@ -1,0 +1,62 @@
+"""Settings parse from the environment; with none at all, the embedded default."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+PROBE = """
+import json, django
+from django.conf import settings
+django.setup()
+print(json.dumps({
+    "engine": settings.DATABASES["default"]["ENGINE"],
+    "broker": settings.CELERY_BROKER_URL,
+    "cache": settings.CACHES["default"]["BACKEND"],
+    "debug": settings.DEBUG,
+    "ttl": settings.KIROPOOL_AFFINITY_TTL_SECONDS,
+    "max_entries": settings.KIROPOOL_AFFINITY_MAX_ENTRIES,
+    "lease_ttl": settings.KIROPOOL_LEASE_TTL_SECONDS,
+    "hosts": settings.ALLOWED_HOSTS,
+}))
+"""
+
+
+def load(**environment) -> dict:
+    env = {"PATH": os.environ["PATH"], "DJANGO_SETTINGS_MODULE": "kiropool.settings", **environment}
+    out = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_defaults_need_no_services():
+    settings = load()
+    assert settings["engine"] == "django.db.backends.sqlite3"
+    assert settings["broker"] == "filesystem://"
+    assert settings["cache"].endswith("LocMemCache")
+    assert settings["debug"] is False
+    assert (settings["ttl"], settings["max_entries"], settings["lease_ttl"]) == (6 * 3600, 4096, 900)
+
+
+def test_services_from_environment():
+    settings = load(
+        DATABASE_URL="postgres://u@db:5432/kp",
+        REDIS_URL="redis://cache:6379/0",
+        ALLOWED_HOSTS="pool.example,127.0.0.1",
+        KIROPOOL_AFFINITY_TTL_SECONDS="120",
+        KIROPOOL_LEASE_TTL_SECONDS="60",
+    )
+    assert settings["engine"] == "django.db.backends.postgresql"
+    assert settings["broker"] == "redis://cache:6379/0"
+    assert settings["cache"].endswith("RedisCache")
+    assert settings["hosts"] == ["pool.example", "127.0.0.1"]
+    assert (settings["ttl"], settings["lease_ttl"]) == (120, 60)
+
+
+def test_affinity_settings_are_clamped():
+    low = load(KIROPOOL_AFFINITY_TTL_SECONDS="5", KIROPOOL_AFFINITY_MAX_ENTRIES="0")
+    high = load(KIROPOOL_AFFINITY_TTL_SECONDS="999999", KIROPOOL_AFFINITY_MAX_ENTRIES="5000000")
+    assert (low["ttl"], low["max_entries"]) == (60, 1)
+    assert (high["ttl"], high["max_entries"]) == (24 * 3600, 1_000_000)
