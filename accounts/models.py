@@ -141,7 +141,8 @@ def hash_key(plaintext: str) -> str:
 
 
 def key_prefix(plaintext: str) -> str | None:
-    parts = plaintext.split("_")
+    # The secret part is url-safe base64 and may itself contain "_".
+    parts = plaintext.split("_", 2)
     if len(parts) != 3 or parts[0] != "kp" or not parts[1] or not parts[2]:
         return None
     return parts[1]

@@ -73,6 +73,9 @@ class Lease(models.Model):
     outcome = models.CharField(max_length=20, choices=LeaseOutcome.choices, blank=True)
     first_token_ms = models.FloatField(null=True, blank=True)
     waited_ms = models.PositiveIntegerField(default=0)
+    # Whether this lease holds one of its key's counted slots (keys without a
+    # concurrency limit skip the counter to keep their row off the hot path).
+    counted_on_key = models.BooleanField(default=False)
     error_message = models.CharField(max_length=2000, blank=True)
 
     class Meta:

@@ -1,5 +1,11 @@
 from django.urls import path
 
+from routing import apis
+
 app_name = "routing"
 
-urlpatterns: list = []
+urlpatterns = [
+    path("dispatch", apis.DispatchApi.as_view(), name="dispatch"),
+    path("dispatch/explain", apis.DispatchExplainApi.as_view(), name="dispatch-explain"),
+    path("leases/<uuid:lease_id>/complete", apis.LeaseCompleteApi.as_view(), name="lease-complete"),
+]

@@ -23,3 +23,13 @@ def staff_client(client, django_user_model):
     client.force_login(user)
     client.user = user
     return client
+
+
+@pytest.fixture(autouse=True)
+def _fresh_snapshot_cache():
+    # The snapshot is cached per process; every test starts from the database.
+    from routing.selectors import latency_snapshot_cache_clear
+
+    latency_snapshot_cache_clear()
+    yield
+    latency_snapshot_cache_clear()

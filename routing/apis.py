@@ -1,0 +1,268 @@
+"""The gateway API (SPEC §5): dispatch, complete, explain. Thin views:
+validate, call one service or selector, serialize."""
+
+from __future__ import annotations
+
+from django.utils import timezone
+from drf_spectacular.utils import OpenApiResponse, extend_schema, inline_serializer
+from rest_framework import serializers
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from accounts.authentication import ApiKeyAuthentication, HasApiKey
+from routing import selection, selectors, services
+from routing.models import LeaseOutcome
+
+MAX_SESSION_ID_LENGTH = 512
+# Bounds on what one request can make the server do: every excluded name is
+# a comparison in the walk, and nobody has a pool this size per request.
+MAX_EXCLUDED_ACCOUNTS = 256
+MAX_WAIT_MS = 300_000
+DEFAULT_WAIT_MS = 30_000
+
+
+class GatewayApi(APIView):
+    authentication_classes = [ApiKeyAuthentication]
+    permission_classes = [HasApiKey]
+
+
+ErrorSerializer = inline_serializer(
+    name="Error",
+    fields={
+        "error": inline_serializer(
+            name="ErrorDetail",
+            fields={"type": serializers.CharField(), "message": serializers.CharField()},
+        )
+    },
+)
+
+
+def _errors(*codes: int) -> dict:
+    descriptions = {
+        400: "invalid request",
+        401: "missing, invalid, disabled or expired API key",
+        404: "no such lease for this key",
+        409: "lease already completed or expired",
+        429: "rate limited (see Retry-After)",
+        502: "all eligible accounts failed for this request",
+        503: "no usable account is configured",
+    }
+    return {code: OpenApiResponse(ErrorSerializer, description=descriptions[code]) for code in codes}
+
+
+class StrictCharField(serializers.CharField):
+    """A string, and only a string: DRF's CharField would turn 12 into "12"."""
+
+    def to_internal_value(self, data):
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class DispatchInputSerializer(serializers.Serializer):
+    session_id = StrictCharField(required=False, allow_null=True, allow_blank=True, trim_whitespace=True)
+    model = StrictCharField(required=False, allow_null=True, allow_blank=True, max_length=200)
+    exclude_accounts = serializers.ListField(
+        child=StrictCharField(max_length=200), required=False, max_length=MAX_EXCLUDED_ACCOUNTS
+    )
+    max_wait_ms = serializers.IntegerField(required=False, min_value=0, max_value=MAX_WAIT_MS, default=DEFAULT_WAIT_MS)
+
+    def validate_session_id(self, value):
+        if value and len(value) > MAX_SESSION_ID_LENGTH:
+            raise serializers.ValidationError(f"must be at most {MAX_SESSION_ID_LENGTH} characters")
+        return value or None
+
+    def to_request(self) -> services.DispatchRequest:
+        data = self.validated_data
+        return services.DispatchRequest(
+            session_id=data.get("session_id"),
+            model=data.get("model") or None,
+            exclude_accounts=frozenset(data.get("exclude_accounts", [])),
+            max_wait_ms=data["max_wait_ms"],
+        )
+
+
+class AccountOutputSerializer(serializers.Serializer):
+    name = serializers.CharField()
+    routing_identity = serializers.CharField()
+    pool = serializers.CharField()
+    proxy_url = serializers.CharField(allow_null=True)
+    region = serializers.CharField()
+    profile_arn = serializers.CharField()
+
+
+class DispatchApi(GatewayApi):
+    class OutputSerializer(serializers.Serializer):
+        lease_id = serializers.UUIDField()
+        account = AccountOutputSerializer()
+        session = serializers.ChoiceField(choices=["sticky", "new", "none"])
+        expires_at = serializers.DateTimeField()
+        waited_ms = serializers.IntegerField()
+
+    @extend_schema(
+        operation_id="dispatch",
+        summary="Choose an account for one upstream request and lease it",
+        request=DispatchInputSerializer,
+        responses={200: OutputSerializer, **_errors(400, 401, 429, 502, 503)},
+        tags=["gateway"],
+    )
+    def post(self, request):
+        serializer = DispatchInputSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        acquired = services.lease_acquire(key=request.auth, request=serializer.to_request())
+        candidate = acquired.row.candidate
+        output = {
+            "lease_id": acquired.lease.id,
+            "account": {
+                "name": candidate.account,
+                "routing_identity": candidate.routing_identity,
+                "pool": candidate.pool,
+                "proxy_url": candidate.proxy_url,
+                "region": acquired.row.region,
+                "profile_arn": acquired.row.profile_arn,
+            },
+            "session": acquired.session,
+            "expires_at": acquired.lease.expires_at,
+            "waited_ms": acquired.waited_ms,
+        }
+        return Response(self.OutputSerializer(output).data)
+
+
+class LeaseCompleteApi(GatewayApi):
+    class InputSerializer(serializers.Serializer):
+        outcome = serializers.ChoiceField(choices=[o for o in LeaseOutcome.values if o != LeaseOutcome.EXPIRED])
+        first_token_ms = serializers.FloatField(required=False, allow_null=True, min_value=0, max_value=3_600_000)
+        cooldown_seconds = serializers.IntegerField(required=False, allow_null=True, min_value=0)
+        proxy_failure = serializers.BooleanField(required=False, default=False)
+        remaining_credits = serializers.FloatField(required=False, allow_null=True)
+        error_message = serializers.CharField(required=False, allow_blank=True, allow_null=True, max_length=2000)
+
+    class OutputSerializer(serializers.Serializer):
+        lease_id = serializers.UUIDField()
+        account = serializers.CharField()
+        outcome = serializers.CharField()
+        session_bound = serializers.BooleanField()
+
+    @extend_schema(
+        operation_id="lease_complete",
+        summary="Report how the upstream call went and release the lease",
+        request=InputSerializer,
+        responses={200: OutputSerializer, **_errors(400, 401, 404, 409)},
+        tags=["gateway"],
+    )
+    def post(self, request, lease_id):
+        serializer = self.InputSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        completed = services.lease_complete(
+            key=request.auth,
+            lease_id=lease_id,
+            completion=services.Completion(
+                outcome=data["outcome"],
+                first_token_ms=data.get("first_token_ms"),
+                cooldown_seconds=data.get("cooldown_seconds"),
+                proxy_failure=data["proxy_failure"],
+                remaining_credits=data.get("remaining_credits"),
+                error_message=data.get("error_message") or "",
+            ),
+        )
+        lease = completed.lease
+        output = {
+            "lease_id": lease.id,
+            "account": lease.account_name,
+            "outcome": lease.outcome,
+            "session_bound": completed.session_bound,
+        }
+        return Response(self.OutputSerializer(output).data)
+
+
+class DispatchExplainApi(GatewayApi):
+    class CandidateSerializer(serializers.Serializer):
+        account = serializers.CharField()
+        routing_identity = serializers.CharField()
+        pool = serializers.CharField()
+        proxy_in_cooldown = serializers.BooleanField()
+        model_preferred = serializers.BooleanField()
+        session_count = serializers.IntegerField(allow_null=True)
+        pool_rank = serializers.IntegerField()
+        latency_band = serializers.IntegerField(allow_null=True)
+        latency_score_ms = serializers.FloatField(allow_null=True)
+        last_started_at = serializers.DateTimeField(allow_null=True)
+        remaining_credits_sort = serializers.FloatField()
+        cooldown_remaining_s = serializers.IntegerField()
+        in_flight = serializers.IntegerField()
+        max_concurrency = serializers.IntegerField()
+
+    class OutputSerializer(serializers.Serializer):
+        session = serializers.ChoiceField(choices=["sticky", "new", "none"])
+        bound_account = serializers.CharField(allow_null=True)
+        latency = inline_serializer(
+            name="ExplainLatency",
+            fields={
+                "generated_at": serializers.DateTimeField(allow_null=True),
+                "global_avg_ms": serializers.FloatField(allow_null=True),
+                "usable": serializers.BooleanField(),
+            },
+        )
+        candidates = serializers.ListField(child=serializers.DictField())
+
+    @extend_schema(
+        operation_id="dispatch_explain",
+        summary="Show the selection order a dispatch would walk; acquires nothing",
+        request=DispatchInputSerializer,
+        responses={200: OutputSerializer, **_errors(400, 401)},
+        tags=["gateway"],
+    )
+    def post(self, request):
+        serializer = DispatchInputSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        dispatch_request = serializer.to_request()
+        key, now = request.auth, timezone.now()
+        binding = (
+            selectors.session_binding(key=key, session_id=dispatch_request.session_id, now=now)
+            if dispatch_request.session_id
+            else None
+        )
+        plan = selectors.dispatch_plan(key=key, request=dispatch_request, binding=binding, now=now)
+        snapshot = plan.snapshot
+        output = {
+            "session": plan.session,
+            "bound_account": binding.account_name if binding else None,
+            "latency": {
+                "generated_at": snapshot.generated_at if snapshot else None,
+                "global_avg_ms": snapshot.global_avg_ms if snapshot else None,
+                "usable": any(r.latency_band is not None for r in plan.ranked),
+            },
+            "candidates": [
+                self.CandidateSerializer(_explain_candidate(ranked, now)).data for ranked in _explain_order(plan)
+            ],
+        }
+        return Response(self.OutputSerializer(output).data)
+
+
+def _explain_order(plan: selectors.DispatchPlan):
+    if plan.fast_path is None:
+        return plan.ranked
+    first = [r for r in plan.ranked if r.candidate.account == plan.fast_path.candidate.account]
+    return first + [r for r in plan.ranked if r.candidate.account != plan.fast_path.candidate.account]
+
+
+def _explain_candidate(ranked: selection.Ranked, now) -> dict:
+    c = ranked.candidate
+    left = selection.cooldown_remaining(c.identity_cooldown_until, now)
+    return {
+        "account": c.account,
+        "routing_identity": c.routing_identity,
+        "pool": c.pool,
+        "proxy_in_cooldown": ranked.proxy_in_cooldown,
+        "model_preferred": ranked.model_preferred,
+        "session_count": ranked.session_count,
+        "pool_rank": ranked.pool_rank,
+        "latency_band": ranked.latency_band,
+        "latency_score_ms": ranked.latency_score_ms,
+        "last_started_at": c.last_started_at,
+        "remaining_credits_sort": ranked.remaining_credits_sort,
+        "cooldown_remaining_s": selection.retry_after_seconds(left) if left else 0,
+        "in_flight": c.in_flight,
+        "max_concurrency": c.max_concurrency,
+    }
