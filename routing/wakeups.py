@@ -58,6 +58,7 @@ _generation = _Generation()
 _listener_lock = threading.Lock()
 _listener: threading.Thread | None = None
 _listener_ready = threading.Event()
+_listener_stop = threading.Event()
 
 
 def _uses_postgres() -> bool:
@@ -99,6 +100,7 @@ def _ensure_listener() -> None:
         if _listener is not None and _listener.is_alive():
             return
         params = _listen_params()
+        _listener_stop.clear()
         _listener = threading.Thread(
             target=_listen_forever, args=(params,), name="kiropool-release-listener", daemon=True
         )
@@ -111,17 +113,28 @@ def _listen_params() -> dict:
     return {k: v for k, v in params.items() if k in keep and v not in (None, "")}
 
 
+def listener_stop(timeout: float = 5.0) -> None:
+    """Stop this process's listener and close its connection (tests, shutdown)."""
+    global _listener
+    with _listener_lock:
+        thread, _listener = _listener, None
+        _listener_stop.set()
+    if thread is not None:
+        thread.join(timeout)
+    _listener_ready.clear()
+
+
 def _listen_forever(params: dict) -> None:
     import psycopg
 
-    while True:
+    while not _listener_stop.is_set():
         try:
             with psycopg.connect(autocommit=True, connect_timeout=5, **params) as conn:
                 conn.execute(f"LISTEN {CHANNEL}")
                 _listener_ready.set()
                 # Anything released while we were (re)connecting: wake everyone once.
                 _generation.bump()
-                while True:
+                while not _listener_stop.is_set():
                     notified = False
                     for _ in conn.notifies(timeout=LISTEN_TIMEOUT_SECONDS):
                         notified = True
@@ -133,5 +146,7 @@ def _listen_forever(params: dict) -> None:
                         conn.execute("SELECT 1")  # notices a dead connection
         except Exception:  # noqa: BLE001 - the listener must outlive any outage
             _listener_ready.clear()
+            if _listener_stop.is_set():
+                return
             logger.warning("release listener lost its connection; waiters poll until it is back", exc_info=True)
             time.sleep(RECONNECT_DELAY_SECONDS)

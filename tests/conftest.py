@@ -33,3 +33,26 @@ def _fresh_snapshot_cache():
     latency_snapshot_cache_clear()
     yield
     latency_snapshot_cache_clear()
+
+
+@pytest.fixture
+def operator_api(django_user_model):
+    """A DRF client authenticated as a staff user by token (the operator API's way in)."""
+    from rest_framework.authtoken.models import Token
+    from rest_framework.test import APIClient
+
+    user = django_user_model.objects.create_user(username="ops", password="pw", is_staff=True)
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=user).key}")
+    client.user = user
+    return client
+
+
+@pytest.fixture(scope="session")
+def django_db_setup(django_db_setup):
+    # The release listener holds its own connection to the test database,
+    # which would keep pytest-django from dropping it at the end.
+    yield
+    from routing.wakeups import listener_stop
+
+    listener_stop()
