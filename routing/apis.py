@@ -218,16 +218,11 @@ class DispatchExplainApi(GatewayApi):
         serializer.is_valid(raise_exception=True)
         dispatch_request = serializer.to_request()
         key, now = request.auth, timezone.now()
-        binding = (
-            selectors.session_binding(key=key, session_id=dispatch_request.session_id, now=now)
-            if dispatch_request.session_id
-            else None
-        )
-        plan = selectors.dispatch_plan(key=key, request=dispatch_request, binding=binding, now=now)
+        plan = selectors.dispatch_plan(key=key, request=dispatch_request, now=now)
         snapshot = plan.snapshot
         output = {
             "session": plan.session,
-            "bound_account": binding.account_name if binding else None,
+            "bound_account": plan.binding.account_name if plan.binding else None,
             "latency": {
                 "generated_at": snapshot.generated_at if snapshot else None,
                 "global_avg_ms": snapshot.global_avg_ms if snapshot else None,

@@ -3,14 +3,18 @@ whatever the size of the pool or the number of live bindings."""
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from django.db import connection
 from django.db.models import Count, IntegerField, OuterRef, Subquery, Value
 from django.db.models.functions import Coalesce
+from django.utils import timezone
+from django.utils.dateparse import parse_datetime
 
 from accounts.models import Account, ApiKey, RouteStrategy
 from routing import selection
@@ -48,53 +52,135 @@ def key_accounts(key: ApiKey):
     return Account.objects.all()
 
 
-def dispatch_candidates(key: ApiKey, *, now: datetime) -> list[CandidateRow]:
-    """The key's enabled, not quota-exhausted accounts, in one query.
+@dataclass(frozen=True, slots=True)
+class Binding:
+    account_id: int
+    account_name: str
+
+
+# The dispatcher's one read, written out because it runs on every dispatch:
+# compiling the equivalent ORM query (two correlated counts, two session
+# subqueries) cost more than running it. Plain SQL that PostgreSQL and SQLite
+# both speak; every value is a parameter.
+_CANDIDATES_SQL = """
+SELECT a.id, a.name, a.pool, a.remaining_credits, a.region, a.profile_arn, a.binding_rows,
+       i.id, i.name, i.last_started_at, i.cooldown_until, i.in_flight, i.max_concurrency, i.min_start_interval_ms,
+       p.url, p.cooldown_until,
+       (SELECT COUNT(*) FROM routing_sessionbinding eb
+         WHERE eb.account_id = a.id AND eb.expires_at <= %(now)s),
+       (SELECT COUNT(*) FROM routing_lease el
+         WHERE el.identity_id = i.id AND el.completed_at IS NULL AND el.expires_at <= %(now)s)
+       {session_columns}
+  FROM accounts_account a
+  JOIN accounts_routingidentity i ON i.id = a.identity_id
+  LEFT JOIN accounts_proxy p ON p.id = a.proxy_id
+ WHERE a.enabled AND NOT a.quota_exhausted {scope}
+"""
+
+# Uncorrelated: evaluated once per query, not per row.
+_SESSION_COLUMNS = """,
+       (SELECT sb.account_id FROM routing_sessionbinding sb
+         WHERE sb.api_key_id = %(key_id)s AND sb.session_id = %(session_id)s AND sb.expires_at > %(now)s),
+       (SELECT sa.name FROM routing_sessionbinding sb JOIN accounts_account sa ON sa.id = sb.account_id
+         WHERE sb.api_key_id = %(key_id)s AND sb.session_id = %(session_id)s AND sb.expires_at > %(now)s)"""
+
+_SCOPES = {
+    RouteStrategy.FIXED: "AND a.id = %(fixed_account_id)s",
+    "group": "AND a.id IN (SELECT ga.account_id FROM accounts_accountgroup_accounts ga"
+    " WHERE ga.accountgroup_id = %(group_id)s)",
+    "all": "",
+}
+
+
+def _scope(key: ApiKey) -> str:
+    if key.route_strategy == RouteStrategy.FIXED:
+        return RouteStrategy.FIXED
+    return "group" if key.account_group_id is not None else "all"
+
+
+@functools.cache
+def _candidates_sql(scope: str, with_session: bool) -> str:
+    return _CANDIDATES_SQL.format(scope=_SCOPES[scope], session_columns=_SESSION_COLUMNS if with_session else "")
+
+
+def dispatch_candidates(
+    key: ApiKey, *, now: datetime, session_id: str | None = None
+) -> tuple[list[CandidateRow], Binding | None]:
+    """The key's enabled, not quota-exhausted accounts, and the live binding
+    of (key, session id) if any, in one query.
 
     Live bound sessions per account come from the trigger-maintained
     ``binding_rows`` minus the rows already expired but not yet purged: an
     index range that the purge task keeps short, so the cost does not grow with
     the number of live bindings. Expired-but-unreaped leases are counted the
     same way, so a lease past its TTL stops counting at once."""
-    expired_bindings = _count_subquery(
-        SessionBinding.objects.filter(account=OuterRef("pk"), expires_at__lte=now), "account"
-    )
-    expired_leases = _count_subquery(
-        Lease.objects.filter(identity=OuterRef("identity_id"), completed_at__isnull=True, expires_at__lte=now),
-        "identity",
-    )
-    rows = (
-        key_accounts(key)
-        .filter(enabled=True, quota_exhausted=False)
-        .select_related("identity", "proxy")
-        .annotate(expired_bindings=expired_bindings, expired_leases=expired_leases)
-        .order_by()
-    )
-    return [_candidate_row(account) for account in rows]
+    sql = _candidates_sql(_scope(key), bool(session_id))
+    params = {
+        "now": connection.ops.adapt_datetimefield_value(now),
+        "key_id": key.pk,
+        "session_id": session_id,
+        "fixed_account_id": key.fixed_account_id,
+        "group_id": key.account_group_id,
+    }
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        values = cursor.fetchall()
+    binding = None
+    if session_id and values and values[0][-2] is not None:
+        binding = Binding(account_id=values[0][-2], account_name=values[0][-1])
+    return [_candidate_row(v) for v in values], binding
 
 
-def _candidate_row(account: Account) -> CandidateRow:
-    identity, proxy = account.identity, account.proxy
+def _aware(value):
+    """SQLite hands raw SQL datetimes back naive (they are stored in UTC)."""
+    if isinstance(value, str):
+        value = parse_datetime(value)
+    if value is not None and timezone.is_naive(value):
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+def _candidate_row(v: tuple) -> CandidateRow:
+    (
+        pk,
+        name,
+        pool,
+        credits,
+        region,
+        profile_arn,
+        binding_rows,
+        identity_id,
+        identity_name,
+        last_started_at,
+        cooldown_until,
+        in_flight,
+        max_concurrency,
+        interval_ms,
+        proxy_url,
+        proxy_cooldown_until,
+        expired_bindings,
+        expired_leases,
+    ) = v[:18]
     return CandidateRow(
         candidate=selection.Candidate(
-            account=account.name,
-            routing_identity=identity.name,
-            pool=account.pool,
-            proxy_url=proxy.url if proxy else None,
-            proxy_cooldown_until=proxy.cooldown_until if proxy else None,
-            remaining_credits=account.remaining_credits,
-            last_started_at=identity.last_started_at,
-            identity_cooldown_until=identity.cooldown_until,
-            in_flight=max(0, identity.in_flight - account.expired_leases),
-            max_concurrency=identity.max_concurrency,
-            min_start_interval_ms=identity.min_start_interval_ms,
-            bound_sessions=max(0, account.binding_rows - account.expired_bindings),
+            account=name,
+            routing_identity=identity_name,
+            pool=pool,
+            proxy_url=proxy_url,
+            proxy_cooldown_until=_aware(proxy_cooldown_until),
+            remaining_credits=credits,
+            last_started_at=_aware(last_started_at),
+            identity_cooldown_until=_aware(cooldown_until),
+            in_flight=max(0, in_flight - expired_leases),
+            max_concurrency=max_concurrency,
+            min_start_interval_ms=interval_ms,
+            bound_sessions=max(0, binding_rows - expired_bindings),
         ),
-        account_id=account.pk,
-        identity_id=identity.pk,
-        region=account.region,
-        profile_arn=account.profile_arn,
-        expired_leases=account.expired_leases,
+        account_id=pk,
+        identity_id=identity_id,
+        region=region,
+        profile_arn=profile_arn,
+        expired_leases=expired_leases,
     )
 
 
@@ -107,23 +193,6 @@ def live_session_counts(*, account_ids, now: datetime) -> dict[int, int]:
         .values_list("pk", "binding_rows", "expired")
     )
     return {pk: max(0, total - gone) for pk, total, gone in rows}
-
-
-@dataclass(frozen=True, slots=True)
-class Binding:
-    account_id: int
-    account_name: str
-
-
-def session_binding(*, key: ApiKey, session_id: str, now: datetime) -> Binding | None:
-    """The live binding of (key, session id), if any. Read once per dispatch,
-    so the session state stays the same while a dispatch waits and retries."""
-    row = (
-        SessionBinding.objects.filter(api_key=key, session_id=session_id, expires_at__gt=now)
-        .values_list("account_id", "account__name")
-        .first()
-    )
-    return Binding(*row) if row else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,8 +211,8 @@ class DispatchPlan:
     walk: list[CandidateRow]  # rows in ``ranked`` order
 
 
-def dispatch_plan(*, key: ApiKey, request: DispatchRequest, binding: Binding | None, now: datetime) -> DispatchPlan:
-    rows = dispatch_candidates(key, now=now)
+def dispatch_plan(*, key: ApiKey, request: DispatchRequest, now: datetime) -> DispatchPlan:
+    rows, binding = dispatch_candidates(key, now=now, session_id=request.session_id)
     candidates = [row for row in rows if row.candidate.account not in request.exclude_accounts]
     snapshot = latency_snapshot_current() if key.latency_routing_enabled else None
     wanted = key.model_preferences.get(request.model, []) if request.model and key.model_preferences else []
@@ -357,7 +426,7 @@ def dashboard_binding(*, binding_id: int) -> SessionBinding | None:
 # (trigger-kept counters minus rows past their expiry, leases past their TTL
 # not counted). Credentials are never loaded.
 
-from django.db.models import F, Prefetch, Sum  # noqa: E402  (appended section)
+from django.db.models import BooleanField, ExpressionWrapper, F, Prefetch, Q, Sum  # noqa: E402  (appended section)
 
 from accounts.models import AccountGroup, RoutingIdentity  # noqa: E402
 
@@ -386,12 +455,16 @@ def identity_operator_list(*, now: datetime):
 
 def account_operator_list(*, now: datetime):
     """Accounts with identity and proxy, annotated with ``live_sessions`` (its
-    own live bindings) and ``live_leases`` (its identity's)."""
+    own live bindings), ``live_leases`` (its identity's) and ``has_credentials``."""
     expired = _count_subquery(SessionBinding.objects.filter(account=OuterRef("pk"), expires_at__lte=now), "account")
     return (
         Account.objects.select_related("identity", "proxy")
         .defer("credentials")
-        .annotate(live_sessions=F("binding_rows") - expired, live_leases=_live_lease_count("identity_id", now=now))
+        .annotate(
+            live_sessions=F("binding_rows") - expired,
+            live_leases=_live_lease_count("identity_id", now=now),
+            has_credentials=ExpressionWrapper(~Q(credentials={}), output_field=BooleanField()),
+        )
         .order_by("name")
     )
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import OperationalError, connection, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
@@ -73,14 +73,9 @@ def lease_acquire(*, key: ApiKey, request: DispatchRequest) -> Acquired:
     _key_limits_check(key=key, now=timezone.now())
     deadline = time.monotonic() + request.max_wait_ms / 1000
     waited = 0.0
-    binding = (
-        selectors.session_binding(key=key, session_id=request.session_id, now=timezone.now())
-        if request.session_id
-        else None
-    )
     while True:
         token = wakeups.token()
-        plan = selectors.dispatch_plan(key=key, request=request, binding=binding, now=timezone.now())
+        plan = selectors.dispatch_plan(key=key, request=request, now=timezone.now())
         if not plan.rows:
             raise NoUsableAccount()
         if not plan.candidates:
@@ -162,6 +157,8 @@ def _slot_claim(*, key: ApiKey, row: selectors.CandidateRow, request: DispatchRe
     now = timezone.now()
     counted_on_key = key.max_concurrency is not None
     candidate = row.candidate
+    if connection.vendor == "postgresql" and not counted_on_key and not key.min_start_interval_ms:
+        return _slot_claim_one_statement(key=key, row=row, request=request, waited_ms=waited_ms, now=now)
     with transaction.atomic():
         if counted_on_key or key.min_start_interval_ms:
             _key_slot_claim(key=key, now=now, counted=counted_on_key)
@@ -193,6 +190,72 @@ def _slot_claim(*, key: ApiKey, row: selectors.CandidateRow, request: DispatchRe
             waited_ms=waited_ms,
             counted_on_key=counted_on_key,
         )
+
+
+_CLAIM_SQL = """
+WITH claimed AS (
+    UPDATE accounts_routingidentity
+       SET in_flight = in_flight + 1, last_started_at = %(now)s
+     WHERE id = %(identity_id)s
+       AND in_flight < max_concurrency
+       AND (cooldown_until IS NULL OR cooldown_until <= %(now)s)
+       AND min_start_interval_ms = %(interval_ms)s
+       AND (%(interval_ms)s = 0 OR last_started_at IS NULL OR last_started_at <= %(paced_before)s)
+ RETURNING id
+)
+INSERT INTO routing_lease (
+    id, api_key_id, account_id, account_name, identity_id, proxy_url, session_id, model,
+    started_at, expires_at, completed_at, outcome, first_token_ms, waited_ms, error_message, counted_on_key
+)
+SELECT %(lease_id)s, %(key_id)s, %(account_id)s, %(account_name)s, claimed.id, %(proxy_url)s, %(session_id)s,
+       %(model)s, %(now)s, %(expires_at)s, NULL, '', NULL, %(waited_ms)s, '', false
+  FROM claimed
+RETURNING id
+"""
+
+
+def _slot_claim_one_statement(
+    *, key: ApiKey, row: selectors.CandidateRow, request: DispatchRequest, waited_ms: int, now: datetime
+) -> Lease | None:
+    """PostgreSQL: the claim and the lease insert as one statement, so one
+    round trip and no explicit transaction. Same conditions as the ORM path."""
+    candidate = row.candidate
+    lease = Lease(
+        id=uuid.uuid4(),
+        api_key=key,
+        account_id=row.account_id,
+        account_name=candidate.account,
+        identity_id=row.identity_id,
+        proxy_url=candidate.proxy_url or "",
+        session_id=request.session_id or "",
+        model=request.model or "",
+        started_at=now,
+        expires_at=now + timedelta(seconds=settings.KIROPOOL_LEASE_TTL_SECONDS),
+        waited_ms=waited_ms,
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _CLAIM_SQL,
+            {
+                "now": now,
+                "identity_id": row.identity_id,
+                "interval_ms": candidate.min_start_interval_ms,
+                "paced_before": now - timedelta(milliseconds=candidate.min_start_interval_ms),
+                "lease_id": lease.id,
+                "key_id": key.pk,
+                "account_id": row.account_id,
+                "account_name": lease.account_name,
+                "proxy_url": lease.proxy_url,
+                "session_id": lease.session_id,
+                "model": lease.model,
+                "expires_at": lease.expires_at,
+                "waited_ms": waited_ms,
+            },
+        )
+        if cursor.fetchone() is None:
+            return None
+    lease._state.adding = False
+    return lease
 
 
 def _key_slot_claim(*, key: ApiKey, now: datetime, counted: bool) -> None:
@@ -233,6 +296,14 @@ def lease_complete(*, key: ApiKey, lease_id: uuid.UUID, completion: Completion) 
     """Release a lease and apply its outcome (SPEC §2 table). A lease of
     another key is 404; one already completed (or reaped) is 409 and nothing
     changes."""
+    if connection.vendor == "postgresql" and _completion_is_plain(completion):
+        fast = _lease_complete_one_statement(key=key, lease_id=lease_id, completion=completion)
+        if fast is not None:
+            return fast
+    return _retrying(lambda: _lease_complete(key=key, lease_id=lease_id, completion=completion))
+
+
+def _lease_complete(*, key: ApiKey, lease_id: uuid.UUID, completion: Completion) -> Completed:
     lease = (
         Lease.objects.filter(pk=lease_id, api_key=key)
         .only("id", "account_id", "account_name", "identity_id", "proxy_url", "session_id", "counted_on_key")
@@ -267,6 +338,92 @@ def lease_complete(*, key: ApiKey, lease_id: uuid.UUID, completion: Completion) 
         _release_notify()
     lease.completed_at, lease.outcome = now, outcome
     return Completed(lease=lease, session_bound=bound)
+
+
+def _completion_is_plain(completion: Completion) -> bool:
+    """Outcomes that only release (and maybe record and bind)."""
+    return completion.remaining_credits is None and completion.outcome in (
+        LeaseOutcome.SUCCESS,
+        LeaseOutcome.RETRY_NEXT,
+        LeaseOutcome.FATAL,
+    )
+
+
+_COMPLETE_SQL = """
+WITH done AS (
+    UPDATE routing_lease
+       SET completed_at = %(now)s, outcome = %(outcome)s, first_token_ms = %(first_token_ms)s,
+           error_message = %(error_message)s
+     WHERE id = %(lease_id)s AND api_key_id = %(key_id)s AND completed_at IS NULL AND NOT counted_on_key
+ RETURNING id, identity_id, account_id, account_name, proxy_url, session_id
+), released AS (
+    UPDATE accounts_routingidentity AS identity
+       SET in_flight = identity.in_flight - 1
+      FROM done
+     WHERE identity.id = done.identity_id
+ RETURNING identity.id
+), sampled AS (
+    INSERT INTO routing_latencysample (account_id, proxy_url, first_token_ms, recorded_at)
+    SELECT done.account_id, done.proxy_url, %(first_token_ms)s, %(now)s
+      FROM done
+     WHERE %(record_sample)s AND done.account_id IS NOT NULL
+), bound AS (
+    INSERT INTO routing_sessionbinding (api_key_id, session_id, account_id, created_at, updated_at, expires_at)
+    SELECT %(key_id)s, done.session_id, done.account_id, %(now)s, %(now)s, %(binding_expires_at)s
+      FROM done
+     WHERE %(bind)s AND done.session_id <> '' AND done.account_id IS NOT NULL
+        ON CONFLICT (api_key_id, session_id) DO UPDATE
+       SET account_id = EXCLUDED.account_id, updated_at = EXCLUDED.updated_at, expires_at = EXCLUDED.expires_at
+ RETURNING 1
+)
+SELECT done.account_name, (SELECT count(*) FROM bound) > 0, pg_notify('kiropool_release', '')
+  FROM done, released
+"""
+
+
+def _lease_complete_one_statement(*, key: ApiKey, lease_id: uuid.UUID, completion: Completion) -> Completed | None:
+    """PostgreSQL: a plain completion (release, sample, bind, notify) as one
+    statement. None when it does not apply (unknown, foreign, completed or
+    key-counted lease): the general path then answers."""
+    now = timezone.now()
+    success = completion.outcome == LeaseOutcome.SUCCESS
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _COMPLETE_SQL,
+            {
+                "now": now,
+                "outcome": completion.outcome,
+                "first_token_ms": completion.first_token_ms,
+                "error_message": completion.error_message[:2000],
+                "lease_id": lease_id,
+                "key_id": key.pk,
+                "record_sample": success and completion.first_token_ms is not None,
+                "bind": success,
+                "binding_expires_at": now + timedelta(seconds=settings.KIROPOOL_AFFINITY_TTL_SECONDS),
+            },
+        )
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    wakeups.released_locally()
+    lease = Lease(id=lease_id, account_name=row[0], outcome=completion.outcome, completed_at=now)
+    return Completed(lease=lease, session_bound=bool(row[1]))
+
+
+# PostgreSQL aborts one of two transactions that wait on each other (two
+# completions moving bindings between the same two accounts in opposite
+# directions); the loser is simply run again.
+_RETRYABLE_SQLSTATES = {"40P01", "40001"}
+
+
+def _retrying(operation, attempts: int = 3):
+    for attempt in range(attempts):
+        try:
+            return operation()
+        except OperationalError as error:
+            sqlstate = getattr(getattr(error, "__cause__", None), "sqlstate", None)
+            if sqlstate not in _RETRYABLE_SQLSTATES or attempt == attempts - 1:
+                raise
 
 
 def _reason(completion: Completion, default: str) -> str:
@@ -415,7 +572,6 @@ def lease_reap_expired(*, now: datetime | None = None, identity_ids: list[int] |
 # that waits for a row lock longer than ``MAINTENANCE_LOCK_TIMEOUT`` gives up
 # and is retried, so a dispatch or completion never ends in a deadlock with it.
 
-from django.db import OperationalError  # noqa: E402  (appended section)
 
 from routing.latency import SNAPSHOT_WINDOW, latency_snapshot_build  # noqa: E402
 from routing.models import LatencySnapshot  # noqa: E402
