@@ -3,6 +3,8 @@ validate, call one service or selector, serialize."""
 
 from __future__ import annotations
 
+import time
+
 from django.utils import timezone
 from drf_spectacular.utils import OpenApiResponse, extend_schema, inline_serializer
 from rest_framework import serializers
@@ -10,7 +12,8 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from accounts.authentication import ApiKeyAuthentication, HasApiKey
-from routing import selection, selectors, services
+from kiropool.errors import AllAccountsFailed, NoUsableAccount, RateLimited
+from routing import metrics, selection, selectors, services
 from routing.models import LeaseOutcome
 
 MAX_SESSION_ID_LENGTH = 512
@@ -109,7 +112,13 @@ class DispatchApi(GatewayApi):
     def post(self, request):
         serializer = DispatchInputSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        acquired = services.lease_acquire(key=request.auth, request=serializer.to_request())
+        started = time.monotonic()
+        try:
+            acquired = services.lease_acquire(key=request.auth, request=serializer.to_request())
+        except (RateLimited, AllAccountsFailed, NoUsableAccount) as refusal:
+            metrics.dispatch_observe(_REFUSALS[type(refusal)], time.monotonic() - started, 0.0)
+            raise
+        metrics.dispatch_observe(_result(acquired), time.monotonic() - started, acquired.waited_ms / 1000)
         candidate = acquired.row.candidate
         output = {
             "lease_id": acquired.lease.id,
@@ -126,6 +135,15 @@ class DispatchApi(GatewayApi):
             "waited_ms": acquired.waited_ms,
         }
         return Response(self.OutputSerializer(output).data)
+
+
+_REFUSALS = {RateLimited: "rate_limited", AllAccountsFailed: "all_failed", NoUsableAccount: "unavailable"}
+
+
+def _result(acquired: services.Acquired) -> str:
+    if acquired.sticky_hit:
+        return "sticky_hit"
+    return "new_session" if acquired.session == "new" else "acquired"
 
 
 class LeaseCompleteApi(GatewayApi):
@@ -166,6 +184,7 @@ class LeaseCompleteApi(GatewayApi):
                 error_message=data.get("error_message") or "",
             ),
         )
+        metrics.completion_observe(data["outcome"])
         lease = completed.lease
         output = {
             "lease_id": lease.id,

@@ -54,6 +54,7 @@ class Acquired:
     row: selectors.CandidateRow
     session: str
     waited_ms: int
+    sticky_hit: bool = False  # the session's bound account served it
 
 
 @dataclass(slots=True)
@@ -141,8 +142,8 @@ def _walk(*, key: ApiKey, plan: selectors.DispatchPlan, request: DispatchRequest
             continue
         lease = _slot_claim(key=key, row=row, request=request, waited_ms=waited_ms)
         if lease is not None:
-            session = plan.session
-            return Acquired(lease=lease, row=row, session=session, waited_ms=waited_ms)
+            sticky_hit = plan.binding is not None and plan.binding.account_id == row.account_id
+            return Acquired(lease=lease, row=row, session=plan.session, waited_ms=waited_ms, sticky_hit=sticky_hit)
         # Lost the slot to another dispatch between the read and the claim.
         miss.locally_throttled = True
     return miss
