@@ -1,0 +1,99 @@
+"""PNG plots of a run (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402  (the backend is chosen before pyplot loads)
+
+from bench.simulate.engine import RunResult  # noqa: E402
+from bench.simulate.metrics import STARVED_FRACTION, Summary  # noqa: E402
+from bench.simulate.scenario import HOUR  # noqa: E402
+
+
+def plots_write(summaries: Sequence[Summary], results: Sequence[RunResult], out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    written = [_shares(summaries, out / "share_per_identity.png")]
+    by_name = {r.policy: r for r in results}
+    pair = [by_name[name] for name in ("kiropool", "exact_score") if name in by_name]
+    if pair:
+        written.append(_sessions_over_time(pair, out / "sessions_over_time.png"))
+    written.append(_fairness_vs_latency(summaries, out / "fairness_vs_latency.png"))
+    return written
+
+
+def _shares(summaries: Sequence[Summary], path: Path) -> Path:
+    names = list(summaries[0].fair_share)
+    fig, axes = plt.subplots(2, 1, figsize=(13, 8.5), sharex=True)
+    width = 0.8 / len(summaries)
+    for ax, attr, title in (
+        (axes[0], "request_share", "Share of served requests ÷ fair share"),
+        (axes[1], "session_share", "Share of bound sessions (time-averaged) ÷ fair share"),
+    ):
+        for k, s in enumerate(summaries):
+            share = getattr(s, attr)
+            ratios = [share[n] / s.fair_share[n] if s.fair_share[n] else 0.0 for n in names]
+            xs = [i - 0.4 + width * (k + 0.5) for i in range(len(names))]
+            ax.bar(xs, ratios, width, label=s.policy)
+        ax.axhline(1.0, color="black", linewidth=1, linestyle="--", label="fair share")
+        ax.axhline(STARVED_FRACTION, color="red", linewidth=1, linestyle=":", label="starved below this")
+        ax.set_title(title)
+        ax.set_ylabel("1.0 = fair")
+        ax.grid(axis="y", alpha=0.3)
+    axes[1].set_xticks(range(len(names)), names)
+    axes[0].legend(ncol=4, fontsize=9, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _sessions_over_time(results: Sequence[RunResult], path: Path) -> Path:
+    top = max(max(max(row) for row in r.bindings) for r in results)
+    fig, axes = plt.subplots(1, len(results), figsize=(7 * len(results), 5), sharey=True, squeeze=False)
+    for ax, r in zip(axes[0], results, strict=True):
+        hours = [t / HOUR for t in r.binding_ticks]
+        cmap = plt.get_cmap("tab20")
+        for i, name in enumerate(r.identities):
+            ax.plot(hours, [row[i] for row in r.bindings], label=name, color=cmap(i % 20), linewidth=1.2)
+        ax.set_title(f"Live bound sessions per identity: {r.policy}")
+        ax.set_xlabel("simulated hour")
+        ax.set_ylim(0, top * 1.05)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("live bindings")
+    axes[0][-1].legend(fontsize=8, ncol=2, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _fairness_vs_latency(summaries: Sequence[Summary], path: Path) -> Path:
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for ax, attr, title in (
+        (axes[0], "jain_sessions", "Bound-session fairness vs served latency"),
+        (axes[1], "jain_requests", "Request fairness vs served latency"),
+    ):
+        for s in summaries:
+            ax.scatter(s.mean_latency_ms, getattr(s, attr), s=60)
+            ax.annotate(
+                f"{s.policy}\n(p95 wait {s.p95_wait_ms / 1000:.1f} s)",
+                (s.mean_latency_ms, getattr(s, attr)),
+                textcoords="offset points",
+                xytext=(6, 4),
+                fontsize=8,
+            )
+        ax.set_title(title)
+        ax.set_xlabel("mean served first-token latency (ms)")
+        ax.set_ylabel("Jain's index (1 = fair)")
+        ax.grid(alpha=0.3)
+        ax.margins(x=0.25, y=0.15)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
