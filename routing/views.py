@@ -1,0 +1,748 @@
+"""The dashboards (SPEC §6): the pool at a glance, and one account in depth.
+
+Staff only, through the Django session: a gateway's API key authenticates
+nothing here, so a key holder is sent to the login page like anyone else.
+
+Each page makes a fixed number of queries whatever the size of the pool (see
+the ``dashboard_*`` reads in ``routing/selectors.py``). The overview loads
+every account once, then filters, sorts and counts in Python: 500 rows are
+cheap to sort, the summary strip needs the whole pool anyway, and the
+computed columns (live sessions, latency band, cooldown left) sort exactly as
+they are shown.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from urllib.parse import urlencode
+
+from django.conf import settings
+from django.contrib import messages
+from django.contrib.admin.views.decorators import staff_member_required
+from django.core.exceptions import PermissionDenied
+from django.core.paginator import Paginator
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import redirect, render
+from django.urls import reverse
+from django.utils import timezone
+from django.utils.http import url_has_allowed_host_and_scheme
+from django.views.decorators.http import require_GET, require_POST
+
+from accounts.models import Account, Pool
+from routing import charts, selectors
+from routing.models import CooldownKind, LeaseOutcome, SessionBinding
+from routing.selection import (
+    LatencySnapshot,
+    cooldown_remaining,
+    latency_band,
+    latency_score,
+    latency_usable,
+)
+
+UNBIND_PERMISSION = "routing.delete_sessionbinding"
+BINDINGS_PER_PAGE = 50
+RECENT_LEASES = 50
+RECENT_EVENTS = 30
+# ``?refresh=`` values offered: the page reloads itself, no JavaScript needed.
+REFRESH_CHOICES = (0, 10, 30)
+
+# --- readable numbers ------------------------------------------------------------
+
+
+def duration_text(seconds: float, *, coarse: bool = False) -> str:
+    """A span for people: '45 s', '4 min 12 s', '3 h 5 min', '2 d 4 h'.
+
+    Rounded up, so a cooldown never reads '0 s' while it still holds;
+    ``coarse`` rounds down and drops the seconds past a minute, for "ago"."""
+    seconds = max(0, int(seconds) if coarse else math.ceil(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, secs = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {secs} s" if secs and not coarse else f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours} h" if hours else f"{days} d"
+
+
+def ago_text(when: datetime | None, now: datetime) -> str:
+    if when is None:
+        return "never"
+    seconds = (now - when).total_seconds()
+    if seconds < 0:
+        return f"in {duration_text(-seconds)}"
+    if seconds < 5:
+        return "just now"
+    return f"{duration_text(seconds, coarse=True)} ago"
+
+
+def ms_text(ms: float | None) -> str:
+    if ms is None or not math.isfinite(ms):
+        return "—"
+    if ms >= 10_000:
+        return f"{ms / 1000:,.1f} s"
+    return f"{ms:,.0f} ms"
+
+
+def credits_text(value: float | None) -> str:
+    if value is None or not math.isfinite(value):
+        return "—"
+    return f"{value:,.0f}" if float(value).is_integer() or abs(value) >= 1000 else f"{value:,.2f}"
+
+
+@dataclass(frozen=True, slots=True)
+class Moment:
+    """A timestamp shown relative to now, with the exact time on hover."""
+
+    text: str
+    iso: str | None
+
+    @classmethod
+    def of(cls, when: datetime | None, now: datetime) -> Moment:
+        return cls(ago_text(when, now), when.isoformat(timespec="seconds") if when else None)
+
+
+@dataclass(frozen=True, slots=True)
+class Left:
+    """Time left until a moment, or nothing when it has passed."""
+
+    text: str
+    seconds: float
+    until_iso: str
+
+    @classmethod
+    def of(cls, until: datetime | None, now: datetime) -> Left | None:
+        remaining = cooldown_remaining(until, now)
+        if remaining is None:
+            return None
+        return cls(
+            duration_text(remaining.total_seconds()), remaining.total_seconds(), until.isoformat(timespec="seconds")
+        )
+
+
+# --- one row per account ---------------------------------------------------------
+
+
+@dataclass(slots=True)
+class AccountRow:
+    name: str
+    href: str
+    identity: str
+    identity_id: int
+    pool: str
+    proxy: str | None
+    enabled: bool
+    sessions: int
+    identity_sessions: int = 0
+    in_flight: int = 0
+    max_concurrency: int = 1
+    samples: int = 0
+    avg_ms: float | None = None
+    score_ms: float | None = None
+    band: int | None = None  # only when the snapshot may order candidates
+    cooldown: Left | None = None
+    cooldown_reason: str = ""
+    proxy_cooldown: Left | None = None
+    proxy_cooldown_reason: str = ""
+    credits: float | None = None
+    exhausted: bool = False
+    exhausted_at: Moment | None = None
+    exhausted_reason: str = ""
+    last_started_at: datetime | None = None
+    last_started: Moment | None = None
+    flags: frozenset[str] = field(default_factory=frozenset)
+
+    @property
+    def usable(self) -> bool:
+        return not self.flags & {"disabled", "exhausted", "cooling"}
+
+    @property
+    def pool_label(self) -> str:
+        return Pool(self.pool).label if self.pool in Pool.values else self.pool
+
+    @property
+    def avg_text(self) -> str:
+        return ms_text(self.avg_ms)
+
+    @property
+    def score_text(self) -> str:
+        return ms_text(self.score_ms)
+
+    @property
+    def credits_text(self) -> str:
+        return credits_text(self.credits)
+
+    @property
+    def band_text(self) -> str:
+        return "—" if self.band is None else f"{self.band:+d}" if self.band else "0"
+
+    @property
+    def load_percent(self) -> int:
+        return min(100, round(100 * self.in_flight / max(self.max_concurrency, 1)))
+
+
+def _live(total: int, expired: int) -> int:
+    return max(0, total - expired)
+
+
+def account_rows(accounts: list[Account], snapshot: LatencySnapshot | None, *, now: datetime) -> list[AccountRow]:
+    """Rows for the given accounts, with the figures the selector would use now."""
+    bands_apply = latency_usable(snapshot, now=now, enabled=True)
+    chartable = snapshot is not None and snapshot.global_avg_ms is not None and math.isfinite(snapshot.global_avg_ms)
+    identity_sessions: dict[int, int] = {}
+    for a in accounts:
+        identity_sessions[a.identity_id] = identity_sessions.get(a.identity_id, 0) + _live(
+            a.binding_rows, a.expired_bindings
+        )
+
+    rows = []
+    for a in accounts:
+        identity, proxy = a.identity, a.proxy
+        row = AccountRow(
+            name=a.name,
+            href=reverse("dashboard:account", args=[a.name]),
+            identity=identity.name,
+            identity_id=identity.pk,
+            pool=a.pool,
+            proxy=proxy.name if proxy else None,
+            enabled=a.enabled,
+            sessions=_live(a.binding_rows, a.expired_bindings),
+            identity_sessions=identity_sessions[a.identity_id],
+            in_flight=_live(identity.in_flight, getattr(a, "expired_leases", 0)),
+            max_concurrency=identity.max_concurrency,
+            cooldown=Left.of(identity.cooldown_until, now),
+            cooldown_reason=identity.cooldown_reason,
+            proxy_cooldown=Left.of(proxy.cooldown_until, now) if proxy else None,
+            proxy_cooldown_reason=proxy.cooldown_reason if proxy else "",
+            credits=a.remaining_credits,
+            exhausted=a.quota_exhausted,
+            exhausted_at=Moment.of(a.quota_exhausted_at, now) if a.quota_exhausted_at else None,
+            exhausted_reason=a.quota_exhausted_reason,
+            last_started_at=identity.last_started_at,
+            last_started=Moment.of(identity.last_started_at, now),
+        )
+        if snapshot is not None:
+            stats = snapshot.accounts.get(a.name)
+            if stats is not None and stats.samples > 0:
+                row.samples, row.avg_ms = stats.samples, stats.avg_ms
+            if chartable:
+                row.score_ms = latency_score(snapshot, account=a.name, proxy_url=proxy.url if proxy else None)
+                if bands_apply:
+                    row.band = latency_band(row.score_ms, snapshot.global_avg_ms)
+        flags = set()
+        if not a.enabled:
+            flags.add("disabled")
+        if a.quota_exhausted:
+            flags.add("exhausted")
+        if row.cooldown:
+            flags.add("cooling")
+        if row.proxy_cooldown:
+            flags.add("proxy")
+        row.flags = frozenset(flags)
+        rows.append(row)
+    return rows
+
+
+# --- filters, sorting and the summary ---------------------------------------------
+
+# key → (label, predicate). "abnormal" is everything an operator should look at.
+FILTERS: dict[str, tuple[str, Callable[[AccountRow], bool]]] = {
+    "all": ("All", lambda r: True),
+    "abnormal": ("Needs attention", lambda r: bool(r.flags)),
+    "cooling": ("Cooling down", lambda r: "cooling" in r.flags),
+    "proxy": ("Proxy cooling", lambda r: "proxy" in r.flags),
+    "exhausted": ("Quota exhausted", lambda r: "exhausted" in r.flags),
+    "disabled": ("Disabled", lambda r: "disabled" in r.flags),
+    "usable": ("Usable", lambda r: r.usable),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    key: str
+    label: str
+    value: Callable[[AccountRow], object]  # None sorts last in both directions
+    numeric: bool = False
+    descending_first: bool = False
+    hint: str = ""
+
+
+COLUMNS = [
+    Column("state", "State", lambda r: (len(r.flags), sorted(r.flags)), descending_first=True),
+    Column("name", "Account", lambda r: r.name),
+    Column("identity", "Identity", lambda r: (r.identity, r.name)),
+    Column("pool", "Pool", lambda r: r.pool),
+    Column(
+        "sessions",
+        "Sessions",
+        lambda r: (r.sessions, r.identity_sessions),
+        numeric=True,
+        descending_first=True,
+        hint="live bound sessions of the account, and of its routing identity",
+    ),
+    Column(
+        "in_flight",
+        "In flight",
+        lambda r: (r.in_flight / max(r.max_concurrency, 1), r.in_flight),
+        numeric=True,
+        descending_first=True,
+        hint="live leases on the identity / its concurrency limit",
+    ),
+    Column(
+        "latency",
+        "Latency",
+        lambda r: r.avg_ms,
+        numeric=True,
+        descending_first=True,
+        hint="first-token average over the snapshot window, and its sample count",
+    ),
+    Column(
+        "band",
+        "Band",
+        lambda r: None if r.band is None else (r.band, r.score_ms),
+        numeric=True,
+        hint="latency band (lower is faster; accounts in one band take turns) and score",
+    ),
+    Column(
+        "cooldown",
+        "Cooldown",
+        lambda r: (
+            max(r.cooldown.seconds if r.cooldown else 0, r.proxy_cooldown.seconds if r.proxy_cooldown else 0) or None
+        ),
+        numeric=True,
+        descending_first=True,
+    ),
+    Column("credits", "Credits", lambda r: r.credits, numeric=True, descending_first=True),
+    Column("quota", "Quota", lambda r: r.exhausted, descending_first=True),
+    Column(
+        "last_started",
+        "Last started",
+        lambda r: r.last_started_at,
+        numeric=True,
+        descending_first=True,
+        hint="when a lease last started on the identity",
+    ),
+]
+COLUMNS_BY_KEY = {c.key: c for c in COLUMNS}
+DEFAULT_SORT = "name"
+
+
+def parse_sort(value: str | None) -> tuple[Column, bool]:
+    """``?sort=sessions`` or ``?sort=-sessions`` → (column, descending)."""
+    value = (value or "").strip()
+    descending = value.startswith("-")
+    column = COLUMNS_BY_KEY.get(value.lstrip("-")) or COLUMNS_BY_KEY[DEFAULT_SORT]
+    if column.key != value.lstrip("-"):
+        descending = False
+    return column, descending
+
+
+def sort_rows(rows: list[AccountRow], column: Column, *, descending: bool) -> list[AccountRow]:
+    """Sorted by the column, then by name; rows without a value come last either way."""
+    by_name = sorted(rows, key=lambda r: r.name)
+    known = [r for r in by_name if column.value(r) is not None]
+    unknown = [r for r in by_name if column.value(r) is None]
+    known.sort(key=column.value, reverse=descending)
+    return known + unknown
+
+
+def matches_query(row: AccountRow, query: str) -> bool:
+    q = query.casefold()
+    return any(q in text.casefold() for text in (row.name, row.identity, row.proxy or ""))
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    accounts: int
+    identities: int
+    usable: int
+    cooling: int
+    exhausted: int
+    disabled: int
+    proxy: int
+    live_sessions: int
+    session_capacity: int
+    in_flight: int
+    concurrency: int
+
+    @property
+    def capacity_percent(self) -> int:
+        return min(100, round(100 * self.live_sessions / max(self.session_capacity, 1)))
+
+
+def summarize(rows: list[AccountRow], accounts: list[Account]) -> Summary:
+    identities = {a.identity_id: a.identity for a in accounts}
+    in_flight = {r.identity_id: r.in_flight for r in rows}
+    return Summary(
+        accounts=len(rows),
+        identities=len(identities),
+        usable=sum(r.usable for r in rows),
+        cooling=sum("cooling" in r.flags for r in rows),
+        exhausted=sum("exhausted" in r.flags for r in rows),
+        disabled=sum("disabled" in r.flags for r in rows),
+        proxy=sum("proxy" in r.flags for r in rows),
+        live_sessions=sum(r.sessions for r in rows),
+        session_capacity=settings.KIROPOOL_AFFINITY_MAX_ENTRIES,
+        in_flight=sum(in_flight.values()),
+        concurrency=sum(i.max_concurrency for i in identities.values()),
+    )
+
+
+def identity_bars(rows: list[AccountRow]) -> list[charts.SessionBar]:
+    """One bar per routing identity, coloured by what stops it serving, if anything."""
+    by_identity: dict[int, list[AccountRow]] = {}
+    for r in rows:
+        by_identity.setdefault(r.identity_id, []).append(r)
+    index = reverse("dashboard:index")
+    bars = []
+    for members in by_identity.values():
+        first = members[0]
+        if all("disabled" in r.flags for r in members):
+            state = "disabled"
+        elif all(r.flags & {"disabled", "exhausted"} for r in members):
+            state = "exhausted"
+        elif first.cooldown:
+            state = "cooling"
+        else:
+            state = "ok"
+        names = ", ".join(r.name for r in members)
+        detail = f"{len(members)} accounts: {names}" if len(members) > 1 else names
+        if state != "ok":
+            detail += f"; {state}"
+        bars.append(
+            charts.SessionBar(
+                label=first.identity,
+                value=first.identity_sessions,
+                state=state,
+                href=f"{index}?{urlencode({'q': first.identity})}",
+                detail=detail,
+            )
+        )
+    return bars
+
+
+def latency_points(rows: list[AccountRow], snapshot: LatencySnapshot | None) -> list[charts.LatencyPoint]:
+    if snapshot is None or snapshot.global_avg_ms is None:
+        return []
+    g = snapshot.global_avg_ms
+    return [
+        charts.LatencyPoint(
+            label=r.name,
+            score_ms=r.score_ms,
+            # The chart draws the band a score falls in even when the snapshot
+            # is too old to be used; the table then shows no band.
+            band=r.band if r.band is not None else latency_band(r.score_ms, g),
+            samples=r.samples,
+            href=r.href,
+        )
+        for r in rows
+        if r.score_ms is not None
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotInfo:
+    generated: Moment | None
+    global_avg: str
+    samples: int
+    usable: bool
+    state: str  # "fresh", "stale", "none"
+
+
+def snapshot_info(snapshot: LatencySnapshot | None, samples: int, *, now: datetime) -> SnapshotInfo:
+    if snapshot is None:
+        return SnapshotInfo(None, "—", 0, False, "none")
+    usable = latency_usable(snapshot, now=now, enabled=True)
+    return SnapshotInfo(
+        generated=Moment.of(snapshot.generated_at, now),
+        global_avg=ms_text(snapshot.global_avg_ms),
+        samples=samples,
+        usable=usable,
+        state="fresh" if usable else "stale",
+    )
+
+
+def _query_string(params: dict[str, str], **changes: str) -> str:
+    merged = {k: v for k, v in {**params, **changes}.items() if v not in ("", None)}
+    return f"?{urlencode(merged)}" if merged else "?"
+
+
+def _refresh(request: HttpRequest) -> int:
+    try:
+        value = int(request.GET.get("refresh", "0"))
+    except ValueError:
+        return 0
+    return value if value in REFRESH_CHOICES else 0
+
+
+# --- views ------------------------------------------------------------------------
+
+
+@require_GET
+@staff_member_required
+def pool_overview(request: HttpRequest) -> HttpResponse:
+    now = timezone.now()
+    accounts = selectors.dashboard_accounts(now=now)
+    snapshot, snapshot_samples = selectors.dashboard_latency_snapshot()
+    rows = account_rows(accounts, snapshot, now=now)
+
+    state = request.GET.get("state", "all")
+    if state not in FILTERS:
+        state = "all"
+    query = request.GET.get("q", "").strip()[:200]
+    column, descending = parse_sort(request.GET.get("sort"))
+    refresh = _refresh(request)
+    params = {
+        "state": "" if state == "all" else state,
+        "q": query,
+        "sort": "" if column.key == DEFAULT_SORT and not descending else ("-" if descending else "") + column.key,
+        "refresh": str(refresh) if refresh else "",
+    }
+
+    searched = [r for r in rows if matches_query(r, query)] if query else rows
+    shown = sort_rows([r for r in searched if FILTERS[state][1](r)], column, descending=descending)
+
+    filters = [
+        {
+            "key": key,
+            "label": label,
+            "count": sum(1 for r in searched if predicate(r)),
+            "href": _query_string(params, state="" if key == "all" else key),
+            "active": key == state,
+        }
+        for key, (label, predicate) in FILTERS.items()
+    ]
+    headers = []
+    for c in COLUMNS:
+        active = c.key == column.key
+        next_descending = (not descending) if active else c.descending_first
+        headers.append(
+            {
+                "key": c.key,
+                "label": c.label,
+                "numeric": c.numeric,
+                "hint": c.hint,
+                "href": _query_string(params, sort=("-" if next_descending else "") + c.key),
+                "sorted": ("desc" if descending else "asc") if active else "",
+            }
+        )
+    context = {
+        "nav": "pool",
+        "now": now,
+        "rows": shown,
+        "total": len(rows),
+        "summary": summarize(rows, accounts),
+        "snapshot": snapshot_info(snapshot, snapshot_samples, now=now),
+        "filters": filters,
+        "state": state,
+        "query": query,
+        "sort_param": params["sort"],
+        "headers": headers,
+        "refresh": refresh,
+        "refresh_links": [
+            {"seconds": s, "href": _query_string(params, refresh=str(s) if s else ""), "active": s == refresh}
+            for s in REFRESH_CHOICES
+        ],
+        "filter_links": {f["key"]: f["href"] for f in filters},
+        "sessions_chart": charts.sessions_chart(identity_bars(rows)),
+        "latency_chart": charts.latency_chart(
+            latency_points(rows, snapshot), global_avg_ms=snapshot.global_avg_ms if snapshot else None
+        ),
+        "band_tolerance": (
+            ms_text(charts.band_tolerance(snapshot.global_avg_ms))
+            if snapshot and snapshot.global_avg_ms is not None
+            else None
+        ),
+    }
+    return render(request, "dashboard/pool.html", context)
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseLine:
+    started: Moment
+    key: str
+    session_id: str
+    model: str
+    state: str  # an outcome value, "in_flight" or "lapsed"
+    state_label: str
+    duration: str
+    first_token: str
+    waited: str
+    error: str
+
+
+def lease_lines(leases, *, now: datetime) -> list[LeaseLine]:
+    lines = []
+    for lease in leases:
+        if lease.completed_at is not None:
+            state, label = lease.outcome, LeaseOutcome(lease.outcome).label
+            duration = duration_text((lease.completed_at - lease.started_at).total_seconds())
+        elif lease.expires_at > now:
+            state, label, duration = (
+                "in_flight",
+                "in flight",
+                f"{duration_text((now - lease.started_at).total_seconds())} so far",
+            )
+        else:
+            state, label, duration = "lapsed", "lapsed (never completed)", "—"
+        lines.append(
+            LeaseLine(
+                started=Moment.of(lease.started_at, now),
+                key=lease.api_key.name if lease.api_key else "(deleted key)",
+                session_id=lease.session_id,
+                model=lease.model,
+                state=state,
+                state_label=label,
+                duration=duration,
+                first_token=ms_text(lease.first_token_ms),
+                waited=ms_text(lease.waited_ms) if lease.waited_ms else "—",
+                error=lease.error_message,
+            )
+        )
+    return lines
+
+
+EVENT_TONES = {
+    CooldownKind.IDENTITY_COOLDOWN: "warn",
+    CooldownKind.PROXY_COOLDOWN: "warn",
+    CooldownKind.QUOTA_EXHAUSTED: "bad",
+    CooldownKind.IDENTITY_CLEARED: "good",
+    CooldownKind.PROXY_CLEARED: "good",
+    CooldownKind.QUOTA_RESET: "good",
+}
+
+
+PROXY_KINDS = {CooldownKind.PROXY_COOLDOWN, CooldownKind.PROXY_CLEARED}
+IDENTITY_KINDS = {CooldownKind.IDENTITY_COOLDOWN, CooldownKind.IDENTITY_CLEARED}
+
+
+def event_lines(events, *, now: datetime) -> list[dict]:
+    lines = []
+    for e in events:
+        # What the event is about follows from its kind: a rate limit cools the
+        # identity even though the report came through one of its accounts.
+        if e.kind in PROXY_KINDS and e.proxy_id:
+            subject = f"proxy {e.proxy.name}"
+        elif e.kind in IDENTITY_KINDS and e.identity_id:
+            subject = f"identity {e.identity.name}"
+            if e.account_id:
+                subject += f" (reported on {e.account.name})"
+        elif e.account_id:
+            subject = f"account {e.account.name}"
+        elif e.identity_id:
+            subject = f"identity {e.identity.name}"
+        elif e.proxy_id:
+            subject = f"proxy {e.proxy.name}"
+        else:
+            subject = "—"
+        lines.append(
+            {
+                "when": Moment.of(e.created_at, now),
+                "kind": CooldownKind(e.kind).label if e.kind in CooldownKind.values else e.kind,
+                "tone": EVENT_TONES.get(e.kind, "muted"),
+                "subject": subject,
+                "until": Moment.of(e.until, now) if e.until else None,
+                "active": e.until is not None and e.until > now,
+                "reason": e.reason,
+            }
+        )
+    return lines
+
+
+def _admin_url(name: str, *args) -> str:
+    return reverse(f"admin:{name}", args=args)
+
+
+@require_GET
+@staff_member_required
+def account_detail(request: HttpRequest, name: str) -> HttpResponse:
+    now = timezone.now()
+    account = selectors.dashboard_account(name=name, now=now)
+    if account is None:
+        raise Http404("No account by that name.")
+    aliases = selectors.dashboard_identity_aliases(identity_id=account.identity_id, now=now)
+    snapshot, _ = selectors.dashboard_latency_snapshot()
+    row = account_rows([account], snapshot, now=now)[0]
+    # The identity total comes from every alias, as on the overview.
+    row.identity_sessions = sum(_live(a.binding_rows, a.expired_bindings) for a in aliases)
+
+    page = Paginator(selectors.dashboard_account_bindings(account_id=account.pk, now=now), BINDINGS_PER_PAGE).get_page(
+        request.GET.get("page")
+    )
+    bindings = [
+        {
+            "id": b.pk,
+            "key": b.api_key.name,
+            "key_admin": _admin_url("accounts_apikey_change", b.api_key_id),
+            "session_id": b.session_id,
+            "bound": Moment.of(b.created_at, now),
+            "used": Moment.of(b.updated_at, now),
+            "expires": Left.of(b.expires_at, now),
+        }
+        for b in page.object_list
+    ]
+    identity = account.identity
+    context = {
+        "nav": "pool",
+        "now": now,
+        "account": account,
+        "row": row,
+        "identity": identity,
+        "pacing": ms_text(identity.min_start_interval_ms) if identity.min_start_interval_ms else None,
+        "aliases": [
+            {
+                "name": a.name,
+                "href": reverse("dashboard:account", args=[a.name]),
+                "sessions": _live(a.binding_rows, a.expired_bindings),
+                "pool": Pool(a.pool).label if a.pool in Pool.values else a.pool,
+                "enabled": a.enabled,
+                "exhausted": a.quota_exhausted,
+                "current": a.pk == account.pk,
+            }
+            for a in aliases
+        ],
+        "bindings": bindings,
+        "page": page,
+        "can_unbind": request.user.has_perm(UNBIND_PERMISSION),
+        "leases": lease_lines(selectors.dashboard_account_leases(account_id=account.pk, limit=RECENT_LEASES), now=now),
+        "events": event_lines(selectors.dashboard_account_events(account=account, limit=RECENT_EVENTS), now=now),
+        "snapshot": snapshot,
+        "recent_leases": RECENT_LEASES,
+        "recent_events": RECENT_EVENTS,
+        "admin": {
+            "account": _admin_url("accounts_account_change", account.pk),
+            "identity": _admin_url("accounts_routingidentity_change", identity.pk),
+            "proxy": _admin_url("accounts_proxy_change", account.proxy_id) if account.proxy_id else None,
+            "bindings": f"{_admin_url('routing_sessionbinding_changelist')}?{urlencode({'q': account.name})}",
+            "leases": f"{_admin_url('routing_lease_changelist')}?{urlencode({'q': account.name})}",
+        },
+        "self_url": request.get_full_path(),
+    }
+    return render(request, "dashboard/account.html", context)
+
+
+@require_POST
+@staff_member_required
+def binding_unbind(request: HttpRequest, binding_id: int) -> HttpResponse:
+    """Forget one session's affinity: its next request is routed as a new session.
+
+    Deleting the row is the whole operation: the database triggers keep the
+    account's binding count exact, and there is no in-process cache to clear.
+    """
+    if not request.user.has_perm(UNBIND_PERMISSION):
+        raise PermissionDenied("You may not unbind sessions.")
+    binding = selectors.dashboard_binding(binding_id=binding_id)
+    next_url = request.POST.get("next", "")
+    if not url_has_allowed_host_and_scheme(next_url, allowed_hosts={request.get_host()}):
+        next_url = ""
+    if binding is None:
+        messages.info(request, "That session was already unbound.")
+        return redirect(next_url or reverse("dashboard:index"))
+    SessionBinding.objects.filter(pk=binding.pk).delete()
+    messages.success(request, f"Unbound session “{binding.session_id}” from {binding.account.name}.")
+    return redirect(next_url or reverse("dashboard:account", args=[binding.account.name]))

@@ -1,0 +1,63 @@
+"""`make demo`: the seeded pool, and a short run through the real HTTP API."""
+
+import io
+
+import pytest
+from django.core.management import call_command
+from django.db import connection
+
+from accounts.models import Account, ApiKey, Pool, Proxy, RoutingIdentity
+from routing.management.commands import demo
+from routing.models import LatencySnapshot, Lease, LeaseOutcome, SessionBinding
+from tests.factories import AccountFactory
+
+
+@pytest.fixture(autouse=True)
+def _fast_passwords(settings):
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+@pytest.mark.django_db
+def test_the_demo_pool_is_replaced_on_every_run_and_touches_nothing_else():
+    mine = AccountFactory(name="production-account")
+    first = demo.demo_pool_seed()
+    second = demo.demo_pool_seed()
+    assert first != second
+
+    accounts = Account.objects.filter(name__startswith="demo-")
+    assert RoutingIdentity.objects.filter(name__startswith="demo-").count() == 12
+    assert accounts.count() == 15  # three identities have an alias
+    assert set(accounts.values_list("pool", flat=True)) == {Pool.BALANCED, Pool.CREDIT_FIRST}
+    assert Proxy.objects.filter(name__startswith="demo-").count() == 2
+    keys = ApiKey.objects.filter(name__startswith="demo-")
+    assert keys.count() == 2
+    # the keys reach the demo accounts only
+    for key in keys:
+        assert set(key.account_group.accounts.values_list("name", flat=True)) == set(
+            accounts.values_list("name", flat=True)
+        )
+    assert Account.objects.filter(pk=mine.pk).exists()
+
+
+@pytest.mark.django_db
+def test_the_demo_login_works_with_the_printed_password(client):
+    login = demo.demo_login()
+    assert client.login(username=login.username, password=login.password)
+    again = demo.demo_login()
+    assert again.password != login.password and again.token == login.token
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_short_demo_run_goes_through_the_http_api(live_server):
+    # The test server's in-memory SQLite database locks a whole table per
+    # writer, so concurrent clients only work on PostgreSQL.
+    clients = 3 if connection.vendor == "postgresql" else 1
+    out = io.StringIO()
+    call_command("demo", duration=4, url=live_server.url, clients=clients, serve=False, stdout=out)
+    text = out.getvalue()
+    assert f"{live_server.url}/dashboard/" in text
+    assert "kp_" in text and "login       demo / " in text
+    assert Lease.objects.filter(outcome=LeaseOutcome.SUCCESS).exists()
+    assert not Lease.objects.filter(completed_at__isnull=True).exists()  # every lease was reported
+    assert SessionBinding.objects.exists()
+    assert LatencySnapshot.objects.exists()
