@@ -78,8 +78,3 @@ def screenshot(page, screenshot_dir):
         return path
 
     return take
-
-
-@pytest.fixture(autouse=True)
-def _fast_passwords(settings):
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

@@ -29,12 +29,6 @@ SECRET = "secret-refresh-token"
 INDEX = reverse("dashboard:index")
 
 
-@pytest.fixture(autouse=True)
-def _fast_passwords(settings):
-    # PBKDF2 takes most of a second per login on a CI machine; these tests are not about passwords.
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
 def account_url(name: str) -> str:
     return reverse("dashboard:account", args=[name])
 

@@ -12,11 +12,6 @@ from routing.models import LatencySnapshot, Lease, LeaseOutcome, SessionBinding
 from tests.factories import AccountFactory
 
 
-@pytest.fixture(autouse=True)
-def _fast_passwords(settings):
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
 @pytest.mark.django_db
 def test_the_demo_pool_is_replaced_on_every_run_and_touches_nothing_else():
     mine = AccountFactory(name="production-account")
