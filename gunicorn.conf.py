@@ -18,3 +18,24 @@ graceful_timeout = 30
 keepalive = 5
 accesslog = os.environ.get("KIROPOOL_ACCESS_LOG") or None
 errorlog = "-"
+
+# Prometheus multiprocess mode (routing/metrics.py): every worker keeps its
+# counters in files here and a scrape of any worker sums them all. Set before a
+# worker imports prometheus_client; emptied when the master starts, so counts of
+# a previous run do not linger.
+_prometheus_dir = os.environ.setdefault(
+    "PROMETHEUS_MULTIPROC_DIR", os.path.join(os.path.dirname(os.path.abspath(__file__)), "var", "prometheus")
+)
+
+
+def on_starting(server):
+    os.makedirs(_prometheus_dir, exist_ok=True)
+    for name in os.listdir(_prometheus_dir):
+        if name.endswith(".db"):
+            os.remove(os.path.join(_prometheus_dir, name))
+
+
+def child_exit(server, worker):
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid, _prometheus_dir)

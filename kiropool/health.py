@@ -1,0 +1,96 @@
+"""Operations endpoints: ``/healthz`` (the process answers), ``/readyz``
+(the database and the Celery broker are reachable) and ``/metrics``
+(Prometheus text format).
+
+Plain Django views, outside DRF: probes and scrapers carry no session or
+token, and a probe must not depend on the machinery it is probing. They answer
+JSON like every other endpoint, errors in the one error shape."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+
+import kombu
+from django.conf import settings
+from django.db import connections
+from django.http import HttpResponse, JsonResponse
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_GET
+
+from kiropool.errors import error_body
+from routing import metrics
+
+logger = logging.getLogger(__name__)
+
+# A probe must answer well within a load balancer's or kubelet's own timeout
+# (commonly 1-5 s), even when the broker host swallows packets.
+BROKER_TIMEOUT_SECONDS = 2.0
+
+
+@never_cache
+@require_GET
+def healthz(request):
+    return JsonResponse({"status": "ok"})
+
+
+@never_cache
+@require_GET
+def readyz(request):
+    checks = {"database": _check(_database_ping), "broker": _check(_broker_ping)}
+    down = [name for name, result in checks.items() if result != "ok"]
+    if not down:
+        return JsonResponse({"status": "ok", "checks": checks})
+    body = error_body(503, f"not ready: {' and '.join(down)} unreachable")
+    body["checks"] = checks
+    return JsonResponse(body, status=503)
+
+
+def _check(ping) -> str:
+    try:
+        ping()
+    except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
+        logger.warning("readiness check %s failed", ping.__name__, exc_info=True)
+        # The class, not the message: the message may name hosts or users.
+        return f"down ({type(exc).__name__})"
+    return "ok"
+
+
+def _database_ping() -> None:
+    with connections["default"].cursor() as cursor:
+        cursor.execute("SELECT 1")
+        cursor.fetchone()
+
+
+def _broker_ping() -> None:
+    url = settings.CELERY_BROKER_URL
+    if url.startswith("filesystem://"):
+        # kombu's filesystem transport is two folders; "reachable" means there
+        # and writable by this process.
+        options = getattr(settings, "CELERY_BROKER_TRANSPORT_OPTIONS", {})
+        for folder in {options.get("data_folder_in"), options.get("data_folder_out")}:
+            if not folder or not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+                raise FileNotFoundError("broker folder missing or not writable")
+        return
+    timeout = BROKER_TIMEOUT_SECONDS
+    with kombu.Connection(
+        url, connect_timeout=timeout, transport_options={"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    ) as connection:
+        connection.ensure_connection(max_retries=1, interval_start=0, interval_step=0.1, interval_max=0.1)
+
+
+@never_cache
+@require_GET
+def metrics_view(request):
+    """Prometheus exposition. Open unless ``KIROPOOL_METRICS_TOKEN`` is set,
+    then it wants ``Authorization: Bearer <that token>``."""
+    token = settings.KIROPOOL_METRICS_TOKEN
+    if token:
+        presented = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(presented.encode(), f"Bearer {token}".encode()):
+            response = JsonResponse(error_body(401, "metrics need the configured bearer token"), status=401)
+            response["WWW-Authenticate"] = 'Bearer realm="kiropool-metrics"'
+            return response
+    body, content_type = metrics.exposition()
+    return HttpResponse(body, content_type=content_type)

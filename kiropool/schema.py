@@ -1,0 +1,74 @@
+"""OpenAPI pieces shared by every API: the one error shape as a serializer,
+ready-made error responses for ``@extend_schema``, and the description of the
+gateway's API-key authentication.
+
+Usage::
+
+    @extend_schema(request=In, responses={200: Out, **error_responses(400, 401, 429)})
+"""
+
+from __future__ import annotations
+
+from drf_spectacular.extensions import OpenApiAuthenticationExtension
+from drf_spectacular.utils import OpenApiResponse
+from rest_framework import serializers
+
+from kiropool.errors import error_type
+
+ERROR_DESCRIPTIONS = {
+    400: "The request is invalid (`invalid_request_error`).",
+    401: "No or bad credentials (`authentication_error`).",
+    403: "Authenticated, but not allowed (`permission_error`).",
+    404: "No such object (`not_found_error`).",
+    409: "The request conflicts with the current state (`conflict_error`).",
+    429: "Rate limited; see `Retry-After` (`rate_limit_error`).",
+    502: "Every eligible account failed for this request (`api_error`).",
+    503: "No usable account, or the service is not ready (`api_error`).",
+}
+
+
+# Named ErrorTypeEnum in the schema (SPECTACULAR_SETTINGS["ENUM_NAME_OVERRIDES"]).
+ERROR_TYPE_CHOICES = sorted({error_type(code) for code in ERROR_DESCRIPTIONS})
+
+
+class ErrorDetailSerializer(serializers.Serializer):
+    type = serializers.ChoiceField(
+        choices=ERROR_TYPE_CHOICES,
+        help_text="Machine-readable error class; one per HTTP status family.",
+    )
+    message = serializers.CharField(help_text="What went wrong, for a human.")
+
+
+class ErrorSerializer(serializers.Serializer):
+    """``{"error": {"type": ..., "message": ...}}``: every error of every API."""
+
+    error = ErrorDetailSerializer()
+
+
+def error_responses(*status_codes: int) -> dict[int, OpenApiResponse]:
+    """``{status: OpenApiResponse(ErrorSerializer)}`` for ``@extend_schema(responses=...)``."""
+    return {
+        code: OpenApiResponse(response=ErrorSerializer, description=ERROR_DESCRIPTIONS[code]) for code in status_codes
+    }
+
+
+def operator_error_responses(*status_codes: int) -> dict[int, OpenApiResponse]:
+    """``error_responses`` plus the 401 and 403 every staff-only endpoint can answer."""
+    return error_responses(*sorted({401, 403, *status_codes}))
+
+
+class ApiKeyAuthenticationScheme(OpenApiAuthenticationExtension):
+    """The gateway key, sent either as a bearer token or in ``x-api-key``."""
+
+    target_class = "accounts.authentication.ApiKeyAuthentication"
+    name = ["GatewayBearer", "GatewayApiKey"]
+
+    def get_security_requirement(self, auto_schema):
+        # Either header will do: alternatives, not a pair.
+        return [{"GatewayBearer": []}, {"GatewayApiKey": []}]
+
+    def get_security_definition(self, auto_schema):
+        return [
+            {"type": "http", "scheme": "bearer", "description": "`Authorization: Bearer kp_...`"},
+            {"type": "apiKey", "in": "header", "name": "x-api-key", "description": "`x-api-key: kp_...`"},
+        ]

@@ -1,0 +1,151 @@
+"""The operator API for the decision's state (SPEC §5): session bindings
+(list, unbind) and the latency snapshot (read, rebuild now). Staff only."""
+
+from __future__ import annotations
+
+from django.utils import timezone
+from drf_spectacular.openapi import AutoSchema
+from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_view
+from rest_framework import mixins, serializers, viewsets
+from rest_framework.decorators import action
+from rest_framework.pagination import LimitOffsetPagination
+from rest_framework.response import Response
+
+from accounts.apis import OperatorApi
+from kiropool.schema import operator_error_responses
+from routing import selectors, services
+from routing.models import LatencySnapshot, SessionBinding
+
+
+class BindingPagination(LimitOffsetPagination):
+    # There may be a million live bindings: never all in one response.
+    default_limit = 100
+    max_limit = 1000
+
+
+class SessionBindingSerializer(serializers.ModelSerializer):
+    key = serializers.IntegerField(source="api_key_id", read_only=True, help_text="API key id.")
+    key_name = serializers.CharField(source="api_key.name", read_only=True)
+    account = serializers.CharField(source="account.name", read_only=True)
+
+    class Meta:
+        model = SessionBinding
+        fields = ["id", "key", "key_name", "session_id", "account", "created_at", "updated_at", "expires_at"]
+        read_only_fields = fields
+
+
+class BindingFilterSerializer(serializers.Serializer):
+    account = serializers.CharField(required=False, help_text="Only bindings to this account (name).")
+    key = serializers.IntegerField(required=False, min_value=1, help_text="Only bindings of this API key (id).")
+
+
+@extend_schema(tags=["operator: bindings"])
+@extend_schema_view(
+    list=extend_schema(
+        summary="List live session bindings, most recently used first",
+        parameters=[BindingFilterSerializer],
+        responses={200: SessionBindingSerializer(many=True), **operator_error_responses(400)},
+    ),
+    destroy=extend_schema(
+        summary="Unbind a session (its next dispatch is a new session)",
+        responses={204: OpenApiResponse(description="Unbound."), **operator_error_responses(404)},
+    ),
+)
+class SessionBindingViewSet(OperatorApi, mixins.ListModelMixin, mixins.DestroyModelMixin, viewsets.GenericViewSet):
+    """Live session affinities: (API key, session id) → account."""
+
+    serializer_class = SessionBindingSerializer
+    pagination_class = BindingPagination
+
+    def get_queryset(self):
+        filters = {}
+        if self.action == "list":
+            params = BindingFilterSerializer(data=self.request.query_params)
+            params.is_valid(raise_exception=True)
+            filters = {"account": params.validated_data.get("account"), "key_id": params.validated_data.get("key")}
+        return selectors.binding_operator_list(now=timezone.now(), **filters)
+
+    def perform_destroy(self, instance):
+        SessionBinding.objects.filter(pk=instance.pk).delete()
+
+
+class AccountLatencySerializer(serializers.Serializer):
+    account = serializers.CharField()
+    samples = serializers.IntegerField()
+    avg_first_token_ms = serializers.FloatField()
+
+
+class ProxyLatencySerializer(serializers.Serializer):
+    proxy_url = serializers.CharField()
+    samples = serializers.IntegerField()
+    avg_first_token_ms = serializers.FloatField()
+
+
+class LatencySnapshotSerializer(serializers.Serializer):
+    generated_at = serializers.DateTimeField(allow_null=True, help_text="Null when no snapshot was built yet.")
+    window_seconds = serializers.IntegerField(allow_null=True, help_text="How far back the samples go.")
+    samples = serializers.IntegerField(help_text="Samples in the window.")
+    global_avg_first_token_ms = serializers.FloatField(
+        allow_null=True, help_text="Sample-weighted mean first-token latency; null without samples."
+    )
+    accounts = AccountLatencySerializer(many=True)
+    proxies = ProxyLatencySerializer(many=True)
+
+
+def snapshot_payload(snapshot: LatencySnapshot | None) -> dict:
+    if snapshot is None:
+        return {
+            "generated_at": None,
+            "window_seconds": None,
+            "samples": 0,
+            "global_avg_first_token_ms": None,
+            "accounts": [],
+            "proxies": [],
+        }
+    return {
+        "generated_at": snapshot.generated_at,
+        "window_seconds": snapshot.window_seconds,
+        "samples": snapshot.sample_count,
+        "global_avg_first_token_ms": snapshot.global_avg_ms,
+        "accounts": [
+            {"account": name, "samples": n, "avg_first_token_ms": avg}
+            for name, (n, avg) in sorted(snapshot.accounts.items())
+        ],
+        "proxies": [
+            {"proxy_url": url, "samples": n, "avg_first_token_ms": avg}
+            for url, (n, avg) in sorted(snapshot.proxies.items())
+        ],
+    }
+
+
+class OneObjectSchema(AutoSchema):
+    """The snapshot is one object, though DRF's router serves it as ``list``:
+    without this, drf-spectacular documents an array (found by the fuzz run)."""
+
+    def _is_list_view(self, serializer=None) -> bool:
+        return False
+
+
+@extend_schema(tags=["operator: latency"])
+class LatencySnapshotViewSet(OperatorApi, viewsets.ViewSet):
+    """The latency snapshot the selector ranks by: the last hour of
+    first-token latencies, rebuilt every 60 s by a periodic task."""
+
+    schema = OneObjectSchema()
+
+    @extend_schema(
+        summary="The current latency snapshot",
+        description="All nulls and empty lists until the first snapshot is built.",
+        responses={200: LatencySnapshotSerializer, **operator_error_responses()},
+    )
+    def list(self, request):
+        return Response(LatencySnapshotSerializer(snapshot_payload(selectors.latency_snapshot_row_latest())).data)
+
+    @extend_schema(
+        summary="Rebuild the latency snapshot now and return it",
+        request=None,
+        responses={200: LatencySnapshotSerializer, **operator_error_responses()},
+    )
+    @action(detail=False, methods=["post"])
+    def refresh(self, request):
+        return Response(LatencySnapshotSerializer(snapshot_payload(services.latency_snapshot_refresh())).data)

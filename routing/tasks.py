@@ -1,0 +1,41 @@
+"""Periodic maintenance (SPEC §4), scheduled by ``CELERY_BEAT_SCHEDULE`` in
+settings. Each task takes no arguments, calls one service and is safe to run
+twice at once; the services explain how. The return values only feed the
+worker's log."""
+
+from __future__ import annotations
+
+from celery import shared_task
+
+from routing import services
+
+
+@shared_task
+def latency_snapshot_refresh() -> int:
+    """Rebuild the latency snapshot from the last hour of samples."""
+    return services.latency_snapshot_refresh().sample_count
+
+
+@shared_task
+def binding_purge() -> dict[str, int]:
+    """Delete expired session bindings, then enforce the capacity."""
+    expired, evicted = services.binding_purge()
+    return {"expired": expired, "evicted": evicted}
+
+
+@shared_task
+def lease_reap() -> int:
+    """Close leases past their TTL and give their slots back."""
+    return services.lease_reap_expired()
+
+
+@shared_task
+def latency_sample_prune() -> int:
+    """Delete latency samples older than the snapshot window."""
+    return services.latency_sample_prune()
+
+
+@shared_task
+def history_prune() -> int:
+    """Delete completed leases and cooldown events past the retention."""
+    return services.history_prune()

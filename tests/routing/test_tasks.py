@@ -1,0 +1,370 @@
+"""Background maintenance (SPEC §4): the services, then the Celery tasks run by
+a real worker consuming the real Redis broker (not eager mode)."""
+
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+from celery import signals
+from django.conf import settings
+from django.db import connection, transaction
+from django.utils import timezone
+
+from accounts.models import Account, ApiKey, RoutingIdentity
+from kiropool.celery import app as celery_app
+from routing import services, tasks
+from routing.latency import SNAPSHOT_WINDOW
+from routing.models import CooldownEvent, LatencySample, LatencySnapshot, Lease, LeaseOutcome, SessionBinding
+from tests.factories import (
+    AccountFactory,
+    ApiKeyFactory,
+    LatencySampleFactory,
+    LeaseFactory,
+    ProxyFactory,
+    RoutingIdentityFactory,
+    SessionBindingFactory,
+)
+
+
+def binding(account, *, updated_ago: timedelta, expires_in: timedelta, **fields) -> SessionBinding:
+    now = timezone.now()
+    updated_at = now - updated_ago
+    return SessionBindingFactory(
+        account=account, created_at=updated_at, updated_at=updated_at, expires_at=now + expires_in, **fields
+    )
+
+
+def assert_binding_rows_exact():
+    for account in Account.objects.all():
+        assert account.binding_rows == SessionBinding.objects.filter(account=account).count(), account.name
+
+
+# --- the schedule -------------------------------------------------------------------------------
+
+
+def test_beat_schedule_runs_every_task_and_expires_each_before_its_next_run():
+    schedule = settings.CELERY_BEAT_SCHEDULE
+    periods = {entry["task"]: entry["schedule"] for entry in schedule.values()}
+    assert periods == {
+        "routing.tasks.latency_snapshot_refresh": 60.0,
+        "routing.tasks.binding_purge": 60.0,
+        "routing.tasks.lease_reap": 60.0,
+        "routing.tasks.latency_sample_prune": 3600.0,
+        "routing.tasks.history_prune": 3600.0,
+    }
+    for entry in schedule.values():
+        assert entry["task"] in celery_app.tasks
+        assert 0 < entry["options"]["expires"] < entry["schedule"]
+
+
+# --- the services ----------------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_snapshot_refresh_aggregates_the_window():
+    proxy = ProxyFactory(url="http://p:1")
+    a, b = AccountFactory(name="a", proxy=proxy), AccountFactory(name="b")
+    now = timezone.now()
+    LatencySampleFactory(account=a, proxy_url=proxy.url, first_token_ms=100, recorded_at=now - timedelta(minutes=59))
+    LatencySampleFactory(account=a, proxy_url=proxy.url, first_token_ms=300, recorded_at=now)
+    LatencySampleFactory(account=b, first_token_ms=1100, recorded_at=now - timedelta(minutes=1))
+    LatencySampleFactory(account=b, first_token_ms=9999, recorded_at=now - SNAPSHOT_WINDOW)  # just out
+    LatencySampleFactory(account=b, first_token_ms=9999, recorded_at=now + timedelta(seconds=1))  # not yet
+
+    snapshot = services.latency_snapshot_refresh(now=now)
+
+    snapshot.refresh_from_db()
+    assert snapshot.generated_at == now
+    assert snapshot.window_seconds == 3600
+    assert snapshot.sample_count == 3
+    assert snapshot.global_avg_ms == pytest.approx(500.0)  # sample-weighted: (100 + 300 + 1100) / 3
+    assert snapshot.accounts == {"a": [2, 200.0], "b": [1, 1100.0]}
+    assert snapshot.proxies == {"http://p:1": [2, 200.0]}
+
+
+@pytest.mark.django_db
+def test_snapshot_refresh_without_samples_has_no_average():
+    snapshot = services.latency_snapshot_refresh()
+    assert (snapshot.global_avg_ms, snapshot.sample_count, snapshot.accounts, snapshot.proxies) == (None, 0, {}, {})
+
+
+@pytest.mark.django_db
+def test_snapshot_refresh_keeps_only_the_last_few():
+    start = timezone.now()
+    for minute in range(services.SNAPSHOTS_KEPT + 5):
+        newest = services.latency_snapshot_refresh(now=start + timedelta(minutes=minute))
+    assert LatencySnapshot.objects.count() == services.SNAPSHOTS_KEPT
+    assert LatencySnapshot.objects.latest().pk == newest.pk
+
+
+@pytest.mark.django_db
+def test_purge_deletes_expired_bindings_and_keeps_counts_exact():
+    account = AccountFactory()
+    live = binding(account, updated_ago=timedelta(hours=1), expires_in=timedelta(hours=5))
+    for n in range(3):
+        binding(account, updated_ago=timedelta(hours=7), expires_in=-timedelta(minutes=n))
+    assert Account.objects.get(pk=account.pk).binding_rows == 4
+
+    assert services.binding_purge(max_entries=100) == (3, 0)
+
+    assert list(SessionBinding.objects.values_list("pk", flat=True)) == [live.pk]
+    assert_binding_rows_exact()
+    assert services.binding_purge(max_entries=100) == (0, 0)  # idempotent
+
+
+@pytest.mark.django_db
+def test_purge_evicts_least_recently_updated_beyond_capacity():
+    account, other = AccountFactory(), AccountFactory()
+    keep = [
+        binding(account, updated_ago=timedelta(minutes=1), expires_in=timedelta(hours=1)),
+        binding(other, updated_ago=timedelta(minutes=2), expires_in=timedelta(hours=1)),
+        binding(account, updated_ago=timedelta(minutes=3), expires_in=timedelta(hours=1)),
+    ]
+    binding(other, updated_ago=timedelta(minutes=4), expires_in=timedelta(hours=1))
+    binding(account, updated_ago=timedelta(minutes=5), expires_in=timedelta(hours=1))
+    binding(account, updated_ago=timedelta(hours=9), expires_in=-timedelta(hours=1))  # expired: first out
+
+    assert services.binding_purge(max_entries=3) == (1, 2)
+
+    assert set(SessionBinding.objects.values_list("pk", flat=True)) == {b.pk for b in keep}
+    assert_binding_rows_exact()
+    assert services.binding_purge(max_entries=3) == (0, 0)
+
+
+@pytest.mark.django_db
+def test_purge_capacity_breaks_updated_at_ties_by_age_of_row(settings):
+    settings.KIROPOOL_AFFINITY_MAX_ENTRIES = 2
+    now = timezone.now()
+    later = now + timedelta(hours=1)
+    rows = [SessionBindingFactory(created_at=now, updated_at=now, expires_at=later) for _ in range(4)]
+    assert services.binding_purge(now=now) == (0, 2)
+    assert set(SessionBinding.objects.values_list("pk", flat=True)) == {rows[2].pk, rows[3].pk}
+
+
+@pytest.mark.django_db
+def test_purge_works_in_batches(monkeypatch):
+    monkeypatch.setattr(services, "MAINTENANCE_BATCH", 3)
+    account = AccountFactory()
+    for n in range(8):
+        binding(account, updated_ago=timedelta(hours=8), expires_in=-timedelta(seconds=n + 1))
+    for n in range(7):
+        binding(account, updated_ago=timedelta(minutes=n), expires_in=timedelta(hours=1))
+    assert services.binding_purge(max_entries=2) == (8, 5)
+    assert SessionBinding.objects.count() == 2
+    assert_binding_rows_exact()
+
+
+@pytest.mark.django_db
+def test_prune_drops_samples_that_left_the_window(monkeypatch):
+    monkeypatch.setattr(services, "MAINTENANCE_BATCH", 2)
+    now = timezone.now()
+    kept = [LatencySampleFactory(recorded_at=now - timedelta(minutes=m)) for m in (0, 30, 59)]
+    for hours in (1, 2, 3, 30, 300):
+        LatencySampleFactory(recorded_at=now - timedelta(hours=hours))
+    assert services.latency_sample_prune(now=now) == 5
+    assert set(LatencySample.objects.values_list("pk", flat=True)) == {s.pk for s in kept}
+    assert services.latency_sample_prune(now=now) == 0
+
+
+@pytest.mark.django_db
+def test_history_prune_keeps_live_leases_and_recent_history(settings, monkeypatch):
+    monkeypatch.setattr(services, "MAINTENANCE_BATCH", 2)
+    settings.KIROPOOL_HISTORY_RETENTION_DAYS = 7
+    now = timezone.now()
+    old, recent = now - timedelta(days=8), now - timedelta(days=6)
+    live_old = LeaseFactory(started_at=old, expires_at=old + timedelta(minutes=15))
+    recent_done = LeaseFactory(completed_at=recent, outcome="success")
+    for _ in range(3):
+        LeaseFactory(completed_at=old, outcome="success")
+    account = AccountFactory()
+    CooldownEvent.objects.create(kind="quota_reset", account=account, created_at=old)
+    kept_event = CooldownEvent.objects.create(kind="quota_reset", account=account, created_at=recent)
+    assert services.history_prune(now=now) == 4
+    assert set(Lease.objects.values_list("pk", flat=True)) == {live_old.pk, recent_done.pk}
+    assert list(CooldownEvent.objects.all()) == [kept_event]
+    assert services.history_prune(now=now) == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_purges_at_once_evict_exactly_down_to_capacity(postgres_only):
+    accounts, key = [AccountFactory() for _ in range(4)], ApiKeyFactory()
+    for n in range(400):
+        binding(accounts[n % 4], updated_ago=timedelta(seconds=n), expires_in=timedelta(hours=1), api_key=key)
+    for n in range(100):
+        binding(accounts[n % 4], updated_ago=timedelta(hours=7), expires_in=-timedelta(seconds=n + 1), api_key=key)
+    results, errors = [], []
+    barrier = threading.Barrier(2)
+
+    def purge():
+        try:
+            barrier.wait()
+            results.append(services.binding_purge(max_entries=150))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=purge) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert errors == []
+    assert sum(expired for expired, _ in results) == 100
+    assert sum(evicted for _, evicted in results) == 250
+    assert SessionBinding.objects.count() == 150
+    newest = SessionBinding.objects.order_by("-updated_at")[:150]
+    assert set(SessionBinding.objects.values_list("pk", flat=True)) == {b.pk for b in newest}
+    assert_binding_rows_exact()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_purge_backs_off_when_the_hot_path_holds_a_lock(postgres_only):
+    account = AccountFactory()
+    for n in range(3):
+        binding(account, updated_ago=timedelta(hours=7), expires_in=-timedelta(seconds=n + 1))
+    locked, release = threading.Event(), threading.Event()
+
+    def completion_in_progress():
+        # What a completion does while it holds the account: it has updated the
+        # row (credits) and has not committed yet.
+        try:
+            with transaction.atomic():
+                Account.objects.filter(pk=account.pk).update(remaining_credits=5)
+                locked.set()
+                release.wait(10)
+        finally:
+            connection.close()
+
+    holder = threading.Thread(target=completion_in_progress)
+    holder.start()
+    try:
+        assert locked.wait(10)
+        started = time.monotonic()
+        assert services.binding_purge(max_entries=100) == (0, 0)  # gave up, did not wait it out
+        assert time.monotonic() - started < 5
+        assert SessionBinding.objects.count() == 3
+    finally:
+        release.set()
+        holder.join()
+    assert services.binding_purge(max_entries=100) == (3, 0)  # the next run finishes the job
+    assert_binding_rows_exact()
+
+
+# --- a real worker on the real broker ------------------------------------------------------------
+
+
+class TaskRuns:
+    """Collects what the worker reports after each task, so a test waits for
+    exactly its own task instead of sleeping."""
+
+    def __init__(self):
+        self._done: dict[str, tuple[str, object]] = {}
+        self._cond = threading.Condition()
+
+    def on_postrun(self, task_id=None, state=None, retval=None, **kwargs):
+        with self._cond:
+            self._done[task_id] = (state, retval)
+            self._cond.notify_all()
+
+    def run(self, task, timeout: float = 30.0):
+        result = task.delay()
+        with self._cond:
+            assert self._cond.wait_for(lambda: result.id in self._done, timeout), f"{task.name} did not run"
+            state, retval = self._done.pop(result.id)
+        assert state == "SUCCESS", retval
+        return retval
+
+
+@pytest.fixture(scope="module")
+def worker():
+    if not settings.REDIS_URL:
+        pytest.skip("needs a real Redis broker for the Celery worker: set REDIS_URL=redis://host:6379/<db> (CI does)")
+    from celery.contrib.testing.worker import start_worker
+
+    runs = TaskRuns()
+    signals.task_postrun.connect(runs.on_postrun, weak=False)
+    celery_app.control.purge()  # nothing left over from an earlier run
+    try:
+        with start_worker(celery_app, pool="solo", perform_ping_check=False, loglevel="WARNING", shutdown_timeout=30):
+            yield runs
+    finally:
+        signals.task_postrun.disconnect(runs.on_postrun)
+
+
+@pytest.mark.redis
+@pytest.mark.django_db(transaction=True)
+def test_worker_refreshes_the_snapshot(worker):
+    account = AccountFactory(name="timed")
+    for ms in (200.0, 400.0):
+        LatencySampleFactory(account=account, first_token_ms=ms)
+
+    assert worker.run(tasks.latency_snapshot_refresh) == 2
+
+    snapshot = LatencySnapshot.objects.get()
+    assert snapshot.global_avg_ms == pytest.approx(300.0)
+    assert snapshot.accounts == {"timed": [2, 300.0]}
+
+
+@pytest.mark.redis
+@pytest.mark.django_db(transaction=True)
+def test_worker_purges_expired_bindings(worker):
+    account = AccountFactory()
+    live = binding(account, updated_ago=timedelta(minutes=1), expires_in=timedelta(hours=1))
+    binding(account, updated_ago=timedelta(hours=7), expires_in=-timedelta(seconds=1))
+    binding(account, updated_ago=timedelta(hours=8), expires_in=-timedelta(hours=1))
+
+    assert worker.run(tasks.binding_purge) == {"expired": 2, "evicted": 0}
+
+    assert list(SessionBinding.objects.values_list("pk", flat=True)) == [live.pk]
+    assert Account.objects.get(pk=account.pk).binding_rows == 1
+
+
+@pytest.mark.redis
+@pytest.mark.django_db(transaction=True)
+def test_worker_enforces_the_binding_capacity(worker, settings):
+    settings.KIROPOOL_AFFINITY_MAX_ENTRIES = 2  # the worker thread reads the same settings
+    account = AccountFactory()
+    newest = [binding(account, updated_ago=timedelta(minutes=m), expires_in=timedelta(hours=1)) for m in (1, 2)]
+    for m in (3, 4, 5):
+        binding(account, updated_ago=timedelta(minutes=m), expires_in=timedelta(hours=1))
+
+    assert worker.run(tasks.binding_purge) == {"expired": 0, "evicted": 3}
+
+    assert set(SessionBinding.objects.values_list("pk", flat=True)) == {b.pk for b in newest}
+    assert Account.objects.get(pk=account.pk).binding_rows == 2
+
+
+@pytest.mark.redis
+@pytest.mark.django_db(transaction=True)
+def test_worker_reaps_leases_past_their_ttl(worker):
+    identity = RoutingIdentityFactory(max_concurrency=2, in_flight=2)
+    key = ApiKeyFactory(max_concurrency=5, in_flight=1)
+    account = AccountFactory(identity=identity)
+    now = timezone.now()
+    lapsed = LeaseFactory(
+        account=account, api_key=key, counted_on_key=True, started_at=now - timedelta(hours=1), expires_at=now
+    )
+    live = LeaseFactory(account=account)
+
+    assert worker.run(tasks.lease_reap) == 1
+
+    lapsed.refresh_from_db()
+    live.refresh_from_db()
+    assert (lapsed.outcome, lapsed.completed_at is not None) == (LeaseOutcome.EXPIRED, True)
+    assert (live.outcome, live.completed_at) == ("", None)
+    assert RoutingIdentity.objects.get(pk=identity.pk).in_flight == 1
+    assert ApiKey.objects.get(pk=key.pk).in_flight == 0
+    assert worker.run(tasks.lease_reap) == 0  # idempotent
+    assert Lease.objects.filter(outcome=LeaseOutcome.EXPIRED).count() == 1
+
+
+@pytest.mark.redis
+@pytest.mark.django_db(transaction=True)
+def test_worker_prunes_old_samples(worker):
+    fresh = LatencySampleFactory()
+    LatencySampleFactory(recorded_at=timezone.now() - timedelta(hours=2))
+    assert worker.run(tasks.latency_sample_prune) == 1
+    assert list(LatencySample.objects.values_list("pk", flat=True)) == [fresh.pk]

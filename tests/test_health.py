@@ -1,0 +1,84 @@
+"""/healthz and /readyz."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from django.conf import settings as django_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.django_db
+def test_healthz_answers_without_credentials_or_database(client, django_assert_num_queries):
+    with django_assert_num_queries(0):
+        response = client.get("/healthz")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+    assert "no-cache" in response["Cache-Control"]
+
+
+@pytest.mark.django_db
+def test_readyz_checks_database_and_broker(client):
+    response = client.get("/readyz")
+    assert response.status_code == 200, response.content
+    assert response.json() == {"status": "ok", "checks": {"database": "ok", "broker": "ok"}}
+
+
+@pytest.mark.django_db
+def test_readyz_names_an_unreachable_broker(client, settings):
+    settings.CELERY_BROKER_URL = "redis://127.0.0.1:1/0"  # nothing listens on port 1
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    body = response.json()
+    assert body["error"]["type"] == "api_error"
+    assert "broker" in body["error"]["message"] and "database" not in body["error"]["message"]
+    assert body["checks"]["database"] == "ok"
+    assert body["checks"]["broker"].startswith("down")
+
+
+@pytest.mark.django_db
+def test_readyz_names_a_missing_filesystem_broker_folder(client, settings, tmp_path):
+    settings.CELERY_BROKER_URL = "filesystem://"
+    settings.CELERY_BROKER_TRANSPORT_OPTIONS = {"data_folder_in": str(tmp_path), "data_folder_out": str(tmp_path)}
+    assert client.get("/readyz").status_code == 200
+    settings.CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "data_folder_in": str(tmp_path / "gone"),
+        "data_folder_out": str(tmp_path),
+    }
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    assert response.json()["checks"]["broker"].startswith("down")
+
+
+@pytest.mark.skipif(not django_settings.REDIS_URL, reason="needs REDIS_URL: checks the real Redis broker")
+@pytest.mark.django_db
+def test_readyz_reaches_the_real_redis_broker(client):
+    assert django_settings.CELERY_BROKER_URL.startswith("redis")
+    assert client.get("/readyz").json()["checks"]["broker"] == "ok"
+
+
+def test_readyz_names_an_unreachable_database(tmp_path):
+    # A separate process, configured with a database nobody serves.
+    probe = (
+        "import django, json; django.setup()\n"
+        "from django.test import Client\n"
+        "r = Client().get('/readyz')\n"
+        "print(json.dumps({'status': r.status_code, 'body': r.json()}))\n"
+    )
+    env = {
+        "PATH": os.environ["PATH"],
+        "DJANGO_SETTINGS_MODULE": "kiropool.settings",
+        "DATABASE_URL": "postgres://nobody@127.0.0.1:1/nothing",
+        "CELERY_BROKER_URL": "filesystem://",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, check=True, timeout=60
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["status"] == 503
+    assert result["body"]["checks"] == {"database": "down (OperationalError)", "broker": "ok"}
+    assert result["body"]["error"]["message"] == "not ready: database unreachable"
