@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run migrate test lint format bench clean
+.PHONY: install run migrate test lint format bench simulate demo fuzz drill clean
 
 install: $(STAMP)
 
@@ -23,8 +23,24 @@ run: migrate
 	$(BIN)/python manage.py ensure_admin
 	bin/run
 
+# A living pool in one command: seeds demo-* rows, starts gunicorn on
+# KIROPOOL_BIND (default 127.0.0.1:8000) and plays a gateway against the API
+# for DEMO_SECONDS, then prints the login, the keys and the dashboard URL.
+DEMO_SECONDS ?= 180
+demo: migrate
+	$(BIN)/python manage.py demo --duration $(DEMO_SECONDS)
+
 test: install
 	$(BIN)/python -m pytest
+
+# Part of `make test`; alone, with their figures. fuzz: schemathesis against a
+# real gunicorn on the PostgreSQL test database (needs DATABASE_URL=postgres://...).
+# drill: fault drills on a private PostgreSQL cluster and redis-server they start.
+fuzz: install
+	$(BIN)/python -m pytest tests/fuzz -m fuzz -p no:cacheprovider
+
+drill: install
+	$(BIN)/python -m pytest tests/drills -m drill -p no:cacheprovider
 
 lint: install
 	$(BIN)/ruff check .
@@ -33,6 +49,18 @@ lint: install
 format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+# A benchmark, not a test: gunicorn (4 workers) on PostgreSQL, 16 clients.
+# BENCH_DATABASE_URL (default postgres://postgres@127.0.0.1:5432/kiropool_bench)
+# is dropped and recreated; BENCH_SECONDS sets each phase's length.
+bench: install
+	$(BIN)/python -m bench.load
+
+# Fairness simulator: every policy on one seeded simulated day (or on a trace
+# from `manage.py export_trace`: make simulate TRACE=file); no server, no database.
+# Writes bench/out/fairness.json, details.json and PNG plots.
+simulate: install
+	$(BIN)/python -m bench.simulate $(if $(TRACE),--trace $(TRACE))
 
 clean:
 	rm -rf $(VENV) var staticfiles .pytest_cache .ruff_cache

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from django import forms
 from django.contrib import admin, messages
+from django.db.models import BooleanField, ExpressionWrapper, Q
 from django.utils import timezone
 from django.utils.html import format_html
 
@@ -127,9 +128,19 @@ class AccountAdmin(admin.ModelAdmin):
     readonly_fields = ["credentials_stored", "quota_exhausted_at", "binding_rows", "created_at"]
     actions = ["enable", "disable", "reset_quota"]
 
-    @admin.display(description="credentials stored")
+    def get_queryset(self, request):
+        # The admin never decrypts credentials: it only needs to know whether
+        # some are stored, which the (empty or not) ciphertext column tells.
+        return (
+            super()
+            .get_queryset(request)
+            .defer("credentials")
+            .annotate(has_credentials=ExpressionWrapper(~Q(credentials={}), output_field=BooleanField()))
+        )
+
+    @admin.display(description="credentials stored", boolean=True)
     def credentials_stored(self, obj):
-        return "yes" if obj.credentials else "no"
+        return getattr(obj, "has_credentials", False)  # a new, unsaved account has none
 
     @admin.action(description="Enable selected accounts")
     def enable(self, request, queryset):
@@ -166,10 +177,11 @@ class ApiKeyAdmin(admin.ModelAdmin):
         "account_group",
         "fixed_account",
         "preferred_pool",
+        "credentials_access",
         "last_used_at",
         "expires_at",
     ]
-    list_filter = ["enabled", "route_strategy", "preferred_pool", "latency_routing_enabled"]
+    list_filter = ["enabled", "route_strategy", "preferred_pool", "latency_routing_enabled", "credentials_access"]
     list_select_related = ["account_group", "fixed_account"]
     search_fields = ["name", "prefix"]
     autocomplete_fields = ["fixed_account"]

@@ -4,3 +4,6 @@ from django.apps import AppConfig
 class AccountsConfig(AppConfig):
     name = "accounts"
     verbose_name = "Pool"
+
+    def ready(self) -> None:
+        from kiropool import checks  # noqa: F401  registers the credentials-key checks

@@ -48,7 +48,9 @@ def api_key_authenticate(plaintext: str) -> ApiKey | None:
     prefix = key_prefix(plaintext)
     if prefix is None:
         return None
-    key = ApiKey.objects.select_related("account_group", "fixed_account").filter(prefix=prefix).first()
+    # The key row alone: the dispatcher needs only the group and account ids,
+    # and this runs on every gateway request.
+    key = next(iter(ApiKey.objects.filter(prefix=prefix)[:1]), None)
     if key is None or not hmac.compare_digest(key.key_hash, hash_key(plaintext)):
         return None
     now = timezone.now()

@@ -6,10 +6,13 @@ from __future__ import annotations
 import hashlib
 import secrets
 
+from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator
 from django.db import models
 from django.db.models import Q
 from django.utils import timezone
+
+from accounts.fields import EncryptedJSONField
 
 
 class Pool(models.TextChoices):
@@ -92,9 +95,10 @@ class Account(models.Model):
     quota_exhausted_reason = models.CharField(max_length=500, blank=True)
     region = models.CharField(max_length=50, blank=True)
     profile_arn = models.CharField(max_length=500, blank=True)
-    # Upstream secrets. Write-only: no admin page, list, dashboard, API read or
-    # log line ever shows them back.
-    credentials = models.JSONField(default=dict, blank=True)
+    # Upstream secrets, Fernet-encrypted at rest (accounts/fields.py). Write-only:
+    # no admin page, list, dashboard, operator API read or log line shows them
+    # back; only a dispatch for a key with ``credentials_access`` carries them.
+    credentials = EncryptedJSONField()
     # Number of SessionBinding rows (live or expired-but-unpurged) that point
     # here. Kept exact by the binding services; the live count subtracts the
     # expired rows, a bounded read because the purge task deletes them.
@@ -156,6 +160,33 @@ def generate_key() -> tuple[str, str, str]:
     return plaintext, prefix, hash_key(plaintext)
 
 
+# Bounds on a key's model preferences: each listed name is compared on every
+# dispatch for that model, and a hand-written mapping far past these is a mistake.
+MAX_PREFERENCE_MODELS = 64
+MAX_PREFERENCE_ACCOUNTS = 256
+MAX_PREFERENCE_NAME_LENGTH = 200
+
+
+def validate_model_preferences(value) -> None:
+    """``{"model": ["account", ...]}``: a bounded object of lists of names."""
+    if not isinstance(value, dict):
+        raise ValidationError("Model preferences must be a JSON object of model name → list of account names.")
+    if len(value) > MAX_PREFERENCE_MODELS:
+        raise ValidationError(f"At most {MAX_PREFERENCE_MODELS} models may have preferences.")
+    for model, names in value.items():
+        if not isinstance(model, str) or not model or len(model) > MAX_PREFERENCE_NAME_LENGTH:
+            raise ValidationError(f"Model names must be strings of 1 to {MAX_PREFERENCE_NAME_LENGTH} characters.")
+        if not isinstance(names, list) or len(names) > MAX_PREFERENCE_ACCOUNTS:
+            raise ValidationError(
+                f"The preference of model {model[:50]!r} must be a list of at most {MAX_PREFERENCE_ACCOUNTS} names."
+            )
+        if not all(isinstance(n, str) and 0 < len(n) <= MAX_PREFERENCE_NAME_LENGTH for n in names):
+            raise ValidationError(
+                f"Account names in the preference of model {model[:50]!r} must be strings of 1 to "
+                f"{MAX_PREFERENCE_NAME_LENGTH} characters."
+            )
+
+
 class ApiKey(models.Model):
     """What a gateway authenticates with. The plaintext is shown once, at
     creation; only its prefix (for lookup) and hash are stored."""
@@ -176,7 +207,13 @@ class ApiKey(models.Model):
     max_concurrency = models.PositiveIntegerField(null=True, blank=True, validators=[MinValueValidator(1)])
     min_start_interval_ms = models.PositiveIntegerField(default=0)
     # {"model name": ["account name", ...]}: accounts tried first for that model.
-    model_preferences = models.JSONField(default=dict, blank=True)
+    model_preferences = models.JSONField(default=dict, blank=True, validators=[validate_model_preferences])
+    # Whether dispatch responses for this key carry the account's credentials.
+    # Off by default: most gateways hold their upstream secrets themselves.
+    credentials_access = models.BooleanField(
+        default=False,
+        help_text="Include the chosen account's decrypted credentials in dispatch responses for this key.",
+    )
     # The key's own live leases and last start, for its optional limits.
     in_flight = models.PositiveIntegerField(default=0, editable=False)
     last_started_at = models.DateTimeField(null=True, blank=True, editable=False)

@@ -6,10 +6,17 @@ same way. Nothing raised for bad input ever becomes a 500."""
 
 from __future__ import annotations
 
+import logging
+
 from django.core.exceptions import PermissionDenied
+from django.db import InterfaceError, OperationalError
 from django.http import Http404
 from rest_framework import exceptions, status
 from rest_framework.views import exception_handler as drf_exception_handler
+
+from accounts.fields import CredentialsKeyError
+
+logger = logging.getLogger(__name__)
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -93,15 +100,35 @@ def _message(detail) -> str:
     return str(detail)
 
 
+class DatabaseUnavailable(ServiceUnavailable):
+    default_detail = "the database is unavailable; retry shortly"
+
+
 def exception_handler(exc, context):
     if isinstance(exc, Http404):
         exc = exceptions.NotFound()
     elif isinstance(exc, PermissionDenied):
         exc = exceptions.PermissionDenied()
+    elif isinstance(exc, (OperationalError, InterfaceError)):
+        # The database went away (restart, failover, network): a clean 503 the
+        # gateway can retry, not a 500. Django drops the broken connection at
+        # the end of the request and the next one reconnects.
+        logger.warning("database unavailable during %s", _view_name(context), exc_info=True)
+        exc = DatabaseUnavailable()
+    elif isinstance(exc, CredentialsKeyError):
+        logger.error("cannot decrypt account credentials: %s", exc)
+        exc = ServiceUnavailable("the account's credentials cannot be decrypted with the configured keys")
     response = drf_exception_handler(exc, context)
     if response is None:
         return None
     response.data = error_body(response.status_code, _message(exc.detail))
     if isinstance(exc, RateLimited):
         response["Retry-After"] = str(exc.retry_after)
+    elif isinstance(exc, DatabaseUnavailable):
+        response["Retry-After"] = "1"
     return response
+
+
+def _view_name(context) -> str:
+    view = (context or {}).get("view")
+    return type(view).__name__ if view is not None else "a request"

@@ -25,6 +25,20 @@ SECRET_KEY = env.str("SECRET_KEY", default="django-insecure-kiropool-local-devel
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["127.0.0.1", "localhost", "[::1]", "testserver"])
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
 
+# HTTPS behind a TLS-terminating proxy (README, "Deploying"). All off by
+# default, so `make run` works over plain http on a laptop.
+if env.bool("KIROPOOL_SECURE_PROXY_SSL_HEADER", default=False):
+    # Only behind a proxy that sets (overwrites) X-Forwarded-Proto on every request.
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SECURE_SSL_REDIRECT = env.bool("KIROPOOL_SECURE_SSL_REDIRECT", default=False)
+# Probes and scrapers reach an app host directly, over plain http.
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
+SECURE_HSTS_SECONDS = env.int("KIROPOOL_SECURE_HSTS_SECONDS", default=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("KIROPOOL_SECURE_HSTS_INCLUDE_SUBDOMAINS", default=False)
+SECURE_HSTS_PRELOAD = env.bool("KIROPOOL_SECURE_HSTS_PRELOAD", default=False)
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = env.bool("KIROPOOL_SECURE_COOKIES", default=False)
+SILENCED_SYSTEM_CHECKS = env.list("SILENCED_SYSTEM_CHECKS", default=[])
+
 INSTALLED_APPS = [
     "django.contrib.admin",
     "django.contrib.auth",
@@ -42,6 +56,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "kiropool.middleware.RequestGuardMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -86,6 +101,16 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
 else:
     DATABASES["default"]["CONN_MAX_AGE"] = env.int("CONN_MAX_AGE", default=60)
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+    # Server-side binding and prepared statements: psycopg prepares a
+    # statement after it ran DATABASE_PREPARE_THRESHOLD times on a connection
+    # (the dispatch read, the claim, the completion), so PostgreSQL plans it
+    # once per connection, not per call. Set the threshold to 0 behind a
+    # pooler that cannot keep prepared statements (pgbouncer < 1.21 in
+    # transaction mode).
+    _prepare_threshold = env.int("DATABASE_PREPARE_THRESHOLD", default=5)
+    DATABASES["default"].setdefault("OPTIONS", {}).update(
+        server_side_binding=True, prepare_threshold=_prepare_threshold or None
+    )
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- cache and broker ---------------------------------------------------------
@@ -93,7 +118,15 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 REDIS_URL = env.str("REDIS_URL", default="")
 
 if REDIS_URL:
-    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+            # A cache that is down or unreachable must cost a request milliseconds,
+            # not a hang: the rate limiter then lets requests through.
+            "OPTIONS": {"socket_connect_timeout": 0.5, "socket_timeout": 0.5},
+        }
+    }
 else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 
@@ -106,6 +139,8 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(_CELERY_QUEUE_DIR),
         "data_folder_out": str(_CELERY_QUEUE_DIR),
+        # kombu's default is ./control, relative to wherever a worker starts.
+        "control_folder": str(VAR_DIR / "celery" / "control"),
     }
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_ACKS_LATE = True
@@ -113,9 +148,23 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TIMEZONE = "UTC"
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
-# Filled in by the background-work issue; one schedule, every entry expiring
-# before its next run so a backlog never piles up.
-CELERY_BEAT_SCHEDULE: dict = {}
+# The one schedule (SPEC §4). Every entry expires before its next run, so a
+# worker that was down does not face a backlog of identical runs when it is back.
+CELERY_BEAT_SCHEDULE = {
+    "latency-snapshot-refresh": {
+        "task": "routing.tasks.latency_snapshot_refresh",
+        "schedule": 60.0,
+        "options": {"expires": 50},
+    },
+    "binding-purge": {"task": "routing.tasks.binding_purge", "schedule": 60.0, "options": {"expires": 50}},
+    "lease-reap": {"task": "routing.tasks.lease_reap", "schedule": 60.0, "options": {"expires": 50}},
+    "latency-sample-prune": {
+        "task": "routing.tasks.latency_sample_prune",
+        "schedule": 3600.0,
+        "options": {"expires": 3000},
+    },
+    "history-prune": {"task": "routing.tasks.history_prune", "schedule": 3600.0, "options": {"expires": 3000}},
+}
 
 # --- auth, i18n, static -----------------------------------------------------
 
@@ -166,6 +215,8 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    # Accounts and keys share the pool choices: one enum in the schema.
+    "ENUM_NAME_OVERRIDES": {"PoolEnum": "accounts.models.Pool", "ErrorTypeEnum": "kiropool.schema.ERROR_TYPE_CHOICES"},
 }
 
 # --- the pool -----------------------------------------------------------------
@@ -179,7 +230,34 @@ def _clamp(value: int, low: int, high: int) -> int:
 # [1, 1 000 000] live bindings, whatever the environment asks for.
 KIROPOOL_AFFINITY_TTL_SECONDS = _clamp(env.int("KIROPOOL_AFFINITY_TTL_SECONDS", default=6 * 3600), 60, 24 * 3600)
 KIROPOOL_AFFINITY_MAX_ENTRIES = _clamp(env.int("KIROPOOL_AFFINITY_MAX_ENTRIES", default=4096), 1, 1_000_000)
+# Completed leases and cooldown events are history (dashboards, export_trace);
+# the hourly prune keeps this many days of it.
+KIROPOOL_HISTORY_RETENTION_DAYS = _clamp(env.int("KIROPOOL_HISTORY_RETENTION_DAYS", default=7), 1, 365)
+# `make bench` only: mounts the framework-floor endpoint it compares against.
+KIROPOOL_BENCH_FLOOR = env.bool("KIROPOOL_BENCH_FLOOR", default=False)
 KIROPOOL_LEASE_TTL_SECONDS = _clamp(env.int("KIROPOOL_LEASE_TTL_SECONDS", default=900), 1, 24 * 3600)
+# /metrics is open, as Prometheus scrapers usually carry no login; set this to
+# require `Authorization: Bearer <token>` (Prometheus: `authorization: {credentials: ...}`).
+KIROPOOL_METRICS_TOKEN = env.str("KIROPOOL_METRICS_TOKEN", default="")
+
+# --- hardening ------------------------------------------------------------------
+
+# Fernet keys for account credentials at rest (accounts/fields.py): the first
+# encrypts, all decrypt. Unset, a key is derived from SECRET_KEY (development
+# only: `check --deploy` warns). Generate one with
+# `python -c "from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())"`.
+KIROPOOL_FERNET_KEYS = env.list("KIROPOOL_FERNET_KEYS", default=[])
+
+# Largest request body accepted (413 above it, kiropool/middleware.py). A
+# dispatch with 256 excluded names of 200 characters is about 52 KiB.
+KIROPOOL_MAX_BODY_BYTES = env.int("KIROPOOL_MAX_BODY_BYTES", default=256 * 1024)
+DATA_UPLOAD_MAX_MEMORY_SIZE = KIROPOOL_MAX_BODY_BYTES
+
+# Per-key request rates through the cache (kiropool/throttling.py), as
+# "<count>/<s|min|h|d>"; empty turns the limit off. Dispatch is already bounded
+# by the concurrency limits, so its rate limit is off unless asked for.
+KIROPOOL_DISPATCH_RATE = env.str("KIROPOOL_DISPATCH_RATE", default="")
+KIROPOOL_EXPLAIN_RATE = env.str("KIROPOOL_EXPLAIN_RATE", default="60/min")
 
 # --- logging ----------------------------------------------------------------
 

@@ -6,13 +6,16 @@ from __future__ import annotations
 import time
 
 from django.utils import timezone
-from drf_spectacular.utils import OpenApiResponse, extend_schema, inline_serializer
+from drf_spectacular.utils import extend_schema, extend_schema_serializer, inline_serializer
 from rest_framework import serializers
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from accounts.authentication import ApiKeyAuthentication, HasApiKey
+from accounts.models import Account
 from kiropool.errors import AllAccountsFailed, NoUsableAccount, RateLimited
+from kiropool.schema import error_responses
+from kiropool.throttling import DispatchRateThrottle, ExplainRateThrottle
 from routing import metrics, selection, selectors, services
 from routing.models import LeaseOutcome
 
@@ -25,32 +28,14 @@ DEFAULT_WAIT_MS = 30_000
 
 
 class GatewayApi(APIView):
+    """Base of the gateway endpoints. Dispatch and complete build their
+    responses as plain dicts of JSON-ready values in exactly the shape of
+    their ``OutputSerializer`` (which documents it in the schema, and which the
+    schema-conformance fuzzing checks): they run on every upstream call, and
+    a serializer pass costs more than the rest of the response."""
+
     authentication_classes = [ApiKeyAuthentication]
     permission_classes = [HasApiKey]
-
-
-ErrorSerializer = inline_serializer(
-    name="Error",
-    fields={
-        "error": inline_serializer(
-            name="ErrorDetail",
-            fields={"type": serializers.CharField(), "message": serializers.CharField()},
-        )
-    },
-)
-
-
-def _errors(*codes: int) -> dict:
-    descriptions = {
-        400: "invalid request",
-        401: "missing, invalid, disabled or expired API key",
-        404: "no such lease for this key",
-        409: "lease already completed or expired",
-        429: "rate limited (see Retry-After)",
-        502: "all eligible accounts failed for this request",
-        503: "no usable account is configured",
-    }
-    return {code: OpenApiResponse(ErrorSerializer, description=descriptions[code]) for code in codes}
 
 
 class StrictCharField(serializers.CharField):
@@ -63,10 +48,15 @@ class StrictCharField(serializers.CharField):
 
 
 class DispatchInputSerializer(serializers.Serializer):
-    session_id = StrictCharField(required=False, allow_null=True, allow_blank=True, trim_whitespace=True)
+    session_id = StrictCharField(
+        required=False, allow_null=True, allow_blank=True, trim_whitespace=True, max_length=MAX_SESSION_ID_LENGTH
+    )
     model = StrictCharField(required=False, allow_null=True, allow_blank=True, max_length=200)
     exclude_accounts = serializers.ListField(
-        child=StrictCharField(max_length=200), required=False, max_length=MAX_EXCLUDED_ACCOUNTS
+        # A blank name is just a name no account has: nothing to reject.
+        child=StrictCharField(allow_blank=True, max_length=200),
+        required=False,
+        max_length=MAX_EXCLUDED_ACCOUNTS,
     )
     max_wait_ms = serializers.IntegerField(required=False, min_value=0, max_value=MAX_WAIT_MS, default=DEFAULT_WAIT_MS)
 
@@ -92,9 +82,15 @@ class AccountOutputSerializer(serializers.Serializer):
     proxy_url = serializers.CharField(allow_null=True)
     region = serializers.CharField()
     profile_arn = serializers.CharField()
+    credentials = serializers.DictField(
+        required=False,
+        help_text="The account's upstream secrets; present only for keys an operator gave credentials access.",
+    )
 
 
 class DispatchApi(GatewayApi):
+    throttle_classes = [DispatchRateThrottle]
+
     class OutputSerializer(serializers.Serializer):
         lease_id = serializers.UUIDField()
         account = AccountOutputSerializer()
@@ -106,7 +102,7 @@ class DispatchApi(GatewayApi):
         operation_id="dispatch",
         summary="Choose an account for one upstream request and lease it",
         request=DispatchInputSerializer,
-        responses={200: OutputSerializer, **_errors(400, 401, 429, 502, 503)},
+        responses={200: OutputSerializer, **error_responses(400, 401, 429, 502, 503)},
         tags=["gateway"],
     )
     def post(self, request):
@@ -134,7 +130,11 @@ class DispatchApi(GatewayApi):
             "expires_at": acquired.lease.expires_at,
             "waited_ms": acquired.waited_ms,
         }
-        return Response(self.OutputSerializer(output).data)
+        if request.auth.credentials_access:
+            # Decrypted here, for this response only (accounts/fields.py).
+            credentials = Account.objects.filter(pk=acquired.row.account_id).values_list("credentials", flat=True)
+            output["account"]["credentials"] = dict(credentials.first() or {})
+        return Response(output)  # shaped as OutputSerializer; see GatewayApi
 
 
 _REFUSALS = {RateLimited: "rate_limited", AllAccountsFailed: "all_failed", NoUsableAccount: "unavailable"}
@@ -147,6 +147,7 @@ def _result(acquired: services.Acquired) -> str:
 
 
 class LeaseCompleteApi(GatewayApi):
+    @extend_schema_serializer(component_name="LeaseCompleteRequest")
     class InputSerializer(serializers.Serializer):
         outcome = serializers.ChoiceField(choices=[o for o in LeaseOutcome.values if o != LeaseOutcome.EXPIRED])
         first_token_ms = serializers.FloatField(required=False, allow_null=True, min_value=0, max_value=3_600_000)
@@ -155,6 +156,7 @@ class LeaseCompleteApi(GatewayApi):
         remaining_credits = serializers.FloatField(required=False, allow_null=True)
         error_message = serializers.CharField(required=False, allow_blank=True, allow_null=True, max_length=2000)
 
+    @extend_schema_serializer(component_name="LeaseCompleted")
     class OutputSerializer(serializers.Serializer):
         lease_id = serializers.UUIDField()
         account = serializers.CharField()
@@ -165,7 +167,7 @@ class LeaseCompleteApi(GatewayApi):
         operation_id="lease_complete",
         summary="Report how the upstream call went and release the lease",
         request=InputSerializer,
-        responses={200: OutputSerializer, **_errors(400, 401, 404, 409)},
+        responses={200: OutputSerializer, **error_responses(400, 401, 404, 409, 503)},
         tags=["gateway"],
     )
     def post(self, request, lease_id):
@@ -192,26 +194,31 @@ class LeaseCompleteApi(GatewayApi):
             "outcome": lease.outcome,
             "session_bound": completed.session_bound,
         }
-        return Response(self.OutputSerializer(output).data)
+        return Response(output)  # shaped as OutputSerializer; see GatewayApi
+
+
+@extend_schema_serializer(component_name="ExplainCandidate")
+class ExplainCandidateSerializer(serializers.Serializer):
+    account = serializers.CharField()
+    routing_identity = serializers.CharField()
+    pool = serializers.CharField()
+    proxy_in_cooldown = serializers.BooleanField()
+    model_preferred = serializers.BooleanField()
+    session_count = serializers.IntegerField(allow_null=True)
+    pool_rank = serializers.IntegerField()
+    latency_band = serializers.IntegerField(allow_null=True)
+    latency_score_ms = serializers.FloatField(allow_null=True)
+    last_started_at = serializers.DateTimeField(allow_null=True)
+    remaining_credits_sort = serializers.FloatField()
+    cooldown_remaining_s = serializers.IntegerField()
+    in_flight = serializers.IntegerField()
+    max_concurrency = serializers.IntegerField()
 
 
 class DispatchExplainApi(GatewayApi):
-    class CandidateSerializer(serializers.Serializer):
-        account = serializers.CharField()
-        routing_identity = serializers.CharField()
-        pool = serializers.CharField()
-        proxy_in_cooldown = serializers.BooleanField()
-        model_preferred = serializers.BooleanField()
-        session_count = serializers.IntegerField(allow_null=True)
-        pool_rank = serializers.IntegerField()
-        latency_band = serializers.IntegerField(allow_null=True)
-        latency_score_ms = serializers.FloatField(allow_null=True)
-        last_started_at = serializers.DateTimeField(allow_null=True)
-        remaining_credits_sort = serializers.FloatField()
-        cooldown_remaining_s = serializers.IntegerField()
-        in_flight = serializers.IntegerField()
-        max_concurrency = serializers.IntegerField()
+    throttle_classes = [ExplainRateThrottle]
 
+    @extend_schema_serializer(component_name="DispatchExplanation")
     class OutputSerializer(serializers.Serializer):
         session = serializers.ChoiceField(choices=["sticky", "new", "none"])
         bound_account = serializers.CharField(allow_null=True)
@@ -223,13 +230,13 @@ class DispatchExplainApi(GatewayApi):
                 "usable": serializers.BooleanField(),
             },
         )
-        candidates = serializers.ListField(child=serializers.DictField())
+        candidates = serializers.ListField(child=ExplainCandidateSerializer())
 
     @extend_schema(
         operation_id="dispatch_explain",
         summary="Show the selection order a dispatch would walk; acquires nothing",
         request=DispatchInputSerializer,
-        responses={200: OutputSerializer, **_errors(400, 401)},
+        responses={200: OutputSerializer, **error_responses(400, 401, 429, 503)},
         tags=["gateway"],
     )
     def post(self, request):
@@ -247,9 +254,7 @@ class DispatchExplainApi(GatewayApi):
                 "global_avg_ms": snapshot.global_avg_ms if snapshot else None,
                 "usable": any(r.latency_band is not None for r in plan.ranked),
             },
-            "candidates": [
-                self.CandidateSerializer(_explain_candidate(ranked, now)).data for ranked in _explain_order(plan)
-            ],
+            "candidates": [_explain_candidate(ranked, now) for ranked in _explain_order(plan)],
         }
         return Response(self.OutputSerializer(output).data)
 

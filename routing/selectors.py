@@ -3,6 +3,7 @@ whatever the size of the pool or the number of live bindings."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import threading
 import time
@@ -98,23 +99,23 @@ def _scope(key: ApiKey) -> str:
     return "group" if key.account_group_id is not None else "all"
 
 
+# Only the account the (key, session id) is bound to: the sticky fast path
+# needs no other candidate.
+_BOUND_ONLY = """
+   AND a.id = (SELECT sb.account_id FROM routing_sessionbinding sb
+                WHERE sb.api_key_id = %(key_id)s AND sb.session_id = %(session_id)s AND sb.expires_at > %(now)s)"""
+
+
 @functools.cache
-def _candidates_sql(scope: str, with_session: bool) -> str:
-    return _CANDIDATES_SQL.format(scope=_SCOPES[scope], session_columns=_SESSION_COLUMNS if with_session else "")
+def _candidates_sql(scope: str, with_session: bool, bound_only: bool = False) -> str:
+    return _CANDIDATES_SQL.format(
+        scope=_SCOPES[scope] + (_BOUND_ONLY if bound_only else ""),
+        session_columns=_SESSION_COLUMNS if with_session else "",
+    )
 
 
-def dispatch_candidates(
-    key: ApiKey, *, now: datetime, session_id: str | None = None
-) -> tuple[list[CandidateRow], Binding | None]:
-    """The key's enabled, not quota-exhausted accounts, and the live binding
-    of (key, session id) if any, in one query.
-
-    Live bound sessions per account come from the trigger-maintained
-    ``binding_rows`` minus the rows already expired but not yet purged: an
-    index range that the purge task keeps short, so the cost does not grow with
-    the number of live bindings. Expired-but-unreaped leases are counted the
-    same way, so a lease past its TTL stops counting at once."""
-    sql = _candidates_sql(_scope(key), bool(session_id))
+def _candidates_fetch(key: ApiKey, *, now: datetime, session_id: str | None, bound_only: bool = False):
+    sql = _candidates_sql(_scope(key), bool(session_id), bound_only)
     params = {
         "now": connection.ops.adapt_datetimefield_value(now),
         "key_id": key.pk,
@@ -131,13 +132,41 @@ def dispatch_candidates(
     return [_candidate_row(v) for v in values], binding
 
 
+def dispatch_candidates(
+    key: ApiKey, *, now: datetime, session_id: str | None = None
+) -> tuple[list[CandidateRow], Binding | None]:
+    """The key's enabled, not quota-exhausted accounts, and the live binding
+    of (key, session id) if any, in one query.
+
+    Live bound sessions per account come from the trigger-maintained
+    ``binding_rows`` minus the rows already expired but not yet purged: an
+    index range that the purge task keeps short, so the cost does not grow with
+    the number of live bindings. Expired-but-unreaped leases are counted the
+    same way, so a lease past its TTL stops counting at once."""
+    return _candidates_fetch(key, now=now, session_id=session_id)
+
+
+def sticky_candidate(key: ApiKey, *, now: datetime, session_id: str) -> CandidateRow | None:
+    """The account (key, session id) is bound to, if the binding is live and
+    the account is one of the key's selectable accounts: a single-row query."""
+    rows, _ = _candidates_fetch(key, now=now, session_id=session_id, bound_only=True)
+    return rows[0] if rows else None
+
+
+def model_preference(key: ApiKey, model: str | None) -> frozenset[str]:
+    """Accounts the key prefers for this model; empty when none is active."""
+    wanted = key.model_preferences.get(model, []) if model and key.model_preferences else []
+    return frozenset(name for name in wanted if isinstance(name, str))
+
+
 def _aware(value):
-    """SQLite hands raw SQL datetimes back naive (they are stored in UTC)."""
+    """SQLite hands raw SQL datetimes back naive (they are stored in UTC);
+    PostgreSQL's are aware already."""
+    if value is None or getattr(value, "tzinfo", None) is not None:
+        return value
     if isinstance(value, str):
         value = parse_datetime(value)
-    if value is not None and timezone.is_naive(value):
-        return value.replace(tzinfo=UTC)
-    return value
+    return value.replace(tzinfo=UTC) if timezone.is_naive(value) else value
 
 
 def _candidate_row(v: tuple) -> CandidateRow:
@@ -215,8 +244,7 @@ def dispatch_plan(*, key: ApiKey, request: DispatchRequest, now: datetime) -> Di
     rows, binding = dispatch_candidates(key, now=now, session_id=request.session_id)
     candidates = [row for row in rows if row.candidate.account not in request.exclude_accounts]
     snapshot = latency_snapshot_current() if key.latency_routing_enabled else None
-    wanted = key.model_preferences.get(request.model, []) if request.model and key.model_preferences else []
-    preferred = frozenset(name for name in wanted if isinstance(name, str))
+    preferred = model_preference(key, request.model)
     session = "none" if not request.session_id else ("sticky" if binding else "new")
     ctx = selection.SelectionContext(
         now=now,
@@ -233,14 +261,7 @@ def dispatch_plan(*, key: ApiKey, request: DispatchRequest, now: datetime) -> Di
     if request.session_id and fast_path is None:
         # Key 3: a new session, or a bound one that must move, goes to the
         # least-loaded identity.
-        ctx = selection.SelectionContext(
-            now=now,
-            preferred_pool=key.preferred_pool,
-            latency_routing_enabled=key.latency_routing_enabled,
-            snapshot=snapshot,
-            preferred_accounts=preferred,
-            spread_sessions=True,
-        )
+        ctx = dataclasses.replace(ctx, spread_sessions=True)
     ranked = selection.order_candidates([row.candidate for row in candidates], ctx)
     by_name = {row.candidate.account: row for row in candidates}
     return DispatchPlan(
@@ -405,7 +426,7 @@ def dashboard_account_events(*, account: Account, limit: int = 30) -> list:
 
 def dashboard_latency_snapshot() -> tuple[selection.LatencySnapshot | None, int]:
     """The newest stored snapshot (uncached: a page shows what is stored now) and its sample count."""
-    row = LatencySnapshot.objects.order_by("-generated_at").first()
+    row = latency_snapshot_row_latest()
     if row is None:
         return None, 0
     return snapshot_from_row(row), row.sample_count

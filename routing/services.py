@@ -23,7 +23,7 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import OperationalError, connection, transaction
-from django.db.models import F, Q
+from django.db.models import F, Min, Q
 from django.utils import timezone
 
 from accounts.models import Account, ApiKey, Proxy, RoutingIdentity
@@ -63,6 +63,7 @@ class _WalkMiss:
     shortest_cooldown: timedelta | None = None
     next_ready_at: datetime | None = None
     tried: set[int] = field(default_factory=set)
+    saturated: set[int] = field(default_factory=set)  # identities at their concurrency limit
 
 
 def lease_acquire(*, key: ApiKey, request: DispatchRequest) -> Acquired:
@@ -72,6 +73,10 @@ def lease_acquire(*, key: ApiKey, request: DispatchRequest) -> Acquired:
     throttled (concurrency or pacing), woken by a release in any process or
     when pacing allows. Raises the typed API errors of SPEC §2 otherwise."""
     _key_limits_check(key=key, now=timezone.now())
+    if request.session_id:
+        sticky = _sticky_fast_path(key=key, request=request)
+        if sticky is not None:
+            return sticky
     deadline = time.monotonic() + request.max_wait_ms / 1000
     waited = 0.0
     while True:
@@ -95,6 +100,11 @@ def lease_acquire(*, key: ApiKey, request: DispatchRequest) -> Acquired:
             timeout = remaining
             if result.next_ready_at is not None:
                 timeout = min(timeout, max(0.0, (result.next_ready_at - timezone.now()).total_seconds()))
+            expiry = _next_lease_expiry(identity_ids=result.saturated) if result.saturated else None
+            if expiry is not None:
+                # A lease never completed frees its slot at its expiry, which no
+                # release announces: wake then, not at the end of the wait budget.
+                timeout = min(timeout, (expiry - timezone.now()).total_seconds() + EXPIRY_WAKE_MARGIN_SECONDS)
             wait_started = time.monotonic()
             wakeups.wait(token, timeout)
             waited += time.monotonic() - wait_started
@@ -105,6 +115,34 @@ def lease_acquire(*, key: ApiKey, request: DispatchRequest) -> Acquired:
                 retry_after=selection.retry_after_seconds(result.shortest_cooldown),
             )
         raise NoUsableAccount()
+
+
+# Past a lease's expiry before looking again, so the expired lease no longer counts.
+EXPIRY_WAKE_MARGIN_SECONDS = 0.01
+
+
+def _next_lease_expiry(*, identity_ids: set[int]) -> datetime | None:
+    """When the first live lease on these identities expires (the waiting path only)."""
+    return Lease.objects.filter(
+        identity_id__in=identity_ids, completed_at__isnull=True, expires_at__gt=timezone.now()
+    ).aggregate(first=Min("expires_at"))["first"]
+
+
+def _sticky_fast_path(*, key: ApiKey, request: DispatchRequest) -> Acquired | None:
+    """SPEC §2's sticky fast path, reading only the bound account: most
+    requests of a conversation end here without loading the whole pool."""
+    if selectors.model_preference(key, request.model):
+        return None
+    now = timezone.now()
+    row = selectors.sticky_candidate(key, now=now, session_id=request.session_id)
+    if row is None or row.candidate.account in request.exclude_accounts:
+        return None
+    if not selection.sticky_fast_path_ok(row.candidate, selection.SelectionContext(now=now)):
+        return None
+    lease = _slot_claim(key=key, row=row, request=request, waited_ms=0)
+    if lease is None:
+        return None
+    return Acquired(lease=lease, row=row, session=SESSION_STICKY, waited_ms=0, sticky_hit=True)
 
 
 def _key_limits_check(*, key: ApiKey, now: datetime) -> None:
@@ -136,6 +174,8 @@ def _walk(*, key: ApiKey, plan: selectors.DispatchPlan, request: DispatchRequest
             continue
         if state != "ready":
             miss.locally_throttled = True
+            if state == "saturated":
+                miss.saturated.add(row.identity_id)
             ready_at = selection.pacing_ready_at(candidate) if state == "pacing" else None
             if ready_at is not None and (miss.next_ready_at is None or ready_at < miss.next_ready_at):
                 miss.next_ready_at = ready_at
@@ -146,6 +186,7 @@ def _walk(*, key: ApiKey, plan: selectors.DispatchPlan, request: DispatchRequest
             return Acquired(lease=lease, row=row, session=plan.session, waited_ms=waited_ms, sticky_hit=sticky_hit)
         # Lost the slot to another dispatch between the read and the claim.
         miss.locally_throttled = True
+        miss.saturated.add(row.identity_id)
     return miss
 
 
@@ -156,13 +197,27 @@ def _slot_claim(*, key: ApiKey, row: selectors.CandidateRow, request: DispatchRe
     if row.expired_leases:
         lease_reap_expired(identity_ids=[row.identity_id])
     now = timezone.now()
-    counted_on_key = key.max_concurrency is not None
     candidate = row.candidate
-    if connection.vendor == "postgresql" and not counted_on_key and not key.min_start_interval_ms:
-        return _slot_claim_one_statement(key=key, row=row, request=request, waited_ms=waited_ms, now=now)
+    lease = Lease(
+        id=uuid.uuid4(),
+        api_key=key,
+        account_id=row.account_id,
+        account_name=candidate.account,
+        identity_id=row.identity_id,
+        proxy_url=candidate.proxy_url or "",
+        session_id=request.session_id or "",
+        model=request.model or "",
+        started_at=now,
+        expires_at=now + timedelta(seconds=settings.KIROPOOL_LEASE_TTL_SECONDS),
+        waited_ms=waited_ms,
+        counted_on_key=key.max_concurrency is not None,
+    )
+    key_limited = lease.counted_on_key or key.min_start_interval_ms
+    if connection.vendor == "postgresql" and not key_limited:
+        return lease if _slot_claim_one_statement(lease=lease, row=row) else None
     with transaction.atomic():
-        if counted_on_key or key.min_start_interval_ms:
-            _key_slot_claim(key=key, now=now, counted=counted_on_key)
+        if key_limited:
+            _key_slot_claim(key=key, now=now, counted=lease.counted_on_key)
         pacing_ok = Q(min_start_interval_ms=candidate.min_start_interval_ms)
         if candidate.min_start_interval_ms:
             pacing_ok &= Q(last_started_at__isnull=True) | Q(
@@ -177,20 +232,8 @@ def _slot_claim(*, key: ApiKey, row: selectors.CandidateRow, request: DispatchRe
         if not claimed:
             transaction.set_rollback(True)
             return None
-        return Lease.objects.create(
-            id=uuid.uuid4(),
-            api_key=key,
-            account_id=row.account_id,
-            account_name=candidate.account,
-            identity_id=row.identity_id,
-            proxy_url=candidate.proxy_url or "",
-            session_id=request.session_id or "",
-            model=request.model or "",
-            started_at=now,
-            expires_at=now + timedelta(seconds=settings.KIROPOOL_LEASE_TTL_SECONDS),
-            waited_ms=waited_ms,
-            counted_on_key=counted_on_key,
-        )
+        lease.save(force_insert=True)
+        return lease
 
 
 _CLAIM_SQL = """
@@ -215,48 +258,32 @@ RETURNING id
 """
 
 
-def _slot_claim_one_statement(
-    *, key: ApiKey, row: selectors.CandidateRow, request: DispatchRequest, waited_ms: int, now: datetime
-) -> Lease | None:
+def _slot_claim_one_statement(*, lease: Lease, row: selectors.CandidateRow) -> bool:
     """PostgreSQL: the claim and the lease insert as one statement, so one
     round trip and no explicit transaction. Same conditions as the ORM path."""
-    candidate = row.candidate
-    lease = Lease(
-        id=uuid.uuid4(),
-        api_key=key,
-        account_id=row.account_id,
-        account_name=candidate.account,
-        identity_id=row.identity_id,
-        proxy_url=candidate.proxy_url or "",
-        session_id=request.session_id or "",
-        model=request.model or "",
-        started_at=now,
-        expires_at=now + timedelta(seconds=settings.KIROPOOL_LEASE_TTL_SECONDS),
-        waited_ms=waited_ms,
-    )
+    interval_ms = row.candidate.min_start_interval_ms
     with connection.cursor() as cursor:
         cursor.execute(
             _CLAIM_SQL,
             {
-                "now": now,
-                "identity_id": row.identity_id,
-                "interval_ms": candidate.min_start_interval_ms,
-                "paced_before": now - timedelta(milliseconds=candidate.min_start_interval_ms),
+                "now": lease.started_at,
+                "identity_id": lease.identity_id,
+                "interval_ms": interval_ms,
+                "paced_before": lease.started_at - timedelta(milliseconds=interval_ms),
                 "lease_id": lease.id,
-                "key_id": key.pk,
-                "account_id": row.account_id,
+                "key_id": lease.api_key_id,
+                "account_id": lease.account_id,
                 "account_name": lease.account_name,
                 "proxy_url": lease.proxy_url,
                 "session_id": lease.session_id,
                 "model": lease.model,
                 "expires_at": lease.expires_at,
-                "waited_ms": waited_ms,
+                "waited_ms": lease.waited_ms,
             },
         )
-        if cursor.fetchone() is None:
-            return None
+        claimed = cursor.fetchone() is not None
     lease._state.adding = False
-    return lease
+    return claimed
 
 
 def _key_slot_claim(*, key: ApiKey, now: datetime, counted: bool) -> None:
@@ -362,7 +389,11 @@ WITH done AS (
        SET in_flight = identity.in_flight - 1
       FROM done
      WHERE identity.id = done.identity_id
- RETURNING identity.id
+ RETURNING identity.in_flight + 1 >= identity.max_concurrency AS was_full
+), notified AS (
+    -- Only a release on a full identity can wake a dispatch waiting for a
+    -- slot; skipping the rest spares every process's listener a wake-up.
+    SELECT pg_notify('kiropool_release', '') FROM released WHERE released.was_full
 ), sampled AS (
     INSERT INTO routing_latencysample (account_id, proxy_url, first_token_ms, recorded_at)
     SELECT done.account_id, done.proxy_url, %(first_token_ms)s, %(now)s
@@ -377,7 +408,7 @@ WITH done AS (
        SET account_id = EXCLUDED.account_id, updated_at = EXCLUDED.updated_at, expires_at = EXCLUDED.expires_at
  RETURNING 1
 )
-SELECT done.account_name, (SELECT count(*) FROM bound) > 0, pg_notify('kiropool_release', '')
+SELECT done.account_name, (SELECT count(*) FROM bound) > 0, (SELECT count(*) FROM notified)
   FROM done, released
 """
 
@@ -687,13 +718,27 @@ def _maintenance_lock_timeout() -> None:
 def latency_sample_prune(*, now: datetime | None = None) -> int:
     """Delete the samples that have left the snapshot window. Returns how many."""
     now = now or timezone.now()
-    old = Q(recorded_at__lte=now - SNAPSHOT_WINDOW)
+    return _prune(LatencySample, Q(recorded_at__lte=now - SNAPSHOT_WINDOW))
+
+
+def history_prune(*, now: datetime | None = None) -> int:
+    """Delete completed leases and cooldown events older than the retention
+    (``KIROPOOL_HISTORY_RETENTION_DAYS``); live leases are never touched."""
+    now = now or timezone.now()
+    before = now - timedelta(days=settings.KIROPOOL_HISTORY_RETENTION_DAYS)
+    leases = _prune(Lease, Q(completed_at__isnull=False, completed_at__lte=before))
+    return leases + _prune(CooldownEvent, Q(created_at__lte=before))
+
+
+def _prune(model, condition: Q) -> int:
+    """Delete ``model`` rows matching ``condition`` in bounded batches by id;
+    each delete re-checks the condition, so two runs at once are harmless."""
     total = 0
     while True:
-        ids = list(LatencySample.objects.filter(old).order_by("id").values_list("id", flat=True)[:MAINTENANCE_BATCH])
+        ids = list(model.objects.filter(condition).order_by("pk").values_list("pk", flat=True)[:MAINTENANCE_BATCH])
         if not ids:
             return total
-        deleted, _ = LatencySample.objects.filter(old, id__in=ids).delete()
+        deleted, _ = model.objects.filter(condition, pk__in=ids).delete()
         total += deleted
         if len(ids) < MAINTENANCE_BATCH:
             return total

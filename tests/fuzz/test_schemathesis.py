@@ -1,0 +1,175 @@
+"""schemathesis against /api/schema/ on a real server: gunicorn with
+gunicorn.conf.py on a spare port, on the PostgreSQL test database.
+
+Two runs, bounded by examples per operation (``KIROPOOL_FUZZ_EXAMPLES``):
+
+1. the gateway API with a real key, every check (also that schema-valid input
+   is accepted and schema-invalid input refused); ``lease_id`` is drawn from
+   leases dispatched for the run, so completion logic is reached too;
+2. the operator API with a staff DRF token, including schemathesis' stateful
+   phase (create, then read/update/delete what was created). Checked: no
+   server error and every response (status, content type, headers, body) as
+   the schema says. (Whether DRF's lenient parsing accepts input the schema
+   does not describe, e.g. ``0`` for a string, is not judged there.)
+
+Server errors are counted twice: schemathesis' findings and the 5xx lines of
+the server's own access log. 502 ("all eligible accounts failed") and 503 ("no
+usable account", once the fuzzer has exhausted every account's quota) are
+documented dispatch answers, counted apart; a 500 is always a failure."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.drills.services import PYTHON, AppServer, project_env
+from tests.fuzz.seed import seed
+from tests.routing.gateway import Gateway
+
+pytestmark = [
+    pytest.mark.fuzz,
+    pytest.mark.timeout(900),
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.usefixtures("postgres_only"),
+]
+
+GATEWAY_EXAMPLES = 100
+OPERATOR_EXAMPLES = 25
+SEEDED_LEASES = 60
+
+GATEWAY_CHECKS = "all"
+OPERATOR_CHECKS = ",".join(
+    [
+        "not_a_server_error",
+        "status_code_conformance",
+        "content_type_conformance",
+        "response_headers_conformance",
+        "response_schema_conformance",
+    ]
+)
+
+
+def config(tmp: Path, lease_ids: list[str]) -> Path:
+    path = tmp / "schemathesis.toml"
+    leases = ", ".join(json.dumps(lease) for lease in lease_ids)
+    path.write_text(
+        (Path(__file__).parent / "schemathesis.toml").read_text()
+        + f"""
+[checks.not_a_server_error]
+expected-statuses = ["2xx", "3xx", "4xx", "502", "503"]
+
+[dictionaries.leases]
+values = [{leases}]
+
+[parameters]
+"path.lease_id" = {{ dictionary = "leases" }}
+"""
+    )
+    return path
+
+
+def run_schemathesis(tmp: Path, name: str, server: AppServer, cfg: Path, *args: str) -> dict:
+    report = tmp / f"{name}.json"
+    command = [
+        str(Path(PYTHON).parent / "st"),
+        "--config-file",
+        str(cfg),
+        "--no-color",
+        "run",
+        f"http://{server.base}/api/schema/?format=json",
+        "--workers",
+        "2",
+        "--seed",
+        "20261126",
+        "--request-timeout",
+        "30",
+        "--report",
+        "json",
+        "--report-json-path",
+        str(report),
+        *args,
+    ]
+    # cwd: schemathesis keeps its replay files in the working directory.
+    result = subprocess.run(command, cwd=tmp, capture_output=True, text=True, timeout=900)
+    (tmp / f"{name}.txt").write_text(result.stdout + result.stderr)
+    assert report.exists(), result.stdout[-3000:] + result.stderr[-3000:]
+    data = json.loads(report.read_text())
+    data["output"] = result.stdout
+    return data
+
+
+def summary(data: dict) -> str:
+    return "\n".join(line for line in data["output"].splitlines() if line.strip().startswith(("❌", "_")))[-4000:]
+
+
+def test_schemathesis_finds_no_server_error_and_no_schema_mismatch(tmp_path, capsys):
+    seeded = seed()
+    env = project_env(tmp_path, DATABASE_URL=_test_database_url(), KIROPOOL_EXPLAIN_RATE="")
+    server = AppServer(env, tmp_path).start()
+    try:
+        gateway = Gateway(seeded.gateway_key)
+        lease_ids = [gateway.dispatch(max_wait_ms=0).json()["lease_id"] for _ in range(SEEDED_LEASES)]
+        cfg = config(tmp_path, lease_ids)
+        gw = run_schemathesis(
+            tmp_path,
+            "gateway",
+            server,
+            cfg,
+            "--include-path-regex",
+            r"^/api/v1/(dispatch|leases/)",
+            "-H",
+            f"Authorization: Bearer {seeded.gateway_key}",
+            "--checks",
+            GATEWAY_CHECKS,
+            "--exclude-checks",
+            "ignored_auth",
+            "--max-examples",
+            str(GATEWAY_EXAMPLES),
+        )
+        op = run_schemathesis(
+            tmp_path,
+            "operator",
+            server,
+            cfg,
+            "--include-path-regex",
+            r"^/api/v1/admin/",
+            "-H",
+            f"Authorization: Token {seeded.staff_token}",
+            "--checks",
+            OPERATOR_CHECKS,
+            "--max-examples",
+            str(OPERATOR_EXAMPLES),
+        )
+    finally:
+        server.stop()
+
+    statuses = server.statuses()
+    cases = gw["test_cases"]["generated"] + op["test_cases"]["generated"]
+    server_errors = sum(1 for status in statuses if status >= 500 and status not in (502, 503))
+    documented_5xx = sum(1 for status in statuses if status in (502, 503))
+    with capsys.disabled():
+        print(
+            f"\nfuzz: {cases} cases ({gw['test_cases']['generated']} gateway, {op['test_cases']['generated']} "
+            f"operator), {len(statuses)} requests, {server_errors} server errors, {documented_5xx} documented 502/503, "
+            f"{len(gw['failures']) + len(op['failures'])} kinds of schemathesis failure"
+        )
+    assert gw["operations"]["tested"] == 3 and op["operations"]["tested"] >= 30
+    assert not gw["errors"] and not op["errors"], (gw["errors"], op["errors"])
+    assert not gw["failures"], summary(gw)
+    assert not op["failures"], summary(op)
+    assert server_errors == 0
+
+
+def _test_database_url() -> str:
+    from urllib.parse import quote
+
+    from django.db import connection
+
+    s = connection.settings_dict
+    auth = quote(s["USER"] or "")
+    if s["PASSWORD"]:
+        auth += ":" + quote(s["PASSWORD"])
+    return f"postgres://{auth}@{s['HOST'] or '127.0.0.1'}:{s['PORT'] or 5432}/{s['NAME']}"
