@@ -28,6 +28,7 @@ import pytest
 from tests.drills.services import PYTHON, AppServer, project_env
 from tests.fuzz.seed import seed
 from tests.routing.gateway import Gateway
+from tests.support import test_database_url
 
 pytestmark = [
     pytest.mark.fuzz,
@@ -107,7 +108,7 @@ def summary(data: dict) -> str:
 
 def test_schemathesis_finds_no_server_error_and_no_schema_mismatch(tmp_path, capsys):
     seeded = seed()
-    env = project_env(tmp_path, DATABASE_URL=_test_database_url(), KIROPOOL_EXPLAIN_RATE="")
+    env = project_env(tmp_path, DATABASE_URL=test_database_url(), KIROPOOL_EXPLAIN_RATE="")
     server = AppServer(env, tmp_path).start()
     try:
         gateway = Gateway(seeded.gateway_key)
@@ -161,15 +162,3 @@ def test_schemathesis_finds_no_server_error_and_no_schema_mismatch(tmp_path, cap
     assert not gw["failures"], summary(gw)
     assert not op["failures"], summary(op)
     assert server_errors == 0
-
-
-def _test_database_url() -> str:
-    from urllib.parse import quote
-
-    from django.db import connection
-
-    s = connection.settings_dict
-    auth = quote(s["USER"] or "")
-    if s["PASSWORD"]:
-        auth += ":" + quote(s["PASSWORD"])
-    return f"postgres://{auth}@{s['HOST'] or '127.0.0.1'}:{s['PORT'] or 5432}/{s['NAME']}"

@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from urllib.parse import quote
 
 import pytest
 from django.db import connection
@@ -16,22 +15,15 @@ from accounts.models import RoutingIdentity
 from routing.models import Lease
 from tests.factories import AccountFactory, ApiKeyFactory, RoutingIdentityFactory
 from tests.routing.gateway import Gateway
+from tests.support import test_database_url
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("postgres_only")]
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _test_database_url() -> str:
-    s = connection.settings_dict
-    auth = quote(s["USER"] or "")
-    if s["PASSWORD"]:
-        auth += ":" + quote(s["PASSWORD"])
-    return f"postgres://{auth}@{s['HOST'] or '127.0.0.1'}:{s['PORT'] or 5432}/{s['NAME']}"
-
-
 def spawn(*args) -> subprocess.Popen:
-    env = {**os.environ, "DATABASE_URL": _test_database_url()}
+    env = {**os.environ, "DATABASE_URL": test_database_url()}
     env.pop("REDIS_URL", None)
     return subprocess.Popen(
         [sys.executable, "-m", "tests.routing.hammer_worker", *map(str, args)],
@@ -100,7 +92,7 @@ def test_waiting_dispatch_wakes_when_another_process_releases():
     releaser = subprocess.Popen(
         [sys.executable, "-c", RELEASER, key.plaintext, held],
         cwd=ROOT,
-        env={**os.environ, "DATABASE_URL": _test_database_url()},
+        env={**os.environ, "DATABASE_URL": test_database_url()},
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
