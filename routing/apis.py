@@ -12,7 +12,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from accounts.authentication import ApiKeyAuthentication, HasApiKey
-from accounts.models import Account
+from accounts.fields import CredentialsKeyError
 from kiropool.errors import AllAccountsFailed, NoUsableAccount, RateLimited
 from kiropool.schema import error_responses
 from kiropool.throttling import DispatchRateThrottle, ExplainRateThrottle
@@ -131,10 +131,20 @@ class DispatchApi(GatewayApi):
             "waited_ms": acquired.waited_ms,
         }
         if request.auth.credentials_access:
-            # Decrypted here, for this response only (accounts/fields.py).
-            credentials = Account.objects.filter(pk=acquired.row.account_id).values_list("credentials", flat=True)
-            output["account"]["credentials"] = dict(credentials.first() or {})
+            output["account"]["credentials"] = _credentials_or_release(request.auth, acquired)
         return Response(output)  # shaped as OutputSerializer; see GatewayApi
+
+
+def _credentials_or_release(key, acquired: services.Acquired) -> dict:
+    """The account's secrets, decrypted for this response only. When they
+    cannot be decrypted the gateway gets a 503 and no account, so the lease it
+    will never use is released at once rather than held until its TTL."""
+    try:
+        return selectors.account_credentials(account_id=acquired.row.account_id)
+    except CredentialsKeyError:
+        completion = services.Completion(outcome="fatal", error_message="credentials cannot be decrypted")
+        services.lease_complete(key=key, lease_id=acquired.lease.id, completion=completion)
+        raise
 
 
 _REFUSALS = {RateLimited: "rate_limited", AllAccountsFailed: "all_failed", NoUsableAccount: "unavailable"}

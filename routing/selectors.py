@@ -153,6 +153,13 @@ def sticky_candidate(key: ApiKey, *, now: datetime, session_id: str) -> Candidat
     return rows[0] if rows else None
 
 
+def account_credentials(*, account_id: int) -> dict:
+    """The account's upstream secrets, decrypted (accounts/fields.py). Only
+    the dispatch response of a key with credentials access reads them."""
+    credentials = Account.objects.filter(pk=account_id).values_list("credentials", flat=True).first()
+    return dict(credentials or {})
+
+
 def model_preference(key: ApiKey, model: str | None) -> frozenset[str]:
     """Accounts the key prefers for this model; empty when none is active."""
     wanted = key.model_preferences.get(model, []) if model and key.model_preferences else []

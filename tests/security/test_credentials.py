@@ -16,7 +16,8 @@ from django.db import connection
 from django.urls import reverse
 
 from accounts import fields
-from accounts.models import Account
+from accounts.models import Account, RoutingIdentity
+from routing.models import Lease
 from tests.factories import AccountFactory, ApiKeyFactory, RoutingIdentityFactory
 from tests.routing.gateway import Gateway
 
@@ -158,6 +159,10 @@ def test_an_undecryptable_row_is_a_clean_503_on_dispatch(account, settings):
     assert response.status_code == 503
     assert response.json()["error"]["type"] == "api_error"
     assert SECRET not in response.content.decode()
+    # the gateway got no account, so the lease it would never use is released
+    lease = Lease.objects.get()
+    assert (lease.outcome, lease.completed_at is not None) == ("fatal", True)
+    assert RoutingIdentity.objects.get(pk=account.identity_id).in_flight == 0
 
 
 def test_rotation_re_encrypts_every_account_under_the_first_key(account, settings):
