@@ -99,6 +99,15 @@ def _scope(key: ApiKey) -> str:
     return "group" if key.account_group_id is not None else "all"
 
 
+def scoped_sql(sql: str, key: ApiKey) -> str:
+    """``sql`` with its ``{scope}`` limited to the key's accounts (alias ``a``)."""
+    return sql.replace("{scope}", _SCOPES[_scope(key)])
+
+
+def scope_params(key: ApiKey) -> dict:
+    return {"fixed_account_id": key.fixed_account_id, "group_id": key.account_group_id}
+
+
 # Only the account the (key, session id) is bound to: the sticky fast path
 # needs no other candidate.
 _BOUND_ONLY = """
@@ -120,8 +129,7 @@ def _candidates_fetch(key: ApiKey, *, now: datetime, session_id: str | None, bou
         "now": connection.ops.adapt_datetimefield_value(now),
         "key_id": key.pk,
         "session_id": session_id,
-        "fixed_account_id": key.fixed_account_id,
-        "group_id": key.account_group_id,
+        **scope_params(key),
     }
     with connection.cursor() as cursor:
         cursor.execute(sql, params)

@@ -133,6 +133,8 @@ def _sticky_fast_path(*, key: ApiKey, request: DispatchRequest) -> Acquired | No
     requests of a conversation end here without loading the whole pool."""
     if selectors.model_preference(key, request.model):
         return None
+    if connection.vendor == "postgresql" and not _key_limited(key):
+        return _sticky_claim_one_statement(key=key, request=request)
     now = timezone.now()
     row = selectors.sticky_candidate(key, now=now, session_id=request.session_id)
     if row is None or row.candidate.account in request.exclude_accounts:
@@ -143,6 +145,102 @@ def _sticky_fast_path(*, key: ApiKey, request: DispatchRequest) -> Acquired | No
     if lease is None:
         return None
     return Acquired(lease=lease, row=row, session=SESSION_STICKY, waited_ms=0, sticky_hit=True)
+
+
+_STICKY_CLAIM_SQL = """
+WITH bound AS (
+    SELECT a.id AS account_id, a.name, a.pool, a.region, a.profile_arn,
+           a.identity_id, i.name AS identity_name, p.url AS proxy_url
+      FROM routing_sessionbinding sb
+      JOIN accounts_account a ON a.id = sb.account_id
+      JOIN accounts_routingidentity i ON i.id = a.identity_id
+      LEFT JOIN accounts_proxy p ON p.id = a.proxy_id
+     WHERE sb.api_key_id = %(key_id)s AND sb.session_id = %(session_id)s AND sb.expires_at > %(now)s
+       AND a.enabled AND NOT a.quota_exhausted {scope}
+       AND NOT (a.name = ANY(%(excluded)s))
+       AND (p.cooldown_until IS NULL OR p.cooldown_until <= %(now)s)
+), claimed AS (
+    UPDATE accounts_routingidentity AS identity
+       SET in_flight = identity.in_flight + 1, last_started_at = %(now)s
+      FROM bound
+     WHERE identity.id = bound.identity_id
+       AND identity.in_flight < identity.max_concurrency
+       AND (identity.cooldown_until IS NULL OR identity.cooldown_until <= %(now)s)
+       AND (identity.min_start_interval_ms = 0 OR identity.last_started_at IS NULL
+            OR identity.last_started_at <= %(now)s - identity.min_start_interval_ms * interval '1 millisecond')
+ RETURNING identity.id
+), leased AS (
+    INSERT INTO routing_lease (
+        id, api_key_id, account_id, account_name, identity_id, proxy_url, session_id, model,
+        started_at, expires_at, completed_at, outcome, first_token_ms, waited_ms, error_message, counted_on_key
+    )
+    SELECT %(lease_id)s, %(key_id)s, bound.account_id, bound.name, claimed.id, COALESCE(bound.proxy_url, ''),
+           %(session_id)s, %(model)s, %(now)s, %(expires_at)s, NULL, '', NULL, 0, '', false
+      FROM claimed JOIN bound ON bound.identity_id = claimed.id
+ RETURNING id
+)
+SELECT bound.account_id, bound.name, bound.pool, bound.region, bound.profile_arn,
+       bound.identity_id, bound.identity_name, bound.proxy_url
+  FROM leased, bound
+"""
+
+
+def _sticky_claim_one_statement(*, key: ApiKey, request: DispatchRequest) -> Acquired | None:
+    """PostgreSQL: the sticky fast path as one statement. It holds the same
+    conditions as the general path (the bound account is a live candidate of
+    the key, not excluded, its proxy and identity not cooling, a slot free,
+    pacing allows) and claims the slot and inserts the lease, so most turns
+    of a conversation cost a single round trip after authentication. None
+    when any condition fails: the ordered walk then decides."""
+    now = timezone.now()
+    lease_id = uuid.uuid4()
+    expires_at = now + timedelta(seconds=settings.KIROPOOL_LEASE_TTL_SECONDS)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            selectors.scoped_sql(_STICKY_CLAIM_SQL, key),
+            {
+                **selectors.scope_params(key),
+                "key_id": key.pk,
+                "session_id": request.session_id,
+                "now": now,
+                "excluded": sorted(request.exclude_accounts),
+                "lease_id": lease_id,
+                "model": request.model or "",
+                "expires_at": expires_at,
+            },
+        )
+        found = cursor.fetchone()
+    if found is None:
+        return None
+    account_id, name, pool, region, profile_arn, identity_id, identity_name, proxy_url = found
+    lease = Lease(
+        id=lease_id,
+        api_key=key,
+        account_id=account_id,
+        account_name=name,
+        identity_id=identity_id,
+        proxy_url=proxy_url or "",
+        session_id=request.session_id,
+        model=request.model or "",
+        started_at=now,
+        expires_at=expires_at,
+    )
+    lease._state.adding = False
+    row = selectors.CandidateRow(
+        candidate=selection.Candidate(
+            account=name, routing_identity=identity_name, pool=pool, proxy_url=proxy_url, last_started_at=now
+        ),
+        account_id=account_id,
+        identity_id=identity_id,
+        region=region,
+        profile_arn=profile_arn,
+        expired_leases=0,
+    )
+    return Acquired(lease=lease, row=row, session=SESSION_STICKY, waited_ms=0, sticky_hit=True)
+
+
+def _key_limited(key: ApiKey) -> bool:
+    return key.max_concurrency is not None or bool(key.min_start_interval_ms)
 
 
 def _key_limits_check(*, key: ApiKey, now: datetime) -> None:
@@ -212,7 +310,7 @@ def _slot_claim(*, key: ApiKey, row: selectors.CandidateRow, request: DispatchRe
         waited_ms=waited_ms,
         counted_on_key=key.max_concurrency is not None,
     )
-    key_limited = lease.counted_on_key or key.min_start_interval_ms
+    key_limited = _key_limited(key)
     if connection.vendor == "postgresql" and not key_limited:
         return lease if _slot_claim_one_statement(lease=lease, row=row) else None
     with transaction.atomic():
