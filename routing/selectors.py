@@ -12,12 +12,24 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from django.db import connection
-from django.db.models import Count, IntegerField, OuterRef, Subquery, Value
+from django.db.models import (
+    BooleanField,
+    Count,
+    ExpressionWrapper,
+    F,
+    IntegerField,
+    OuterRef,
+    Prefetch,
+    Q,
+    Subquery,
+    Sum,
+    Value,
+)
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
-from accounts.models import Account, ApiKey, RouteStrategy
+from accounts.models import Account, AccountGroup, ApiKey, RouteStrategy, RoutingIdentity
 from routing import selection
 from routing.models import LatencySnapshot, Lease, SessionBinding
 
@@ -44,13 +56,17 @@ def _count_subquery(queryset, field: str) -> Coalesce:
     return Coalesce(Subquery(counted, output_field=IntegerField()), Value(0))
 
 
-def key_accounts(key: ApiKey):
-    """Every account the key may route to, selectable or not (SPEC §1 route strategy)."""
-    if key.route_strategy == RouteStrategy.FIXED:
-        return Account.objects.filter(pk=key.fixed_account_id)
-    if key.account_group_id is not None:
-        return Account.objects.filter(groups=key.account_group_id)
-    return Account.objects.all()
+def _expired_bindings(now: datetime) -> Coalesce:
+    """Per account (outer row): its bindings already expired but not yet purged."""
+    return _count_subquery(SessionBinding.objects.filter(account=OuterRef("pk"), expires_at__lte=now), "account")
+
+
+def _expired_leases(now: datetime) -> Coalesce:
+    """Per account (outer row): its identity's live-looking leases already past their TTL."""
+    return _count_subquery(
+        Lease.objects.filter(identity=OuterRef("identity_id"), completed_at__isnull=True, expires_at__lte=now),
+        "identity",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,17 +244,6 @@ def _candidate_row(v: tuple) -> CandidateRow:
     )
 
 
-def live_session_counts(*, account_ids, now: datetime) -> dict[int, int]:
-    """Live bindings per account (all keys), for the given accounts."""
-    expired = _count_subquery(SessionBinding.objects.filter(account=OuterRef("pk"), expires_at__lte=now), "account")
-    rows = (
-        Account.objects.filter(pk__in=account_ids)
-        .annotate(expired=expired)
-        .values_list("pk", "binding_rows", "expired")
-    )
-    return {pk: max(0, total - gone) for pk, total, gone in rows}
-
-
 @dataclass(frozen=True, slots=True)
 class DispatchPlan:
     """Everything one walk needs, read in a fixed number of queries."""
@@ -339,14 +344,18 @@ def latency_snapshot_cache_clear() -> None:
         _snapshot_cache = None
 
 
-def live_leases(*, identity_id: int, now: datetime):
-    return Lease.objects.filter(identity_id=identity_id, completed_at__isnull=True, expires_at__gt=now)
-
-
 # --- dashboard reads ----------------------------------------------------------
 # A fixed number of queries per page, whatever the size of the pool: live
 # counts come from the trigger-kept counters minus the expired rows not yet
 # purged (the same bounded read the dispatcher makes), and lists are capped.
+
+
+def _dashboard_accounts(now: datetime):
+    return (
+        Account.objects.select_related("identity", "proxy")
+        .defer("credentials")
+        .annotate(expired_bindings=_expired_bindings(now), expired_leases=_expired_leases(now))
+    )
 
 
 def dashboard_accounts(*, now: datetime) -> list[Account]:
@@ -356,48 +365,20 @@ def dashboard_accounts(*, now: datetime) -> list[Account]:
     expiry that the periodic tasks have not removed yet), so the live figures
     are ``binding_rows - expired_bindings`` and ``identity.in_flight -
     expired_leases``. Credentials are never loaded."""
-    expired_bindings = _count_subquery(
-        SessionBinding.objects.filter(account=OuterRef("pk"), expires_at__lte=now), "account"
-    )
-    expired_leases = _count_subquery(
-        Lease.objects.filter(identity=OuterRef("identity_id"), completed_at__isnull=True, expires_at__lte=now),
-        "identity",
-    )
-    return list(
-        Account.objects.select_related("identity", "proxy")
-        .defer("credentials")
-        .annotate(expired_bindings=expired_bindings, expired_leases=expired_leases)
-        .order_by("name")
-    )
+    return list(_dashboard_accounts(now).order_by("name"))
 
 
 def dashboard_account(*, name: str, now: datetime) -> Account | None:
     """One account, annotated like ``dashboard_accounts``."""
-    expired_bindings = _count_subquery(
-        SessionBinding.objects.filter(account=OuterRef("pk"), expires_at__lte=now), "account"
-    )
-    expired_leases = _count_subquery(
-        Lease.objects.filter(identity=OuterRef("identity_id"), completed_at__isnull=True, expires_at__lte=now),
-        "identity",
-    )
-    return (
-        Account.objects.select_related("identity", "proxy")
-        .defer("credentials")
-        .annotate(expired_bindings=expired_bindings, expired_leases=expired_leases)
-        .filter(name=name)
-        .first()
-    )
+    return _dashboard_accounts(now).filter(name=name).first()
 
 
 def dashboard_identity_aliases(*, identity_id: int, now: datetime) -> list[Account]:
     """Every account of one identity with its ``expired_bindings``, for the identity's session total."""
-    expired_bindings = _count_subquery(
-        SessionBinding.objects.filter(account=OuterRef("pk"), expires_at__lte=now), "account"
-    )
     return list(
         Account.objects.filter(identity_id=identity_id)
         .only("id", "name", "pool", "enabled", "quota_exhausted", "binding_rows", "identity_id")
-        .annotate(expired_bindings=expired_bindings)
+        .annotate(expired_bindings=_expired_bindings(now))
         .order_by("name")
     )
 
@@ -462,10 +443,6 @@ def dashboard_binding(*, binding_id: int) -> SessionBinding | None:
 # (trigger-kept counters minus rows past their expiry, leases past their TTL
 # not counted). Credentials are never loaded.
 
-from django.db.models import BooleanField, ExpressionWrapper, F, Prefetch, Q, Sum  # noqa: E402  (appended section)
-
-from accounts.models import AccountGroup, RoutingIdentity  # noqa: E402
-
 
 def _live_lease_count(identity_ref: str, *, now: datetime) -> Coalesce:
     return _count_subquery(
@@ -492,12 +469,11 @@ def identity_operator_list(*, now: datetime):
 def account_operator_list(*, now: datetime):
     """Accounts with identity and proxy, annotated with ``live_sessions`` (its
     own live bindings), ``live_leases`` (its identity's) and ``has_credentials``."""
-    expired = _count_subquery(SessionBinding.objects.filter(account=OuterRef("pk"), expires_at__lte=now), "account")
     return (
         Account.objects.select_related("identity", "proxy")
         .defer("credentials")
         .annotate(
-            live_sessions=F("binding_rows") - expired,
+            live_sessions=F("binding_rows") - _expired_bindings(now),
             live_leases=_live_lease_count("identity_id", now=now),
             has_credentials=ExpressionWrapper(~Q(credentials={}), output_field=BooleanField()),
         )
