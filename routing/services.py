@@ -29,7 +29,16 @@ from django.utils import timezone
 from accounts.models import Account, ApiKey, Proxy, RoutingIdentity
 from kiropool.errors import AllAccountsFailed, Conflict, NotFound, NoUsableAccount, RateLimited
 from routing import selection, selectors, wakeups
-from routing.models import CooldownEvent, CooldownKind, LatencySample, Lease, LeaseOutcome, SessionBinding
+from routing.latency import SNAPSHOT_WINDOW, latency_snapshot_build
+from routing.models import (
+    CooldownEvent,
+    CooldownKind,
+    LatencySample,
+    LatencySnapshot,
+    Lease,
+    LeaseOutcome,
+    SessionBinding,
+)
 
 # A gateway's rate-limit report cools the identity this long unless it says
 # otherwise; the cap keeps a buggy or hostile report from benching an account
@@ -147,6 +156,22 @@ def _sticky_fast_path(*, key: ApiKey, request: DispatchRequest) -> Acquired | No
     return Acquired(lease=lease, row=row, session=SESSION_STICKY, waited_ms=0, sticky_hit=True)
 
 
+# What makes an identity (alias ``identity``) able to start a lease now, checked
+# by PostgreSQL on the row as locked by the UPDATE that claims it: a free slot,
+# no cooldown, pacing allows. The ORM path in ``_slot_claim`` states the same.
+_CLAIMABLE = """identity.in_flight < identity.max_concurrency
+       AND (identity.cooldown_until IS NULL OR identity.cooldown_until <= %(now)s)
+       AND (identity.min_start_interval_ms = 0 OR identity.last_started_at IS NULL
+            OR identity.last_started_at <= %(now)s - identity.min_start_interval_ms * interval '1 millisecond')"""
+
+_LEASE_COLUMNS = """id, api_key_id, account_id, account_name, identity_id, proxy_url, session_id, model,
+        started_at, expires_at, completed_at, outcome, first_token_ms, waited_ms, error_message, counted_on_key"""
+
+
+def _with_claim(sql: str) -> str:
+    return sql.replace("{claimable}", _CLAIMABLE).replace("{lease_columns}", _LEASE_COLUMNS)
+
+
 _STICKY_CLAIM_SQL = """
 WITH bound AS (
     SELECT a.id AS account_id, a.name, a.pool, a.region, a.profile_arn,
@@ -164,16 +189,10 @@ WITH bound AS (
        SET in_flight = identity.in_flight + 1, last_started_at = %(now)s
       FROM bound
      WHERE identity.id = bound.identity_id
-       AND identity.in_flight < identity.max_concurrency
-       AND (identity.cooldown_until IS NULL OR identity.cooldown_until <= %(now)s)
-       AND (identity.min_start_interval_ms = 0 OR identity.last_started_at IS NULL
-            OR identity.last_started_at <= %(now)s - identity.min_start_interval_ms * interval '1 millisecond')
+       AND {claimable}
  RETURNING identity.id
 ), leased AS (
-    INSERT INTO routing_lease (
-        id, api_key_id, account_id, account_name, identity_id, proxy_url, session_id, model,
-        started_at, expires_at, completed_at, outcome, first_token_ms, waited_ms, error_message, counted_on_key
-    )
+    INSERT INTO routing_lease ({lease_columns})
     SELECT %(lease_id)s, %(key_id)s, bound.account_id, bound.name, claimed.id, COALESCE(bound.proxy_url, ''),
            %(session_id)s, %(model)s, %(now)s, %(expires_at)s, NULL, '', NULL, 0, '', false
       FROM claimed JOIN bound ON bound.identity_id = claimed.id
@@ -183,6 +202,7 @@ SELECT bound.account_id, bound.name, bound.pool, bound.region, bound.profile_arn
        bound.identity_id, bound.identity_name, bound.proxy_url
   FROM leased, bound
 """
+_STICKY_CLAIM_SQL = _with_claim(_STICKY_CLAIM_SQL)
 
 
 def _sticky_claim_one_statement(*, key: ApiKey, request: DispatchRequest) -> Acquired | None:
@@ -312,7 +332,7 @@ def _slot_claim(*, key: ApiKey, row: selectors.CandidateRow, request: DispatchRe
     )
     key_limited = _key_limited(key)
     if connection.vendor == "postgresql" and not key_limited:
-        return lease if _slot_claim_one_statement(lease=lease, row=row) else None
+        return lease if _slot_claim_one_statement(lease=lease) else None
     with transaction.atomic():
         if key_limited:
             _key_slot_claim(key=key, now=now, counted=lease.counted_on_key)
@@ -336,38 +356,29 @@ def _slot_claim(*, key: ApiKey, row: selectors.CandidateRow, request: DispatchRe
 
 _CLAIM_SQL = """
 WITH claimed AS (
-    UPDATE accounts_routingidentity
-       SET in_flight = in_flight + 1, last_started_at = %(now)s
-     WHERE id = %(identity_id)s
-       AND in_flight < max_concurrency
-       AND (cooldown_until IS NULL OR cooldown_until <= %(now)s)
-       AND min_start_interval_ms = %(interval_ms)s
-       AND (%(interval_ms)s = 0 OR last_started_at IS NULL OR last_started_at <= %(paced_before)s)
- RETURNING id
+    UPDATE accounts_routingidentity AS identity
+       SET in_flight = identity.in_flight + 1, last_started_at = %(now)s
+     WHERE identity.id = %(identity_id)s AND {claimable}
+ RETURNING identity.id
 )
-INSERT INTO routing_lease (
-    id, api_key_id, account_id, account_name, identity_id, proxy_url, session_id, model,
-    started_at, expires_at, completed_at, outcome, first_token_ms, waited_ms, error_message, counted_on_key
-)
+INSERT INTO routing_lease ({lease_columns})
 SELECT %(lease_id)s, %(key_id)s, %(account_id)s, %(account_name)s, claimed.id, %(proxy_url)s, %(session_id)s,
        %(model)s, %(now)s, %(expires_at)s, NULL, '', NULL, %(waited_ms)s, '', false
   FROM claimed
 RETURNING id
 """
+_CLAIM_SQL = _with_claim(_CLAIM_SQL)
 
 
-def _slot_claim_one_statement(*, lease: Lease, row: selectors.CandidateRow) -> bool:
+def _slot_claim_one_statement(*, lease: Lease) -> bool:
     """PostgreSQL: the claim and the lease insert as one statement, so one
     round trip and no explicit transaction. Same conditions as the ORM path."""
-    interval_ms = row.candidate.min_start_interval_ms
     with connection.cursor() as cursor:
         cursor.execute(
             _CLAIM_SQL,
             {
                 "now": lease.started_at,
                 "identity_id": lease.identity_id,
-                "interval_ms": interval_ms,
-                "paced_before": lease.started_at - timedelta(milliseconds=interval_ms),
                 "lease_id": lease.id,
                 "key_id": lease.api_key_id,
                 "account_id": lease.account_id,
@@ -702,9 +713,6 @@ def lease_reap_expired(*, now: datetime | None = None, identity_ids: list[int] |
 # that waits for a row lock longer than ``MAINTENANCE_LOCK_TIMEOUT`` gives up
 # and is retried, so a dispatch or completion never ends in a deadlock with it.
 
-
-from routing.latency import SNAPSHOT_WINDOW, latency_snapshot_build  # noqa: E402
-from routing.models import LatencySnapshot  # noqa: E402
 
 # Rows deleted per transaction: bounds how long a run holds its locks and how
 # much one statement writes.
