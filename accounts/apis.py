@@ -28,7 +28,7 @@ from accounts.serializers import (
 )
 from kiropool.errors import Conflict
 from kiropool.schema import operator_error_responses
-from routing import selectors
+from routing.selectors import operator as selectors
 
 
 class OperatorApi:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 
 from django.core.exceptions import PermissionDenied
-from django.db import InterfaceError, OperationalError
+from django.db import IntegrityError, InterfaceError, OperationalError
 from django.http import Http404
 from rest_framework import exceptions, status
 from rest_framework.views import exception_handler as drf_exception_handler
@@ -115,6 +115,12 @@ def exception_handler(exc, context):
         # the end of the request and the next one reconnects.
         logger.warning("database unavailable during %s", _view_name(context), exc_info=True)
         exc = DatabaseUnavailable()
+    elif isinstance(exc, IntegrityError):
+        # A write broke a database constraint on the hot path (a counter
+        # below zero, a race the services did not foresee). Its transaction
+        # rolled back, so nothing is half done: the gateway may retry.
+        logger.error("integrity error during %s", _view_name(context), exc_info=True)
+        exc = DatabaseUnavailable("a conflicting write was refused by the database; retry shortly")
     elif isinstance(exc, CredentialsKeyError):
         logger.error("cannot decrypt account credentials: %s", exc)
         exc = ServiceUnavailable("the account's credentials cannot be decrypted with the configured keys")

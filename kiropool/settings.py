@@ -164,6 +164,11 @@ CELERY_BEAT_SCHEDULE = {
         "options": {"expires": 3000},
     },
     "history-prune": {"task": "routing.tasks.history_prune", "schedule": 3600.0, "options": {"expires": 3000}},
+    "counters-reconcile": {
+        "task": "routing.tasks.counters_reconcile",
+        "schedule": 300.0,
+        "options": {"expires": 250},
+    },
 }
 
 # --- auth, i18n, static -----------------------------------------------------
@@ -235,6 +240,9 @@ KIROPOOL_AFFINITY_MAX_ENTRIES = _clamp(env.int("KIROPOOL_AFFINITY_MAX_ENTRIES", 
 KIROPOOL_HISTORY_RETENTION_DAYS = _clamp(env.int("KIROPOOL_HISTORY_RETENTION_DAYS", default=7), 1, 365)
 # `make bench` only: mounts the framework-floor endpoint it compares against.
 KIROPOOL_BENCH_FLOOR = env.bool("KIROPOOL_BENCH_FLOOR", default=False)
+# The one-statement PostgreSQL speedups of routing/pg.py. Off, the ORM
+# services (their specification) do all the work: slower, same behaviour.
+KIROPOOL_FAST_STATEMENTS = env.bool("KIROPOOL_FAST_STATEMENTS", default=True)
 KIROPOOL_LEASE_TTL_SECONDS = _clamp(env.int("KIROPOOL_LEASE_TTL_SECONDS", default=900), 1, 24 * 3600)
 # /metrics is open, as Prometheus scrapers usually carry no login; set this to
 # require `Authorization: Bearer <token>` (Prometheus: `authorization: {credentials: ...}`).

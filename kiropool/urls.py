@@ -16,7 +16,7 @@ urlpatterns = [
     path("healthz", health.healthz, name="healthz"),
     path("readyz", health.readyz, name="readyz"),
     path("metrics", health.metrics_view, name="metrics"),
-    path("dashboard/", include("routing.dashboard_urls")),
+    path("dashboard/", include("routing.dashboard.urls")),
 ]
 
 if settings.KIROPOOL_BENCH_FLOOR:

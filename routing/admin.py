@@ -3,6 +3,7 @@ from __future__ import annotations
 from django.contrib import admin, messages
 from django.utils import timezone
 
+from routing import sessions
 from routing.models import CooldownEvent, LatencySample, LatencySnapshot, Lease, SessionBinding
 
 
@@ -42,8 +43,15 @@ class SessionBindingAdmin(ReadOnlyAdmin):
 
     @admin.action(description="Unbind selected sessions", permissions=["delete"])
     def unbind(self, request, queryset):
-        count, _ = queryset.delete()
+        count = sessions.session_unbind(bindings=queryset)
         self.message_user(request, f"Unbound {count} sessions.", messages.SUCCESS)
+
+    # The admin's own delete page and "delete selected" unbind too.
+    def delete_model(self, request, obj):
+        sessions.session_unbind(bindings=SessionBinding.objects.filter(pk=obj.pk))
+
+    def delete_queryset(self, request, queryset):
+        sessions.session_unbind(bindings=queryset)
 
 
 @admin.register(Lease)

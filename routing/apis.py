@@ -1,5 +1,5 @@
 """The gateway API (SPEC §5): dispatch, complete, explain. Thin views:
-validate, call one service or selector, serialize."""
+validate, call one service or selector, serialize with the output serializer."""
 
 from __future__ import annotations
 
@@ -16,8 +16,10 @@ from accounts.fields import CredentialsKeyError
 from kiropool.errors import AllAccountsFailed, NoUsableAccount, RateLimited
 from kiropool.schema import error_responses
 from kiropool.throttling import DispatchRateThrottle, ExplainRateThrottle
-from routing import metrics, selection, selectors, services
+from routing import leases, metrics, selection
+from routing.dispatch import Acquired, Completion, DispatchRequest, SessionState
 from routing.models import LeaseOutcome
+from routing.selectors import dispatch as reads
 
 MAX_SESSION_ID_LENGTH = 512
 # Bounds on what one request can make the server do: every excluded name is
@@ -28,11 +30,7 @@ DEFAULT_WAIT_MS = 30_000
 
 
 class GatewayApi(APIView):
-    """Base of the gateway endpoints. Dispatch and complete build their
-    responses as plain dicts of JSON-ready values in exactly the shape of
-    their ``OutputSerializer`` (which documents it in the schema, and which the
-    schema-conformance fuzzing checks): they run on every upstream call, and
-    a serializer pass costs more than the rest of the response."""
+    """Base of the gateway endpoints: a gateway's API key, nothing else."""
 
     authentication_classes = [ApiKeyAuthentication]
     permission_classes = [HasApiKey]
@@ -65,9 +63,9 @@ class DispatchInputSerializer(serializers.Serializer):
             raise serializers.ValidationError(f"must be at most {MAX_SESSION_ID_LENGTH} characters")
         return value or None
 
-    def to_request(self) -> services.DispatchRequest:
+    def to_request(self) -> DispatchRequest:
         data = self.validated_data
-        return services.DispatchRequest(
+        return DispatchRequest(
             session_id=data.get("session_id"),
             model=data.get("model") or None,
             exclude_accounts=frozenset(data.get("exclude_accounts", [])),
@@ -92,10 +90,10 @@ class DispatchApi(GatewayApi):
     throttle_classes = [DispatchRateThrottle]
 
     class OutputSerializer(serializers.Serializer):
-        lease_id = serializers.UUIDField()
-        account = AccountOutputSerializer()
-        session = serializers.ChoiceField(choices=["sticky", "new", "none"])
-        expires_at = serializers.DateTimeField()
+        lease_id = serializers.UUIDField(source="lease.id")
+        account = AccountOutputSerializer(source="*")
+        session = serializers.ChoiceField(choices=[s.value for s in SessionState])
+        expires_at = serializers.DateTimeField(source="lease.expires_at")
         waited_ms = serializers.IntegerField()
 
     @extend_schema(
@@ -110,50 +108,53 @@ class DispatchApi(GatewayApi):
         serializer.is_valid(raise_exception=True)
         started = time.monotonic()
         try:
-            acquired = services.lease_acquire(key=request.auth, request=serializer.to_request())
+            acquired = leases.lease_acquire(key=request.auth, request=serializer.to_request())
         except (RateLimited, AllAccountsFailed, NoUsableAccount) as refusal:
             metrics.dispatch_observe(_REFUSALS[type(refusal)], time.monotonic() - started, 0.0)
             raise
         metrics.dispatch_observe(_result(acquired), time.monotonic() - started, acquired.waited_ms / 1000)
+        credentials = _credentials_or_release(request.auth, acquired) if request.auth.credentials_access else None
+        return Response(self.OutputSerializer(DispatchAnswer(acquired, credentials)).data)
+
+
+class DispatchAnswer:
+    """What the dispatch response shows of an acquisition (read by the output
+    serializer). Credentials stay in their redacting type to the renderer."""
+
+    def __init__(self, acquired: Acquired, credentials) -> None:
         candidate = acquired.row.candidate
-        output = {
-            "lease_id": acquired.lease.id,
-            "account": {
-                "name": candidate.account,
-                "routing_identity": candidate.routing_identity,
-                "pool": candidate.pool,
-                "proxy_url": candidate.proxy_url,
-                "region": acquired.row.region,
-                "profile_arn": acquired.row.profile_arn,
-            },
-            "session": acquired.session,
-            "expires_at": acquired.lease.expires_at,
-            "waited_ms": acquired.waited_ms,
-        }
-        if request.auth.credentials_access:
-            output["account"]["credentials"] = _credentials_or_release(request.auth, acquired)
-        return Response(output)  # shaped as OutputSerializer; see GatewayApi
+        self.lease = acquired.lease
+        self.session = acquired.session.value
+        self.waited_ms = acquired.waited_ms
+        self.name = candidate.account
+        self.routing_identity = candidate.routing_identity
+        self.pool = candidate.pool
+        self.proxy_url = candidate.proxy_url
+        self.region = acquired.row.region
+        self.profile_arn = acquired.row.profile_arn
+        if credentials is not None:
+            self.credentials = credentials
 
 
-def _credentials_or_release(key, acquired: services.Acquired) -> dict:
+def _credentials_or_release(key, acquired: Acquired):
     """The account's secrets, decrypted for this response only. When they
     cannot be decrypted the gateway gets a 503 and no account, so the lease it
     will never use is released at once rather than held until its TTL."""
     try:
-        return selectors.account_credentials(account_id=acquired.row.account_id)
+        return reads.account_credentials(account_id=acquired.row.account_id)
     except CredentialsKeyError:
-        completion = services.Completion(outcome="fatal", error_message="credentials cannot be decrypted")
-        services.lease_complete(key=key, lease_id=acquired.lease.id, completion=completion)
+        completion = Completion(outcome="fatal", error_message="credentials cannot be decrypted")
+        leases.lease_complete(key=key, lease_id=acquired.lease.id, completion=completion)
         raise
 
 
 _REFUSALS = {RateLimited: "rate_limited", AllAccountsFailed: "all_failed", NoUsableAccount: "unavailable"}
 
 
-def _result(acquired: services.Acquired) -> str:
+def _result(acquired: Acquired) -> str:
     if acquired.sticky_hit:
         return "sticky_hit"
-    return "new_session" if acquired.session == "new" else "acquired"
+    return "new_session" if acquired.session is SessionState.NEW else "acquired"
 
 
 class LeaseCompleteApi(GatewayApi):
@@ -169,7 +170,7 @@ class LeaseCompleteApi(GatewayApi):
     @extend_schema_serializer(component_name="LeaseCompleted")
     class OutputSerializer(serializers.Serializer):
         lease_id = serializers.UUIDField()
-        account = serializers.CharField()
+        account = serializers.CharField(source="account_name")
         outcome = serializers.CharField()
         session_bound = serializers.BooleanField()
 
@@ -184,10 +185,10 @@ class LeaseCompleteApi(GatewayApi):
         serializer = self.InputSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
-        completed = services.lease_complete(
+        completed = leases.lease_complete(
             key=request.auth,
             lease_id=lease_id,
-            completion=services.Completion(
+            completion=Completion(
                 outcome=data["outcome"],
                 first_token_ms=data.get("first_token_ms"),
                 cooldown_seconds=data.get("cooldown_seconds"),
@@ -197,14 +198,7 @@ class LeaseCompleteApi(GatewayApi):
             ),
         )
         metrics.completion_observe(data["outcome"])
-        lease = completed.lease
-        output = {
-            "lease_id": lease.id,
-            "account": lease.account_name,
-            "outcome": lease.outcome,
-            "session_bound": completed.session_bound,
-        }
-        return Response(output)  # shaped as OutputSerializer; see GatewayApi
+        return Response(self.OutputSerializer(completed).data)
 
 
 @extend_schema_serializer(component_name="ExplainCandidate")
@@ -230,7 +224,7 @@ class DispatchExplainApi(GatewayApi):
 
     @extend_schema_serializer(component_name="DispatchExplanation")
     class OutputSerializer(serializers.Serializer):
-        session = serializers.ChoiceField(choices=["sticky", "new", "none"])
+        session = serializers.ChoiceField(choices=[s.value for s in SessionState])
         bound_account = serializers.CharField(allow_null=True)
         latency = inline_serializer(
             name="ExplainLatency",
@@ -252,28 +246,20 @@ class DispatchExplainApi(GatewayApi):
     def post(self, request):
         serializer = DispatchInputSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        dispatch_request = serializer.to_request()
-        key, now = request.auth, timezone.now()
-        plan = selectors.dispatch_plan(key=key, request=dispatch_request, now=now)
-        snapshot = plan.snapshot
+        now = timezone.now()
+        explained = reads.dispatch_explain(key=request.auth, request=serializer.to_request(), now=now)
+        snapshot = explained.snapshot
         output = {
-            "session": plan.session,
-            "bound_account": plan.binding.account_name if plan.binding else None,
+            "session": explained.session.value,
+            "bound_account": explained.bound_account,
             "latency": {
                 "generated_at": snapshot.generated_at if snapshot else None,
                 "global_avg_ms": snapshot.global_avg_ms if snapshot else None,
-                "usable": any(r.latency_band is not None for r in plan.ranked),
+                "usable": any(r.latency_band is not None for r in explained.ranked),
             },
-            "candidates": [_explain_candidate(ranked, now) for ranked in _explain_order(plan)],
+            "candidates": [_explain_candidate(ranked, now) for ranked in explained.ranked],
         }
         return Response(self.OutputSerializer(output).data)
-
-
-def _explain_order(plan: selectors.DispatchPlan):
-    if plan.fast_path is None:
-        return plan.ranked
-    first = [r for r in plan.ranked if r.candidate.account == plan.fast_path.candidate.account]
-    return first + [r for r in plan.ranked if r.candidate.account != plan.fast_path.candidate.account]
 
 
 def _explain_candidate(ranked: selection.Ranked, now) -> dict:

@@ -30,9 +30,9 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from routing import selectors
+from routing.selectors import operator as selectors
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def completion_observe(outcome: str) -> None:
 
 
 class PoolStateCollector:
-    """Gauges read from the database at each scrape (two queries)."""
+    """Gauges (and the counter drift) read from the database at each scrape (three queries)."""
 
     def collect(self):
         now = timezone.now()
@@ -94,7 +94,8 @@ class PoolStateCollector:
                     "name", "live_leases", "live_sessions", "cooldown_until"
                 )
             )
-            snapshot = selectors.latency_snapshot_row_latest()
+            snapshot_at = selectors.latency_snapshot_generated_at()
+            drift = selectors.counter_drift_list()
         except DatabaseError:
             logger.warning("metrics: the database could not be read", exc_info=True)
             yield GaugeMetricFamily("kiropool_database_up", "Whether the pool state could be read.", value=0)
@@ -115,12 +116,21 @@ class PoolStateCollector:
         yield sessions
         yield GaugeMetricFamily("kiropool_identities", "Routing identities.", value=len(identities))
         yield GaugeMetricFamily("kiropool_identities_cooling_down", "Routing identities cooling down.", value=cooling)
-        if snapshot is not None:
+        if snapshot_at is not None:
             yield GaugeMetricFamily(
                 "kiropool_latency_snapshot_age_seconds",
                 "Age of the newest latency snapshot; over 300 s, latency bands are off.",
-                value=(now - snapshot.generated_at).total_seconds(),
+                value=(now - snapshot_at).total_seconds(),
             )
+        corrected = CounterMetricFamily(
+            "kiropool_counter_drift",
+            "How far the reconcile task found a hot counter off from the rows it counts, summed over its runs "
+            "(anything but 0 means something wrote a counter outside its owners).",
+            labels=["counter"],
+        )
+        for name, total in drift:
+            corrected.add_metric([name], total)
+        yield corrected
 
 
 class _ThisProcess:

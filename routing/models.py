@@ -97,6 +97,9 @@ class Lease(models.Model):
             models.Index(
                 fields=["api_key", "expires_at"], condition=Q(completed_at__isnull=True), name="lease_live_key_idx"
             ),
+            # "which identities hold a live-looking lease past its TTL": a
+            # range over the few such rows, whatever the pool's size.
+            models.Index(fields=["expires_at"], condition=Q(completed_at__isnull=True), name="lease_live_expiry_idx"),
             models.Index(fields=["account", "-started_at"], name="lease_account_recent_idx"),
             models.Index(fields=["started_at"], name="lease_started_idx"),
         ]
@@ -121,22 +124,65 @@ class LatencySample(models.Model):
 
 
 class LatencySnapshot(models.Model):
-    """The last hour of samples, aggregated. ``accounts`` maps account name and
-    ``proxies`` maps proxy URL to ``[samples, avg_ms]``; one row is all a
-    dispatch needs to read."""
+    """The last hour of samples, aggregated: the global average here, the
+    per-account and per-proxy figures in :class:`AccountLatency` and
+    :class:`ProxyLatency` rows, so the dispatcher's query can join them."""
 
     generated_at = models.DateTimeField(db_index=True)
     window_seconds = models.PositiveIntegerField()
     global_avg_ms = models.FloatField(null=True, blank=True)
     sample_count = models.PositiveIntegerField(default=0)
-    accounts = models.JSONField(default=dict)
-    proxies = models.JSONField(default=dict)
 
     class Meta:
         get_latest_by = "generated_at"
 
     def __str__(self) -> str:
         return f"snapshot of {self.generated_at:%Y-%m-%d %H:%M:%S}"
+
+
+class AccountLatency(models.Model):
+    """One account's samples in one snapshot."""
+
+    snapshot = models.ForeignKey(LatencySnapshot, on_delete=models.CASCADE, related_name="account_stats")
+    account = models.ForeignKey("accounts.Account", on_delete=models.CASCADE, related_name="latency_stats")
+    samples = models.PositiveIntegerField()
+    avg_ms = models.FloatField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["snapshot", "account"], name="account_latency_unique"),
+            models.CheckConstraint(condition=Q(samples__gt=0), name="account_latency_samples_gt_0"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.samples} samples, {self.avg_ms:.0f} ms"
+
+
+class ProxyLatency(models.Model):
+    """One proxy URL's samples in one snapshot. Keyed by the URL the samples
+    were taken through (SPEC §1), which may no longer belong to a proxy row:
+    ``proxy`` joins on the URL and has no database constraint."""
+
+    snapshot = models.ForeignKey(LatencySnapshot, on_delete=models.CASCADE, related_name="proxy_stats")
+    proxy = models.ForeignKey(
+        "accounts.Proxy",
+        to_field="url",
+        db_column="proxy_url",
+        db_constraint=False,
+        on_delete=models.DO_NOTHING,
+        related_name="latency_stats",
+    )
+    samples = models.PositiveIntegerField()
+    avg_ms = models.FloatField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["snapshot", "proxy"], name="proxy_latency_unique"),
+            models.CheckConstraint(condition=Q(samples__gt=0), name="proxy_latency_samples_gt_0"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.samples} samples, {self.avg_ms:.0f} ms"
 
 
 class CooldownKind(models.TextChoices):
@@ -168,3 +214,21 @@ class CooldownEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.get_kind_display()} at {self.created_at:%Y-%m-%d %H:%M:%S}"
+
+
+# The hot counters the reconcile task recomputes (routing/maintenance.py).
+COUNTER_NAMES = ("identity_in_flight", "key_in_flight", "account_binding_rows")
+
+
+class CounterDrift(models.Model):
+    """How far the reconcile task found each hot counter off from the rows it
+    counts, summed over every run (exported on /metrics). A counter only
+    drifts if something wrote it outside its owners: this is the alarm."""
+
+    counter = models.CharField(max_length=50, unique=True)
+    corrections = models.PositiveIntegerField(default=0)  # rows set right
+    total = models.PositiveBigIntegerField(default=0)  # sum of |counter - counted|
+    last_seen_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"{self.counter}: {self.total}"

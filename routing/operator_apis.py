@@ -13,8 +13,10 @@ from rest_framework.response import Response
 
 from accounts.apis import OperatorApi
 from kiropool.schema import operator_error_responses
-from routing import selectors, services
-from routing.models import LatencySnapshot, SessionBinding
+from routing import maintenance, sessions
+from routing.models import SessionBinding
+from routing.selectors import operator as selectors
+from routing.selectors.latency import StoredSnapshot, latency_snapshot_latest, snapshot_load
 
 
 class BindingPagination(LimitOffsetPagination):
@@ -66,7 +68,7 @@ class SessionBindingViewSet(OperatorApi, mixins.ListModelMixin, mixins.DestroyMo
         return selectors.binding_operator_list(now=timezone.now(), **filters)
 
     def perform_destroy(self, instance):
-        SessionBinding.objects.filter(pk=instance.pk).delete()
+        sessions.session_unbind(bindings=SessionBinding.objects.filter(pk=instance.pk))
 
 
 class AccountLatencySerializer(serializers.Serializer):
@@ -92,8 +94,8 @@ class LatencySnapshotSerializer(serializers.Serializer):
     proxies = ProxyLatencySerializer(many=True)
 
 
-def snapshot_payload(snapshot: LatencySnapshot | None) -> dict:
-    if snapshot is None:
+def snapshot_payload(stored: StoredSnapshot | None) -> dict:
+    if stored is None:
         return {
             "generated_at": None,
             "window_seconds": None,
@@ -102,18 +104,19 @@ def snapshot_payload(snapshot: LatencySnapshot | None) -> dict:
             "accounts": [],
             "proxies": [],
         }
+    snapshot = stored.snapshot
     return {
         "generated_at": snapshot.generated_at,
-        "window_seconds": snapshot.window_seconds,
-        "samples": snapshot.sample_count,
+        "window_seconds": stored.window_seconds,
+        "samples": stored.sample_count,
         "global_avg_first_token_ms": snapshot.global_avg_ms,
         "accounts": [
-            {"account": name, "samples": n, "avg_first_token_ms": avg}
-            for name, (n, avg) in sorted(snapshot.accounts.items())
+            {"account": name, "samples": stats.samples, "avg_first_token_ms": stats.avg_ms}
+            for name, stats in sorted(snapshot.accounts.items())
         ],
         "proxies": [
-            {"proxy_url": url, "samples": n, "avg_first_token_ms": avg}
-            for url, (n, avg) in sorted(snapshot.proxies.items())
+            {"proxy_url": url, "samples": stats.samples, "avg_first_token_ms": stats.avg_ms}
+            for url, stats in sorted(snapshot.proxies.items())
         ],
     }
 
@@ -139,7 +142,7 @@ class LatencySnapshotViewSet(OperatorApi, viewsets.ViewSet):
         responses={200: LatencySnapshotSerializer, **operator_error_responses()},
     )
     def list(self, request):
-        return Response(LatencySnapshotSerializer(snapshot_payload(selectors.latency_snapshot_row_latest())).data)
+        return Response(LatencySnapshotSerializer(snapshot_payload(latency_snapshot_latest())).data)
 
     @extend_schema(
         summary="Rebuild the latency snapshot now and return it",
@@ -148,4 +151,5 @@ class LatencySnapshotViewSet(OperatorApi, viewsets.ViewSet):
     )
     @action(detail=False, methods=["post"])
     def refresh(self, request):
-        return Response(LatencySnapshotSerializer(snapshot_payload(services.latency_snapshot_refresh())).data)
+        fresh = snapshot_load(maintenance.latency_snapshot_refresh())
+        return Response(LatencySnapshotSerializer(snapshot_payload(fresh)).data)

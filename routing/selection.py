@@ -177,6 +177,11 @@ def latency_score(snapshot: LatencySnapshot, *, account: str, proxy_url: str | N
     return ACCOUNT_WEIGHT * account_ms + PROXY_WEIGHT * proxy_ms
 
 
+def band_tolerance(global_avg_ms: float) -> float:
+    """Radius of band 0 around the global average, in ms."""
+    return max(global_avg_ms * BAND_FRACTION, MIN_TOLERANCE_MS)
+
+
 def latency_band(score: float, global_avg_ms: float) -> int:
     """Band of a score, centred on the global average: band 0 is G ± tolerance.
 
@@ -184,11 +189,11 @@ def latency_band(score: float, global_avg_ms: float) -> int:
     can sit just above a bucket edge, and an account barely faster lands a
     band lower and wins every time.
     """
-    tolerance = max(global_avg_ms * BAND_FRACTION, MIN_TOLERANCE_MS)
-    return round_half_away((score - global_avg_ms) / (2 * tolerance))
+    return round_half_away((score - global_avg_ms) / (2 * band_tolerance(global_avg_ms)))
 
 
-def _pool_ranks(preferred_pool: str) -> dict[str, int]:
+def pool_ranks(preferred_pool: str) -> dict[str, int]:
+    """Key 4: the preferred pool ranks 0, the others follow in ``POOLS`` order."""
     if preferred_pool not in POOLS:
         raise ValueError(f"unknown preferred pool {preferred_pool!r}")
     order = (preferred_pool, *(p for p in POOLS if p != preferred_pool))
@@ -202,9 +207,9 @@ def _known_credits(value: float | None) -> float | None:
 def order_candidates(candidates: Sequence[Candidate], ctx: SelectionContext) -> list[Ranked]:
     """Candidates in dispatch order, each with the values that placed it."""
     now = ctx.now
-    pool_ranks = _pool_ranks(ctx.preferred_pool)
+    ranks = pool_ranks(ctx.preferred_pool)
     for c in candidates:
-        if c.pool not in pool_ranks:
+        if c.pool not in ranks:
             raise ValueError(f"candidate {c.account!r} has unknown pool {c.pool!r}")
 
     identity_sessions: dict[str, int] = {}
@@ -241,7 +246,7 @@ def order_candidates(candidates: Sequence[Candidate], ctx: SelectionContext) -> 
                 proxy_in_cooldown=(c.proxy_cooldown_until is not None and c.proxy_cooldown_until > now),
                 model_preferred=c.account in ctx.preferred_accounts,
                 session_count=(identity_sessions[c.routing_identity] if ctx.spread_sessions else None),
-                pool_rank=pool_ranks[c.pool],
+                pool_rank=ranks[c.pool],
                 latency_band=band,
                 latency_score_ms=score,
                 remaining_credits_sort=credits,
@@ -316,6 +321,45 @@ def sticky_fast_path_ok(c: Candidate, ctx: SelectionContext) -> bool:
     if cooldown_remaining(c.proxy_cooldown_until, ctx.now) is not None:
         return False
     return throttle_state(c, ctx.now) == "ready"
+
+
+@dataclass(frozen=True, slots=True)
+class Miss:
+    """Why no candidate can start a lease now (SPEC §2, "when nothing could
+    be acquired"): the caller waits when one was only locally throttled, and
+    answers 429 with the shortest cooldown when all were cooling."""
+
+    locally_throttled: bool = False
+    shortest_cooldown: timedelta | None = None
+    next_ready_at: datetime | None = None  # the earliest end of a pacing interval
+    saturated: frozenset[str] = frozenset()  # identities at their concurrency limit
+
+
+def miss_of(candidates: Sequence[Candidate], now: datetime) -> Miss:
+    """Classify the candidates nothing could be acquired on."""
+    throttled = False
+    shortest: timedelta | None = None
+    ready_at: datetime | None = None
+    saturated: set[str] = set()
+    for c in candidates:
+        state = throttle_state(c, now)
+        if state == "cooling":
+            left = cooldown_remaining(c.identity_cooldown_until, now)
+            shortest = left if shortest is None else min(shortest, left)
+        elif state == "saturated":
+            throttled = True
+            saturated.add(c.routing_identity)
+        elif state == "pacing":
+            throttled = True
+            paced = pacing_ready_at(c)
+            ready_at = paced if ready_at is None else min(ready_at, paced)
+        else:
+            # Ready a moment ago, taken by a concurrent dispatch since: wait
+            # for it like for a full identity.
+            throttled = True
+    return Miss(
+        locally_throttled=throttled, shortest_cooldown=shortest, next_ready_at=ready_at, saturated=frozenset(saturated)
+    )
 
 
 def retry_after_seconds(remaining: timedelta) -> int:

@@ -7,35 +7,41 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from routing import services
+from routing import leases, maintenance, sessions
 
 
 @shared_task
 def latency_snapshot_refresh() -> int:
     """Rebuild the latency snapshot from the last hour of samples."""
-    return services.latency_snapshot_refresh().sample_count
+    return maintenance.latency_snapshot_refresh().sample_count
 
 
 @shared_task
 def binding_purge() -> dict[str, int]:
     """Delete expired session bindings, then enforce the capacity."""
-    expired, evicted = services.binding_purge()
+    expired, evicted = sessions.binding_purge()
     return {"expired": expired, "evicted": evicted}
 
 
 @shared_task
 def lease_reap() -> int:
     """Close leases past their TTL and give their slots back."""
-    return services.lease_reap_expired()
+    return leases.lease_reap_expired(lock_timeout=True)
 
 
 @shared_task
 def latency_sample_prune() -> int:
     """Delete latency samples older than the snapshot window."""
-    return services.latency_sample_prune()
+    return maintenance.latency_sample_prune()
 
 
 @shared_task
 def history_prune() -> int:
     """Delete completed leases and cooldown events past the retention."""
-    return services.history_prune()
+    return maintenance.history_prune()
+
+
+@shared_task
+def counters_reconcile() -> dict[str, int]:
+    """Recompute the hot counters from the rows they count; fix and report drift."""
+    return maintenance.counters_reconcile()

@@ -21,7 +21,9 @@ import logging
 import threading
 import time
 
-from django.db import connection, connections
+from django.db import connections
+
+from routing.backend import backend
 
 logger = logging.getLogger(__name__)
 
@@ -61,13 +63,9 @@ _listener_ready = threading.Event()
 _listener_stop = threading.Event()
 
 
-def _uses_postgres() -> bool:
-    return connection.vendor == "postgresql"
-
-
 def token() -> int:
     """Take before reading the pool; pass to :func:`wait`."""
-    if _uses_postgres():
+    if backend.postgres:
         _ensure_listener()
     return _generation.token()
 
@@ -77,14 +75,9 @@ def wait(token_: int, timeout: float) -> bool:
     Returns whether a release was seen (a poll tick counts as a maybe)."""
     if timeout <= 0:
         return _generation.token() != token_
-    if _uses_postgres() and _listener_ready.is_set():
+    if backend.postgres and _listener_ready.is_set():
         return _generation.wait_past(token_, timeout)
     return _generation.wait_past(token_, min(timeout, POLL_SECONDS)) or True
-
-
-def release_sql() -> str | None:
-    """The statement a releasing transaction runs to notify other processes."""
-    return f"NOTIFY {CHANNEL}" if _uses_postgres() else None
 
 
 def released_locally() -> None:

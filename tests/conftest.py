@@ -35,7 +35,7 @@ def staff_client(client, django_user_model):
 @pytest.fixture(autouse=True)
 def _fresh_snapshot_cache():
     # The snapshot is cached per process; every test starts from the database.
-    from routing.selectors import latency_snapshot_cache_clear
+    from routing.selectors.latency import latency_snapshot_cache_clear
 
     latency_snapshot_cache_clear()
     yield
@@ -63,3 +63,23 @@ def django_db_setup(django_db_setup):
     from routing.wakeups import listener_stop
 
     listener_stop()
+
+
+def pytest_generate_tests(metafunc):
+    # The parity suite: a test that asks for ``statements`` runs once with the
+    # ORM services alone ("orm") and, on PostgreSQL, once more with the
+    # one-statement speedups of routing/pg.py on ("fast").
+    if "statements" in metafunc.fixturenames:
+        variants = ["orm", "fast"] if connection.vendor == "postgresql" else ["orm"]
+        metafunc.parametrize("statements", variants, indirect=True)
+
+
+@pytest.fixture
+def statements(request):
+    from routing import pg
+    from routing.backend import backend
+
+    saved = backend.statements
+    backend.statements = pg.Statements() if request.param == "fast" else None
+    yield request.param
+    backend.statements = saved

@@ -9,7 +9,7 @@ import pytest
 from django.utils import timezone
 
 from accounts.models import Account, Pool, RoutingIdentity
-from routing.models import CooldownEvent, CooldownKind, LatencySnapshot, LeaseOutcome, SessionBinding
+from routing.models import CooldownEvent, CooldownKind, LeaseOutcome, SessionBinding
 from tests.factories import (
     AccountFactory,
     ApiKeyFactory,
@@ -17,6 +17,7 @@ from tests.factories import (
     ProxyFactory,
     RoutingIdentityFactory,
     SessionBindingFactory,
+    latency_snapshot_create,
 )
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
@@ -94,7 +95,7 @@ def seeded_pool(live_server):
     )
     Account.objects.filter(name="kiro-juno").update(enabled=False)
     total = sum(n for n, _ in latency.values())
-    LatencySnapshot.objects.create(
+    latency_snapshot_create(
         generated_at=now - timedelta(seconds=25),
         window_seconds=3600,
         global_avg_ms=sum(n * avg for n, avg in latency.values()) / total,

@@ -4,7 +4,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from routing import charts
+from routing.dashboard import charts
 from routing.selection import latency_band
 
 SVG = "{http://www.w3.org/2000/svg}"

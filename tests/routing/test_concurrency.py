@@ -17,7 +17,7 @@ from tests.factories import AccountFactory, ApiKeyFactory, RoutingIdentityFactor
 from tests.routing.gateway import Gateway
 from tests.support import test_database_url
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("postgres_only")]
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("postgres_only", "statements")]
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -12,7 +12,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from accounts.models import Account, Pool, RoutingIdentity
-from routing import views
+from routing.dashboard import presenters, views
 from routing.models import CooldownEvent, CooldownKind, LatencySnapshot, LeaseOutcome, SessionBinding
 from tests.factories import (
     AccountFactory,
@@ -21,6 +21,7 @@ from tests.factories import (
     ProxyFactory,
     RoutingIdentityFactory,
     SessionBindingFactory,
+    latency_snapshot_create,
 )
 
 pytestmark = pytest.mark.django_db
@@ -79,7 +80,7 @@ def pool():
         updated_at=now - timedelta(hours=7),
         expires_at=now - timedelta(hours=1),
     )
-    LatencySnapshot.objects.create(
+    latency_snapshot_create(
         generated_at=now - timedelta(seconds=30),
         window_seconds=3600,
         global_avg_ms=500.0,
@@ -450,7 +451,7 @@ def _seed(count: int, *, bindings_per_account: int = 3) -> None:
     for account in accounts:
         LeaseFactory(account=account, api_key=key)
         CooldownEvent.objects.create(kind=CooldownKind.QUOTA_RESET, account=account, created_at=now)
-    LatencySnapshot.objects.create(
+    latency_snapshot_create(
         generated_at=now,
         window_seconds=3600,
         global_avg_ms=400.0,
@@ -460,10 +461,11 @@ def _seed(count: int, *, bindings_per_account: int = 3) -> None:
     )
 
 
-# session + user, then the accounts (one query with counts as subqueries) and the snapshot
-OVERVIEW_QUERIES = 4
-# session + user, account, its aliases, snapshot, bindings count + page, leases, history
-DETAIL_QUERIES = 9
+# session + user, the accounts (one query with counts as subqueries), and the
+# snapshot (its row, its account rows, its proxy rows)
+OVERVIEW_QUERIES = 6
+# session + user, account, its aliases, snapshot (3), bindings count + page, leases, history
+DETAIL_QUERIES = 11
 
 
 def _queries(client, url, django_assert_max_num_queries, *, at_most: int) -> int:
@@ -506,24 +508,24 @@ def test_account_page_makes_a_fixed_number_of_queries(staff_client, django_asser
     [(0, "0 s"), (0.2, "1 s"), (59, "59 s"), (60, "1 min"), (252, "4 min 12 s"), (3600, "1 h"), (11100, "3 h 5 min")],
 )
 def test_duration_text(seconds, text):
-    assert views.duration_text(seconds) == text
+    assert presenters.duration_text(seconds) == text
 
 
 def test_ago_text():
     now = timezone.now()
-    assert views.ago_text(None, now) == "never"
-    assert views.ago_text(now - timedelta(seconds=2), now) == "just now"
-    assert views.ago_text(now - timedelta(seconds=42), now) == "42 s ago"
-    assert views.ago_text(now - timedelta(minutes=5, seconds=40), now) == "5 min ago"
-    assert views.ago_text(now - timedelta(days=2, hours=3), now) == "2 d 3 h ago"
-    assert views.ago_text(now + timedelta(seconds=30), now) == "in 30 s"
+    assert presenters.ago_text(None, now) == "never"
+    assert presenters.ago_text(now - timedelta(seconds=2), now) == "just now"
+    assert presenters.ago_text(now - timedelta(seconds=42), now) == "42 s ago"
+    assert presenters.ago_text(now - timedelta(minutes=5, seconds=40), now) == "5 min ago"
+    assert presenters.ago_text(now - timedelta(days=2, hours=3), now) == "2 d 3 h ago"
+    assert presenters.ago_text(now + timedelta(seconds=30), now) == "in 30 s"
 
 
 @pytest.mark.parametrize(
     ("ms", "text"), [(None, "—"), (float("nan"), "—"), (432.4, "432 ms"), (1234, "1,234 ms"), (12_500, "12.5 s")]
 )
 def test_ms_text(ms, text):
-    assert views.ms_text(ms) == text
+    assert presenters.ms_text(ms) == text
 
 
 # --- at the scale the issue names -------------------------------------------------------------
@@ -575,7 +577,7 @@ def _seed_at_scale(accounts: int, bindings: int) -> list[Account]:
                 "UPDATE accounts_account SET binding_rows ="
                 " (SELECT COUNT(*) FROM routing_sessionbinding b WHERE b.account_id = accounts_account.id)"
             )
-    LatencySnapshot.objects.create(
+    latency_snapshot_create(
         generated_at=now,
         window_seconds=3600,
         global_avg_ms=600.0,

@@ -11,8 +11,13 @@ from django.utils import timezone
 from prometheus_client.parser import text_string_to_metric_families
 
 from routing import metrics
-from routing.models import LatencySnapshot
-from tests.factories import AccountFactory, LeaseFactory, RoutingIdentityFactory, SessionBindingFactory
+from tests.factories import (
+    AccountFactory,
+    LeaseFactory,
+    RoutingIdentityFactory,
+    SessionBindingFactory,
+    latency_snapshot_create,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -88,7 +93,7 @@ def test_pool_state_is_read_from_the_database(client):
     SessionBindingFactory(account=alias)
     SessionBindingFactory(account=alias, updated_at=now - timedelta(hours=7), expires_at=now)  # expired
     AccountFactory(identity=idle)
-    LatencySnapshot.objects.create(generated_at=now - timedelta(seconds=90), window_seconds=3600)
+    latency_snapshot_create(generated_at=now - timedelta(seconds=90), window_seconds=3600)
 
     samples = scrape(client)
 

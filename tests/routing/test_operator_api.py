@@ -11,7 +11,14 @@ from rest_framework.test import APIClient
 
 from accounts.models import Account
 from routing.models import LatencySnapshot, SessionBinding
-from tests.factories import AccountFactory, ApiKeyFactory, LatencySampleFactory, ProxyFactory, SessionBindingFactory
+from tests.factories import (
+    AccountFactory,
+    ApiKeyFactory,
+    LatencySampleFactory,
+    ProxyFactory,
+    SessionBindingFactory,
+    latency_snapshot_create,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -178,9 +185,10 @@ def test_latency_refresh_builds_and_returns_the_snapshot(operator_api):
 
 
 def test_latency_get_returns_the_newest(operator_api):
+    AccountFactory(name="x")
     now = timezone.now()
-    LatencySnapshot.objects.create(generated_at=now - timedelta(minutes=1), window_seconds=3600, global_avg_ms=9.0)
-    LatencySnapshot.objects.create(
+    latency_snapshot_create(generated_at=now - timedelta(minutes=1), window_seconds=3600, global_avg_ms=9.0)
+    latency_snapshot_create(
         generated_at=now, window_seconds=3600, global_avg_ms=5.0, sample_count=2, accounts={"x": [2, 5.0]}
     )
     body = operator_api.get(f"{BASE}/latency/").json()

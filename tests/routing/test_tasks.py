@@ -13,9 +13,11 @@ from django.utils import timezone
 
 from accounts.models import Account, ApiKey, RoutingIdentity
 from kiropool.celery import app as celery_app
-from routing import services, tasks
+from routing import maintenance, sessions, tasks
 from routing.latency import SNAPSHOT_WINDOW
 from routing.models import CooldownEvent, LatencySample, LatencySnapshot, Lease, LeaseOutcome, SessionBinding
+from routing.selection import LatencyStats
+from routing.selectors.latency import snapshot_load
 from tests.factories import (
     AccountFactory,
     ApiKeyFactory,
@@ -52,6 +54,7 @@ def test_beat_schedule_runs_every_task_and_expires_each_before_its_next_run():
         "routing.tasks.lease_reap": 60.0,
         "routing.tasks.latency_sample_prune": 3600.0,
         "routing.tasks.history_prune": 3600.0,
+        "routing.tasks.counters_reconcile": 300.0,
     }
     for entry in schedule.values():
         assert entry["task"] in celery_app.tasks
@@ -72,29 +75,31 @@ def test_snapshot_refresh_aggregates_the_window():
     LatencySampleFactory(account=b, first_token_ms=9999, recorded_at=now - SNAPSHOT_WINDOW)  # just out
     LatencySampleFactory(account=b, first_token_ms=9999, recorded_at=now + timedelta(seconds=1))  # not yet
 
-    snapshot = services.latency_snapshot_refresh(now=now)
+    snapshot = maintenance.latency_snapshot_refresh(now=now)
 
     snapshot.refresh_from_db()
     assert snapshot.generated_at == now
     assert snapshot.window_seconds == 3600
     assert snapshot.sample_count == 3
     assert snapshot.global_avg_ms == pytest.approx(500.0)  # sample-weighted: (100 + 300 + 1100) / 3
-    assert snapshot.accounts == {"a": [2, 200.0], "b": [1, 1100.0]}
-    assert snapshot.proxies == {"http://p:1": [2, 200.0]}
+    stored = snapshot_load(snapshot).snapshot
+    assert stored.accounts == {"a": LatencyStats(2, 200.0), "b": LatencyStats(1, 1100.0)}
+    assert stored.proxies == {"http://p:1": LatencyStats(2, 200.0)}
 
 
 @pytest.mark.django_db
 def test_snapshot_refresh_without_samples_has_no_average():
-    snapshot = services.latency_snapshot_refresh()
-    assert (snapshot.global_avg_ms, snapshot.sample_count, snapshot.accounts, snapshot.proxies) == (None, 0, {}, {})
+    stored = snapshot_load(maintenance.latency_snapshot_refresh())
+    assert (stored.snapshot.global_avg_ms, stored.sample_count) == (None, 0)
+    assert (stored.snapshot.accounts, stored.snapshot.proxies) == ({}, {})
 
 
 @pytest.mark.django_db
 def test_snapshot_refresh_keeps_only_the_last_few():
     start = timezone.now()
-    for minute in range(services.SNAPSHOTS_KEPT + 5):
-        newest = services.latency_snapshot_refresh(now=start + timedelta(minutes=minute))
-    assert LatencySnapshot.objects.count() == services.SNAPSHOTS_KEPT
+    for minute in range(maintenance.SNAPSHOTS_KEPT + 5):
+        newest = maintenance.latency_snapshot_refresh(now=start + timedelta(minutes=minute))
+    assert LatencySnapshot.objects.count() == maintenance.SNAPSHOTS_KEPT
     assert LatencySnapshot.objects.latest().pk == newest.pk
 
 
@@ -106,11 +111,11 @@ def test_purge_deletes_expired_bindings_and_keeps_counts_exact():
         binding(account, updated_ago=timedelta(hours=7), expires_in=-timedelta(minutes=n))
     assert Account.objects.get(pk=account.pk).binding_rows == 4
 
-    assert services.binding_purge(max_entries=100) == (3, 0)
+    assert sessions.binding_purge(max_entries=100) == (3, 0)
 
     assert list(SessionBinding.objects.values_list("pk", flat=True)) == [live.pk]
     assert_binding_rows_exact()
-    assert services.binding_purge(max_entries=100) == (0, 0)  # idempotent
+    assert sessions.binding_purge(max_entries=100) == (0, 0)  # idempotent
 
 
 @pytest.mark.django_db
@@ -125,11 +130,11 @@ def test_purge_evicts_least_recently_updated_beyond_capacity():
     binding(account, updated_ago=timedelta(minutes=5), expires_in=timedelta(hours=1))
     binding(account, updated_ago=timedelta(hours=9), expires_in=-timedelta(hours=1))  # expired: first out
 
-    assert services.binding_purge(max_entries=3) == (1, 2)
+    assert sessions.binding_purge(max_entries=3) == (1, 2)
 
     assert set(SessionBinding.objects.values_list("pk", flat=True)) == {b.pk for b in keep}
     assert_binding_rows_exact()
-    assert services.binding_purge(max_entries=3) == (0, 0)
+    assert sessions.binding_purge(max_entries=3) == (0, 0)
 
 
 @pytest.mark.django_db
@@ -138,38 +143,38 @@ def test_purge_capacity_breaks_updated_at_ties_by_age_of_row(settings):
     now = timezone.now()
     later = now + timedelta(hours=1)
     rows = [SessionBindingFactory(created_at=now, updated_at=now, expires_at=later) for _ in range(4)]
-    assert services.binding_purge(now=now) == (0, 2)
+    assert sessions.binding_purge(now=now) == (0, 2)
     assert set(SessionBinding.objects.values_list("pk", flat=True)) == {rows[2].pk, rows[3].pk}
 
 
 @pytest.mark.django_db
 def test_purge_works_in_batches(monkeypatch):
-    monkeypatch.setattr(services, "MAINTENANCE_BATCH", 3)
+    monkeypatch.setattr(maintenance, "BATCH", 3)
     account = AccountFactory()
     for n in range(8):
         binding(account, updated_ago=timedelta(hours=8), expires_in=-timedelta(seconds=n + 1))
     for n in range(7):
         binding(account, updated_ago=timedelta(minutes=n), expires_in=timedelta(hours=1))
-    assert services.binding_purge(max_entries=2) == (8, 5)
+    assert sessions.binding_purge(max_entries=2) == (8, 5)
     assert SessionBinding.objects.count() == 2
     assert_binding_rows_exact()
 
 
 @pytest.mark.django_db
 def test_prune_drops_samples_that_left_the_window(monkeypatch):
-    monkeypatch.setattr(services, "MAINTENANCE_BATCH", 2)
+    monkeypatch.setattr(maintenance, "BATCH", 2)
     now = timezone.now()
     kept = [LatencySampleFactory(recorded_at=now - timedelta(minutes=m)) for m in (0, 30, 59)]
     for hours in (1, 2, 3, 30, 300):
         LatencySampleFactory(recorded_at=now - timedelta(hours=hours))
-    assert services.latency_sample_prune(now=now) == 5
+    assert maintenance.latency_sample_prune(now=now) == 5
     assert set(LatencySample.objects.values_list("pk", flat=True)) == {s.pk for s in kept}
-    assert services.latency_sample_prune(now=now) == 0
+    assert maintenance.latency_sample_prune(now=now) == 0
 
 
 @pytest.mark.django_db
 def test_history_prune_keeps_live_leases_and_recent_history(settings, monkeypatch):
-    monkeypatch.setattr(services, "MAINTENANCE_BATCH", 2)
+    monkeypatch.setattr(maintenance, "BATCH", 2)
     settings.KIROPOOL_HISTORY_RETENTION_DAYS = 7
     now = timezone.now()
     old, recent = now - timedelta(days=8), now - timedelta(days=6)
@@ -180,10 +185,10 @@ def test_history_prune_keeps_live_leases_and_recent_history(settings, monkeypatc
     account = AccountFactory()
     CooldownEvent.objects.create(kind="quota_reset", account=account, created_at=old)
     kept_event = CooldownEvent.objects.create(kind="quota_reset", account=account, created_at=recent)
-    assert services.history_prune(now=now) == 4
+    assert maintenance.history_prune(now=now) == 4
     assert set(Lease.objects.values_list("pk", flat=True)) == {live_old.pk, recent_done.pk}
     assert list(CooldownEvent.objects.all()) == [kept_event]
-    assert services.history_prune(now=now) == 0
+    assert maintenance.history_prune(now=now) == 0
 
 
 @pytest.mark.django_db(transaction=True)
@@ -199,7 +204,7 @@ def test_two_purges_at_once_evict_exactly_down_to_capacity(postgres_only):
     def purge():
         try:
             barrier.wait()
-            results.append(services.binding_purge(max_entries=150))
+            results.append(sessions.binding_purge(max_entries=150))
         except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
         finally:
@@ -243,13 +248,13 @@ def test_purge_backs_off_when_the_hot_path_holds_a_lock(postgres_only):
     try:
         assert locked.wait(10)
         started = time.monotonic()
-        assert services.binding_purge(max_entries=100) == (0, 0)  # gave up, did not wait it out
+        assert sessions.binding_purge(max_entries=100) == (0, 0)  # gave up, did not wait it out
         assert time.monotonic() - started < 5
         assert SessionBinding.objects.count() == 3
     finally:
         release.set()
         holder.join()
-    assert services.binding_purge(max_entries=100) == (3, 0)  # the next run finishes the job
+    assert sessions.binding_purge(max_entries=100) == (3, 0)  # the next run finishes the job
     assert_binding_rows_exact()
 
 
@@ -305,7 +310,7 @@ def test_worker_refreshes_the_snapshot(worker):
 
     snapshot = LatencySnapshot.objects.get()
     assert snapshot.global_avg_ms == pytest.approx(300.0)
-    assert snapshot.accounts == {"timed": [2, 300.0]}
+    assert snapshot_load(snapshot).snapshot.accounts == {"timed": LatencyStats(2, 300.0)}
 
 
 @pytest.mark.redis

@@ -4,7 +4,9 @@ shape on every API, never a 500 (the drill in tests/drills does it for real)."""
 import pytest
 from django.db import InterfaceError, OperationalError
 
-from routing import selectors, services
+from routing import leases
+from routing.selectors import dispatch as reads
+from routing.selectors import operator as operator_reads
 from tests.factories import AccountFactory, ApiKeyFactory
 from tests.routing.gateway import Gateway
 
@@ -28,7 +30,7 @@ def test_dispatch_and_explain_answer_503(gw, monkeypatch, error):
     def down(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(selectors, "dispatch_candidates", down)
+    monkeypatch.setattr(reads, "read", down)
     assert_503(gw.dispatch())
     assert_503(gw.explain())
 
@@ -39,7 +41,7 @@ def test_complete_answers_503(gw, monkeypatch):
     def down(*args, **kwargs):
         raise OperationalError("terminating connection due to administrator command")
 
-    monkeypatch.setattr(services, "lease_complete", down)
+    monkeypatch.setattr(leases, "lease_complete", down)
     assert_503(gw.complete(lease, outcome="success"))
 
 
@@ -47,5 +49,5 @@ def test_the_operator_api_answers_503(operator_api, monkeypatch):
     def down(*args, **kwargs):
         raise OperationalError("could not connect to server")
 
-    monkeypatch.setattr(selectors, "account_operator_list", down)
+    monkeypatch.setattr(operator_reads, "account_operator_list", down)
     assert_503(operator_api.get("/api/v1/admin/accounts/"))

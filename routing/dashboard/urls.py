@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from routing import views
+from routing.dashboard import views
 
 app_name = "dashboard"
 

@@ -1,15 +1,7 @@
-"""The dashboards (SPEC §6): the pool at a glance, and one account in depth.
-
-Staff only, through the Django session: a gateway's API key authenticates
-nothing here, so a key holder is sent to the login page like anyone else.
-
-Each page makes a fixed number of queries whatever the size of the pool (see
-the ``dashboard_*`` reads in ``routing/selectors.py``). The overview loads
-every account once, then filters, sorts and counts in Python: 500 rows are
-cheap to sort, the summary strip needs the whole pool anyway, and the
-computed columns (live sessions, latency band, cooldown left) sort exactly as
-they are shown.
-"""
+"""What the dashboards show, computed from the rows the dashboard selectors
+read: one presentable row per account, the filters, sort columns and summary
+of the overview, the chart inputs, and readable numbers. Pure presentation: no
+query and no request here, so each piece is tested on its own."""
 
 from __future__ import annotations
 
@@ -20,20 +12,11 @@ from datetime import datetime
 from urllib.parse import urlencode
 
 from django.conf import settings
-from django.contrib import messages
-from django.contrib.admin.views.decorators import staff_member_required
-from django.core.exceptions import PermissionDenied
-from django.core.paginator import Paginator
-from django.http import Http404, HttpRequest, HttpResponse
-from django.shortcuts import redirect, render
 from django.urls import reverse
-from django.utils import timezone
-from django.utils.http import url_has_allowed_host_and_scheme
-from django.views.decorators.http import require_GET, require_POST
 
 from accounts.models import Account, Pool
-from routing import charts, selectors
-from routing.models import CooldownKind, LeaseOutcome, SessionBinding
+from routing.dashboard import charts
+from routing.models import CooldownKind, LeaseOutcome
 from routing.selection import (
     LatencySnapshot,
     cooldown_remaining,
@@ -41,13 +24,6 @@ from routing.selection import (
     latency_score,
     latency_usable,
 )
-
-UNBIND_PERMISSION = "routing.delete_sessionbinding"
-BINDINGS_PER_PAGE = 50
-RECENT_LEASES = 50
-RECENT_EVENTS = 30
-# ``?refresh=`` values offered: the page reloads itself, no JavaScript needed.
-REFRESH_CHOICES = (0, 10, 30)
 
 # --- readable numbers ------------------------------------------------------------
 
@@ -186,7 +162,7 @@ class AccountRow:
         return min(100, round(100 * self.in_flight / max(self.max_concurrency, 1)))
 
 
-def _live(total: int, expired: int) -> int:
+def live(total: int, expired: int) -> int:
     return max(0, total - expired)
 
 
@@ -196,7 +172,7 @@ def account_rows(accounts: list[Account], snapshot: LatencySnapshot | None, *, n
     chartable = snapshot is not None and snapshot.global_avg_ms is not None and math.isfinite(snapshot.global_avg_ms)
     identity_sessions: dict[int, int] = {}
     for a in accounts:
-        identity_sessions[a.identity_id] = identity_sessions.get(a.identity_id, 0) + _live(
+        identity_sessions[a.identity_id] = identity_sessions.get(a.identity_id, 0) + live(
             a.binding_rows, a.expired_bindings
         )
 
@@ -211,9 +187,9 @@ def account_rows(accounts: list[Account], snapshot: LatencySnapshot | None, *, n
             pool=a.pool,
             proxy=proxy.name if proxy else None,
             enabled=a.enabled,
-            sessions=_live(a.binding_rows, a.expired_bindings),
+            sessions=live(a.binding_rows, a.expired_bindings),
             identity_sessions=identity_sessions[a.identity_id],
-            in_flight=_live(identity.in_flight, getattr(a, "expired_leases", 0)),
+            in_flight=live(identity.in_flight, getattr(a, "expired_leases", 0)),
             max_concurrency=identity.max_concurrency,
             cooldown=Left.of(identity.cooldown_until, now),
             cooldown_reason=identity.cooldown_reason,
@@ -467,101 +443,6 @@ def snapshot_info(snapshot: LatencySnapshot | None, samples: int, *, now: dateti
     )
 
 
-def _query_string(params: dict[str, str], **changes: str) -> str:
-    merged = {k: v for k, v in {**params, **changes}.items() if v not in ("", None)}
-    return f"?{urlencode(merged)}" if merged else "?"
-
-
-def _refresh(request: HttpRequest) -> int:
-    try:
-        value = int(request.GET.get("refresh", "0"))
-    except ValueError:
-        return 0
-    return value if value in REFRESH_CHOICES else 0
-
-
-# --- views ------------------------------------------------------------------------
-
-
-@require_GET
-@staff_member_required
-def pool_overview(request: HttpRequest) -> HttpResponse:
-    now = timezone.now()
-    accounts = selectors.dashboard_accounts(now=now)
-    snapshot, snapshot_samples = selectors.dashboard_latency_snapshot()
-    rows = account_rows(accounts, snapshot, now=now)
-
-    state = request.GET.get("state", "all")
-    if state not in FILTERS:
-        state = "all"
-    query = request.GET.get("q", "").strip()[:200]
-    column, descending = parse_sort(request.GET.get("sort"))
-    refresh = _refresh(request)
-    params = {
-        "state": "" if state == "all" else state,
-        "q": query,
-        "sort": "" if column.key == DEFAULT_SORT and not descending else ("-" if descending else "") + column.key,
-        "refresh": str(refresh) if refresh else "",
-    }
-
-    searched = [r for r in rows if matches_query(r, query)] if query else rows
-    shown = sort_rows([r for r in searched if FILTERS[state][1](r)], column, descending=descending)
-
-    filters = [
-        {
-            "key": key,
-            "label": label,
-            "count": sum(1 for r in searched if predicate(r)),
-            "href": _query_string(params, state="" if key == "all" else key),
-            "active": key == state,
-        }
-        for key, (label, predicate) in FILTERS.items()
-    ]
-    headers = []
-    for c in COLUMNS:
-        active = c.key == column.key
-        next_descending = (not descending) if active else c.descending_first
-        headers.append(
-            {
-                "key": c.key,
-                "label": c.label,
-                "numeric": c.numeric,
-                "hint": c.hint,
-                "href": _query_string(params, sort=("-" if next_descending else "") + c.key),
-                "sorted": ("desc" if descending else "asc") if active else "",
-            }
-        )
-    context = {
-        "nav": "pool",
-        "now": now,
-        "rows": shown,
-        "total": len(rows),
-        "summary": summarize(rows, accounts),
-        "snapshot": snapshot_info(snapshot, snapshot_samples, now=now),
-        "filters": filters,
-        "state": state,
-        "query": query,
-        "sort_param": params["sort"],
-        "headers": headers,
-        "refresh": refresh,
-        "refresh_links": [
-            {"seconds": s, "href": _query_string(params, refresh=str(s) if s else ""), "active": s == refresh}
-            for s in REFRESH_CHOICES
-        ],
-        "filter_links": {f["key"]: f["href"] for f in filters},
-        "sessions_chart": charts.sessions_chart(identity_bars(rows)),
-        "latency_chart": charts.latency_chart(
-            latency_points(rows, snapshot), global_avg_ms=snapshot.global_avg_ms if snapshot else None
-        ),
-        "band_tolerance": (
-            ms_text(charts.band_tolerance(snapshot.global_avg_ms))
-            if snapshot and snapshot.global_avg_ms is not None
-            else None
-        ),
-    }
-    return render(request, "dashboard/pool.html", context)
-
-
 @dataclass(frozen=True, slots=True)
 class LeaseLine:
     started: Moment
@@ -652,97 +533,3 @@ def event_lines(events, *, now: datetime) -> list[dict]:
             }
         )
     return lines
-
-
-def _admin_url(name: str, *args) -> str:
-    return reverse(f"admin:{name}", args=args)
-
-
-@require_GET
-@staff_member_required
-def account_detail(request: HttpRequest, name: str) -> HttpResponse:
-    now = timezone.now()
-    account = selectors.dashboard_account(name=name, now=now)
-    if account is None:
-        raise Http404("No account by that name.")
-    aliases = selectors.dashboard_identity_aliases(identity_id=account.identity_id, now=now)
-    snapshot, _ = selectors.dashboard_latency_snapshot()
-    row = account_rows([account], snapshot, now=now)[0]
-    # The identity total comes from every alias, as on the overview.
-    row.identity_sessions = sum(_live(a.binding_rows, a.expired_bindings) for a in aliases)
-
-    page = Paginator(selectors.dashboard_account_bindings(account_id=account.pk, now=now), BINDINGS_PER_PAGE).get_page(
-        request.GET.get("page")
-    )
-    bindings = [
-        {
-            "id": b.pk,
-            "key": b.api_key.name,
-            "key_admin": _admin_url("accounts_apikey_change", b.api_key_id),
-            "session_id": b.session_id,
-            "bound": Moment.of(b.created_at, now),
-            "used": Moment.of(b.updated_at, now),
-            "expires": Left.of(b.expires_at, now),
-        }
-        for b in page.object_list
-    ]
-    identity = account.identity
-    context = {
-        "nav": "pool",
-        "now": now,
-        "account": account,
-        "row": row,
-        "identity": identity,
-        "pacing": ms_text(identity.min_start_interval_ms) if identity.min_start_interval_ms else None,
-        "aliases": [
-            {
-                "name": a.name,
-                "href": reverse("dashboard:account", args=[a.name]),
-                "sessions": _live(a.binding_rows, a.expired_bindings),
-                "pool": Pool(a.pool).label if a.pool in Pool.values else a.pool,
-                "enabled": a.enabled,
-                "exhausted": a.quota_exhausted,
-                "current": a.pk == account.pk,
-            }
-            for a in aliases
-        ],
-        "bindings": bindings,
-        "page": page,
-        "can_unbind": request.user.has_perm(UNBIND_PERMISSION),
-        "leases": lease_lines(selectors.dashboard_account_leases(account_id=account.pk, limit=RECENT_LEASES), now=now),
-        "events": event_lines(selectors.dashboard_account_events(account=account, limit=RECENT_EVENTS), now=now),
-        "snapshot": snapshot,
-        "recent_leases": RECENT_LEASES,
-        "recent_events": RECENT_EVENTS,
-        "admin": {
-            "account": _admin_url("accounts_account_change", account.pk),
-            "identity": _admin_url("accounts_routingidentity_change", identity.pk),
-            "proxy": _admin_url("accounts_proxy_change", account.proxy_id) if account.proxy_id else None,
-            "bindings": f"{_admin_url('routing_sessionbinding_changelist')}?{urlencode({'q': account.name})}",
-            "leases": f"{_admin_url('routing_lease_changelist')}?{urlencode({'q': account.name})}",
-        },
-        "self_url": request.get_full_path(),
-    }
-    return render(request, "dashboard/account.html", context)
-
-
-@require_POST
-@staff_member_required
-def binding_unbind(request: HttpRequest, binding_id: int) -> HttpResponse:
-    """Forget one session's affinity: its next request is routed as a new session.
-
-    Deleting the row is the whole operation: the database triggers keep the
-    account's binding count exact, and there is no in-process cache to clear.
-    """
-    if not request.user.has_perm(UNBIND_PERMISSION):
-        raise PermissionDenied("You may not unbind sessions.")
-    binding = selectors.dashboard_binding(binding_id=binding_id)
-    next_url = request.POST.get("next", "")
-    if not url_has_allowed_host_and_scheme(next_url, allowed_hosts={request.get_host()}):
-        next_url = ""
-    if binding is None:
-        messages.info(request, "That session was already unbound.")
-        return redirect(next_url or reverse("dashboard:index"))
-    SessionBinding.objects.filter(pk=binding.pk).delete()
-    messages.success(request, f"Unbound session “{binding.session_id}” from {binding.account.name}.")
-    return redirect(next_url or reverse("dashboard:account", args=[binding.account.name]))

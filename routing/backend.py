@@ -1,0 +1,36 @@
+"""What the database under the dispatcher can do, decided once at startup
+(``RoutingConfig.ready``) instead of by ``connection.vendor`` checks in
+every service.
+
+- ``postgres``: releases ``NOTIFY`` the waiting dispatches of every process
+  (``routing/wakeups.py``), and maintenance batches give way to the hot path
+  after a short lock timeout.
+- ``statements``: the one-statement speedups of ``routing/pg.py`` (on
+  PostgreSQL unless ``KIROPOOL_FAST_STATEMENTS`` is off), or None: the ORM
+  services then do everything, as they always can.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from routing.pg import Statements
+
+
+@dataclass(slots=True)
+class Backend:
+    postgres: bool = False
+    statements: Statements | None = None
+
+
+backend = Backend()
+
+
+def backend_configure(*, vendor: str, fast_statements: bool) -> Backend:
+    from routing import pg
+
+    backend.postgres = vendor == "postgresql"
+    backend.statements = pg.Statements() if backend.postgres and fast_statements else None
+    return backend

@@ -1,0 +1,225 @@
+"""The periodic tasks' writes (``routing/tasks.py``): the latency snapshot,
+the prunes, and the reconciliation of the hot counters.
+
+Each is idempotent and safe to run in several workers at once: rows are
+deleted in bounded batches by id, every delete re-checks its condition, and
+a counter is only ever corrected under its row's lock, from a count taken
+after the lock is held. Maintenance yields to the hot path: on PostgreSQL a
+batch that waits for a row lock longer than ``LOCK_TIMEOUT`` gives up and is
+retried (or left to the next run), so a dispatch or a completion never
+waits behind it for long, nor ends in a deadlock with it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.db import OperationalError, transaction
+from django.db.models import F, Model, OuterRef, Q, QuerySet
+from django.utils import timezone
+
+from accounts.models import Account, ApiKey, RoutingIdentity
+from routing import pg
+from routing.backend import backend
+from routing.latency import SNAPSHOT_WINDOW, latency_snapshot_build
+from routing.models import (
+    AccountLatency,
+    CooldownEvent,
+    CounterDrift,
+    LatencySample,
+    LatencySnapshot,
+    Lease,
+    ProxyLatency,
+    SessionBinding,
+)
+from routing.selectors.counts import count_subquery
+from routing.selectors.latency import latency_snapshot_cache_clear
+
+logger = logging.getLogger(__name__)
+
+# Rows deleted per transaction: bounds how long a run holds its locks and how
+# much one statement writes.
+BATCH = 1000
+# Well under PostgreSQL's deadlock_timeout (1 s), so in a lock cycle with a
+# dispatch or a completion it is always the maintenance batch that backs off.
+LOCK_TIMEOUT = "200ms"
+RETRIES = 3
+# Snapshot rows kept: a short history for the admin, and the tables stay small.
+SNAPSHOTS_KEPT = 10
+
+
+def lock_timeout_local() -> None:
+    """In the current transaction, give up on a row lock after ``LOCK_TIMEOUT`` (PostgreSQL)."""
+    if backend.postgres:
+        pg.lock_timeout_set(LOCK_TIMEOUT)
+
+
+# --- latency -------------------------------------------------------------------------
+
+
+def latency_snapshot_refresh(*, now: datetime | None = None) -> LatencySnapshot:
+    """Aggregate the samples of the last ``SNAPSHOT_WINDOW`` into a new
+    snapshot, and drop all but the newest ``SNAPSHOTS_KEPT``."""
+    now = now or timezone.now()
+    samples = (
+        LatencySample.objects.filter(recorded_at__gt=now - SNAPSHOT_WINDOW, recorded_at__lte=now)
+        .values_list("account_id", "proxy_url", "first_token_ms")
+        .iterator(chunk_size=5000)
+    )
+    built = latency_snapshot_build(samples, generated_at=now)
+    with transaction.atomic():
+        snapshot = LatencySnapshot.objects.create(
+            generated_at=now,
+            window_seconds=int(SNAPSHOT_WINDOW.total_seconds()),
+            global_avg_ms=built.global_avg_ms,
+            sample_count=sum(stats.samples for stats in built.accounts.values()),
+        )
+        # An account deleted since its samples were taken has none left (the
+        # samples cascade), so every id here still exists.
+        AccountLatency.objects.bulk_create(
+            AccountLatency(snapshot=snapshot, account_id=account_id, samples=stats.samples, avg_ms=stats.avg_ms)
+            for account_id, stats in built.accounts.items()
+        )
+        ProxyLatency.objects.bulk_create(
+            ProxyLatency(snapshot=snapshot, proxy_id=url, samples=stats.samples, avg_ms=stats.avg_ms)
+            for url, stats in built.proxies.items()
+        )
+    stale = list(
+        LatencySnapshot.objects.order_by("-generated_at", "-id").values_list("id", flat=True)[
+            SNAPSHOTS_KEPT : SNAPSHOTS_KEPT + BATCH
+        ]
+    )
+    LatencySnapshot.objects.filter(id__in=stale).delete()
+    # This process reads the new one at once; others within their cache period.
+    latency_snapshot_cache_clear()
+    return snapshot
+
+
+def latency_sample_prune(*, now: datetime | None = None) -> int:
+    """Delete the samples that have left the snapshot window. Returns how many."""
+    now = now or timezone.now()
+    return _prune(LatencySample, Q(recorded_at__lte=now - SNAPSHOT_WINDOW))
+
+
+def history_prune(*, now: datetime | None = None) -> int:
+    """Delete completed leases and cooldown events older than the retention
+    (``KIROPOOL_HISTORY_RETENTION_DAYS``); live leases are never touched."""
+    now = now or timezone.now()
+    before = now - timedelta(days=settings.KIROPOOL_HISTORY_RETENTION_DAYS)
+    leases = _prune(Lease, Q(completed_at__isnull=False, completed_at__lte=before))
+    return leases + _prune(CooldownEvent, Q(created_at__lte=before))
+
+
+def _prune(model: type[Model], condition: Q) -> int:
+    """Delete ``model`` rows matching ``condition`` in bounded batches by id;
+    each delete re-checks the condition, so two runs at once are harmless."""
+    total = 0
+    while True:
+        ids = list(model.objects.filter(condition).order_by("pk").values_list("pk", flat=True)[:BATCH])
+        if not ids:
+            return total
+        deleted, _ = model.objects.filter(condition, pk__in=ids).delete()
+        total += deleted
+        if len(ids) < BATCH:
+            return total
+
+
+# --- the hot counters ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Counter:
+    """A counter column and the rows it counts."""
+
+    name: str
+    model: type[Model]
+    field: str
+    counted: QuerySet  # the rows, filtered to those that count
+    via: str  # their foreign key to ``model``
+
+
+def counters() -> tuple[Counter, ...]:
+    """One per ``COUNTER_NAMES``."""
+    return (
+        # Uncompleted leases, expired ones included: the reaper gives their
+        # slots back when it closes them, in the same transaction.
+        Counter(
+            "identity_in_flight",
+            RoutingIdentity,
+            "in_flight",
+            Lease.objects.filter(completed_at__isnull=True),
+            "identity",
+        ),
+        Counter(
+            "key_in_flight",
+            ApiKey,
+            "in_flight",
+            Lease.objects.filter(completed_at__isnull=True, counted_on_key=True),
+            "api_key",
+        ),
+        Counter("account_binding_rows", Account, "binding_rows", SessionBinding.objects.all(), "account"),
+    )
+
+
+def counters_reconcile(*, now: datetime | None = None) -> dict[str, int]:
+    """Recompute every hot counter from the rows it counts and set right any
+    that drifted. Returns the total drift found per counter (0: all true);
+    drift is logged and added to ``CounterDrift`` (exported on /metrics)."""
+    now = now or timezone.now()
+    found = {}
+    for counter in counters():
+        drift, rows = 0, 0
+        for pk in _suspects(counter):
+            corrected = _reconcile_one(counter, pk)
+            if corrected:
+                drift += corrected
+                rows += 1
+        found[counter.name] = drift
+        if drift:
+            logger.warning("counter drift: %s was off by %d on %d row(s); corrected", counter.name, drift, rows)
+            with transaction.atomic():
+                record, _ = CounterDrift.objects.select_for_update().get_or_create(counter=counter.name)
+                CounterDrift.objects.filter(pk=record.pk).update(
+                    corrections=F("corrections") + rows, total=F("total") + drift, last_seen_at=now
+                )
+    return found
+
+
+def _suspects(counter: Counter) -> list[int]:
+    """Rows whose counter disagrees with a count taken without locks: only
+    these are checked again under their lock (most runs find none)."""
+    count = count_subquery(counter.counted.filter(**{counter.via: OuterRef("pk")}), counter.via)
+    return list(
+        counter.model.objects.annotate(counted=count)
+        .exclude(**{counter.field: F("counted")})
+        .order_by("pk")
+        .values_list("pk", flat=True)
+    )
+
+
+def _reconcile_one(counter: Counter, pk: int) -> int:
+    """Under the row's lock, count again and set the counter. Returns |drift|.
+
+    The lock makes it exact: a claim or a completion changes the counter in
+    the same transaction as the row it counts, so while we hold the lock
+    every such change is either committed (and counted) or waiting for us."""
+    try:
+        with transaction.atomic():
+            lock_timeout_local()
+            current = (
+                counter.model.objects.select_for_update().filter(pk=pk).values_list(counter.field, flat=True).first()
+            )
+            if current is None:
+                return 0
+            actual = counter.counted.filter(**{counter.via: pk}).count()
+            if actual == current:
+                return 0
+            counter.model.objects.filter(pk=pk).update(**{counter.field: actual})
+            return abs(actual - current)
+    except OperationalError:
+        if not backend.postgres:
+            raise
+        return 0  # the row is busy on the hot path: the next run looks again

@@ -1,0 +1,254 @@
+"""PostgreSQL one-statement speedups of the hottest writes.
+
+The ORM services in ``routing/leases.py`` are the specification; these do
+the same work in one round trip, and the parity suite runs every dispatch,
+completion, affinity and concurrency test with them on and off. Each statement
+is built from the models' ``_meta`` (table and column names) and from the
+same ORM conditions the services use, compiled once:
+
+- :meth:`Statements.claim`: claim a slot on an identity and insert the lease.
+- :meth:`Statements.sticky_claim`: the sticky fast path, reading the bound
+  account, claiming its identity's slot and inserting the lease.
+- :meth:`Statements.complete`: a plain completion: close the lease, release
+  the slot, record the latency sample, bind the session, notify waiters.
+
+A statement answers None (or False) when its case does not apply, and the
+caller then runs the ORM service, which answers every case.
+"""
+
+from __future__ import annotations
+
+import functools
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+
+from django.db import connection
+from django.db.models import Model
+
+from accounts.models import ApiKey, RoutingIdentity
+from routing import wakeups
+from routing.dispatch import CandidateRow
+from routing.models import LatencySample, Lease, LeaseOutcome, SessionBinding
+from routing.selectors import dispatch as reads
+from routing.selectors.compiled import CompiledQuery, sentinel_values
+
+
+def table(model: type[Model]) -> str:
+    return connection.ops.quote_name(model._meta.db_table)
+
+
+def column(model: type[Model], field: str) -> str:
+    return connection.ops.quote_name(model._meta.get_field(field).column)
+
+
+@dataclass(frozen=True, slots=True)
+class PlainCompletion:
+    account_name: str
+    session_bound: bool
+
+
+class Statements:
+    """The statements, built on first use (the first needs a connection)."""
+
+    def claim(self, lease: Lease) -> bool:
+        """Claim a slot on ``lease.identity_id`` and insert ``lease``, or do
+        nothing when the identity cannot start a lease right now."""
+        where = _claimable()
+        sql = _claim_sql(where.sql)
+        with connection.cursor() as cursor:
+            cursor.execute(
+                sql,
+                [lease.started_at, lease.identity_id, *where.params({"now": lease.started_at}), *_lease_values(lease)],
+            )
+            return cursor.fetchone() is not None
+
+    def sticky_claim(self, *, shape: reads.Shape, values: Mapping[str, object], lease: Lease) -> CandidateRow | None:
+        """The sticky fast path: when the bound account is a candidate, not
+        excluded, its proxy not cooling and its identity able to start now,
+        claim the slot and insert ``lease`` (its account fields are filled in
+        from the bound row). The bound row, or None."""
+        bound = reads.compiled(shape)
+        where = _claimable()
+        sql = _sticky_claim_sql(bound.sql, where.sql)
+        now = lease.started_at
+        params = [
+            *bound.params(values),
+            now,
+            *where.params({"now": now}),
+            *_lease_values(lease, skip=_BOUND_LEASE_FIELDS),
+        ]
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            row = cursor.fetchone()
+        if row is None:
+            return None
+        return reads.row_from(row, bound)
+
+    def complete(
+        self,
+        *,
+        key: ApiKey,
+        lease_id: uuid.UUID,
+        outcome: str,
+        first_token_ms: float | None,
+        error_message: str,
+        now: datetime,
+        binding_expires_at: datetime,
+    ) -> PlainCompletion | None:
+        """A completion that only releases (and maybe records a sample and
+        binds the session), of a lease of ``key`` not counted on the key.
+        None when it does not apply: unknown, foreign, completed or
+        key-counted lease; the ORM service then answers."""
+        success = outcome == LeaseOutcome.SUCCESS
+        with connection.cursor() as cursor:
+            cursor.execute(
+                _complete_sql(),
+                {
+                    "now": now,
+                    "outcome": outcome,
+                    "first_token_ms": first_token_ms,
+                    "error_message": error_message,
+                    "lease_id": lease_id,
+                    "key_id": key.pk,
+                    "record_sample": success and first_token_ms is not None,
+                    "bind": success,
+                    "binding_expires_at": binding_expires_at,
+                },
+            )
+            row = cursor.fetchone()
+        if row is None:
+            return None
+        return PlainCompletion(account_name=row[0], session_bound=bool(row[1]))
+
+
+# --- building the statements -----------------------------------------------------
+
+
+@functools.cache
+def _claimable() -> CompiledQuery:
+    """``leases.identity_claimable`` as the WHERE condition on the identity table."""
+    return CompiledQuery(
+        lambda values: RoutingIdentity.objects.filter(reads.identity_claimable(values["now"])),
+        sentinel_values({"now": datetime}, {}),
+        where_only=True,
+    )
+
+
+def _lease_values(lease: Lease, *, skip: frozenset[str] = frozenset()) -> list:
+    return [
+        f.get_db_prep_save(getattr(lease, f.attname), connection)
+        for f in Lease._meta.concrete_fields
+        if f.name not in skip
+    ]
+
+
+def _lease_columns() -> list[str]:
+    return [connection.ops.quote_name(f.column) for f in Lease._meta.concrete_fields]
+
+
+@functools.cache
+def _claim_sql(claimable: str) -> str:
+    identity, lease = table(RoutingIdentity), table(Lease)
+    in_flight, last_started, pk = (column(RoutingIdentity, f) for f in ("in_flight", "last_started_at", "id"))
+    values = ", ".join(["%s"] * len(_lease_columns()))
+    return f"""
+WITH claimed AS (
+    UPDATE {identity} SET {in_flight} = {in_flight} + 1, {last_started} = %s
+     WHERE {identity}.{pk} = %s AND {claimable}
+ RETURNING {identity}.{pk}
+)
+INSERT INTO {lease} ({", ".join(_lease_columns())})
+SELECT {values} FROM claimed
+RETURNING {column(Lease, "id")}"""
+
+
+# The lease columns the sticky statement takes from the bound row.
+_BOUND_LEASE_FIELDS = frozenset({"account", "account_name", "identity", "proxy_url"})
+
+
+@functools.cache
+def _sticky_claim_sql(bound_sql: str, claimable: str) -> str:
+    identity, lease = table(RoutingIdentity), table(Lease)
+    in_flight, last_started, pk = (column(RoutingIdentity, f) for f in ("in_flight", "last_started_at", "id"))
+    from_bound = {
+        "account": 'bound."id"',
+        "account_name": 'bound."name"',
+        "identity": "claimed.id",
+        "proxy_url": "COALESCE(bound.\"proxy__url\", '')",
+    }
+    selects = [from_bound.get(f.name, "%s") for f in Lease._meta.concrete_fields]
+    return f"""
+WITH bound AS ({bound_sql}
+), claimed AS (
+    UPDATE {identity} SET {in_flight} = {in_flight} + 1, {last_started} = %s
+      FROM bound
+     WHERE {identity}.{pk} = bound."identity_id"
+       AND NOT bound."excluded" AND NOT bound."proxy_cooling"
+       AND {claimable}
+ RETURNING {identity}.{pk} AS id
+), leased AS (
+    INSERT INTO {lease} ({", ".join(_lease_columns())})
+    SELECT {", ".join(selects)}
+      FROM claimed JOIN bound ON bound."identity_id" = claimed.id
+ RETURNING 1
+)
+SELECT bound.* FROM bound, leased"""
+
+
+@functools.cache
+def _complete_sql() -> str:
+    lease, identity = table(Lease), table(RoutingIdentity)
+    sample, binding = table(LatencySample), table(SessionBinding)
+    L = functools.partial(column, Lease)  # noqa: N806 - short column helpers read like SQL
+    i = functools.partial(column, RoutingIdentity)
+    s = functools.partial(column, LatencySample)
+    b = functools.partial(column, SessionBinding)
+    return f"""
+WITH done AS (
+    UPDATE {lease}
+       SET {L("completed_at")} = %(now)s, {L("outcome")} = %(outcome)s,
+           {L("first_token_ms")} = %(first_token_ms)s, {L("error_message")} = %(error_message)s
+     WHERE {L("id")} = %(lease_id)s AND {L("api_key")} = %(key_id)s
+       AND {L("completed_at")} IS NULL AND NOT {L("counted_on_key")}
+ RETURNING {L("identity")} AS identity_id, {L("account")} AS account_id, {L("account_name")} AS account_name,
+           {L("proxy_url")} AS proxy_url, {L("session_id")} AS session_id
+), released AS (
+    UPDATE {identity} SET {i("in_flight")} = {identity}.{i("in_flight")} - 1
+      FROM done
+     WHERE {identity}.{i("id")} = done.identity_id
+ RETURNING {identity}.{i("in_flight")} + 1 >= {identity}.{i("max_concurrency")} AS was_full
+), notified AS (
+    -- Only a release on a full identity can wake a dispatch waiting for a
+    -- slot; skipping the rest spares every process's listener a wake-up.
+    SELECT pg_notify('{wakeups.CHANNEL}', '') FROM released WHERE released.was_full
+), sampled AS (
+    INSERT INTO {sample} ({s("account")}, {s("proxy_url")}, {s("first_token_ms")}, {s("recorded_at")})
+    SELECT done.account_id, done.proxy_url, %(first_token_ms)s, %(now)s
+      FROM done
+     WHERE %(record_sample)s AND done.account_id IS NOT NULL
+), bound AS (
+    INSERT INTO {binding} ({b("api_key")}, {b("session_id")}, {b("account")}, {b("created_at")},
+                           {b("updated_at")}, {b("expires_at")})
+    SELECT %(key_id)s, done.session_id, done.account_id, %(now)s, %(now)s, %(binding_expires_at)s
+      FROM done
+     WHERE %(bind)s AND done.session_id <> '' AND done.account_id IS NOT NULL
+        ON CONFLICT ({b("api_key")}, {b("session_id")}) DO UPDATE
+       SET {b("account")} = EXCLUDED.{b("account")}, {b("updated_at")} = EXCLUDED.{b("updated_at")},
+           {b("expires_at")} = EXCLUDED.{b("expires_at")}
+ RETURNING 1
+)
+SELECT done.account_name, (SELECT count(*) FROM bound) > 0, (SELECT count(*) FROM notified)
+  FROM done, released"""
+
+
+def notify_release_sql() -> str:
+    """Sent inside a releasing transaction; delivered to listeners at commit."""
+    return f"NOTIFY {wakeups.CHANNEL}"
+
+
+def lock_timeout_set(timeout: str) -> None:
+    """Give up on a row lock after ``timeout`` in the current transaction."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT set_config('lock_timeout', %s, true)", [timeout])

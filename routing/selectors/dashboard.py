@@ -1,0 +1,95 @@
+"""Reads of the dashboards (SPEC §6): a fixed number of queries per page,
+whatever the size of the pool. Live counts come from the hot counters minus
+the expired rows not yet purged (the same bounded read the dispatcher makes),
+and lists are capped. Credentials are never loaded."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from django.db.models import Q
+
+from accounts.models import Account
+from routing.models import CooldownEvent, Lease, SessionBinding
+from routing.selectors.counts import expired_bindings, expired_leases
+from routing.selectors.latency import StoredSnapshot, latency_snapshot_latest
+
+
+def _dashboard_accounts(now: datetime):
+    return (
+        Account.objects.select_related("identity", "proxy")
+        .defer("credentials")
+        .annotate(expired_bindings=expired_bindings(now), expired_leases=expired_leases(now))
+    )
+
+
+def dashboard_accounts(*, now: datetime) -> list[Account]:
+    """Every account with its identity and proxy, in one query.
+
+    Annotated with ``expired_bindings`` and ``expired_leases`` (rows past their
+    expiry that the periodic tasks have not removed yet), so the live figures
+    are ``binding_rows - expired_bindings`` and ``identity.in_flight -
+    expired_leases``. Credentials are never loaded."""
+    return list(_dashboard_accounts(now).order_by("name"))
+
+
+def dashboard_account(*, name: str, now: datetime) -> Account | None:
+    """One account, annotated like ``dashboard_accounts``."""
+    return _dashboard_accounts(now).filter(name=name).first()
+
+
+def dashboard_identity_aliases(*, identity_id: int, now: datetime) -> list[Account]:
+    """Every account of one identity with its ``expired_bindings``, for the identity's session total."""
+    return list(
+        Account.objects.filter(identity_id=identity_id)
+        .only("id", "name", "pool", "enabled", "quota_exhausted", "binding_rows", "identity_id")
+        .annotate(expired_bindings=expired_bindings(now))
+        .order_by("name")
+    )
+
+
+def dashboard_account_bindings(*, account_id: int, now: datetime):
+    """The account's live bindings, most recently used first (a queryset: the page slices it)."""
+    return (
+        SessionBinding.objects.filter(account_id=account_id, expires_at__gt=now)
+        .select_related("api_key")
+        .only("id", "session_id", "created_at", "updated_at", "expires_at", "api_key__id", "api_key__name")
+        .order_by("-updated_at", "-id")
+    )
+
+
+def dashboard_account_leases(*, account_id: int, limit: int = 50) -> list[Lease]:
+    """The account's most recent leases, newest first."""
+    return list(
+        Lease.objects.filter(account_id=account_id)
+        .select_related("api_key")
+        .defer("api_key__key_hash", "api_key__model_preferences")
+        .order_by("-started_at")[:limit]
+    )
+
+
+def dashboard_account_events(*, account: Account, limit: int = 30) -> list:
+    """Cooldown and quota history of the account, its identity and its proxy, newest first."""
+    scope = Q(account_id=account.pk) | Q(identity_id=account.identity_id)
+    if account.proxy_id is not None:
+        scope |= Q(proxy_id=account.proxy_id)
+    return list(
+        CooldownEvent.objects.filter(scope)
+        .select_related("identity", "proxy", "account")
+        .only("kind", "reason", "until", "created_at", "identity__name", "proxy__name", "account__name")
+        .order_by("-created_at", "-id")[:limit]
+    )
+
+
+def dashboard_latency_snapshot() -> StoredSnapshot | None:
+    """The newest stored snapshot, uncached: a page shows what is stored now."""
+    return latency_snapshot_latest()
+
+
+def dashboard_binding(*, binding_id: int) -> SessionBinding | None:
+    return (
+        SessionBinding.objects.select_related("account")
+        .only("id", "session_id", "account__name")
+        .filter(pk=binding_id)
+        .first()
+    )

@@ -1,0 +1,502 @@
+"""The dispatcher's reads: the key's candidate accounts as one ORM queryset,
+ordered by the database exactly as ``routing/selection.py`` orders them.
+
+:func:`candidates_queryset` is the specification of the read. Every sort key
+of the ordering contract (SPEC §2) is an annotation, and the queryset's
+``ORDER BY`` is the contract's key order, so a dispatch reads only the head
+of the order (``HEAD_ROWS`` rows, the ones a lease could start on now first)
+whatever the size of the pool. The explain endpoint reads every row of the
+same queryset and orders it with ``selection.order_candidates``; a
+property-based test checks on random pools that both orders agree.
+
+Each queryset shape is compiled once (``compiled.py``): a dispatch pays for
+running the query, not for building it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+
+from django.db import connection
+from django.db.models import (
+    BooleanField,
+    Case,
+    ExpressionWrapper,
+    F,
+    FilteredRelation,
+    FloatField,
+    Func,
+    IntegerField,
+    Max,
+    Q,
+    QuerySet,
+    Subquery,
+    Sum,
+    Value,
+    When,
+    Window,
+)
+from django.db.models.functions import Abs, Cast, Coalesce, Collate, Floor, Sign
+
+from accounts.models import Account, ApiKey, RouteStrategy
+from routing import selection
+from routing.dispatch import CandidateRow, DispatchRequest, SessionState
+from routing.models import Lease, SessionBinding
+from routing.selectors import counts
+from routing.selectors.compiled import CompiledQuery, sentinel_values
+from routing.selectors.latency import StoredSnapshot, latency_snapshot_current
+
+# Rows of the order a dispatch reads: the first is claimed, and the others
+# are there for when a concurrent dispatch took its slot a moment earlier.
+HEAD_ROWS = 4
+
+
+class Elapsed(Func):
+    """Seconds from ``start`` to ``end`` (datetimes), as a float."""
+
+    output_field = FloatField()
+    arity = 2
+
+    def as_postgresql(self, compiler, connection, **extra):
+        return self.as_sql(
+            compiler, connection, template="EXTRACT(EPOCH FROM (%(expressions)s))::float8", arg_joiner=" - ", **extra
+        )
+
+    def as_sqlite(self, compiler, connection, **extra):
+        # julianday() resolves to about 50 µs at today's dates: plenty for
+        # pacing in milliseconds on the embedded, single-host default.
+        return self.as_sql(
+            compiler,
+            connection,
+            template="((julianday(%(expressions)s)) * 86400.0)",
+            arg_joiner=") - julianday(",
+            **extra,
+        )
+
+
+def identity_claimable(now, *, prefix: str = "") -> Q:
+    """What lets a lease start on an identity at ``now`` (SPEC §2): a free
+    slot, no cooldown, pacing allows. Claims check it on the row as locked;
+    ``prefix`` reaches the identity from another model (``"identity__"``)."""
+    f = functools.partial(_field, prefix)
+    return (
+        Q(**{f("in_flight__lt"): F(f("max_concurrency"))})
+        & (Q(**{f("cooldown_until__isnull"): True}) | Q(**{f("cooldown_until__lte"): now}))
+        & pacing_allows(now, prefix=prefix)
+    )
+
+
+def pacing_allows(now, *, prefix: str = "") -> Q:
+    f = functools.partial(_field, prefix)
+    elapsed_ms = ExpressionWrapper(Elapsed(Value(now), F(f("last_started_at"))) * 1000.0, output_field=FloatField())
+    return (
+        Q(**{f("min_start_interval_ms"): 0})
+        | Q(**{f("last_started_at__isnull"): True})
+        | Q(**{f("min_start_interval_ms__lte"): elapsed_ms})
+    )
+
+
+def _field(prefix: str, name: str) -> str:
+    return f"{prefix}{name}"
+
+
+# --- the shape of a candidates read ------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """What changes the SQL of the read (everything else is a parameter)."""
+
+    scope: str  # "fixed", "group" or "all"
+    preferred_pool: str
+    with_session: bool = False  # read the (key, session id) binding too
+    bound_only: bool = False  # only the bound account (the sticky read)
+    spread: bool = False  # SPEC §2 key 3 is active
+    latency: bool = False  # the snapshot may order (bands)
+    excluded: int = 0  # number of excluded names
+    preferred: int = 0  # number of model-preferred names
+    head: bool = False  # only the first HEAD_ROWS rows, ready ones first
+
+
+def scope_of(key: ApiKey) -> str:
+    if key.route_strategy == RouteStrategy.FIXED:
+        return "fixed"
+    return "group" if key.account_group_id is not None else "all"
+
+
+PARAMETERS = {
+    "now": datetime,
+    "key_id": int,
+    "session_id": str,
+    "group_id": int,
+    "fixed_account_id": int,
+    "snapshot_id": int,
+    "global_avg_ms": float,
+    "band_width_ms": float,  # 2 × the band tolerance
+}
+
+
+def candidates_queryset(shape: Shape, values: Mapping[str, object]) -> QuerySet:
+    """The key's selectable accounts with every sort key of SPEC §2, in
+    dispatch order. ``values`` holds the parameters (``PARAMETERS``, and the
+    lists ``excluded`` and ``preferred``)."""
+    now = values["now"]
+    accounts = Account.objects.filter(enabled=True, quota_exhausted=False)
+    if shape.scope == "fixed":
+        accounts = accounts.filter(pk=values["fixed_account_id"])
+    elif shape.scope == "group":
+        accounts = accounts.filter(groups=values["group_id"])
+
+    binding = SessionBinding.objects.filter(
+        api_key_id=values["key_id"], session_id=values["session_id"], expires_at__gt=now
+    ).values("account_id")[:1]
+    if shape.bound_only:
+        accounts = accounts.filter(pk=Subquery(binding))
+
+    if shape.latency:
+        accounts = _with_latency_joins(accounts, values)
+    # Excluded accounts stay in the read (key 3 counts their sessions) and
+    # sort after every account a lease could start on.
+    included = ~Q(name__in=values["excluded"]) if shape.excluded else Q()
+    accounts = accounts.alias(
+        # Live bindings and leases are the trigger- and claim-kept counters
+        # minus the rows already past their expiry that the periodic tasks have
+        # not removed yet. Those rows are few, so both corrections probe only
+        # the accounts (identities) that have any, not every row of the pool.
+        expired_bindings=Case(
+            When(
+                pk__in=SessionBinding.objects.filter(expires_at__lte=now).values("account_id"),
+                then=counts.expired_bindings(now),
+            ),
+            default=Value(0),
+        ),
+    ).annotate(
+        expired_leases=Case(
+            When(
+                identity_id__in=Lease.objects.filter(completed_at__isnull=True, expires_at__lte=now).values(
+                    "identity_id"
+                ),
+                then=counts.expired_leases(now),
+            ),
+            default=Value(0),
+        ),
+        live_sessions=F("binding_rows") - F("expired_bindings"),
+        excluded=(
+            ExpressionWrapper(Q(name__in=values["excluded"]), output_field=BooleanField())
+            if shape.excluded
+            else Value(False)
+        ),
+        # CASE, not the bare comparison: without a proxy it would be NULL,
+        # which PostgreSQL sorts after true and SQLite before false.
+        proxy_cooling=Case(When(proxy__cooldown_until__gt=now, then=Value(True)), default=Value(False)),
+        model_preferred=(
+            ExpressionWrapper(Q(name__in=values["preferred"]), output_field=BooleanField())
+            if shape.preferred
+            else Value(False)
+        ),
+        pool_rank=Case(
+            *(When(pool=pool, then=Value(rank)) for pool, rank in selection.pool_ranks(shape.preferred_pool).items()),
+            output_field=IntegerField(),
+        ),
+        credits_sort=Case(
+            When(remaining_credits__isnull=False, then=F("remaining_credits")),
+            # Unknown in credit_first: the best known credit_first balance
+            # among the candidates (SPEC §2), so a fresh account is not starved.
+            When(
+                pool=selection.POOL_CREDIT_FIRST,
+                then=Coalesce(
+                    Window(
+                        Max(
+                            "remaining_credits",
+                            filter=Q(pool=selection.POOL_CREDIT_FIRST, remaining_credits__isnull=False) & included,
+                        )
+                    ),
+                    Value(0.0),
+                ),
+            ),
+            default=Value(selection.UNKNOWN_BALANCED_CREDITS),
+            output_field=FloatField(),
+        ),
+        band=_band(values) if shape.latency else Value(None, output_field=IntegerField()),
+        identity_sessions=(
+            # Key 3: over every candidate of the key, excluded ones included.
+            Window(Sum("live_sessions"), partition_by=[F("identity_id")])
+            if shape.spread
+            else Value(None, output_field=IntegerField())
+        ),
+        bound_account_id=(
+            Subquery(binding, output_field=IntegerField()) if shape.with_session else Value(None, IntegerField())
+        ),
+        ready=ExpressionWrapper(
+            included
+            & Q(identity__in_flight__lt=F("identity__max_concurrency") + F("expired_leases"))
+            & (Q(identity__cooldown_until__isnull=True) | Q(identity__cooldown_until__lte=now))
+            & pacing_allows(now, prefix="identity__"),
+            output_field=BooleanField(),
+        ),
+    )
+    order = [F("ready").desc()] if shape.head else []
+    order += [
+        F("proxy_cooling").asc(),
+        F("model_preferred").desc(),
+        F("identity_sessions").asc(),
+        F("pool_rank").asc(),
+        # credit_first: credits, band, last started; balanced: band, last
+        # started, credits. One layout each, told apart by the pool rank above.
+        Case(When(pool=selection.POOL_CREDIT_FIRST, then=-F("credits_sort")), default=Value(0.0)).asc(),
+        F("band").asc(nulls_last=True),
+        F("identity__last_started_at").asc(nulls_first=True),
+        Case(When(pool=selection.POOL_BALANCED, then=-F("credits_sort")), default=Value(0.0)).asc(),
+        Collate(F("name"), _BINARY_COLLATION[connection.vendor]),
+    ]
+    accounts = accounts.order_by(*order).values_list(*COLUMNS)
+    return accounts[:HEAD_ROWS] if shape.head else accounts
+
+
+# Account names order by code point, as Python compares strings.
+_BINARY_COLLATION = {"postgresql": "C", "sqlite": "BINARY"}
+
+COLUMNS = (
+    "id",
+    "name",
+    "pool",
+    "remaining_credits",
+    "region",
+    "profile_arn",
+    "identity_id",
+    "identity__name",
+    "identity__last_started_at",
+    "identity__cooldown_until",
+    "identity__in_flight",
+    "identity__max_concurrency",
+    "identity__min_start_interval_ms",
+    "proxy__url",
+    "proxy__cooldown_until",
+    "expired_leases",
+    "live_sessions",
+    "identity_sessions",
+    "band",
+    "excluded",
+    "proxy_cooling",
+    "ready",
+    "bound_account_id",
+)
+
+
+def _band(values: Mapping[str, object]):
+    """SPEC §2's latency band, computed by the database from the snapshot's
+    rows with the same floating-point operations as ``selection.latency_band``:
+    score = 0.7 · smoothed(account) + 0.3 · smoothed(proxy), band = the score's
+    distance from G in band widths, rounded half away from zero."""
+    g = Value(values["global_avg_ms"], output_field=FloatField())
+
+    def smoothed(stats: str):
+        # (avg · n + G · 5) / (n + 5); no samples → G
+        return Case(
+            When(
+                **{f"{stats}__samples__gt": 0},
+                then=ExpressionWrapper(
+                    (F(f"{stats}__avg_ms") * F(f"{stats}__samples") + g * Value(selection.SMOOTHING_SAMPLES))
+                    / (F(f"{stats}__samples") + Value(selection.SMOOTHING_SAMPLES)),
+                    output_field=FloatField(),
+                ),
+            ),
+            default=g,
+            output_field=FloatField(),
+        )
+
+    account_ms = smoothed("account_stat")
+    proxy_ms = Case(When(proxy__isnull=True, then=g), default=smoothed("proxy_stat"), output_field=FloatField())
+    score = ExpressionWrapper(
+        Value(selection.ACCOUNT_WEIGHT) * account_ms + Value(selection.PROXY_WEIGHT) * proxy_ms,
+        output_field=FloatField(),
+    )
+    x = ExpressionWrapper(
+        (score - g) / Value(values["band_width_ms"], output_field=FloatField()), output_field=FloatField()
+    )
+    whole = Floor(Abs(x))
+    magnitude = Case(When(GreaterEqualHalf(Abs(x) - whole), then=whole + 1), default=whole, output_field=FloatField())
+    return Cast(Sign(x) * magnitude, IntegerField())
+
+
+class GreaterEqualHalf(Func):
+    """``value >= 0.5`` as a condition (for ``When``)."""
+
+    template = "(%(expressions)s >= 0.5)"
+    output_field = BooleanField()
+    conditional = True
+
+
+def _with_latency_joins(queryset: QuerySet, values: Mapping[str, object]) -> QuerySet:
+    snapshot_id = values["snapshot_id"]
+    return queryset.alias(
+        account_stat=FilteredRelation("latency_stats", condition=Q(latency_stats__snapshot_id=snapshot_id)),
+        proxy_stat=FilteredRelation("proxy__latency_stats", condition=Q(proxy__latency_stats__snapshot_id=snapshot_id)),
+    )
+
+
+# --- running the read ------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=256)
+def compiled(shape: Shape) -> CompiledQuery:
+    """The read of this shape, compiled once per process."""
+    sentinels = sentinel_values(PARAMETERS, {"excluded": shape.excluded, "preferred": shape.preferred})
+    return CompiledQuery(lambda values: candidates_queryset(shape, values), sentinels)
+
+
+@dataclass(frozen=True, slots=True)
+class Read:
+    rows: list[CandidateRow]
+    bound_account_id: int | None  # the live binding of (key, session id), if asked for
+
+
+def request_shape(
+    *,
+    key: ApiKey,
+    request: DispatchRequest,
+    now: datetime,
+    snapshot: StoredSnapshot | None,
+    spread: bool,
+    head: bool = False,
+    bound_only: bool = False,
+    preferred: frozenset[str] = frozenset(),
+) -> tuple[Shape, dict[str, object]]:
+    """The shape of this request's candidates read, and its parameter values."""
+    latency = snapshot is not None and selection.latency_usable(
+        snapshot.snapshot, now=now, enabled=key.latency_routing_enabled
+    )
+    excluded = sorted(request.exclude_accounts)
+    preferred_names = sorted(preferred)
+    shape = Shape(
+        scope=scope_of(key),
+        preferred_pool=key.preferred_pool,
+        with_session=bool(request.session_id),
+        bound_only=bound_only,
+        spread=spread,
+        latency=latency,
+        excluded=len(excluded),
+        preferred=len(preferred_names),
+        head=head,
+    )
+    g = snapshot.snapshot.global_avg_ms if latency else 0.0
+    values = {
+        "now": now,
+        "key_id": key.pk,
+        "session_id": request.session_id or "",
+        "group_id": key.account_group_id or 0,
+        "fixed_account_id": key.fixed_account_id or 0,
+        "snapshot_id": snapshot.id if latency else 0,
+        "global_avg_ms": g,
+        "band_width_ms": 2 * selection.band_tolerance(g) if latency else 1.0,
+        "excluded": excluded,
+        "preferred": preferred_names,
+    }
+    return shape, values
+
+
+def read(**request) -> Read:
+    """Run the candidates read of a request (``request_shape``'s arguments)."""
+    shape, values = request_shape(**request)
+    query = compiled(shape)
+    rows = query.fetch(values)
+    # The same on every row: the binding may point at an account that is
+    # not a candidate (disabled, say), and the session is still sticky.
+    bound = rows[0][query.columns["bound_account_id"]] if rows and shape.with_session else None
+    return Read(rows=[_row(r, query.columns) for r in rows], bound_account_id=bound)
+
+
+def row_from(raw: tuple, query: CompiledQuery) -> CandidateRow:
+    """A row of ``query`` fetched by someone else (a statement reusing its SQL)."""
+    return _row(query.convert(raw), query.columns)
+
+
+def _row(r: tuple, c: Mapping[str, int]) -> CandidateRow:
+    expired_leases = r[c["expired_leases"]]
+    return CandidateRow(
+        candidate=selection.Candidate(
+            account=r[c["name"]],
+            routing_identity=r[c["identity__name"]],
+            pool=r[c["pool"]],
+            proxy_url=r[c["proxy__url"]],
+            proxy_cooldown_until=r[c["proxy__cooldown_until"]],
+            remaining_credits=r[c["remaining_credits"]],
+            last_started_at=r[c["identity__last_started_at"]],
+            identity_cooldown_until=r[c["identity__cooldown_until"]],
+            in_flight=r[c["identity__in_flight"]] - expired_leases,
+            max_concurrency=r[c["identity__max_concurrency"]],
+            min_start_interval_ms=r[c["identity__min_start_interval_ms"]],
+            bound_sessions=r[c["live_sessions"]],
+        ),
+        account_id=r[c["id"]],
+        identity_id=r[c["identity_id"]],
+        region=r[c["region"]],
+        profile_arn=r[c["profile_arn"]],
+        expired_leases=expired_leases,
+        excluded=bool(r[c["excluded"]]),
+        ready=bool(r[c["ready"]]),
+    )
+
+
+def model_preference(key: ApiKey, model: str | None) -> frozenset[str]:
+    """Accounts the key prefers for this model (SPEC §2 key 2); empty when none is active."""
+    wanted = key.model_preferences.get(model, []) if model and key.model_preferences else []
+    return frozenset(name for name in wanted if isinstance(name, str))
+
+
+def account_credentials(*, account_id: int):
+    """The account's upstream secrets, decrypted into the redacting
+    ``SecretDict`` (accounts/fields.py). Only the dispatch response of a key
+    with credentials access reads them."""
+    return Account.objects.filter(pk=account_id).values_list("credentials", flat=True).first()
+
+
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    session: SessionState
+    bound_account: str | None
+    snapshot: selection.LatencySnapshot | None
+    ranked: list[selection.Ranked]  # in the order a dispatch would try them
+
+
+def dispatch_explain(*, key: ApiKey, request: DispatchRequest, now: datetime) -> Explanation:
+    """What a dispatch would do now, without doing it: every candidate, in
+    the order of the ordering contract itself (``selection.order_candidates``),
+    the sticky fast path's account first when it would serve."""
+    stored = latency_snapshot_current() if key.latency_routing_enabled else None
+    snapshot = stored.snapshot if stored else None
+    preferred = model_preference(key, request.model)
+    found = read(key=key, request=request, now=now, snapshot=None, spread=False, preferred=preferred)
+    candidates = [row for row in found.rows if not row.excluded]
+    bound = next((row for row in found.rows if row.account_id == found.bound_account_id), None)
+    bound_name = bound.candidate.account if bound else _account_name(found.bound_account_id)
+    ctx = selection.SelectionContext(
+        now=now,
+        preferred_pool=key.preferred_pool,
+        latency_routing_enabled=key.latency_routing_enabled,
+        snapshot=snapshot,
+        preferred_accounts=preferred,
+    )
+    fast_path = None
+    if bound is not None and not bound.excluded and selection.sticky_fast_path_ok(bound.candidate, ctx):
+        fast_path = bound.candidate.account
+    if request.session_id and fast_path is None:
+        ctx = dataclasses.replace(ctx, spread_sessions=True)
+    ranked = selection.order_candidates([row.candidate for row in candidates], ctx)
+    ranked.sort(key=lambda r: r.candidate.account != fast_path)  # stable: the rest keep their order
+    return Explanation(
+        session=SessionState.of(request.session_id, found.bound_account_id),
+        bound_account=bound_name,
+        snapshot=snapshot,
+        ranked=ranked,
+    )
+
+
+def _account_name(account_id: int | None) -> str | None:
+    if account_id is None:
+        return None
+    return Account.objects.filter(pk=account_id).values_list("name", flat=True).first()

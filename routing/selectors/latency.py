@@ -1,0 +1,75 @@
+"""Reads of the latency snapshot: the newest one as the pure
+``selection.LatencySnapshot``, cached per process for the hot path."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+from routing import selection
+from routing.models import AccountLatency, LatencySnapshot, ProxyLatency
+
+# The snapshot is rebuilt every 60 s by a task; a process may keep the one it
+# read for at most that long, so the dispatch hot path rarely touches the rows.
+SNAPSHOT_CACHE_SECONDS = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class StoredSnapshot:
+    """The newest snapshot: its row's id (the dispatch query joins its stats
+    by it) and its pure form (explain, the dashboards, the simulator's maths)."""
+
+    id: int
+    sample_count: int
+    window_seconds: int
+    snapshot: selection.LatencySnapshot
+
+
+def snapshot_load(row: LatencySnapshot) -> StoredSnapshot:
+    accounts = {
+        name: selection.LatencyStats(samples=n, avg_ms=avg)
+        for name, n, avg in AccountLatency.objects.filter(snapshot=row).values_list(
+            "account__name", "samples", "avg_ms"
+        )
+    }
+    proxies = {
+        url: selection.LatencyStats(samples=n, avg_ms=avg)
+        for url, n, avg in ProxyLatency.objects.filter(snapshot=row).values_list("proxy_id", "samples", "avg_ms")
+    }
+    return StoredSnapshot(
+        id=row.pk,
+        sample_count=row.sample_count,
+        window_seconds=row.window_seconds,
+        snapshot=selection.LatencySnapshot(
+            generated_at=row.generated_at, global_avg_ms=row.global_avg_ms, accounts=accounts, proxies=proxies
+        ),
+    )
+
+
+def latency_snapshot_latest() -> StoredSnapshot | None:
+    """The newest stored snapshot, uncached: what an operator asked to see."""
+    row = LatencySnapshot.objects.order_by("-generated_at", "-id").first()
+    return snapshot_load(row) if row else None
+
+
+_lock = threading.Lock()
+_cache: tuple[float, StoredSnapshot | None] | None = None
+
+
+def latency_snapshot_current() -> StoredSnapshot | None:
+    """The newest snapshot, cached in this process for up to a refresh period."""
+    global _cache
+    cached = _cache
+    if cached is not None and time.monotonic() - cached[0] < SNAPSHOT_CACHE_SECONDS:
+        return cached[1]
+    stored = latency_snapshot_latest()
+    with _lock:
+        _cache = (time.monotonic(), stored)
+    return stored
+
+
+def latency_snapshot_cache_clear() -> None:
+    global _cache
+    with _lock:
+        _cache = None
