@@ -1,9 +1,15 @@
 """Helpers shared by the tests that start other processes against the test
 database (workers, a real gunicorn)."""
 
+from __future__ import annotations
+
+import os
+from pathlib import Path
 from urllib.parse import quote
 
 from django.db import connection
+
+from kiropool.webserver import WebServer
 
 
 def test_database_url() -> str:
@@ -16,3 +22,23 @@ def test_database_url() -> str:
 
 
 test_database_url.__test__ = False  # a helper, not a test
+
+
+def project_env(tmp: Path, **overrides: str) -> dict[str, str]:
+    """The environment of a server or worker process: the caller's, minus
+    anything naming the machine's shared services, plus ``overrides``."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL")}
+    env.update(
+        DJANGO_SETTINGS_MODULE="kiropool.settings",
+        PROMETHEUS_MULTIPROC_DIR=str(tmp / "prometheus"),
+        STATICFILES_STORAGE="django.contrib.staticfiles.storage.StaticFilesStorage",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(overrides)
+    (tmp / "prometheus").mkdir(parents=True, exist_ok=True)
+    return env
+
+
+def web_server(env: dict[str, str], tmp: Path, *, workers: int = 2, threads: int = 8) -> WebServer:
+    """kiropool's own server helper, logging into ``tmp`` (access log included)."""
+    return WebServer(env=env, workers=workers, threads=threads, log=tmp / "gunicorn.log", access_log=tmp / "access.log")

@@ -4,7 +4,6 @@
   on a spare port, listening on 127.0.0.1 only. PostgreSQL refuses to run as
   root, so as root it runs as the ``postgres`` OS user (``runuser``).
 - ``PrivateRedis``: a ``redis-server`` on a spare port, no persistence.
-- ``AppServer``: gunicorn with the project's ``gunicorn.conf.py``.
 - ``CeleryWorker``: a worker process of the project's Celery app.
 
 Nothing here touches the machine's own PostgreSQL or Redis: a drill may stop
@@ -18,7 +17,6 @@ import http.client
 import json
 import os
 import pwd
-import re
 import shutil
 import signal
 import socket
@@ -203,21 +201,6 @@ class PrivateRedis:
 # --- the project's own processes ------------------------------------------------
 
 
-def project_env(tmp: Path, **overrides: str) -> dict[str, str]:
-    """The environment of a server or worker process: the caller's, minus
-    anything naming the machine's shared services, plus ``overrides``."""
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL")}
-    env.update(
-        DJANGO_SETTINGS_MODULE="kiropool.settings",
-        PROMETHEUS_MULTIPROC_DIR=str(tmp / "prometheus"),
-        STATICFILES_STORAGE="django.contrib.staticfiles.storage.StaticFilesStorage",
-        PYTHONUNBUFFERED="1",
-    )
-    env.update(overrides)
-    (tmp / "prometheus").mkdir(parents=True, exist_ok=True)
-    return env
-
-
 def manage(env: dict[str, str], *args: str, timeout: float = 300) -> str:
     result = subprocess.run(
         [PYTHON, "manage.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
@@ -234,66 +217,6 @@ def django_run(env: dict[str, str], code: str, timeout: float = 120) -> str:
     if result.returncode != 0:
         raise RuntimeError(f"django process failed:\n{result.stdout}\n{result.stderr}")
     return result.stdout
-
-
-class AppServer:
-    """gunicorn with gunicorn.conf.py on a spare port; access log kept."""
-
-    def __init__(self, env: dict[str, str], tmp: Path, *, workers: int = 2, threads: int = 8) -> None:
-        self.port = free_port(APP_PORTS)
-        self.access_log = tmp / f"access-{self.port}.log"
-        self.error_log = tmp / f"gunicorn-{self.port}.log"
-        self.env = {
-            **env,
-            "KIROPOOL_BIND": f"127.0.0.1:{self.port}",
-            "WEB_CONCURRENCY": str(workers),
-            "KIROPOOL_THREADS": str(threads),
-            "KIROPOOL_ACCESS_LOG": str(self.access_log),
-        }
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> AppServer:
-        with open(self.error_log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [PYTHON, "-m", "gunicorn", "-c", "gunicorn.conf.py", "kiropool.wsgi:application"],
-                cwd=ROOT,
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        try:
-            wait_for(self._healthy, timeout=60, interval=0.2, what="gunicorn to answer /healthz")
-        except TimeoutError:
-            self.stop()
-            raise RuntimeError(f"gunicorn did not start:\n{self.error_log.read_text()[-4000:]}") from None
-        return self
-
-    def _healthy(self) -> bool:
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"gunicorn exited:\n{self.error_log.read_text()[-4000:]}")
-        try:
-            return request(self.base, "GET", "/healthz", timeout=2)[0] == 200
-        except OSError:
-            return False
-
-    @property
-    def base(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        stop_process(self.proc, timeout=40)
-
-    def statuses(self) -> list[int]:
-        """Status codes in the access log (gunicorn's default format)."""
-        if not self.access_log.exists():
-            return []
-        text = self.access_log.read_text(errors="replace")
-        return [int(code) for code in ACCESS_LINE.findall(text)]
-
-
-# gunicorn's default access log line: host - user [time] "request line" status size "referer" "agent"
-ACCESS_LINE = re.compile(r'^\S+ \S+ \S+ \[[^\]]*\] "(?:[^"\\]|\\.)*" (\d{3}) ', re.MULTILINE)
 
 
 class CeleryWorker:

@@ -23,18 +23,17 @@ from collections import Counter
 import pytest
 
 from tests.drills.services import (
-    AppServer,
     CeleryWorker,
     PrivatePostgres,
     PrivateRedis,
     django_run,
     manage,
     postgres_missing,
-    project_env,
     redis_missing,
     request,
     wait_for,
 )
+from tests.support import project_env, web_server
 
 pytestmark = [pytest.mark.drill, pytest.mark.timeout(420)]
 
@@ -79,13 +78,9 @@ def database(pg, request) -> str:
 
 SEED = """
 import json
-from accounts.models import Account, RoutingIdentity
-from accounts.services import api_key_create
-for i in range({identities}):
-    identity = RoutingIdentity.objects.create(name=f"drill-identity-{{i}}", max_concurrency={max_concurrency})
-    Account.objects.create(name=f"drill-account-{{i}}", identity=identity, credentials={{"token": f"t{{i}}"}})
-_, plaintext = api_key_create(name="drill-gateway")
-print(json.dumps({{"key": plaintext}}))
+from routing.pools import pool_seed, uniform_pool
+seeded = pool_seed(prefix="drill-", identities=uniform_pool({identities}, max_concurrency={max_concurrency}))
+print(json.dumps({{"key": seeded.key}}))
 """
 
 
@@ -144,7 +139,7 @@ class LimitWatch(threading.Thread):
 def test_postgres_restart_during_dispatch_load(pg, database, tmp_path, capsys):
     env = project_env(tmp_path, DATABASE_URL=pg.url(database), CONN_MAX_AGE="60")
     auth = seed_pool(env, identities=4, max_concurrency=2)
-    server = AppServer(env, tmp_path, workers=2, threads=8).start()
+    server = web_server(env, tmp_path, workers=2, threads=8).start()
     phase = ["before"]
     dispatches: list[tuple[str, int, dict | None]] = []
     completions: list[tuple[str, int]] = []
@@ -155,7 +150,7 @@ def test_postgres_restart_during_dispatch_load(pg, database, tmp_path, capsys):
     def gateway(n: int) -> None:
         while not stop.is_set():
             try:
-                status, body, _ = request(server.base, "POST", "/api/v1/dispatch", {"max_wait_ms": 2000}, auth, 20)
+                status, body, _ = request(server.bind, "POST", "/api/v1/dispatch", {"max_wait_ms": 2000}, auth, 20)
             except OSError as exc:
                 dispatches.append((phase[0], -1, {"transport": repr(exc)}))
                 continue
@@ -169,7 +164,7 @@ def test_postgres_restart_during_dispatch_load(pg, database, tmp_path, capsys):
             # A gateway retries its completion until the pool has heard it.
             for _ in range(300):
                 status, _, _ = request(
-                    server.base, "POST", f"/api/v1/leases/{lease}/complete", {"outcome": "success"}, auth, 20
+                    server.bind, "POST", f"/api/v1/leases/{lease}/complete", {"outcome": "success"}, auth, 20
                 )
                 completions.append((phase[0], status))
                 if status in (200, 409):
@@ -178,7 +173,7 @@ def test_postgres_restart_during_dispatch_load(pg, database, tmp_path, capsys):
             else:
                 unfinished.append(lease)
 
-    workers_before = sorted(_children(server.proc.pid))
+    workers_before = sorted(_children(server.process.pid))
     clients = [threading.Thread(target=gateway, args=(n,), daemon=True) for n in range(6)]
     watch = LimitWatch(pg, database)
     try:
@@ -198,7 +193,7 @@ def test_postgres_restart_during_dispatch_load(pg, database, tmp_path, capsys):
             client.join(60)
         watch.stop.set()
         watch.join(10)
-        workers_after = sorted(_children(server.proc.pid))
+        workers_after = sorted(_children(server.process.pid))
         server.stop()
 
     by_phase = {p: Counter(status for ph, status, _ in dispatches if ph == p) for p in ("before", "outage", "after")}
@@ -272,11 +267,11 @@ def send_task(env, name: str) -> None:
 def test_redis_stopped_leaves_dispatch_alone_and_tasks_resume(pg, database, redis, tmp_path, capsys):
     env = project_env(tmp_path, DATABASE_URL=pg.url(database), REDIS_URL=redis.url(0))
     auth = seed_pool(env, identities=2, max_concurrency=50)
-    server = AppServer(env, tmp_path, workers=1, threads=8).start()
+    server = web_server(env, tmp_path, workers=1, threads=8).start()
     worker = CeleryWorker(env, tmp_path).start()
     try:
         # All up: ready, serving, and a task sent now is run.
-        assert request(server.base, "GET", "/readyz")[0] == 200
+        assert request(server.bind, "GET", "/readyz")[0] == 200
         expire_some_leases(pg, database, 1)
         send_task(env, "lease_reap")
         wait_for(lambda: pg.query(database, REAPED)[0][0] == 2, timeout=30, what="the worker to reap")
@@ -285,17 +280,17 @@ def test_redis_stopped_leaves_dispatch_alone_and_tasks_resume(pg, database, redi
         started = time.monotonic()
         statuses = []
         for _ in range(20):
-            status, body, _ = request(server.base, "POST", "/api/v1/dispatch", {"session_id": "s"}, auth)
+            status, body, _ = request(server.bind, "POST", "/api/v1/dispatch", {"session_id": "s"}, auth)
             statuses.append(status)
             done = request(
-                server.base, "POST", f"/api/v1/leases/{body['lease_id']}/complete", {"outcome": "success"}, auth
+                server.bind, "POST", f"/api/v1/leases/{body['lease_id']}/complete", {"outcome": "success"}, auth
             )
             statuses.append(done[0])
             statuses.append(
-                request(server.base, "POST", "/api/v1/dispatch/explain", {}, auth)[0]
+                request(server.bind, "POST", "/api/v1/dispatch/explain", {}, auth)[0]
             )  # rate limit fails open
         took = time.monotonic() - started
-        ready_status, ready, _ = request(server.base, "GET", "/readyz")
+        ready_status, ready, _ = request(server.bind, "GET", "/readyz")
         try:
             send_task(env, "lease_reap")  # the sender is told, it does not hang
             sent_while_down = "accepted"
@@ -304,7 +299,7 @@ def test_redis_stopped_leaves_dispatch_alone_and_tasks_resume(pg, database, redi
 
         redis.start()
         expire_some_leases(pg, database, 1)
-        wait_for(lambda: request(server.base, "GET", "/readyz")[0] == 200, timeout=30, what="readyz back to 200")
+        wait_for(lambda: request(server.bind, "GET", "/readyz")[0] == 200, timeout=30, what="readyz back to 200")
         resumed_at = time.monotonic()
 
         def reaped_again() -> bool:
@@ -335,10 +330,10 @@ def test_redis_stopped_leaves_dispatch_alone_and_tasks_resume(pg, database, redi
 def test_leases_never_completed_come_back_after_the_ttl(pg, database, tmp_path, capsys):
     env = project_env(tmp_path, DATABASE_URL=pg.url(database), KIROPOOL_LEASE_TTL_SECONDS="2")
     auth = seed_pool(env, identities=1, max_concurrency=2)
-    server = AppServer(env, tmp_path, workers=1, threads=4).start()
+    server = web_server(env, tmp_path, workers=1, threads=4).start()
 
     def dispatch(wait_ms: int = 0):
-        return request(server.base, "POST", "/api/v1/dispatch", {"max_wait_ms": wait_ms}, auth)
+        return request(server.bind, "POST", "/api/v1/dispatch", {"max_wait_ms": wait_ms}, auth)
 
     try:
         assert [dispatch()[0] for _ in range(2)] == [200, 200]  # ... and never completed

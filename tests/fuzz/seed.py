@@ -19,26 +19,25 @@ def seed() -> Seeded:
     from django.contrib.auth import get_user_model
     from rest_framework.authtoken.models import Token
 
-    from accounts.models import Account, AccountGroup, Pool, Proxy, RoutingIdentity
-    from accounts.services import api_key_create
+    from accounts.models import Pool
+    from routing.pools import AccountSpec, IdentitySpec, KeySpec, pool_seed
 
-    proxy = Proxy.objects.create(name="fuzz-proxy", url="http://fuzz-proxy.internal:3128")
-    accounts = []
-    for i in range(3):
-        identity = RoutingIdentity.objects.create(name=f"fuzz-identity-{i}", max_concurrency=100_000)
-        accounts.append(
-            Account.objects.create(
-                name=f"fuzz-account-{i}",
-                identity=identity,
-                proxy=proxy if i == 0 else None,
-                pool=Pool.CREDIT_FIRST if i == 2 else Pool.BALANCED,
-                region="us-east-1",
-                credentials={"refresh_token": f"fuzz-secret-{i}"},
-            )
+    pool = [
+        IdentitySpec(
+            f"kiro-{i}",
+            max_concurrency=100_000,
+            accounts=(
+                AccountSpec(pool=Pool.CREDIT_FIRST if i == 2 else Pool.BALANCED, proxy="egress" if i == 0 else None),
+            ),
         )
-    group = AccountGroup.objects.create(name="fuzz-group")
-    group.accounts.set(accounts[:2])
-    _, plaintext = api_key_create(name="fuzz-gateway", credentials_access=True)
+        for i in range(3)
+    ]
+    seeded = pool_seed(
+        prefix="fuzz-",
+        identities=pool,
+        proxies={"egress": "http://fuzz-proxy.internal:3128"},
+        keys=(KeySpec("gateway", options={"account_group": None, "credentials_access": True}),),
+    )
     user = get_user_model().objects.create_user(username="fuzz-operator", password=None, is_staff=True)
     token = Token.objects.create(user=user)
-    return Seeded(gateway_key=plaintext, staff_token=token.key, account="fuzz-account-0", identity="fuzz-identity-0")
+    return Seeded(gateway_key=seeded.key, staff_token=token.key, account="fuzz-kiro-0", identity="fuzz-kiro-0")

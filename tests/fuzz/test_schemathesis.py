@@ -25,10 +25,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.drills.services import PYTHON, AppServer, project_env
+from kiropool.webserver import WebServer
+from tests.drills.services import PYTHON
 from tests.fuzz.seed import seed
 from tests.routing.gateway import Gateway
-from tests.support import test_database_url
+from tests.support import project_env, test_database_url, web_server
 
 pytestmark = [
     pytest.mark.fuzz,
@@ -72,7 +73,7 @@ values = [{leases}]
     return path
 
 
-def run_schemathesis(tmp: Path, name: str, server: AppServer, cfg: Path, *args: str) -> dict:
+def run_schemathesis(tmp: Path, name: str, server: WebServer, cfg: Path, *args: str) -> dict:
     report = tmp / f"{name}.json"
     command = [
         str(Path(PYTHON).parent / "st"),
@@ -80,7 +81,7 @@ def run_schemathesis(tmp: Path, name: str, server: AppServer, cfg: Path, *args: 
         str(cfg),
         "--no-color",
         "run",
-        f"http://{server.base}/api/schema/?format=json",
+        f"http://{server.bind}/api/schema/?format=json",
         "--workers",
         "2",
         "--seed",
@@ -109,7 +110,7 @@ def summary(data: dict) -> str:
 def test_schemathesis_finds_no_server_error_and_no_schema_mismatch(tmp_path, capsys):
     seeded = seed()
     env = project_env(tmp_path, DATABASE_URL=test_database_url(), KIROPOOL_EXPLAIN_RATE="")
-    server = AppServer(env, tmp_path).start()
+    server = web_server(env, tmp_path).start()
     try:
         gateway = Gateway(seeded.gateway_key)
         lease_ids = [gateway.dispatch(max_wait_ms=0).json()["lease_id"] for _ in range(SEEDED_LEASES)]

@@ -3,11 +3,13 @@
 import io
 
 import pytest
+from django.contrib.auth import get_user_model
 from django.core.management import call_command
+from django.core.management.base import CommandError
 from django.db import connection
 
 from accounts.models import Account, ApiKey, Pool, Proxy, RoutingIdentity
-from routing.management.commands import demo
+from routing import demo
 from routing.models import LatencySnapshot, Lease, LeaseOutcome, SessionBinding
 from tests.factories import AccountFactory
 
@@ -50,9 +52,31 @@ def test_a_short_demo_run_goes_through_the_http_api(live_server):
     out = io.StringIO()
     call_command("demo", duration=4, url=live_server.url, clients=clients, serve=False, stdout=out)
     text = out.getvalue()
+    assert not get_user_model().objects.filter(username="demo").exists()  # the login went with the demo
     assert f"{live_server.url}/dashboard/" in text
     assert "kp_" in text and "login       demo / " in text
     assert Lease.objects.filter(outcome=LeaseOutcome.SUCCESS).exists()
     assert not Lease.objects.filter(completed_at__isnull=True).exists()  # every lease was reported
     assert SessionBinding.objects.exists()
     assert LatencySnapshot.objects.exists()
+
+
+@pytest.mark.django_db
+def test_the_demo_refuses_a_database_with_other_pool_data_unless_forced():
+    AccountFactory(name="production-account")
+    with pytest.raises(CommandError, match="1 accounts.*--force"):
+        call_command("demo", duration=0, url="http://127.0.0.1:9", serve=False, stdout=io.StringIO())
+    assert not get_user_model().objects.filter(username="demo").exists()  # refused before anything was made
+    assert not Account.objects.filter(name__startswith="demo-").exists()
+
+
+@pytest.mark.django_db
+def test_the_demo_login_is_removed_when_the_demo_stops():
+    login = demo.demo_login()
+    user = get_user_model().objects.get(username=login.username)
+    assert user.is_superuser and user.first_name == demo.DEMO_USER_NOTE
+    # A login of the same name that the demo did not make is left alone.
+    get_user_model().objects.create_user(username="someone-else", first_name="an operator")
+    demo.demo_login_remove(login)
+    assert not get_user_model().objects.filter(username=login.username).exists()
+    assert get_user_model().objects.filter(username="someone-else").exists()

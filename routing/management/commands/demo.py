@@ -1,71 +1,26 @@
 """``manage.py demo`` (``make demo``): a living pool in one command.
 
-Seeds a demonstration pool, starts the web app with gunicorn, and plays a
-synthetic gateway against the real HTTP API for a few minutes: conversations
-that stick to their account, stateless calls, first-token latencies that
-differ per account, a rate limit, a proxy failure and an exhausted quota. The
-dashboard shows all of it as it happens; the login, the API keys and the
-dashboard URL are printed at the start and again at the end.
-
-Everything it creates is named ``demo-*`` and replaced on the next run, and
-its keys are limited to the demo accounts, so it never routes to, or deletes,
-anything else in the database it is pointed at.
+Seeds the demonstration pool, starts the web app (``kiropool.webserver``) and
+plays synthetic gateways against it for a while (``routing/demo.py``). The
+login, the API keys and the dashboard URL are printed at the start and again
+at the end; the demo's staff login is removed when it stops.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
-import secrets
-import signal
-import socket
-import subprocess
 import sys
-import threading
 import time
-import urllib.error
-import urllib.request
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from django.conf import settings
-from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
-from django.db import transaction
-from rest_framework.authtoken.models import Token
 
-from accounts.models import Account, AccountGroup, ApiKey, Pool, Proxy, RoutingIdentity
-from accounts.services import api_key_create
-
-PREFIX = "demo-"
-MODELS = ("claude-sonnet-4", "claude-haiku-4")
-
-# (identity, max_concurrency, pacing ms, accounts as (suffix, pool, proxy, credits), first-token ms)
-# One identity is clearly fast and one clearly slow, so the latency chart has
-# something to show; three identities have aliases, so sessions add up per identity.
-POOL = [
-    ("ada", 2, 0, [("", "balanced", "fra", None), ("-eu", "balanced", "ams", None)], 560),
-    ("brian", 2, 0, [("", "balanced", "fra", None)], 520),
-    ("cleo", 2, 0, [("", "balanced", None, None)], 240),
-    ("dara", 2, 0, [("", "balanced", "ams", None)], 1450),
-    ("emil", 1, 0, [("", "balanced", None, None)], 610),
-    ("fern", 2, 250, [("", "balanced", "fra", None)], 650),
-    ("gus", 2, 0, [("", "credit_first", None, 900.0), ("-b", "credit_first", "fra", None)], 500),
-    ("hana", 1, 0, [("", "credit_first", "ams", 140.0)], 540),
-    ("ivo", 2, 0, [("", "credit_first", None, 620.0)], 470),
-    ("juno", 2, 0, [("", "balanced", "ams", None)], 700),
-    ("kai", 3, 0, [("", "balanced", None, None), ("-backup", "balanced", "fra", None)], 590),
-    ("lena", 2, 0, [("", "credit_first", "fra", 380.0)], 680),
-]
-PROXIES = {"fra": "http://demo-egress-fra.invalid:3128", "ams": "http://demo-egress-ams.invalid:3128"}
-
-# Upstream calls are simulated by sleeping; this scales simulated time to wall
-# time so a few minutes show plenty of traffic while leases stay visibly in flight.
-TIME_SCALE = 0.35
+from kiropool.webserver import WebServer, WebServerError
+from routing import demo
 
 
 class Command(BaseCommand):
@@ -86,26 +41,46 @@ class Command(BaseCommand):
             default=None,
             help="keep the web app running after the traffic until Ctrl-C (default: when run from a terminal)",
         )
+        parser.add_argument(
+            "--force",
+            action="store_true",
+            help="run even though the database holds pool rows the demo did not make (they are left alone)",
+        )
 
-    def handle(self, *args, duration, bind, url, clients, serve, **options):
-        rng = random.Random()
+    def handle(self, *args, duration, bind, url, clients, serve, force, **options):
+        foreign = demo.foreign_data()
+        if foreign and not force:
+            raise CommandError(
+                "This database holds pool data the demo did not make ("
+                + ", ".join(foreign)
+                + "). The demo only touches demo-* rows, but it adds a superuser and traffic. "
+                "Point DATABASE_URL at a scratch database, or pass --force."
+            )
         serve = sys.stdin.isatty() if serve is None else serve
-        login = demo_login()
-        keys = demo_pool_seed()
+        login = demo.demo_login()
         server = None
         try:
+            keys = demo.demo_pool_seed()
             if url:
                 base = url.rstrip("/")
             else:
-                base = f"http://{bind}"
-                server = WebServer(bind, log=Path(settings.VAR_DIR) / "demo-gunicorn.log")
+                # WhiteNoise serves the dashboard's stylesheet from STATIC_ROOT.
+                call_command("collectstatic", interactive=False, verbosity=0)
+                server = WebServer(bind=bind, log=Path(settings.VAR_DIR) / "demo-gunicorn.log")
+                base = server.url
                 self.stdout.write(f"Starting the web app on {base} (log: {server.log}) ...")
-                server.start()
-            api = Api(base, keys=keys, token=login.token)
+                try:
+                    server.start()
+                except WebServerError as error:
+                    raise CommandError(
+                        f"{error}. Stop what listens there, pass --url {base} to use it, "
+                        "or choose another address with --bind or KIROPOOL_BIND."
+                    ) from error
+            api = demo.Api(base, keys=keys, token=login.token)
             api.wait_ready()
             api.latency_refresh()
             self.banner(base, login, keys, heading="kiropool demo: traffic is flowing, watch it live")
-            traffic = Traffic(api, rng=rng, duration=duration, clients=clients, out=self.stdout)
+            traffic = demo.Traffic(api, rng=random.Random(), duration=duration, clients=clients, out=self.stdout)
             traffic.run()
             api.latency_refresh()
             self.stdout.write(traffic.summary())
@@ -117,11 +92,14 @@ class Command(BaseCommand):
                     api.latency_refresh(quiet=True)
         except KeyboardInterrupt:
             self.stdout.write("\nStopping.")
+        except demo.DemoError as error:
+            raise CommandError(str(error)) from error
         finally:
             if server:
                 server.stop()
+            demo.demo_login_remove(login)
 
-    def banner(self, base: str, login: Login, keys: dict[str, str], *, heading: str) -> None:
+    def banner(self, base: str, login: demo.Login, keys: dict[str, str], *, heading: str) -> None:
         width = 78
         lines = [
             "",
@@ -129,7 +107,7 @@ class Command(BaseCommand):
             f"  {heading}",
             "-" * width,
             f"  dashboard   {base}/dashboard/",
-            f"  login       {login.username} / {login.password}",
+            f"  login       {login.username} / {login.password}   (removed when the demo stops)",
             f"  API key     {keys['gateway']}",
             "              (demo-gateway: prefers the balanced pool)",
             f"  second key  {keys['batch']}",
@@ -140,392 +118,3 @@ class Command(BaseCommand):
             "",
         ]
         self.stdout.write("\n".join(lines))
-
-
-# --- seeding -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Login:
-    username: str
-    password: str
-    token: str
-
-
-def demo_login() -> Login:
-    """A staff login for the dashboard (and a DRF token for the operator API).
-
-    Its password is set afresh on every run, unless KIROPOOL_DEMO_PASSWORD
-    chooses it, so the one printed always works."""
-    username = os.environ.get("KIROPOOL_DEMO_USER", "demo")
-    password = os.environ.get("KIROPOOL_DEMO_PASSWORD") or secrets.token_urlsafe(12)
-    user_model = get_user_model()
-    user, _ = user_model.objects.get_or_create(username=username)
-    user.is_staff = user.is_superuser = user.is_active = True
-    user.set_password(password)
-    user.save()
-    token, _ = Token.objects.get_or_create(user=user)
-    return Login(username, password, token.key)
-
-
-@transaction.atomic
-def demo_pool_seed() -> dict[str, str]:
-    """Replace the previous demo pool with a fresh one; return the keys' plaintexts."""
-    ApiKey.objects.filter(name__startswith=PREFIX).delete()
-    AccountGroup.objects.filter(name__startswith=PREFIX).delete()
-    Account.objects.filter(name__startswith=PREFIX).delete()
-    RoutingIdentity.objects.filter(name__startswith=PREFIX).delete()
-    Proxy.objects.filter(name__startswith=PREFIX).delete()
-
-    proxies = {code: Proxy.objects.create(name=f"{PREFIX}egress-{code}", url=url) for code, url in PROXIES.items()}
-    accounts = []
-    for name, concurrency, pacing, aliases, _ in POOL:
-        identity = RoutingIdentity.objects.create(
-            name=f"{PREFIX}{name}", max_concurrency=concurrency, min_start_interval_ms=pacing
-        )
-        for suffix, pool, proxy, credits in aliases:
-            accounts.append(
-                Account.objects.create(
-                    name=f"{PREFIX}{name}{suffix}",
-                    identity=identity,
-                    proxy=proxies[proxy] if proxy else None,
-                    pool=pool,
-                    remaining_credits=credits,
-                    region="us-east-1",
-                    profile_arn=f"arn:aws:codewhisperer:us-east-1:000000000000:profile/{name.upper()}{suffix.upper()}",
-                    credentials={"refresh_token": secrets.token_urlsafe(24)},
-                )
-            )
-    group = AccountGroup.objects.create(name=f"{PREFIX}pool")
-    group.accounts.set(accounts)
-    _, gateway = api_key_create(name=f"{PREFIX}gateway", account_group=group, preferred_pool=Pool.BALANCED)
-    _, batch = api_key_create(name=f"{PREFIX}batch", account_group=group, preferred_pool=Pool.CREDIT_FIRST)
-    return {"gateway": gateway, "batch": batch}
-
-
-# --- the web app -----------------------------------------------------------------------------
-
-
-class WebServer:
-    """gunicorn with the project's gunicorn.conf.py, started and stopped by the demo."""
-
-    def __init__(self, bind: str, *, log: Path):
-        self.bind = bind
-        self.log = log
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        host, _, port = self.bind.rpartition(":")
-        with socket.socket() as probe:
-            probe.settimeout(0.5)
-            if probe.connect_ex((host.strip("[]") or "127.0.0.1", int(port))) == 0:
-                raise CommandError(
-                    f"Something already listens on {self.bind} (is `make run` up?). Stop it, pass "
-                    f"--url http://{self.bind} to use it, or choose another address with --bind or KIROPOOL_BIND."
-                )
-        # WhiteNoise serves the dashboard's stylesheet from STATIC_ROOT.
-        call_command("collectstatic", interactive=False, verbosity=0)
-        gunicorn = Path(sys.executable).with_name("gunicorn")
-        env = {**os.environ, "KIROPOOL_BIND": self.bind}
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(
-                [str(gunicorn), "kiropool.wsgi:application"],
-                cwd=settings.BASE_DIR,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # Ctrl-C reaches the demo, which stops gunicorn in order
-            )
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def stop(self) -> None:
-        if not self.alive():
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-
-# --- the HTTP API, as a gateway and an operator see it ---------------------------------------------
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, body: dict, retry_after: float | None):
-        super().__init__(f"HTTP {status}: {body}")
-        self.status, self.body, self.retry_after = status, body, retry_after
-
-
-class Api:
-    def __init__(self, base: str, *, keys: dict[str, str], token: str):
-        self.base, self.keys, self.token = base, keys, token
-
-    def _call(self, method: str, path: str, body: dict | None, auth: str, timeout: float = 60) -> dict:
-        request = urllib.request.Request(
-            self.base + path,
-            data=None if body is None else json.dumps(body).encode(),
-            method=method,
-            headers={"Authorization": auth, "Content-Type": "application/json", "Accept": "application/json"},
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                return json.loads(response.read() or b"{}")
-        except urllib.error.HTTPError as error:
-            raw = error.read()
-            try:
-                payload = json.loads(raw)
-            except ValueError:
-                payload = {"error": {"type": "http", "message": raw[:200].decode(errors="replace")}}
-            retry_after = error.headers.get("Retry-After")
-            raise ApiError(error.code, payload, float(retry_after) if retry_after else None) from None
-
-    def dispatch(self, key: str, **body) -> dict:
-        return self._call("POST", "/api/v1/dispatch", body, f"Bearer {self.keys[key]}")
-
-    def complete(self, key: str, lease_id: str, **body) -> dict:
-        return self._call("POST", f"/api/v1/leases/{lease_id}/complete", body, f"Bearer {self.keys[key]}")
-
-    def latency_refresh(self, *, quiet: bool = False) -> None:
-        """Rebuild the snapshot through the operator API (the periodic task does
-        this every 60 s under `make run`; the demo runs no Celery worker)."""
-        try:
-            self._call("POST", "/api/v1/admin/latency/refresh/", None, f"Token {self.token}")
-        except (ApiError, OSError) as error:
-            if not quiet:
-                print(f"  (latency snapshot refresh failed: {error})", file=sys.stderr)
-
-    def wait_ready(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with urllib.request.urlopen(self.base + "/healthz", timeout=2):
-                    return
-            except urllib.error.HTTPError:
-                return  # it answers, whatever it thinks of its health
-            except OSError as error:
-                if time.monotonic() > deadline:
-                    message = f"kiropool did not answer at {self.base} within {timeout:.0f} s: {error}"
-                    raise CommandError(message) from error
-                time.sleep(0.3)
-
-
-# --- synthetic gateway traffic ------------------------------------------------------------------
-
-
-@dataclass
-class Conversation:
-    session_id: str
-    key: str
-    turns_left: int
-    busy: bool = False
-
-
-@dataclass
-class Stats:
-    outcomes: Counter = field(default_factory=Counter)
-    sessions: Counter = field(default_factory=Counter)  # "sticky" / "new" / "none"
-    statuses: Counter = field(default_factory=Counter)  # dispatch errors by HTTP status
-    by_identity: Counter = field(default_factory=Counter)
-    waited_ms: int = 0
-
-
-class Traffic:
-    """A handful of gateway clients: each loop sends one request, as a turn of a
-    conversation or a stateless call, holds the lease as long as the simulated
-    upstream takes, and reports the outcome."""
-
-    def __init__(self, api: Api, *, rng: random.Random, duration: float, clients: int, out):
-        self.api, self.rng, self.duration, self.clients, self.out = api, rng, duration, clients, out
-        self.lock = threading.Lock()
-        self.stats = Stats()
-        self.conversations: list[Conversation] = []
-        self.next_conversation = 0
-        self.latency = {f"{PREFIX}{name}": ms for name, *_, ms in POOL}
-        self.credits = {
-            f"{PREFIX}{name}{suffix}": credits
-            for name, _, _, aliases, _ in POOL
-            for suffix, _, _, credits in aliases
-            if credits is not None
-        }
-        # Scripted incidents: (share of the run elapsed, what happens, which lease it hits). Each
-        # hits the first matching lease once it is due, whichever account the dispatcher chose.
-        self.incidents = [
-            (0.30, "rate_limited", lambda a: a["pool"] == Pool.BALANCED and not a["proxy_url"]),
-            (0.50, "proxy_failure", lambda a: a["proxy_url"] == PROXIES["ams"]),
-            (0.65, "quota_exhausted", lambda a: a["pool"] == Pool.CREDIT_FIRST),
-        ]
-        self.exhausted: set[str] = set()  # identities whose quota the run used up
-        self.started = 0.0
-        self.stop = threading.Event()
-
-    # conversation bookkeeping
-
-    def _conversation_take(self) -> Conversation:
-        with self.lock:
-            idle = [c for c in self.conversations if not c.busy]
-            if len(self.conversations) < 36 or not idle or self.rng.random() < 0.12:
-                self.next_conversation += 1
-                key = "batch" if self.rng.random() < 0.3 else "gateway"
-                session_id = f"demo-conversation-{self.next_conversation:04d}"
-                conversation = Conversation(session_id, key, turns_left=self.rng.randint(2, 9))
-                self.conversations.append(conversation)
-            else:
-                conversation = self.rng.choice(idle)
-            conversation.busy = True
-            return conversation
-
-    def _conversation_release(self, conversation: Conversation) -> None:
-        with self.lock:
-            conversation.busy = False
-            conversation.turns_left -= 1
-            if conversation.turns_left <= 0:
-                self.conversations.remove(conversation)
-
-    def _incident_due(self, account: dict) -> str | None:
-        elapsed = (time.monotonic() - self.started) / self.duration
-        with self.lock:
-            for i, (share, kind, hits) in enumerate(self.incidents):
-                if elapsed >= share and hits(account):
-                    del self.incidents[i]
-                    return kind
-        return None
-
-    # one request
-
-    def _one_request(self) -> None:
-        rng = self.rng
-        conversation = self._conversation_take() if rng.random() < 0.7 else None
-        key = conversation.key if conversation else ("batch" if rng.random() < 0.3 else "gateway")
-        model = rng.choice(MODELS)
-        excluded: list[str] = []
-        try:
-            for _attempt in range(3):
-                body = {"model": model, "max_wait_ms": 5000, "exclude_accounts": excluded}
-                if conversation:
-                    body["session_id"] = conversation.session_id
-                try:
-                    lease = self.api.dispatch(key, **body)
-                except ApiError as error:
-                    with self.lock:
-                        self.stats.statuses[error.status] += 1
-                    self.stop.wait(min(error.retry_after or 1.0, 3.0))
-                    return
-                account = lease["account"]["name"]
-                identity = lease["account"]["routing_identity"]
-                incident = self._incident_due(lease["account"])
-                with self.lock:
-                    self.stats.sessions[lease["session"]] += 1
-                    self.stats.by_identity[identity] += 1
-                    self.stats.waited_ms += lease["waited_ms"]
-                outcome, report = self._upstream(account, identity, incident)
-                try:
-                    self.api.complete(key, lease["lease_id"], outcome=outcome, **report)
-                except ApiError as error:
-                    with self.lock:
-                        self.stats.statuses[f"complete {error.status}"] += 1
-                    return
-                with self.lock:
-                    self.stats.outcomes[outcome] += 1
-                if outcome != "retry_next":
-                    return
-                excluded.append(account)  # the gateway tries the next account for this request
-        finally:
-            if conversation:
-                self._conversation_release(conversation)
-
-    def _upstream(self, account: str, identity: str, incident: str | None) -> tuple[str, dict]:
-        """Pretend to call the upstream: sleep, then say how it went."""
-        rng = self.rng
-        base = self.latency.get(identity, 600)
-        first_token = max(40.0, rng.gauss(base, base * 0.15))
-        generation = rng.uniform(800, 4000)
-        if incident == "rate_limited":
-            self.stop.wait(first_token / 1000 * TIME_SCALE)
-            return "rate_limited", {"cooldown_seconds": 300, "error_message": "429 Too Many Requests (demo)"}
-        if incident == "proxy_failure":
-            self.stop.wait(rng.uniform(0.2, 0.6))
-            return "rate_limited", {
-                "cooldown_seconds": 120,
-                "proxy_failure": True,
-                "error_message": "proxy reset the connection (demo)",
-            }
-        if incident == "quota_exhausted":
-            with self.lock:
-                self.exhausted.add(identity)
-            return "quota_exhausted", {"remaining_credits": 0, "error_message": "monthly quota used up (demo)"}
-        if rng.random() < 0.03:
-            self.stop.wait(rng.uniform(0.1, 0.4))
-            return "retry_next", {"error_message": "upstream 500, try the next account (demo)"}
-        self.stop.wait((first_token + generation) / 1000 * TIME_SCALE)
-        report: dict = {"first_token_ms": round(first_token, 1)}
-        # A positive balance would put an exhausted identity back into selection
-        # (SPEC §2); its aliases stop reporting one so the incident stays visible.
-        if account in self.credits and identity not in self.exhausted:
-            with self.lock:
-                self.credits[account] = max(0.0, self.credits[account] - rng.uniform(0.5, 3.0))
-                report["remaining_credits"] = round(self.credits[account], 2)
-        return "success", report
-
-    # the run
-
-    def _client(self) -> None:
-        while not self.stop.is_set():
-            try:
-                self._one_request()
-            except OSError as error:
-                with self.lock:
-                    self.stats.statuses[f"network: {type(error).__name__}"] += 1
-                self.stop.wait(1.0)
-            self.stop.wait(self.rng.uniform(0.05, 0.4))
-
-    def run(self) -> None:
-        self.started = time.monotonic()
-        threads = [threading.Thread(target=self._client, daemon=True) for _ in range(self.clients)]
-        for thread in threads:
-            thread.start()
-        last_refresh = last_report = self.started
-        try:
-            while (now := time.monotonic()) - self.started < self.duration:
-                time.sleep(1)
-                if now - last_refresh >= 30:
-                    self.api.latency_refresh(quiet=True)
-                    last_refresh = now
-                if now - last_report >= 15:
-                    self.out.write(self.progress())
-                    last_report = now
-        finally:
-            self.stop.set()
-            for thread in threads:
-                thread.join(timeout=15)
-
-    def progress(self) -> str:
-        with self.lock:
-            s = self.stats
-            elapsed = time.monotonic() - self.started
-            return (
-                f"  t+{elapsed:4.0f}s  requests {sum(s.outcomes.values()):5d}  "
-                f"success {s.outcomes['success']}  rate-limited {s.outcomes['rate_limited']}  "
-                f"retry {s.outcomes['retry_next']}  quota {s.outcomes['quota_exhausted']}  "
-                f"sessions new/sticky/none {s.sessions['new']}/{s.sessions['sticky']}/{s.sessions['none']}  "
-                f"dispatch errors {sum(s.statuses.values())}"
-            )
-
-    def summary(self) -> str:
-        s = self.stats
-        lines = ["", "Traffic summary", self.progress()]
-        if s.statuses:
-            lines.append(
-                "  dispatch/complete errors: " + ", ".join(f"{k}: {v}" for k, v in sorted(s.statuses.items(), key=str))
-            )
-        lines.append(
-            "  leases per identity: " + ", ".join(f"{k[len(PREFIX) :]} {v}" for k, v in sorted(s.by_identity.items()))
-        )
-        missed = [kind for _, kind, _ in self.incidents]
-        if missed:
-            lines.append("  incidents that found no request in time: " + ", ".join(missed))
-        return "\n".join(lines)
