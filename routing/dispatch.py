@@ -36,6 +36,19 @@ class DispatchRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class SortKeys:
+    """The values of SPEC §2's sort keys as the database computed them for a
+    row; named as in ``selection.Ranked``, which computes them in Python."""
+
+    proxy_cooling: bool
+    model_preferred: bool
+    session_count: int | None  # None when key 3 is inactive
+    pool_rank: int
+    latency_band: int | None
+    remaining_credits_sort: float
+
+
+@dataclass(frozen=True, slots=True)
 class CandidateRow:
     """A selectable account as read for a dispatch: the pure ``Candidate``
     plus the ids and fields the writes and the response need."""
@@ -48,6 +61,7 @@ class CandidateRow:
     expired_leases: int = 0  # live-looking leases on the identity already past their TTL
     excluded: bool = False  # named in the request's exclude_accounts
     ready: bool = True  # the read's verdict: not excluded, and a lease could start on it now
+    keys: SortKeys | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,9 +13,10 @@ the next:
    because a cooling proxy is better than a 429 when nothing else is left.
 2. Model preference: accounts the key prefers for the request's model first.
 3. Fewest bound sessions (only when ``ctx.spread_sessions``): live bindings
-   summed per *routing identity* over the candidates, ascending. Aliases of
-   one upstream user share one load figure, otherwise a loaded identity keeps
-   winning new sessions through whichever alias has no bindings yet.
+   summed per *routing identity* over every account of the key, excluded ones
+   included, ascending. Aliases of one upstream user share one load figure,
+   otherwise a loaded identity keeps winning new sessions through whichever
+   alias has no bindings yet (or through excluding the loaded alias).
 4. Pool rank: the key's preferred pool, then the others in ``POOLS`` order.
 5. Pool tie-breakers. ``balanced``: latency band, last started, remaining
    credits descending. ``credit_first``: remaining credits descending, latency
@@ -115,6 +116,10 @@ class SelectionContext:
     # Key 3: the request has a session id and the sticky fast path did not
     # serve it (a new session, or a bound one that has to move).
     spread_sessions: bool = False
+    # Key 3's live sessions per routing identity, summed over every account
+    # of the key, excluded ones included (an excluded alias still carries its
+    # identity's load); None: summed over the candidates given.
+    session_totals: Mapping[str, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +209,14 @@ def _known_credits(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
+def session_totals(candidates: Sequence[Candidate]) -> dict[str, int]:
+    """Live bound sessions per routing identity, summed over ``candidates``."""
+    totals: dict[str, int] = {}
+    for c in candidates:
+        totals[c.routing_identity] = totals.get(c.routing_identity, 0) + c.bound_sessions
+    return totals
+
+
 def order_candidates(candidates: Sequence[Candidate], ctx: SelectionContext) -> list[Ranked]:
     """Candidates in dispatch order, each with the values that placed it."""
     now = ctx.now
@@ -212,10 +225,9 @@ def order_candidates(candidates: Sequence[Candidate], ctx: SelectionContext) -> 
         if c.pool not in ranks:
             raise ValueError(f"candidate {c.account!r} has unknown pool {c.pool!r}")
 
-    identity_sessions: dict[str, int] = {}
+    identity_sessions: Mapping[str, int] = {}
     if ctx.spread_sessions:
-        for c in candidates:
-            identity_sessions[c.routing_identity] = identity_sessions.get(c.routing_identity, 0) + c.bound_sessions
+        identity_sessions = ctx.session_totals if ctx.session_totals is not None else session_totals(candidates)
 
     # A fresh credit_first account reports no balance until its first
     # completion; valuing it at the best known balance keeps it from being
@@ -245,7 +257,7 @@ def order_candidates(candidates: Sequence[Candidate], ctx: SelectionContext) -> 
                 candidate=c,
                 proxy_in_cooldown=(c.proxy_cooldown_until is not None and c.proxy_cooldown_until > now),
                 model_preferred=c.account in ctx.preferred_accounts,
-                session_count=(identity_sessions[c.routing_identity] if ctx.spread_sessions else None),
+                session_count=(identity_sessions.get(c.routing_identity, 0) if ctx.spread_sessions else None),
                 pool_rank=ranks[c.pool],
                 latency_band=band,
                 latency_score_ms=score,

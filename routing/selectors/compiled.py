@@ -50,7 +50,7 @@ def sentinel_values(names: Mapping[str, type], lists: Mapping[str, int]) -> dict
     return values
 
 
-def _adapt(value):
+def adapt(value):
     """A value as the compiler puts it among the parameters."""
     if isinstance(value, datetime):
         return connection.ops.adapt_datetimefield_value(value)
@@ -79,7 +79,7 @@ class CompiledQuery:
                 for i, item in enumerate(value):
                     lookup[(type(item), item)] = (name, i)
             else:
-                adapted = _adapt(value)
+                adapted = adapt(value)
                 lookup[(type(adapted), adapted)] = (name, None)
         # Each parameter is either a slot (name, list index) or a literal kept as compiled.
         self.slots: list[tuple[str, int | None] | None] = []
@@ -101,7 +101,7 @@ class CompiledQuery:
             else:
                 name, index = slot
                 value = values[name]
-                out.append(value[index] if index is not None else _adapt(value))
+                out.append(value[index] if index is not None else adapt(value))
         return out
 
     def fetch(self, values: Mapping[str, object]) -> list[tuple]:

@@ -44,7 +44,7 @@ from django.db.models.functions import Abs, Cast, Coalesce, Collate, Floor, Sign
 
 from accounts.models import Account, ApiKey, RouteStrategy
 from routing import selection
-from routing.dispatch import CandidateRow, DispatchRequest, SessionState
+from routing.dispatch import CandidateRow, DispatchRequest, SessionState, SortKeys
 from routing.models import Lease, SessionBinding
 from routing.selectors import counts
 from routing.selectors.compiled import CompiledQuery, sentinel_values
@@ -278,12 +278,16 @@ COLUMNS = (
     "proxy__cooldown_until",
     "expired_leases",
     "live_sessions",
-    "identity_sessions",
-    "band",
     "excluded",
-    "proxy_cooling",
     "ready",
     "bound_account_id",
+    # the sort keys, as the database computed them (SortKeys)
+    "proxy_cooling",
+    "model_preferred",
+    "identity_sessions",
+    "pool_rank",
+    "band",
+    "credits_sort",
 )
 
 
@@ -439,6 +443,14 @@ def _row(r: tuple, c: Mapping[str, int]) -> CandidateRow:
         expired_leases=expired_leases,
         excluded=bool(r[c["excluded"]]),
         ready=bool(r[c["ready"]]),
+        keys=SortKeys(
+            proxy_cooling=bool(r[c["proxy_cooling"]]),
+            model_preferred=bool(r[c["model_preferred"]]),
+            session_count=r[c["identity_sessions"]],
+            pool_rank=r[c["pool_rank"]],
+            latency_band=r[c["band"]],
+            remaining_credits_sort=r[c["credits_sort"]],
+        ),
     )
 
 
@@ -485,7 +497,9 @@ def dispatch_explain(*, key: ApiKey, request: DispatchRequest, now: datetime) ->
     if bound is not None and not bound.excluded and selection.sticky_fast_path_ok(bound.candidate, ctx):
         fast_path = bound.candidate.account
     if request.session_id and fast_path is None:
-        ctx = dataclasses.replace(ctx, spread_sessions=True)
+        # Key 3 counts every account of the key, excluded ones included.
+        totals = selection.session_totals([row.candidate for row in found.rows])
+        ctx = dataclasses.replace(ctx, spread_sessions=True, session_totals=totals)
     ranked = selection.order_candidates([row.candidate for row in candidates], ctx)
     ranked.sort(key=lambda r: r.candidate.account != fast_path)  # stable: the rest keep their order
     return Explanation(

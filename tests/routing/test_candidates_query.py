@@ -1,0 +1,233 @@
+"""The dispatcher's read against its specification.
+
+``candidates_queryset`` orders the key's accounts in the database; the
+ordering contract itself is ``selection.order_candidates``. On random pools
+both must agree, account for account and key for key. And the compiled-once
+SQL must be exactly what Django compiles afresh for the same values."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from accounts.models import Account, AccountGroup, ApiKey, Pool, Proxy, RoutingIdentity
+from routing import selection
+from routing.dispatch import DispatchRequest
+from routing.models import LatencySnapshot, Lease, SessionBinding
+from routing.selectors import dispatch as reads
+from routing.selectors.compiled import CompiledQuery, adapt
+from routing.selectors.latency import latency_snapshot_latest
+from tests.factories import AccountFactory, ApiKeyFactory, latency_snapshot_create
+
+pytestmark = pytest.mark.django_db
+
+
+# --- compiled once, the same as compiled afresh ------------------------------------------
+
+
+SHAPES = [
+    reads.Shape(scope="all", preferred_pool=Pool.BALANCED),
+    reads.Shape(scope="group", preferred_pool=Pool.CREDIT_FIRST, with_session=True, spread=True, head=True),
+    reads.Shape(scope="fixed", preferred_pool=Pool.BALANCED, with_session=True, bound_only=True, excluded=2),
+    reads.Shape(scope="all", preferred_pool=Pool.BALANCED, latency=True, excluded=1, preferred=3, head=True),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s.scope}-{s.excluded}x-{s.preferred}p")
+def test_the_cached_sql_is_what_django_compiles_afresh(shape):
+    now = timezone.now()
+    values = {
+        "now": now,
+        "key_id": 41,
+        "session_id": "conversation-7",
+        "group_id": 3,
+        "fixed_account_id": 12,
+        "snapshot_id": 99,
+        "global_avg_ms": 512.5,
+        "band_width_ms": 153.75,
+        "excluded": [f"gone-{i}" for i in range(shape.excluded)],
+        "preferred": [f"liked-{i}" for i in range(shape.preferred)],
+    }
+    cached = reads.compiled(shape)
+    fresh_sql, fresh_params = reads.candidates_queryset(shape, values).query.sql_with_params()
+    assert cached.sql == fresh_sql
+    assert cached.params(values) == [adapt(p) for p in fresh_params]
+    # and with other values, still the same statement
+    later = {**values, "now": now + timedelta(minutes=3), "key_id": 5, "session_id": "other"}
+    assert cached.params(later) == [
+        adapt(p) for p in reads.candidates_queryset(shape, later).query.sql_with_params()[1]
+    ]
+
+
+@pytest.mark.parametrize(
+    ("shape", "names"),
+    [
+        (SHAPES[1], {"now", "key_id", "session_id", "group_id"}),
+        (SHAPES[2], {"now", "key_id", "session_id", "fixed_account_id", "excluded"}),
+        (SHAPES[3], {"now", "snapshot_id", "global_avg_ms", "band_width_ms", "excluded", "preferred"}),
+    ],
+)
+def test_a_compiled_query_takes_each_value_of_its_shape_as_a_parameter(shape, names):
+    query = reads.compiled(shape)
+    assert isinstance(query, CompiledQuery)
+    assert {slot[0] for slot in query.slots if slot is not None} == names
+
+
+# --- the database order is the ordering contract ----------------------------------------------
+
+
+accounts_strategy = st.lists(
+    st.fixed_dictionaries(
+        {
+            "identity": st.integers(0, 4),  # several accounts may alias one identity
+            "pool": st.sampled_from([Pool.BALANCED, Pool.CREDIT_FIRST]),
+            "credits": st.one_of(st.none(), st.floats(0, 1000, allow_nan=False).map(lambda x: round(x, 1))),
+            "proxy": st.sampled_from([None, 0, 1]),
+            "bindings": st.integers(0, 3),
+            "expired_bindings": st.integers(0, 1),
+            "samples": st.one_of(st.none(), st.tuples(st.integers(1, 40), st.floats(50, 3000, allow_nan=False))),
+        }
+    ),
+    min_size=1,
+    max_size=9,
+)
+identities_strategy = st.lists(
+    st.fixed_dictionaries(
+        {
+            "started_ago": st.one_of(st.none(), st.integers(1, 600)),
+            "cooling": st.booleans(),
+            "max_concurrency": st.integers(1, 3),
+            "in_flight": st.integers(0, 3),
+            "pacing_ms": st.sampled_from([0, 0, 500, 60_000]),
+        }
+    ),
+    min_size=5,
+    max_size=5,
+)
+
+
+def _build(accounts, identities, *, proxy_cooling, global_avg, proxy_samples):
+    for model in (Lease, SessionBinding, LatencySnapshot, ApiKey, AccountGroup, Account, RoutingIdentity, Proxy):
+        model.objects.all().delete()
+    now = timezone.now()
+    proxies = [
+        Proxy.objects.create(
+            name=f"p{i}", url=f"http://p{i}:1", cooldown_until=now + timedelta(minutes=5) if cooling else None
+        )
+        for i, cooling in enumerate(proxy_cooling)
+    ]
+    made_identities = []
+    for i, spec in enumerate(identities):
+        identity = RoutingIdentity.objects.create(
+            name=f"i{i}",
+            max_concurrency=spec["max_concurrency"],
+            min_start_interval_ms=spec["pacing_ms"],
+            cooldown_until=now + timedelta(minutes=1) if spec["cooling"] else None,
+            last_started_at=now - timedelta(seconds=spec["started_ago"]) if spec["started_ago"] else None,
+        )
+        made_identities.append(identity)
+    other_key = ApiKeyFactory(name="other")
+    made = []
+    for n, spec in enumerate(accounts):
+        # Mixed case and punctuation: names must order by code point in both places.
+        account = AccountFactory(
+            name=f"{'Ab'[n % 2]}-{n:02d}",
+            identity=made_identities[spec["identity"]],
+            pool=spec["pool"],
+            remaining_credits=spec["credits"],
+            proxy=proxies[spec["proxy"]] if spec["proxy"] is not None else None,
+        )
+        for b in range(spec["bindings"] + spec["expired_bindings"]):
+            expires = now - timedelta(seconds=5) if b >= spec["bindings"] else now + timedelta(hours=1)
+            SessionBinding.objects.create(
+                api_key=other_key,
+                session_id=f"{account.name}-{b}",
+                account=account,
+                created_at=now - timedelta(hours=2),
+                updated_at=now - timedelta(hours=2),
+                expires_at=expires,
+            )
+        made.append(account)
+    for identity, spec in zip(made_identities, identities, strict=True):
+        # Live leases make the in-flight counter; the claim path keeps it so.
+        for _ in range(spec["in_flight"]):
+            Lease.objects.create(
+                account=identity.accounts.first() or made[0],
+                account_name="x",
+                identity=identity,
+                started_at=now,
+                expires_at=now + timedelta(minutes=15),
+            )
+        RoutingIdentity.objects.filter(pk=identity.pk).update(in_flight=spec["in_flight"])
+    if global_avg is not None:
+        latency_snapshot_create(
+            global_avg_ms=global_avg,
+            accounts={a.name: spec["samples"] for a, spec in zip(made, accounts, strict=True) if spec["samples"]},
+            proxies={p.url: s for p, s in zip(proxies, proxy_samples, strict=True) if s},
+        )
+    return made
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    accounts=accounts_strategy,
+    identities=identities_strategy,
+    proxy_cooling=st.tuples(st.booleans(), st.booleans()),
+    proxy_samples=st.tuples(
+        st.one_of(st.none(), st.tuples(st.integers(1, 40), st.floats(50, 3000, allow_nan=False))),
+        st.one_of(st.none(), st.tuples(st.integers(1, 40), st.floats(50, 3000, allow_nan=False))),
+    ),
+    global_avg=st.one_of(st.none(), st.floats(100, 2000, allow_nan=False)),
+    preferred_pool=st.sampled_from([Pool.BALANCED, Pool.CREDIT_FIRST]),
+    spread=st.booleans(),
+    excluded=st.sets(st.integers(0, 8), max_size=3),
+    preferred=st.sets(st.integers(0, 8), max_size=3),
+)
+def test_the_database_orders_candidates_exactly_as_the_contract(
+    accounts, identities, proxy_cooling, proxy_samples, global_avg, preferred_pool, spread, excluded, preferred
+):
+    made = _build(accounts, identities, proxy_cooling=proxy_cooling, global_avg=global_avg, proxy_samples=proxy_samples)
+    key = ApiKeyFactory(name="gateway", preferred_pool=preferred_pool, model_preferences={})
+    names = [a.name for a in made]
+    excluded_names = frozenset(names[i] for i in excluded if i < len(names))
+    preferred_names = frozenset(names[i] for i in preferred if i < len(names))
+    request = DispatchRequest(session_id="s" if spread else None, exclude_accounts=excluded_names)
+    now = timezone.now()
+    stored = latency_snapshot_latest()
+    read = dict(key=key, request=request, now=now, snapshot=stored, spread=spread, preferred=preferred_names)
+
+    everyone = reads.read(**read).rows
+    candidates = [row for row in everyone if not row.excluded]
+    ctx = selection.SelectionContext(
+        now=now,
+        preferred_pool=preferred_pool,
+        snapshot=stored.snapshot if stored else None,
+        preferred_accounts=preferred_names,
+        spread_sessions=spread,
+        session_totals=selection.session_totals([row.candidate for row in everyone]),
+    )
+    ranked = selection.order_candidates([row.candidate for row in candidates], ctx)
+
+    assert [row.candidate.account for row in candidates] == [r.candidate.account for r in ranked]
+    for row, r in zip(candidates, ranked, strict=True):
+        assert row.keys.proxy_cooling == r.proxy_in_cooldown
+        assert row.keys.model_preferred == r.model_preferred
+        assert row.keys.session_count == r.session_count
+        assert row.keys.pool_rank == r.pool_rank
+        assert row.keys.latency_band == r.latency_band
+        assert row.keys.remaining_credits_sort == pytest.approx(r.remaining_credits_sort)
+
+    # The head a dispatch reads: the candidates a lease could start on now,
+    # in contract order, then the rest.
+    head = reads.read(**read, head=True).rows
+    startable = [r.candidate.account for r in ranked if selection.throttle_state(r.candidate, now) == "ready"]
+    assert [row.candidate.account for row in head if row.ready] == startable[: len([h for h in head if h.ready])]
+    assert len(head) == min(reads.HEAD_ROWS, len(everyone))
+    if startable:
+        assert head[0].ready and head[0].candidate.account == startable[0]
+    else:
+        assert not any(row.ready for row in head)

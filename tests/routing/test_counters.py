@@ -1,0 +1,93 @@
+"""The hot counters stay true: the reconcile task sets right whatever drifted
+and reports it, and a write the database refuses on the hot path is a clean
+503 that leaves nothing half done."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from django.utils import timezone
+
+from accounts.models import Account, ApiKey, RoutingIdentity
+from routing import maintenance
+from routing.models import CounterDrift, Lease, SessionBinding
+from tests.factories import AccountFactory, ApiKeyFactory, SessionBindingFactory
+from tests.routing.gateway import Gateway
+
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("statements")]
+
+
+def test_reconcile_finds_nothing_when_every_counter_is_true():
+    account = AccountFactory()
+    key = ApiKeyFactory(max_concurrency=5)
+    Gateway(key.plaintext).dispatch()
+    SessionBindingFactory(account=account)
+    assert maintenance.counters_reconcile() == {
+        name: 0 for name in ("identity_in_flight", "key_in_flight", "account_binding_rows")
+    }
+    assert not CounterDrift.objects.filter(total__gt=0).exists()
+
+
+def test_reconcile_sets_every_drifted_counter_right_and_reports_it(caplog):
+    account = AccountFactory(identity__max_concurrency=2)
+    key = ApiKeyFactory(max_concurrency=5)
+    gw = Gateway(key.plaintext)
+    leases = [gw.dispatch().json()["lease_id"] for _ in range(2)]
+    SessionBindingFactory.create_batch(3, account=account)
+    # Stale writes, as a whole-row save of an old copy would make them.
+    RoutingIdentity.objects.filter(pk=account.identity_id).update(in_flight=7)
+    ApiKey.objects.filter(pk=key.pk).update(in_flight=0)
+    Account.objects.filter(pk=account.pk).update(binding_rows=1)
+
+    with caplog.at_level(logging.WARNING, logger="routing.maintenance"):
+        found = maintenance.counters_reconcile(now=timezone.now())
+
+    assert found == {"identity_in_flight": 5, "key_in_flight": 2, "account_binding_rows": 2}
+    assert RoutingIdentity.objects.get(pk=account.identity_id).in_flight == 2
+    assert ApiKey.objects.get(pk=key.pk).in_flight == 2
+    assert Account.objects.get(pk=account.pk).binding_rows == 3
+    assert "identity_in_flight was off by 5 on 1 row(s)" in caplog.text
+    assert dict(CounterDrift.objects.values_list("counter", "total")) == {
+        "identity_in_flight": 5,
+        "key_in_flight": 2,
+        "account_binding_rows": 2,
+    }
+    # The leases complete normally afterwards, and a second run finds nothing.
+    for lease in leases:
+        assert gw.complete(lease, outcome="success").status_code == 200
+    assert set(maintenance.counters_reconcile().values()) == {0}
+    assert RoutingIdentity.objects.get(pk=account.identity_id).in_flight == 0
+
+
+def test_drift_is_exported_on_metrics(client):
+    account = AccountFactory()
+    Account.objects.filter(pk=account.pk).update(binding_rows=4)
+    maintenance.counters_reconcile()
+    text = client.get("/metrics").content.decode()
+    assert 'kiropool_counter_drift_total{counter="account_binding_rows"} 4.0' in text
+    assert 'kiropool_counter_drift_total{counter="identity_in_flight"} 0.0' in text
+
+
+# Outside a test transaction, as in production: a refused statement rolls
+# back on its own (autocommit), and the connection serves the next request.
+@pytest.mark.django_db(transaction=True)
+def test_a_write_the_database_refuses_is_a_clean_503_and_changes_nothing():
+    account = AccountFactory()
+    gw = Gateway(ApiKeyFactory().plaintext)
+    lease = gw.dispatch(session_id="conv").json()["lease_id"]
+    # A corrupted counter: the release would take it below zero, which the
+    # check constraint refuses.
+    RoutingIdentity.objects.filter(pk=account.identity_id).update(in_flight=0)
+
+    response = gw.complete(lease, outcome="success", first_token_ms=300)
+
+    assert response.status_code == 503
+    assert response.json()["error"]["type"] == "api_error"
+    assert response["Retry-After"] == "1"
+    assert Lease.objects.get(pk=lease).completed_at is None  # not half completed
+    assert not SessionBinding.objects.exists()
+    # Once the counter is set right, the same completion goes through.
+    maintenance.counters_reconcile()
+    assert gw.complete(lease, outcome="success", first_token_ms=300).status_code == 200
+    assert SessionBinding.objects.get().account_id == account.pk
