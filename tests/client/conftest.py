@@ -1,0 +1,60 @@
+"""tests/client: the Python client (clients/python) and its LiteLLM
+integration against a real kiropool: gunicorn with gunicorn.conf.py on the
+PostgreSQL test database. One server for the whole package; each test seeds
+its own small pool in a transactional test (committed, so the server sees it)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import pytest
+from django.db import connection
+
+# LiteLLM fetches its model cost map from the internet when imported unless
+# told otherwise; nothing here may leave the machine.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+
+@pytest.fixture(scope="package")
+def kiropool_url(django_db_setup, django_db_blocker, tmp_path_factory) -> str:
+    """Base URL of a kiropool under gunicorn on the test database (PostgreSQL only)."""
+    if connection.vendor != "postgresql":
+        pytest.skip("needs PostgreSQL: set DATABASE_URL=postgres://...")
+    from tests.drills.services import AppServer, project_env
+    from tests.support import test_database_url
+
+    tmp = tmp_path_factory.mktemp("kiropool-server")
+    server = AppServer(project_env(tmp, DATABASE_URL=test_database_url(), KIROPOOL_EXPLAIN_RATE=""), tmp).start()
+    try:
+        yield f"http://{server.base}"
+    finally:
+        server.stop()
+
+
+@dataclass(frozen=True)
+class Pool:
+    key: str  # the gateway key's plaintext
+    accounts: list[str]  # one per identity, in identity order
+    identities: list[str]
+
+
+def seed_pool(prefix: str = "acct", *, identities: int = 2, max_concurrency: int = 4, **key_fields) -> Pool:
+    """``identities`` routing identities with one account each, and a key that reaches them all."""
+    from accounts.services import api_key_create
+    from tests.factories import AccountFactory, RoutingIdentityFactory
+
+    accounts, names = [], []
+    for i in range(identities):
+        identity = RoutingIdentityFactory(name=f"{prefix}-identity-{i}", max_concurrency=max_concurrency)
+        accounts.append(AccountFactory(name=f"{prefix}-{i}", identity=identity).name)
+        names.append(identity.name)
+    _, plaintext = api_key_create(name=f"{prefix}-gateway", **key_fields)
+    return Pool(key=plaintext, accounts=accounts, identities=names)
+
+
+def open_leases() -> list[str]:
+    """Account names of the leases not completed (the reaper never runs here)."""
+    from routing.models import Lease
+
+    return list(Lease.objects.filter(completed_at__isnull=True).values_list("account_name", flat=True))
