@@ -5,8 +5,12 @@ its own small pool in a transactional test (committed, so the server sees it).""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import threading
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import pytest
 from django.db import connection
@@ -58,3 +62,26 @@ def open_leases() -> list[str]:
     from routing.models import Lease
 
     return list(Lease.objects.filter(completed_at__isnull=True).values_list("account_name", flat=True))
+
+
+T = TypeVar("T")
+
+
+def run_async(scenario: Callable[[], Awaitable[T]]) -> T:
+    """``asyncio.run(scenario())`` in a thread of its own: the browser suite's
+    Playwright keeps an event loop running in the main thread for the session,
+    and asyncio.run refuses to start under a running loop."""
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = asyncio.run(scenario())
+        except BaseException as exc:  # handed back to the test's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, name="client-test-loop")
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]

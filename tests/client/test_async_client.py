@@ -12,7 +12,7 @@ import pytest
 from kiropool_client import AsyncKiropoolClient, UpstreamRateLimited, UpstreamRetryNext, aio
 
 from routing.models import Lease
-from tests.client.conftest import open_leases, seed_pool
+from tests.client.conftest import open_leases, run_async, seed_pool
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -40,7 +40,7 @@ def test_async_failover_sticks_the_session_to_the_account_that_served(kiropool_u
                 pass
         return attempts, served, again
 
-    attempts, served, again = asyncio.run(scenario())
+    attempts, served, again = run_async(scenario)
     assert attempts[1] == served != attempts[0]
     assert again.account.name == served and again.dispatched.session == "sticky"
     assert dict(Lease.objects.filter(session_id="conv-a").values_list("account_name", "outcome")) == {
@@ -58,7 +58,7 @@ def test_async_exception_maps_to_rate_limited(kiropool_url, pool):
                     raise UpstreamRateLimited("upstream 429", retry_after=30, proxy_failure=False)
         return lease
 
-    lease = asyncio.run(scenario())
+    lease = run_async(scenario)
     assert lease.completed.outcome == "rate_limited"
     assert Lease.objects.get().outcome == "rate_limited" and open_leases() == []
 
@@ -79,7 +79,7 @@ def test_a_cancelled_task_completes_its_lease(kiropool_url, pool):
             with pytest.raises(asyncio.CancelledError):
                 await task
 
-    asyncio.run(scenario())
+    run_async(scenario)
     lease = Lease.objects.get()
     assert lease.outcome == "fatal" and lease.error_message == "CancelledError"
     assert open_leases() == []
@@ -125,5 +125,5 @@ def test_a_task_cancelled_again_while_completing_still_completes_in_the_backgrou
                 await asyncio.sleep(0.05)
             assert not aio._DETACHED  # ...and ran to its end
 
-    asyncio.run(scenario())
+    run_async(scenario)
     assert Lease.objects.get().outcome == "fatal" and open_leases() == []

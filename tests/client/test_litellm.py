@@ -18,7 +18,7 @@ from django.utils import timezone
 
 from accounts.models import Account, ApiKey, RoutingIdentity
 from routing.models import LatencySample, Lease, SessionBinding
-from tests.client.conftest import open_leases, seed_pool
+from tests.client.conftest import open_leases, run_async, seed_pool
 from tests.factories import SessionBindingFactory
 
 litellm = pytest.importorskip("litellm")
@@ -151,7 +151,7 @@ def test_new_sessions_spread_over_identities_and_report_litellms_latency(routed)
             served.append(served_by(response))
         return served
 
-    served = asyncio.run(scenario())
+    served = run_async(scenario)
     identities = {RoutingIdentity.objects.get(accounts__name=name).name for name in served}
     assert identities == set(pool.identities)
     # The first-token latency is LiteLLM's own measure of the (mock) call:
@@ -201,7 +201,7 @@ def test_an_upstream_error_is_retried_on_another_account(routed):
         await asettle(routing)
         return served_by(response)
 
-    served = asyncio.run(scenario())
+    served = run_async(scenario)
     assert served != broken
     outcomes = list(Lease.objects.order_by("started_at").values_list("account_name", "outcome"))
     assert outcomes == [(broken, "retry_next"), (served, "success")]
