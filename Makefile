@@ -8,8 +8,8 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-# Re-installs only when a requirements file changes.
-$(STAMP): requirements.txt requirements-dev.txt
+# Re-installs only when a requirements file (or the client package's) changes.
+$(STAMP): requirements.txt requirements-dev.txt clients/python/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
