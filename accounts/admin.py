@@ -8,6 +8,7 @@ from django.utils.html import format_html
 
 from accounts import services
 from accounts.models import Account, AccountGroup, ApiKey, Proxy, RoutingIdentity
+from accounts.permissions import GRANT_CREDENTIALS_ACCESS
 
 
 class CoolingFilter(admin.SimpleListFilter):
@@ -45,7 +46,7 @@ class RoutingIdentityAdmin(admin.ModelAdmin):
     def cooldown(self, obj):
         return _cooldown_column(obj)
 
-    @admin.action(description="Clear cooldown of selected identities")
+    @admin.action(description="Clear cooldown of selected identities", permissions=["change"])
     def clear_cooldown(self, request, queryset):
         count = services.identity_cooldown_clear(identities=queryset)
         self.message_user(request, f"Cleared the cooldown of {count} identities.", messages.SUCCESS)
@@ -62,7 +63,7 @@ class ProxyAdmin(admin.ModelAdmin):
     def cooldown(self, obj):
         return _cooldown_column(obj)
 
-    @admin.action(description="Clear cooldown of selected proxies")
+    @admin.action(description="Clear cooldown of selected proxies", permissions=["change"])
     def clear_cooldown(self, request, queryset):
         count = services.proxy_cooldown_clear(proxies=queryset)
         self.message_user(request, f"Cleared the cooldown of {count} proxies.", messages.SUCCESS)
@@ -142,15 +143,15 @@ class AccountAdmin(admin.ModelAdmin):
     def credentials_stored(self, obj):
         return getattr(obj, "has_credentials", False)  # a new, unsaved account has none
 
-    @admin.action(description="Enable selected accounts")
+    @admin.action(description="Enable selected accounts", permissions=["change"])
     def enable(self, request, queryset):
         self.message_user(request, f"Enabled {queryset.update(enabled=True)} accounts.", messages.SUCCESS)
 
-    @admin.action(description="Disable selected accounts")
+    @admin.action(description="Disable selected accounts", permissions=["change"])
     def disable(self, request, queryset):
         self.message_user(request, f"Disabled {queryset.update(enabled=False)} accounts.", messages.SUCCESS)
 
-    @admin.action(description="Reset quota of selected accounts")
+    @admin.action(description="Reset quota of selected accounts", permissions=["change"])
     def reset_quota(self, request, queryset):
         count = services.account_quota_reset(accounts=queryset)
         self.message_user(request, f"Reset the quota of {count} accounts.", messages.SUCCESS)
@@ -192,6 +193,22 @@ class ApiKeyAdmin(admin.ModelAdmin):
     def masked_key(self, obj):
         return f"kp_{obj.prefix}_…" if obj.prefix else "—"
 
+    def get_readonly_fields(self, request, obj=None):
+        # Without the grant, the box is shown as a value, not as a checkbox, and a
+        # forged POST of it is ignored: the form has no such field.
+        fields = list(super().get_readonly_fields(request, obj))
+        if not request.user.has_perm(GRANT_CREDENTIALS_ACCESS):
+            fields.append("credentials_access")
+        return fields
+
+    def has_change_permission(self, request, obj=None):
+        # A key that hands out credentials is changed only by those who may grant
+        # that: re-pointing it (group, fixed account, enabled, expiry) chooses
+        # whose secrets it receives. Others see its page read-only.
+        if obj is not None and obj.credentials_access and not request.user.has_perm(GRANT_CREDENTIALS_ACCESS):
+            return False
+        return super().has_change_permission(request, obj)
+
     def save_model(self, request, obj, form, change):
         if change:
             super().save_model(request, obj, form, change)
@@ -207,10 +224,20 @@ class ApiKeyAdmin(admin.ModelAdmin):
             messages.WARNING,
         )
 
-    @admin.action(description="Enable selected keys")
+    @admin.action(description="Enable selected keys", permissions=["change"])
     def enable(self, request, queryset):
+        if not request.user.has_perm(GRANT_CREDENTIALS_ACCESS):
+            held = queryset.filter(enabled=False, credentials_access=True).count()
+            if held:
+                self.message_user(
+                    request,
+                    f"Left {held} keys with credentials access disabled: enabling them needs the permission "
+                    f"to grant credentials access.",
+                    messages.WARNING,
+                )
+            queryset = queryset.filter(credentials_access=False)
         self.message_user(request, f"Enabled {queryset.update(enabled=True)} keys.", messages.SUCCESS)
 
-    @admin.action(description="Disable selected keys")
+    @admin.action(description="Disable selected keys", permissions=["change"])
     def disable(self, request, queryset):
         self.message_user(request, f"Disabled {queryset.update(enabled=False)} keys.", messages.SUCCESS)

@@ -224,6 +224,9 @@ class ApiKey(models.Model):
     class Meta:
         ordering = ["name"]
         verbose_name = "API key"
+        # Apart from change_apikey: a key with credentials access hands account
+        # secrets to its gateway, which is more than configuring routing.
+        permissions = [("grant_credentials_access", "Can create or change API keys with credentials access")]
         constraints = [
             _pool_check("preferred_pool", "apikey_preferred_pool_known"),
             models.CheckConstraint(

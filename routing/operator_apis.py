@@ -12,6 +12,7 @@ from rest_framework.pagination import LimitOffsetPagination
 from rest_framework.response import Response
 
 from accounts.apis import OperatorApi
+from accounts.permissions import CRUD_VERBS
 from kiropool.schema import operator_error_responses
 from routing import selectors, services
 from routing.models import LatencySnapshot, SessionBinding
@@ -55,6 +56,7 @@ class SessionBindingViewSet(OperatorApi, mixins.ListModelMixin, mixins.DestroyMo
     """Live session affinities: (API key, session id) → account."""
 
     serializer_class = SessionBindingSerializer
+    permission_model = SessionBinding
     pagination_class = BindingPagination
 
     def get_queryset(self):
@@ -132,6 +134,9 @@ class LatencySnapshotViewSet(OperatorApi, viewsets.ViewSet):
     first-token latencies, rebuilt every 60 s by a periodic task."""
 
     schema = OneObjectSchema()
+    permission_model = LatencySnapshot
+    # A rebuild writes a new snapshot row, as "add" says.
+    action_verbs = {**CRUD_VERBS, "refresh": "add"}
 
     @extend_schema(
         summary="The current latency snapshot",

@@ -119,7 +119,9 @@ def test_model_preferences_within_bounds_are_fine():
 
 @pytest.mark.parametrize("value", [v for v in BAD_PREFERENCES if isinstance(v, dict)])
 def test_model_preferences_are_bounded_on_the_operator_api(operator_api, key, value, django_assert_max_num_queries):
-    with django_assert_max_num_queries(3):  # refused before the account names are looked up
+    # The token, the caller's permissions (own and group's) and the key: refused
+    # before the account names are looked up.
+    with django_assert_max_num_queries(4):
         response = operator_api.patch(f"/api/v1/admin/keys/{key.pk}/", {"model_preferences": value}, format="json")
     assert_error(response, 400, "invalid_request_error")
     assert "model_preferences" in response.json()["error"]["message"]
