@@ -11,6 +11,40 @@ from accounts.models import Account, AccountGroup, ApiKey, Proxy, RoutingIdentit
 from accounts.permissions import GRANT_CREDENTIALS_ACCESS
 
 
+class PoolModelForm(forms.ModelForm):
+    def changed_columns(self) -> list[str]:
+        """The model columns this form changed: all that saving it may write."""
+        model = self._meta.model
+        editable = {field.name for field in model._meta.concrete_fields if field.editable and not field.primary_key}
+        return [name for name in self.changed_data if name in editable]
+
+
+class PoolModelAdmin(admin.ModelAdmin):
+    """Saving an edited row writes only the columns the operator changed
+    (``save(update_fields=...)``), never the whole row: the dispatcher updates
+    the same rows at the same time (``in_flight``, ``binding_rows``, last
+    started, cooldowns, quota, credits), and a whole-row save would put back
+    the values read when the form was posted. A new row is a plain insert."""
+
+    form = PoolModelForm
+    # Editable columns the dispatcher writes too. Their form fields carry the
+    # value the page was rendered with, so "changed" means the operator
+    # changed it, not that a gateway did since the page was opened.
+    dispatcher_written_fields: tuple[str, ...] = ()
+
+    def formfield_for_dbfield(self, db_field, request, **kwargs):
+        field = super().formfield_for_dbfield(db_field, request, **kwargs)
+        if field is not None and db_field.name in self.dispatcher_written_fields:
+            field.show_hidden_initial = True
+        return field
+
+    def save_model(self, request, obj, form, change):
+        if change:
+            obj.save(update_fields=form.changed_columns())  # an empty list writes nothing
+        else:
+            obj.save()
+
+
 class CoolingFilter(admin.SimpleListFilter):
     title = "cooldown"
     parameter_name = "cooling"
@@ -35,11 +69,12 @@ def _cooldown_column(obj) -> str:
 
 
 @admin.register(RoutingIdentity)
-class RoutingIdentityAdmin(admin.ModelAdmin):
+class RoutingIdentityAdmin(PoolModelAdmin):
     list_display = ["name", "max_concurrency", "min_start_interval_ms", "in_flight", "cooldown", "last_started_at"]
     list_filter = [CoolingFilter]
     search_fields = ["name"]
     readonly_fields = ["in_flight", "last_started_at", "created_at"]
+    dispatcher_written_fields = ("cooldown_until", "cooldown_reason")
     actions = ["clear_cooldown"]
 
     @admin.display(description="cooldown left")
@@ -53,10 +88,11 @@ class RoutingIdentityAdmin(admin.ModelAdmin):
 
 
 @admin.register(Proxy)
-class ProxyAdmin(admin.ModelAdmin):
+class ProxyAdmin(PoolModelAdmin):
     list_display = ["name", "url", "cooldown"]
     list_filter = [CoolingFilter]
     search_fields = ["name", "url"]
+    dispatcher_written_fields = ("cooldown_until", "cooldown_reason")
     actions = ["clear_cooldown"]
 
     @admin.display(description="cooldown left")
@@ -69,7 +105,7 @@ class ProxyAdmin(admin.ModelAdmin):
         self.message_user(request, f"Cleared the cooldown of {count} proxies.", messages.SUCCESS)
 
 
-class AccountAdminForm(forms.ModelForm):
+class AccountAdminForm(PoolModelForm):
     """Credentials are write-only: the stored value is never put in the page."""
 
     new_credentials = forms.JSONField(
@@ -108,9 +144,13 @@ class AccountAdminForm(forms.ModelForm):
             self.instance.credentials = self.cleaned_data["new_credentials"]
         return super().save(commit=commit)
 
+    def changed_columns(self) -> list[str]:
+        new = ["credentials"] if self.cleaned_data.get("new_credentials") is not None else []
+        return super().changed_columns() + new
+
 
 @admin.register(Account)
-class AccountAdmin(admin.ModelAdmin):
+class AccountAdmin(PoolModelAdmin):
     form = AccountAdminForm
     list_display = [
         "name",
@@ -127,6 +167,7 @@ class AccountAdmin(admin.ModelAdmin):
     search_fields = ["name", "identity__name", "profile_arn"]
     autocomplete_fields = ["identity"]
     readonly_fields = ["credentials_stored", "quota_exhausted_at", "binding_rows", "created_at"]
+    dispatcher_written_fields = ("remaining_credits", "quota_exhausted", "quota_exhausted_reason")
     actions = ["enable", "disable", "reset_quota"]
 
     def get_queryset(self, request):
@@ -158,7 +199,7 @@ class AccountAdmin(admin.ModelAdmin):
 
 
 @admin.register(AccountGroup)
-class AccountGroupAdmin(admin.ModelAdmin):
+class AccountGroupAdmin(PoolModelAdmin):
     list_display = ["name", "account_count"]
     search_fields = ["name"]
     filter_horizontal = ["accounts"]
@@ -169,7 +210,7 @@ class AccountGroupAdmin(admin.ModelAdmin):
 
 
 @admin.register(ApiKey)
-class ApiKeyAdmin(admin.ModelAdmin):
+class ApiKeyAdmin(PoolModelAdmin):
     list_display = [
         "name",
         "masked_key",

@@ -46,6 +46,40 @@ class ModelCleanMixin:
         return attrs
 
 
+class ChangedFieldsUpdateMixin:
+    """An update writes only the columns the request changed, with
+    ``save(update_fields=...)``: never the whole row. The rows carry state the
+    dispatcher writes concurrently (``in_flight``, ``binding_rows``, last
+    started, cooldowns, quota, credits), and a whole-row save would put back
+    the values read at the start of the request. Creates are plain inserts."""
+
+    def update(self, instance, validated_data):
+        serializers.raise_errors_on_nested_writes("update", self, validated_data)
+        deferred = instance.get_deferred_fields()
+        columns, many = [], []
+        for name, value in validated_data.items():
+            field = instance._meta.get_field(name)
+            if field.many_to_many:
+                many.append((name, value))
+                continue
+            # A deferred column (credentials) is written as given: comparing would load and decrypt it.
+            if name in deferred or _column_value(instance, field) != _column_value_of(field, value):
+                setattr(instance, name, value)
+                columns.append(name)
+        instance.save(update_fields=columns)  # an empty list writes nothing
+        for name, value in many:
+            getattr(instance, name).set(value)
+        return instance
+
+
+def _column_value(instance, field):
+    return getattr(instance, field.attname)
+
+
+def _column_value_of(field, value):
+    return value.pk if field.is_relation and value is not None else value
+
+
 class NameRelatedField(serializers.SlugRelatedField):
     """A reference to another pool object by its unique name."""
 
@@ -53,7 +87,7 @@ class NameRelatedField(serializers.SlugRelatedField):
         super().__init__(slug_field="name", **kwargs)
 
 
-class RoutingIdentitySerializer(ModelCleanMixin, serializers.ModelSerializer):
+class RoutingIdentitySerializer(ChangedFieldsUpdateMixin, ModelCleanMixin, serializers.ModelSerializer):
     in_flight = serializers.IntegerField(
         source="live_leases", read_only=True, help_text="Leases in flight (uncompleted, within their TTL)."
     )
@@ -80,7 +114,7 @@ class RoutingIdentitySerializer(ModelCleanMixin, serializers.ModelSerializer):
         return cooldown_remaining_s(identity.cooldown_until)
 
 
-class ProxySerializer(ModelCleanMixin, serializers.ModelSerializer):
+class ProxySerializer(ChangedFieldsUpdateMixin, ModelCleanMixin, serializers.ModelSerializer):
     cooldown_remaining_s = serializers.SerializerMethodField()
 
     class Meta:
@@ -92,7 +126,7 @@ class ProxySerializer(ModelCleanMixin, serializers.ModelSerializer):
         return cooldown_remaining_s(proxy.cooldown_until)
 
 
-class AccountSerializer(ModelCleanMixin, serializers.ModelSerializer):
+class AccountSerializer(ChangedFieldsUpdateMixin, ModelCleanMixin, serializers.ModelSerializer):
     identity = NameRelatedField(queryset=RoutingIdentity.objects.all(), help_text="Routing identity, by name.")
     proxy = NameRelatedField(
         queryset=Proxy.objects.all(), allow_null=True, required=False, help_text="Egress proxy, by name."
@@ -161,7 +195,7 @@ class AccountSerializer(ModelCleanMixin, serializers.ModelSerializer):
         return value
 
 
-class AccountGroupSerializer(ModelCleanMixin, serializers.ModelSerializer):
+class AccountGroupSerializer(ChangedFieldsUpdateMixin, ModelCleanMixin, serializers.ModelSerializer):
     accounts = NameRelatedField(
         queryset=Account.objects.defer("credentials"), many=True, required=False, help_text="Account names."
     )
@@ -172,7 +206,7 @@ class AccountGroupSerializer(ModelCleanMixin, serializers.ModelSerializer):
         read_only_fields = ["created_at"]
 
 
-class ApiKeySerializer(ModelCleanMixin, serializers.ModelSerializer):
+class ApiKeySerializer(ChangedFieldsUpdateMixin, ModelCleanMixin, serializers.ModelSerializer):
     account_group = NameRelatedField(
         queryset=AccountGroup.objects.all(),
         allow_null=True,
