@@ -54,15 +54,15 @@ def operator_crud_schema(serializer, *, noun: str, plural: str, created=None):
         "create": extend_schema(
             summary=f"Create {noun}",
             request=serializer,
-            responses={201: created or serializer, **operator_error_responses(400, 409)},
+            responses={201: created or serializer, **operator_error_responses(400, 409, 422)},
         ),
         "retrieve": extend_schema(summary=f"Get {noun}", responses={200: serializer, **operator_error_responses(404)}),
         "update": extend_schema(
-            summary=f"Replace {noun}", responses={200: serializer, **operator_error_responses(400, 404, 409)}
+            summary=f"Replace {noun}", responses={200: serializer, **operator_error_responses(400, 404, 409, 422)}
         ),
         "partial_update": extend_schema(
             summary=f"Change some fields of {noun}",
-            responses={200: serializer, **operator_error_responses(400, 404, 409)},
+            responses={200: serializer, **operator_error_responses(400, 404, 409, 422)},
         ),
         "destroy": extend_schema(
             summary=f"Delete {noun}",
@@ -76,7 +76,8 @@ class OperatorModelViewSet(OperatorApi, viewsets.ModelViewSet):
     # 409s, and every write answers with the object as the list shows it.
 
     lookup_field = "name"
-    lookup_value_regex = "[^/]+"
+    # Any name but "/" (it ends the segment) and NUL (refused in every URL).
+    lookup_value_regex = r"[^/\x00]+"
 
     def get_success_headers(self, data):
         # DRF would send the object's "url" field as Location: a proxy's egress
@@ -209,6 +210,7 @@ class ApiKeyViewSet(OperatorModelViewSet):
     permission_model = ApiKey
     lookup_field = "pk"
     lookup_url_kwarg = "id"
+    lookup_value_regex = "[0-9]+"
 
     def get_queryset(self):
         return ApiKey.objects.select_related("account_group", "fixed_account").order_by("name")
