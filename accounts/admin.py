@@ -8,6 +8,41 @@ from django.utils.html import format_html
 
 from accounts import services
 from accounts.models import Account, AccountGroup, ApiKey, Proxy, RoutingIdentity
+from accounts.permissions import GRANT_CREDENTIALS_ACCESS
+
+
+class PoolModelForm(forms.ModelForm):
+    def changed_columns(self) -> list[str]:
+        """The model columns this form changed: all that saving it may write."""
+        model = self._meta.model
+        editable = {field.name for field in model._meta.concrete_fields if field.editable and not field.primary_key}
+        return [name for name in self.changed_data if name in editable]
+
+
+class PoolModelAdmin(admin.ModelAdmin):
+    """Saving an edited row writes only the columns the operator changed
+    (``save(update_fields=...)``), never the whole row: the dispatcher updates
+    the same rows at the same time (``in_flight``, ``binding_rows``, last
+    started, cooldowns, quota, credits), and a whole-row save would put back
+    the values read when the form was posted. A new row is a plain insert."""
+
+    form = PoolModelForm
+    # Editable columns the dispatcher writes too. Their form fields carry the
+    # value the page was rendered with, so "changed" means the operator
+    # changed it, not that a gateway did since the page was opened.
+    dispatcher_written_fields: tuple[str, ...] = ()
+
+    def formfield_for_dbfield(self, db_field, request, **kwargs):
+        field = super().formfield_for_dbfield(db_field, request, **kwargs)
+        if field is not None and db_field.name in self.dispatcher_written_fields:
+            field.show_hidden_initial = True
+        return field
+
+    def save_model(self, request, obj, form, change):
+        if change:
+            obj.save(update_fields=form.changed_columns())  # an empty list writes nothing
+        else:
+            obj.save()
 
 
 class CoolingFilter(admin.SimpleListFilter):
@@ -34,41 +69,43 @@ def _cooldown_column(obj) -> str:
 
 
 @admin.register(RoutingIdentity)
-class RoutingIdentityAdmin(admin.ModelAdmin):
+class RoutingIdentityAdmin(PoolModelAdmin):
     list_display = ["name", "max_concurrency", "min_start_interval_ms", "in_flight", "cooldown", "last_started_at"]
     list_filter = [CoolingFilter]
     search_fields = ["name"]
     readonly_fields = ["in_flight", "last_started_at", "created_at"]
+    dispatcher_written_fields = ("cooldown_until", "cooldown_reason")
     actions = ["clear_cooldown"]
 
     @admin.display(description="cooldown left")
     def cooldown(self, obj):
         return _cooldown_column(obj)
 
-    @admin.action(description="Clear cooldown of selected identities")
+    @admin.action(description="Clear cooldown of selected identities", permissions=["change"])
     def clear_cooldown(self, request, queryset):
         count = services.identity_cooldown_clear(identities=queryset)
         self.message_user(request, f"Cleared the cooldown of {count} identities.", messages.SUCCESS)
 
 
 @admin.register(Proxy)
-class ProxyAdmin(admin.ModelAdmin):
+class ProxyAdmin(PoolModelAdmin):
     list_display = ["name", "url", "cooldown"]
     list_filter = [CoolingFilter]
     search_fields = ["name", "url"]
+    dispatcher_written_fields = ("cooldown_until", "cooldown_reason")
     actions = ["clear_cooldown"]
 
     @admin.display(description="cooldown left")
     def cooldown(self, obj):
         return _cooldown_column(obj)
 
-    @admin.action(description="Clear cooldown of selected proxies")
+    @admin.action(description="Clear cooldown of selected proxies", permissions=["change"])
     def clear_cooldown(self, request, queryset):
         count = services.proxy_cooldown_clear(proxies=queryset)
         self.message_user(request, f"Cleared the cooldown of {count} proxies.", messages.SUCCESS)
 
 
-class AccountAdminForm(forms.ModelForm):
+class AccountAdminForm(PoolModelForm):
     """Credentials are write-only: the stored value is never put in the page."""
 
     new_credentials = forms.JSONField(
@@ -107,9 +144,13 @@ class AccountAdminForm(forms.ModelForm):
             self.instance.credentials = self.cleaned_data["new_credentials"]
         return super().save(commit=commit)
 
+    def changed_columns(self) -> list[str]:
+        new = ["credentials"] if self.cleaned_data.get("new_credentials") is not None else []
+        return super().changed_columns() + new
+
 
 @admin.register(Account)
-class AccountAdmin(admin.ModelAdmin):
+class AccountAdmin(PoolModelAdmin):
     form = AccountAdminForm
     list_display = [
         "name",
@@ -126,6 +167,7 @@ class AccountAdmin(admin.ModelAdmin):
     search_fields = ["name", "identity__name", "profile_arn"]
     autocomplete_fields = ["identity"]
     readonly_fields = ["credentials_stored", "quota_exhausted_at", "binding_rows", "created_at"]
+    dispatcher_written_fields = ("remaining_credits", "quota_exhausted", "quota_exhausted_reason")
     actions = ["enable", "disable", "reset_quota"]
 
     def get_queryset(self, request):
@@ -142,22 +184,22 @@ class AccountAdmin(admin.ModelAdmin):
     def credentials_stored(self, obj):
         return getattr(obj, "has_credentials", False)  # a new, unsaved account has none
 
-    @admin.action(description="Enable selected accounts")
+    @admin.action(description="Enable selected accounts", permissions=["change"])
     def enable(self, request, queryset):
         self.message_user(request, f"Enabled {queryset.update(enabled=True)} accounts.", messages.SUCCESS)
 
-    @admin.action(description="Disable selected accounts")
+    @admin.action(description="Disable selected accounts", permissions=["change"])
     def disable(self, request, queryset):
         self.message_user(request, f"Disabled {queryset.update(enabled=False)} accounts.", messages.SUCCESS)
 
-    @admin.action(description="Reset quota of selected accounts")
+    @admin.action(description="Reset quota of selected accounts", permissions=["change"])
     def reset_quota(self, request, queryset):
         count = services.account_quota_reset(accounts=queryset)
         self.message_user(request, f"Reset the quota of {count} accounts.", messages.SUCCESS)
 
 
 @admin.register(AccountGroup)
-class AccountGroupAdmin(admin.ModelAdmin):
+class AccountGroupAdmin(PoolModelAdmin):
     list_display = ["name", "account_count"]
     search_fields = ["name"]
     filter_horizontal = ["accounts"]
@@ -168,7 +210,7 @@ class AccountGroupAdmin(admin.ModelAdmin):
 
 
 @admin.register(ApiKey)
-class ApiKeyAdmin(admin.ModelAdmin):
+class ApiKeyAdmin(PoolModelAdmin):
     list_display = [
         "name",
         "masked_key",
@@ -192,6 +234,22 @@ class ApiKeyAdmin(admin.ModelAdmin):
     def masked_key(self, obj):
         return f"kp_{obj.prefix}_…" if obj.prefix else "—"
 
+    def get_readonly_fields(self, request, obj=None):
+        # Without the grant, the box is shown as a value, not as a checkbox, and a
+        # forged POST of it is ignored: the form has no such field.
+        fields = list(super().get_readonly_fields(request, obj))
+        if not request.user.has_perm(GRANT_CREDENTIALS_ACCESS):
+            fields.append("credentials_access")
+        return fields
+
+    def has_change_permission(self, request, obj=None):
+        # A key that hands out credentials is changed only by those who may grant
+        # that: re-pointing it (group, fixed account, enabled, expiry) chooses
+        # whose secrets it receives. Others see its page read-only.
+        if obj is not None and obj.credentials_access and not request.user.has_perm(GRANT_CREDENTIALS_ACCESS):
+            return False
+        return super().has_change_permission(request, obj)
+
     def save_model(self, request, obj, form, change):
         if change:
             super().save_model(request, obj, form, change)
@@ -207,10 +265,20 @@ class ApiKeyAdmin(admin.ModelAdmin):
             messages.WARNING,
         )
 
-    @admin.action(description="Enable selected keys")
+    @admin.action(description="Enable selected keys", permissions=["change"])
     def enable(self, request, queryset):
+        if not request.user.has_perm(GRANT_CREDENTIALS_ACCESS):
+            held = queryset.filter(enabled=False, credentials_access=True).count()
+            if held:
+                self.message_user(
+                    request,
+                    f"Left {held} keys with credentials access disabled: enabling them needs the permission "
+                    f"to grant credentials access.",
+                    messages.WARNING,
+                )
+            queryset = queryset.filter(credentials_access=False)
         self.message_user(request, f"Enabled {queryset.update(enabled=True)} keys.", messages.SUCCESS)
 
-    @admin.action(description="Disable selected keys")
+    @admin.action(description="Disable selected keys", permissions=["change"])
     def disable(self, request, queryset):
         self.message_user(request, f"Disabled {queryset.update(enabled=False)} keys.", messages.SUCCESS)

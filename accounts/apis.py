@@ -10,14 +10,14 @@ from django.db import IntegrityError, transaction
 from django.db.models import ProtectedError, RestrictedError
 from django.utils import timezone
 from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_view
-from rest_framework import serializers, status, viewsets
+from rest_framework import exceptions, serializers, status, viewsets
 from rest_framework.authentication import SessionAuthentication, TokenAuthentication
 from rest_framework.decorators import action
-from rest_framework.permissions import IsAdminUser
 from rest_framework.response import Response
 
 from accounts import services
-from accounts.models import Account, ApiKey, Proxy, RoutingIdentity
+from accounts.models import Account, AccountGroup, ApiKey, Proxy, RoutingIdentity
+from accounts.permissions import CRUD_VERBS, GRANT_CREDENTIALS_ACCESS, OperatorPermission
 from accounts.serializers import (
     AccountGroupSerializer,
     AccountSerializer,
@@ -32,13 +32,17 @@ from routing.selectors import operator as selectors
 
 
 class OperatorApi:
-    """Staff only, by DRF token (``Authorization: Token ...``) or Django
-    session. Token authentication comes first so that a caller with no (or a
-    gateway's) credentials gets 401 with ``WWW-Authenticate: Token``, and a
-    logged-in non-staff user 403."""
+    """Staff with the model permission of the action (accounts/permissions.py),
+    by DRF token (``Authorization: Token ...``) or Django session. Token
+    authentication comes first so that a caller with no (or a gateway's)
+    credentials gets 401 with ``WWW-Authenticate: Token``, and a logged-in user
+    who may not do this 403."""
 
     authentication_classes = [TokenAuthentication, SessionAuthentication]
-    permission_classes = [IsAdminUser]
+    permission_classes = [OperatorPermission]
+    permission_model: type
+    # action -> the verb of the model permission it needs (add, change, delete, view)
+    action_verbs = CRUD_VERBS
 
 
 def operator_crud_schema(serializer, *, noun: str, plural: str, created=None):
@@ -50,15 +54,15 @@ def operator_crud_schema(serializer, *, noun: str, plural: str, created=None):
         "create": extend_schema(
             summary=f"Create {noun}",
             request=serializer,
-            responses={201: created or serializer, **operator_error_responses(400, 409)},
+            responses={201: created or serializer, **operator_error_responses(400, 409, 422)},
         ),
         "retrieve": extend_schema(summary=f"Get {noun}", responses={200: serializer, **operator_error_responses(404)}),
         "update": extend_schema(
-            summary=f"Replace {noun}", responses={200: serializer, **operator_error_responses(400, 404, 409)}
+            summary=f"Replace {noun}", responses={200: serializer, **operator_error_responses(400, 404, 409, 422)}
         ),
         "partial_update": extend_schema(
             summary=f"Change some fields of {noun}",
-            responses={200: serializer, **operator_error_responses(400, 404, 409)},
+            responses={200: serializer, **operator_error_responses(400, 404, 409, 422)},
         ),
         "destroy": extend_schema(
             summary=f"Delete {noun}",
@@ -72,7 +76,8 @@ class OperatorModelViewSet(OperatorApi, viewsets.ModelViewSet):
     # 409s, and every write answers with the object as the list shows it.
 
     lookup_field = "name"
-    lookup_value_regex = "[^/]+"
+    # Any name but "/" (it ends the segment) and NUL (refused in every URL).
+    lookup_value_regex = r"[^/\x00]+"
 
     def get_success_headers(self, data):
         # DRF would send the object's "url" field as Location: a proxy's egress
@@ -114,6 +119,8 @@ class RoutingIdentityViewSet(OperatorModelViewSet):
     cooldowns and load are tracked per identity, shared by its accounts."""
 
     serializer_class = RoutingIdentitySerializer
+    permission_model = RoutingIdentity
+    action_verbs = {**CRUD_VERBS, "clear_cooldown": "change"}
 
     def get_queryset(self):
         return selectors.identity_operator_list(now=timezone.now())
@@ -137,6 +144,8 @@ class AccountViewSet(OperatorModelViewSet):
     written but is never read back."""
 
     serializer_class = AccountSerializer
+    permission_model = Account
+    action_verbs = {**CRUD_VERBS, "reset_quota": "change"}
 
     def get_queryset(self):
         return selectors.account_operator_list(now=timezone.now())
@@ -159,6 +168,8 @@ class ProxyViewSet(OperatorModelViewSet):
     """Egress proxies that account traffic goes through."""
 
     serializer_class = ProxySerializer
+    permission_model = Proxy
+    action_verbs = {**CRUD_VERBS, "clear_cooldown": "change"}
 
     def get_queryset(self):
         return Proxy.objects.order_by("name")
@@ -181,6 +192,7 @@ class AccountGroupViewSet(OperatorModelViewSet):
     """Named sets of accounts an API key can be limited to."""
 
     serializer_class = AccountGroupSerializer
+    permission_model = AccountGroup
 
     def get_queryset(self):
         return selectors.group_operator_list()
@@ -195,15 +207,36 @@ class ApiKeyViewSet(OperatorModelViewSet):
     plaintext key is in the create response and nowhere else, ever."""
 
     serializer_class = ApiKeySerializer
+    permission_model = ApiKey
     lookup_field = "pk"
     lookup_url_kwarg = "id"
+    lookup_value_regex = "[0-9]+"
 
     def get_queryset(self):
         return ApiKey.objects.select_related("account_group", "fixed_account").order_by("name")
 
+    def credentials_access_check(self, serializer) -> None:
+        """A key that will carry credentials access after this write needs the
+        grant permission: switching it on, and any change to a key that keeps
+        it, since re-pointing such a key (group, fixed account, enabled,
+        expiry) chooses whose secrets it receives. Switching it off does not."""
+        current = serializer.instance.credentials_access if serializer.instance is not None else False
+        if serializer.validated_data.get("credentials_access", current) and not self.request.user.has_perm(
+            GRANT_CREDENTIALS_ACCESS
+        ):
+            raise exceptions.PermissionDenied(
+                f"a key with credentials access can only be created or changed with the permission "
+                f"{GRANT_CREDENTIALS_ACCESS}"
+            )
+
+    def perform_update(self, serializer):
+        self.credentials_access_check(serializer)
+        super().perform_update(serializer)
+
     def create(self, request, *args, **kwargs):
         serializer = self.get_serializer(data=request.data)
         serializer.is_valid(raise_exception=True)
+        self.credentials_access_check(serializer)
         try:
             key, plaintext = services.api_key_create(**serializer.validated_data)
         except DjangoValidationError as exc:

@@ -174,13 +174,16 @@ def validate_model_preferences(value) -> None:
     if len(value) > MAX_PREFERENCE_MODELS:
         raise ValidationError(f"At most {MAX_PREFERENCE_MODELS} models may have preferences.")
     for model, names in value.items():
-        if not isinstance(model, str) or not model or len(model) > MAX_PREFERENCE_NAME_LENGTH:
-            raise ValidationError(f"Model names must be strings of 1 to {MAX_PREFERENCE_NAME_LENGTH} characters.")
+        # NUL: PostgreSQL's jsonb cannot store it (the save failed with a DataError).
+        if not isinstance(model, str) or not model or len(model) > MAX_PREFERENCE_NAME_LENGTH or "\x00" in model:
+            raise ValidationError(
+                f"Model names must be strings of 1 to {MAX_PREFERENCE_NAME_LENGTH} characters, without NUL."
+            )
         if not isinstance(names, list) or len(names) > MAX_PREFERENCE_ACCOUNTS:
             raise ValidationError(
                 f"The preference of model {model[:50]!r} must be a list of at most {MAX_PREFERENCE_ACCOUNTS} names."
             )
-        if not all(isinstance(n, str) and 0 < len(n) <= MAX_PREFERENCE_NAME_LENGTH for n in names):
+        if not all(isinstance(n, str) and 0 < len(n) <= MAX_PREFERENCE_NAME_LENGTH and "\x00" not in n for n in names):
             raise ValidationError(
                 f"Account names in the preference of model {model[:50]!r} must be strings of 1 to "
                 f"{MAX_PREFERENCE_NAME_LENGTH} characters."
@@ -224,6 +227,9 @@ class ApiKey(models.Model):
     class Meta:
         ordering = ["name"]
         verbose_name = "API key"
+        # Apart from change_apikey: a key with credentials access hands account
+        # secrets to its gateway, which is more than configuring routing.
+        permissions = [("grant_credentials_access", "Can create or change API keys with credentials access")]
         constraints = [
             _pool_check("preferred_pool", "apikey_preferred_pool_known"),
             models.CheckConstraint(

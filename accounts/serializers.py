@@ -1,19 +1,39 @@
 """Serializers of the operator API (SPEC §5): the pool, read and written by
-name. Reads carry the live figures the selectors annotate; writes validate
-like the admin does (field rules, then the model's own clean and check
-constraints), so a bad write is a 400, never a database error."""
+name. Reads carry the live figures the selectors annotate. Writes take JSON
+strictly as the schema says (a malformed one is a 400), then validate like
+the admin does (the model's own clean and check constraints; a rule the
+schema cannot express is a 422, a taken name a 409), never a database error.
+The shared machinery is in accounts/serializer_base.py."""
 
 from __future__ import annotations
 
 import math
-from copy import copy
 from datetime import datetime
 
 from django.core.exceptions import ValidationError as DjangoValidationError
+from django.core.validators import MaxLengthValidator
 from django.utils import timezone
 from rest_framework import serializers
 
-from accounts.models import Account, AccountGroup, ApiKey, Proxy, RoutingIdentity, validate_model_preferences
+from accounts.models import (
+    MAX_PREFERENCE_ACCOUNTS,
+    MAX_PREFERENCE_MODELS,
+    MAX_PREFERENCE_NAME_LENGTH,
+    Account,
+    AccountGroup,
+    ApiKey,
+    Proxy,
+    RoutingIdentity,
+    validate_model_preferences,
+)
+from accounts.serializer_base import (
+    ChangedFieldsUpdateMixin,
+    ModelCleanMixin,
+    NameRelatedField,
+    StrictModelSerializer,
+)
+from kiropool.errors import RULE_ERROR
+from kiropool.serializer_fields import StrictCharField, StrictDictField, StrictListField
 
 
 def cooldown_remaining_s(until: datetime | None) -> int:
@@ -23,37 +43,10 @@ def cooldown_remaining_s(until: datetime | None) -> int:
     return max(0, math.ceil((until - timezone.now()).total_seconds()))
 
 
-class ModelCleanMixin:
-    """Run the model's ``full_clean`` (field validators, ``clean()`` and check
-    constraints) on the instance as it would be saved, like a ModelForm does.
-    Fields the serializer does not write are left out, and uniqueness is left
-    to DRF's own validators."""
+class RoutingIdentitySerializer(ChangedFieldsUpdateMixin, ModelCleanMixin, StrictModelSerializer):
+    """A routing identity: one upstream Kiro user, whose accounts share its
+    concurrency, pacing, cooldown and load."""
 
-    def validate(self, attrs):
-        attrs = super().validate(attrs)
-        model = self.Meta.model
-        instance = copy(self.instance) if self.instance is not None else model()
-        concrete = {field.name for field in model._meta.concrete_fields}
-        for name, value in attrs.items():
-            if name in concrete:
-                setattr(instance, name, value)
-        writable = {field.source for field in self.fields.values() if not field.read_only and field.source in concrete}
-        exclude = [name for name in concrete if name not in writable]
-        try:
-            instance.full_clean(exclude=exclude, validate_unique=False)
-        except DjangoValidationError as exc:
-            raise serializers.ValidationError(serializers.as_serializer_error(exc)) from exc
-        return attrs
-
-
-class NameRelatedField(serializers.SlugRelatedField):
-    """A reference to another pool object by its unique name."""
-
-    def __init__(self, **kwargs):
-        super().__init__(slug_field="name", **kwargs)
-
-
-class RoutingIdentitySerializer(ModelCleanMixin, serializers.ModelSerializer):
     in_flight = serializers.IntegerField(
         source="live_leases", read_only=True, help_text="Leases in flight (uncompleted, within their TTL)."
     )
@@ -80,7 +73,9 @@ class RoutingIdentitySerializer(ModelCleanMixin, serializers.ModelSerializer):
         return cooldown_remaining_s(identity.cooldown_until)
 
 
-class ProxySerializer(ModelCleanMixin, serializers.ModelSerializer):
+class ProxySerializer(ChangedFieldsUpdateMixin, ModelCleanMixin, StrictModelSerializer):
+    """An egress proxy that account traffic goes through."""
+
     cooldown_remaining_s = serializers.SerializerMethodField()
 
     class Meta:
@@ -92,12 +87,15 @@ class ProxySerializer(ModelCleanMixin, serializers.ModelSerializer):
         return cooldown_remaining_s(proxy.cooldown_until)
 
 
-class AccountSerializer(ModelCleanMixin, serializers.ModelSerializer):
+class AccountSerializer(ChangedFieldsUpdateMixin, ModelCleanMixin, StrictModelSerializer):
+    """An account: a credential for a routing identity, with the live figures
+    of its identity. Credentials are write-only."""
+
     identity = NameRelatedField(queryset=RoutingIdentity.objects.all(), help_text="Routing identity, by name.")
     proxy = NameRelatedField(
         queryset=Proxy.objects.all(), allow_null=True, required=False, help_text="Egress proxy, by name."
     )
-    credentials = serializers.JSONField(
+    credentials = StrictDictField(
         write_only=True,
         required=False,
         help_text="JSON object of upstream secrets. Write-only: never returned; omit it to keep what is stored.",
@@ -150,18 +148,15 @@ class AccountSerializer(ModelCleanMixin, serializers.ModelSerializer):
     def get_proxy_cooldown_remaining_s(self, account) -> int:
         return cooldown_remaining_s(account.proxy.cooldown_until if account.proxy else None)
 
-    def validate_credentials(self, value):
-        if not isinstance(value, dict):
-            raise serializers.ValidationError("must be a JSON object")
-        return value
-
     def validate_remaining_credits(self, value):
         if value is not None and not math.isfinite(value):
             raise serializers.ValidationError("must be a finite number")
         return value
 
 
-class AccountGroupSerializer(ModelCleanMixin, serializers.ModelSerializer):
+class AccountGroupSerializer(ChangedFieldsUpdateMixin, ModelCleanMixin, StrictModelSerializer):
+    """A named set of accounts an API key can be limited to."""
+
     accounts = NameRelatedField(
         queryset=Account.objects.defer("credentials"), many=True, required=False, help_text="Account names."
     )
@@ -172,7 +167,10 @@ class AccountGroupSerializer(ModelCleanMixin, serializers.ModelSerializer):
         read_only_fields = ["created_at"]
 
 
-class ApiKeySerializer(ModelCleanMixin, serializers.ModelSerializer):
+class ApiKeySerializer(ChangedFieldsUpdateMixin, ModelCleanMixin, StrictModelSerializer):
+    """An API key a gateway authenticates with; the plaintext is never shown
+    after creation."""
+
     account_group = NameRelatedField(
         queryset=AccountGroup.objects.all(),
         allow_null=True,
@@ -185,10 +183,21 @@ class ApiKeySerializer(ModelCleanMixin, serializers.ModelSerializer):
         required=False,
         help_text="The one account of a `fixed` key (by name).",
     )
-    model_preferences = serializers.DictField(
-        child=serializers.ListField(child=serializers.CharField(max_length=200)),
+    model_preferences = StrictDictField(
+        child=StrictListField(
+            child=StrictCharField(max_length=MAX_PREFERENCE_NAME_LENGTH, trim_whitespace=False),
+            max_length=MAX_PREFERENCE_ACCOUNTS,
+        ),
+        validators=[
+            MaxLengthValidator(
+                MAX_PREFERENCE_MODELS, message=f"At most {MAX_PREFERENCE_MODELS} models may have preferences."
+            )
+        ],
         required=False,
-        help_text="Model name → account names tried first for that model.",
+        help_text=(
+            "Model name → names of existing accounts tried first for that model. Model names are 1 to "
+            f"{MAX_PREFERENCE_NAME_LENGTH} characters (a longer or empty one could never match a request)."
+        ),
     )
     masked_key = serializers.SerializerMethodField()
 
@@ -220,19 +229,24 @@ class ApiKeySerializer(ModelCleanMixin, serializers.ModelSerializer):
         return f"kp_{key.prefix}_…"
 
     def validate_model_preferences(self, value):
-        try:  # the model's bounds first, so an oversized mapping costs no query
+        # The field checked the shape and its bounds, so an oversized mapping
+        # costs no query. What the model still refuses (a model name of the
+        # wrong length: OpenAPI 3.0 cannot constrain object keys) is a rule.
+        try:
             validate_model_preferences(value)  # the module's function, not this method
         except DjangoValidationError as exc:
-            raise serializers.ValidationError(exc.messages) from exc
+            raise serializers.ValidationError(exc.messages, code=RULE_ERROR) from exc
         named = {name for names in value.values() for name in names}
         known = set(Account.objects.filter(name__in=named).values_list("name", flat=True))
         unknown = sorted(named - known)
         if unknown:
-            raise serializers.ValidationError(f"unknown accounts: {', '.join(unknown)}")
+            raise serializers.ValidationError(f"unknown accounts: {', '.join(unknown)}", code="does_not_exist")
         return value
 
 
 class ApiKeyCreatedSerializer(ApiKeySerializer):
+    """A new API key, with its plaintext: shown this once."""
+
     key = serializers.CharField(read_only=True, help_text="The plaintext key. Shown this once, never again.")
 
     class Meta(ApiKeySerializer.Meta):

@@ -28,8 +28,19 @@ ERROR_TYPES = {
     409: "conflict_error",
     413: "invalid_request_error",
     415: "invalid_request_error",
+    422: "invalid_request_error",
     429: "rate_limit_error",
 }
+
+# Validation error codes that say more than "the request is malformed". A
+# request the schema allows may still be refused by the pool's state or by a
+# rule the schema cannot express; those answers must not be 400, which says
+# "you broke the schema" (and is what a schema fuzzer checks). "unique": the
+# name is taken (409). "does_not_exist": it names an object there is none of;
+# RULE_ERROR: a rule across fields or against the stored object (422).
+CONFLICT_CODES = frozenset({"unique"})
+RULE_ERROR = "rule"
+RULE_CODES = frozenset({"does_not_exist", RULE_ERROR})
 
 
 class ApiError(exceptions.APIException):
@@ -51,6 +62,13 @@ class NotFound(ApiError):
 class Conflict(ApiError):
     status_code = status.HTTP_409_CONFLICT
     default_detail = "conflict"
+
+
+class RuleViolation(ApiError):
+    """Well-formed, but against a rule the schema cannot express (422)."""
+
+    status_code = status.HTTP_422_UNPROCESSABLE_ENTITY
+    default_detail = "the request breaks a rule of the pool"
 
 
 class RateLimited(ApiError):
@@ -121,6 +139,8 @@ def exception_handler(exc, context):
         # rolled back, so nothing is half done: the gateway may retry.
         logger.error("integrity error during %s", _view_name(context), exc_info=True)
         exc = DatabaseUnavailable("a conflicting write was refused by the database; retry shortly")
+    elif isinstance(exc, exceptions.ValidationError):
+        exc = _validation_error_refined(exc)
     elif isinstance(exc, CredentialsKeyError):
         logger.error("cannot decrypt account credentials: %s", exc)
         exc = ServiceUnavailable("the account's credentials cannot be decrypted with the configured keys")
@@ -133,6 +153,24 @@ def exception_handler(exc, context):
     elif isinstance(exc, DatabaseUnavailable):
         response["Retry-After"] = "1"
     return response
+
+
+def _error_codes(codes) -> set[str]:
+    if isinstance(codes, dict):
+        return set().union(*(_error_codes(value) for value in codes.values()))
+    if isinstance(codes, list):
+        return set().union(*(_error_codes(value) for value in codes))
+    return {codes}
+
+
+def _validation_error_refined(exc: exceptions.ValidationError) -> exceptions.APIException:
+    """409 when only uniqueness (and rules) refused the request, 422 when only
+    rules did; any other error keeps it a 400."""
+    codes = _error_codes(exc.get_codes())
+    if not codes or not codes <= CONFLICT_CODES | RULE_CODES:
+        return exc
+    refined = Conflict if codes & CONFLICT_CODES else RuleViolation
+    return refined(_message(exc.detail))
 
 
 def _view_name(context) -> str:

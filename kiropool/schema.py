@@ -20,7 +20,11 @@ ERROR_DESCRIPTIONS = {
     401: "No or bad credentials (`authentication_error`).",
     403: "Authenticated, but not allowed (`permission_error`).",
     404: "No such object (`not_found_error`).",
-    409: "The request conflicts with the current state (`conflict_error`).",
+    409: "The request conflicts with the current state, e.g. the name is taken (`conflict_error`).",
+    422: (
+        "Well-formed, but against a rule the schema cannot express: it names an object that does not exist, "
+        "or breaks a rule across fields (`invalid_request_error`)."
+    ),
     429: "Rate limited; see `Retry-After` (`rate_limit_error`).",
     502: "Every eligible account failed for this request (`api_error`).",
     503: "No usable account, or the service is not ready (`api_error`).",
@@ -72,3 +76,47 @@ class ApiKeyAuthenticationScheme(OpenApiAuthenticationExtension):
             {"type": "http", "scheme": "bearer", "description": "`Authorization: Bearer kp_...`"},
             {"type": "apiKey", "in": "header", "name": "x-api-key", "description": "`x-api-key: kp_...`"},
         ]
+
+
+# What a JSON Schema pattern says of "no NUL character" (ECMA 262 and Python alike).
+NO_NUL_PATTERN = "^[^\\u0000]*$"
+
+
+def request_strings_refuse_nul(result, generator, request, public):
+    """drf-spectacular postprocessing hook: every string the API takes (request
+    bodies, query and path parameters) refuses NUL, since PostgreSQL text
+    cannot hold one; say so in the schema as a ``pattern``, where the string
+    has no pattern, format or enum of its own. Responses are left alone: an
+    error message may quote what the client sent."""
+    components = result.get("components", {}).get("schemas", {})
+    visited: set[str] = set()
+
+    def visit(schema) -> None:
+        if isinstance(schema, list):
+            for item in schema:
+                visit(item)
+            return
+        if not isinstance(schema, dict):
+            return
+        if "$ref" in schema:
+            name = schema["$ref"].rsplit("/", 1)[-1]
+            if name not in visited:
+                visited.add(name)
+                visit(components.get(name))
+            return
+        if schema.get("type") == "string" and not {"pattern", "format", "enum"} & schema.keys():
+            schema["pattern"] = NO_NUL_PATTERN
+        for nested in schema.get("properties", {}).values():
+            visit(nested)
+        for key in ("items", "additionalProperties", "oneOf", "anyOf", "allOf"):
+            visit(schema.get(key))
+
+    for path_item in result.get("paths", {}).values():
+        for operation in path_item.values():
+            if not isinstance(operation, dict):
+                continue
+            for parameter in operation.get("parameters", []):
+                visit(parameter.get("schema"))
+            for media in operation.get("requestBody", {}).get("content", {}).values():
+                visit(media.get("schema"))
+    return result

@@ -217,6 +217,13 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Account-pool dispatcher for LLM gateways.",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    # Request bodies get their own components (AccountRequest, PatchedAccountRequest):
+    # without read-only fields, and with minLength 1 on strings that may not be blank.
+    "COMPONENT_SPLIT_REQUEST": True,
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "kiropool.schema.request_strings_refuse_nul",
+    ],
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",

@@ -15,6 +15,7 @@ from accounts.authentication import ApiKeyAuthentication, HasApiKey
 from accounts.fields import CredentialsKeyError
 from kiropool.errors import AllAccountsFailed, NoUsableAccount, RateLimited
 from kiropool.schema import error_responses
+from kiropool.serializer_fields import StrictCharField
 from kiropool.throttling import DispatchRateThrottle, ExplainRateThrottle
 from routing import leases, metrics, selection
 from routing.dispatch import Acquired, Completion, DispatchRequest, SessionState
@@ -34,15 +35,6 @@ class GatewayApi(APIView):
 
     authentication_classes = [ApiKeyAuthentication]
     permission_classes = [HasApiKey]
-
-
-class StrictCharField(serializers.CharField):
-    """A string, and only a string: DRF's CharField would turn 12 into "12"."""
-
-    def to_internal_value(self, data):
-        if not isinstance(data, str):
-            self.fail("invalid")
-        return super().to_internal_value(data)
 
 
 class DispatchInputSerializer(serializers.Serializer):

@@ -12,17 +12,46 @@ from rest_framework.pagination import LimitOffsetPagination
 from rest_framework.response import Response
 
 from accounts.apis import OperatorApi
+from accounts.permissions import CRUD_VERBS
 from kiropool.schema import operator_error_responses
+from kiropool.serializer_fields import QueryIntegerField, StrictCharField, query_params_single
 from routing import maintenance, sessions
-from routing.models import SessionBinding
+from routing.models import LatencySnapshot, SessionBinding
 from routing.selectors import operator as selectors
 from routing.selectors.latency import StoredSnapshot, latency_snapshot_latest, snapshot_load
 
 
 class BindingPagination(LimitOffsetPagination):
+    """``limit`` and ``offset`` validated as the schema states them. DRF's
+    would read ``offset=abc`` as 0 and ``limit=5000`` as the maximum."""
+
     # There may be a million live bindings: never all in one response.
     default_limit = 100
     max_limit = 1000
+
+    def get_limit(self, request):
+        return self._integer(request, self.limit_query_param, self.default_limit, minimum=1, maximum=self.max_limit)
+
+    def get_offset(self, request):
+        return self._integer(request, self.offset_query_param, 0, minimum=0)
+
+    def _integer(self, request, name: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
+        query_params_single(request.query_params, [name])
+        if name not in request.query_params:
+            return default
+        field = QueryIntegerField(min_value=minimum, max_value=maximum)
+        try:
+            return field.run_validation(request.query_params[name])
+        except serializers.ValidationError as exc:
+            raise serializers.ValidationError({name: exc.detail}) from exc
+
+    def get_schema_operation_parameters(self, view):
+        bounds = {self.limit_query_param: {"minimum": 1, "maximum": self.max_limit, "default": self.default_limit}}
+        bounds[self.offset_query_param] = {"minimum": 0, "default": 0}
+        parameters = super().get_schema_operation_parameters(view)
+        for parameter in parameters:
+            parameter["schema"].update(bounds.get(parameter["name"], {}))
+        return parameters
 
 
 class SessionBindingSerializer(serializers.ModelSerializer):
@@ -37,8 +66,10 @@ class SessionBindingSerializer(serializers.ModelSerializer):
 
 
 class BindingFilterSerializer(serializers.Serializer):
-    account = serializers.CharField(required=False, help_text="Only bindings to this account (name).")
-    key = serializers.IntegerField(required=False, min_value=1, help_text="Only bindings of this API key (id).")
+    account = StrictCharField(
+        required=False, trim_whitespace=False, max_length=200, help_text="Only bindings to this account (name)."
+    )
+    key = QueryIntegerField(required=False, min_value=1, help_text="Only bindings of this API key (id).")
 
 
 @extend_schema(tags=["operator: bindings"])
@@ -57,12 +88,15 @@ class SessionBindingViewSet(OperatorApi, mixins.ListModelMixin, mixins.DestroyMo
     """Live session affinities: (API key, session id) → account."""
 
     serializer_class = SessionBindingSerializer
+    permission_model = SessionBinding
     pagination_class = BindingPagination
 
     def get_queryset(self):
         filters = {}
         if self.action == "list":
-            params = BindingFilterSerializer(data=self.request.query_params)
+            query_params_single(self.request.query_params, BindingFilterSerializer().fields)
+            # A plain dict: given a QueryDict, DRF reads "?account=" as "not given".
+            params = BindingFilterSerializer(data=self.request.query_params.dict())
             params.is_valid(raise_exception=True)
             filters = {"account": params.validated_data.get("account"), "key_id": params.validated_data.get("key")}
         return selectors.binding_operator_list(now=timezone.now(), **filters)
@@ -135,6 +169,9 @@ class LatencySnapshotViewSet(OperatorApi, viewsets.ViewSet):
     first-token latencies, rebuilt every 60 s by a periodic task."""
 
     schema = OneObjectSchema()
+    permission_model = LatencySnapshot
+    # A rebuild writes a new snapshot row, as "add" says.
+    action_verbs = {**CRUD_VERBS, "refresh": "add"}
 
     @extend_schema(
         summary="The current latency snapshot",

@@ -42,13 +42,45 @@ def _fresh_snapshot_cache():
     latency_snapshot_cache_clear()
 
 
+def pool_permissions():
+    """Every model permission of the pool and the decision's state (the
+    accounts and routing apps), the grant of credentials access included."""
+    from django.contrib.auth.models import Permission
+
+    return Permission.objects.filter(content_type__app_label__in=["accounts", "routing"])
+
+
 @pytest.fixture
-def operator_api(django_user_model):
-    """A DRF client authenticated as a staff user by token (the operator API's way in)."""
+def operator_token_client(django_user_model):
+    """``operator_token_client(username, permissions=())``: a DRF client
+    authenticated by token as a staff user holding exactly these permissions."""
     from rest_framework.authtoken.models import Token
     from rest_framework.test import APIClient
 
+    def make(username: str, permissions=()):
+        user = django_user_model.objects.create_user(username=username, password="pw", is_staff=True)
+        user.user_permissions.set(permissions)
+        client = APIClient()
+        client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=user).key}")
+        client.user = user
+        return client
+
+    return make
+
+
+@pytest.fixture
+def operator_api(django_user_model):
+    """A DRF client authenticated by token (the operator API's way in) as a
+    staff user who is not a superuser but belongs to a group holding every
+    permission of the pool: the permission checks run on every call."""
+    from django.contrib.auth.models import Group
+    from rest_framework.authtoken.models import Token
+    from rest_framework.test import APIClient
+
+    operators = Group.objects.create(name="pool operators")
+    operators.permissions.set(pool_permissions())
     user = django_user_model.objects.create_user(username="ops", password="pw", is_staff=True)
+    user.groups.add(operators)
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=user).key}")
     client.user = user

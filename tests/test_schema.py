@@ -67,15 +67,16 @@ def test_every_operator_operation_documents_its_errors_in_the_one_shape(schema):
 
 def test_writes_document_their_request_and_validation_errors(schema):
     create = schema["paths"]["/api/v1/admin/accounts/"]["post"]
-    assert create["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/Account")
-    assert {"201", "400", "409"} <= set(create["responses"])
+    assert create["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/AccountRequest")
+    assert {"201", "400", "409", "422"} <= set(create["responses"])
     assert "409" in schema["paths"]["/api/v1/admin/identities/{name}/"]["delete"]["responses"]
 
 
 def test_credentials_are_write_only_and_the_key_is_only_in_the_create_response(schema):
     components = schema["components"]["schemas"]
-    assert components["Account"]["properties"]["credentials"]["writeOnly"] is True
-    assert "key" not in components["ApiKey"]["properties"]
+    assert components["AccountRequest"]["properties"]["credentials"]["writeOnly"] is True
+    assert "credentials" not in components["Account"]["properties"]
+    assert "key" not in components["ApiKey"]["properties"] and "key" not in components["ApiKeyRequest"]["properties"]
     created = schema["paths"]["/api/v1/admin/keys/"]["post"]["responses"]["201"]
     created_schema = components[created["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[-1]]
     assert "key" in created_schema["properties"]

@@ -3,8 +3,10 @@
 from datetime import timedelta
 
 import pytest
+from django.contrib.auth.models import Permission
 from django.core.management import call_command
 from django.db import connection
+from django.db.models.signals import pre_save
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from rest_framework.authtoken.models import Token
@@ -118,7 +120,8 @@ def test_staff_session_works(staff_client):
 
 
 def test_drf_create_token_gives_a_working_operator_token(django_user_model, capsys):
-    django_user_model.objects.create_user(username="ci", password="pw", is_staff=True)
+    user = django_user_model.objects.create_user(username="ci", password="pw", is_staff=True)
+    user.user_permissions.add(Permission.objects.get(codename="view_apikey"))
     call_command("drf_create_token", "ci")
     token = Token.objects.get(user__username="ci").key
     assert token in capsys.readouterr().out
@@ -128,11 +131,11 @@ def test_drf_create_token_gives_a_working_operator_token(django_user_model, caps
 
 
 def test_session_writes_need_the_csrf_token(django_user_model):
-    user = django_user_model.objects.create_user(username="boss", password="pw", is_staff=True)
+    user = django_user_model.objects.create_superuser(username="boss", password="pw")
     client = APIClient(enforce_csrf_checks=True)
     client.force_login(user)
     response = client.post(f"{BASE}/identities/", {"name": "csrf"}, format="json")
-    assert_error(response, 403, "permission_error")
+    assert "CSRF" in assert_error(response, 403, "permission_error")
     assert not RoutingIdentity.objects.filter(name="csrf").exists()
 
 
@@ -184,10 +187,51 @@ def test_identity_writes_are_validated(operator_api, payload, field):
     assert not RoutingIdentity.objects.exists()
 
 
-def test_duplicate_names_are_400(operator_api):
+def test_duplicate_names_are_409(operator_api):
     RoutingIdentityFactory(name="taken")
     response = operator_api.post(f"{BASE}/identities/", {"name": "taken"}, format="json")
-    assert "name" in assert_error(response, 400, "invalid_request_error")
+    assert "name" in assert_error(response, 409, "conflict_error")
+    RoutingIdentityFactory(name="other")
+    renamed = operator_api.patch(f"{BASE}/identities/other/", {"name": "taken"}, format="json")
+    assert "name" in assert_error(renamed, 409, "conflict_error")
+    assert RoutingIdentity.objects.filter(name="other").exists()
+
+
+def test_a_malformed_field_with_a_taken_name_is_400(operator_api):
+    RoutingIdentityFactory(name="taken")
+    response = operator_api.post(f"{BASE}/identities/", {"name": "taken", "max_concurrency": "2"}, format="json")
+    assert "max_concurrency" in assert_error(response, 400, "invalid_request_error")
+
+
+@pytest.mark.parametrize(
+    ("resource", "body"),
+    [
+        ("identities", {"name": "raced"}),
+        ("proxies", {"name": "raced", "url": "http://raced:1"}),
+        ("groups", {"name": "raced"}),
+        ("keys", {"name": "raced"}),
+    ],
+)
+def test_losing_a_name_race_is_409_too(operator_api, resource, body):
+    """Another writer takes the name after the uniqueness check passed and
+    before the insert: the database refuses it, and that is a 409 as well."""
+    model = {"identities": RoutingIdentity, "proxies": Proxy, "groups": AccountGroup, "keys": ApiKey}[resource]
+
+    def take_the_name(sender, instance, **kwargs):
+        if instance.pk is None:
+            pre_save.disconnect(take_the_name, sender=model)
+            factory = {RoutingIdentity: RoutingIdentityFactory, Proxy: ProxyFactory}.get(model)
+            extra = {"url": "http://other:1"} if model is Proxy else {}
+            (factory or {AccountGroup: AccountGroupFactory, ApiKey: ApiKeyFactory}[model])(name="raced", **extra)
+
+    pre_save.connect(take_the_name, sender=model, weak=False)
+    try:
+        response = operator_api.post(f"{BASE}/{resource}/", body, format="json")
+    finally:
+        pre_save.disconnect(take_the_name, sender=model)
+    # (The other writer's row shares this test's transaction, so the refused
+    # write's rollback takes it too: only the answer is checked here.)
+    assert "conflicts with an existing" in assert_error(response, 409, "conflict_error")
 
 
 def test_malformed_json_is_400(operator_api):
@@ -283,16 +327,33 @@ def test_account_proxy_can_be_unset(operator_api):
     assert Account.objects.get(name="acct").proxy is None
 
 
+def test_naming_an_object_that_does_not_exist_is_422(operator_api):
+    """Well-formed (the schema allows any name), but there is no such object."""
+    RoutingIdentityFactory(name="user-1")
+    for change, field in [({"identity": "nobody"}, "identity"), ({"proxy": "nowhere"}, "proxy")]:
+        payload = {"name": "acct-1", "identity": "user-1", **change}
+        response = operator_api.post(f"{BASE}/accounts/", payload, format="json")
+        assert f"{field}: no " in assert_error(response, 422, "invalid_request_error")
+    assert not Account.objects.exists()
+
+
 @pytest.mark.parametrize(
     ("change", "field"),
     [
-        ({"identity": "nobody"}, "identity"),
-        ({"proxy": "nowhere"}, "proxy"),
+        ({"identity": ""}, "identity"),
+        ({"identity": None}, "identity"),
+        ({"identity": 7}, "identity"),
+        ({"proxy": ["p"]}, "proxy"),
         ({"pool": "cheapest"}, "pool"),
         ({"credentials": ["not", "an", "object"]}, "credentials"),
         ({"credentials": "token"}, "credentials"),
         ({"remaining_credits": "lots"}, "remaining_credits"),
         ({"enabled": "maybe"}, "enabled"),
+        ({"enabled": "true"}, "enabled"),
+        ({"enabled": 1}, "enabled"),
+        ({"remaining_credits": "12.5"}, "remaining_credits"),
+        ({"region": 1}, "region"),
+        ({"name": 12}, "name"),
     ],
 )
 def test_account_writes_are_validated(operator_api, change, field):
@@ -393,7 +454,7 @@ def test_proxy_crud_and_clear_cooldown(operator_api):
     created = operator_api.post(f"{BASE}/proxies/", {"name": "eu-1", "url": "http://eu-1:3128"}, format="json")
     assert created.status_code == 201
     duplicate = operator_api.post(f"{BASE}/proxies/", {"name": "eu-2", "url": "http://eu-1:3128"}, format="json")
-    assert "url" in assert_error(duplicate, 400, "invalid_request_error")
+    assert "url" in assert_error(duplicate, 409, "conflict_error")
     Proxy.objects.filter(name="eu-1").update(cooldown_until=timezone.now() + timedelta(minutes=5))
     assert operator_api.get(f"{BASE}/proxies/eu-1/").json()["cooldown_remaining_s"] > 0
     cleared = operator_api.post(f"{BASE}/proxies/eu-1/clear-cooldown/")
@@ -419,7 +480,11 @@ def test_group_crud_by_account_names(operator_api):
     assert patched.json()["accounts"] == ["a1"]
     assert list(AccountGroup.objects.get(name="team").accounts.values_list("name", flat=True)) == ["a1"]
     unknown = operator_api.patch(f"{BASE}/groups/team/", {"accounts": ["a1", "ghost"]}, format="json")
-    assert "accounts" in assert_error(unknown, 400, "invalid_request_error")
+    assert "accounts" in assert_error(unknown, 422, "invalid_request_error")
+    for not_a_list in ({"a1": 1}, "a1"):
+        response = operator_api.patch(f"{BASE}/groups/team/", {"accounts": not_a_list}, format="json")
+        assert "accounts" in assert_error(response, 400, "invalid_request_error")
+    assert list(AccountGroup.objects.get(name="team").accounts.values_list("name", flat=True)) == ["a1"]
 
 
 def test_group_used_by_a_key_cannot_be_deleted(operator_api):
@@ -476,29 +541,34 @@ def test_key_update_and_delete(operator_api):
 
 
 @pytest.mark.parametrize(
-    ("payload", "field"),
+    ("payload", "field", "status"),
     [
-        ({"route_strategy": "fixed"}, "fixed_account"),  # the model's check constraint, as the admin enforces it
-        ({"max_concurrency": 0}, "max_concurrency"),
-        ({"preferred_pool": "cheap"}, "preferred_pool"),
-        ({"account_group": "ghosts"}, "account_group"),
-        ({"model_preferences": {"claude": "acct"}}, "model_preferences"),
-        ({"model_preferences": ["acct"]}, "model_preferences"),
-        ({"model_preferences": {"claude": ["ghost"]}}, "model_preferences"),
-        ({"expires_at": "soon"}, "expires_at"),
+        # the model's check constraint, as the admin enforces it: a rule across fields
+        ({"route_strategy": "fixed"}, "fixed", 422),
+        ({"max_concurrency": 0}, "max_concurrency", 400),
+        ({"max_concurrency": 2.0}, "max_concurrency", 400),
+        ({"max_concurrency": True}, "max_concurrency", 400),
+        ({"preferred_pool": "cheap"}, "preferred_pool", 400),
+        ({"account_group": "ghosts"}, "account_group", 422),
+        ({"model_preferences": {"claude": "acct"}}, "model_preferences", 400),
+        ({"model_preferences": ["acct"]}, "model_preferences", 400),
+        ({"model_preferences": {"claude": [7]}}, "model_preferences", 400),
+        ({"model_preferences": {"claude": ["ghost"]}}, "model_preferences", 422),
+        ({"credentials_access": "yes"}, "credentials_access", 400),
+        ({"expires_at": "soon"}, "expires_at", 400),
     ],
 )
-def test_key_writes_are_validated(operator_api, payload, field):
+def test_key_writes_are_validated(operator_api, payload, field, status):
+    AccountFactory(name="acct")
     response = operator_api.post(f"{BASE}/keys/", {"name": "bad", **payload}, format="json")
-    message = assert_error(response, 400, "invalid_request_error")
-    assert field in message or "fixed" in message
+    assert field in assert_error(response, status, "invalid_request_error")
     assert not ApiKey.objects.exists()
 
 
-def test_key_patch_to_fixed_without_account_is_400(operator_api):
+def test_key_patch_to_fixed_without_account_is_422(operator_api):
     key = ApiKeyFactory()
     response = operator_api.patch(f"{BASE}/keys/{key.pk}/", {"route_strategy": "fixed"}, format="json")
-    assert_error(response, 400, "invalid_request_error")
+    assert_error(response, 422, "invalid_request_error")
     key.refresh_from_db()
     assert key.route_strategy == "auto"
 

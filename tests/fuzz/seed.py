@@ -1,6 +1,7 @@
 """The pool a fuzz run works against: a few identities (roomy enough that a
 dispatch never has to wait for a slot), accounts with and without proxies, a
-group, a gateway key and a staff user with a DRF token."""
+group, a gateway key and a staff user with a DRF token who holds every
+permission of the pool."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ class Seeded:
 
 def seed() -> Seeded:
     from django.contrib.auth import get_user_model
+    from django.contrib.auth.models import Permission
     from rest_framework.authtoken.models import Token
 
     from accounts.models import Pool
@@ -39,5 +41,6 @@ def seed() -> Seeded:
         keys=(KeySpec("gateway", options={"account_group": None, "credentials_access": True}),),
     )
     user = get_user_model().objects.create_user(username="fuzz-operator", password=None, is_staff=True)
+    user.user_permissions.set(Permission.objects.filter(content_type__app_label__in=["accounts", "routing"]))
     token = Token.objects.create(user=user)
     return Seeded(gateway_key=seeded.key, staff_token=token.key, account="fuzz-kiro-0", identity="fuzz-kiro-0")

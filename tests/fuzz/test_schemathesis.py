@@ -1,16 +1,20 @@
 """schemathesis against /api/schema/ on a real server: gunicorn with
 gunicorn.conf.py on a spare port, on the PostgreSQL test database.
 
-Two runs, bounded by examples per operation (``KIROPOOL_FUZZ_EXAMPLES``):
+Two runs, bounded by examples per operation, each with every check: no
+server error, every response (status, content type, headers, body) as the
+schema says, schema-valid input accepted (ST202, ``positive_data_acceptance``)
+and schema-invalid input refused (ST201, ``negative_data_rejection``):
 
-1. the gateway API with a real key, every check (also that schema-valid input
-   is accepted and schema-invalid input refused); ``lease_id`` is drawn from
-   leases dispatched for the run, so completion logic is reached too;
-2. the operator API with a staff DRF token, including schemathesis' stateful
-   phase (create, then read/update/delete what was created). Checked: no
-   server error and every response (status, content type, headers, body) as
-   the schema says. (Whether DRF's lenient parsing accepts input the schema
-   does not describe, e.g. ``0`` for a string, is not judged there.)
+1. the gateway API with a real key; ``lease_id`` is drawn from leases
+   dispatched for the run, so completion logic is reached too;
+2. the operator API with the token of a staff user holding the pool's
+   permissions, including schemathesis' stateful phase (create, then
+   read/update/delete what was created).
+
+schemathesis.toml says which answers count as accepting valid data: 422 is
+one, for a request the schema allows that names an object that does not
+exist or breaks a rule OpenAPI 3.0 cannot express.
 
 Server errors are counted twice: schemathesis' findings and the 5xx lines of
 the server's own access log. 502 ("all eligible accounts failed") and 503 ("no
@@ -20,6 +24,7 @@ documented dispatch answers, counted apart; a 500 is always a failure."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -39,19 +44,13 @@ pytestmark = [
 ]
 
 GATEWAY_EXAMPLES = 100
-OPERATOR_EXAMPLES = 25
+OPERATOR_EXAMPLES = 40
+# Fixed, so a failure replays; another seed explores further (KIROPOOL_FUZZ_SEED=...).
+SEED = os.environ.get("KIROPOOL_FUZZ_SEED", "20261126")
 SEEDED_LEASES = 60
 
 GATEWAY_CHECKS = "all"
-OPERATOR_CHECKS = ",".join(
-    [
-        "not_a_server_error",
-        "status_code_conformance",
-        "content_type_conformance",
-        "response_headers_conformance",
-        "response_schema_conformance",
-    ]
-)
+OPERATOR_CHECKS = "all"
 
 
 def config(tmp: Path, lease_ids: list[str]) -> Path:
@@ -82,10 +81,13 @@ def run_schemathesis(tmp: Path, name: str, server: WebServer, cfg: Path, *args: 
         "--no-color",
         "run",
         f"http://{server.bind}/api/schema/?format=json",
+        # One worker: hypothesis parses lambda sources with ast, which CPython
+        # 3.11 cannot do from two threads at once ("AST constructor recursion
+        # depth mismatch", seen once in a run with two).
         "--workers",
-        "2",
+        "1",
         "--seed",
-        "20261126",
+        SEED,
         "--request-timeout",
         "30",
         "--report",

@@ -109,8 +109,32 @@ def test_bindings_filter_by_account_and_key(operator_api, bindings, query, expec
     assert [row["session_id"] for row in response.json()["results"]] == expected
 
 
-def test_bindings_bad_filter_is_400(operator_api, bindings):
-    assert "key" in assert_error(operator_api.get(f"{BASE}/bindings/?key=key-a"), 400, "invalid_request_error")
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [
+        ("?key=key-a", "key"),
+        ("?key=1.0", "key"),
+        ("?key=0", "key"),
+        ("?key=1&key=2", "key"),
+        ("?account=", "account"),
+        ("?account=first&account=second", "account"),
+        ("?offset=abc", "offset"),
+        ("?offset=null&offset=null", "offset"),
+        ("?offset=-1", "offset"),
+        ("?limit=0", "limit"),
+        ("?limit=1001", "limit"),
+        ("?limit=2.5", "limit"),
+    ],
+)
+def test_bindings_bad_filter_or_page_is_400(operator_api, bindings, query, field):
+    """What the schema refuses is refused, not read as a default: DRF alone
+    took ``offset=abc`` for 0 and ``limit=5000`` for the maximum."""
+    assert field in assert_error(operator_api.get(f"{BASE}/bindings/{query}"), 400, "invalid_request_error")
+
+
+def test_bindings_page_bounds_are_accepted(operator_api, bindings):
+    assert len(operator_api.get(f"{BASE}/bindings/?limit=1000&offset=0").json()["results"]) == 3
+    assert operator_api.get(f"{BASE}/bindings/?limit=1&offset=5").json()["results"] == []
 
 
 def test_bindings_are_paginated(operator_api, bindings):

@@ -1,0 +1,63 @@
+"""Who may do what in the operator API: a staff user holding the Django model
+permission the admin asks for the same act. Staff alone is only the way in,
+as in the admin: a staff user with no permissions may do nothing.
+
+Each operator view names the model its permissions are taken from
+(``permission_model``) and the verb each of its actions needs
+(``action_verbs``). Reads need ``view`` or ``change``, as the admin's
+``has_view_permission`` does. An action with no declared verb is refused to
+everyone, superusers included, so a new action cannot slip through open."""
+
+from __future__ import annotations
+
+from django.db import models
+from rest_framework import exceptions
+from rest_framework.permissions import BasePermission
+
+# Creating or changing an API key that hands account credentials to its
+# gateway (ApiKey.credentials_access); declared in ApiKey.Meta.permissions.
+GRANT_CREDENTIALS_ACCESS = "accounts.grant_credentials_access"
+
+CRUD_VERBS = {
+    "list": "view",
+    "retrieve": "view",
+    "metadata": "view",  # OPTIONS describes the endpoint: a read
+    "create": "add",
+    "update": "change",
+    "partial_update": "change",
+    "destroy": "delete",
+}
+
+
+def model_permission(model: type[models.Model], verb: str) -> str:
+    """``"<app>.<verb>_<model>"``: the name Django's auth gives the permission."""
+    return f"{model._meta.app_label}.{verb}_{model._meta.model_name}"
+
+
+def operator_permissions_required(view) -> list[str]:
+    """The permissions of which any one lets the caller run the view's
+    current action; empty when the action declared none."""
+    verb = view.action_verbs.get(view.action)
+    if verb is None:
+        return []
+    if verb == "view":  # the admin's rule: whoever may change a model may also look at it
+        return [model_permission(view.permission_model, "view"), model_permission(view.permission_model, "change")]
+    return [model_permission(view.permission_model, verb)]
+
+
+class OperatorPermission(BasePermission):
+    """Staff, plus the model permission of the action. A caller with no (or
+    bad) credentials is not judged here: DRF answers 401 for it first."""
+
+    def has_permission(self, request, view) -> bool:
+        user = request.user
+        if not (user and user.is_authenticated and user.is_staff):
+            self.message = "staff only"
+            return False
+        if view.action is None:  # a method the view does not serve
+            raise exceptions.MethodNotAllowed(request.method)
+        required = operator_permissions_required(view)
+        if not any(user.has_perm(permission) for permission in required):
+            self.message = f"needs the permission {' or '.join(required) or '(none declared for this action)'}"
+            return False
+        return True

@@ -1,0 +1,135 @@
+"""The admin side of the operator permissions: credentials access is given
+only by those holding ``accounts.grant_credentials_access`` (the checkbox is
+not even there for the others, and a forged POST of it does nothing), and the
+bulk actions need the change permission, not just a look at the list."""
+
+import pytest
+from django.contrib.auth.models import Permission
+from django.urls import reverse
+from django.utils import timezone
+
+from accounts.models import Account, ApiKey, Proxy, RoutingIdentity
+from tests.factories import AccountFactory, ApiKeyFactory, ProxyFactory, RoutingIdentityFactory
+
+pytestmark = pytest.mark.django_db
+
+KEY_EDITOR = ["view_apikey", "add_apikey", "change_apikey"]
+CHECKBOX = 'name="credentials_access"'
+
+KEY_FORM = {
+    "name": "from-admin",
+    "enabled": "on",
+    "route_strategy": "auto",
+    "preferred_pool": "balanced",
+    "latency_routing_enabled": "on",
+    "min_start_interval_ms": "0",
+    "model_preferences": "{}",
+}
+
+
+@pytest.fixture
+def login(client, django_user_model):
+    def as_staff(*codenames: str, superuser: bool = False):
+        user = django_user_model.objects.create_user(
+            username="staff", password="pw", is_staff=True, is_superuser=superuser
+        )
+        user.user_permissions.set(Permission.objects.filter(codename__in=codenames))
+        assert user.user_permissions.count() == len(codenames)
+        client.force_login(user)
+        return client
+
+    return as_staff
+
+
+def test_without_the_grant_the_checkbox_is_not_offered(login):
+    client = login(*KEY_EDITOR)
+    key = ApiKeyFactory()
+    for page in (reverse("admin:accounts_apikey_add"), reverse("admin:accounts_apikey_change", args=[key.pk])):
+        response = client.get(page)
+        assert response.status_code == 200
+        assert CHECKBOX not in response.content.decode()
+
+
+@pytest.mark.parametrize("who", ["grant", "superuser"])
+def test_with_the_grant_the_checkbox_is_offered_and_works(login, who):
+    client = login(*KEY_EDITOR, "grant_credentials_access") if who == "grant" else login(superuser=True)
+    assert CHECKBOX in client.get(reverse("admin:accounts_apikey_add")).content.decode()
+    response = client.post(reverse("admin:accounts_apikey_add"), {**KEY_FORM, "credentials_access": "on"})
+    assert response.status_code == 302
+    assert ApiKey.objects.get(name="from-admin").credentials_access is True
+
+
+def test_a_forged_post_cannot_switch_it_on(login):
+    client = login(*KEY_EDITOR)
+    response = client.post(reverse("admin:accounts_apikey_add"), {**KEY_FORM, "credentials_access": "on"})
+    assert response.status_code == 302
+    assert ApiKey.objects.get(name="from-admin").credentials_access is False
+
+    key = ApiKeyFactory(name="plain")
+    change = reverse("admin:accounts_apikey_change", args=[key.pk])
+    response = client.post(change, {**KEY_FORM, "name": "plain", "credentials_access": "on"})
+    assert response.status_code == 302
+    key.refresh_from_db()
+    assert key.credentials_access is False
+
+
+def test_a_key_with_credentials_access_is_read_only_without_the_grant(login):
+    client = login(*KEY_EDITOR)
+    account = AccountFactory(name="team-b")
+    key = ApiKeyFactory(name="holder", credentials_access=True, enabled=False)
+    change = reverse("admin:accounts_apikey_change", args=[key.pk])
+    page = client.get(change)
+    assert page.status_code == 200
+    assert 'name="_save"' not in page.content.decode()  # the view-only page
+    forged = {**KEY_FORM, "name": "holder", "route_strategy": "fixed", "fixed_account": account.pk}
+    assert client.post(change, forged).status_code == 403
+    key.refresh_from_db()
+    assert (key.name, key.route_strategy, key.fixed_account, key.enabled) == ("holder", "auto", None, False)
+
+
+def run_action(client, model: str, action: str, objects):
+    return client.post(
+        reverse(f"admin:accounts_{model}_changelist"),
+        {"action": action, "_selected_action": [obj.pk for obj in objects]},
+        follow=True,
+    )
+
+
+def test_enabling_a_key_with_credentials_access_needs_the_grant(login):
+    client = login(*KEY_EDITOR)
+    holder = ApiKeyFactory(credentials_access=True, enabled=False)
+    plain = ApiKeyFactory(enabled=False)
+    response = run_action(client, "apikey", "enable", [holder, plain])
+    assert "Left 1 keys with credentials access disabled" in response.content.decode()
+    assert ApiKey.objects.get(pk=plain.pk).enabled is True
+    assert ApiKey.objects.get(pk=holder.pk).enabled is False
+
+
+def test_a_viewer_cannot_run_the_actions(login):
+    client = login("view_account", "view_routingidentity", "view_proxy", "view_apikey")
+    later = timezone.now() + timezone.timedelta(minutes=5)
+    account = AccountFactory(enabled=False, quota_exhausted=True)
+    identity = RoutingIdentityFactory(cooldown_until=later)
+    proxy = ProxyFactory(cooldown_until=later)
+    key = ApiKeyFactory(enabled=False)
+    assert client.get(reverse("admin:accounts_account_changelist")).status_code == 200
+    for model, action, objects in [
+        ("account", "enable", [account]),
+        ("account", "reset_quota", [account]),
+        ("routingidentity", "clear_cooldown", [identity]),
+        ("proxy", "clear_cooldown", [proxy]),
+        ("apikey", "enable", [key]),
+    ]:
+        run_action(client, model, action, objects)
+    account.refresh_from_db()
+    assert (account.enabled, account.quota_exhausted) == (False, True)
+    assert RoutingIdentity.objects.get(pk=identity.pk).cooldown_until == later
+    assert Proxy.objects.get(pk=proxy.pk).cooldown_until == later
+    assert ApiKey.objects.get(pk=key.pk).enabled is False
+
+
+def test_an_editor_can_run_them(login):
+    client = login("view_account", "change_account")
+    account = AccountFactory(enabled=False)
+    run_action(client, "account", "enable", [account])
+    assert Account.objects.get(pk=account.pk).enabled is True
