@@ -11,7 +11,9 @@ import os
 bind = os.environ.get("KIROPOOL_BIND", "127.0.0.1:8000")
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 worker_class = "gthread"
-threads = int(os.environ.get("KIROPOOL_THREADS", "16"))
+# Threads per worker: waiting dispatches may hold up to KIROPOOL_MAX_WAITERS
+# of them (settings.py), the rest serve everything else.
+threads = int(os.environ.get("KIROPOOL_THREADS", "32"))
 # A dispatch may wait up to 300 s (max_wait_ms); leave room above it.
 timeout = 330
 graceful_timeout = 30

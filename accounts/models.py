@@ -43,6 +43,17 @@ class RoutingIdentity(models.Model):
     # transaction as the lease row, so a slot is claimed with one conditional
     # UPDATE; leases past their TTL are reclaimed before the limit is enforced.
     in_flight = models.PositiveIntegerField(default=0, editable=False)
+    # Outlier ejection (routing/leases.py): completions failed in a row, the
+    # ejections in a row, and until when the identity is out of selection
+    # (then slow start: its limit ramps up from 1 over KIROPOOL_SLOW_START_SECONDS).
+    failure_streak = models.PositiveIntegerField(default=0, db_default=0, editable=False)
+    ejections = models.PositiveIntegerField(default=0, db_default=0, editable=False)
+    ejected_until = models.DateTimeField(null=True, blank=True, editable=False)
+    # Sticky patience: slots held for returning turns waiting on the identity,
+    # which new sessions may not take. The hold lapses at sticky_wait_until,
+    # so a waiter that died cannot keep a slot.
+    sticky_waiters = models.PositiveIntegerField(default=0, db_default=0, editable=False)
+    sticky_wait_until = models.DateTimeField(null=True, blank=True, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -90,9 +101,22 @@ class Account(models.Model):
     pool = models.CharField(max_length=20, choices=Pool.choices, default=Pool.BALANCED)
     enabled = models.BooleanField(default=True)
     remaining_credits = models.FloatField(null=True, blank=True)
+    # Not handed out while a known balance is at or below this (SPEC §2).
+    min_remaining_credits = models.FloatField(
+        default=0.0, db_default=0.0, help_text="Not selected while its reported balance is at or below this."
+    )
     quota_exhausted = models.BooleanField(default=False)
     quota_exhausted_at = models.DateTimeField(null=True, blank=True)
     quota_exhausted_reason = models.CharField(max_length=500, blank=True)
+    # When the upstream quota resets (set by an operator or reported by a
+    # completion): every alias comes back into selection then, and credit
+    # pacing ranks credit_first accounts by it.
+    quota_resets_at = models.DateTimeField(
+        null=True, blank=True, help_text="When the upstream credits reset, if known."
+    )
+    # Without a reset time an exhausted account lets one probe lease through
+    # at this time (half-open), then waits KIROPOOL_QUOTA_PROBE_SECONDS again.
+    quota_next_probe_at = models.DateTimeField(null=True, blank=True, editable=False)
     region = models.CharField(max_length=50, blank=True)
     profile_arn = models.CharField(max_length=500, blank=True)
     # Upstream secrets, Fernet-encrypted at rest (accounts/fields.py). Write-only:
@@ -216,6 +240,14 @@ class ApiKey(models.Model):
     credentials_access = models.BooleanField(
         default=False,
         help_text="Include the chosen account's decrypted credentials in dispatch responses for this key.",
+    )
+    # How long a returning turn waits for its busy bound account before it
+    # moves to another one; empty: KIROPOOL_STICKY_PATIENCE_MS.
+    sticky_patience_ms = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        help_text="How long a returning conversation waits for its busy account before moving (ms). "
+        "Empty: the server default.",
     )
     # The key's own live leases and last start, for its optional limits.
     in_flight = models.PositiveIntegerField(default=0, editable=False)

@@ -164,6 +164,7 @@ CELERY_BEAT_SCHEDULE = {
         "options": {"expires": 3000},
     },
     "history-prune": {"task": "routing.tasks.history_prune", "schedule": 3600.0, "options": {"expires": 3000}},
+    "quota-resets-apply": {"task": "routing.tasks.quota_resets_apply", "schedule": 60.0, "options": {"expires": 50}},
     "counters-reconcile": {
         "task": "routing.tasks.counters_reconcile",
         "schedule": 300.0,
@@ -247,6 +248,41 @@ KIROPOOL_AFFINITY_MAX_ENTRIES = _clamp(env.int("KIROPOOL_AFFINITY_MAX_ENTRIES", 
 KIROPOOL_HISTORY_RETENTION_DAYS = _clamp(env.int("KIROPOOL_HISTORY_RETENTION_DAYS", default=7), 1, 365)
 # `make bench` only: mounts the framework-floor endpoint it compares against.
 KIROPOOL_BENCH_FLOOR = env.bool("KIROPOOL_BENCH_FLOOR", default=False)
+# --- the pool looks after itself (README, "Decisions") --------------------------
+
+# Outlier ejection: an identity whose last N completions all failed
+# (retry_next / fatal) is out of selection for the base time, doubled with
+# each ejection in a row, up to the cap; back, its limit ramps up from 1
+# over the slow-start window.
+KIROPOOL_EJECTION_FAILURES = max(1, env.int("KIROPOOL_EJECTION_FAILURES", default=5))
+KIROPOOL_EJECTION_BASE_SECONDS = _clamp(env.int("KIROPOOL_EJECTION_BASE_SECONDS", default=30), 1, 24 * 3600)
+KIROPOOL_EJECTION_MAX_SECONDS = _clamp(
+    env.int("KIROPOOL_EJECTION_MAX_SECONDS", default=15 * 60), KIROPOOL_EJECTION_BASE_SECONDS, 24 * 3600
+)
+KIROPOOL_SLOW_START_SECONDS = float(_clamp(env.int("KIROPOOL_SLOW_START_SECONDS", default=60), 0, 3600))
+# An exhausted account (or one at its minimum balance) with no known reset
+# time lets one probe lease through this often (half-open).
+KIROPOOL_QUOTA_PROBE_SECONDS = _clamp(env.int("KIROPOOL_QUOTA_PROBE_SECONDS", default=3600), 60, 31 * 24 * 3600)
+# A reported first-token time is recorded as at most this, so one gateway's
+# absurd reports move the global average (and every band) only so far.
+KIROPOOL_MAX_FIRST_TOKEN_MS = float(_clamp(env.int("KIROPOOL_MAX_FIRST_TOKEN_MS", default=60_000), 1000, 3_600_000))
+# Sticky patience: how long a returning turn waits for its busy bound account
+# before it moves (a key's own sticky_patience_ms overrides it; capped by the
+# request's max_wait_ms).
+KIROPOOL_STICKY_PATIENCE_MS = _clamp(env.int("KIROPOOL_STICKY_PATIENCE_MS", default=3000), 0, 300_000)
+
+# Bounded waiting (routing/waiting.py): a dispatch waiting for a slot holds
+# one of gunicorn's threads (KIROPOOL_THREADS per worker, read by
+# gunicorn.conf.py too). At most this many wait per process, and per API key;
+# beyond, 429 at once. The threads left over serve completions, probes and
+# everything else.
+KIROPOOL_THREADS = max(1, env.int("KIROPOOL_THREADS", default=32))
+KIROPOOL_WAIT_RESERVE_THREADS = max(1, env.int("KIROPOOL_WAIT_RESERVE_THREADS", default=8))
+KIROPOOL_MAX_WAITERS = max(1, env.int("KIROPOOL_MAX_WAITERS", default=KIROPOOL_THREADS - KIROPOOL_WAIT_RESERVE_THREADS))
+KIROPOOL_MAX_WAITERS_PER_KEY = max(
+    1, env.int("KIROPOOL_MAX_WAITERS_PER_KEY", default=max(1, KIROPOOL_MAX_WAITERS * 2 // 3))
+)
+
 # The one-statement PostgreSQL speedups of routing/pg.py. Off, the ORM
 # services (their specification) do all the work: slower, same behaviour.
 KIROPOOL_FAST_STATEMENTS = env.bool("KIROPOOL_FAST_STATEMENTS", default=True)

@@ -4,7 +4,9 @@ validate, call one service or selector, serialize with the output serializer."""
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 
+from django.conf import settings
 from django.utils import timezone
 from drf_spectacular.utils import extend_schema, extend_schema_serializer, inline_serializer
 from rest_framework import serializers
@@ -17,7 +19,7 @@ from kiropool.errors import AllAccountsFailed, NoUsableAccount, RateLimited
 from kiropool.schema import error_responses
 from kiropool.serializer_fields import StrictCharField
 from kiropool.throttling import DispatchRateThrottle, ExplainRateThrottle
-from routing import leases, metrics, selection
+from routing import completions, leases, metrics, selection
 from routing.dispatch import Acquired, Completion, DispatchRequest, SessionState
 from routing.models import LeaseOutcome
 from routing.selectors import dispatch as reads
@@ -136,7 +138,7 @@ def _credentials_or_release(key, acquired: Acquired):
         return reads.account_credentials(account_id=acquired.row.account_id)
     except CredentialsKeyError:
         completion = Completion(outcome="fatal", error_message="credentials cannot be decrypted")
-        leases.lease_complete(key=key, lease_id=acquired.lease.id, completion=completion)
+        completions.lease_complete(key=key, lease_id=acquired.lease.id, completion=completion)
         raise
 
 
@@ -144,8 +146,8 @@ _REFUSALS = {RateLimited: "rate_limited", AllAccountsFailed: "all_failed", NoUsa
 
 
 def _result(acquired: Acquired) -> str:
-    if acquired.sticky_hit:
-        return "sticky_hit"
+    if acquired.sticky is not None:
+        return f"sticky_{acquired.sticky}"
     return "new_session" if acquired.session is SessionState.NEW else "acquired"
 
 
@@ -157,7 +159,19 @@ class LeaseCompleteApi(GatewayApi):
         cooldown_seconds = serializers.IntegerField(required=False, allow_null=True, min_value=0)
         proxy_failure = serializers.BooleanField(required=False, default=False)
         remaining_credits = serializers.FloatField(required=False, allow_null=True)
+        quota_resets_at = serializers.DateTimeField(
+            required=False,
+            allow_null=True,
+            help_text="When the account's upstream credits reset, if the upstream said; it returns to selection "
+            "then. Must lie in the future, within a year.",
+        )
         error_message = serializers.CharField(required=False, allow_blank=True, allow_null=True, max_length=2000)
+
+        def validate_quota_resets_at(self, value):
+            now = timezone.now()
+            if value is not None and not now < value <= now + timedelta(days=366):
+                raise serializers.ValidationError("must lie in the future, within a year")
+            return value
 
     @extend_schema_serializer(component_name="LeaseCompleted")
     class OutputSerializer(serializers.Serializer):
@@ -177,7 +191,7 @@ class LeaseCompleteApi(GatewayApi):
         serializer = self.InputSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
-        completed = leases.lease_complete(
+        completed = completions.lease_complete(
             key=request.auth,
             lease_id=lease_id,
             completion=Completion(
@@ -186,6 +200,7 @@ class LeaseCompleteApi(GatewayApi):
                 cooldown_seconds=data.get("cooldown_seconds"),
                 proxy_failure=data["proxy_failure"],
                 remaining_credits=data.get("remaining_credits"),
+                quota_resets_at=data.get("quota_resets_at"),
                 error_message=data.get("error_message") or "",
             ),
         )
@@ -206,9 +221,25 @@ class ExplainCandidateSerializer(serializers.Serializer):
     latency_score_ms = serializers.FloatField(allow_null=True)
     last_started_at = serializers.DateTimeField(allow_null=True)
     remaining_credits_sort = serializers.FloatField()
+    credit_burn_per_hour = serializers.FloatField(
+        allow_null=True, help_text="Credit pacing (credit_first): credits an hour to use the balance before its reset."
+    )
+    quota_resets_at = serializers.DateTimeField(allow_null=True)
+    quota_probe = serializers.BooleanField(help_text="Quota spent: one lease may go through to see if it came back.")
     cooldown_remaining_s = serializers.IntegerField()
+    ejected_remaining_s = serializers.IntegerField(help_text="Outlier ejection of the identity left, in seconds.")
     in_flight = serializers.IntegerField()
+    held_for_sticky = serializers.IntegerField(help_text="Slots held for sticky sessions waiting on the identity.")
+    effective_concurrency = serializers.IntegerField(
+        help_text="The limit now: lower while it ramps up after an ejection."
+    )
     max_concurrency = serializers.IntegerField()
+    can_start = serializers.BooleanField(help_text="Whether a lease could start on it right now.")
+
+
+class ExplainUnselectableSerializer(serializers.Serializer):
+    account = serializers.CharField()
+    reason = serializers.ChoiceField(choices=["disabled", "quota_exhausted", "credits_at_or_below_minimum", "excluded"])
 
 
 class DispatchExplainApi(GatewayApi):
@@ -227,6 +258,15 @@ class DispatchExplainApi(GatewayApi):
             },
         )
         candidates = serializers.ListField(child=ExplainCandidateSerializer())
+        sticky_patience_ms = serializers.IntegerField(
+            help_text="How long a returning turn would wait for its busy bound account before moving."
+        )
+        sticky_would_wait = serializers.BooleanField(
+            help_text="A bound session's account is busy, and a dispatch would wait for it (sticky patience)."
+        )
+        unselectable = serializers.ListField(
+            child=ExplainUnselectableSerializer(), help_text="The key's accounts that are not candidates, and why."
+        )
 
     @extend_schema(
         operation_id="dispatch_explain",
@@ -250,6 +290,9 @@ class DispatchExplainApi(GatewayApi):
                 "usable": any(r.latency_band is not None for r in explained.ranked),
             },
             "candidates": [_explain_candidate(ranked, now) for ranked in explained.ranked],
+            "sticky_patience_ms": explained.sticky_patience_ms,
+            "sticky_would_wait": explained.sticky_would_wait,
+            "unselectable": [{"account": name, "reason": reason} for name, reason in explained.unselectable],
         }
         return Response(self.OutputSerializer(output).data)
 
@@ -257,6 +300,8 @@ class DispatchExplainApi(GatewayApi):
 def _explain_candidate(ranked: selection.Ranked, now) -> dict:
     c = ranked.candidate
     left = selection.cooldown_remaining(c.identity_cooldown_until, now)
+    ejected = selection.cooldown_remaining(c.ejected_until, now)
+    slow_start = timedelta(seconds=settings.KIROPOOL_SLOW_START_SECONDS)
     return {
         "account": c.account,
         "routing_identity": c.routing_identity,
@@ -269,7 +314,14 @@ def _explain_candidate(ranked: selection.Ranked, now) -> dict:
         "latency_score_ms": ranked.latency_score_ms,
         "last_started_at": c.last_started_at,
         "remaining_credits_sort": ranked.remaining_credits_sort,
+        "credit_burn_per_hour": ranked.credit_burn_per_hour,
+        "quota_resets_at": c.quota_resets_at,
+        "quota_probe": c.quota_probe,
         "cooldown_remaining_s": selection.retry_after_seconds(left) if left else 0,
+        "ejected_remaining_s": selection.retry_after_seconds(ejected) if ejected else 0,
         "in_flight": c.in_flight,
+        "held_for_sticky": c.reserved,
+        "effective_concurrency": selection.effective_concurrency(c, now, slow_start),
         "max_concurrency": c.max_concurrency,
+        "can_start": selection.throttle_state(c, now, slow_start=slow_start) == "ready",
     }

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from routing import selection
+from routing.models import StickyOutcome
 
 
 class SessionState(enum.StrEnum):
@@ -46,6 +47,7 @@ class SortKeys:
     pool_rank: int
     latency_band: int | None
     remaining_credits_sort: float
+    credit_burn_per_hour: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +83,7 @@ class Acquired:
     row: CandidateRow
     session: SessionState
     waited_ms: int
-    sticky_hit: bool = False  # the session's bound account served it
+    sticky: StickyOutcome | None = None  # for a bound session: hit, waited or moved
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +93,7 @@ class Completion:
     cooldown_seconds: int | None = None
     proxy_failure: bool = False
     remaining_credits: float | None = None
+    quota_resets_at: datetime | None = None
     error_message: str = ""
 
 

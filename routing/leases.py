@@ -29,23 +29,17 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import OperationalError, connection, transaction
-from django.db.models import F, Min, Q
+from django.db.models import Case, F, Min, Q, Value, When
 from django.utils import timezone
 
-from accounts.models import Account, ApiKey, Proxy, RoutingIdentity
-from kiropool.errors import AllAccountsFailed, Conflict, NotFound, NoUsableAccount, RateLimited
-from routing import maintenance, pg, selection, sessions, wakeups
+from accounts.models import Account, ApiKey, RoutingIdentity
+from kiropool.errors import AllAccountsFailed, NoUsableAccount, RateLimited
+from routing import maintenance, metrics, pg, selection, waiting, wakeups
 from routing.backend import backend
-from routing.dispatch import Acquired, CandidateRow, Completed, Completion, DispatchRequest, LeaseGrant, SessionState
-from routing.models import CooldownEvent, CooldownKind, LatencySample, Lease, LeaseOutcome
+from routing.dispatch import Acquired, CandidateRow, DispatchRequest, LeaseGrant, SessionState
+from routing.models import CooldownEvent, CooldownKind, Lease, LeaseOutcome, StickyOutcome
 from routing.selectors import dispatch as reads
 from routing.selectors.latency import latency_snapshot_current
-
-# A gateway's rate-limit report cools the identity this long unless it says
-# otherwise; the cap keeps a buggy or hostile report from benching an account
-# for hours.
-DEFAULT_COOLDOWN_SECONDS = 300
-MAX_COOLDOWN_SECONDS = 900
 
 # Past a lease's expiry before looking again, so the expired lease no longer counts.
 EXPIRY_WAKE_MARGIN_SECONDS = 0.01
@@ -57,71 +51,100 @@ EXPIRY_WAKE_MARGIN_SECONDS = 0.01
 def lease_acquire(*, key: ApiKey, request: DispatchRequest) -> Acquired:
     """Choose an account for one upstream request and hold a lease on it.
 
-    Waits up to ``request.max_wait_ms`` when every candidate is only locally
-    throttled (concurrency or pacing), woken by a release in any process or
-    when pacing allows. Raises the typed API errors of SPEC §2 otherwise."""
+    A returning turn whose bound account is only crowded waits for it a
+    while (sticky patience) before it moves. A dispatch that finds every
+    candidate only locally throttled waits for a slot up to
+    ``request.max_wait_ms``, woken by a release in any process, the end of a
+    pacing interval, cooldown or ejection, or a lease expiry; a process lets
+    only so many wait (``routing/waiting.py``). Raises the typed API errors of
+    SPEC §2 otherwise."""
     _key_limits_check(key=key, now=timezone.now())
     preferred = reads.model_preference(key, request.model)
-    if request.session_id and not preferred:
-        sticky = _sticky_fast_path(key=key, request=request)
-        if sticky is not None:
-            return sticky
     deadline = time.monotonic() + request.max_wait_ms / 1000
-    waited = 0.0
+    with waiting.room.visit(key_id=key.pk) as visit:
+        bound_name = None
+        if request.session_id and not preferred:
+            sticky, bound = _sticky_fast_path(key=key, request=request)
+            if sticky is not None:
+                return sticky
+            if bound is not None:
+                bound_name = bound.candidate.account
+                sticky = _sticky_patience(key=key, request=request, bound=bound, visit=visit, deadline=deadline)
+                if sticky is not None:
+                    return sticky
+        return _walk(key=key, request=request, preferred=preferred, visit=visit, deadline=deadline, bound=bound_name)
+
+
+def _walk(
+    *, key: ApiKey, request: DispatchRequest, preferred: frozenset[str], visit: waiting.Visit, deadline: float, bound
+) -> Acquired:
+    """The ordered walk (SPEC §2): claim the first candidate of the order
+    that can start a lease; wait, or answer why not."""
     while True:
         token = wakeups.token()
-        now = timezone.now()
-        read = dict(key=key, request=request, now=now, preferred=preferred)
-        # Key 3 (fewest bound sessions) applies: the request has a session id
-        # and the sticky fast path did not serve it.
-        head = reads.read(**read, snapshot=_snapshot(key), spread=bool(request.session_id), head=True)
-        session = SessionState.of(request.session_id, head.bound_account_id)
-        for row in head.rows:
-            if not row.ready:
-                break
-            grant = _slot_claim(key=key, row=row, request=request, waited_ms=int(waited * 1000))
-            if grant is not None:
-                sticky_hit = row.account_id == head.bound_account_id
-                return Acquired(grant, row, session, waited_ms=int(waited * 1000), sticky_hit=sticky_hit)
-        else:
-            if len(head.rows) == reads.HEAD_ROWS:
-                continue  # every row of the head was taken a moment before us: read again
-        if not head.rows:
-            raise NoUsableAccount()
-        everyone = reads.read(**read, snapshot=None, spread=False).rows
+        with visit.turn():
+            now = timezone.now()
+            read = dict(key=key, request=request, now=now, preferred=preferred)
+            # Key 3 (fewest bound sessions) applies: the request has a session
+            # id and the sticky fast path did not serve it.
+            head = reads.read(**read, snapshot=_snapshot(key), spread=bool(request.session_id), head=True)
+            for row in head.rows:
+                if not row.ready:
+                    break
+                sticky = _sticky_of(row, head.bound_account_id)
+                grant = _slot_claim(
+                    key=key, row=row, request=request, waited_ms=visit.waited_ms, sticky=sticky, bound=bound
+                )
+                if grant is not None:
+                    session = SessionState.of(request.session_id, head.bound_account_id)
+                    return Acquired(grant, row, session, visit.waited_ms, sticky)
+            else:
+                if len(head.rows) == reads.HEAD_ROWS:
+                    continue  # every row of the head was taken a moment before us: read again
+            if not head.rows:
+                raise NoUsableAccount()
+            everyone = reads.read(**read, snapshot=None, spread=False).rows
         candidates = [row for row in everyone if not row.excluded]
         if not candidates:
             raise AllAccountsFailed()
-        miss = selection.miss_of([row.candidate for row in candidates], now)
-        if miss.locally_throttled:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                retry = (miss.next_ready_at - timezone.now()) if miss.next_ready_at else timedelta(seconds=1)
+        miss = selection.miss_of([row.candidate for row in candidates], now, slow_start=_slow_start())
+        if not miss.locally_throttled:
+            if miss.shortest_cooldown is not None:
                 raise RateLimited(
-                    "every candidate account is at its concurrency or pacing limit",
-                    retry_after=selection.retry_after_seconds(retry),
+                    "every candidate account is cooling down",
+                    retry_after=selection.retry_after_seconds(miss.shortest_cooldown),
                 )
-            timeout = min(remaining, _wake_in(miss, candidates))
-            wait_started = time.monotonic()
-            wakeups.wait(token, timeout)
-            waited += time.monotonic() - wait_started
-            continue
-        if miss.shortest_cooldown is not None:
+            raise NoUsableAccount()
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            # The earliest a retry could succeed without a release: a pacing
+            # interval, a cooldown or an ejection ending.
+            retry = (miss.next_ready_at - timezone.now()) if miss.next_ready_at else timedelta(seconds=1)
             raise RateLimited(
-                "every candidate account is cooling down",
-                retry_after=selection.retry_after_seconds(miss.shortest_cooldown),
+                "every candidate account is at its concurrency or pacing limit, or cooling down",
+                retry_after=selection.retry_after_seconds(retry),
             )
-        raise NoUsableAccount()
+        visit.wait(token, min(remaining, _wake_in(miss, candidates)))
+
+
+def _sticky_of(row: CandidateRow, bound_account_id: int | None) -> StickyOutcome | None:
+    if bound_account_id is None:
+        return None
+    return StickyOutcome.HIT if row.account_id == bound_account_id else StickyOutcome.MOVED
 
 
 def _snapshot(key: ApiKey):
     return latency_snapshot_current() if key.latency_routing_enabled else None
 
 
+def _slow_start() -> timedelta:
+    return timedelta(seconds=settings.KIROPOOL_SLOW_START_SECONDS)
+
+
 def _wake_in(miss: selection.Miss, candidates: list[CandidateRow]) -> float:
     """Seconds until something other than a release may free a slot: the end
-    of a pacing interval, or the expiry of a lease on a full identity (which
-    no release announces)."""
+    of a pacing interval, cooldown or ejection, or the expiry of a lease on a
+    full identity (which no release announces)."""
     now = timezone.now()
     wake = float("inf")
     if miss.next_ready_at is not None:
@@ -140,30 +163,90 @@ def _next_lease_expiry(*, identity_ids: set[int]) -> datetime | None:
     ).aggregate(first=Min("expires_at"))["first"]
 
 
-def _sticky_fast_path(*, key: ApiKey, request: DispatchRequest) -> Acquired | None:
+def _sticky_fast_path(
+    *, key: ApiKey, request: DispatchRequest, waited_ms: int = 0
+) -> tuple[Acquired | None, CandidateRow | None]:
     """SPEC §2's sticky fast path, reading only the bound account: most
     requests of a conversation end here without reading the rest of the pool.
-    None when it does not serve: the ordered walk then decides."""
+    Returns the lease when it served, and the bound account's row (None when
+    the session has no live binding to one of the key's candidates)."""
     now = timezone.now()
     read = dict(key=key, request=request, now=now, snapshot=None, spread=False, bound_only=True)
+    outcome = StickyOutcome.WAITED if waited_ms else StickyOutcome.HIT
     if backend.statements is not None and not _key_limited(key):
         shape, values = reads.request_shape(**read)
-        lease = _lease_new(key=key, request=request, now=now, waited_ms=0)
-        row = backend.statements.sticky_claim(shape=shape, values=values, lease=lease)
-        if row is None:
-            return None
+        lease = _lease_new(key=key, request=request, now=now, waited_ms=waited_ms)
+        lease.sticky = outcome
+        row, leased = backend.statements.sticky_claim(shape=shape, values=values, lease=lease)
+        if not leased:
+            return None, row
         lease.account_id, lease.identity_id = row.account_id, row.identity_id
-        return Acquired(_grant(lease), row, SessionState.STICKY, waited_ms=0, sticky_hit=True)
+        return Acquired(_grant(lease), row, SessionState.STICKY, waited_ms, outcome), row
     bound = reads.read(**read).rows
-    if not bound or bound[0].excluded:
-        return None
+    if not bound:
+        return None, None
     row = bound[0]
-    if not selection.sticky_fast_path_ok(row.candidate, selection.SelectionContext(now=now)):
-        return None
-    grant = _slot_claim(key=key, row=row, request=request, waited_ms=0)
+    ctx = selection.SelectionContext(now=now, slow_start=_slow_start())
+    if row.excluded or row.candidate.quota_probe or not selection.sticky_fast_path_ok(row.candidate, ctx):
+        return None, row
+    grant = _slot_claim(key=key, row=row, request=request, waited_ms=waited_ms, sticky=outcome)
     if grant is None:
+        return None, row
+    return Acquired(grant, row, SessionState.STICKY, waited_ms, outcome), row
+
+
+def _sticky_patience(
+    *, key: ApiKey, request: DispatchRequest, bound: CandidateRow, visit: waiting.Visit, deadline: float
+) -> Acquired | None:
+    """A returning turn whose bound account is only crowded waits for it,
+    up to the key's patience (capped by the request's wait budget), rather
+    than move and lose its upstream prompt cache. While it waits its
+    identity holds a slot for it that new sessions may not take."""
+    patience = settings.KIROPOOL_STICKY_PATIENCE_MS if key.sticky_patience_ms is None else key.sticky_patience_ms
+    now = timezone.now()
+    ctx = selection.SelectionContext(now=now, slow_start=_slow_start())
+    if bound.excluded or patience <= 0 or not selection.sticky_patience_applies(bound.candidate, ctx):
         return None
-    return Acquired(grant, row, SessionState.STICKY, waited_ms=0, sticky_hit=True)
+    until = min(deadline, time.monotonic() + patience / 1000)
+    if until <= time.monotonic():
+        return None
+    identity_hold(identity_id=bound.identity_id, until=now + timedelta(seconds=until - time.monotonic()))
+    try:
+        row = bound
+        while True:
+            token = wakeups.token()
+            left = until - time.monotonic()
+            if left <= 0:
+                return None
+            visit.wait(token, min(left, _wake_in(selection.miss_of([row.candidate], now), [row])))
+            with visit.turn():
+                acquired, row = _sticky_fast_path(key=key, request=request, waited_ms=max(1, visit.waited_ms))
+            if acquired is not None:
+                metrics.sticky_wait_observe(visit.waited)
+                return acquired
+            now = timezone.now()
+            ctx = selection.SelectionContext(now=now, slow_start=_slow_start())
+            if row is None or not selection.sticky_patience_applies(row.candidate, ctx):
+                return None  # cooling, ejected or gone since: move now
+    finally:
+        identity_unhold(identity_id=bound.identity_id)
+
+
+def identity_hold(*, identity_id: int, until: datetime) -> None:
+    """Hold one of the identity's slots for a waiting sticky session until
+    ``until`` at the latest (a hold that lapsed counts as none)."""
+    now = timezone.now()
+    live = Q(sticky_wait_until__gt=now)
+    RoutingIdentity.objects.filter(pk=identity_id).update(
+        sticky_waiters=Case(When(live, then=F("sticky_waiters") + 1), default=Value(1)),
+        sticky_wait_until=Case(
+            When(live & Q(sticky_wait_until__gt=until), then=F("sticky_wait_until")), default=Value(until)
+        ),
+    )
+
+
+def identity_unhold(*, identity_id: int) -> None:
+    RoutingIdentity.objects.filter(pk=identity_id, sticky_waiters__gt=0).update(sticky_waiters=F("sticky_waiters") - 1)
 
 
 def _key_limited(key: ApiKey) -> bool:
@@ -213,28 +296,66 @@ def _grant(lease: Lease) -> LeaseGrant:
     )
 
 
-def _slot_claim(*, key: ApiKey, row: CandidateRow, request: DispatchRequest, waited_ms: int) -> LeaseGrant | None:
+def _slot_claim(
+    *,
+    key: ApiKey,
+    row: CandidateRow,
+    request: DispatchRequest,
+    waited_ms: int,
+    sticky: StickyOutcome | None = None,
+    bound: str | None = None,
+) -> LeaseGrant | None:
     """Claim one slot on the row's identity (and the key) and create the lease,
-    atomically. None when the identity has no slot, cooldown or pacing room
-    at this instant."""
+    atomically. None when the identity cannot start a lease at this instant.
+    ``sticky``: what this lease is to a bound session; its own bound account
+    (hit, waited) may use the slots held for waiting sticky sessions.
+    ``bound``: the account the session was bound to, recorded when it moves."""
     if row.expired_leases:
         lease_reap_expired(identity_ids=[row.identity_id])
     now = timezone.now()
     lease = _lease_new(key=key, request=request, now=now, waited_ms=waited_ms, row=row)
+    lease.sticky = sticky or ""
+    if sticky == StickyOutcome.MOVED:
+        lease.moved_from = bound or ""
+    probe = row.candidate.quota_probe
     key_limited = _key_limited(key)
-    if backend.statements is not None and not key_limited:
+    if backend.statements is not None and not key_limited and not probe:
         return _grant(lease) if backend.statements.claim(lease) else None
     with transaction.atomic():
         if key_limited:
             _key_slot_claim(key=key, now=now, counted=lease.counted_on_key)
-        claimed = RoutingIdentity.objects.filter(reads.identity_claimable(now), pk=row.identity_id).update(
+        if probe and not _quota_probe_take(identity_id=row.identity_id, now=now):
+            transaction.set_rollback(True)
+            return None
+        own = sticky in (StickyOutcome.HIT, StickyOutcome.WAITED)
+        claimable = reads.identity_claimable(now, settings.KIROPOOL_SLOW_START_SECONDS, reserved=not own)
+        claimed = RoutingIdentity.objects.filter(claimable, pk=row.identity_id).update(
             in_flight=F("in_flight") + 1, last_started_at=now
         )
         if not claimed:
             transaction.set_rollback(True)
             return None
+        lease.quota_probe = probe
         lease.save(force_insert=True)
     return _grant(lease)
+
+
+def _quota_probe_take(*, identity_id: int, now: datetime) -> bool:
+    """Take the identity's probe (one lease through its spent quota) and
+    restart the wait for the next one; False when another dispatch took it."""
+    later = now + timedelta(seconds=settings.KIROPOOL_QUOTA_PROBE_SECONDS)
+    taken = Account.objects.filter(identity_id=identity_id, quota_next_probe_at__lte=now).update(
+        quota_next_probe_at=later
+    )
+    if taken:
+        CooldownEvent.objects.create(
+            kind=CooldownKind.QUOTA_PROBE,
+            identity_id=identity_id,
+            reason="one lease let through to see whether the quota came back",
+            until=later,
+            created_at=now,
+        )
+    return bool(taken)
 
 
 def _key_slot_claim(*, key: ApiKey, now: datetime, counted: bool) -> None:
@@ -252,152 +373,7 @@ def _key_slot_claim(*, key: ApiKey, now: datetime, counted: bool) -> None:
         raise RateLimited("this API key is at its concurrency or pacing limit", retry_after=1)
 
 
-# --- complete ----------------------------------------------------------------------
-
-
-def lease_complete(*, key: ApiKey, lease_id: uuid.UUID, completion: Completion) -> Completed:
-    """Release a lease and apply its outcome (SPEC §2 table). A lease of
-    another key is 404; one already completed (or reaped) is 409 and nothing
-    changes."""
-    if backend.statements is not None and _completion_is_plain(completion):
-        now = timezone.now()
-        done = _retrying(
-            lambda: backend.statements.complete(
-                key=key,
-                lease_id=lease_id,
-                outcome=completion.outcome,
-                first_token_ms=completion.first_token_ms,
-                error_message=completion.error_message[:2000],
-                now=now,
-                binding_expires_at=sessions.binding_expiry(now),
-            )
-        )
-        if done is not None:
-            wakeups.released_locally()
-            return Completed(lease_id, done.account_name, completion.outcome, done.session_bound)
-    return _retrying(lambda: _lease_complete(key=key, lease_id=lease_id, completion=completion))
-
-
-def _completion_is_plain(completion: Completion) -> bool:
-    """Outcomes that only release (and maybe record and bind)."""
-    return completion.remaining_credits is None and completion.outcome in (
-        LeaseOutcome.SUCCESS,
-        LeaseOutcome.RETRY_NEXT,
-        LeaseOutcome.FATAL,
-    )
-
-
-def _lease_complete(*, key: ApiKey, lease_id: uuid.UUID, completion: Completion) -> Completed:
-    lease = (
-        Lease.objects.filter(pk=lease_id, api_key=key)
-        .only("id", "account_id", "account_name", "identity_id", "proxy_url", "session_id", "counted_on_key")
-        .first()
-    )
-    if lease is None:
-        raise NotFound("no such lease for this API key")
-    now = timezone.now()
-    outcome = completion.outcome
-    bound = False
-    with transaction.atomic():
-        claimed = Lease.objects.filter(pk=lease.pk, completed_at__isnull=True).update(
-            completed_at=now,
-            outcome=outcome,
-            first_token_ms=completion.first_token_ms,
-            error_message=completion.error_message[:2000],
-        )
-        if not claimed:
-            raise Conflict("this lease is already completed or expired")
-        if lease.counted_on_key:
-            ApiKey.objects.filter(pk=key.pk).update(in_flight=F("in_flight") - 1)
-        identity_changes: dict = {"in_flight": F("in_flight") - 1}
-        cooldown = None
-        if outcome == LeaseOutcome.RATE_LIMITED:
-            seconds = completion.cooldown_seconds
-            seconds = DEFAULT_COOLDOWN_SECONDS if seconds is None else min(seconds, MAX_COOLDOWN_SECONDS)
-            cooldown = now + timedelta(seconds=seconds)
-            identity_changes.update(cooldown_until=cooldown, cooldown_reason=_reason(completion, "rate limited"))
-        RoutingIdentity.objects.filter(pk=lease.identity_id).update(**identity_changes)
-        if lease.account_id is not None:
-            bound = _outcome_apply(key=key, lease=lease, completion=completion, now=now, cooldown=cooldown)
-        _release_notify()
-    return Completed(lease.id, lease.account_name, outcome, bound)
-
-
-# PostgreSQL aborts one of two transactions that wait on each other (two
-# completions moving bindings between the same two accounts in opposite
-# directions); the loser is simply run again.
-_RETRYABLE_SQLSTATES = {"40P01", "40001"}
-
-
-def _retrying(operation, attempts: int = 3):
-    for attempt in range(attempts):
-        try:
-            return operation()
-        except OperationalError as error:
-            sqlstate = getattr(getattr(error, "__cause__", None), "sqlstate", None)
-            if sqlstate not in _RETRYABLE_SQLSTATES or attempt == attempts - 1:
-                raise
-
-
-def _reason(completion: Completion, default: str) -> str:
-    return (completion.error_message or default)[:500]
-
-
-def _outcome_apply(*, key: ApiKey, lease: Lease, completion: Completion, now: datetime, cooldown) -> bool:
-    outcome = completion.outcome
-    if completion.remaining_credits is not None:
-        credits_changes: dict = {"remaining_credits": completion.remaining_credits}
-        if completion.remaining_credits > 0:
-            credits_changes.update(quota_exhausted=False, quota_exhausted_at=None, quota_exhausted_reason="")
-        Account.objects.filter(pk=lease.account_id).update(**credits_changes)
-    if outcome == LeaseOutcome.SUCCESS:
-        if completion.first_token_ms is not None:
-            LatencySample.objects.create(
-                account_id=lease.account_id,
-                proxy_url=lease.proxy_url,
-                first_token_ms=completion.first_token_ms,
-                recorded_at=now,
-            )
-        if lease.session_id:
-            sessions.session_bind(key=key, session_id=lease.session_id, account_id=lease.account_id, now=now)
-            return True
-    elif outcome == LeaseOutcome.RATE_LIMITED:
-        events = [
-            CooldownEvent(
-                kind=CooldownKind.IDENTITY_COOLDOWN, identity_id=lease.identity_id, account_id=lease.account_id
-            )
-        ]
-        if completion.proxy_failure and lease.proxy_url:
-            proxy_ids = list(Proxy.objects.filter(url=lease.proxy_url).values_list("id", flat=True))
-            Proxy.objects.filter(id__in=proxy_ids).update(
-                cooldown_until=cooldown, cooldown_reason=_reason(completion, "proxy failure")
-            )
-            events += [CooldownEvent(kind=CooldownKind.PROXY_COOLDOWN, proxy_id=pk) for pk in proxy_ids]
-        for event in events:
-            event.reason, event.until, event.created_at = _reason(completion, "rate limited"), cooldown, now
-        CooldownEvent.objects.bulk_create(events)
-    elif outcome == LeaseOutcome.QUOTA_EXHAUSTED:
-        account_quota_exhaust(identity_id=lease.identity_id, reason=_reason(completion, "quota exhausted"), now=now)
-    return False
-
-
-def account_quota_exhaust(*, identity_id: int, reason: str, now: datetime) -> int:
-    """Take every alias of the identity out of selection: the quota belongs
-    to the upstream user, not to one of its credentials."""
-    ids = list(Account.objects.filter(identity_id=identity_id, quota_exhausted=False).values_list("id", flat=True))
-    Account.objects.filter(id__in=ids).update(
-        quota_exhausted=True, quota_exhausted_at=now, quota_exhausted_reason=reason
-    )
-    CooldownEvent.objects.bulk_create(
-        CooldownEvent(
-            kind=CooldownKind.QUOTA_EXHAUSTED, account_id=pk, identity_id=identity_id, reason=reason, created_at=now
-        )
-        for pk in ids
-    )
-    return len(ids)
-
-
-def _release_notify() -> None:
+def release_notify() -> None:
     """Wake waiting dispatches everywhere once this transaction commits."""
     if backend.postgres:
         with connection.cursor() as cursor:
@@ -461,5 +437,5 @@ def _reap_batch(*, now: datetime, identity_ids: list[int] | None) -> tuple[int |
     identities = Counter(identity_id for _, identity_id, _, _ in rows)
     for identity_id in sorted(identities):
         RoutingIdentity.objects.filter(pk=identity_id).update(in_flight=F("in_flight") - identities[identity_id])
-    _release_notify()
+    release_notify()
     return closed, len(rows)

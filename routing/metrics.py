@@ -37,11 +37,22 @@ from routing.selectors import operator as selectors
 logger = logging.getLogger(__name__)
 
 # A dispatch that got a lease:
-#   sticky_hit   the session's bound account served it
-#   new_session  a session id with no live binding got an account
-#   acquired     any other: no session id, or a bound session that had to move
+#   sticky_hit     the session's bound account served it at once
+#   sticky_waited  ... after the session waited for it (sticky patience)
+#   sticky_moved   the session was bound, and moved to another account
+#   new_session    a session id with no live binding got an account
+#   acquired       no session id
 # A dispatch that did not: rate_limited (429), all_failed (502), unavailable (503).
-DISPATCH_RESULTS = ("acquired", "sticky_hit", "new_session", "rate_limited", "all_failed", "unavailable")
+DISPATCH_RESULTS = (
+    "acquired",
+    "sticky_hit",
+    "sticky_waited",
+    "sticky_moved",
+    "new_session",
+    "rate_limited",
+    "all_failed",
+    "unavailable",
+)
 COMPLETION_OUTCOMES = ("success", "rate_limited", "quota_exhausted", "retry_next", "fatal")
 
 # A dispatch answers in milliseconds unless it waits for a slot, which it may
@@ -58,6 +69,12 @@ DISPATCH_WAIT_SECONDS = Histogram(
     buckets=(0,) + DURATION_BUCKETS,
 )
 COMPLETIONS = Counter("kiropool_lease_completions", "Lease completions by outcome.", ["outcome"])
+STICKY_WAIT_SECONDS = Histogram(
+    "kiropool_sticky_wait_seconds",
+    "Time a returning turn waited for its busy bound account before it served (sticky patience).",
+    buckets=DURATION_BUCKETS,
+)
+EJECTIONS = Counter("kiropool_identity_ejections", "Routing identities ejected after repeated failures.")
 
 # Every label value exists from the start, so rates work from the first scrape.
 for _result in DISPATCH_RESULTS:
@@ -74,6 +91,14 @@ def dispatch_observe(result: str, seconds: float, waited_seconds: float) -> None
     DISPATCHES.labels(result=result).inc()
     DISPATCH_SECONDS.observe(max(0.0, seconds))
     DISPATCH_WAIT_SECONDS.observe(max(0.0, waited_seconds))
+
+
+def sticky_wait_observe(seconds: float) -> None:
+    STICKY_WAIT_SECONDS.observe(max(0.0, seconds))
+
+
+def ejection_observe() -> None:
+    EJECTIONS.inc()
 
 
 def completion_observe(outcome: str) -> None:

@@ -53,6 +53,12 @@ class LeaseOutcome(models.TextChoices):
     EXPIRED = "expired", "expired (never completed)"
 
 
+class StickyOutcome(models.TextChoices):
+    HIT = "hit", "served by its bound account"
+    WAITED = "waited", "waited for its bound account"
+    MOVED = "moved", "moved to another account"
+
+
 class Lease(models.Model):
     """One in-flight upstream request on an account. It counts against its
     identity's (and key's) concurrency until completed or past ``expires_at``."""
@@ -73,9 +79,17 @@ class Lease(models.Model):
     outcome = models.CharField(max_length=20, choices=LeaseOutcome.choices, blank=True)
     first_token_ms = models.FloatField(null=True, blank=True)
     waited_ms = models.PositiveIntegerField(default=0)
+    # For a session that was bound when the dispatch came: whether its bound
+    # account served it at once (hit), after waiting (waited), or it moved,
+    # and from which account (the dashboards count moves and waits).
+    sticky = models.CharField(max_length=10, choices=StickyOutcome.choices, blank=True, default="", db_default="")
+    moved_from = models.CharField(max_length=200, blank=True, default="", db_default="")
     # Whether this lease holds one of its key's counted slots (keys without a
     # concurrency limit skip the counter to keep their row off the hot path).
     counted_on_key = models.BooleanField(default=False)
+    # The one lease a quota-exhausted account lets through to see whether its
+    # quota came back (half-open); its outcome decides.
+    quota_probe = models.BooleanField(default=False, db_default=False)
     error_message = models.CharField(max_length=2000, blank=True)
 
     class Meta:
@@ -192,6 +206,8 @@ class CooldownKind(models.TextChoices):
     PROXY_CLEARED = "proxy_cleared", "proxy cooldown cleared"
     QUOTA_EXHAUSTED = "quota_exhausted", "quota exhausted"
     QUOTA_RESET = "quota_reset", "quota reset"
+    QUOTA_PROBE = "quota_probe", "quota probe"
+    EJECTED = "ejected", "ejected (repeated failures)"
 
 
 class CooldownEvent(models.Model):

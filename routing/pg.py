@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
+from django.conf import settings
 from django.db import connection
 from django.db.models import Model
 
@@ -54,37 +55,40 @@ class Statements:
 
     def claim(self, lease: Lease) -> bool:
         """Claim a slot on ``lease.identity_id`` and insert ``lease``, or do
-        nothing when the identity cannot start a lease right now."""
-        where = _claimable()
+        nothing when the identity cannot start a lease right now (counting
+        the slots held for waiting sticky sessions)."""
+        where = _claimable(reserved=True)
         sql = _claim_sql(where.sql)
+        now = lease.started_at
         with connection.cursor() as cursor:
-            cursor.execute(
-                sql,
-                [lease.started_at, lease.identity_id, *where.params({"now": lease.started_at}), *_lease_values(lease)],
-            )
+            cursor.execute(sql, [now, lease.identity_id, *where.params(_claim_values(now)), *_lease_values(lease)])
             return cursor.fetchone() is not None
 
-    def sticky_claim(self, *, shape: reads.Shape, values: Mapping[str, object], lease: Lease) -> CandidateRow | None:
+    def sticky_claim(
+        self, *, shape: reads.Shape, values: Mapping[str, object], lease: Lease
+    ) -> tuple[CandidateRow | None, bool]:
         """The sticky fast path: when the bound account is a candidate, not
-        excluded, its proxy not cooling and its identity able to start now,
-        claim the slot and insert ``lease`` (its account fields are filled in
-        from the bound row). The bound row, or None."""
+        excluded nor a quota probe, its proxy not cooling and its identity
+        able to start now, claim the slot and insert ``lease`` (its account
+        fields are filled in from the bound row). Returns the bound row (None
+        when the session has no live binding to a candidate) and whether the
+        lease was taken."""
         bound = reads.compiled(shape)
-        where = _claimable()
+        where = _claimable(reserved=False)
         sql = _sticky_claim_sql(bound.sql, where.sql)
         now = lease.started_at
         params = [
             *bound.params(values),
             now,
-            *where.params({"now": now}),
+            *where.params(_claim_values(now)),
             *_lease_values(lease, skip=_BOUND_LEASE_FIELDS),
         ]
         with connection.cursor() as cursor:
             cursor.execute(sql, params)
             row = cursor.fetchone()
         if row is None:
-            return None
-        return reads.row_from(row, bound)
+            return None, False
+        return reads.row_from(row[:-1], bound), bool(row[-1])
 
     def complete(
         self,
@@ -97,10 +101,10 @@ class Statements:
         now: datetime,
         binding_expires_at: datetime,
     ) -> PlainCompletion | None:
-        """A completion that only releases (and maybe records a sample and
-        binds the session), of a lease of ``key`` not counted on the key.
-        None when it does not apply: unknown, foreign, completed or
-        key-counted lease; the ORM service then answers."""
+        """A success that only releases, records its sample and binds its
+        session, of a lease of ``key`` that is not counted on the key nor a
+        quota probe. None when it does not apply (unknown, foreign, completed,
+        key-counted or probe lease): the ORM service then answers."""
         success = outcome == LeaseOutcome.SUCCESS
         with connection.cursor() as cursor:
             cursor.execute(
@@ -127,13 +131,19 @@ class Statements:
 
 
 @functools.cache
-def _claimable() -> CompiledQuery:
-    """``leases.identity_claimable`` as the WHERE condition on the identity table."""
+def _claimable(*, reserved: bool) -> CompiledQuery:
+    """``reads.identity_claimable`` as the WHERE condition on the identity table."""
     return CompiledQuery(
-        lambda values: RoutingIdentity.objects.filter(reads.identity_claimable(values["now"])),
-        sentinel_values({"now": datetime}, {}),
+        lambda values: RoutingIdentity.objects.filter(
+            reads.identity_claimable(values["now"], values["slow_start_seconds"], reserved=reserved)
+        ),
+        sentinel_values({"now": datetime, "slow_start_seconds": float}, {}),
         where_only=True,
     )
+
+
+def _claim_values(now: datetime) -> dict[str, object]:
+    return {"now": now, "slow_start_seconds": settings.KIROPOOL_SLOW_START_SECONDS}
 
 
 def _lease_values(lease: Lease, *, skip: frozenset[str] = frozenset()) -> list:
@@ -185,7 +195,7 @@ WITH bound AS ({bound_sql}
     UPDATE {identity} SET {in_flight} = {in_flight} + 1, {last_started} = %s
       FROM bound
      WHERE {identity}.{pk} = bound."identity_id"
-       AND NOT bound."excluded" AND NOT bound."proxy_cooling"
+       AND NOT bound."excluded" AND NOT bound."proxy_cooling" AND NOT bound."quota_probe"
        AND {claimable}
  RETURNING {identity}.{pk} AS id
 ), leased AS (
@@ -194,7 +204,7 @@ WITH bound AS ({bound_sql}
       FROM claimed JOIN bound ON bound."identity_id" = claimed.id
  RETURNING 1
 )
-SELECT bound.* FROM bound, leased"""
+SELECT bound.*, EXISTS (SELECT FROM leased) FROM bound"""
 
 
 @functools.cache
@@ -211,11 +221,13 @@ WITH done AS (
        SET {L("completed_at")} = %(now)s, {L("outcome")} = %(outcome)s,
            {L("first_token_ms")} = %(first_token_ms)s, {L("error_message")} = %(error_message)s
      WHERE {L("id")} = %(lease_id)s AND {L("api_key")} = %(key_id)s
-       AND {L("completed_at")} IS NULL AND NOT {L("counted_on_key")}
+       AND {L("completed_at")} IS NULL AND NOT {L("counted_on_key")} AND NOT {L("quota_probe")}
  RETURNING {L("identity")} AS identity_id, {L("account")} AS account_id, {L("account_name")} AS account_name,
            {L("proxy_url")} AS proxy_url, {L("session_id")} AS session_id
 ), released AS (
-    UPDATE {identity} SET {i("in_flight")} = {identity}.{i("in_flight")} - 1
+    -- A success also ends the identity's failure streak (outlier ejection).
+    UPDATE {identity} SET {i("in_flight")} = {identity}.{i("in_flight")} - 1,
+           {i("failure_streak")} = 0, {i("ejections")} = 0
       FROM done
      WHERE {identity}.{i("id")} = done.identity_id
  RETURNING {identity}.{i("in_flight")} + 1 >= {identity}.{i("max_concurrency")} AS was_full

@@ -2,8 +2,10 @@
 
 Pure on purpose: no Django import, no I/O, and ``now`` is always passed in, so
 the policy can be table-tested without a database and replayed by the
-fairness simulator. ``routing/selectors.py`` loads rows into ``Candidate``;
-``routing/services.py`` walks the result and acquires a lease.
+fairness simulator. The database orders the same way
+(``routing/selectors/dispatch.py``, checked against this module on random
+pools); ``routing/leases.py`` claims a slot on the first candidate that can
+start a lease.
 
 The ordering (SPEC §2), highest precedence first; a key that ties passes to
 the next:
@@ -19,11 +21,23 @@ the next:
    alias has no bindings yet (or through excluding the loaded alias).
 4. Pool rank: the key's preferred pool, then the others in ``POOLS`` order.
 5. Pool tie-breakers. ``balanced``: latency band, last started, remaining
-   credits descending. ``credit_first``: remaining credits descending, latency
-   band, last started. "Last started" (never first, then earliest) is what
-   turns a tie into round-robin.
+   credits descending. ``credit_first``: credit pacing, remaining credits
+   descending, latency band, last started. "Last started" (never first, then
+   earliest) is what turns a tie into round-robin.
+   Credit pacing: an account that reports a balance and the time its credits
+   reset (``quota_resets_at``) has to burn ``balance / hours left`` credits
+   an hour to use them before they are wasted at the reset; such accounts
+   come first, the most urgent first. Accounts without a known reset keep
+   the order they had before, after them.
 6. Account name ascending, so equal candidates order the same in every
    process and the explain endpoint is reproducible.
+
+Whether a candidate can start a lease now is ``throttle_state``: not while
+its identity is cooling down or ejected (an outlier ejection after repeated
+failures), not while its identity holds as many leases as its effective
+concurrency (which ramps up from 1 after an ejection: slow start), counting
+slots held for sticky sessions waiting on it, and not before its pacing
+interval has passed.
 """
 
 from __future__ import annotations
@@ -72,6 +86,16 @@ PROXY_WEIGHT = 0.3
 # balance, so accounts that report credits are preferred on a final tie.
 UNKNOWN_BALANCED_CREDITS = -1.0
 
+# Credit pacing divides by the hours left before the reset; a reset less than
+# a minute away (or already past, not yet applied) counts as one minute away,
+# so the burn rate stays finite and such an account simply comes first.
+MIN_PACING_SECONDS = 60.0
+
+# An identity back from an outlier ejection starts with one slot and gets
+# the rest linearly over this window (the Django setting
+# KIROPOOL_SLOW_START_SECONDS overrides it per context).
+SLOW_START = timedelta(seconds=60)
+
 ThrottleState = Literal["cooling", "saturated", "pacing", "ready"]
 
 
@@ -103,6 +127,10 @@ class Candidate:
     max_concurrency: int = 1  # identity limit
     min_start_interval_ms: int = 0  # identity pacing
     bound_sessions: int = 0  # live session bindings on THIS account (all keys)
+    ejected_until: datetime | None = None  # outlier ejection of the identity; slow start follows it
+    reserved: int = 0  # identity slots held for sticky sessions waiting on it
+    quota_resets_at: datetime | None = None  # when the account's credits reset, if known
+    quota_probe: bool = False  # quota-exhausted, let through once to see whether it recovered
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +148,7 @@ class SelectionContext:
     # of the key, excluded ones included (an excluded alias still carries its
     # identity's load); None: summed over the candidates given.
     session_totals: Mapping[str, int] | None = None
+    slow_start: timedelta = SLOW_START
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +163,7 @@ class Ranked:
     latency_band: int | None
     latency_score_ms: float | None
     remaining_credits_sort: float
+    credit_burn_per_hour: float | None = None  # credit pacing (credit_first, reset and balance known)
 
 
 def round_half_away(x: float) -> int:
@@ -248,9 +278,13 @@ def order_candidates(candidates: Sequence[Candidate], ctx: SelectionContext) -> 
             score = latency_score(snapshot, account=c.account, proxy_url=c.proxy_url)
             band = latency_band(score, g)
 
-        credits = _known_credits(c.remaining_credits)
+        known = _known_credits(c.remaining_credits)
+        credits = known
         if credits is None:
             credits = unknown_credit_first if c.pool == POOL_CREDIT_FIRST else UNKNOWN_BALANCED_CREDITS
+        burn = None
+        if c.pool == POOL_CREDIT_FIRST and known is not None and c.quota_resets_at is not None:
+            burn = credit_burn_per_hour(known, c.quota_resets_at, now)
 
         ranked.append(
             Ranked(
@@ -262,6 +296,7 @@ def order_candidates(candidates: Sequence[Candidate], ctx: SelectionContext) -> 
                 latency_band=band,
                 latency_score_ms=score,
                 remaining_credits_sort=credits,
+                credit_burn_per_hour=burn,
             )
         )
 
@@ -277,7 +312,9 @@ def _sort_key(r: Ranked) -> tuple[object, ...]:
     started = (c.last_started_at is not None, c.last_started_at)
     credits = -r.remaining_credits_sort
     if c.pool == POOL_CREDIT_FIRST:
-        tie_breakers: tuple[object, ...] = (credits, band, started)
+        burn = r.credit_burn_per_hour
+        pacing = (burn is None, -(burn or 0.0))
+        tie_breakers: tuple[object, ...] = (pacing, credits, band, started)
     else:
         tie_breakers = (band, started, credits)
     # Pool rank is unique per pool, so the two tie-breaker layouts are never
@@ -290,6 +327,12 @@ def _sort_key(r: Ranked) -> tuple[object, ...]:
         tie_breakers,
         c.account,
     )
+
+
+def credit_burn_per_hour(credits: float, resets_at: datetime, now: datetime) -> float:
+    """Credits an hour the account must use to spend ``credits`` before they reset."""
+    seconds = max((resets_at - now).total_seconds(), MIN_PACING_SECONDS)
+    return credits * 3600.0 / seconds
 
 
 def cooldown_remaining(until: datetime | None, now: datetime) -> timedelta | None:
@@ -306,15 +349,38 @@ def pacing_ready_at(c: Candidate) -> datetime | None:
     return c.last_started_at + timedelta(milliseconds=c.min_start_interval_ms)
 
 
-def throttle_state(c: Candidate, now: datetime) -> ThrottleState:
+def blocked_until(c: Candidate, now: datetime) -> datetime | None:
+    """When the identity's cooldown or outlier ejection ends, if either holds now."""
+    ends = [t for t in (c.identity_cooldown_until, c.ejected_until) if t is not None and t > now]
+    return max(ends) if ends else None
+
+
+def effective_concurrency(c: Candidate, now: datetime, slow_start: timedelta = SLOW_START) -> int:
+    """The identity's limit now: back from an ejection it starts with one slot
+    and ramps linearly to ``max_concurrency`` over ``slow_start``, so a
+    half-broken upstream account is not flooded the moment it returns."""
+    if c.ejected_until is None or now < c.ejected_until or slow_start <= timedelta(0):
+        return c.max_concurrency
+    if now >= c.ejected_until + slow_start:
+        return c.max_concurrency
+    elapsed = (now - c.ejected_until).total_seconds()
+    return min(c.max_concurrency, 1 + math.floor((c.max_concurrency - 1) * elapsed / slow_start.total_seconds()))
+
+
+def throttle_state(
+    c: Candidate, now: datetime, *, slow_start: timedelta = SLOW_START, reserved: bool = True
+) -> ThrottleState:
     """Why the identity cannot start a lease now, or ``"ready"``.
 
-    Cooling is checked first: it is the only state the caller answers with
-    the cooldown's Retry-After rather than by waiting for a slot.
+    Cooling (a cooldown or an ejection) is checked first: it is the only
+    state the caller answers with its Retry-After rather than by waiting for
+    a slot. ``reserved=False`` is how a sticky session waiting on the
+    identity sees it: the slots held for waiting sessions are its own.
     """
-    if cooldown_remaining(c.identity_cooldown_until, now) is not None:
+    if blocked_until(c, now) is not None:
         return "cooling"
-    if c.in_flight >= c.max_concurrency:
+    held = c.in_flight + (c.reserved if reserved else 0)
+    if held >= effective_concurrency(c, now, slow_start):
         return "saturated"
     ready_at = pacing_ready_at(c)
     if ready_at is not None and now < ready_at:
@@ -332,7 +398,17 @@ def sticky_fast_path_ok(c: Candidate, ctx: SelectionContext) -> bool:
         return False
     if cooldown_remaining(c.proxy_cooldown_until, ctx.now) is not None:
         return False
-    return throttle_state(c, ctx.now) == "ready"
+    return throttle_state(c, ctx.now, slow_start=ctx.slow_start, reserved=False) == "ready"
+
+
+def sticky_patience_applies(c: Candidate, ctx: SelectionContext) -> bool:
+    """Whether a returning turn should wait for its bound account rather than
+    move: the account is only crowded (its identity at its limit or pacing),
+    not cooling, ejected, or behind a cooling proxy. Moving costs the
+    conversation its upstream prompt cache; a moment's crowding should not."""
+    if ctx.preferred_accounts or cooldown_remaining(c.proxy_cooldown_until, ctx.now) is not None:
+        return False
+    return throttle_state(c, ctx.now, slow_start=ctx.slow_start, reserved=False) in ("saturated", "pacing")
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,28 +419,36 @@ class Miss:
 
     locally_throttled: bool = False
     shortest_cooldown: timedelta | None = None
-    next_ready_at: datetime | None = None  # the earliest end of a pacing interval
-    saturated: frozenset[str] = frozenset()  # identities at their concurrency limit
+    # The earliest moment a candidate may become able to start without a
+    # release: a pacing interval or a cooldown or ejection ending.
+    next_ready_at: datetime | None = None
+    saturated: frozenset[str] = frozenset()  # identities at their limit
 
 
-def miss_of(candidates: Sequence[Candidate], now: datetime) -> Miss:
+def miss_of(candidates: Sequence[Candidate], now: datetime, *, slow_start: timedelta = SLOW_START) -> Miss:
     """Classify the candidates nothing could be acquired on."""
     throttled = False
     shortest: timedelta | None = None
     ready_at: datetime | None = None
     saturated: set[str] = set()
+
+    def sooner(at: datetime | None) -> None:
+        nonlocal ready_at
+        if at is not None and (ready_at is None or at < ready_at):
+            ready_at = at
+
     for c in candidates:
-        state = throttle_state(c, now)
+        state = throttle_state(c, now, slow_start=slow_start)
         if state == "cooling":
-            left = cooldown_remaining(c.identity_cooldown_until, now)
-            shortest = left if shortest is None else min(shortest, left)
+            until = blocked_until(c, now)
+            shortest = until - now if shortest is None else min(shortest, until - now)
+            sooner(until)
         elif state == "saturated":
             throttled = True
             saturated.add(c.routing_identity)
         elif state == "pacing":
             throttled = True
-            paced = pacing_ready_at(c)
-            ready_at = paced if ready_at is None else min(ready_at, paced)
+            sooner(pacing_ready_at(c))
         else:
             # Ready a moment ago, taken by a concurrent dispatch since: wait
             # for it like for a full identity.

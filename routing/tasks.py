@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from routing import leases, maintenance, sessions
+from routing import leases, maintenance, quotas, sessions
 
 
 @shared_task
@@ -45,3 +45,9 @@ def history_prune() -> int:
 def counters_reconcile() -> dict[str, int]:
     """Recompute the hot counters from the rows they count; fix and report drift."""
     return maintenance.counters_reconcile()
+
+
+@shared_task
+def quota_resets_apply() -> int:
+    """Return to selection the accounts whose quota reset time has come."""
+    return quotas.quota_resets_apply()

@@ -129,13 +129,16 @@ class AccountRow:
     exhausted: bool = False
     exhausted_at: Moment | None = None
     exhausted_reason: str = ""
+    min_credits: float = 0.0
+    quota_resets: Left | None = None
+    ejected: Left | None = None  # outlier ejection of the identity left
     last_started_at: datetime | None = None
     last_started: Moment | None = None
     flags: frozenset[str] = field(default_factory=frozenset)
 
     @property
     def usable(self) -> bool:
-        return not self.flags & {"disabled", "exhausted", "cooling"}
+        return not self.flags & {"disabled", "exhausted", "spent", "cooling", "ejected"}
 
     @property
     def pool_label(self) -> str:
@@ -199,6 +202,9 @@ def account_rows(accounts: list[Account], snapshot: LatencySnapshot | None, *, n
             exhausted=a.quota_exhausted,
             exhausted_at=Moment.of(a.quota_exhausted_at, now) if a.quota_exhausted_at else None,
             exhausted_reason=a.quota_exhausted_reason,
+            min_credits=a.min_remaining_credits,
+            quota_resets=Left.of(a.quota_resets_at, now),
+            ejected=Left.of(identity.ejected_until, now),
             last_started_at=identity.last_started_at,
             last_started=Moment.of(identity.last_started_at, now),
         )
@@ -215,8 +221,14 @@ def account_rows(accounts: list[Account], snapshot: LatencySnapshot | None, *, n
             flags.add("disabled")
         if a.quota_exhausted:
             flags.add("exhausted")
+        elif a.remaining_credits is not None and a.remaining_credits <= a.min_remaining_credits:
+            # A known balance at or below the account's minimum: not handed
+            # out, though its quota was never reported exhausted.
+            flags.add("spent")
         if row.cooldown:
             flags.add("cooling")
+        if row.ejected:
+            flags.add("ejected")
         if row.proxy_cooldown:
             flags.add("proxy")
         row.flags = frozenset(flags)
@@ -233,6 +245,8 @@ FILTERS: dict[str, tuple[str, Callable[[AccountRow], bool]]] = {
     "cooling": ("Cooling down", lambda r: "cooling" in r.flags),
     "proxy": ("Proxy cooling", lambda r: "proxy" in r.flags),
     "exhausted": ("Quota exhausted", lambda r: "exhausted" in r.flags),
+    "spent": ("No credits", lambda r: "spent" in r.flags),
+    "ejected": ("Ejected", lambda r: "ejected" in r.flags),
     "disabled": ("Disabled", lambda r: "disabled" in r.flags),
     "usable": ("Usable", lambda r: r.usable),
 }
@@ -339,6 +353,8 @@ class Summary:
     usable: int
     cooling: int
     exhausted: int
+    spent: int
+    ejected: int
     disabled: int
     proxy: int
     live_sessions: int
@@ -360,12 +376,43 @@ def summarize(rows: list[AccountRow], accounts: list[Account]) -> Summary:
         usable=sum(r.usable for r in rows),
         cooling=sum("cooling" in r.flags for r in rows),
         exhausted=sum("exhausted" in r.flags for r in rows),
+        spent=sum("spent" in r.flags for r in rows),
+        ejected=sum("ejected" in r.flags for r in rows),
         disabled=sum("disabled" in r.flags for r in rows),
         proxy=sum("proxy" in r.flags for r in rows),
         live_sessions=sum(r.sessions for r in rows),
         session_capacity=settings.KIROPOOL_AFFINITY_MAX_ENTRIES,
         in_flight=sum(in_flight.values()),
         concurrency=sum(i.max_concurrency for i in identities.values()),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class StickyStats:
+    """What happened to returning turns in the last hour (sticky patience)."""
+
+    hit: int
+    waited: int
+    moved: int
+    wait_avg: str
+    wait_max: str
+
+    @property
+    def total(self) -> int:
+        return self.hit + self.waited + self.moved
+
+    @property
+    def moved_percent(self) -> int:
+        return round(100 * self.moved / self.total) if self.total else 0
+
+
+def sticky_stats(counts: dict[str, int], wait_avg_ms: float | None, wait_max_ms: float | None) -> StickyStats:
+    return StickyStats(
+        hit=counts.get("hit", 0),
+        waited=counts.get("waited", 0),
+        moved=counts.get("moved", 0),
+        wait_avg=ms_text(wait_avg_ms),
+        wait_max=ms_text(wait_max_ms),
     )
 
 

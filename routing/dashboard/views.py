@@ -46,6 +46,7 @@ from routing.dashboard.presenters import (
     parse_sort,
     snapshot_info,
     sort_rows,
+    sticky_stats,
     summarize,
 )
 from routing.models import SessionBinding
@@ -130,6 +131,7 @@ def pool_overview(request: HttpRequest) -> HttpResponse:
         "rows": shown,
         "total": len(rows),
         "summary": summarize(rows, accounts),
+        "sticky": sticky_stats(*selectors.dashboard_sticky_stats(now=now)),
         "snapshot": snapshot_info(snapshot, stored.sample_count if stored else 0, now=now),
         "filters": filters,
         "state": state,

@@ -5,9 +5,9 @@ and lists are capped. Credentials are never loaded."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
-from django.db.models import Q
+from django.db.models import Avg, Count, Max, Q
 
 from accounts.models import Account
 from routing.models import CooldownEvent, Lease, SessionBinding
@@ -93,3 +93,25 @@ def dashboard_binding(*, binding_id: int) -> SessionBinding | None:
         .filter(pk=binding_id)
         .first()
     )
+
+
+# The window of the sticky statistics on the overview.
+STICKY_WINDOW = timedelta(hours=1)
+
+
+def dashboard_sticky_stats(*, now: datetime) -> tuple[dict[str, int], float | None, float | None]:
+    """Leases of bound sessions started in the last hour: how many were
+    served at once, after waiting, or moved; the waits' mean and maximum."""
+    rows = (
+        Lease.objects.filter(started_at__gte=now - STICKY_WINDOW)
+        .exclude(sticky="")
+        .values("sticky")
+        .annotate(n=Count("*"), wait_avg=Avg("waited_ms"), wait_max=Max("waited_ms"))
+        .order_by()
+    )
+    counts, avg, top = {}, None, None
+    for row in rows:
+        counts[row["sticky"]] = row["n"]
+        if row["sticky"] == "waited":
+            avg, top = row["wait_avg"], row["wait_max"]
+    return counts, avg, top

@@ -19,8 +19,9 @@ import dataclasses
 import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
+from django.conf import settings
 from django.db import connection
 from django.db.models import (
     BooleanField,
@@ -40,7 +41,8 @@ from django.db.models import (
     When,
     Window,
 )
-from django.db.models.functions import Abs, Cast, Coalesce, Collate, Floor, Sign
+from django.db.models.functions import Abs, Cast, Coalesce, Collate, Floor, Greatest, Least, Sign
+from django.db.models.lookups import LessThan
 
 from accounts.models import Account, ApiKey, RouteStrategy
 from routing import selection
@@ -78,15 +80,43 @@ class Elapsed(Func):
         )
 
 
-def identity_claimable(now, *, prefix: str = "") -> Q:
-    """What lets a lease start on an identity at ``now`` (SPEC §2): a free
-    slot, no cooldown, pacing allows. Claims check it on the row as locked;
-    ``prefix`` reaches the identity from another model (``"identity__"``)."""
+def identity_claimable(now, slow_start_seconds, *, prefix: str = "", reserved: bool = True, expired_leases=None) -> Q:
+    """What lets a lease start on an identity at ``now`` (SPEC §2 and the
+    outlier ejection): no cooldown, not ejected, a free slot under its
+    effective concurrency (slow start after an ejection), slots held for
+    waiting sticky sessions counted unless ``reserved`` is False (the sticky
+    session's own claim), pacing allows. Claims check it on the row as locked;
+    ``prefix`` reaches the identity from another model (``"identity__"``), and
+    ``expired_leases`` discounts leases past their TTL not yet reaped."""
     f = functools.partial(_field, prefix)
+    held = F(f("in_flight"))
+    if expired_leases is not None:
+        held = held - expired_leases
+    if reserved:
+        held = held + Case(When(**{f("sticky_wait_until__gt"): now}, then=F(f("sticky_waiters"))), default=Value(0))
     return (
-        Q(**{f("in_flight__lt"): F(f("max_concurrency"))})
-        & (Q(**{f("cooldown_until__isnull"): True}) | Q(**{f("cooldown_until__lte"): now}))
+        (Q(**{f("cooldown_until__isnull"): True}) | Q(**{f("cooldown_until__lte"): now}))
+        & (Q(**{f("ejected_until__isnull"): True}) | Q(**{f("ejected_until__lte"): now}))
+        & Q(LessThan(held, effective_concurrency(now, slow_start_seconds, prefix=prefix)))
         & pacing_allows(now, prefix=prefix)
+    )
+
+
+def effective_concurrency(now, slow_start_seconds, *, prefix: str = ""):
+    """``selection.effective_concurrency`` in SQL: back from an ejection, the
+    limit ramps from 1 to ``max_concurrency`` over the slow-start window."""
+    f = functools.partial(_field, prefix)
+    limit = F(f("max_concurrency"))
+    since = Elapsed(Value(now), F(f("ejected_until")))
+    window = Value(slow_start_seconds, output_field=FloatField())
+    ramp = Least(
+        Cast(limit, FloatField()),
+        ExpressionWrapper(1 + Floor((limit - 1) * since / window), output_field=FloatField()),
+    )
+    return Case(
+        When(Q(**{f("ejected_until__lte"): now}) & Q(LessThan(since, window)), then=ramp),
+        default=Cast(limit, FloatField()),
+        output_field=FloatField(),
     )
 
 
@@ -130,6 +160,7 @@ def scope_of(key: ApiKey) -> str:
 
 PARAMETERS = {
     "now": datetime,
+    "slow_start_seconds": float,
     "key_id": int,
     "session_id": str,
     "group_id": int,
@@ -145,7 +176,15 @@ def candidates_queryset(shape: Shape, values: Mapping[str, object]) -> QuerySet:
     dispatch order. ``values`` holds the parameters (``PARAMETERS``, and the
     lists ``excluded`` and ``preferred``)."""
     now = values["now"]
-    accounts = Account.objects.filter(enabled=True, quota_exhausted=False)
+    # Out of selection: quota exhausted, or a known balance at or below the
+    # account's minimum; back at the reset time, or for one probe lease when
+    # no reset time is known (half-open).
+    spent = Q(quota_exhausted=True) | Q(
+        remaining_credits__isnull=False, remaining_credits__lte=F("min_remaining_credits")
+    )
+    reset = Q(quota_resets_at__lte=now)
+    probe = Q(quota_resets_at__isnull=True, quota_next_probe_at__lte=now)
+    accounts = Account.objects.filter(Q(enabled=True) & (~spent | reset | probe))
     if shape.scope == "fixed":
         accounts = accounts.filter(pk=values["fixed_account_id"])
     elif shape.scope == "group":
@@ -231,11 +270,32 @@ def candidates_queryset(shape: Shape, values: Mapping[str, object]) -> QuerySet:
         bound_account_id=(
             Subquery(binding, output_field=IntegerField()) if shape.with_session else Value(None, IntegerField())
         ),
+        quota_probe=ExpressionWrapper(spent & ~reset, output_field=BooleanField()),
+        reserved=Case(When(identity__sticky_wait_until__gt=now, then=F("identity__sticky_waiters")), default=Value(0)),
+        credit_burn=Case(
+            # Credit pacing: credits an hour to burn to use the balance before
+            # the reset (selection.credit_burn_per_hour).
+            When(
+                pool=selection.POOL_CREDIT_FIRST,
+                remaining_credits__isnull=False,
+                quota_resets_at__isnull=False,
+                then=ExpressionWrapper(
+                    F("remaining_credits")
+                    * Value(3600.0)
+                    / Greatest(
+                        Elapsed(F("quota_resets_at"), Value(now)),
+                        Value(selection.MIN_PACING_SECONDS),
+                    ),
+                    output_field=FloatField(),
+                ),
+            ),
+            default=Value(None, output_field=FloatField()),
+        ),
         ready=ExpressionWrapper(
             included
-            & Q(identity__in_flight__lt=F("identity__max_concurrency") + F("expired_leases"))
-            & (Q(identity__cooldown_until__isnull=True) | Q(identity__cooldown_until__lte=now))
-            & pacing_allows(now, prefix="identity__"),
+            & identity_claimable(
+                now, values["slow_start_seconds"], prefix="identity__", expired_leases=F("expired_leases")
+            ),
             output_field=BooleanField(),
         ),
     )
@@ -245,8 +305,10 @@ def candidates_queryset(shape: Shape, values: Mapping[str, object]) -> QuerySet:
         F("model_preferred").desc(),
         F("identity_sessions").asc(),
         F("pool_rank").asc(),
-        # credit_first: credits, band, last started; balanced: band, last
-        # started, credits. One layout each, told apart by the pool rank above.
+        # credit_first: credit pacing, credits, band, last started; balanced:
+        # band, last started, credits. One layout each, told apart by the pool
+        # rank above (credit pacing is NULL in the balanced pool).
+        F("credit_burn").desc(nulls_last=True),
         Case(When(pool=selection.POOL_CREDIT_FIRST, then=-F("credits_sort")), default=Value(0.0)).asc(),
         F("band").asc(nulls_last=True),
         F("identity__last_started_at").asc(nulls_first=True),
@@ -276,6 +338,10 @@ COLUMNS = (
     "identity__min_start_interval_ms",
     "proxy__url",
     "proxy__cooldown_until",
+    "identity__ejected_until",
+    "quota_resets_at",
+    "quota_probe",
+    "reserved",
     "expired_leases",
     "live_sessions",
     "excluded",
@@ -288,6 +354,7 @@ COLUMNS = (
     "pool_rank",
     "band",
     "credits_sort",
+    "credit_burn",
 )
 
 
@@ -397,6 +464,7 @@ def request_shape(
         "snapshot_id": snapshot.id if latency else 0,
         "global_avg_ms": g,
         "band_width_ms": 2 * selection.band_tolerance(g) if latency else 1.0,
+        "slow_start_seconds": settings.KIROPOOL_SLOW_START_SECONDS,
         "excluded": excluded,
         "preferred": preferred_names,
     }
@@ -435,6 +503,10 @@ def _row(r: tuple, c: Mapping[str, int]) -> CandidateRow:
             max_concurrency=r[c["identity__max_concurrency"]],
             min_start_interval_ms=r[c["identity__min_start_interval_ms"]],
             bound_sessions=r[c["live_sessions"]],
+            ejected_until=r[c["identity__ejected_until"]],
+            reserved=r[c["reserved"]],
+            quota_resets_at=r[c["quota_resets_at"]],
+            quota_probe=bool(r[c["quota_probe"]]),
         ),
         account_id=r[c["id"]],
         identity_id=r[c["identity_id"]],
@@ -450,6 +522,7 @@ def _row(r: tuple, c: Mapping[str, int]) -> CandidateRow:
             pool_rank=r[c["pool_rank"]],
             latency_band=r[c["band"]],
             remaining_credits_sort=r[c["credits_sort"]],
+            credit_burn_per_hour=r[c["credit_burn"]],
         ),
     )
 
@@ -473,6 +546,9 @@ class Explanation:
     bound_account: str | None
     snapshot: selection.LatencySnapshot | None
     ranked: list[selection.Ranked]  # in the order a dispatch would try them
+    sticky_patience_ms: int
+    sticky_would_wait: bool  # the bound account is busy and a dispatch would wait for it
+    unselectable: list[tuple[str, str]]  # (account, reason) of the key's accounts that are not candidates
 
 
 def dispatch_explain(*, key: ApiKey, request: DispatchRequest, now: datetime) -> Explanation:
@@ -492,10 +568,18 @@ def dispatch_explain(*, key: ApiKey, request: DispatchRequest, now: datetime) ->
         latency_routing_enabled=key.latency_routing_enabled,
         snapshot=snapshot,
         preferred_accounts=preferred,
+        slow_start=timedelta(seconds=settings.KIROPOOL_SLOW_START_SECONDS),
     )
+    patience = settings.KIROPOOL_STICKY_PATIENCE_MS if key.sticky_patience_ms is None else key.sticky_patience_ms
     fast_path = None
-    if bound is not None and not bound.excluded and selection.sticky_fast_path_ok(bound.candidate, ctx):
-        fast_path = bound.candidate.account
+    would_wait = False
+    if bound is not None and not bound.excluded and not bound.candidate.quota_probe:
+        if selection.sticky_fast_path_ok(bound.candidate, ctx):
+            fast_path = bound.candidate.account
+        else:
+            would_wait = (
+                patience > 0 and request.max_wait_ms > 0 and selection.sticky_patience_applies(bound.candidate, ctx)
+            )
     if request.session_id and fast_path is None:
         # Key 3 counts every account of the key, excluded ones included.
         totals = selection.session_totals([row.candidate for row in found.rows])
@@ -507,7 +591,39 @@ def dispatch_explain(*, key: ApiKey, request: DispatchRequest, now: datetime) ->
         bound_account=bound_name,
         snapshot=snapshot,
         ranked=ranked,
+        sticky_patience_ms=patience,
+        sticky_would_wait=would_wait,
+        unselectable=_unselectable(key=key, request=request, now=now, candidates={r.account_id for r in candidates}),
     )
+
+
+def _unselectable(
+    *, key: ApiKey, request: DispatchRequest, now: datetime, candidates: set[int]
+) -> list[tuple[str, str]]:
+    """The key's accounts a dispatch would not consider, each with the first
+    reason that keeps it out (explain only: one query over the key's scope)."""
+    accounts = Account.objects.all()
+    if key.route_strategy == RouteStrategy.FIXED:
+        accounts = accounts.filter(pk=key.fixed_account_id)
+    elif key.account_group_id is not None:
+        accounts = accounts.filter(groups=key.account_group_id)
+    found = []
+    fields = ("id", "name", "enabled", "quota_exhausted", "remaining_credits", "min_remaining_credits")
+    for pk, name, enabled, exhausted, credits, minimum in accounts.order_by("name").values_list(*fields):
+        if pk in candidates:
+            continue
+        if not enabled:
+            reason = "disabled"
+        elif name in request.exclude_accounts:
+            reason = "excluded"
+        elif exhausted:
+            reason = "quota_exhausted"
+        elif credits is not None and credits <= minimum:
+            reason = "credits_at_or_below_minimum"
+        else:
+            continue  # back in selection a moment after the read (a reset, a probe)
+        found.append((name, reason))
+    return found
 
 
 def _account_name(account_id: int | None) -> str | None:

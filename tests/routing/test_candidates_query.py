@@ -49,6 +49,7 @@ def test_the_cached_sql_is_what_django_compiles_afresh(shape):
         "snapshot_id": 99,
         "global_avg_ms": 512.5,
         "band_width_ms": 153.75,
+        "slow_start_seconds": 60.0,
         "excluded": [f"gone-{i}" for i in range(shape.excluded)],
         "preferred": [f"liked-{i}" for i in range(shape.preferred)],
     }
@@ -66,9 +67,12 @@ def test_the_cached_sql_is_what_django_compiles_afresh(shape):
 @pytest.mark.parametrize(
     ("shape", "names"),
     [
-        (SHAPES[1], {"now", "key_id", "session_id", "group_id"}),
-        (SHAPES[2], {"now", "key_id", "session_id", "fixed_account_id", "excluded"}),
-        (SHAPES[3], {"now", "snapshot_id", "global_avg_ms", "band_width_ms", "excluded", "preferred"}),
+        (SHAPES[1], {"now", "slow_start_seconds", "key_id", "session_id", "group_id"}),
+        (SHAPES[2], {"now", "slow_start_seconds", "key_id", "session_id", "fixed_account_id", "excluded"}),
+        (
+            SHAPES[3],
+            {"now", "slow_start_seconds", "snapshot_id", "global_avg_ms", "band_width_ms", "excluded", "preferred"},
+        ),
     ],
 )
 def test_a_compiled_query_takes_each_value_of_its_shape_as_a_parameter(shape, names):

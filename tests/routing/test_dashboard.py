@@ -461,9 +461,9 @@ def _seed(count: int, *, bindings_per_account: int = 3) -> None:
     )
 
 
-# session + user, the accounts (one query with counts as subqueries), and the
-# snapshot (its row, its account rows, its proxy rows)
-OVERVIEW_QUERIES = 6
+# session + user, the accounts (one query with counts as subqueries), the
+# snapshot (its row, its account rows, its proxy rows), the sticky statistics
+OVERVIEW_QUERIES = 7
 # session + user, account, its aliases, snapshot (3), bindings count + page, leases, history
 DETAIL_QUERIES = 11
 

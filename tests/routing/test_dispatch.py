@@ -171,7 +171,8 @@ def test_sticky_account_used_when_immediately_available(gw, key):
     assert response["waited_ms"] == 0
 
 
-def test_sticky_skipped_without_waiting_when_identity_throttled(gw, key):
+def test_sticky_moves_without_waiting_when_identity_throttled_and_the_key_has_no_patience(gw, key):
+    ApiKey.objects.filter(pk=key.pk).update(sticky_patience_ms=0)
     bound = AccountFactory(name="bound")
     AccountFactory(name="other")
     bind(key, "conv", bound)
@@ -182,6 +183,7 @@ def test_sticky_skipped_without_waiting_when_identity_throttled(gw, key):
     assert response["account"]["name"] == "other"
     assert response["session"] == "sticky"
     assert response["waited_ms"] < 1000
+    assert Lease.objects.get(pk=response["lease_id"]).moved_from == "bound"
 
 
 def test_sticky_skipped_when_bound_account_is_excluded_or_disabled(gw, key):
@@ -534,10 +536,18 @@ def test_explain_changes_nothing(gw, key):
         "latency_score_ms",
         "last_started_at",
         "remaining_credits_sort",
+        "credit_burn_per_hour",
+        "quota_resets_at",
+        "quota_probe",
         "cooldown_remaining_s",
+        "ejected_remaining_s",
         "in_flight",
+        "held_for_sticky",
+        "effective_concurrency",
         "max_concurrency",
+        "can_start",
     }
+    assert {"sticky_patience_ms", "sticky_would_wait", "unselectable"} <= set(body)
     assert (list(RoutingIdentity.objects.values()), list(SessionBinding.objects.values())) == before
     assert not Lease.objects.exists()
     assert error_of(gw.explain(max_wait_ms=-1)) == (400, "invalid_request_error")

@@ -55,6 +55,7 @@ def test_beat_schedule_runs_every_task_and_expires_each_before_its_next_run():
         "routing.tasks.latency_sample_prune": 3600.0,
         "routing.tasks.history_prune": 3600.0,
         "routing.tasks.counters_reconcile": 300.0,
+        "routing.tasks.quota_resets_apply": 60.0,
     }
     for entry in schedule.values():
         assert entry["task"] in celery_app.tasks

@@ -4,7 +4,7 @@ shape on every API, never a 500 (the drill in tests/drills does it for real)."""
 import pytest
 from django.db import InterfaceError, OperationalError
 
-from routing import leases
+from routing import completions
 from routing.selectors import dispatch as reads
 from routing.selectors import operator as operator_reads
 from tests.factories import AccountFactory, ApiKeyFactory
@@ -41,7 +41,7 @@ def test_complete_answers_503(gw, monkeypatch):
     def down(*args, **kwargs):
         raise OperationalError("terminating connection due to administrator command")
 
-    monkeypatch.setattr(leases, "lease_complete", down)
+    monkeypatch.setattr(completions, "lease_complete", down)
     assert_503(gw.complete(lease, outcome="success"))
 
 

@@ -4,6 +4,7 @@ behaviour as :mod:`kiropool_client.client`, awaited."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -94,9 +95,10 @@ class AsyncKiropoolClient:
         proxy_failure: bool = False,
         remaining_credits: float | None = None,
         error_message: str | None = None,
+        quota_resets_at: dt.datetime | None = None,
     ) -> LeaseCompleted | None:
         completion = Completion(
-            outcome, first_token_ms, cooldown_seconds, proxy_failure, remaining_credits, error_message
+            outcome, first_token_ms, cooldown_seconds, proxy_failure, remaining_credits, error_message, quota_resets_at
         )
         return await self.send_completion(lease_id, completion)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import time
 import uuid
@@ -100,11 +101,12 @@ class KiropoolClient:
         proxy_failure: bool = False,
         remaining_credits: float | None = None,
         error_message: str | None = None,
+        quota_resets_at: dt.datetime | None = None,
     ) -> LeaseCompleted | None:
         """Report how the upstream call went; retried until acknowledged. None:
         a retry found the lease already completed (an earlier try got through)."""
         completion = Completion(
-            outcome, first_token_ms, cooldown_seconds, proxy_failure, remaining_credits, error_message
+            outcome, first_token_ms, cooldown_seconds, proxy_failure, remaining_credits, error_message, quota_resets_at
         )
         return self.send_completion(lease_id, completion)
 

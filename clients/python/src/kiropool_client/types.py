@@ -66,6 +66,7 @@ class Completion:
     proxy_failure: bool = False
     remaining_credits: float | None = None
     error_message: str | None = None
+    quota_resets_at: dt.datetime | None = None  # when the upstream said the credits reset
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {"outcome": self.outcome}
@@ -73,6 +74,8 @@ class Completion:
             value = getattr(self, name)
             if value is not None:
                 body[name] = value
+        if self.quota_resets_at is not None:
+            body["quota_resets_at"] = self.quota_resets_at.isoformat()
         if self.proxy_failure:
             body["proxy_failure"] = True
         return body

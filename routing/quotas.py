@@ -1,0 +1,121 @@
+"""Writes of the accounts' upstream quota: exhaustion, balances, resets and
+the half-open probe.
+
+An account is out of selection while its quota is exhausted or its known
+balance is at or below its ``min_remaining_credits``. It comes back:
+
+- at its ``quota_resets_at`` (set by an operator or reported by a
+  completion; the read lets it in at that moment, and the periodic
+  :func:`quota_resets_apply` records the reset and clears the state);
+- without a known reset time, through one probe lease every
+  ``KIROPOOL_QUOTA_PROBE_SECONDS`` (half-open): a success or a balance above
+  its minimum restores it, another exhaustion restarts the wait;
+- when an operator resets it.
+
+The quota belongs to the upstream user, so exhaustion, resets and probes
+cover every alias of the routing identity.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import F, Q
+from django.utils import timezone
+
+from accounts.models import Account
+from routing.models import CooldownEvent, CooldownKind
+
+
+def _next_probe(now: datetime) -> datetime:
+    return now + timedelta(seconds=settings.KIROPOOL_QUOTA_PROBE_SECONDS)
+
+
+def identity_quota_exhaust(*, identity_id: int, reason: str, now: datetime) -> int:
+    """Take every alias of the identity out of selection; the first probe
+    may go at ``now + KIROPOOL_QUOTA_PROBE_SECONDS`` unless a reset time is known."""
+    ids = list(Account.objects.filter(identity_id=identity_id, quota_exhausted=False).values_list("id", flat=True))
+    Account.objects.filter(identity_id=identity_id).update(
+        quota_exhausted=True,
+        quota_exhausted_at=now,
+        quota_exhausted_reason=reason,
+        quota_next_probe_at=_next_probe(now),
+    )
+    CooldownEvent.objects.bulk_create(
+        CooldownEvent(
+            kind=CooldownKind.QUOTA_EXHAUSTED, account_id=pk, identity_id=identity_id, reason=reason, created_at=now
+        )
+        for pk in ids
+    )
+    return len(ids)
+
+
+def identity_quota_restore(*, identity_id: int, reason: str, now: datetime) -> int:
+    """Put every alias of the identity back into selection; a balance at or
+    below the minimum is forgotten (it is what took them out)."""
+    spent = Q(quota_exhausted=True) | Q(remaining_credits__lte=F("min_remaining_credits"))
+    ids = list(Account.objects.filter(spent, identity_id=identity_id).values_list("id", flat=True))
+    Account.objects.filter(id__in=ids).update(
+        quota_exhausted=False,
+        quota_exhausted_at=None,
+        quota_exhausted_reason="",
+        quota_next_probe_at=None,
+    )
+    Account.objects.filter(id__in=ids, remaining_credits__lte=F("min_remaining_credits")).update(remaining_credits=None)
+    CooldownEvent.objects.bulk_create(
+        CooldownEvent(
+            kind=CooldownKind.QUOTA_RESET, account_id=pk, identity_id=identity_id, reason=reason, created_at=now
+        )
+        for pk in ids
+    )
+    return len(ids)
+
+
+def account_report(
+    *,
+    identity_id: int,
+    account_id: int,
+    remaining_credits: float | None,
+    resets_at: datetime | None,
+    now: datetime,
+) -> None:
+    """What a completion reported of the account's quota."""
+    if resets_at is not None:
+        # The reset time is the upstream user's, so every alias shares it.
+        Account.objects.filter(identity_id=identity_id).update(quota_resets_at=resets_at)
+    if remaining_credits is None:
+        return
+    Account.objects.filter(pk=account_id).update(remaining_credits=remaining_credits)
+    above = Q(pk=account_id, min_remaining_credits__lt=remaining_credits)
+    back = Account.objects.filter(above, quota_exhausted=True).values_list("id", flat=True)
+    for pk in list(back):
+        Account.objects.filter(pk=pk).update(
+            quota_exhausted=False, quota_exhausted_at=None, quota_exhausted_reason="", quota_next_probe_at=None
+        )
+        CooldownEvent.objects.create(
+            kind=CooldownKind.QUOTA_RESET,
+            account_id=pk,
+            identity_id=identity_id,
+            reason=f"a balance of {remaining_credits:g} was reported",
+            created_at=now,
+        )
+    # At or below its minimum it stops being handed out; without a reset
+    # time it gets a probe later, like an exhausted account.
+    Account.objects.filter(
+        pk=account_id, min_remaining_credits__gte=remaining_credits, quota_next_probe_at__isnull=True
+    ).update(quota_next_probe_at=_next_probe(now))
+
+
+def quota_resets_apply(*, now: datetime | None = None) -> int:
+    """Return to selection every account whose quota reset time has come
+    (every alias of its identity), and record it. Returns how many accounts."""
+    now = now or timezone.now()
+    identities = set(Account.objects.filter(quota_resets_at__lte=now).values_list("identity_id", flat=True).distinct())
+    total = 0
+    for identity_id in sorted(identities):
+        with transaction.atomic():
+            total += identity_quota_restore(identity_id=identity_id, reason="the quota reset time came", now=now)
+            Account.objects.filter(identity_id=identity_id, quota_resets_at__lte=now).update(quota_resets_at=None)
+    return total

@@ -1,0 +1,131 @@
+"""Bounded waiting: who may wait for a slot in this process, and in what order.
+
+A dispatch that finds every candidate only locally throttled waits for a
+slot (SPEC §2), holding a server thread while it does. Unbounded, a handful of
+gateways waiting on one full identity would take every thread, and the
+completions that free the slots would queue behind them. So:
+
+- a process admits at most ``KIROPOOL_MAX_WAITERS`` waiting dispatches, and
+  one API key at most ``KIROPOOL_MAX_WAITERS_PER_KEY`` of them; beyond that a
+  dispatch is answered 429 at once with ``Retry-After``. The server's threads
+  beyond the cap are kept for everything else: completions, probes, the
+  admin, other keys (gunicorn.conf.py sizes the threads to match);
+- waiting dispatches of one key re-try in the order they started waiting:
+  when a release wakes them, the oldest looks first, then the next, one at a
+  time (:meth:`Visit.turn`). A dispatch that has not waited yet does not
+  queue: it may take a slot freed at that instant. Across processes and hosts
+  there is no common order (that would cost a write per wait); each process
+  serves its own waiters in order.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from django.conf import settings
+
+from kiropool.errors import RateLimited
+from routing import wakeups
+
+
+class WaitingRoom:
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._waiting = 0
+        self._per_key: Counter[int] = Counter()
+        self._seq = itertools.count()
+        self._queues: dict[int, list[int]] = {}  # key id → seqs asking for a turn (a heap)
+        self._busy: set[int] = set()  # keys whose waiter is taking its turn now
+
+    def visit(self, *, key_id: int) -> Visit:
+        return Visit(self, key_id)
+
+    def _admit(self, key_id: int) -> int:
+        with self._cond:
+            if self._waiting >= settings.KIROPOOL_MAX_WAITERS:
+                raise RateLimited(
+                    "too many dispatches are waiting for a slot on this server; retry shortly", retry_after=1
+                )
+            if self._per_key[key_id] >= settings.KIROPOOL_MAX_WAITERS_PER_KEY:
+                raise RateLimited(
+                    "too many dispatches of this API key are waiting for a slot; retry shortly", retry_after=1
+                )
+            self._waiting += 1
+            self._per_key[key_id] += 1
+            return next(self._seq)
+
+    def _leave(self, key_id: int) -> None:
+        with self._cond:
+            self._waiting -= 1
+            self._per_key[key_id] -= 1
+            if not self._per_key[key_id]:
+                del self._per_key[key_id]
+
+    @contextmanager
+    def _turn(self, key_id: int, seq: int) -> Iterator[None]:
+        with self._cond:
+            queue = self._queues.setdefault(key_id, [])
+            heapq.heappush(queue, seq)
+            while queue[0] != seq or key_id in self._busy:
+                self._cond.wait()
+            heapq.heappop(queue)
+            if not queue:
+                del self._queues[key_id]
+            self._busy.add(key_id)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._busy.discard(key_id)
+                self._cond.notify_all()
+
+    def waiting(self, key_id: int | None = None) -> int:
+        with self._cond:
+            return self._waiting if key_id is None else self._per_key[key_id]
+
+
+room = WaitingRoom()
+
+
+class Visit:
+    """One dispatch's stay: admitted on its first wait, leaves on exit."""
+
+    def __init__(self, room_: WaitingRoom, key_id: int) -> None:
+        self.room, self.key_id = room_, key_id
+        self.seq: int | None = None
+        self.waited = 0.0  # seconds spent waiting
+
+    def __enter__(self) -> Visit:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.seq is not None:
+            self.room._leave(self.key_id)
+
+    @property
+    def waited_ms(self) -> int:
+        return int(self.waited * 1000)
+
+    def wait(self, token: int, timeout: float) -> None:
+        """Wait for a release after ``token`` (or ``timeout`` seconds); the
+        first wait asks for admission, which may answer 429 at once."""
+        if self.seq is None:
+            self.seq = self.room._admit(self.key_id)
+        started = time.monotonic()
+        wakeups.wait(token, timeout)
+        self.waited += time.monotonic() - started
+
+    @contextmanager
+    def turn(self) -> Iterator[None]:
+        """An attempt to claim, in waiting order among this key's waiters."""
+        if self.seq is None:
+            yield
+            return
+        with self.room._turn(self.key_id, self.seq):
+            yield
