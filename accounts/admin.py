@@ -8,6 +8,7 @@ from django.utils.html import format_html
 
 from accounts import services
 from accounts.models import Account, AccountGroup, ApiKey, Proxy, RoutingIdentity
+from accounts.resources import PoolImportExportMixin
 
 
 class CoolingFilter(admin.SimpleListFilter):
@@ -34,7 +35,7 @@ def _cooldown_column(obj) -> str:
 
 
 @admin.register(RoutingIdentity)
-class RoutingIdentityAdmin(admin.ModelAdmin):
+class RoutingIdentityAdmin(PoolImportExportMixin, admin.ModelAdmin):
     list_display = ["name", "max_concurrency", "min_start_interval_ms", "in_flight", "cooldown", "last_started_at"]
     list_filter = [CoolingFilter]
     search_fields = ["name"]
@@ -52,7 +53,7 @@ class RoutingIdentityAdmin(admin.ModelAdmin):
 
 
 @admin.register(Proxy)
-class ProxyAdmin(admin.ModelAdmin):
+class ProxyAdmin(PoolImportExportMixin, admin.ModelAdmin):
     list_display = ["name", "url", "cooldown"]
     list_filter = [CoolingFilter]
     search_fields = ["name", "url"]
@@ -109,7 +110,7 @@ class AccountAdminForm(forms.ModelForm):
 
 
 @admin.register(Account)
-class AccountAdmin(admin.ModelAdmin):
+class AccountAdmin(PoolImportExportMixin, admin.ModelAdmin):
     form = AccountAdminForm
     list_display = [
         "name",
@@ -157,7 +158,7 @@ class AccountAdmin(admin.ModelAdmin):
 
 
 @admin.register(AccountGroup)
-class AccountGroupAdmin(admin.ModelAdmin):
+class AccountGroupAdmin(PoolImportExportMixin, admin.ModelAdmin):
     list_display = ["name", "account_count"]
     search_fields = ["name"]
     filter_horizontal = ["accounts"]

@@ -50,6 +50,8 @@ INSTALLED_APPS = [
     "rest_framework.authtoken",
     "drf_spectacular",
     "drf_spectacular_sidecar",
+    # import/export buttons on the pool's admin pages (accounts/resources.py)
+    "import_export",
     "accounts",
     "routing",
 ]
