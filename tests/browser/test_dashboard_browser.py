@@ -234,6 +234,8 @@ def test_the_admin_is_kiropool_and_leads_to_the_dashboards(page, seeded_pool, op
     assert page.locator("#user-tools a", has_text="View site").get_attribute("href") == "/dashboard/"
     dashboards = page.locator("#kiropool-dashboards")
     assert dashboards.locator("caption").inner_text().lower() == "dashboards"
+    link = dashboards.locator("a", has_text="Account pool").bounding_box()
+    assert link["width"] > link["height"], "the link reads on one line"
     screenshot("06-admin-index")
 
     dashboards.locator("a", has_text="Accounts needing attention").click()
