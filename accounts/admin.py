@@ -9,6 +9,7 @@ from django.utils.html import format_html
 from accounts import services
 from accounts.models import Account, AccountGroup, ApiKey, Proxy, RoutingIdentity
 from accounts.permissions import GRANT_CREDENTIALS_ACCESS
+from accounts.resources import PoolImportExportMixin
 
 
 class PoolModelForm(forms.ModelForm):
@@ -69,7 +70,7 @@ def _cooldown_column(obj) -> str:
 
 
 @admin.register(RoutingIdentity)
-class RoutingIdentityAdmin(PoolModelAdmin):
+class RoutingIdentityAdmin(PoolImportExportMixin, PoolModelAdmin):
     list_display = ["name", "max_concurrency", "min_start_interval_ms", "in_flight", "cooldown", "last_started_at"]
     list_filter = [CoolingFilter]
     search_fields = ["name"]
@@ -88,7 +89,7 @@ class RoutingIdentityAdmin(PoolModelAdmin):
 
 
 @admin.register(Proxy)
-class ProxyAdmin(PoolModelAdmin):
+class ProxyAdmin(PoolImportExportMixin, PoolModelAdmin):
     list_display = ["name", "url", "cooldown"]
     list_filter = [CoolingFilter]
     search_fields = ["name", "url"]
@@ -150,7 +151,7 @@ class AccountAdminForm(PoolModelForm):
 
 
 @admin.register(Account)
-class AccountAdmin(PoolModelAdmin):
+class AccountAdmin(PoolImportExportMixin, PoolModelAdmin):
     form = AccountAdminForm
     list_display = [
         "name",
@@ -199,7 +200,7 @@ class AccountAdmin(PoolModelAdmin):
 
 
 @admin.register(AccountGroup)
-class AccountGroupAdmin(PoolModelAdmin):
+class AccountGroupAdmin(PoolImportExportMixin, PoolModelAdmin):
     list_display = ["name", "account_count"]
     search_fields = ["name"]
     filter_horizontal = ["accounts"]

@@ -40,7 +40,8 @@ SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = env.bool("KIROPOOL_SECURE_COOKIES",
 SILENCED_SYSTEM_CHECKS = env.list("SILENCED_SYSTEM_CHECKS", default=[])
 
 INSTALLED_APPS = [
-    "django.contrib.admin",
+    # django.contrib.admin, titled kiropool and linked to the dashboards (kiropool/admin_site.py)
+    "kiropool.apps.KiropoolAdminConfig",
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
@@ -50,6 +51,8 @@ INSTALLED_APPS = [
     "rest_framework.authtoken",
     "drf_spectacular",
     "drf_spectacular_sidecar",
+    # import/export buttons on the pool's admin pages (accounts/resources.py)
+    "import_export",
     "accounts",
     "routing",
 ]

@@ -3,9 +3,10 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
-from kiropool import health
+from kiropool import health, views
 
 urlpatterns = [
+    path("", views.home, name="home"),
     path("admin/", admin.site.urls),
     # operator API (staff only): accounts/apis.py, routing/operator_apis.py
     path("api/v1/admin/", include("kiropool.operator_urls")),

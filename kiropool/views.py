@@ -1,8 +1,12 @@
-"""Error pages that keep the one error shape under /api/ (an unknown path,
+"""The site root, and error pages that keep the one error shape under /api/ (an unknown path,
 a crash) while people browsing the admin or dashboards get Django's pages."""
 
+from django.contrib.auth.views import redirect_to_login
 from django.http import JsonResponse
+from django.shortcuts import redirect
+from django.urls import reverse
 from django.views import defaults
+from django.views.decorators.http import require_GET
 
 from kiropool.errors import error_body
 
@@ -21,3 +25,12 @@ def server_error(request):
     if _is_api(request):
         return JsonResponse(error_body(500, "internal error"), status=500)
     return defaults.server_error(request)
+
+
+@require_GET
+def home(request):
+    """``/``: staff to the dashboard; anyone else to the login, then the dashboard."""
+    dashboard = reverse("dashboard:index")
+    if request.user.is_active and request.user.is_staff:
+        return redirect(dashboard)
+    return redirect_to_login(dashboard, login_url=reverse("admin:login"))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from urllib.parse import urlencode
 
 from django.conf import settings
@@ -580,3 +580,103 @@ def event_lines(events, *, now: datetime) -> list[dict]:
             }
         )
     return lines
+
+
+# --- the account's activity over time ------------------------------------------------
+
+# ``?hours=`` choices on the account page, and the default.
+ACTIVITY_HOURS = (1, 3, 6, 24)
+DEFAULT_ACTIVITY_HOURS = 3
+# At most this many buckets per chart: past 3 h, minutes are grouped so a bar
+# stays wider than a pixel.
+MAX_BUCKETS = 180
+# Stacking order, bottom up: what went well first, then what went wrong.
+OUTCOME_ORDER = (
+    LeaseOutcome.SUCCESS,
+    LeaseOutcome.RETRY_NEXT,
+    LeaseOutcome.RATE_LIMITED,
+    LeaseOutcome.QUOTA_EXHAUSTED,
+    LeaseOutcome.FATAL,
+    LeaseOutcome.EXPIRED,
+    "",
+)
+OPEN_LABEL = "in flight or never reported"
+
+
+def activity_hours(value: str | None) -> int:
+    try:
+        hours = int(value or DEFAULT_ACTIVITY_HOURS)
+    except ValueError:
+        return DEFAULT_ACTIVITY_HOURS
+    return hours if hours in ACTIVITY_HOURS else DEFAULT_ACTIVITY_HOURS
+
+
+@dataclass(frozen=True, slots=True)
+class ActivityWindow:
+    """``count`` buckets of ``minutes`` each, the last one holding now."""
+
+    start: datetime
+    minutes: int
+    count: int
+
+    @classmethod
+    def of(cls, hours: int, now: datetime) -> ActivityWindow:
+        minutes = max(1, math.ceil(hours * 60 / MAX_BUCKETS))
+        count = hours * 60 // minutes
+        end = now.replace(second=0, microsecond=0) + timedelta(minutes=1)
+        return cls(end - timedelta(minutes=minutes * count), minutes, count)
+
+    def index(self, minute: datetime) -> int | None:
+        i = int((minute - self.start).total_seconds() // 60) // self.minutes
+        return i if 0 <= i < self.count else None
+
+
+@dataclass(frozen=True, slots=True)
+class Activity:
+    window: ActivityWindow
+    started: list[int]  # leases started per bucket
+    latency_ms: list[float | None]  # the account's mean first-token latency per bucket
+    pool_latency_ms: list[float | None]  # the whole pool's
+    outcomes: dict[str, list[int]]  # outcome ("" = open) → leases per bucket, present outcomes only
+
+    @property
+    def total(self) -> int:
+        return sum(self.started)
+
+
+def account_activity(minutes: list[dict], pool_minutes: list[dict], window: ActivityWindow) -> Activity:
+    """The chart series from the two per-minute aggregates of the selectors."""
+    started = [0] * window.count
+    latency_sum = [0.0] * window.count
+    latency_n = [0] * window.count
+    outcomes: dict[str, list[int]] = {}
+    for row in minutes:
+        i = window.index(row["minute"])
+        if i is None:
+            continue
+        started[i] += row["leases"]
+        latency_sum[i] += row["first_token_sum"] or 0.0
+        latency_n[i] += row["first_token_count"]
+        outcomes.setdefault(row["outcome"], [0] * window.count)[i] += row["leases"]
+    pool_sum = [0.0] * window.count
+    pool_n = [0] * window.count
+    for row in pool_minutes:
+        i = window.index(row["minute"])
+        if i is not None:
+            pool_sum[i] += row["avg_ms"] * row["samples"]
+            pool_n[i] += row["samples"]
+    ordered = {o: outcomes[o] for o in OUTCOME_ORDER if o in outcomes}
+    ordered.update({o: v for o, v in outcomes.items() if o not in ordered})
+    return Activity(
+        window=window,
+        started=started,
+        latency_ms=[s / n if n else None for s, n in zip(latency_sum, latency_n, strict=True)],
+        pool_latency_ms=[s / n if n else None for s, n in zip(pool_sum, pool_n, strict=True)],
+        outcomes=ordered,
+    )
+
+
+def outcome_label(outcome: str) -> str:
+    if not outcome:
+        return OPEN_LABEL
+    return LeaseOutcome(outcome).label if outcome in LeaseOutcome.values else outcome

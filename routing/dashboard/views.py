@@ -28,14 +28,18 @@ from django.views.decorators.http import require_GET, require_POST
 
 from accounts.models import Pool
 from routing import sessions
-from routing.dashboard import charts
+from routing.dashboard import charts, timecharts
 from routing.dashboard.presenters import (
+    ACTIVITY_HOURS,
     COLUMNS,
     DEFAULT_SORT,
     FILTERS,
+    ActivityWindow,
     Left,
     Moment,
+    account_activity,
     account_rows,
+    activity_hours,
     event_lines,
     identity_bars,
     latency_points,
@@ -43,6 +47,7 @@ from routing.dashboard.presenters import (
     live,
     matches_query,
     ms_text,
+    outcome_label,
     parse_sort,
     snapshot_info,
     sort_rows,
@@ -191,6 +196,14 @@ def account_detail(request: HttpRequest, name: str) -> HttpResponse:
         for b in page.object_list
     ]
     identity = account.identity
+    hours = activity_hours(request.GET.get("hours"))
+    window = ActivityWindow.of(hours, now)
+    activity = account_activity(
+        selectors.dashboard_account_minutes(account_id=account.pk, since=window.start),
+        selectors.dashboard_pool_latency_minutes(since=window.start),
+        window,
+    )
+    labels = {o: outcome_label(o) for o in activity.outcomes}
     context = {
         "nav": "pool",
         "now": now,
@@ -226,6 +239,21 @@ def account_detail(request: HttpRequest, name: str) -> HttpResponse:
             "leases": f"{_admin_url('routing_lease_changelist')}?{urlencode({'q': account.name})}",
         },
         "self_url": request.get_full_path(),
+        "activity": {
+            "hours": hours,
+            "total": activity.total,
+            "bucket_minutes": window.minutes,
+            "choices": [{"hours": h, "href": f"?hours={h}#activity", "active": h == hours} for h in ACTIVITY_HOURS],
+            "latency_chart": timecharts.latency_timeline(
+                window.start, window.minutes, activity.latency_ms, activity.pool_latency_ms
+            ),
+            "leases_chart": timecharts.leases_timeline(window.start, window.minutes, activity.started),
+            "outcomes_chart": timecharts.outcomes_timeline(window.start, window.minutes, activity.outcomes, labels),
+            "outcome_keys": [
+                {"label": labels[o], "colour": timecharts.OUTCOME_COLOURS.get(o, charts.MUTED), "count": sum(v)}
+                for o, v in activity.outcomes.items()
+            ],
+        },
     }
     return render(request, "dashboard/account.html", context)
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from django.db.models import Avg, Count, Max, Q
+from django.db.models import Avg, Count, Max, Q, Sum
+from django.db.models.functions import TruncMinute
 
 from accounts.models import Account
 from routing.models import CooldownEvent, Lease, SessionBinding
@@ -78,6 +79,36 @@ def dashboard_account_events(*, account: Account, limit: int = 30) -> list:
         .select_related("identity", "proxy", "account")
         .only("kind", "reason", "until", "created_at", "identity__name", "proxy__name", "account__name")
         .order_by("-created_at", "-id")[:limit]
+    )
+
+
+def dashboard_account_minutes(*, account_id: int, since: datetime) -> list[dict]:
+    """The account's leases started since ``since``, one row per (minute, outcome):
+    ``{"minute", "outcome", "leases", "first_token_sum", "first_token_count"}``.
+
+    One aggregate query over the account's index range, so its cost follows
+    the window's traffic, not the history kept; the outcome of an uncompleted
+    lease is ``""``."""
+    return list(
+        Lease.objects.filter(account_id=account_id, started_at__gte=since)
+        .annotate(minute=TruncMinute("started_at"))
+        .values("minute", "outcome")
+        .annotate(leases=Count("id"), first_token_sum=Sum("first_token_ms"), first_token_count=Count("first_token_ms"))
+        .order_by("minute", "outcome")
+    )
+
+
+def dashboard_pool_latency_minutes(*, since: datetime) -> list[dict]:
+    """The whole pool's first-token latency per minute since ``since``:
+    ``{"minute", "avg_ms", "samples"}``, the reference an account's line is
+    read against. From the leases, which are kept for the history window,
+    not the latency samples, which last one snapshot window (an hour)."""
+    return list(
+        Lease.objects.filter(started_at__gte=since, first_token_ms__isnull=False)
+        .annotate(minute=TruncMinute("started_at"))
+        .values("minute")
+        .annotate(avg_ms=Avg("first_token_ms"), samples=Count("id"))
+        .order_by("minute")
     )
 
 

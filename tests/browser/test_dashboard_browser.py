@@ -9,7 +9,7 @@ import pytest
 from django.utils import timezone
 
 from accounts.models import Account, Pool, RoutingIdentity
-from routing.models import CooldownEvent, CooldownKind, LeaseOutcome, SessionBinding
+from routing.models import CooldownEvent, CooldownKind, Lease, LeaseOutcome, SessionBinding
 from tests.factories import (
     AccountFactory,
     ApiKeyFactory,
@@ -207,3 +207,117 @@ def test_operator_opens_an_account_and_unbinds_a_session(page, seeded_pool, oper
     assert not SessionBinding.objects.filter(session_id=session).exists()
     assert Account.objects.get(name="kiro-ada").binding_rows == 5
     screenshot("04-account-after-unbind")
+
+
+# --- finding one's way: the root, the admin, the account's recent hours, bulk import -----------
+
+
+def test_the_root_leads_through_the_login_to_the_dashboard(page, live_server, operator, screenshot):
+    page.goto(live_server.url + "/")
+    assert page.url == live_server.url + "/admin/login/?next=/dashboard/"
+    assert "kiropool" in page.title() and "Django" not in page.title()
+    screenshot("05-login")
+    page.fill("#id_username", "operator")
+    page.fill("#id_password", PASSWORD)
+    page.click("input[type=submit]")
+    page.wait_for_url(live_server.url + "/dashboard/")
+    assert page.locator("h1").inner_text() == "Account pool"
+    page.goto(live_server.url + "/")
+    assert page.url == live_server.url + "/dashboard/", "a staff user goes straight to the dashboard"
+
+
+def test_the_admin_is_kiropool_and_leads_to_the_dashboards(page, seeded_pool, operator, screenshot):
+    log_in(page, seeded_pool, "/admin/")
+
+    assert page.title() == "kiropool administration | kiropool"
+    assert page.locator("#site-name").inner_text() == "kiropool"
+    assert page.locator("#user-tools a", has_text="View site").get_attribute("href") == "/dashboard/"
+    dashboards = page.locator("#kiropool-dashboards")
+    assert dashboards.locator("caption").inner_text().lower() == "dashboards"
+    link = dashboards.locator("a", has_text="Account pool").bounding_box()
+    assert link["width"] > link["height"], "the link reads on one line"
+    screenshot("06-admin-index")
+
+    dashboards.locator("a", has_text="Accounts needing attention").click()
+    page.wait_for_url("**/dashboard/?state=abnormal")
+    assert account_names(page) == ["kiro-brian", "kiro-dara", "kiro-hana", "kiro-juno"]
+    page.go_back()
+    page.locator("#user-tools a", has_text="View site").click()
+    page.wait_for_url(seeded_pool.url + "/dashboard/")
+
+
+def test_the_account_page_draws_its_recent_hours(page, seeded_pool, operator, screenshot):
+    # Two and a half hours of kiro-ada: fine, then a bad spell 60 to 40 minutes
+    # ago (slow first tokens, then rate limits), then fine again; the rest of
+    # the pool steady at 600 ms.
+    now = timezone.now()
+    ada, other = Account.objects.get(name="kiro-ada"), Account.objects.get(name="kiro-brian")
+    leases = []
+    for minute in range(3, 150):
+        started = now - timedelta(minutes=minute, seconds=20)
+        bad = 40 <= minute < 60
+        for n in range(3 if minute % 4 else 2):
+            if bad and n:
+                leases.append(
+                    LeaseFactory.build(account=ada, started_at=started, completed_at=started, outcome="rate_limited")
+                )
+            else:
+                ms = 2400.0 + 40 * n if bad else 520.0 + (minute % 7) * 15
+                leases.append(
+                    LeaseFactory.build(
+                        account=ada, started_at=started, completed_at=started, outcome="success", first_token_ms=ms
+                    )
+                )
+        leases.append(
+            LeaseFactory.build(
+                account=other, started_at=started, completed_at=started, outcome="success", first_token_ms=600.0
+            )
+        )
+    Lease.objects.bulk_create(leases)
+
+    log_in(page, seeded_pool, "/dashboard/accounts/kiro-ada/")
+
+    latency = page.locator("#latency-timeline svg")
+    assert latency.locator("circle.point").count() >= 140
+    assert latency.locator("polyline.series-pool").count() >= 1
+    assert page.locator("#leases-timeline svg rect.bar").count() >= 140
+    outcomes = page.locator("#outcomes-timeline svg")
+    assert outcomes.locator("rect.stack-rate_limited").count() >= 20
+    assert outcomes.locator("rect.stack-success").count() >= 140
+    box = latency.bounding_box()
+    assert box["width"] > 400 and box["height"] > 100, "the chart is drawn at a readable size"
+    assert "rate limited" in page.locator("#outcomes-timeline .legend").inner_text()
+    page.locator("#activity").scroll_into_view_if_needed()
+    screenshot("07-account-recent-hours")
+
+    page.locator("#activity .window-links a", has_text="24 h").click()
+    page.wait_for_url("**hours=24**")
+    assert "The last 24 hours" in page.locator("#activity h2").inner_text()
+    assert page.locator("#leases-timeline svg rect.bar").count() >= 18  # 8-minute buckets
+
+
+def test_an_operator_imports_accounts_from_a_csv_file(page, seeded_pool, operator, screenshot, tmp_path):
+    csv_file = tmp_path / "accounts.csv"
+    csv_file.write_text(
+        "name,identity,proxy,pool,credentials\n"
+        'kiro-new-1,ada,egress-fra,balanced,"{""refresh_token"": ""new-secret-1""}"\n'
+        "kiro-new-2,brian,,credit_first,\n"
+    )
+    log_in(page, seeded_pool, "/admin/accounts/account/")
+    page.locator(".object-tools a", has_text="Import").click()
+    page.set_input_files("#id_import_file", str(csv_file))
+    page.select_option("#id_format", label="csv")
+    page.click("input[type=submit]")
+
+    page.wait_for_selector("table.import-preview")
+    preview = page.locator("table.import-preview")
+    assert preview.locator("tr.new").count() == 2
+    assert "new-secret-1" not in page.content(), "credentials are never shown back"
+    assert not Account.objects.filter(name__startswith="kiro-new").exists(), "the preview is a dry run"
+    screenshot("08-admin-import-preview")
+
+    page.click("input[name=confirm]")
+    page.wait_for_url("**/admin/accounts/account/")
+    assert "Import finished: 2 new" in page.locator(".messagelist").inner_text()
+    assert Account.objects.get(name="kiro-new-1").credentials == {"refresh_token": "new-secret-1"}
+    screenshot("09-admin-import-done")

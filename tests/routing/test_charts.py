@@ -141,3 +141,31 @@ def test_latency_chart_stacks_dots_when_the_pool_is_large():
     # every account is either drawn or counted in a "+n" above its stack
     counted = sum(int(t.text[1:]) for t in root.iter(f"{SVG}text") if t.get("class") == "overflow")
     assert len(dots) + counted == 500
+
+
+# --- the account's time series (routing/dashboard/timecharts.py) -----------------------------
+
+
+def test_latency_timeline_breaks_the_line_where_the_account_served_nothing():
+    from datetime import UTC, datetime
+
+    from routing.dashboard import timecharts
+
+    start = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
+    svg = timecharts.latency_timeline(start, 1, [400.0, 420.0, None, 900.0, 950.0], [500.0] * 5)
+    assert svg.count('class="series-account"') == 2 and svg.count('class="point"') == 4
+    assert "12:03: 900 ms, pool 500 ms" in svg
+    assert ">12:00<" in svg and ">12:05<" in svg  # the time axis, every 5 minutes
+
+
+def test_timelines_say_so_when_there_is_nothing_to_draw():
+    from datetime import UTC, datetime
+
+    from routing.dashboard import timecharts
+
+    start = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
+    assert "No first-token latency reported in the last 1 h" in timecharts.latency_timeline(
+        start, 1, [None] * 60, [300.0] * 60
+    )
+    assert "No leases" in timecharts.leases_timeline(start, 1, [0] * 60)
+    assert "No leases" in timecharts.outcomes_timeline(start, 1, {}, {})

@@ -13,7 +13,7 @@ from django.utils import timezone
 
 from accounts.models import Account, Pool, RoutingIdentity
 from routing.dashboard import presenters, views
-from routing.models import CooldownEvent, CooldownKind, LatencySnapshot, LeaseOutcome, SessionBinding
+from routing.models import CooldownEvent, CooldownKind, LatencySnapshot, Lease, LeaseOutcome, SessionBinding
 from tests.factories import (
     AccountFactory,
     ApiKeyFactory,
@@ -464,8 +464,41 @@ def _seed(count: int, *, bindings_per_account: int = 3) -> None:
 # session + user, the accounts (one query with counts as subqueries), the
 # snapshot (its row, its account rows, its proxy rows), the sticky statistics
 OVERVIEW_QUERIES = 7
-# session + user, account, its aliases, snapshot (3), bindings count + page, leases, history
-DETAIL_QUERIES = 11
+
+
+def _lease(account, started, outcome="", first_token_ms=None) -> Lease:
+    completed = started + timedelta(seconds=3) if outcome else None
+    return Lease(
+        account=account,
+        account_name=account.name,
+        identity_id=account.identity_id,
+        started_at=started,
+        expires_at=started + timedelta(minutes=15),
+        completed_at=completed,
+        outcome=outcome,
+        first_token_ms=first_token_ms,
+    )
+
+
+def _seed_history(account, *, minutes: int) -> None:
+    """A lease a minute for ``minutes`` (every fifth one rate-limited), plus as
+    many on another account: the pool's latency."""
+    now = timezone.now()
+    other = AccountFactory()
+    leases = []
+    for m in range(minutes):
+        started = now - timedelta(minutes=m, seconds=5)
+        if m % 5:
+            leases.append(_lease(account, started, LeaseOutcome.SUCCESS, 400.0 + m))
+        else:
+            leases.append(_lease(account, started, LeaseOutcome.RATE_LIMITED))
+        leases.append(_lease(other, started, LeaseOutcome.SUCCESS, 600.0))
+    Lease.objects.bulk_create(leases)
+
+
+# session + user, account, its aliases, snapshot (3), bindings count + page, leases, history,
+# and the two per-minute aggregates of the activity charts (the account's leases, the pool's latency)
+DETAIL_QUERIES = 13
 
 
 def _queries(client, url, django_assert_max_num_queries, *, at_most: int) -> int:
@@ -495,9 +528,10 @@ def test_account_page_makes_a_fixed_number_of_queries(staff_client, django_asser
     _seed(45, bindings_per_account=60)
     busy = Account.objects.order_by("pk").last()
     LeaseFactory.create_batch(20, account=busy)
-    assert (
-        _queries(staff_client, account_url(busy.name), django_assert_max_num_queries, at_most=DETAIL_QUERIES) == small
-    )
+    _seed_history(busy, minutes=180)
+    for hours in ("", "1", "24"):
+        url = account_url(busy.name) + (f"?hours={hours}" if hours else "")
+        assert _queries(staff_client, url, django_assert_max_num_queries, at_most=DETAIL_QUERIES) == small
 
 
 # --- readable numbers -----------------------------------------------------------------------
@@ -607,3 +641,109 @@ def test_pages_stay_fast_with_500_accounts_and_65536_bindings(staff_client, djan
     assert response.context["page"].paginator.count == 132
     # Generous bounds: a shared CI machine is slow, but a per-row query would be far slower.
     assert overview_seconds < 5 and detail_seconds < 2, (overview_seconds, detail_seconds)
+
+
+# --- the account's recent hours -----------------------------------------------------------
+
+
+def test_account_page_charts_latency_leases_and_outcomes_per_minute(staff_client):
+    account = AccountFactory(name="kiro-ada")
+    other = AccountFactory()
+    now = timezone.now()
+    ten_ago = now - timedelta(minutes=10)
+    Lease.objects.bulk_create(
+        [
+            _lease(account, ten_ago, LeaseOutcome.SUCCESS, 400.0),
+            _lease(account, ten_ago + timedelta(seconds=1), LeaseOutcome.SUCCESS, 600.0),
+            _lease(other, ten_ago, LeaseOutcome.SUCCESS, 1100.0),
+            _lease(account, now - timedelta(minutes=5), LeaseOutcome.RATE_LIMITED),
+            _lease(account, now - timedelta(minutes=5), LeaseOutcome.RATE_LIMITED),
+            _lease(account, now - timedelta(minutes=5), LeaseOutcome.SUCCESS, 900.0),
+            _lease(account, now - timedelta(seconds=1)),  # in flight
+            _lease(account, now - timedelta(hours=4), LeaseOutcome.FATAL),  # outside the 3 h window
+        ]
+    )
+
+    response = staff_client.get(account_url(account.name))
+
+    activity = response.context["activity"]
+    assert (activity["hours"], activity["total"], activity["bucket_minutes"]) == (3, 6, 1)
+    page = response.content.decode()
+    assert 'id="activity"' in page
+    latency = activity["latency_chart"]
+    # Two minutes with a latency: 500 ms (mean of 400 and 600) against the pool's 700, then 900.
+    assert latency.count('class="point"') == 2
+    assert "500 ms, pool 700 ms" in latency and "900 ms, pool 900 ms" in latency
+    assert 'class="series-pool"' in latency
+    leases = activity["leases_chart"]
+    assert leases.count('class="bar"') == 3 and "2 leases started" in leases and "3 leases started" in leases
+    outcomes = activity["outcomes_chart"]
+    assert outcomes.count('class="stack stack-success"') == 2
+    assert outcomes.count('class="stack stack-rate_limited"') == 1
+    assert outcomes.count('class="stack stack-open"') == 1
+    assert "stack-fatal" not in outcomes
+    assert [(k["label"], k["count"]) for k in activity["outcome_keys"]] == [
+        ("success", 3),
+        ("rate limited", 2),
+        ("in flight or never reported", 1),
+    ]
+
+
+def test_a_longer_window_groups_minutes_and_a_bad_one_falls_back(staff_client):
+    account = AccountFactory()
+    _seed_history(account, minutes=30)
+
+    day = staff_client.get(account_url(account.name), {"hours": "24"}).context["activity"]
+    assert (day["hours"], day["bucket_minutes"], day["total"]) == (24, 8, 30)
+    hour = staff_client.get(account_url(account.name), {"hours": "1"}).context["activity"]
+    assert (hour["hours"], hour["bucket_minutes"]) == (1, 1)
+    assert hour["leases_chart"].count('class="bar"') == 30
+    for bad in ("5", "-1", "x" * 50, "1e9"):
+        assert staff_client.get(account_url(account.name), {"hours": bad}).context["activity"]["hours"] == 3
+
+
+def test_an_idle_account_shows_empty_charts(staff_client):
+    account = AccountFactory()
+    page = staff_client.get(account_url(account.name)).content.decode()
+    assert "No first-token latency reported in the last 3 h" in page
+    assert "No leases in the last 3 h" in page
+
+
+def test_activity_buckets_sum_minutes_and_weigh_latency_by_samples():
+    now = timezone.now().replace(second=30, microsecond=0)
+    window = presenters.ActivityWindow.of(6, now)
+    assert (window.minutes, window.count) == (2, 180)
+    assert window.start + timedelta(minutes=360) == now.replace(second=0) + timedelta(minutes=1)
+    last = now.replace(second=0)
+    minutes = [
+        {"minute": last, "outcome": "success", "leases": 3, "first_token_sum": 900.0, "first_token_count": 3},
+        {
+            "minute": last - timedelta(minutes=1),
+            "outcome": "success",
+            "leases": 1,
+            "first_token_sum": 100.0,
+            "first_token_count": 1,
+        },
+        {
+            "minute": last - timedelta(minutes=1),
+            "outcome": "",
+            "leases": 2,
+            "first_token_sum": None,
+            "first_token_count": 0,
+        },
+        {
+            "minute": window.start - timedelta(minutes=1),
+            "outcome": "fatal",
+            "leases": 9,
+            "first_token_sum": None,
+            "first_token_count": 0,
+        },
+    ]
+    pool = [{"minute": last, "avg_ms": 500.0, "samples": 10}]
+
+    activity = presenters.account_activity(minutes, pool, window)
+
+    assert activity.started[-1] == 6 and sum(activity.started) == 6
+    assert activity.latency_ms[-1] == 250.0  # (900 + 100) / 4, not the mean of the two minutes' means
+    assert activity.pool_latency_ms[-1] == 500.0 and activity.pool_latency_ms[-2] is None
+    assert list(activity.outcomes) == ["success", ""] and activity.outcomes[""][-1] == 2
