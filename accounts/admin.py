@@ -126,8 +126,10 @@ class AccountAdminForm(PoolModelForm):
             "pool",
             "enabled",
             "remaining_credits",
+            "min_remaining_credits",
             "quota_exhausted",
             "quota_exhausted_reason",
+            "quota_resets_at",
             "region",
             "profile_arn",
         ]
@@ -168,7 +170,7 @@ class AccountAdmin(PoolImportExportMixin, PoolModelAdmin):
     search_fields = ["name", "identity__name", "profile_arn"]
     autocomplete_fields = ["identity"]
     readonly_fields = ["credentials_stored", "quota_exhausted_at", "binding_rows", "created_at"]
-    dispatcher_written_fields = ("remaining_credits", "quota_exhausted", "quota_exhausted_reason")
+    dispatcher_written_fields = ("remaining_credits", "quota_exhausted", "quota_exhausted_reason", "quota_resets_at")
     actions = ["enable", "disable", "reset_quota"]
 
     def get_queryset(self, request):

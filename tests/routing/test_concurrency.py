@@ -71,26 +71,24 @@ def test_processes_hammering_one_identity_never_exceed_its_limit():
 
 
 RELEASER = """
-import os, sys, time, django
+import json, os, sys, time, django
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "kiropool.settings")
 django.setup()
 from django.test import Client
 client = Client(HTTP_AUTHORIZATION="Bearer " + sys.argv[1])
+body = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {"outcome": "success"}
 sys.stdin.readline()  # the parent is about to wait
 time.sleep(0.3)
-response = client.post(f"/api/v1/leases/{sys.argv[2]}/complete", {"outcome": "success"}, "application/json")
+response = client.post(f"/api/v1/leases/{sys.argv[2]}/complete", body, "application/json")
 print(time.time(), response.status_code, flush=True)
 """
 
 
-def test_waiting_dispatch_wakes_when_another_process_releases():
-    identity = RoutingIdentityFactory(max_concurrency=1)
-    AccountFactory(identity=identity)
-    key = ApiKeyFactory()
-    gw = Gateway(key.plaintext)
-    held = gw.dispatch().json()["lease_id"]
+def releaser_start(key: str, lease: str, body: dict | None = None) -> subprocess.Popen:
+    """Another process that completes ``lease`` a moment after it is told to go."""
+    args = [sys.executable, "-c", RELEASER, key, lease] + ([json.dumps(body)] if body else [])
     releaser = subprocess.Popen(
-        [sys.executable, "-c", RELEASER, key.plaintext, held],
+        args,
         cwd=ROOT,
         env={**os.environ, "DATABASE_URL": test_database_url()},
         stdin=subprocess.PIPE,
@@ -99,6 +97,16 @@ def test_waiting_dispatch_wakes_when_another_process_releases():
     )
     releaser.stdin.write("go\n")
     releaser.stdin.flush()
+    return releaser
+
+
+def test_waiting_dispatch_wakes_when_another_process_releases():
+    identity = RoutingIdentityFactory(max_concurrency=1)
+    AccountFactory(identity=identity)
+    key = ApiKeyFactory()
+    gw = Gateway(key.plaintext)
+    held = gw.dispatch().json()["lease_id"]
+    releaser = releaser_start(key.plaintext, held)
     response = gw.dispatch(max_wait_ms=30_000)
     acquired_at = time.time()
     released_at, status = releaser.communicate(timeout=60)[0].split()
@@ -106,3 +114,41 @@ def test_waiting_dispatch_wakes_when_another_process_releases():
     assert response.json()["waited_ms"] > 0
     # woken by the other process's release, promptly, not by the wait budget
     assert acquired_at - float(released_at) < 0.5
+
+
+def test_waiting_dispatch_wakes_when_a_cooldown_set_by_another_process_ends():
+    AccountFactory(name="full")
+    AccountFactory(name="soon-cooling")
+    key = ApiKeyFactory()
+    gw = Gateway(key.plaintext)
+    gw.dispatch(exclude_accounts=["soon-cooling"])  # holds "full"
+    other = gw.dispatch(exclude_accounts=["full"]).json()["lease_id"]
+    # The other process reports a 2 s rate limit on "soon-cooling": its
+    # release wakes us, we find it cooling, and wake again when that ends.
+    releaser = releaser_start(key.plaintext, other, {"outcome": "rate_limited", "cooldown_seconds": 2})
+    response = gw.dispatch(max_wait_ms=8_000)
+    acquired_at = time.time()
+    reported_at, status = releaser.communicate(timeout=60)[0].split()
+    assert (response.status_code, status) == (200, "200")
+    assert response.json()["account"]["name"] == "soon-cooling"
+    # 2 s after the report, not at the end of the 8 s budget; slack 1.5 s.
+    assert 1.9 <= acquired_at - float(reported_at) <= 3.5
+
+
+def test_a_returning_turn_waits_for_a_release_in_another_process():
+    key = ApiKeyFactory(sticky_patience_ms=6_000)
+    bound = AccountFactory(name="bound")
+    AccountFactory(name="elsewhere")
+    gw = Gateway(key.plaintext)
+    # Bind the session to "bound" by a first turn, then hold its only slot.
+    first = gw.dispatch(session_id="conv", exclude_accounts=["elsewhere"]).json()["lease_id"]
+    gw.complete(first, outcome="success")
+    held = gw.dispatch(exclude_accounts=["elsewhere"]).json()["lease_id"]
+    releaser = releaser_start(key.plaintext, held)
+    response = gw.dispatch(session_id="conv", max_wait_ms=10_000)
+    acquired_at = time.time()
+    released_at, status = releaser.communicate(timeout=60)[0].split()
+    assert (response.status_code, status) == (200, "200")
+    assert response.json()["account"]["name"] == bound.name  # it waited rather than move
+    assert acquired_at - float(released_at) < 1.0  # woken by the release; slack for a busy machine
+    assert Lease.objects.get(pk=response.json()["lease_id"]).sticky == "waited"
