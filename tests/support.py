@@ -1,9 +1,29 @@
 """Helpers shared by the tests that start other processes against the test
 database (workers, a real gunicorn)."""
 
+import os
 from urllib.parse import quote
 
 from django.db import connection
+
+# The secrets of every server, worker or manage.py process a test starts: with
+# DEBUG off they refuse to start without them (kiropool/secrets_guard.py).
+# Public, so for tests only.
+PROCESS_SECRETS = {
+    "SECRET_KEY": "test-only-secret-key-c5N8rW2qLx7vT0bZ4mJ9hK3sD6fG1aQ8eY5uI2oP7",
+    "KIROPOOL_FERNET_KEYS": "dGVzdC1vbmx5LWZlcm5ldC1rZXktMzItYnl0ZXMtISE=",
+}
+
+
+def clean_env(**environment: str) -> dict[str, str]:
+    """A process environment with nothing of the developer's or CI's settings:
+    PATH and HOME, plus ``environment``. PYTEST_VERSION is kept so that the
+    process, like this one, ignores the development secrets `make run` keeps
+    in var/local-secrets.env (kiropool/settings.py)."""
+    env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp")}
+    if "PYTEST_VERSION" in os.environ:
+        env["PYTEST_VERSION"] = os.environ["PYTEST_VERSION"]
+    return {**env, **environment}
 
 
 def test_database_url() -> str:

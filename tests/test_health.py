@@ -1,13 +1,14 @@
 """/healthz and /readyz."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from django.conf import settings as django_settings
+
+from tests.support import clean_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,12 +70,11 @@ def test_readyz_names_an_unreachable_database(tmp_path):
         "r = Client().get('/readyz')\n"
         "print(json.dumps({'status': r.status_code, 'body': r.json()}))\n"
     )
-    env = {
-        "PATH": os.environ["PATH"],
-        "DJANGO_SETTINGS_MODULE": "kiropool.settings",
-        "DATABASE_URL": "postgres://nobody@127.0.0.1:1/nothing",
-        "CELERY_BROKER_URL": "filesystem://",
-    }
+    env = clean_env(
+        DJANGO_SETTINGS_MODULE="kiropool.settings",
+        DATABASE_URL="postgres://nobody@127.0.0.1:1/nothing",
+        CELERY_BROKER_URL="filesystem://",
+    )
     out = subprocess.run(
         [sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, check=True, timeout=60
     )

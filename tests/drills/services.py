@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.support import PROCESS_SECRETS
+
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 
@@ -205,9 +207,11 @@ class PrivateRedis:
 
 def project_env(tmp: Path, **overrides: str) -> dict[str, str]:
     """The environment of a server or worker process: the caller's, minus
-    anything naming the machine's shared services, plus ``overrides``."""
+    anything naming the machine's shared services, with the test secrets
+    (DEBUG is off), plus ``overrides``."""
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL")}
     env.update(
+        PROCESS_SECRETS,
         DJANGO_SETTINGS_MODULE="kiropool.settings",
         PROMETHEUS_MULTIPROC_DIR=str(tmp / "prometheus"),
         STATICFILES_STORAGE="django.contrib.staticfiles.storage.StaticFilesStorage",
