@@ -187,6 +187,10 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
 LOGIN_URL = "admin:login"
+# Messages wait in the server-side session, never in a cookie: the one message
+# that shows a new API key's plaintext would otherwise travel in a cookie that
+# is signed, not encrypted, so anyone holding the cookie could read the key.
+MESSAGE_STORAGE = "django.contrib.messages.storage.session.SessionStorage"
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
