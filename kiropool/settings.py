@@ -177,6 +177,21 @@ CELERY_BEAT_SCHEDULE = {
     },
     "history-prune": {"task": "routing.tasks.history_prune", "schedule": 3600.0, "options": {"expires": 3000}},
 }
+# A hung task (a lock it waits on, a dead connection) must not hold a worker
+# slot for ever: two of them would stop all maintenance. At the soft limit the
+# task gets SoftTimeLimitExceeded, so its open batch rolls back; at the hard
+# limit its pool process is killed and replaced, and the message is acked, not
+# redelivered. The minute tasks are stopped before their next run is due; the
+# hourly prunes (batches, resumed by the next run) and any other task get the
+# defaults. Enforced by the prefork pool, the worker's default.
+CELERY_TASK_SOFT_TIME_LIMIT = 300
+CELERY_TASK_TIME_LIMIT = 330
+_MINUTE_TASK_LIMITS = {"soft_time_limit": 40, "time_limit": 50}
+CELERY_TASK_ANNOTATIONS = {
+    "routing.tasks.latency_snapshot_refresh": _MINUTE_TASK_LIMITS,
+    "routing.tasks.binding_purge": _MINUTE_TASK_LIMITS,
+    "routing.tasks.lease_reap": _MINUTE_TASK_LIMITS,
+}
 
 # --- auth, i18n, static -----------------------------------------------------
 
