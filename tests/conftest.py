@@ -42,6 +42,20 @@ def _fresh_snapshot_cache():
     latency_snapshot_cache_clear()
 
 
+@pytest.fixture(autouse=True)
+def _fresh_probe_caches():
+    # /readyz and /metrics reuse their answer for a few seconds per process;
+    # every test starts from the database and broker as they are now.
+    from kiropool.health import readiness
+    from routing.metrics import pool_state
+
+    readiness.clear()
+    pool_state.clear()
+    yield
+    readiness.clear()
+    pool_state.clear()
+
+
 @pytest.fixture
 def operator_api(django_user_model):
     """A DRF client authenticated as a staff user by token (the operator API's way in)."""
