@@ -57,6 +57,16 @@ def _fresh_probe_caches():
 
 
 @pytest.fixture
+def process_secrets(settings):
+    """This process uses the secrets of the servers and workers it starts
+    (tests/support.PROCESS_SECRETS), so credentials it writes they can read."""
+    from tests.support import PROCESS_SECRETS
+
+    settings.SECRET_KEY = PROCESS_SECRETS["SECRET_KEY"]
+    settings.KIROPOOL_FERNET_KEYS = [PROCESS_SECRETS["KIROPOOL_FERNET_KEYS"]]
+
+
+@pytest.fixture
 def operator_api(django_user_model):
     """A DRF client authenticated as a staff user by token (the operator API's way in)."""
     from rest_framework.authtoken.models import Token
