@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run migrate test lint format bench simulate demo fuzz drill clean
+.PHONY: install local-secrets run migrate test lint format bench simulate demo fuzz drill clean
 
 install: $(STAMP)
 
@@ -15,7 +15,14 @@ $(STAMP): requirements.txt requirements-dev.txt clients/python/pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $(STAMP)
 
-migrate: install
+# With DEBUG off nothing that touches data starts on public secrets
+# (kiropool/secrets_guard.py). For this checkout, a SECRET_KEY and a Fernet key
+# are generated once into var/local-secrets.env (git-ignored, mode 0600) and
+# reused; SECRET_KEY and KIROPOOL_FERNET_KEYS in the environment win.
+local-secrets: install
+	$(BIN)/python manage.py secrets_generate --local
+
+migrate: local-secrets
 	$(BIN)/python manage.py migrate --noinput
 
 run: migrate
@@ -53,7 +60,7 @@ format: install
 # A benchmark, not a test: gunicorn (4 workers) on PostgreSQL, 16 clients.
 # BENCH_DATABASE_URL (default postgres://postgres@127.0.0.1:5432/kiropool_bench)
 # is dropped and recreated; BENCH_SECONDS sets each phase's length.
-bench: install
+bench: local-secrets
 	$(BIN)/python -m bench.load
 
 # Fairness simulator: every policy on one seeded simulated day (or on a trace
@@ -62,5 +69,8 @@ bench: install
 simulate: install
 	$(BIN)/python -m bench.simulate $(if $(TRACE),--trace $(TRACE))
 
+# Keeps var/local-secrets.env: a database elsewhere (DATABASE_URL) may hold
+# credentials only its Fernet key can read.
 clean:
-	rm -rf $(VENV) var staticfiles .pytest_cache .ruff_cache
+	rm -rf $(VENV) staticfiles .pytest_cache .ruff_cache
+	find var -mindepth 1 -maxdepth 1 ! -name local-secrets.env -exec rm -rf {} + 2>/dev/null || true

@@ -31,6 +31,12 @@ _prometheus_dir = os.environ.setdefault(
 
 
 def on_starting(server):
+    # The master refuses at once, with one clear message, rather than every
+    # worker failing to boot in kiropool/wsgi.py with a traceback.
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "kiropool.settings")
+    from kiropool.secrets_guard import secrets_require_or_exit
+
+    secrets_require_or_exit()
     os.makedirs(_prometheus_dir, exist_ok=True)
     for name in os.listdir(_prometheus_dir):
         if name.endswith(".db"):

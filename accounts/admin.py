@@ -259,7 +259,9 @@ class ApiKeyAdmin(PoolModelAdmin):
             return
         plaintext = obj.set_new_secret()
         super().save_model(request, obj, form, change)
-        # The only time the plaintext is shown: it is not stored anywhere.
+        # The only time the plaintext is shown. The message waits in the
+        # server-side session until the next page shows it (MESSAGE_STORAGE),
+        # never in a cookie; nothing else keeps it.
         self.message_user(
             request,
             format_html(

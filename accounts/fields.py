@@ -8,7 +8,8 @@ Keys come from ``KIROPOOL_FERNET_KEYS``: comma-separated Fernet keys, the
 first encrypts and every one decrypts (``MultiFernet``), so a key is rotated
 by putting the new one first, running ``manage.py rotate_credentials_key``,
 and then dropping the old one. Without the variable a key is derived from
-``SECRET_KEY``: good for a laptop, and ``check --deploy`` warns about it.
+``SECRET_KEY``: only a process with ``DEBUG`` on starts that way
+(kiropool/secrets_guard.py), and ``check --deploy`` warns about it.
 
 Decrypted credentials are a :class:`SecretDict`: a real ``dict`` (equality,
 ``json.dumps``) whose ``repr``/``str`` never show the values, so a log line,

@@ -2,6 +2,9 @@ import os
 
 from django.core.asgi import get_asgi_application
 
+from kiropool.secrets_guard import secrets_require
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "kiropool.settings")
 
+secrets_require()
 application = get_asgi_application()

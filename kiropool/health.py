@@ -1,6 +1,7 @@
 """Operations endpoints: ``/healthz`` (the process answers), ``/readyz``
-(the database and the Celery broker are reachable) and ``/metrics``
-(Prometheus text format).
+(the database and the Celery broker are reachable, checked at most once per
+``READINESS_CACHE_SECONDS`` per process) and ``/metrics`` (Prometheus text
+format).
 
 Plain Django views, outside DRF: probes and scrapers carry no session or
 token, and a probe must not depend on the machinery it is probing. They answer
@@ -14,12 +15,15 @@ import os
 
 import kombu
 from django.conf import settings
+from django.core.signals import setting_changed
 from django.db import connections
+from django.dispatch import receiver
 from django.http import HttpResponse, JsonResponse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 
 from kiropool.errors import error_body
+from kiropool.recent import RecentValue
 from routing import metrics
 
 logger = logging.getLogger(__name__)
@@ -35,10 +39,27 @@ def healthz(request):
     return JsonResponse({"status": "ok"})
 
 
+def _readiness() -> dict[str, str]:
+    return {"database": _check(_database_ping), "broker": _check(_broker_ping)}
+
+
+# The answer is reused for a few seconds in this process (kiropool/recent.py):
+# probes come every few seconds anyway, and the endpoint is open, so a flood of
+# anonymous requests must not become a flood of broker connections.
+READINESS_CACHE_SECONDS = 5.0
+readiness = RecentValue(_readiness, seconds=READINESS_CACHE_SECONDS)
+
+
+@receiver(setting_changed)
+def _readiness_forget(**kwargs) -> None:
+    # An answer belongs to the broker and database it was computed against.
+    readiness.clear()
+
+
 @never_cache
 @require_GET
 def readyz(request):
-    checks = {"database": _check(_database_ping), "broker": _check(_broker_ping)}
+    checks = dict(readiness.get())
     down = [name for name, result in checks.items() if result != "ok"]
     if not down:
         return JsonResponse({"status": "ok", "checks": checks})

@@ -1,27 +1,39 @@
 """kiropool settings.
 
 Everything comes from the environment through one ``environ.Env`` (an optional
-``.env`` file beside ``manage.py`` is read first). With no environment at all
+``.env`` file beside ``manage.py`` is read first, then the development secrets
+`make run` keeps in ``var/local-secrets.env``). With no environment at all
 the project runs on a SQLite file under ``var/`` and needs no Redis: Celery then
 uses kombu's filesystem transport and Django the local-memory cache.
 """
 
+import os
 from pathlib import Path
 
 import environ
+
+from kiropool.secrets_guard import DEVELOPMENT_SECRET_KEY
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = BASE_DIR / "var"
 
 env = environ.Env()
 environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
+# The SECRET_KEY and Fernet key `make run` generated once for this checkout
+# (kiropool/local_secrets.py); the environment and .env win over them. A test
+# run never reads them (pytest sets PYTEST_VERSION, and the processes it starts
+# inherit it), so the suite sees the same settings on a fresh clone as after
+# `make run`.
+LOCAL_SECRETS_FILE = Path(env.str("KIROPOOL_LOCAL_SECRETS_FILE", default=str(VAR_DIR / "local-secrets.env")))
+if LOCAL_SECRETS_FILE.is_file() and not os.environ.get("PYTEST_VERSION"):
+    environ.Env.read_env(LOCAL_SECRETS_FILE, overwrite=False)
 
 # --- core -------------------------------------------------------------------
 
 DEBUG = env.bool("DEBUG", default=False)
-# The default key is only good for a laptop: `check --deploy` flags it, and the
-# README's "Deploying" section says to set SECRET_KEY.
-SECRET_KEY = env.str("SECRET_KEY", default="django-insecure-kiropool-local-development-only")
+# The default is public: with DEBUG off no server, worker or data command
+# starts on it (kiropool/secrets_guard.py). `make run` generates a local one.
+SECRET_KEY = env.str("SECRET_KEY", default=DEVELOPMENT_SECRET_KEY)
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["127.0.0.1", "localhost", "[::1]", "testserver"])
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
 
@@ -174,6 +186,21 @@ CELERY_BEAT_SCHEDULE = {
         "options": {"expires": 250},
     },
 }
+# A hung task (a lock it waits on, a dead connection) must not hold a worker
+# slot for ever: two of them would stop all maintenance. At the soft limit the
+# task gets SoftTimeLimitExceeded, so its open batch rolls back; at the hard
+# limit its pool process is killed and replaced, and the message is acked, not
+# redelivered. The minute tasks are stopped before their next run is due; the
+# hourly prunes (batches, resumed by the next run) and any other task get the
+# defaults. Enforced by the prefork pool, the worker's default.
+CELERY_TASK_SOFT_TIME_LIMIT = 300
+CELERY_TASK_TIME_LIMIT = 330
+_MINUTE_TASK_LIMITS = {"soft_time_limit": 40, "time_limit": 50}
+CELERY_TASK_ANNOTATIONS = {
+    "routing.tasks.latency_snapshot_refresh": _MINUTE_TASK_LIMITS,
+    "routing.tasks.binding_purge": _MINUTE_TASK_LIMITS,
+    "routing.tasks.lease_reap": _MINUTE_TASK_LIMITS,
+}
 
 # --- auth, i18n, static -----------------------------------------------------
 
@@ -184,6 +211,10 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
 LOGIN_URL = "admin:login"
+# Messages wait in the server-side session, never in a cookie: the one message
+# that shows a new API key's plaintext would otherwise travel in a cookie that
+# is signed, not encrypted, so anyone holding the cookie could read the key.
+MESSAGE_STORAGE = "django.contrib.messages.storage.session.SessionStorage"
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
@@ -297,9 +328,9 @@ KIROPOOL_METRICS_TOKEN = env.str("KIROPOOL_METRICS_TOKEN", default="")
 # --- hardening ------------------------------------------------------------------
 
 # Fernet keys for account credentials at rest (accounts/fields.py): the first
-# encrypts, all decrypt. Unset, a key is derived from SECRET_KEY (development
-# only: `check --deploy` warns). Generate one with
-# `python -c "from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())"`.
+# encrypts, all decrypt. Unset, a key is derived from SECRET_KEY: only with
+# DEBUG on, since no production process starts without them
+# (kiropool/secrets_guard.py). `manage.py secrets_generate` prints one.
 KIROPOOL_FERNET_KEYS = env.list("KIROPOOL_FERNET_KEYS", default=[])
 
 # Largest request body accepted (413 above it, kiropool/middleware.py). A

@@ -8,10 +8,11 @@ Two kinds:
   several workers each process counts its own; with ``PROMETHEUS_MULTIPROC_DIR``
   set (``bin/run`` and ``gunicorn.conf.py`` set it) prometheus_client keeps the
   counts in files there and a scrape sums every worker's.
-- State, read from the database at scrape time by :class:`PoolStateCollector`:
-  leases in flight and live bindings per identity, identities cooling down,
-  the snapshot's age. The database is the truth shared by every process and
-  host, so these are right whichever worker answers the scrape.
+- State, read from the database by :class:`PoolStateCollector`: leases in
+  flight and live bindings per identity, identities cooling down, the
+  snapshot's age. The database is the truth shared by every process and host,
+  so these are right whichever worker answers the scrape; a reading is reused
+  for up to ``POOL_STATE_CACHE_SECONDS`` in a process.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from kiropool.recent import RecentValue
 from routing.selectors import operator as selectors
 
 logger = logging.getLogger(__name__)
@@ -109,53 +111,70 @@ def completion_observe(outcome: str) -> None:
 
 
 class PoolStateCollector:
-    """Gauges (and the counter drift) read from the database at each scrape (three queries)."""
+    """Gauges (and the counter drift) read from the database (three queries),
+    at most once per ``POOL_STATE_CACHE_SECONDS`` in this process."""
 
     def collect(self):
-        now = timezone.now()
-        try:
-            identities = list(
-                selectors.identity_operator_list(now=now).values_list(
-                    "name", "live_leases", "live_sessions", "cooldown_until"
-                )
+        yield from pool_state.get()
+
+
+def _pool_state_families():
+    """The pool-state families, read from the database (three queries)."""
+    now = timezone.now()
+    try:
+        identities = list(
+            selectors.identity_operator_list(now=now).values_list(
+                "name", "live_leases", "live_sessions", "cooldown_until", "ejected_until"
             )
-            snapshot_at = selectors.latency_snapshot_generated_at()
-            drift = selectors.counter_drift_list()
-        except DatabaseError:
-            logger.warning("metrics: the database could not be read", exc_info=True)
-            yield GaugeMetricFamily("kiropool_database_up", "Whether the pool state could be read.", value=0)
-            return
-        yield GaugeMetricFamily("kiropool_database_up", "Whether the pool state could be read.", value=1)
-        in_flight = GaugeMetricFamily(
-            "kiropool_identity_leases_in_flight", "Leases in flight per routing identity.", labels=["identity"]
         )
-        sessions = GaugeMetricFamily(
-            "kiropool_identity_live_bindings", "Live session bindings per routing identity.", labels=["identity"]
+        snapshot_at = selectors.latency_snapshot_generated_at()
+        drift = selectors.counter_drift_list()
+    except DatabaseError:
+        logger.warning("metrics: the database could not be read", exc_info=True)
+        yield GaugeMetricFamily("kiropool_database_up", "Whether the pool state could be read.", value=0)
+        return
+    yield GaugeMetricFamily("kiropool_database_up", "Whether the pool state could be read.", value=1)
+    in_flight = GaugeMetricFamily(
+        "kiropool_identity_leases_in_flight", "Leases in flight per routing identity.", labels=["identity"]
+    )
+    sessions = GaugeMetricFamily(
+        "kiropool_identity_live_bindings", "Live session bindings per routing identity.", labels=["identity"]
+    )
+    cooling = ejected = 0
+    for name, leases, live_sessions, cooldown_until, ejected_until in identities:
+        in_flight.add_metric([name], leases)
+        sessions.add_metric([name], max(0, live_sessions))
+        cooling += cooldown_until is not None and cooldown_until > now
+        ejected += ejected_until is not None and ejected_until > now
+    yield in_flight
+    yield sessions
+    yield GaugeMetricFamily("kiropool_identities", "Routing identities.", value=len(identities))
+    yield GaugeMetricFamily("kiropool_identities_cooling_down", "Routing identities cooling down.", value=cooling)
+    yield GaugeMetricFamily(
+        "kiropool_identities_ejected", "Routing identities ejected after repeated failures.", value=ejected
+    )
+    if snapshot_at is not None:
+        yield GaugeMetricFamily(
+            "kiropool_latency_snapshot_age_seconds",
+            "Age of the newest latency snapshot; over 300 s, latency bands are off.",
+            value=(now - snapshot_at).total_seconds(),
         )
-        cooling = 0
-        for name, leases, live_sessions, cooldown_until in identities:
-            in_flight.add_metric([name], leases)
-            sessions.add_metric([name], max(0, live_sessions))
-            cooling += cooldown_until is not None and cooldown_until > now
-        yield in_flight
-        yield sessions
-        yield GaugeMetricFamily("kiropool_identities", "Routing identities.", value=len(identities))
-        yield GaugeMetricFamily("kiropool_identities_cooling_down", "Routing identities cooling down.", value=cooling)
-        if snapshot_at is not None:
-            yield GaugeMetricFamily(
-                "kiropool_latency_snapshot_age_seconds",
-                "Age of the newest latency snapshot; over 300 s, latency bands are off.",
-                value=(now - snapshot_at).total_seconds(),
-            )
-        corrected = CounterMetricFamily(
-            "kiropool_counter_drift",
-            "How far the reconcile task found a hot counter off from the rows it counts, summed over its runs "
-            "(anything but 0 means something wrote a counter outside its owners).",
-            labels=["counter"],
-        )
-        for name, total in drift:
-            corrected.add_metric([name], total)
-        yield corrected
+    corrected = CounterMetricFamily(
+        "kiropool_counter_drift",
+        "How far the reconcile task found a hot counter off from the rows it counts, summed over its runs "
+        "(anything but 0 means something wrote a counter outside its owners).",
+        labels=["counter"],
+    )
+    for name, total in drift:
+        corrected.add_metric([name], total)
+    yield corrected
+
+
+# /metrics is open to scrapers, so to anyone: a burst of scrapes reuses one
+# reading for a few seconds (kiropool/recent.py) instead of running the
+# aggregates each time. Prometheus scrapes every 15-60 s; 5 s old is fresh.
+POOL_STATE_CACHE_SECONDS = 5.0
+pool_state = RecentValue(lambda: list(_pool_state_families()), seconds=POOL_STATE_CACHE_SECONDS)
 
 
 class _ThisProcess:

@@ -50,6 +50,30 @@ def pool_permissions():
     return Permission.objects.filter(content_type__app_label__in=["accounts", "routing"])
 
 
+@pytest.fixture(autouse=True)
+def _fresh_probe_caches():
+    # /readyz and /metrics reuse their answer for a few seconds per process;
+    # every test starts from the database and broker as they are now.
+    from kiropool.health import readiness
+    from routing.metrics import pool_state
+
+    readiness.clear()
+    pool_state.clear()
+    yield
+    readiness.clear()
+    pool_state.clear()
+
+
+@pytest.fixture
+def process_secrets(settings):
+    """This process uses the secrets of the servers and workers it starts
+    (tests/support.PROCESS_SECRETS), so credentials it writes they can read."""
+    from tests.support import PROCESS_SECRETS
+
+    settings.SECRET_KEY = PROCESS_SECRETS["SECRET_KEY"]
+    settings.KIROPOOL_FERNET_KEYS = [PROCESS_SECRETS["KIROPOOL_FERNET_KEYS"]]
+
+
 @pytest.fixture
 def operator_token_client(django_user_model):
     """``operator_token_client(username, permissions=())``: a DRF client

@@ -11,6 +11,25 @@ from django.db import connection
 
 from kiropool.webserver import WebServer
 
+# The secrets of every server, worker or manage.py process a test starts: with
+# DEBUG off they refuse to start without them (kiropool/secrets_guard.py).
+# Public, so for tests only.
+PROCESS_SECRETS = {
+    "SECRET_KEY": "test-only-secret-key-c5N8rW2qLx7vT0bZ4mJ9hK3sD6fG1aQ8eY5uI2oP7",
+    "KIROPOOL_FERNET_KEYS": "dGVzdC1vbmx5LWZlcm5ldC1rZXktMzItYnl0ZXMtISE=",
+}
+
+
+def clean_env(**environment: str) -> dict[str, str]:
+    """A process environment with nothing of the developer's or CI's settings:
+    PATH and HOME, plus ``environment``. PYTEST_VERSION is kept so that the
+    process, like this one, ignores the development secrets `make run` keeps
+    in var/local-secrets.env (kiropool/settings.py)."""
+    env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp")}
+    if "PYTEST_VERSION" in os.environ:
+        env["PYTEST_VERSION"] = os.environ["PYTEST_VERSION"]
+    return {**env, **environment}
+
 
 def test_database_url() -> str:
     """DATABASE_URL of the PostgreSQL database this test run is using."""
@@ -26,9 +45,11 @@ test_database_url.__test__ = False  # a helper, not a test
 
 def project_env(tmp: Path, **overrides: str) -> dict[str, str]:
     """The environment of a server or worker process: the caller's, minus
-    anything naming the machine's shared services, plus ``overrides``."""
+    anything naming the machine's shared services, with the test secrets
+    (DEBUG is off), plus ``overrides``."""
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL")}
     env.update(
+        PROCESS_SECRETS,
         DJANGO_SETTINGS_MODULE="kiropool.settings",
         PROMETHEUS_MULTIPROC_DIR=str(tmp / "prometheus"),
         STATICFILES_STORAGE="django.contrib.staticfiles.storage.StaticFilesStorage",

@@ -1,13 +1,17 @@
 """/healthz and /readyz."""
 
 import json
-import os
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 from django.conf import settings as django_settings
+
+from kiropool.health import readiness
+from tests.support import clean_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,12 +73,11 @@ def test_readyz_names_an_unreachable_database(tmp_path):
         "r = Client().get('/readyz')\n"
         "print(json.dumps({'status': r.status_code, 'body': r.json()}))\n"
     )
-    env = {
-        "PATH": os.environ["PATH"],
-        "DJANGO_SETTINGS_MODULE": "kiropool.settings",
-        "DATABASE_URL": "postgres://nobody@127.0.0.1:1/nothing",
-        "CELERY_BROKER_URL": "filesystem://",
-    }
+    env = clean_env(
+        DJANGO_SETTINGS_MODULE="kiropool.settings",
+        DATABASE_URL="postgres://nobody@127.0.0.1:1/nothing",
+        CELERY_BROKER_URL="filesystem://",
+    )
     out = subprocess.run(
         [sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, check=True, timeout=60
     )
@@ -82,3 +85,59 @@ def test_readyz_names_an_unreachable_database(tmp_path):
     assert result["status"] == 503
     assert result["body"]["checks"] == {"database": "down (OperationalError)", "broker": "ok"}
     assert result["body"]["error"]["message"] == "not ready: database unreachable"
+
+
+class CountingBroker:
+    """A TCP port where a Redis broker would be, which counts the connections
+    it is asked for and drops each at once (so the probe fails fast)."""
+
+    def __init__(self):
+        self.connections = 0
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self._server.settimeout(0.2)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self._server.getsockname()[1]}/0"
+
+    def _serve(self):
+        while not self._stop.is_set():
+            try:
+                connection, _ = self._server.accept()
+            except TimeoutError:
+                continue
+            self.connections += 1
+            connection.close()
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(5)
+        self._server.close()
+
+
+@pytest.fixture
+def counting_broker(settings):
+    broker = CountingBroker()
+    settings.CELERY_BROKER_URL = broker.url
+    yield broker
+    broker.close()
+
+
+@pytest.mark.django_db
+def test_a_burst_of_readiness_probes_costs_one_broker_connection_and_one_query(
+    client, counting_broker, django_assert_num_queries
+):
+    single = client.get("/readyz")
+    assert single.status_code == 503 and single.json()["checks"]["broker"].startswith("down")
+    one_probe = counting_broker.connections
+    assert one_probe >= 1  # the probe did go to this broker
+
+    readiness.clear()  # the next interval
+    with django_assert_num_queries(1):  # the SELECT 1, once
+        burst = [client.get("/readyz") for _ in range(50)]
+    assert {response.status_code for response in burst} == {503}
+    assert all(response.json() == single.json() for response in burst)
+    assert counting_broker.connections == 2 * one_probe  # the burst cost what one probe costs

@@ -1,10 +1,11 @@
 """Settings parse from the environment; with none at all, the embedded default."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+from tests.support import clean_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,7 +27,7 @@ print(json.dumps({
 
 
 def load(**environment) -> dict:
-    env = {"PATH": os.environ["PATH"], "DJANGO_SETTINGS_MODULE": "kiropool.settings", **environment}
+    env = clean_env(DJANGO_SETTINGS_MODULE="kiropool.settings", **environment)
     out = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 

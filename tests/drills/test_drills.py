@@ -22,6 +22,7 @@ from collections import Counter
 
 import pytest
 
+from kiropool.health import READINESS_CACHE_SECONDS
 from tests.drills.services import (
     CeleryWorker,
     PrivatePostgres,
@@ -290,7 +291,15 @@ def test_redis_stopped_leaves_dispatch_alone_and_tasks_resume(pg, database, redi
                 request(server.bind, "POST", "/api/v1/dispatch/explain", {}, auth)[0]
             )  # rate limit fails open
         took = time.monotonic() - started
-        ready_status, ready, _ = request(server.bind, "GET", "/readyz")
+
+        def not_ready():
+            status, body, _ = request(server.bind, "GET", "/readyz")
+            return (status, body) if status != 200 else None
+
+        # /readyz reuses its answer for up to READINESS_CACHE_SECONDS per process.
+        ready_status, ready = wait_for(
+            not_ready, timeout=READINESS_CACHE_SECONDS + 15, interval=0.5, what="readyz to report the broker down"
+        )
         try:
             send_task(env, "lease_reap")  # the sender is told, it does not hang
             sent_while_down = "accepted"

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -105,6 +106,28 @@ def test_pool_state_is_read_from_the_database(client):
     assert samples[("kiropool_identities", ())] == 2
     assert samples[("kiropool_database_up", ())] == 1
     assert 90 <= samples[("kiropool_latency_snapshot_age_seconds", ())] < 120
+
+
+def test_a_burst_of_scrapes_runs_the_pool_aggregates_once(client, django_assert_num_queries):
+    busy = RoutingIdentityFactory(name="busy")
+    LeaseFactory(account=AccountFactory(identity=busy))
+    with django_assert_num_queries(2):  # the identity aggregate and the snapshot, once for the burst
+        burst = [scrape(client) for _ in range(50)]
+    assert all(samples[("kiropool_identity_leases_in_flight", (("identity", "busy"),))] == 1 for samples in burst)
+    # The event counters are not part of the reused reading: they stay live.
+    metrics.completion_observe("success")
+    key = ("kiropool_lease_completions_total", (("outcome", "success"),))
+    assert scrape(client)[key] == burst[-1][key] + 1
+
+
+def test_the_pool_state_is_read_again_after_the_interval(client, django_assert_num_queries):
+    added = ("kiropool_identity_leases_in_flight", (("identity", "added"),))
+    scrape(client)
+    RoutingIdentityFactory(name="added")
+    assert added not in scrape(client)  # the reading is reused...
+    time.sleep(metrics.POOL_STATE_CACHE_SECONDS + 0.2)
+    with django_assert_num_queries(2):
+        assert scrape(client)[added] == 0  # ...for no longer than the interval
 
 
 def test_metrics_are_open_by_default_and_can_require_a_token(client, settings):

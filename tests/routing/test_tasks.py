@@ -1,8 +1,10 @@
 """Background maintenance (SPEC §4): the services, then the Celery tasks run by
 a real worker consuming the real Redis broker (not eager mode)."""
 
+import subprocess
 import threading
 import time
+import uuid
 from datetime import timedelta
 
 import pytest
@@ -60,6 +62,26 @@ def test_beat_schedule_runs_every_task_and_expires_each_before_its_next_run():
     for entry in schedule.values():
         assert entry["task"] in celery_app.tasks
         assert 0 < entry["options"]["expires"] < entry["schedule"]
+
+
+def time_limits(task) -> tuple[float, float]:
+    """(soft, hard) as the worker applies them: the task's own, else the defaults."""
+    conf = celery_app.conf
+    return task.soft_time_limit or conf.task_soft_time_limit, task.time_limit or conf.task_time_limit
+
+
+def test_every_task_has_time_limits_and_a_hung_run_ends_before_the_next_is_due():
+    celery_app.loader.import_default_modules()
+    ours = [task for name, task in celery_app.tasks.items() if not name.startswith("celery.")]
+    assert ours
+    for task in ours:
+        soft, hard = time_limits(task)
+        assert soft and hard and 0 < soft < hard, task.name
+    for entry in settings.CELERY_BEAT_SCHEDULE.values():
+        soft, hard = time_limits(celery_app.tasks[entry["task"]])
+        assert hard < entry["schedule"], entry["task"]
+    # The minute tasks have their own, tighter limits.
+    assert time_limits(tasks.lease_reap)[1] < 60 and time_limits(tasks.binding_purge)[1] < 60
 
 
 # --- the services ----------------------------------------------------------------------------------
@@ -374,3 +396,54 @@ def test_worker_prunes_old_samples(worker):
     LatencySampleFactory(recorded_at=timezone.now() - timedelta(hours=2))
     assert worker.run(tasks.latency_sample_prune) == 1
     assert list(LatencySample.objects.values_list("pk", flat=True)) == [fresh.pk]
+
+
+# --- a hung task, in a real prefork worker ---------------------------------------------------------
+
+
+@pytest.mark.redis
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("postgres_only")
+def test_a_hung_task_is_stopped_at_its_limits_and_maintenance_goes_on(tmp_path):
+    """One worker slot (concurrency 1, as lean as it gets): a task that obeys
+    its soft limit and one that ignores it and is killed at its hard limit,
+    then the lease reaper queued behind them still runs, and neither hung task
+    is delivered again."""
+    if not settings.REDIS_URL:
+        pytest.skip("needs a real Redis broker: set REDIS_URL=redis://host:6379/<db> (CI does)")
+    import redis
+
+    from tests.drills.services import PYTHON, ROOT, stop_process, wait_for
+    from tests.support import project_env, test_database_url
+
+    identity = RoutingIdentityFactory(max_concurrency=2, in_flight=1)
+    now = timezone.now()
+    account = AccountFactory(identity=identity)
+    lapsed = LeaseFactory(account=account, started_at=now - timedelta(hours=1), expires_at=now)
+    marker, log = tmp_path / "hang.log", tmp_path / "worker.log"
+    queue = f"kiropool-test-time-limits-{uuid.uuid4().hex}"  # nobody else's worker takes these
+    env = project_env(tmp_path, DATABASE_URL=test_database_url(), REDIS_URL=settings.REDIS_URL)
+    command = [PYTHON, "-m", "celery", "-A", "tests.routing.celery_hang", "worker", "--concurrency=1", "-Q", queue]
+    command += ["--without-gossip", "--without-mingle", "--without-heartbeat", "--loglevel=INFO"]
+    with open(log, "ab") as output:
+        worker = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    broker = redis.Redis.from_url(settings.REDIS_URL)
+    try:
+        wait_for(lambda: "ready." in log.read_text(errors="replace"), timeout=60, what="the worker to be ready")
+        celery_app.send_task("tests.hang", args=[str(marker), False], queue=queue)
+        celery_app.send_task("tests.hang", args=[str(marker), True], queue=queue)
+        tasks.lease_reap.apply_async(queue=queue)
+        # 1 s + 3 s of limits, then the reap; the rest is slack for a busy machine.
+        wait_for(lambda: Lease.objects.get(pk=lapsed.pk).outcome == LeaseOutcome.EXPIRED, timeout=60, what="the reap")
+    finally:
+        stop_process(worker, timeout=30)
+    output = log.read_text(errors="replace")
+    assert "Hard time limit (3s) exceeded for tests.hang" in output, output[-3000:]
+    assert marker.read_text().splitlines() == ["started", "soft limit", "started", "soft limit"]
+    assert RoutingIdentity.objects.get(pk=identity.pk).in_flight == 0
+    # Acked, not waiting to be delivered again: a warm shutdown puts unacked
+    # messages back on their queue.
+    assert broker.llen(queue) == 0
+    broker.delete(queue)

@@ -1,13 +1,14 @@
 """`manage.py check --deploy` is clean under the production settings the
 README's "Deploying" section documents, and those settings behave."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from cryptography.fernet import Fernet
+
+from tests.support import clean_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,7 +32,7 @@ PRODUCTION = {
 
 def check_deploy(**environment) -> subprocess.CompletedProcess:
     # A clean environment: nothing of the developer's or CI's own settings leaks in.
-    env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), **environment}
+    env = clean_env(**environment)
     return subprocess.run(
         [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
         cwd=ROOT,

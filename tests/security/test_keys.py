@@ -1,11 +1,14 @@
 """Gateway API keys: looked up by prefix, compared in constant time, stamped
 with their last use, refused (401) when unknown, disabled or expired."""
 
+import zlib
 from datetime import timedelta
 
 import pytest
+from django.core import signing
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
+from django.urls import reverse
 from django.utils import timezone
 
 from accounts import authentication
@@ -138,3 +141,44 @@ def test_a_valid_prefix_with_the_wrong_secret_is_refused():
     other = ApiKeyFactory()
     forged = f"kp_{key.prefix}_{other.plaintext.split('_', 2)[2]}"
     assert_401(Gateway(forged).dispatch())
+
+
+def cookie_readings(response) -> list[str]:
+    """What anyone holding a response's cookies can read: each Set-Cookie as
+    sent, and its value decoded the way Django's signer encodes it (base64,
+    zlib when compressed). A signature proves where a value came from; it
+    hides nothing."""
+    readings = []
+    for morsel in response.cookies.values():
+        readings.append(morsel.OutputString())
+        payload = morsel.value.split(":", 1)[0]
+        try:
+            data = signing.b64_decode(payload.lstrip(".").encode())
+            readings.append((zlib.decompress(data) if payload.startswith(".") else data).decode(errors="replace"))
+        except (ValueError, zlib.error):
+            pass  # not a signed value
+    return readings
+
+
+def test_a_new_keys_plaintext_never_travels_in_a_cookie(staff_client):
+    form = {
+        "name": "from-admin",
+        "enabled": "on",
+        "route_strategy": "auto",
+        "preferred_pool": "balanced",
+        "latency_routing_enabled": "on",
+        "min_start_interval_ms": "0",
+        "model_preferences": "{}",
+    }
+    created = staff_client.post(reverse("admin:accounts_apikey_add"), form)
+    assert created.status_code == 302, created.content
+    shown = staff_client.get(created.url)
+    # The one showing still happens, from the server-side session...
+    plaintext = shown.content.decode().split("<code class='kiropool-new-key'>")[1].split("</code>")[0]
+    assert hash_key(plaintext) == ApiKey.objects.get(name="from-admin").key_hash
+    secret = plaintext.rsplit("_", 1)[1]
+    # ...and neither the key nor its secret part is in any cookie of either response.
+    readings = cookie_readings(created) + cookie_readings(shown)
+    assert readings  # the session cookie at least: the check saw cookies
+    assert not [reading for reading in readings if plaintext in reading or secret in reading]
+    assert all(secret not in morsel.value for morsel in staff_client.cookies.values())
