@@ -45,7 +45,7 @@ def fernet_keys_set(app_configs, **kwargs) -> list[checks.CheckMessage]:
 @checks.register()
 def rates_valid(app_configs, **kwargs) -> list[checks.CheckMessage]:
     errors = []
-    for name in ("KIROPOOL_DISPATCH_RATE", "KIROPOOL_EXPLAIN_RATE"):
+    for name in ("KIROPOOL_DISPATCH_RATE", "KIROPOOL_EXPLAIN_RATE", "KIROPOOL_CAPACITY_REPORT_RATE"):
         try:
             parse_rate(getattr(settings, name))
         except ImproperlyConfigured as exc:

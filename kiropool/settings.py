@@ -200,6 +200,9 @@ CELERY_TASK_ANNOTATIONS = {
     "routing.tasks.latency_snapshot_refresh": _MINUTE_TASK_LIMITS,
     "routing.tasks.binding_purge": _MINUTE_TASK_LIMITS,
     "routing.tasks.lease_reap": _MINUTE_TASK_LIMITS,
+    "routing.tasks.quota_resets_apply": _MINUTE_TASK_LIMITS,
+    # every 5 minutes; a lock it cannot get within 200 ms is skipped, not waited on
+    "routing.tasks.counters_reconcile": {"soft_time_limit": 200, "time_limit": 240},
 }
 
 # --- auth, i18n, static -----------------------------------------------------
@@ -297,6 +300,20 @@ KIROPOOL_SLOW_START_SECONDS = float(_clamp(env.int("KIROPOOL_SLOW_START_SECONDS"
 # An exhausted account (or one at its minimum balance) with no known reset
 # time lets one probe lease through this often (half-open).
 KIROPOOL_QUOTA_PROBE_SECONDS = _clamp(env.int("KIROPOOL_QUOTA_PROBE_SECONDS", default=3600), 60, 31 * 24 * 3600)
+# --- one key cannot hurt the others (README, "Security") ----------------------
+
+# Leases a key may hold at once unless it has its own max_concurrency, so one
+# gateway cannot take every slot of the pool (0: no default limit).
+KIROPOOL_KEY_MAX_CONCURRENCY = max(0, env.int("KIROPOOL_KEY_MAX_CONCURRENCY", default=64))
+# Reports that take capacity away from everyone (rate_limited cooling an
+# identity, proxy_failure cooling a proxy, quota_exhausted) per key, as
+# "<count>/<s|min|h|d>"; beyond it the lease is released but the report's
+# effect is not applied. Empty: no limit.
+KIROPOOL_CAPACITY_REPORT_RATE = env.str("KIROPOOL_CAPACITY_REPORT_RATE", default="20/min")
+# Each key's share of the binding capacity (KIROPOOL_AFFINITY_MAX_ENTRIES):
+# over capacity, the purge evicts first from keys holding more than their
+# share, so one key opening sessions cannot evict everyone else's.
+KIROPOOL_AFFINITY_KEY_SHARE = min(1.0, max(0.01, env.float("KIROPOOL_AFFINITY_KEY_SHARE", default=0.5)))
 # A reported first-token time is recorded as at most this, so one gateway's
 # absurd reports move the global average (and every band) only so far.
 KIROPOOL_MAX_FIRST_TOKEN_MS = float(_clamp(env.int("KIROPOOL_MAX_FIRST_TOKEN_MS", default=60_000), 1000, 3_600_000))

@@ -61,37 +61,45 @@ class ApiKeyRateThrottle(BaseThrottle):
         self._wait: float | None = None
 
     def allow_request(self, request, view) -> bool:
-        rate = parse_rate(getattr(settings, self.setting))
-        if rate is None or not isinstance(request.auth, ApiKey):
+        if not isinstance(request.auth, ApiKey):
             return True
-        limit, seconds = rate
-        now = time.time()
-        window = int(now // seconds)
-        # The id and the random lookup prefix: a key deleted and its id reused
-        # (SQLite) starts from zero rather than inheriting a count.
-        key = request.auth
-        used = self._count(f"kiropool:rate:{self.scope}:{key.pk}:{key.prefix}:{window}", seconds)
-        if used is None or used <= limit:
-            return True
-        self._wait = max(1.0, math.ceil((window + 1) * seconds - now))
-        return False
+        self._wait = key_rate_take(request.auth, scope=self.scope, rate=getattr(settings, self.setting))
+        return self._wait is None
 
     def wait(self) -> float | None:
         return self._wait
 
-    @staticmethod
-    def _count(key: str, seconds: int) -> int | None:
-        cache = caches["default"]
+
+def key_rate_take(key: ApiKey, *, scope: str, rate: str) -> float | None:
+    """Count one event of ``scope`` for ``key`` against ``rate``: None when
+    it is within the rate (or no rate is set, or the cache is down), else
+    the seconds until the window ends."""
+    parsed = parse_rate(rate)
+    if parsed is None:
+        return None
+    limit, seconds = parsed
+    now = time.time()
+    window = int(now // seconds)
+    # The id and the random lookup prefix: a key deleted and its id reused
+    # (SQLite) starts from zero rather than inheriting a count.
+    used = _count(f"kiropool:rate:{scope}:{key.pk}:{key.prefix}:{window}", seconds)
+    if used is None or used <= limit:
+        return None
+    return max(1.0, math.ceil((window + 1) * seconds - now))
+
+
+def _count(key: str, seconds: int) -> int | None:
+    cache = caches["default"]
+    try:
+        cache.add(key, 0, timeout=seconds + 1)
         try:
-            cache.add(key, 0, timeout=seconds + 1)
-            try:
-                return cache.incr(key)
-            except ValueError:  # expired between add and incr
-                cache.set(key, 1, timeout=seconds + 1)
-                return 1
-        except Exception:  # noqa: BLE001 - fail open: a cache outage must not stop dispatch
-            _warn_cache_down()
-            return None
+            return cache.incr(key)
+        except ValueError:  # expired between add and incr
+            cache.set(key, 1, timeout=seconds + 1)
+            return 1
+    except Exception:  # noqa: BLE001 - fail open: a cache outage must not stop dispatch
+        _warn_cache_down()
+        return None
 
 
 def _warn_cache_down() -> None:

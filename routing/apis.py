@@ -179,6 +179,10 @@ class LeaseCompleteApi(GatewayApi):
         account = serializers.CharField(source="account_name")
         outcome = serializers.CharField()
         session_bound = serializers.BooleanField()
+        report_applied = serializers.BooleanField(
+            help_text="False when the key sent more capacity-taking reports (rate limits, proxy failures, "
+            "exhausted quotas) than KIROPOOL_CAPACITY_REPORT_RATE: the lease was released, the report not applied."
+        )
 
     @extend_schema(
         operation_id="lease_complete",

@@ -33,4 +33,6 @@ def backend_configure(*, vendor: str, fast_statements: bool) -> Backend:
 
     backend.postgres = vendor == "postgresql"
     backend.statements = pg.Statements() if backend.postgres and fast_statements else None
+    if backend.postgres:
+        pg.statement_cache_widen()
     return backend

@@ -28,6 +28,7 @@ from django.utils import timezone
 
 from accounts.models import ApiKey, Proxy, RoutingIdentity
 from kiropool.errors import Conflict, NotFound
+from kiropool.throttling import key_rate_take
 from routing import leases, metrics, quotas, sessions, wakeups
 from routing.backend import backend
 from routing.dispatch import Completed, Completion
@@ -99,6 +100,18 @@ def _lease_complete(*, key: ApiKey, lease_id: uuid.UUID, completion: Completion)
     if lease is None:
         raise NotFound("no such lease for this API key")
     now = timezone.now()
+    if _takes_capacity(completion) and not _report_allowed(key):
+        # Over its rate of capacity-taking reports: the lease is released and
+        # its outcome recorded, but one gateway no longer benches accounts
+        # and proxies for everyone.
+        completion = Completion(
+            outcome=completion.outcome,
+            first_token_ms=completion.first_token_ms,
+            remaining_credits=completion.remaining_credits,
+            quota_resets_at=completion.quota_resets_at,
+            error_message=completion.error_message,
+            report_limited=True,
+        )
     outcome = completion.outcome
     with transaction.atomic():
         closed = Lease.objects.filter(pk=lease.pk, completed_at__isnull=True).update(
@@ -116,7 +129,15 @@ def _lease_complete(*, key: ApiKey, lease_id: uuid.UUID, completion: Completion)
         if lease.account_id is not None:
             bound = _account_effects(key=key, lease=lease, completion=completion, now=now, cooldown=cooldown)
         leases.release_notify()
-    return Completed(lease.id, lease.account_name, outcome, bound)
+    return Completed(lease.id, lease.account_name, outcome, bound, report_applied=not completion.report_limited)
+
+
+def _takes_capacity(completion: Completion) -> bool:
+    return completion.outcome in (LeaseOutcome.RATE_LIMITED, LeaseOutcome.QUOTA_EXHAUSTED) or completion.proxy_failure
+
+
+def _report_allowed(key: ApiKey) -> bool:
+    return key_rate_take(key, scope="capacity-report", rate=settings.KIROPOOL_CAPACITY_REPORT_RATE) is None
 
 
 def _identity_release(*, lease: Lease, completion: Completion, now: datetime) -> datetime | None:
@@ -125,7 +146,7 @@ def _identity_release(*, lease: Lease, completion: Completion, now: datetime) ->
     outcome = completion.outcome
     changes: dict = {"in_flight": F("in_flight") - 1}
     cooldown = None
-    if outcome == LeaseOutcome.RATE_LIMITED:
+    if outcome == LeaseOutcome.RATE_LIMITED and not completion.report_limited:
         seconds = completion.cooldown_seconds
         seconds = DEFAULT_COOLDOWN_SECONDS if seconds is None else min(seconds, MAX_COOLDOWN_SECONDS)
         cooldown = now + timedelta(seconds=seconds)
@@ -191,6 +212,8 @@ def _account_effects(*, key: ApiKey, lease: Lease, completion: Completion, now: 
         if lease.session_id:
             sessions.session_bind(key=key, session_id=lease.session_id, account_id=lease.account_id, now=now)
             return True
+    elif completion.report_limited:
+        return False  # over the key's rate of capacity-taking reports
     elif outcome == LeaseOutcome.RATE_LIMITED:
         events = [
             CooldownEvent(

@@ -95,6 +95,8 @@ class Completion:
     remaining_credits: float | None = None
     quota_resets_at: datetime | None = None
     error_message: str = ""
+    # Over the key's rate of capacity-taking reports: release only.
+    report_limited: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,3 +105,4 @@ class Completed:
     account_name: str
     outcome: str
     session_bound: bool
+    report_applied: bool = True  # False: over the key's rate of capacity-taking reports

@@ -173,12 +173,17 @@ def _sticky_fast_path(
     now = timezone.now()
     read = dict(key=key, request=request, now=now, snapshot=None, spread=False, bound_only=True)
     outcome = StickyOutcome.WAITED if waited_ms else StickyOutcome.HIT
-    if backend.statements is not None and not _key_limited(key):
+    if backend.statements is not None and not key.min_start_interval_ms:
         shape, values = reads.request_shape(**read)
         lease = _lease_new(key=key, request=request, now=now, waited_ms=waited_ms)
         lease.sticky = outcome
-        row, leased = backend.statements.sticky_claim(shape=shape, values=values, lease=lease)
-        if not leased:
+        cap = key_cap(key)
+        row, claim = backend.statements.sticky_claim(shape=shape, values=values, lease=lease, key_cap=cap)
+        if not claim.leased:
+            if claim.key_slot and cap is not None:
+                backend.statements.key_slot_return(key_id=key.pk)
+            # No key slot taken: no bound row to serve, or the key is full,
+            # which the walk's claim answers.
             return None, row
         lease.account_id, lease.identity_id = row.account_id, row.identity_id
         return Acquired(_grant(lease), row, SessionState.STICKY, waited_ms, outcome), row
@@ -249,13 +254,19 @@ def identity_unhold(*, identity_id: int) -> None:
     RoutingIdentity.objects.filter(pk=identity_id, sticky_waiters__gt=0).update(sticky_waiters=F("sticky_waiters") - 1)
 
 
-def _key_limited(key: ApiKey) -> bool:
-    return key.max_concurrency is not None or bool(key.min_start_interval_ms)
+def key_cap(key: ApiKey) -> int | None:
+    """How many leases the key may hold at once: its own limit, else the
+    default every key gets (``KIROPOOL_KEY_MAX_CONCURRENCY``, 0 = none), so
+    one gateway cannot take every slot of the pool. None: not counted."""
+    if key.max_concurrency is not None:
+        return key.max_concurrency
+    return settings.KIROPOOL_KEY_MAX_CONCURRENCY or None
 
 
 def _key_limits_check(*, key: ApiKey, now: datetime) -> None:
     """The key's own limits come first and never wait (SPEC §2)."""
-    if key.max_concurrency is not None and key.in_flight >= key.max_concurrency:
+    cap = key_cap(key)
+    if cap is not None and key.in_flight >= cap:
         raise RateLimited("this API key is at its concurrency limit", retry_after=1)
     if key.min_start_interval_ms and key.last_started_at is not None:
         ready_at = key.last_started_at + timedelta(milliseconds=key.min_start_interval_ms)
@@ -282,7 +293,7 @@ def _lease_new(
         started_at=now,
         expires_at=now + timedelta(seconds=settings.KIROPOOL_LEASE_TTL_SECONDS),
         waited_ms=waited_ms,
-        counted_on_key=key.max_concurrency is not None,
+        counted_on_key=key_cap(key) is not None,
     )
 
 
@@ -318,12 +329,16 @@ def _slot_claim(
     if sticky == StickyOutcome.MOVED:
         lease.moved_from = bound or ""
     probe = row.candidate.quota_probe
-    key_limited = _key_limited(key)
-    if backend.statements is not None and not key_limited and not probe:
-        return _grant(lease) if backend.statements.claim(lease) else None
+    cap = key_cap(key)
+    if backend.statements is not None and not key.min_start_interval_ms and not probe:
+        claim = backend.statements.claim(lease, key_cap=cap)
+        if claim.leased:
+            return _grant(lease)
+        _key_slot_undo(key=key, cap=cap, claim=claim)
+        return None
     with transaction.atomic():
-        if key_limited:
-            _key_slot_claim(key=key, now=now, counted=lease.counted_on_key)
+        if cap is not None or key.min_start_interval_ms:
+            _key_slot_claim(key=key, now=now, cap=cap)
         if probe and not _quota_probe_take(identity_id=row.identity_id, now=now):
             transaction.set_rollback(True)
             return None
@@ -358,19 +373,30 @@ def _quota_probe_take(*, identity_id: int, now: datetime) -> bool:
     return bool(taken)
 
 
-def _key_slot_claim(*, key: ApiKey, now: datetime, counted: bool) -> None:
+def _key_slot_claim(*, key: ApiKey, now: datetime, cap: int | None) -> None:
     condition = Q(pk=key.pk)
-    if counted:
-        condition &= Q(in_flight__lt=F("max_concurrency"))
+    changes: dict = {}
+    if cap is not None:
+        condition &= Q(in_flight__lt=cap)
+        changes["in_flight"] = F("in_flight") + 1
     if key.min_start_interval_ms:
         condition &= Q(last_started_at__isnull=True) | Q(
             last_started_at__lte=now - timedelta(milliseconds=key.min_start_interval_ms)
         )
-    changes = {"last_started_at": now}
-    if counted:
-        changes["in_flight"] = F("in_flight") + 1
+        changes["last_started_at"] = now
     if not ApiKey.objects.filter(condition).update(**changes):
         raise RateLimited("this API key is at its concurrency or pacing limit", retry_after=1)
+
+
+def _key_slot_undo(*, key: ApiKey, cap: int | None, claim) -> None:
+    """A one-statement claim found the key full (429 at once, as the key's
+    limits never wait), or took a key slot for a lease it then could not
+    insert (give it back)."""
+    if cap is None:
+        return
+    if not claim.key_slot:
+        raise RateLimited("this API key is at its concurrency limit", retry_after=1)
+    backend.statements.key_slot_return(key_id=key.pk)
 
 
 def release_notify() -> None:

@@ -22,7 +22,7 @@ from django.db.models import F, Model, OuterRef, Q, QuerySet
 from django.utils import timezone
 
 from accounts.models import Account, ApiKey, RoutingIdentity
-from routing import pg
+from routing import pg, selection
 from routing.backend import backend
 from routing.latency import SNAPSHOT_WINDOW, latency_snapshot_build
 from routing.models import (
@@ -79,12 +79,25 @@ def latency_snapshot_refresh(*, now: datetime | None = None) -> LatencySnapshot:
         )
         # An account deleted since its samples were taken has none left (the
         # samples cascade), so every id here still exists.
+        g = built.global_avg_ms
         AccountLatency.objects.bulk_create(
-            AccountLatency(snapshot=snapshot, account_id=account_id, samples=stats.samples, avg_ms=stats.avg_ms)
+            AccountLatency(
+                snapshot=snapshot,
+                account_id=account_id,
+                samples=stats.samples,
+                avg_ms=stats.avg_ms,
+                score_part=selection.account_score_part(stats, g),
+            )
             for account_id, stats in built.accounts.items()
         )
         ProxyLatency.objects.bulk_create(
-            ProxyLatency(snapshot=snapshot, proxy_id=url, samples=stats.samples, avg_ms=stats.avg_ms)
+            ProxyLatency(
+                snapshot=snapshot,
+                proxy_id=url,
+                samples=stats.samples,
+                avg_ms=stats.avg_ms,
+                score_part=selection.proxy_score_part(stats, g),
+            )
             for url, stats in built.proxies.items()
         )
     stale = list(

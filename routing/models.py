@@ -161,6 +161,9 @@ class AccountLatency(models.Model):
     account = models.ForeignKey("accounts.Account", on_delete=models.CASCADE, related_name="latency_stats")
     samples = models.PositiveIntegerField()
     avg_ms = models.FloatField()
+    # selection.account_score_part with the snapshot's global average: the
+    # dispatcher's query adds the proxy's part to get the latency score.
+    score_part = models.FloatField()
 
     class Meta:
         constraints = [
@@ -188,6 +191,7 @@ class ProxyLatency(models.Model):
     )
     samples = models.PositiveIntegerField()
     avg_ms = models.FloatField()
+    score_part = models.FloatField()  # selection.proxy_score_part with the snapshot's global average
 
     class Meta:
         constraints = [

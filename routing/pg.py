@@ -45,6 +45,12 @@ def column(model: type[Model], field: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class Claim:
+    key_slot: bool  # the key had a free slot (always, for a key whose leases are not counted)
+    leased: bool  # the identity's slot was claimed and the lease inserted
+
+
+@dataclass(frozen=True, slots=True)
 class PlainCompletion:
     account_name: str
     session_bound: bool
@@ -53,42 +59,51 @@ class PlainCompletion:
 class Statements:
     """The statements, built on first use (the first needs a connection)."""
 
-    def claim(self, lease: Lease) -> bool:
-        """Claim a slot on ``lease.identity_id`` and insert ``lease``, or do
-        nothing when the identity cannot start a lease right now (counting
-        the slots held for waiting sticky sessions)."""
+    def claim(self, lease: Lease, *, key_cap: int | None) -> Claim:
+        """Claim a slot on the key (when ``key_cap`` counts its leases), then
+        on ``lease.identity_id`` (counting the slots held for waiting sticky
+        sessions), and insert ``lease``; nothing when the identity cannot
+        start a lease right now."""
         where = _claimable(reserved=True)
-        sql = _claim_sql(where.sql)
         now = lease.started_at
+        key = [lease.api_key_id, key_cap] if key_cap is not None else []
+        params = [*key, now, lease.identity_id, *where.params(_claim_values(now)), *_lease_values(lease)]
         with connection.cursor() as cursor:
-            cursor.execute(sql, [now, lease.identity_id, *where.params(_claim_values(now)), *_lease_values(lease)])
-            return cursor.fetchone() is not None
+            cursor.execute(_claim_sql(where.sql, key_counted=key_cap is not None), params)
+            key_taken, leased = cursor.fetchone()
+        return Claim(key_slot=bool(key_taken), leased=bool(leased))
 
     def sticky_claim(
-        self, *, shape: reads.Shape, values: Mapping[str, object], lease: Lease
-    ) -> tuple[CandidateRow | None, bool]:
+        self, *, shape: reads.Shape, values: Mapping[str, object], lease: Lease, key_cap: int | None
+    ) -> tuple[CandidateRow | None, Claim]:
         """The sticky fast path: when the bound account is a candidate, not
         excluded nor a quota probe, its proxy not cooling and its identity
-        able to start now, claim the slot and insert ``lease`` (its account
-        fields are filled in from the bound row). Returns the bound row (None
-        when the session has no live binding to a candidate) and whether the
-        lease was taken."""
+        able to start now, claim the slot (and the key's, when ``key_cap``
+        counts them) and insert ``lease`` (its account fields are filled in
+        from the bound row). Returns the bound row (None when the session has
+        no live binding to a candidate) and what was claimed."""
         bound = reads.compiled(shape)
         where = _claimable(reserved=False)
-        sql = _sticky_claim_sql(bound.sql, where.sql)
         now = lease.started_at
         params = [
             *bound.params(values),
+            *([lease.api_key_id, key_cap] if key_cap is not None else []),
             now,
             *where.params(_claim_values(now)),
             *_lease_values(lease, skip=_BOUND_LEASE_FIELDS),
         ]
         with connection.cursor() as cursor:
-            cursor.execute(sql, params)
+            cursor.execute(_sticky_claim_sql(bound.sql, where.sql, key_counted=key_cap is not None), params)
             row = cursor.fetchone()
         if row is None:
-            return None, False
-        return reads.row_from(row[:-1], bound), bool(row[-1])
+            return None, Claim(key_slot=False, leased=False)
+        return reads.row_from(row[:-2], bound), Claim(key_slot=bool(row[-2]), leased=bool(row[-1]))
+
+    def key_slot_return(self, *, key_id: int) -> None:
+        """Give back a key slot a claim took for a lease it did not insert."""
+        apikey, in_flight, pk = table(ApiKey), column(ApiKey, "in_flight"), column(ApiKey, "id")
+        with connection.cursor() as cursor:
+            cursor.execute(f"UPDATE {apikey} SET {in_flight} = {in_flight} - 1 WHERE {pk} = %s", [key_id])
 
     def complete(
         self,
@@ -101,10 +116,10 @@ class Statements:
         now: datetime,
         binding_expires_at: datetime,
     ) -> PlainCompletion | None:
-        """A success that only releases, records its sample and binds its
-        session, of a lease of ``key`` that is not counted on the key nor a
-        quota probe. None when it does not apply (unknown, foreign, completed,
-        key-counted or probe lease): the ORM service then answers."""
+        """A success that only releases (the identity's slot and the key's),
+        records its sample and binds its session, of a lease of ``key`` that
+        is not a quota probe. None when it does not apply (unknown, foreign,
+        completed or probe lease): the ORM service then answers."""
         success = outcome == LeaseOutcome.SUCCESS
         with connection.cursor() as cursor:
             cursor.execute(
@@ -158,28 +173,49 @@ def _lease_columns() -> list[str]:
     return [connection.ops.quote_name(f.column) for f in Lease._meta.concrete_fields]
 
 
+def _key_slot_cte(*, after: str = "") -> str:
+    """Take one of the key's counted slots (key id and cap are parameters).
+    It runs first in a claim, so every statement locks the key row before
+    the identity's, in the order the ORM services and completions use."""
+    apikey, in_flight, pk = table(ApiKey), column(ApiKey, "in_flight"), column(ApiKey, "id")
+    source = f" FROM {after}" if after else ""
+    return f"""key_slot AS (
+    UPDATE {apikey} SET {in_flight} = {apikey}.{in_flight} + 1{source}
+     WHERE {apikey}.{pk} = %s AND {apikey}.{in_flight} < %s
+ RETURNING {apikey}.{pk}
+)"""
+
+
 @functools.cache
-def _claim_sql(claimable: str) -> str:
+def _claim_sql(claimable: str, *, key_counted: bool) -> str:
     identity, lease = table(RoutingIdentity), table(Lease)
     in_flight, last_started, pk = (column(RoutingIdentity, f) for f in ("in_flight", "last_started_at", "id"))
     values = ", ".join(["%s"] * len(_lease_columns()))
+    key = f"{_key_slot_cte()}, " if key_counted else ""
     return f"""
-WITH claimed AS (
-    UPDATE {identity} SET {in_flight} = {in_flight} + 1, {last_started} = %s
+WITH {key}claimed AS (
+    UPDATE {identity} SET {in_flight} = {identity}.{in_flight} + 1, {last_started} = %s
+      {"FROM key_slot" if key_counted else ""}
      WHERE {identity}.{pk} = %s AND {claimable}
  RETURNING {identity}.{pk}
+), leased AS (
+    INSERT INTO {lease} ({", ".join(_lease_columns())})
+    SELECT {values} FROM claimed
+ RETURNING 1
 )
-INSERT INTO {lease} ({", ".join(_lease_columns())})
-SELECT {values} FROM claimed
-RETURNING {column(Lease, "id")}"""
+SELECT {"EXISTS (SELECT FROM key_slot)" if key_counted else "true"}, EXISTS (SELECT FROM leased)"""
 
 
 # The lease columns the sticky statement takes from the bound row.
 _BOUND_LEASE_FIELDS = frozenset({"account", "account_name", "identity", "proxy_url"})
 
+# Whether the bound row may be served at all (the identity's own state is
+# checked on its row as locked, by the claim condition).
+_BOUND_SERVABLE = 'NOT bound."excluded" AND NOT bound."proxy_cooling" AND NOT bound."quota_probe"'
+
 
 @functools.cache
-def _sticky_claim_sql(bound_sql: str, claimable: str) -> str:
+def _sticky_claim_sql(bound_sql: str, claimable: str, *, key_counted: bool) -> str:
     identity, lease = table(RoutingIdentity), table(Lease)
     in_flight, last_started, pk = (column(RoutingIdentity, f) for f in ("in_flight", "last_started_at", "id"))
     from_bound = {
@@ -189,13 +225,16 @@ def _sticky_claim_sql(bound_sql: str, claimable: str) -> str:
         "proxy_url": "COALESCE(bound.\"proxy__url\", '')",
     }
     selects = [from_bound.get(f.name, "%s") for f in Lease._meta.concrete_fields]
+    key = ""
+    if key_counted:
+        key = _key_slot_cte(after="bound").replace(" RETURNING", f"   AND {_BOUND_SERVABLE}\n RETURNING") + ", "
     return f"""
 WITH bound AS ({bound_sql}
-), claimed AS (
-    UPDATE {identity} SET {in_flight} = {in_flight} + 1, {last_started} = %s
-      FROM bound
+), {key}claimed AS (
+    UPDATE {identity} SET {in_flight} = {identity}.{in_flight} + 1, {last_started} = %s
+      FROM bound{", key_slot" if key_counted else ""}
      WHERE {identity}.{pk} = bound."identity_id"
-       AND NOT bound."excluded" AND NOT bound."proxy_cooling" AND NOT bound."quota_probe"
+       AND {_BOUND_SERVABLE}
        AND {claimable}
  RETURNING {identity}.{pk} AS id
 ), leased AS (
@@ -204,13 +243,15 @@ WITH bound AS ({bound_sql}
       FROM claimed JOIN bound ON bound."identity_id" = claimed.id
  RETURNING 1
 )
-SELECT bound.*, EXISTS (SELECT FROM leased) FROM bound"""
+SELECT bound.*, {"EXISTS (SELECT FROM key_slot)" if key_counted else "true"}, EXISTS (SELECT FROM leased) FROM bound"""
 
 
 @functools.cache
 def _complete_sql() -> str:
     lease, identity = table(Lease), table(RoutingIdentity)
     sample, binding = table(LatencySample), table(SessionBinding)
+    apikey = table(ApiKey)
+    k = functools.partial(column, ApiKey)
     L = functools.partial(column, Lease)  # noqa: N806 - short column helpers read like SQL
     i = functools.partial(column, RoutingIdentity)
     s = functools.partial(column, LatencySample)
@@ -221,14 +262,21 @@ WITH done AS (
        SET {L("completed_at")} = %(now)s, {L("outcome")} = %(outcome)s,
            {L("first_token_ms")} = %(first_token_ms)s, {L("error_message")} = %(error_message)s
      WHERE {L("id")} = %(lease_id)s AND {L("api_key")} = %(key_id)s
-       AND {L("completed_at")} IS NULL AND NOT {L("counted_on_key")} AND NOT {L("quota_probe")}
+       AND {L("completed_at")} IS NULL AND NOT {L("quota_probe")}
  RETURNING {L("identity")} AS identity_id, {L("account")} AS account_id, {L("account_name")} AS account_name,
-           {L("proxy_url")} AS proxy_url, {L("session_id")} AS session_id
+           {L("proxy_url")} AS proxy_url, {L("session_id")} AS session_id, {L("counted_on_key")} AS counted
+), key_released AS (
+    UPDATE {apikey} SET {k("in_flight")} = {apikey}.{k("in_flight")} - 1
+      FROM done
+     WHERE {apikey}.{k("id")} = %(key_id)s AND done.counted
+ RETURNING 1
 ), released AS (
-    -- A success also ends the identity's failure streak (outlier ejection).
+    -- The key row first (key_released is read here), then the identity: the
+    -- lock order of every claim and completion. A success also ends the
+    -- identity's failure streak (outlier ejection).
     UPDATE {identity} SET {i("in_flight")} = {identity}.{i("in_flight")} - 1,
            {i("failure_streak")} = 0, {i("ejections")} = 0
-      FROM done
+      FROM done, (SELECT count(*) FROM key_released) AS key
      WHERE {identity}.{i("id")} = done.identity_id
  RETURNING {identity}.{i("in_flight")} + 1 >= {identity}.{i("max_concurrency")} AS was_full
 ), notified AS (
@@ -264,3 +312,20 @@ def lock_timeout_set(timeout: str) -> None:
     """Give up on a row lock after ``timeout`` in the current transaction."""
     with connection.cursor() as cursor:
         cursor.execute("SELECT set_config('lock_timeout', %s, true)", [timeout])
+
+
+# The dispatcher's statements are few and fixed (one per compiled shape), but
+# longer than psycopg converts once and caches (4 KB, 50 parameters: a limit
+# meant for ORM queries of ever-changing shape, psycopg discussion #628), so
+# psycopg would re-parse 7-9 KB of SQL on every dispatch.
+STATEMENT_CACHE_LENGTH = 32_768
+STATEMENT_CACHE_PARAMS = 512
+
+
+def statement_cache_widen() -> None:
+    """Let psycopg cache the conversion of the dispatcher's long statements."""
+    from psycopg import _queries
+
+    if hasattr(_queries, "MAX_CACHED_STATEMENT_LENGTH") and hasattr(_queries, "MAX_CACHED_STATEMENT_PARAMS"):
+        _queries.MAX_CACHED_STATEMENT_LENGTH = max(_queries.MAX_CACHED_STATEMENT_LENGTH, STATEMENT_CACHE_LENGTH)
+        _queries.MAX_CACHED_STATEMENT_PARAMS = max(_queries.MAX_CACHED_STATEMENT_PARAMS, STATEMENT_CACHE_PARAMS)

@@ -202,14 +202,23 @@ def _smoothed(stats: LatencyStats | None, g: float) -> float:
     return (stats.avg_ms * n + g * SMOOTHING_SAMPLES) / (n + SMOOTHING_SAMPLES)
 
 
+def account_score_part(stats: LatencyStats | None, g: float) -> float:
+    """The account's share of a latency score: its smoothed latency, weighted."""
+    return ACCOUNT_WEIGHT * _smoothed(stats, g)
+
+
+def proxy_score_part(stats: LatencyStats | None, g: float) -> float:
+    """The proxy's share of a latency score (no proxy, or no samples: G, weighted)."""
+    return PROXY_WEIGHT * _smoothed(stats, g)
+
+
 def latency_score(snapshot: LatencySnapshot, *, account: str, proxy_url: str | None) -> float:
     """Smoothed, weighted first-token latency in ms. Requires ``latency_usable``."""
     g = snapshot.global_avg_ms
     if g is None or not math.isfinite(g):
         raise ValueError("latency_score needs a snapshot with a finite global average")
-    account_ms = _smoothed(snapshot.accounts.get(account), g)
-    proxy_ms = g if proxy_url is None else _smoothed(snapshot.proxies.get(proxy_url), g)
-    return ACCOUNT_WEIGHT * account_ms + PROXY_WEIGHT * proxy_ms
+    proxy = None if proxy_url is None else snapshot.proxies.get(proxy_url)
+    return account_score_part(snapshot.accounts.get(account), g) + proxy_score_part(proxy, g)
 
 
 def band_tolerance(global_avg_ms: float) -> float:

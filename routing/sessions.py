@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import OperationalError, transaction
-from django.db.models import Q
+from django.db.models import Count, Q
 from django.utils import timezone
 
 from accounts.models import Account, ApiKey
@@ -54,23 +54,43 @@ def session_unbind(*, bindings) -> int:
 
 
 def binding_purge(*, now: datetime | None = None, max_entries: int | None = None) -> tuple[int, int]:
-    """Delete the expired session bindings, then evict the least recently
-    updated live ones beyond the capacity (SPEC §3). Returns (expired, evicted)."""
+    """Delete the expired session bindings, then, over the capacity (SPEC §3),
+    evict live ones: first the least recently updated bindings of the keys
+    holding more than their share (``KIROPOOL_AFFINITY_KEY_SHARE`` of the
+    capacity), the furthest over first, never below their share, so one key
+    opening sessions cannot evict the others'; then, if still over, the
+    least recently updated of all. Returns (expired, evicted)."""
     now = now or timezone.now()
     limit = max(1, settings.KIROPOOL_AFFINITY_MAX_ENTRIES if max_entries is None else max_entries)
     expired = _bindings_delete(Q(expires_at__lte=now))
     live = SessionBinding.objects.filter(expires_at__gt=now)
-    if live.count() <= limit:
+    over = live.count() - limit
+    if over <= 0:
         return expired, 0
-    # The oldest binding that stays is the limit-th most recently updated.
-    # Deleting older rows never moves that line, so a second purge running at
-    # the same time draws the same one and evicts nothing extra.
-    line = list(live.order_by("-updated_at", "-id").values_list("updated_at", "id")[limit - 1 : limit])
+    share = max(1, int(limit * settings.KIROPOOL_AFFINITY_KEY_SHARE))
+    live_now = Q(expires_at__gt=now)
+    evicted = 0
+    over_share = live.values("api_key_id").annotate(n=Count("*")).filter(n__gt=share).order_by("-n", "api_key_id")
+    for row in over_share:
+        take = min(row["n"] - share, over - evicted)
+        if take <= 0:
+            break
+        evicted += _evict_older_than(live_now & Q(api_key_id=row["api_key_id"]), keep=row["n"] - take)
+    return expired, evicted + _evict_older_than(live_now, keep=limit)
+
+
+def _evict_older_than(bindings: Q, *, keep: int) -> int:
+    """Delete all but the ``keep`` most recently updated of these bindings.
+    The oldest binding that stays is the keep-th most recently updated;
+    deleting older rows never moves that line, so a second purge running at
+    the same time draws the same one and evicts nothing extra."""
+    ordered = SessionBinding.objects.filter(bindings).order_by("-updated_at", "-id")
+    line = list(ordered.values_list("updated_at", "id")[keep - 1 : keep])
     if not line:
-        return expired, 0
+        return 0
     updated_at, pk = line[0]
     older = Q(updated_at__lt=updated_at) | Q(updated_at=updated_at, id__lt=pk)
-    return expired, _bindings_delete(Q(expires_at__gt=now) & older)
+    return _bindings_delete(bindings & older)
 
 
 def _bindings_delete(condition: Q) -> int:

@@ -7,6 +7,7 @@ import factory
 from django.utils import timezone
 
 from accounts.models import Account, AccountGroup, ApiKey, Pool, Proxy, RoutingIdentity
+from routing import selection
 from routing.models import AccountLatency, LatencySample, LatencySnapshot, Lease, ProxyLatency, SessionBinding
 
 
@@ -99,21 +100,34 @@ class LatencySampleFactory(factory.django.DjangoModelFactory):
 def latency_snapshot_create(
     *, generated_at=None, window_seconds=3600, global_avg_ms=None, sample_count=0, accounts=None, proxies=None
 ) -> LatencySnapshot:
-    """A snapshot with its stats rows: ``accounts`` maps account names and
-    ``proxies`` proxy URLs to ``(samples, avg_ms)``."""
+    """A snapshot with its stats rows, as the refresh task writes them:
+    ``accounts`` maps account names and ``proxies`` proxy URLs to ``(samples, avg_ms)``."""
     snapshot = LatencySnapshot.objects.create(
         generated_at=generated_at or timezone.now(),
         window_seconds=window_seconds,
         global_avg_ms=global_avg_ms,
         sample_count=sample_count,
     )
+    g = global_avg_ms if global_avg_ms is not None else 0.0
     ids = dict(Account.objects.filter(name__in=list(accounts or {})).values_list("name", "id"))
     AccountLatency.objects.bulk_create(
-        AccountLatency(snapshot=snapshot, account_id=ids[name], samples=n, avg_ms=avg)
+        AccountLatency(
+            snapshot=snapshot,
+            account_id=ids[name],
+            samples=n,
+            avg_ms=avg,
+            score_part=selection.account_score_part(selection.LatencyStats(n, avg), g),
+        )
         for name, (n, avg) in (accounts or {}).items()
     )
     ProxyLatency.objects.bulk_create(
-        ProxyLatency(snapshot=snapshot, proxy_id=url, samples=n, avg_ms=avg)
+        ProxyLatency(
+            snapshot=snapshot,
+            proxy_id=url,
+            samples=n,
+            avg_ms=avg,
+            score_part=selection.proxy_score_part(selection.LatencyStats(n, avg), g),
+        )
         for url, (n, avg) in (proxies or {}).items()
     )
     return snapshot

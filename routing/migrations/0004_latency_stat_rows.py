@@ -26,6 +26,7 @@ class Migration(migrations.Migration):
                 ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
                 ('samples', models.PositiveIntegerField()),
                 ('avg_ms', models.FloatField()),
+                ('score_part', models.FloatField()),
             ],
         ),
         migrations.CreateModel(
@@ -44,6 +45,7 @@ class Migration(migrations.Migration):
                 ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
                 ('samples', models.PositiveIntegerField()),
                 ('avg_ms', models.FloatField()),
+                ('score_part', models.FloatField()),
             ],
         ),
         migrations.RemoveField(

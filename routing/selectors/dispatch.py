@@ -168,6 +168,8 @@ PARAMETERS = {
     "snapshot_id": int,
     "global_avg_ms": float,
     "band_width_ms": float,  # 2 × the band tolerance
+    "account_part_ms": float,  # an account's part of a score without samples (G, weighted)
+    "proxy_part_ms": float,  # a proxy's part without samples, or without a proxy
 }
 
 
@@ -359,31 +361,16 @@ COLUMNS = (
 
 
 def _band(values: Mapping[str, object]):
-    """SPEC §2's latency band, computed by the database from the snapshot's
-    rows with the same floating-point operations as ``selection.latency_band``:
-    score = 0.7 · smoothed(account) + 0.3 · smoothed(proxy), band = the score's
+    """SPEC §2's latency band, computed by the database with the same
+    floating-point operations as ``selection.latency_band``: the score is the
+    account's part plus the proxy's part, each as the snapshot refresh stored
+    it (``selection.account_score_part`` / ``proxy_score_part``), or the
+    global average's when there are no samples; the band is the score's
     distance from G in band widths, rounded half away from zero."""
     g = Value(values["global_avg_ms"], output_field=FloatField())
-
-    def smoothed(stats: str):
-        # (avg · n + G · 5) / (n + 5); no samples → G
-        return Case(
-            When(
-                **{f"{stats}__samples__gt": 0},
-                then=ExpressionWrapper(
-                    (F(f"{stats}__avg_ms") * F(f"{stats}__samples") + g * Value(selection.SMOOTHING_SAMPLES))
-                    / (F(f"{stats}__samples") + Value(selection.SMOOTHING_SAMPLES)),
-                    output_field=FloatField(),
-                ),
-            ),
-            default=g,
-            output_field=FloatField(),
-        )
-
-    account_ms = smoothed("account_stat")
-    proxy_ms = Case(When(proxy__isnull=True, then=g), default=smoothed("proxy_stat"), output_field=FloatField())
     score = ExpressionWrapper(
-        Value(selection.ACCOUNT_WEIGHT) * account_ms + Value(selection.PROXY_WEIGHT) * proxy_ms,
+        Coalesce(F("account_stat__score_part"), Value(values["account_part_ms"], output_field=FloatField()))
+        + Coalesce(F("proxy_stat__score_part"), Value(values["proxy_part_ms"], output_field=FloatField())),
         output_field=FloatField(),
     )
     x = ExpressionWrapper(
@@ -464,6 +451,8 @@ def request_shape(
         "snapshot_id": snapshot.id if latency else 0,
         "global_avg_ms": g,
         "band_width_ms": 2 * selection.band_tolerance(g) if latency else 1.0,
+        "account_part_ms": selection.account_score_part(None, g),
+        "proxy_part_ms": selection.proxy_score_part(None, g),
         "slow_start_seconds": settings.KIROPOOL_SLOW_START_SECONDS,
         "excluded": excluded,
         "preferred": preferred_names,

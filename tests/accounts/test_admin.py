@@ -69,6 +69,7 @@ def test_account_change_page_never_shows_credentials_and_keeps_them(staff_client
         "enabled": "on",
         "region": "us-east-1",
         "profile_arn": "",
+        "min_remaining_credits": "0",
         "quota_exhausted_reason": "",
         "new_credentials": "",
     }

@@ -131,8 +131,8 @@ def test_waiting_dispatch_wakes_when_a_cooldown_set_by_another_process_ends():
     reported_at, status = releaser.communicate(timeout=60)[0].split()
     assert (response.status_code, status) == (200, "200")
     assert response.json()["account"]["name"] == "soon-cooling"
-    # 2 s after the report, not at the end of the 8 s budget; slack 1.5 s.
-    assert 1.9 <= acquired_at - float(reported_at) <= 3.5
+    # 2 s after the report, not at the end of the 8 s budget; slack 3 s for a busy machine.
+    assert 1.9 <= acquired_at - float(reported_at) <= 5.0
 
 
 def test_a_returning_turn_waits_for_a_release_in_another_process():

@@ -143,6 +143,7 @@ def test_new_session_binds_on_success_and_sticks(gw, key):
         "account": first["account"]["name"],
         "outcome": "success",
         "session_bound": True,
+        "report_applied": True,
     }
     for _ in range(3):
         again = gw.dispatch(session_id="  conv-1 ")
@@ -567,11 +568,11 @@ def _queries(ctx) -> list[str]:
 # statement (read the bound account, claim, insert the lease); any other
 # dispatch reads the head of the order and claims in one statement, and a
 # fresh session first finds no bound account. "orm" (SQLite, or PostgreSQL
-# with KIROPOOL_FAST_STATEMENTS off): the claim is an UPDATE and an INSERT in
-# one transaction.
+# with KIROPOOL_FAST_STATEMENTS off): the claim is an UPDATE of the key's
+# counted slots, one of the identity and an INSERT, in one transaction.
 DISPATCH_QUERIES = {
     "fast": {None: 3, "fresh": 4, "bound": 2},
-    "orm": {None: 4, "fresh": 5, "bound": 4},
+    "orm": {None: 5, "fresh": 6, "bound": 5},
 }
 
 
@@ -601,10 +602,11 @@ def test_dispatch_issues_a_fixed_number_of_queries(gw, key, session, statements)
 
 
 # Queries per completion of a success with a first-token time, the key lookup
-# included. "fast": release, sample, binding upsert and NOTIFY in one
-# statement. "orm": read the lease, close it, release the identity, record
-# the sample, upsert the binding (with a session), NOTIFY on PostgreSQL.
-COMPLETION_QUERIES = {"fast": {None: 2, "conv": 2}, "orm": {None: 5, "conv": 6}}
+# included. "fast": release (key and identity), sample, binding upsert and
+# NOTIFY in one statement. "orm": read the lease, close it, release the key's
+# slot and the identity's, record the sample, upsert the binding (with a
+# session), NOTIFY on PostgreSQL.
+COMPLETION_QUERIES = {"fast": {None: 2, "conv": 2}, "orm": {None: 6, "conv": 7}}
 
 
 @pytest.mark.parametrize("session", [None, "conv"])

@@ -95,6 +95,7 @@ def test_admin_writes_new_credentials_encrypted(account, staff_client):
         "enabled": "on",
         "region": "",
         "profile_arn": "",
+        "min_remaining_credits": "0",
         "quota_exhausted_reason": "",
         "new_credentials": '{"refresh_token": "rotated-by-operator"}',
     }

@@ -182,6 +182,8 @@ def test_explain_is_rate_limited_per_key(key, settings):
 
 def test_dispatch_is_not_rate_limited_by_default(key, settings):
     assert settings.KIROPOOL_DISPATCH_RATE == ""
+    # The key's concurrency cap is another limit (tests/security/test_key_isolation.py).
+    settings.KIROPOOL_KEY_MAX_CONCURRENCY = 0
     gw = Gateway(key.plaintext)
     for _ in range(70):
         assert gw.dispatch(max_wait_ms=0).status_code == 200

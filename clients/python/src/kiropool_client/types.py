@@ -115,6 +115,9 @@ class LeaseCompleted:
     account: str
     outcome: str
     session_bound: bool
+    # False: the key sent more capacity-taking reports than the server allows;
+    # the lease was released but the report not applied.
+    report_applied: bool
 
 
 @dataclass(frozen=True)
@@ -137,9 +140,25 @@ class ExplainCandidate:
     latency_score_ms: float | None
     last_started_at: dt.datetime | None
     remaining_credits_sort: float
+    credit_burn_per_hour: float | None
+    quota_resets_at: dt.datetime | None
+    quota_probe: bool
     cooldown_remaining_s: int
+    ejected_remaining_s: int
     in_flight: int
+    held_for_sticky: int
+    effective_concurrency: int
     max_concurrency: int
+    can_start: bool
+
+
+UnselectableReason = Literal["disabled", "quota_exhausted", "credits_at_or_below_minimum", "excluded"]
+
+
+@dataclass(frozen=True)
+class ExplainUnselectable:
+    account: str
+    reason: UnselectableReason
 
 
 @dataclass(frozen=True)
@@ -148,6 +167,9 @@ class DispatchExplanation:
     bound_account: str | None
     latency: ExplainLatency
     candidates: list[ExplainCandidate]
+    sticky_patience_ms: int
+    sticky_would_wait: bool
+    unselectable: list[ExplainUnselectable]
 
 
 @dataclass(frozen=True)
