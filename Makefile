@@ -57,11 +57,14 @@ format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-# A benchmark, not a test: gunicorn (4 workers) on PostgreSQL, 16 clients.
+# A benchmark, not a test: kiropool (gunicorn, 4 workers) against a minimal
+# DRF floor on PostgreSQL, closed and open loop, pool sizes, bounded waiting;
+# one table of figures and targets, and bench/out/bench.json.
 # BENCH_DATABASE_URL (default postgres://postgres@127.0.0.1:5432/kiropool_bench)
-# is dropped and recreated; BENCH_SECONDS sets each phase's length.
+# is dropped and recreated; BENCH_SECONDS sets each phase's length (default 20).
+# PROFILE=1 (or BENCH_PROFILE=1): py-spy flame graph of one worker into bench/out/.
 bench: local-secrets
-	$(BIN)/python -m bench.load
+	$(BIN)/python -m bench.load $(if $(filter-out 0,$(PROFILE)),--profile)
 
 # Fairness simulator: every policy on one seeded simulated day (or on a trace
 # from `manage.py export_trace`: make simulate TRACE=file); no server, no database.

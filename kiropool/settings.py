@@ -283,8 +283,6 @@ KIROPOOL_AFFINITY_MAX_ENTRIES = _clamp(env.int("KIROPOOL_AFFINITY_MAX_ENTRIES", 
 # Completed leases and cooldown events are history (dashboards, export_trace);
 # the hourly prune keeps this many days of it.
 KIROPOOL_HISTORY_RETENTION_DAYS = _clamp(env.int("KIROPOOL_HISTORY_RETENTION_DAYS", default=7), 1, 365)
-# `make bench` only: mounts the framework-floor endpoint it compares against.
-KIROPOOL_BENCH_FLOOR = env.bool("KIROPOOL_BENCH_FLOOR", default=False)
 # --- the pool looks after itself (README, "Decisions") --------------------------
 
 # Outlier ejection: an identity whose last N completions all failed

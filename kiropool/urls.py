@@ -1,4 +1,3 @@
-from django.conf import settings
 from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
@@ -19,11 +18,6 @@ urlpatterns = [
     path("metrics", health.metrics_view, name="metrics"),
     path("dashboard/", include("routing.dashboard.urls")),
 ]
-
-if settings.KIROPOOL_BENCH_FLOOR:
-    from bench.floor import FloorApi
-
-    urlpatterns.append(path("bench/floor/<int:pk>", FloorApi.as_view()))
 
 handler404 = "kiropool.views.not_found"
 handler500 = "kiropool.views.server_error"

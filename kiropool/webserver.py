@@ -1,5 +1,7 @@
 """The one way kiropool starts its web app as a child process: gunicorn with
-the project's ``gunicorn.conf.py`` on a given or spare port.
+the project's ``gunicorn.conf.py`` on a given or spare port (or, for a
+reference server such as the benchmark's floor, another WSGI app with its own
+gunicorn config file).
 
 ``make demo``, ``make bench`` and the tests that need a real server (fuzzing,
 drills, the Python client, bounded waiting) all use :class:`WebServer`, so a
@@ -42,12 +44,16 @@ class WebServerError(RuntimeError):
 
 
 class WebServer:
-    """gunicorn serving ``kiropool.wsgi`` in its own process group.
+    """gunicorn serving ``app`` (by default ``kiropool.wsgi``) in its own process group.
 
     ``env`` is the child's whole environment (default: this process's);
-    ``workers`` / ``threads`` override ``WEB_CONCURRENCY`` / ``KIROPOOL_THREADS``.
-    Its output goes to ``log`` (or is inherited), and with ``access_log`` every
-    request is logged there, for :meth:`statuses`."""
+    ``workers`` / ``threads`` override ``WEB_CONCURRENCY`` / ``KIROPOOL_THREADS``,
+    which ``gunicorn.conf.py`` reads. ``app`` and ``config`` (relative to the
+    project) serve another WSGI app with another config file; gunicorn reads
+    ``./gunicorn.conf.py`` when given none, so there is no "no config". The
+    app must answer ``GET /healthz`` with 200. Output goes to ``log`` (or is
+    inherited), and with ``access_log`` every request is logged there, for
+    :meth:`statuses` (``gunicorn.conf.py`` reads ``KIROPOOL_ACCESS_LOG``)."""
 
     def __init__(
         self,
@@ -58,8 +64,12 @@ class WebServer:
         threads: int | None = None,
         log: Path | None = None,
         access_log: Path | None = None,
+        app: str = "kiropool.wsgi:application",
+        config: str = "gunicorn.conf.py",
     ) -> None:
         self.bind = bind or f"127.0.0.1:{free_port()}"
+        self.app = app
+        self.config = config
         self.log = log
         self.access_log = access_log
         self.env = dict(os.environ if env is None else env)
@@ -94,7 +104,7 @@ class WebServer:
             output = self.log.open("ab")
         try:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "kiropool.wsgi:application"],
+                self.command(),
                 cwd=BASE_DIR,
                 env=self.env,
                 stdout=output,
@@ -115,6 +125,11 @@ class WebServer:
                 raise WebServerError(f"gunicorn did not answer /healthz within {timeout:.0f} s{self._log_tail()}")
             time.sleep(0.2)
         return self
+
+    def command(self) -> list[str]:
+        # The bind on the command line too (it wins over the config file), so
+        # a config that does not read KIROPOOL_BIND still listens where start() looks.
+        return [sys.executable, "-m", "gunicorn", "-c", self.config, "--bind", self.bind, self.app]
 
     def _healthy(self) -> bool:
         try:

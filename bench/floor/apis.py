@@ -1,8 +1,4 @@
-"""The framework floor for `make bench`: a minimal DRF endpoint doing one
-indexed SELECT, served by the same gunicorn as the dispatcher. Mounted only
-when KIROPOOL_BENCH_FLOOR is set."""
-
-from rest_framework.permissions import AllowAny
+from django.http import JsonResponse
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
@@ -10,9 +6,13 @@ from accounts.models import Account
 
 
 class FloorApi(APIView):
-    authentication_classes: list = []
-    permission_classes = [AllowAny]
+    """One indexed SELECT (an account's name by primary key), answered as JSON through DRF."""
 
     def post(self, request, pk: int):
         name = Account.objects.filter(pk=pk).values_list("name", flat=True).first()
         return Response({"name": name})
+
+
+def healthz(request):
+    """What kiropool.webserver.WebServer waits for before it reports the server up."""
+    return JsonResponse({"status": "ok"})

@@ -1,0 +1,295 @@
+"""`make bench`: kiropool under load against the framework floor, on PostgreSQL.
+
+One run, in this order (each load phase lasts BENCH_SECONDS after a short warm-up):
+
+1. the floor (bench/floor: one indexed SELECT through DRF, CommonMiddleware
+   only, persistent connections, 4 sync workers): 16 closed-loop clients,
+   then open loop at 200 requests/s;
+2. kiropool, gunicorn.conf.py with 4 workers:
+   - 16 closed-loop clients running dispatch → complete, 80 % existing
+     sessions, 10 % new, 10 % none, with 65,536 live bindings, then with none;
+   - new-session traffic (every dispatch a fresh session, then complete) on a
+     10-account key and on a 1,000-account key;
+   - open loop, Poisson arrivals of 100 new-session dispatches/s (each then
+     completed), latency from the scheduled start, on 50 and 1,000 accounts;
+   - wake after release: how soon a waiting dispatch gets a released slot;
+3. kiropool with 2 workers: 96 dispatches waiting on one held slot; how soon a
+   completion and /healthz answer, then how the waiters are served.
+
+A benchmark, not a test: it asserts nothing. It prints one table (figures,
+targets, met or not) and writes bench/out/bench.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from bench.load import report as tables
+from bench.load import seed, servers
+from bench.load.clients import Plan, closed_loop, open_loop
+from bench.load.waiting import bounded_waiting, wake_measure
+
+OUT = Path(__file__).resolve().parent.parent / "out"
+DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/kiropool_bench"
+WORKERS = 4
+CLIENTS, CLIENT_PROCESSES = 16, 4
+MAIN_ACCOUNTS = 50
+POOL_SIZES = (10, 1000)  # new-session throughput: small, large
+OPEN_SIZES = (50, 1000)
+OPEN_RATE = 100.0  # dispatches/s, each followed by its completion
+# Enough client threads that 100 arrivals/s find one free unless a cycle takes
+# over a second: then the late-start count says the client set the pace.
+OPEN_PROCESSES, OPEN_THREADS = 4, 32
+WARMUP_SECONDS = 1.0
+WAKE_ROUNDS = 20
+WAITING_WORKERS = 2
+WAITERS, WAITER_MAX_WAIT_MS = 96, 60_000
+WAITER_GAP_SECONDS, WAITER_SETTLE_SECONDS = 0.01, 1.0
+REPORT_ORDER = (
+    "settings",
+    "floor",
+    "dispatch",
+    "dispatch_no_bindings",
+    "pool_size",
+    "open_loop",
+    "wake_after_release_ms",
+    "bounded_waiting",
+    "checks",
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__.split("\n\n")[0])
+    p.add_argument("--seconds", type=float, default=float(os.environ.get("BENCH_SECONDS", 20)))
+    p.add_argument("--database-url", default=os.environ.get("BENCH_DATABASE_URL", DEFAULT_DATABASE_URL))
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        default=os.environ.get("BENCH_PROFILE", "") not in ("", "0"),
+        help="py-spy flame graph of one kiropool worker during the 1,000-account phase (BENCH_PROFILE=1)",
+    )
+    return p
+
+
+def environment_prepare(database_url: str) -> None:
+    """The environment of this process (the seeding) and of every server it
+    starts: the throwaway database, fresh secrets (so nothing runs on public
+    defaults), no Redis (the cache is per process, as in `make run`)."""
+    from cryptography.fernet import Fernet
+
+    for name in ("REDIS_URL", "CELERY_BROKER_URL"):
+        os.environ.pop(name, None)
+    os.environ.update(
+        DATABASE_URL=database_url,
+        DEBUG="false",
+        SECRET_KEY=secrets.token_urlsafe(50),
+        KIROPOOL_FERNET_KEYS=Fernet.generate_key().decode(),
+        # Every binding the run makes stays live: none is evicted mid-phase.
+        KIROPOOL_AFFINITY_MAX_ENTRIES="1000000",
+        LOG_LEVEL="WARNING",
+        PROMETHEUS_MULTIPROC_DIR=str(seed.ROOT / "var" / "bench-prometheus"),
+    )
+
+
+def phase(report: dict, name: str, run, *path: str) -> None:
+    """Run one phase into ``report[*path][name]``; a failure is recorded and the run goes on."""
+    into = report
+    for part in path:
+        into = into.setdefault(part, {})
+    try:
+        into[name] = run()
+    except Exception as error:  # noqa: BLE001  one broken phase must not lose the others' figures
+        traceback.print_exc()
+        into[name] = {"error": f"{type(error).__name__}: {error}"}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    if not args.database_url.startswith("postgres"):
+        raise SystemExit("make bench runs on PostgreSQL: set BENCH_DATABASE_URL=postgres://...")
+    started = time.monotonic()
+    say = _say(started)
+
+    say(f"recreating {args.database_url} and seeding one pool per phase")
+    environment_prepare(args.database_url)
+    seed.database_recreate(args.database_url)
+    seed.django_setup()
+    seeded = seed.bench_seed(main_accounts=MAIN_ACCOUNTS, pool_sizes=POOL_SIZES, open_sizes=OPEN_SIZES)
+    connections_close()  # the client processes are forked from this one
+    report: dict = {
+        "settings": {
+            "seconds": args.seconds,
+            "workers": WORKERS,
+            "clients": CLIENTS,
+            "open_loop_client_threads": OPEN_PROCESSES * OPEN_THREADS,
+            "cpus": os.cpu_count(),
+            "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        }
+    }
+    run = Run(env=dict(os.environ), seeded=seeded, seconds=args.seconds, profile=args.profile, say=say)
+    try:
+        run.floor_phases(report)
+        run.kiropool_phases(report)
+        run.waiting_phase(report)
+    finally:
+        # Also when a server would not start: the figures measured so far are kept.
+        report_write(report, started)
+
+
+class Run:
+    def __init__(self, *, env: dict[str, str], seeded: seed.Seeded, seconds: float, profile: bool, say) -> None:
+        self.env, self.seeded, self.profile, self.say = env, seeded, profile, say
+        self.closed = dict(seconds=seconds, warmup=WARMUP_SECONDS, clients=CLIENTS, processes=CLIENT_PROCESSES)
+        self.opened = dict(
+            rate=OPEN_RATE, seconds=seconds, warmup=WARMUP_SECONDS, processes=OPEN_PROCESSES, threads=OPEN_THREADS
+        )
+
+    def floor_phases(self, report: dict) -> None:
+        plan = Plan("floor", floor_pk=self.seeded.floor_pk)
+        with servers.floor_server(self.env, workers=WORKERS, log=OUT / "gunicorn-floor.log") as floor:
+            self.say(f"floor: {CLIENTS} closed-loop clients")
+            phase(report, "floor", lambda: closed_loop(floor.port, plan, name="floor", **self.closed))
+            rate = 2 * OPEN_RATE  # kiropool's dispatches and completions together
+            self.say(f"floor: open loop at {rate:.0f} requests/s")
+            opened = {**self.opened, "rate": rate}
+            phase(
+                report,
+                "floor",
+                lambda: open_loop(floor.port, plan, name="floor-open", **opened, seed=3),
+                "open_loop",
+            )
+
+    def kiropool_phases(self, report: dict) -> None:
+        seeded, closed = self.seeded, self.closed
+        with servers.kiropool_server(self.env, workers=WORKERS, log=OUT / "gunicorn-kiropool.log") as server:
+            port = server.port
+
+            def mixed(key: str, key_id: int) -> dict:
+                plan = Plan("mixed", key=key, bindings=seed.BINDINGS)
+                bindings = seed.live_bindings(key_id)
+                connections_close()
+                return {"bindings": bindings, **closed_loop(port, plan, name=f"mixed{key_id}", **closed)}
+
+            self.say(f"dispatch+complete, {seed.BINDINGS:,} live bindings, {CLIENTS} closed-loop clients")
+            phase(report, "dispatch", lambda: mixed(seeded.key, seeded.key_id))
+            self.say(f"dispatch+complete, 0 bindings, {CLIENTS} closed-loop clients")
+            phase(report, "dispatch_no_bindings", lambda: mixed(seeded.empty_key, seeded.empty_key_id))
+
+            for label, accounts in zip(("small", "large"), POOL_SIZES, strict=True):
+                self.say(f"new sessions, {accounts:,}-account key, {CLIENTS} closed-loop clients")
+                profiling = self.profile and accounts == max(POOL_SIZES)
+                key = seeded.pool_keys[accounts]
+                phase(
+                    report,
+                    label,
+                    lambda key=key, accounts=accounts, profiling=profiling: pool_size_run(
+                        server, key, accounts, closed, profiling
+                    ),
+                    "pool_size",
+                )
+            sizes = report["pool_size"]
+            if all("rps" in sizes[label] for label in ("small", "large")) and sizes["small"]["rps"]:
+                sizes["ratio"] = round(sizes["large"]["rps"] / sizes["small"]["rps"], 3)
+            sizes["target_ratio"] = tables.POOL_RATIO
+
+            report.setdefault("open_loop", {})["rate_per_s"] = OPEN_RATE
+            for accounts in OPEN_SIZES:
+                self.say(f"open loop: {OPEN_RATE:.0f} new-session dispatches/s on {accounts:,} accounts")
+                plan = Plan("new", key=seeded.open_keys[accounts])
+                phase(
+                    report,
+                    f"accounts_{accounts}",
+                    lambda plan=plan, accounts=accounts: open_loop(
+                        port, plan, name=f"open{accounts}", **self.opened, seed=accounts
+                    ),
+                    "open_loop",
+                )
+            self.say(f"wake after release: {WAKE_ROUNDS} rounds")
+            phase(report, "wake_after_release_ms", lambda: wake_measure(port, seeded.wake_key, WAKE_ROUNDS))
+
+    def waiting_phase(self, report: dict) -> None:
+        self.say(f"bounded waiting: kiropool with {WAITING_WORKERS} workers, {WAITERS} waiters on one slot")
+        log = OUT / "gunicorn-waiting.log"
+        with servers.kiropool_server(self.env, workers=WAITING_WORKERS, log=log) as server:
+            phase(
+                report,
+                "bounded_waiting",
+                lambda: {
+                    "workers": WAITING_WORKERS,
+                    **bounded_waiting(
+                        server.port,
+                        self.seeded.waiting_key,
+                        waiters=WAITERS,
+                        max_wait_ms=WAITER_MAX_WAIT_MS,
+                        gap=WAITER_GAP_SECONDS,
+                        settle=WAITER_SETTLE_SECONDS,
+                    ),
+                },
+            )
+
+
+def connections_close() -> None:
+    from django.db import connections
+
+    connections.close_all()
+
+
+def report_write(report: dict, started: float) -> None:
+    report["checks"] = tables.checks(report)
+    settings = report["settings"]
+    settings["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    settings["wall_seconds"] = round(time.monotonic() - started, 1)
+    # The phases ran in server order; the file reads in the table's order.
+    ordered = {name: report[name] for name in REPORT_ORDER if name in report}
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "bench.json").write_text(json.dumps(ordered, indent=2) + "\n")
+    print()
+    print(tables.table(report))
+    print(
+        f"\nkiropool: gunicorn.conf.py, {WORKERS} workers ({WAITING_WORKERS} for the waiters);"
+        f" floor: {WORKERS} sync workers; {CLIENTS} closed-loop clients; open loop timed from the"
+        f" scheduled start; {settings['seconds']:.0f} s per phase; load average"
+        f" {settings['load_average_at_start'][0]} at start, {settings['load_average_at_end'][0]} at the end."
+        "\nOn a shared machine the figures are indicative only."
+    )
+    print(f"written: {OUT / 'bench.json'}")
+
+
+def pool_size_run(server, key: str, accounts: int, closed: dict, profiling: bool) -> dict:
+    plan = Plan("new", key=key)
+    profiler = None
+    output = OUT / f"profile-{accounts}-accounts.svg"
+    note = None
+    if profiling:
+        # The sampler runs through the warm-up and the window; it costs CPU the
+        # server would otherwise have, so this phase's figures read a little low.
+        try:
+            profiler = servers.profile_start(server, seconds=closed["warmup"] + closed["seconds"] + 1, output=output)
+        except RuntimeError as error:
+            note = f"not recorded: {error}"
+    result = {"accounts": accounts, **closed_loop(server.port, plan, name=f"size{accounts}", **closed)}
+    if profiler is not None:
+        _, stderr = profiler.communicate(timeout=60)
+        note = str(output) if profiler.returncode == 0 else f"py-spy failed: {stderr.decode()[-300:]}"
+    if note:
+        print(f"profile: {note}", file=sys.stderr)
+        result["profile"] = note
+    return result
+
+
+def _say(started: float):
+    def say(message: str) -> None:
+        print(f"[{time.monotonic() - started:6.1f} s] {message} ...", file=sys.stderr, flush=True)
+
+    return say
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""The one table `make bench` prints: every figure, its target (issues 14 and
+11 §3) and whether it was met. Pure: it reads the report dict only."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+DISPATCH_VS_FLOOR = 0.6  # throughput, dispatch+complete at 65,536 bindings ÷ floor
+BINDINGS_RATIO = 0.9  # 65,536 bindings ÷ none
+POOL_RATIO = 0.8  # new sessions, 1,000 accounts ÷ 10 accounts
+OPEN_P99_MS = {50: 15.0, 1000: 20.0}  # open loop at 100 dispatches/s, by pool size
+WAKE_P50_MS = 50.0
+PROBE_MS = 1000.0  # a completion and /healthz behind the waiters
+LATE_STARTS = 0.01  # open loop: above this share of cycles started > 5 ms late the client set part of the pace
+
+MET, NOT_MET, REFERENCE, MISSING = "met", "NOT met", "reference", "not measured"
+
+
+@dataclass(frozen=True)
+class Row:
+    what: str
+    value: str
+    target: str
+    verdict: str
+
+
+def _verdict(ok: bool) -> str:
+    return MET if ok else NOT_MET
+
+
+def _ms(value) -> str:
+    return "—" if value is None else f"{value:.1f}"
+
+
+def _load(row: dict) -> str:
+    errors = f" · {row['errors']} err" if row.get("errors") else ""
+    return f"{row['rps']:.0f} rps · p50 {_ms(row['p50_ms'])} · p99 {_ms(row['p99_ms'])} ms{errors}"
+
+
+def _open(row: dict) -> str:
+    errors = f" · {row['errors']} err" if row.get("errors") else ""
+    served = f" ({_ms(row['service_p99_ms'])} from the actual start)" if row.get("service_p99_ms") is not None else ""
+    return f"p50 {_ms(row['p50_ms'])} · p99 {_ms(row['p99_ms'])} ms{served}{errors}"
+
+
+def _ratio(what: str, top: dict | None, bottom: dict | None, target: float) -> Row:
+    if not _measured(top) or not _measured(bottom) or not bottom["rps"]:
+        return Row(what, "—", f"≥ {target:.2f}", MISSING)
+    ratio = top["rps"] / bottom["rps"]
+    return Row(what, f"{ratio:.2f}", f"≥ {target:.2f}", _verdict(ratio >= target))
+
+
+def _measured(section: dict | None) -> bool:
+    return bool(section) and "error" not in section
+
+
+def _missing(what: str, section: dict | None, target: str) -> Row:
+    error = (section or {}).get("error", "phase not run")
+    return Row(what, f"error: {error}"[:60], target, MISSING)
+
+
+def rows(report: dict) -> list[Row]:
+    out: list[Row] = []
+
+    def load_row(what: str, section: dict | None, target: str = "", verdict: str = "") -> None:
+        """A measured phase; its own target, if any, is the ratio row below it."""
+        if _measured(section):
+            out.append(Row(what, _load(section), target, verdict))
+        else:
+            out.append(_missing(what, section, target))
+
+    floor, dispatch, empty = report.get("floor"), report.get("dispatch"), report.get("dispatch_no_bindings")
+    load_row("floor, closed loop", floor, REFERENCE, REFERENCE)
+    bindings = f"{dispatch['bindings']:,}" if _measured(dispatch) else "65,536"
+    load_row(f"dispatch+complete, {bindings} bindings", dispatch)
+    out.append(_ratio("  ÷ floor (throughput)", dispatch, floor, DISPATCH_VS_FLOOR))
+    load_row("dispatch+complete, 0 bindings", empty)
+    out.append(_ratio(f"  {bindings} ÷ 0 bindings", dispatch, empty, BINDINGS_RATIO))
+
+    sizes = report.get("pool_size") or {}
+    small, large = sizes.get("small"), sizes.get("large")
+    for section in (small, large):
+        label = f"new sessions, {section['accounts']:,} accounts" if _measured(section) else "new sessions"
+        load_row(label, section)
+    out.append(_ratio("  large ÷ small pool", large, small, POOL_RATIO))
+
+    open_loop = report.get("open_loop") or {}
+    late = []
+    for accounts, limit in OPEN_P99_MS.items():
+        section = open_loop.get(f"accounts_{accounts}")
+        what = f"open loop {open_loop.get('rate_per_s', 100):.0f}/s, {accounts:,} accounts: dispatch"
+        target = f"p99 ≤ {limit:.0f} ms"
+        if _measured(section):
+            out.append(Row(what, _open(section), target, _verdict(section["p99_ms"] <= limit)))
+            late.append(section)
+        else:
+            out.append(_missing(what, section, target))
+    floor_open = open_loop.get("floor")
+    if _measured(floor_open):
+        out.append(Row(f"open loop {floor_open['rate_per_s']:.0f}/s, floor", _open(floor_open), REFERENCE, REFERENCE))
+        late.append(floor_open)
+    else:
+        out.append(_missing("open loop, floor", floor_open, REFERENCE))
+    if late:
+        shares = " / ".join(f"{s['late_starts'] / max(1, s['arrivals']):.1%}" for s in late)
+        lags = " / ".join(_ms(s.get("start_lag_p99_ms")) for s in late)
+        value = f"{shares} · start lag p99 {lags} ms"
+        kept_up = all(s["late_starts"] <= LATE_STARTS * max(1, s["arrivals"]) for s in late)
+        out.append(Row("  client started late (> 5 ms)", value, f"≤ {LATE_STARTS:.0%} each", _verdict(kept_up)))
+
+    wake = report.get("wake_after_release_ms")
+    if _measured(wake):
+        value = f"p50 {_ms(wake['p50'])} · max {_ms(wake['max'])} ms"
+        out.append(
+            Row("wake after release", value, f"p50 ≤ {WAKE_P50_MS:.0f} ms", _verdict(wake["p50"] <= WAKE_P50_MS))
+        )
+    else:
+        out.append(_missing("wake after release", wake, f"p50 ≤ {WAKE_P50_MS:.0f} ms"))
+
+    out.extend(_waiting_rows(report.get("bounded_waiting")))
+    return out
+
+
+def _waiting_rows(waiting: dict | None) -> list[Row]:
+    what = f"{(waiting or {}).get('waiters', 96)} waiters on one slot"
+    probe_target = f"≤ {PROBE_MS:.0f} ms"
+    if not _measured(waiting):
+        return [_missing(what, waiting, probe_target)]
+    out = []
+    for probe, label in (("completion", "a completion"), ("healthz", "/healthz")):
+        ms, status = waiting[f"{probe}_ms"], waiting[f"{probe}_status"]
+        value = f"{ms:.0f} ms" + (f" (status {status})" if status != 200 else "")
+        if not status:
+            value = f"no answer in {ms:.0f} ms"
+        out.append(Row(f"{what}: {label} answers in", value, probe_target, _verdict(status == 200 and ms <= PROBE_MS)))
+    unanswered = sum(n for status, n in waiting["other"].items() if status in ("0", "None"))
+    other = sum(waiting["other"].values()) - unanswered
+    served = (
+        f"200: {waiting['granted']} · 429 at once: {waiting['refused_at_once']}"
+        f" · 429 later: {waiting['refused_later']} · no answer: {unanswered}"
+    ) + (f" · other: {other}" if other else "")
+    out.append(Row(f"{what}: answers", served, "200 or 429, each", _verdict(other + unanswered == 0)))
+    tau = waiting["kendall_tau"]
+    if tau is None:
+        out.append(Row(f"{what}: 200s in arrival order", "fewer than 2 granted", "tau 1.00", MISSING))
+    else:
+        value = f"tau {tau:.2f} · {waiting['inversion_fraction']:.1%} pairs inverted"
+        out.append(Row(f"{what}: 200s in arrival order", value, "tau 1.00", _verdict(tau >= 1.0)))
+    return out
+
+
+def table(report: dict) -> str:
+    lines = rows(report)
+    widths = [max(len(getattr(r, f)) for r in lines) for f in ("what", "value", "target")]
+    header = Row("what", "value", "target", "verdict")
+    rule = "-" * (sum(widths) + 6 + len(NOT_MET))
+    out = []
+    for i, row in enumerate([header, *lines]):
+        out.append(
+            f"{row.what:<{widths[0]}}  {row.value:<{widths[1]}}  {row.target:<{widths[2]}}  {row.verdict}".rstrip()
+        )
+        if i == 0:
+            out.append(rule)
+    return "\n".join(out)
+
+
+def checks(report: dict) -> list[dict]:
+    """The table as data, for bench.json."""
+    return [asdict(row) for row in rows(report)]

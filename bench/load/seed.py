@@ -1,0 +1,97 @@
+"""The benchmark's database: recreated for every run, and seeded with
+:mod:`routing.pools` (kiropool's one pool seeder), one pool per phase so no
+phase inherits another's sessions or leases."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+BINDINGS = 65_536
+MAX_CONCURRENCY = 4  # per identity, for the load phases: room for all 16 closed-loop clients in every pool
+
+
+def database_recreate(url: str) -> None:
+    import psycopg
+
+    parsed = urlparse(url)
+    name = parsed.path.lstrip("/")
+    admin = parsed._replace(path="/postgres").geturl()
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+
+
+def django_setup() -> None:
+    """Django for seeding, on the environment ``main`` prepared (DATABASE_URL, keys)."""
+    os.environ["DJANGO_SETTINGS_MODULE"] = "kiropool.settings"
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    import django
+
+    django.setup()
+
+
+@dataclass(frozen=True)
+class Seeded:
+    key: str  # 50 accounts, 65,536 live bindings: the mixed-traffic phase
+    key_id: int
+    empty_key: str  # the same pool shape without bindings
+    empty_key_id: int
+    floor_pk: int  # the account the floor reads
+    pool_keys: dict[int, str]  # accounts → key of a pool of that size (pool-size phase)
+    open_keys: dict[int, str]  # accounts → key of a pool of that size (open loop)
+    wake_key: str  # one identity, one slot
+    waiting_key: str  # one identity, one slot (bounded waiting)
+
+
+def bench_seed(*, main_accounts: int, pool_sizes: tuple[int, ...], open_sizes: tuple[int, ...]) -> Seeded:
+    from django.core.management import call_command
+
+    from routing.pools import bindings_seed, pool_seed, uniform_pool
+
+    call_command("migrate", verbosity=0)
+    main = pool_seed(prefix="main-", identities=uniform_pool(main_accounts, max_concurrency=MAX_CONCURRENCY))
+    bindings_seed(key_id=main.key_ids["gateway"], accounts=main.accounts, count=BINDINGS)
+    # Its own pool rather than the main one emptied: deleting 65,536 bindings
+    # fires their counter trigger once each, which takes most of a minute.
+    empty = pool_seed(prefix="empty-", identities=uniform_pool(main_accounts, max_concurrency=MAX_CONCURRENCY))
+
+    def key(prefix: str, accounts: int, max_concurrency: int = MAX_CONCURRENCY) -> str:
+        return pool_seed(prefix=prefix, identities=uniform_pool(accounts, max_concurrency=max_concurrency)).key
+
+    seeded = Seeded(
+        key=main.key,
+        key_id=main.key_ids["gateway"],
+        empty_key=empty.key,
+        empty_key_id=empty.key_ids["gateway"],
+        floor_pk=main.accounts[0].pk,
+        pool_keys={n: key(f"size{n}-", n) for n in pool_sizes},
+        open_keys={n: key(f"open{n}-", n) for n in open_sizes},
+        wake_key=key("wake-", 1, max_concurrency=1),
+        waiting_key=key("wait-", 1, max_concurrency=1),
+    )
+    statistics_refresh()
+    return seeded
+
+
+def statistics_refresh() -> None:
+    """Planner statistics and visibility map for the freshly loaded tables, as
+    autovacuum would have them on a database that has been running a while:
+    without them the first phases measure plans made blind."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("VACUUM (ANALYZE)")
+
+
+def live_bindings(key_id: int) -> int:
+    from django.utils import timezone
+
+    from routing.models import SessionBinding
+
+    return SessionBinding.objects.filter(api_key_id=key_id, expires_at__gt=timezone.now()).count()

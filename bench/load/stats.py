@@ -1,0 +1,58 @@
+"""The benchmark's maths, pure: the open-loop schedule, latency summaries and
+how far an answer order is from the arrival order."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+
+from bench.simulate.metrics import percentile
+
+
+def poisson_schedule(rate: float, seconds: float, rng: random.Random) -> list[float]:
+    """Arrival times (seconds from 0, ascending, all below ``seconds``) of a
+    Poisson process of ``rate`` per second: exponential gaps of mean 1/rate."""
+    if rate <= 0 or seconds < 0:
+        raise ValueError("rate must be positive and seconds not negative")
+    arrivals, at = [], rng.expovariate(rate)
+    while at < seconds:
+        arrivals.append(at)
+        at += rng.expovariate(rate)
+    return arrivals
+
+
+def schedule_split(arrivals: Sequence[float], parts: int) -> list[list[float]]:
+    """Deal the arrivals round-robin to ``parts`` client processes: each part
+    is a thinned Poisson process and together they are the whole schedule."""
+    return [list(arrivals[p::parts]) for p in range(parts)]
+
+
+def latency_summary(seconds: Sequence[float]) -> dict[str, float | None]:
+    """p50 and p99 in milliseconds (``None`` when nothing was measured)."""
+    if not seconds:
+        return {"p50_ms": None, "p99_ms": None}
+    return {
+        "p50_ms": round(percentile(seconds, 50) * 1000, 2),
+        "p99_ms": round(percentile(seconds, 99) * 1000, 2),
+    }
+
+
+def inversions(ranks: Sequence[int]) -> int:
+    """Pairs served in the opposite order of their arrival: ``ranks`` are the
+    arrival ranks in the order the answers came. Quadratic: it is used on at
+    most a few hundred waiters."""
+    return sum(1 for i in range(len(ranks)) for j in range(i + 1, len(ranks)) if ranks[i] > ranks[j])
+
+
+def inversion_fraction(ranks: Sequence[int]) -> float | None:
+    """Inversions over all pairs: 0 in arrival order, 1 in reverse; ``None`` under two answers."""
+    pairs = math.comb(len(ranks), 2)
+    return inversions(ranks) / pairs if pairs else None
+
+
+def kendall_tau(ranks: Sequence[int]) -> float | None:
+    """Kendall's tau between arrival and answer order (ranks are distinct):
+    1 in arrival order, 0 for no relation, -1 in reverse."""
+    fraction = inversion_fraction(ranks)
+    return None if fraction is None else 1 - 2 * fraction

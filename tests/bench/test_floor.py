@@ -1,0 +1,47 @@
+"""The benchmark's floor server and load generators against a real gunicorn
+on the PostgreSQL test database: a few seconds, not the benchmark."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from django.urls import Resolver404, resolve
+
+from bench.load.clients import Client, Plan, closed_loop, open_loop
+from bench.load.servers import floor_server
+from bench.load.stats import poisson_schedule
+from tests.factories import AccountFactory
+from tests.support import project_env, test_database_url
+
+
+def test_bench_code_is_not_in_the_production_urlconf():
+    with pytest.raises(Resolver404):
+        resolve("/bench/floor/1")
+    with pytest.raises(Resolver404):
+        resolve("/floor/1")
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("postgres_only")
+def test_floor_serves_one_select_on_sync_workers_and_the_load_generators_measure_it(tmp_path):
+    account = AccountFactory(name="floor-account")
+    env = project_env(tmp_path, DATABASE_URL=test_database_url())
+    with floor_server(env, workers=2, log=tmp_path / "floor.log") as server:
+        status, body, headers = Client(server.port).post(f"/floor/{account.pk}", {})
+        assert (status, body) == (200, {"name": "floor-account"})
+        assert headers["Content-Type"] == "application/json"
+        assert "X-Frame-Options" not in headers  # CommonMiddleware only
+
+        plan = Plan("floor", floor_pk=account.pk)
+        closed = closed_loop(server.port, plan, name="t", seconds=1, warmup=0.2, clients=2, processes=1)
+        assert closed["errors"] == 0 and closed["requests"] == closed["cycles"] > 0
+        assert closed["rps"] > 0 and closed["p50_ms"] <= closed["p99_ms"]
+
+        opened = open_loop(server.port, plan, name="t", rate=40, seconds=1, warmup=0.25, seed=9, processes=2, threads=4)
+        scheduled = [a for a in poisson_schedule(40, 1.25, random.Random(9)) if a >= 0.25]
+        assert opened["arrivals"] == opened["requests"] == len(scheduled)
+        assert opened["errors"] == 0
+        # Measured from the scheduled start, every latency includes its service time.
+        assert opened["p50_ms"] >= opened["service_p50_ms"] and opened["p99_ms"] >= opened["service_p99_ms"]
+    assert "Using worker: sync" in (tmp_path / "floor.log").read_text()

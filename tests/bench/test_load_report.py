@@ -1,0 +1,136 @@
+"""The bench table's verdicts and the bounded-waiting tally, on hand-made
+reports. No database, no server."""
+
+from __future__ import annotations
+
+import copy
+
+from bench.load.report import MET, MISSING, NOT_MET, rows, table
+from bench.load.waiting import Waiter, waiters_served
+
+
+def load(rps: float, **extra) -> dict:
+    return {"rps": rps, "p50_ms": 5.0, "p99_ms": 20.0, "requests": 1000, "errors": 0, **extra}
+
+
+def open_phase(p99: float, late: int = 0) -> dict:
+    return {"rate_per_s": 100, "p50_ms": 4.0, "p99_ms": p99, "arrivals": 2000, "late_starts": late, "errors": 0}
+
+
+GOOD = {
+    "floor": load(1000),
+    "dispatch": load(600, bindings=65_536),
+    "dispatch_no_bindings": load(620),
+    "pool_size": {"small": load(500, accounts=10), "large": load(450, accounts=1000)},
+    "open_loop": {
+        "rate_per_s": 100,
+        "accounts_50": open_phase(12),
+        "accounts_1000": open_phase(19.5),
+        "floor": {**open_phase(6), "rate_per_s": 200},
+    },
+    "wake_after_release_ms": {"p50": 4.0, "max": 9.0},
+    "bounded_waiting": {
+        "waiters": 96,
+        "completion_ms": 40.0,
+        "completion_status": 200,
+        "healthz_ms": 3.0,
+        "healthz_status": 200,
+        "granted": 80,
+        "refused_at_once": 16,
+        "refused_later": 0,
+        "other": {},
+        "kendall_tau": 1.0,
+        "inversion_fraction": 0.0,
+    },
+}
+
+
+def verdicts(report: dict) -> dict[str, str]:
+    return {row.what: row.verdict for row in rows(report) if row.verdict in (MET, NOT_MET, MISSING)}
+
+
+def test_every_target_met():
+    found = verdicts(GOOD)
+    assert set(found.values()) == {MET}
+    # every target of issues 14 and 11 §3 has its row
+    assert set(found) == {
+        "  ÷ floor (throughput)",
+        "  65,536 ÷ 0 bindings",
+        "  large ÷ small pool",
+        "open loop 100/s, 50 accounts: dispatch",
+        "open loop 100/s, 1,000 accounts: dispatch",
+        "  client started late (> 5 ms)",
+        "wake after release",
+        "96 waiters on one slot: a completion answers in",
+        "96 waiters on one slot: /healthz answers in",
+        "96 waiters on one slot: answers",
+        "96 waiters on one slot: 200s in arrival order",
+    }
+
+
+def test_each_target_missed_is_reported():
+    bad = copy.deepcopy(GOOD)
+    bad["dispatch"]["rps"] = 590  # 0.59 of the floor
+    bad["pool_size"]["large"]["rps"] = 399  # 0.798 of the small pool
+    bad["open_loop"]["accounts_1000"]["p99_ms"] = 20.1
+    bad["open_loop"]["accounts_50"]["late_starts"] = 21  # over 1 % of 2000 arrivals
+    bad["bounded_waiting"]["completion_status"] = 0  # never answered
+    bad["bounded_waiting"]["other"] = {"0": 3}  # three waiters never answered
+    bad["bounded_waiting"]["kendall_tau"] = 0.98
+    bad["bounded_waiting"]["inversion_fraction"] = 0.01
+    found = verdicts(bad)
+    missed = {what for what, verdict in found.items() if verdict == NOT_MET}
+    assert missed == {
+        "  ÷ floor (throughput)",
+        "  large ÷ small pool",
+        "open loop 100/s, 1,000 accounts: dispatch",
+        "  client started late (> 5 ms)",
+        "96 waiters on one slot: a completion answers in",
+        "96 waiters on one slot: answers",
+        "96 waiters on one slot: 200s in arrival order",
+    }
+    assert found["  65,536 ÷ 0 bindings"] == MET  # 590 / 620 = 0.95
+    assert "no answer: 3" in table(bad)
+
+
+def test_targets_are_inclusive():
+    edge = copy.deepcopy(GOOD)
+    edge["dispatch"]["rps"] = 600.0
+    edge["floor"]["rps"] = 1000.0  # exactly 0.6
+    edge["open_loop"]["accounts_50"]["p99_ms"] = 15.0
+    edge["bounded_waiting"]["healthz_ms"] = 1000.0
+    assert set(verdicts(edge).values()) == {MET}
+
+
+def test_a_failed_phase_is_shown_not_measured_and_the_rest_still_judged():
+    broken = copy.deepcopy(GOOD)
+    broken["floor"] = {"error": "WebServerError: gunicorn exited with 3"}
+    del broken["bounded_waiting"]
+    found = verdicts(broken)
+    assert found["floor, closed loop"] == MISSING
+    assert found["  ÷ floor (throughput)"] == MISSING
+    assert found["96 waiters on one slot"] == MISSING
+    assert found["  large ÷ small pool"] == MET
+    text = table(broken)
+    assert "gunicorn exited with 3" in text and "phase not run" in text
+
+
+def test_waiters_served_counts_and_orders_the_answers():
+    released = 100.0
+    crowd = [
+        Waiter(rank=0, sent=1.0, status=200, answered=100.01),
+        Waiter(rank=1, sent=1.1, status=429, answered=1.12, retry_after="1"),  # refused at once
+        Waiter(rank=2, sent=1.2, status=200, answered=100.03),  # served before rank 3: in order
+        Waiter(rank=3, sent=1.3, status=200, answered=100.02),  # ... but after rank 2's turn: one inversion
+        Waiter(rank=4, sent=1.4, status=429, answered=161.0),  # waited out its max_wait_ms
+        Waiter(rank=5, sent=1.5, status=0, answered=190.0),  # no answer at all
+        Waiter(rank=6, sent=1.6),  # still waiting when the phase ended
+    ]
+    served = waiters_served(crowd, released)
+    assert served["granted"] == 3
+    assert (served["refused_at_once"], served["refused_later"], served["refused_with_retry_after"]) == (1, 1, 1)
+    assert served["other"] == {"0": 1, "None": 1}
+    # answer order: ranks 0, 3, 2 → one inverted pair of three
+    assert served["inversion_fraction"] == round(1 / 3, 4)
+    assert served["kendall_tau"] == round(1 / 3, 4)
+    assert served["all_granted_after_ms"] == 30.0

@@ -1,0 +1,87 @@
+"""The load benchmark's maths and traffic mix, on hand-made cases. No database, no server."""
+
+from __future__ import annotations
+
+import random
+import statistics
+
+import pytest
+
+from bench.load.clients import Plan
+from bench.load.stats import (
+    inversion_fraction,
+    inversions,
+    kendall_tau,
+    latency_summary,
+    poisson_schedule,
+    schedule_split,
+)
+
+
+def test_poisson_schedule_has_the_rate_and_exponential_gaps():
+    arrivals = poisson_schedule(100, 200, random.Random(7))
+    assert arrivals == sorted(arrivals) and arrivals[0] > 0 and arrivals[-1] < 200
+    # 20,000 expected; a Poisson count's standard deviation is its square root (141).
+    assert abs(len(arrivals) - 20_000) < 600
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    assert statistics.mean(gaps) == pytest.approx(0.01, rel=0.03)
+    # Exponential gaps: standard deviation equals the mean (evenly spaced arrivals would give 0).
+    assert statistics.stdev(gaps) / statistics.mean(gaps) == pytest.approx(1.0, abs=0.05)
+
+
+def test_poisson_schedule_is_reproducible_and_refuses_nonsense():
+    assert poisson_schedule(50, 3, random.Random(1)) == poisson_schedule(50, 3, random.Random(1))
+    assert poisson_schedule(50, 0, random.Random(1)) == []
+    with pytest.raises(ValueError):
+        poisson_schedule(0, 3, random.Random(1))
+
+
+def test_schedule_split_deals_every_arrival_once_in_order():
+    arrivals = poisson_schedule(40, 5, random.Random(2))
+    parts = schedule_split(arrivals, 4)
+    assert sorted(a for part in parts for a in part) == arrivals
+    assert all(part == sorted(part) for part in parts)
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+@pytest.mark.parametrize(
+    ("ranks", "inverted", "tau"),
+    [
+        ([0, 1, 2, 3], 0, 1.0),  # served in arrival order
+        ([3, 2, 1, 0], 6, -1.0),  # last come, first served
+        ([1, 0, 2], 1, 1 / 3),  # one adjacent swap out of 3 pairs
+        ([0, 5, 9], 0, 1.0),  # gaps (refused waiters) do not count
+        ([2, 0, 1], 2, -1 / 3),
+    ],
+)
+def test_inversions_and_kendall_tau(ranks, inverted, tau):
+    assert inversions(ranks) == inverted
+    assert inversion_fraction(ranks) == pytest.approx(inverted / (len(ranks) * (len(ranks) - 1) / 2))
+    assert kendall_tau(ranks) == pytest.approx(tau)
+
+
+def test_order_needs_two_answers():
+    assert kendall_tau([]) is None and kendall_tau([4]) is None and inversion_fraction([4]) is None
+
+
+def test_latency_summary_in_milliseconds():
+    seconds = [n / 1000 for n in range(1, 101)]  # 1 .. 100 ms
+    assert latency_summary(seconds) == {"p50_ms": 50.5, "p99_ms": 99.01}
+    assert latency_summary([]) == {"p50_ms": None, "p99_ms": None}
+
+
+def test_mixed_traffic_is_80_10_10_and_new_sessions_never_repeat():
+    plan = Plan("mixed", key="k", bindings=65_536)
+    rng = random.Random(5)
+    bodies = [plan.body(rng, "t", n) for n in range(20_000)]
+    existing = [b for b in bodies if b.get("session_id", "").startswith("s-")]
+    new = [b for b in bodies if b.get("session_id", "").startswith("new-")]
+    assert len(existing) / len(bodies) == pytest.approx(0.8, abs=0.02)
+    assert len(new) / len(bodies) == pytest.approx(0.1, abs=0.02)
+    assert sum(1 for b in bodies if b == {}) / len(bodies) == pytest.approx(0.1, abs=0.02)
+    assert all(0 <= int(b["session_id"][2:]) < 65_536 for b in existing)
+    assert len({b["session_id"] for b in new}) == len(new)
+
+    fresh = Plan("new", key="k")
+    sessions = [fresh.body(rng, "t", n)["session_id"] for n in range(1000)]
+    assert len(set(sessions)) == 1000
