@@ -26,8 +26,8 @@ from accounts.serializers import (
     ProxySerializer,
     RoutingIdentitySerializer,
 )
-from kiropool.errors import Conflict
-from kiropool.schema import operator_error_responses
+from core.errors import Conflict
+from core.schema import operator_error_responses
 from routing.selectors import operator as selectors
 
 

@@ -6,4 +6,4 @@ class AccountsConfig(AppConfig):
     verbose_name = "Pool"
 
     def ready(self) -> None:
-        from kiropool import checks  # noqa: F401  registers the credentials-key checks
+        from accounts import checks  # noqa: F401  registers the credentials-key and rate checks

@@ -29,6 +29,8 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured, ValidationError
 from django.db import models
 
+from core.errors import DependencyUnavailable
+
 # Domain separation: the derived development key is useless for anything
 # else SECRET_KEY signs, and vice versa.
 DEVELOPMENT_KEY_INFO = b"kiropool account credentials v1"
@@ -39,9 +41,11 @@ UNDECRYPTABLE = (
 )
 
 
-class CredentialsKeyError(ImproperlyConfigured):
+class CredentialsKeyError(ImproperlyConfigured, DependencyUnavailable):
     """Stored credentials cannot be decrypted with any configured key, or a
     configured key is not a Fernet key. Never carries the data itself."""
+
+    public_message = "the account's credentials cannot be decrypted with the configured keys"
 
 
 class SecretDict(dict):

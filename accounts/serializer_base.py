@@ -13,8 +13,8 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 from rest_framework.relations import MANY_RELATION_KWARGS
 
-from kiropool.errors import RULE_ERROR
-from kiropool.serializer_fields import (
+from core.errors import RULE_ERROR
+from core.serializer_fields import (
     StrictBooleanField,
     StrictCharField,
     StrictFloatField,
@@ -26,7 +26,7 @@ NAME_MAX_LENGTH = 200
 
 
 class StrictModelSerializer(serializers.ModelSerializer):
-    """Model fields become the strict fields of kiropool.serializer_fields.
+    """Model fields become the strict fields of core.serializer_fields.
     Strings are kept as sent: DRF would trim them, so a string the schema
     refuses as too long could pass once trimmed, and a blank one could fail
     though the schema allows it."""

@@ -32,8 +32,8 @@ from accounts.serializer_base import (
     NameRelatedField,
     StrictModelSerializer,
 )
-from kiropool.errors import RULE_ERROR
-from kiropool.serializer_fields import StrictCharField, StrictDictField, StrictListField
+from core.errors import RULE_ERROR
+from core.serializer_fields import StrictCharField, StrictDictField, StrictListField
 
 
 def cooldown_remaining_s(until: datetime | None) -> int:

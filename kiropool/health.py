@@ -22,8 +22,8 @@ from django.http import HttpResponse, JsonResponse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 
-from kiropool.errors import error_body
-from kiropool.recent import RecentValue
+from core.errors import error_body
+from core.recent import RecentValue
 from routing import metrics
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def _readiness() -> dict[str, str]:
     return {"database": _check(_database_ping), "broker": _check(_broker_ping)}
 
 
-# The answer is reused for a few seconds in this process (kiropool/recent.py):
+# The answer is reused for a few seconds in this process (core/recent.py):
 # probes come every few seconds anyway, and the endpoint is open, so a flood of
 # anonymous requests must not become a flood of broker connections.
 READINESS_CACHE_SECONDS = 5.0

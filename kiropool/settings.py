@@ -20,7 +20,7 @@ VAR_DIR = BASE_DIR / "var"
 env = environ.Env()
 environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
 # The SECRET_KEY and Fernet key `make run` generated once for this checkout
-# (kiropool/local_secrets.py); the environment and .env win over them. A test
+# (core/local_secrets.py); the environment and .env win over them. A test
 # run never reads them (pytest sets PYTEST_VERSION, and the processes it starts
 # inherit it), so the suite sees the same settings on a fresh clone as after
 # `make run`.
@@ -65,13 +65,14 @@ INSTALLED_APPS = [
     "drf_spectacular_sidecar",
     # import/export buttons on the pool's admin pages (accounts/resources.py)
     "import_export",
+    "core",
     "accounts",
     "routing",
 ]
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
-    "kiropool.middleware.RequestGuardMiddleware",
+    "core.middleware.RequestGuardMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -245,7 +246,7 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAdminUser"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
-    "EXCEPTION_HANDLER": "kiropool.errors.exception_handler",
+    "EXCEPTION_HANDLER": "core.errors.exception_handler",
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "UNAUTHENTICATED_USER": None,
 }
@@ -260,13 +261,13 @@ SPECTACULAR_SETTINGS = {
     "COMPONENT_SPLIT_REQUEST": True,
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",
-        "kiropool.schema.request_strings_refuse_nul",
+        "core.schema.request_strings_refuse_nul",
     ],
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
     # Accounts and keys share the pool choices: one enum in the schema.
-    "ENUM_NAME_OVERRIDES": {"PoolEnum": "accounts.models.Pool", "ErrorTypeEnum": "kiropool.schema.ERROR_TYPE_CHOICES"},
+    "ENUM_NAME_OVERRIDES": {"PoolEnum": "accounts.models.Pool", "ErrorTypeEnum": "core.schema.ERROR_TYPE_CHOICES"},
 }
 
 # --- the pool -----------------------------------------------------------------
@@ -339,6 +340,9 @@ KIROPOOL_LEASE_TTL_SECONDS = _clamp(env.int("KIROPOOL_LEASE_TTL_SECONDS", defaul
 # /metrics is open, as Prometheus scrapers usually carry no login; set this to
 # require `Authorization: Bearer <token>` (Prometheus: `authorization: {credentials: ...}`).
 KIROPOOL_METRICS_TOKEN = env.str("KIROPOOL_METRICS_TOKEN", default="")
+# The login `make run` creates when none exists (manage.py ensure_admin).
+KIROPOOL_ADMIN_USER = env.str("KIROPOOL_ADMIN_USER", default="admin")
+KIROPOOL_ADMIN_PASSWORD = env.str("KIROPOOL_ADMIN_PASSWORD", default="")
 
 # --- hardening ------------------------------------------------------------------
 
@@ -348,12 +352,12 @@ KIROPOOL_METRICS_TOKEN = env.str("KIROPOOL_METRICS_TOKEN", default="")
 # (kiropool/secrets_guard.py). `manage.py secrets_generate` prints one.
 KIROPOOL_FERNET_KEYS = env.list("KIROPOOL_FERNET_KEYS", default=[])
 
-# Largest request body accepted (413 above it, kiropool/middleware.py). A
+# Largest request body accepted (413 above it, core/middleware.py). A
 # dispatch with 256 excluded names of 200 characters is about 52 KiB.
 KIROPOOL_MAX_BODY_BYTES = env.int("KIROPOOL_MAX_BODY_BYTES", default=256 * 1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = KIROPOOL_MAX_BODY_BYTES
 
-# Per-key request rates through the cache (kiropool/throttling.py), as
+# Per-key request rates through the cache (accounts/throttling.py), as
 # "<count>/<s|min|h|d>"; empty turns the limit off. Dispatch is already bounded
 # by the concurrency limits, so its rate limit is off unless asked for.
 KIROPOOL_DISPATCH_RATE = env.str("KIROPOOL_DISPATCH_RATE", default="")

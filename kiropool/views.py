@@ -8,7 +8,7 @@ from django.urls import reverse
 from django.views import defaults
 from django.views.decorators.http import require_GET
 
-from kiropool.errors import error_body
+from core.errors import error_body
 
 
 def _is_api(request) -> bool:

@@ -15,10 +15,10 @@ from rest_framework.views import APIView
 
 from accounts.authentication import ApiKeyAuthentication, HasApiKey
 from accounts.fields import CredentialsKeyError
-from kiropool.errors import AllAccountsFailed, NoUsableAccount, RateLimited
-from kiropool.schema import error_responses
-from kiropool.serializer_fields import StrictCharField
-from kiropool.throttling import DispatchRateThrottle, ExplainRateThrottle
+from accounts.throttling import DispatchRateThrottle, ExplainRateThrottle
+from core.errors import RULE_ERROR, AllAccountsFailed, NoUsableAccount, RateLimited
+from core.schema import error_responses
+from core.serializer_fields import StrictCharField
 from routing import completions, leases, metrics, selection
 from routing.dispatch import Acquired, Completion, DispatchRequest, SessionState
 from routing.models import LeaseOutcome
@@ -170,7 +170,8 @@ class LeaseCompleteApi(GatewayApi):
         def validate_quota_resets_at(self, value):
             now = timezone.now()
             if value is not None and not now < value <= now + timedelta(days=366):
-                raise serializers.ValidationError("must lie in the future, within a year")
+                # A rule the schema cannot state (it depends on the clock): 422.
+                raise serializers.ValidationError("must lie in the future, within a year", code=RULE_ERROR)
             return value
 
     @extend_schema_serializer(component_name="LeaseCompleted")
@@ -188,7 +189,7 @@ class LeaseCompleteApi(GatewayApi):
         operation_id="lease_complete",
         summary="Report how the upstream call went and release the lease",
         request=InputSerializer,
-        responses={200: OutputSerializer, **error_responses(400, 401, 404, 409, 503)},
+        responses={200: OutputSerializer, **error_responses(400, 401, 404, 409, 422, 503)},
         tags=["gateway"],
     )
     def post(self, request, lease_id):

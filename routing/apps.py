@@ -6,9 +6,14 @@ class RoutingConfig(AppConfig):
     verbose_name = "Routing"
 
     def ready(self) -> None:
+        """Decide once what the database can do (routing/backend.py)."""
         from django.conf import settings
         from django.db import connection
 
-        from routing.backend import backend_configure
+        from routing import pg
+        from routing.backend import backend
 
-        backend_configure(vendor=connection.vendor, fast_statements=settings.KIROPOOL_FAST_STATEMENTS)
+        backend.postgres = connection.vendor == "postgresql"
+        backend.statements = pg.Statements() if backend.postgres and settings.KIROPOOL_FAST_STATEMENTS else None
+        if backend.postgres:
+            pg.statement_cache_widen()

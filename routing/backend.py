@@ -26,13 +26,3 @@ class Backend:
 
 
 backend = Backend()
-
-
-def backend_configure(*, vendor: str, fast_statements: bool) -> Backend:
-    from routing import pg
-
-    backend.postgres = vendor == "postgresql"
-    backend.statements = pg.Statements() if backend.postgres and fast_statements else None
-    if backend.postgres:
-        pg.statement_cache_widen()
-    return backend

@@ -27,8 +27,8 @@ from django.db.models import F
 from django.utils import timezone
 
 from accounts.models import ApiKey, Proxy, RoutingIdentity
-from kiropool.errors import Conflict, NotFound
-from kiropool.throttling import key_rate_take
+from accounts.throttling import key_rate_take
+from core.errors import Conflict, NotFound
 from routing import leases, metrics, quotas, sessions, wakeups
 from routing.backend import backend
 from routing.dispatch import Completed, Completion

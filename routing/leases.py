@@ -33,7 +33,7 @@ from django.db.models import Case, F, Min, Q, Value, When
 from django.utils import timezone
 
 from accounts.models import Account, ApiKey, RoutingIdentity
-from kiropool.errors import AllAccountsFailed, NoUsableAccount, RateLimited
+from core.errors import AllAccountsFailed, NoUsableAccount, RateLimited
 from routing import maintenance, metrics, pg, selection, waiting, wakeups
 from routing.backend import backend
 from routing.dispatch import Acquired, CandidateRow, DispatchRequest, LeaseGrant, SessionState

@@ -33,7 +33,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from kiropool.recent import RecentValue
+from core.recent import RecentValue
 from routing.selectors import operator as selectors
 
 logger = logging.getLogger(__name__)
@@ -171,7 +171,7 @@ def _pool_state_families():
 
 
 # /metrics is open to scrapers, so to anyone: a burst of scrapes reuses one
-# reading for a few seconds (kiropool/recent.py) instead of running the
+# reading for a few seconds (core/recent.py) instead of running the
 # aggregates each time. Prometheus scrapes every 15-60 s; 5 s old is fresh.
 POOL_STATE_CACHE_SECONDS = 5.0
 pool_state = RecentValue(lambda: list(_pool_state_families()), seconds=POOL_STATE_CACHE_SECONDS)

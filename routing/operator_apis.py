@@ -13,8 +13,8 @@ from rest_framework.response import Response
 
 from accounts.apis import OperatorApi
 from accounts.permissions import CRUD_VERBS
-from kiropool.schema import operator_error_responses
-from kiropool.serializer_fields import QueryIntegerField, StrictCharField, query_params_single
+from core.schema import operator_error_responses
+from core.serializer_fields import QueryIntegerField, StrictCharField, query_params_single
 from routing import maintenance, sessions
 from routing.models import LatencySnapshot, SessionBinding
 from routing.selectors import operator as selectors

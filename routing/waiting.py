@@ -30,7 +30,7 @@ from contextlib import contextmanager
 
 from django.conf import settings
 
-from kiropool.errors import RateLimited
+from core.errors import RateLimited
 from routing import wakeups
 
 

@@ -9,7 +9,7 @@ from urllib.parse import quote
 
 from django.db import connection
 
-from kiropool.webserver import WebServer
+from core.webserver import WebServer
 
 # The secrets of every server, worker or manage.py process a test starts: with
 # DEBUG off they refuse to start without them (kiropool/secrets_guard.py).

@@ -1,11 +1,11 @@
-"""kiropool/recent.py: a value computed at most once per interval per process."""
+"""core/recent.py: a value computed at most once per interval per process."""
 
 import threading
 import time
 
 import pytest
 
-from kiropool.recent import RecentValue
+from core.recent import RecentValue
 
 
 class Clock:

@@ -14,5 +14,5 @@ class FloorApi(APIView):
 
 
 def healthz(request):
-    """What kiropool.webserver.WebServer waits for before it reports the server up."""
+    """What core.webserver.WebServer waits for before it reports the server up."""
     return JsonResponse({"status": "ok"})

@@ -1,7 +1,7 @@
 """gunicorn settings of the floor (issue 14): sync workers, one request at a
 time per process and a new connection per request, as many processes as the
 kiropool server it is compared with (WEB_CONCURRENCY). Everything else is
-gunicorn's default. kiropool.webserver.WebServer gives the bind."""
+gunicorn's default. core.webserver.WebServer gives the bind."""
 
 import os
 

@@ -1,5 +1,5 @@
 """The servers `make bench` measures, all started by kiropool's one helper,
-:class:`kiropool.webserver.WebServer`, and the optional py-spy profile of one
+:class:`core.webserver.WebServer`, and the optional py-spy profile of one
 of their workers."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from kiropool.webserver import WebServer
+from core.webserver import WebServer
 
 
 def kiropool_server(env: dict[str, str], *, workers: int, log: Path) -> WebServer:

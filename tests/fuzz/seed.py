@@ -38,7 +38,12 @@ def seed() -> Seeded:
         prefix="fuzz-",
         identities=pool,
         proxies={"egress": "http://fuzz-proxy.internal:3128"},
-        keys=(KeySpec("gateway", options={"account_group": None, "credentials_access": True}),),
+        # No cap on the key's leases: the fuzzer dispatches far more than it completes.
+        keys=(
+            KeySpec(
+                "gateway", options={"account_group": None, "credentials_access": True, "max_concurrency": 1_000_000}
+            ),
+        ),
     )
     user = get_user_model().objects.create_user(username="fuzz-operator", password=None, is_staff=True)
     user.user_permissions.set(Permission.objects.filter(content_type__app_label__in=["accounts", "routing"]))

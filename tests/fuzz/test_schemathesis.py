@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from kiropool.webserver import WebServer
+from core.webserver import WebServer
 from tests.drills.services import PYTHON
 from tests.fuzz.seed import seed
 from tests.routing.gateway import Gateway

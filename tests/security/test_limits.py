@@ -20,7 +20,7 @@ from accounts.models import (
     RoutingIdentity,
     validate_model_preferences,
 )
-from kiropool.throttling import parse_rate
+from accounts.throttling import parse_rate
 from routing.models import Lease
 from tests.factories import AccountFactory, ApiKeyFactory, RoutingIdentityFactory
 from tests.routing.gateway import Gateway

@@ -1,5 +1,5 @@
 """`make run` on a fresh clone: development secrets generated once, private,
-reused, never overwritten, git-ignored (kiropool/local_secrets.py and
+reused, never overwritten, git-ignored (core/local_secrets.py and
 ``manage.py secrets_generate --local``, which `make run` calls).
 
 The command runs as `make run` runs it: a real process, with no environment
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from cryptography.fernet import Fernet
 
-from kiropool import local_secrets
+from core import local_secrets
 from kiropool.secrets_guard import secrets_problems
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,9 +1,8 @@
 import secrets
 
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
-
-from kiropool.settings import env
 
 
 class Command(BaseCommand):
@@ -17,8 +16,8 @@ class Command(BaseCommand):
         if User.objects.filter(is_superuser=True).exists():
             self.stdout.write("An admin login already exists.")
             return
-        username = env.str("KIROPOOL_ADMIN_USER", default="admin")
-        password = env.str("KIROPOOL_ADMIN_PASSWORD", default="")
+        username = settings.KIROPOOL_ADMIN_USER
+        password = settings.KIROPOOL_ADMIN_PASSWORD
         generated = not password
         if generated:
             password = secrets.token_urlsafe(18)

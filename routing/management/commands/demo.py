@@ -1,6 +1,6 @@
 """``manage.py demo`` (``make demo``): a living pool in one command.
 
-Seeds the demonstration pool, starts the web app (``kiropool.webserver``) and
+Seeds the demonstration pool, starts the web app (``core.webserver``) and
 plays synthetic gateways against it for a while (``routing/demo.py``). The
 login, the API keys and the dashboard URL are printed at the start and again
 at the end; the demo's staff login is removed when it stops.
@@ -19,7 +19,7 @@ from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
-from kiropool.webserver import WebServer, WebServerError
+from core.webserver import WebServer, WebServerError
 from routing import demo
 
 

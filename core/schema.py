@@ -13,7 +13,7 @@ from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from drf_spectacular.utils import OpenApiResponse
 from rest_framework import serializers
 
-from kiropool.errors import error_type
+from core.errors import error_type
 
 ERROR_DESCRIPTIONS = {
     400: "The request is invalid (`invalid_request_error`).",

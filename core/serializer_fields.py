@@ -7,7 +7,7 @@ schema refuses the server refuses too, so these refuse every other JSON type.
 
 Every string refuses NUL (DRF's ``ProhibitNullCharactersValidator``; PostgreSQL
 text cannot hold it), which the schema states as a ``pattern``
-(``kiropool.schema.request_strings_refuse_nul``)."""
+(``core.schema.request_strings_refuse_nul``)."""
 
 from __future__ import annotations
 

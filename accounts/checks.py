@@ -8,7 +8,7 @@ from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
 
 from accounts import fields
-from kiropool.throttling import parse_rate
+from accounts.throttling import parse_rate
 
 
 @checks.register(checks.Tags.security)

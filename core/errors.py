@@ -14,8 +14,6 @@ from django.http import Http404
 from rest_framework import exceptions, status
 from rest_framework.views import exception_handler as drf_exception_handler
 
-from accounts.fields import CredentialsKeyError
-
 logger = logging.getLogger(__name__)
 
 ERROR_TYPES = {
@@ -118,6 +116,14 @@ def _message(detail) -> str:
     return str(detail)
 
 
+class DependencyUnavailable(Exception):
+    """Raised by a service when something it depends on cannot serve (the
+    handler answers 503 with ``public_message``; the exception's own text is
+    logged, never sent)."""
+
+    public_message = "a dependency of this service is unavailable"
+
+
 class DatabaseUnavailable(ServiceUnavailable):
     default_detail = "the database is unavailable; retry shortly"
 
@@ -141,9 +147,9 @@ def exception_handler(exc, context):
         exc = DatabaseUnavailable("a conflicting write was refused by the database; retry shortly")
     elif isinstance(exc, exceptions.ValidationError):
         exc = _validation_error_refined(exc)
-    elif isinstance(exc, CredentialsKeyError):
-        logger.error("cannot decrypt account credentials: %s", exc)
-        exc = ServiceUnavailable("the account's credentials cannot be decrypted with the configured keys")
+    elif isinstance(exc, DependencyUnavailable):
+        logger.error("%s: %s", exc.public_message, exc)
+        exc = ServiceUnavailable(exc.public_message)
     response = drf_exception_handler(exc, context)
     if response is None:
         return None

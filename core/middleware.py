@@ -17,7 +17,7 @@ from urllib.parse import unquote_to_bytes
 from django.conf import settings
 from django.http import JsonResponse
 
-from kiropool.errors import error_body
+from core.errors import error_body
 
 
 class RequestGuardMiddleware:

@@ -1,6 +1,6 @@
 """``manage.py secrets_generate``: fresh values for SECRET_KEY and
 KIROPOOL_FERNET_KEYS, as lines for an environment file; with ``--local``, the
-development secrets of this checkout (kiropool/local_secrets.py), which
+development secrets of this checkout (core/local_secrets.py), which
 `make run` calls. It runs whatever the configured secrets are
 (kiropool/secrets_guard.py): it is how one gets good ones."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from kiropool import local_secrets
+from core import local_secrets
 
 
 class Command(BaseCommand):
