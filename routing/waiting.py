@@ -12,7 +12,8 @@ completions that free the slots would queue behind them. So:
   admin, other keys (gunicorn.conf.py sizes the threads to match);
 - waiting dispatches of one key re-try in the order they started waiting:
   when a release wakes them, the oldest looks first, then the next, one at a
-  time (:meth:`Visit.turn`). A dispatch that has not waited yet does not
+  time (:meth:`Visit.turn`). A waiter woken a moment before an older one
+  (threads wake in no set order) lets the older one go first. A dispatch that has not waited yet does not
   queue: it may take a slot freed at that instant. Across processes and hosts
   there is no common order (that would cost a write per wait); each process
   serves its own waiters in order.
@@ -42,6 +43,7 @@ class WaitingRoom:
         self._seq = itertools.count()
         self._queues: dict[int, list[int]] = {}  # key id → seqs asking for a turn (a heap)
         self._busy: set[int] = set()  # keys whose waiter is taking its turn now
+        self._sleepers: dict[int, dict[int, int]] = {}  # key id → {seq: wake-up token}
 
     def visit(self, *, key_id: int) -> Visit:
         return Visit(self, key_id)
@@ -60,19 +62,41 @@ class WaitingRoom:
             self._per_key[key_id] += 1
             return next(self._seq)
 
-    def _leave(self, key_id: int) -> None:
+    def _leave(self, key_id: int, seq: int) -> None:
         with self._cond:
+            self._awake(key_id, seq)
             self._waiting -= 1
             self._per_key[key_id] -= 1
             if not self._per_key[key_id]:
                 del self._per_key[key_id]
+
+    def _asleep(self, key_id: int, seq: int, token: int) -> None:
+        """A waiter goes to sleep until a release after ``token``. It counts as
+        asleep until it asks for its turn or leaves, so a younger waiter woken
+        first by the same release lets it go first."""
+        with self._cond:
+            self._sleepers.setdefault(key_id, {})[seq] = token
+
+    def _awake(self, key_id: int, seq: int) -> None:
+        sleepers = self._sleepers.get(key_id, {})
+        sleepers.pop(seq, None)
+        if not sleepers:
+            self._sleepers.pop(key_id, None)
+        self._cond.notify_all()
+
+    def _older_due(self, key_id: int, seq: int) -> bool:
+        """An older waiter of this key is asleep but already due to wake: a
+        release moved past its token."""
+        now = wakeups.current()
+        return any(older < seq and token != now for older, token in self._sleepers.get(key_id, {}).items())
 
     @contextmanager
     def _turn(self, key_id: int, seq: int) -> Iterator[None]:
         with self._cond:
             queue = self._queues.setdefault(key_id, [])
             heapq.heappush(queue, seq)
-            while queue[0] != seq or key_id in self._busy:
+            self._awake(key_id, seq)
+            while queue[0] != seq or key_id in self._busy or self._older_due(key_id, seq):
                 self._cond.wait()
             heapq.heappop(queue)
             if not queue:
@@ -106,7 +130,7 @@ class Visit:
 
     def __exit__(self, *exc) -> None:
         if self.seq is not None:
-            self.room._leave(self.key_id)
+            self.room._leave(self.key_id, self.seq)
 
     @property
     def waited_ms(self) -> int:
@@ -118,6 +142,7 @@ class Visit:
         if self.seq is None:
             self.seq = self.room._admit(self.key_id)
         started = time.monotonic()
+        self.room._asleep(self.key_id, self.seq, token)
         wakeups.wait(token, timeout)
         self.waited += time.monotonic() - started
 

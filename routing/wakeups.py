@@ -70,6 +70,11 @@ def token() -> int:
     return _generation.token()
 
 
+def current() -> int:
+    """The generation now, without starting the listener."""
+    return _generation.token()
+
+
 def wait(token_: int, timeout: float) -> bool:
     """Block until a release after ``token_`` or ``timeout`` seconds pass.
     Returns whether a release was seen (a poll tick counts as a maybe)."""
