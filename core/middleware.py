@@ -15,6 +15,8 @@ from __future__ import annotations
 from urllib.parse import unquote_to_bytes
 
 from django.conf import settings
+from django.contrib.auth import middleware as auth
+from django.contrib.messages import middleware as messages
 from django.http import JsonResponse
 
 from core.errors import error_body
@@ -37,3 +39,23 @@ class RequestGuardMiddleware:
         if "\x00" in request.path or b"\x00" in unquote_to_bytes(request.META.get("QUERY_STRING", "")):
             return JsonResponse(error_body(400, "NUL characters are not allowed in the URL"), status=400)
         return self.get_response(request)
+
+
+class MachineLane:
+    """A browser middleware that requests of machine clients skip: gateways
+    and probes (``KIROPOOL_MACHINE_PATHS``) carry no session cookie, log in
+    with a key or not at all, and get JSON, never a page, so logins and
+    messages are only work for them."""
+
+    def __call__(self, request):
+        if request.path_info.startswith(settings.KIROPOOL_MACHINE_PATHS):
+            return self.get_response(request)
+        return super().__call__(request)
+
+
+class AuthenticationMiddleware(MachineLane, auth.AuthenticationMiddleware):
+    pass
+
+
+class MessageMiddleware(MachineLane, messages.MessageMiddleware):
+    pass

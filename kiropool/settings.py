@@ -70,6 +70,11 @@ INSTALLED_APPS = [
     "routing",
 ]
 
+# Logins and messages run for people only: gateways and probes, which carry
+# no cookie and render no page, skip them (core/middleware.py,
+# KIROPOOL_MACHINE_PATHS). Sessions, CSRF and framing stay on every path:
+# unused they cost next to nothing, and `check --deploy` inspects Django's
+# own classes for its cookie and header checks.
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "core.middleware.RequestGuardMiddleware",
@@ -77,10 +82,12 @@ MIDDLEWARE = [
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
-    "django.contrib.auth.middleware.AuthenticationMiddleware",
-    "django.contrib.messages.middleware.MessageMiddleware",
+    "core.middleware.AuthenticationMiddleware",
+    "core.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
+# Paths of machine clients: the gateway API and the probes.
+KIROPOOL_MACHINE_PATHS = ("/api/v1/dispatch", "/api/v1/leases/", "/healthz", "/readyz", "/metrics")
 
 ROOT_URLCONF = "kiropool.urls"
 WSGI_APPLICATION = "kiropool.wsgi.application"
@@ -116,7 +123,11 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     }
 else:
     DATABASES["default"]["CONN_MAX_AGE"] = env.int("CONN_MAX_AGE", default=60)
-    DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+    # A health check is a SELECT 1 before every request's first query: a
+    # round trip for each dispatch and completion. Without it, the first
+    # request a thread serves after the database restarted answers a 503
+    # with Retry-After (core/errors.py) and the next one reconnects.
+    DATABASES["default"]["CONN_HEALTH_CHECKS"] = env.bool("CONN_HEALTH_CHECKS", default=False)
     # Server-side binding and prepared statements: psycopg prepares a
     # statement after it ran DATABASE_PREPARE_THRESHOLD times on a connection
     # (the dispatch read, the claim, the completion), so PostgreSQL plans it
@@ -244,8 +255,9 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.TokenAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAdminUser"],
-    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    # orjson: the gateway endpoints answer on every upstream call.
+    "DEFAULT_RENDERER_CLASSES": ["drf_orjson_renderer.renderers.ORJSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["drf_orjson_renderer.parsers.ORJSONParser"],
     "EXCEPTION_HANDLER": "core.errors.exception_handler",
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "UNAUTHENTICATED_USER": None,

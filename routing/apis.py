@@ -8,7 +8,8 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.utils import timezone
-from drf_spectacular.utils import extend_schema, extend_schema_serializer, inline_serializer
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import extend_schema, extend_schema_field, extend_schema_serializer, inline_serializer
 from rest_framework import serializers
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -67,6 +68,16 @@ class DispatchInputSerializer(serializers.Serializer):
         )
 
 
+@extend_schema_field(OpenApiTypes.OBJECT)
+class CredentialsField(serializers.Field):
+    """The decrypted credentials, left in their redacting type
+    (``accounts.fields.SecretDict``) until the renderer writes the response:
+    no traceback, log line or error report of ``response.data`` shows them."""
+
+    def to_representation(self, value):
+        return value
+
+
 class AccountOutputSerializer(serializers.Serializer):
     name = serializers.CharField()
     routing_identity = serializers.CharField()
@@ -74,7 +85,7 @@ class AccountOutputSerializer(serializers.Serializer):
     proxy_url = serializers.CharField(allow_null=True)
     region = serializers.CharField()
     profile_arn = serializers.CharField()
-    credentials = serializers.DictField(
+    credentials = CredentialsField(
         required=False,
         help_text="The account's upstream secrets; present only for keys an operator gave credentials access.",
     )
@@ -83,6 +94,7 @@ class AccountOutputSerializer(serializers.Serializer):
 class DispatchApi(GatewayApi):
     throttle_classes = [DispatchRateThrottle]
 
+    @extend_schema_serializer(component_name="Dispatched")
     class OutputSerializer(serializers.Serializer):
         lease_id = serializers.UUIDField(source="lease.id")
         account = AccountOutputSerializer(source="*")

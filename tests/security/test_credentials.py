@@ -128,6 +128,17 @@ def test_dispatch_carries_credentials_only_for_keys_allowed_them(account):
     assert granted.json()["account"]["credentials"] == {"refresh_token": SECRET, "region": "us-east-1"}
 
 
+def test_dispatch_keeps_credentials_redacted_until_the_response_is_rendered(account):
+    allowed = ApiKeyFactory(credentials_access=True)
+    response = Gateway(allowed.plaintext).dispatch()
+    # What a traceback, a log line or an error reporter would print of the
+    # response's data shows no secret; only the rendered body carries them.
+    carried = response.data["account"]["credentials"]
+    assert isinstance(carried, fields.SecretDict)
+    assert SECRET not in repr(response.data) and SECRET not in str(response.data)
+    assert SECRET in response.content.decode()
+
+
 def test_credentials_access_is_off_by_default_and_operators_can_grant_it(operator_api):
     created = operator_api.post("/api/v1/admin/keys/", {"name": "gw"}, format="json")
     assert created.status_code == 201, created.content
