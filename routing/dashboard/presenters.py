@@ -542,6 +542,8 @@ EVENT_TONES = {
     CooldownKind.IDENTITY_CLEARED: "good",
     CooldownKind.PROXY_CLEARED: "good",
     CooldownKind.QUOTA_RESET: "good",
+    CooldownKind.QUOTA_PROBE: "muted",
+    CooldownKind.EJECTED: "bad",
 }
 
 

@@ -38,7 +38,7 @@ SHAPES = [
     (DispatchExplanation, EXPLAIN, "200"),
     *[(ErrorBody, DISPATCH, status) for status in ("400", "401", "429", "502", "503")],
     *[(ErrorBody, EXPLAIN, status) for status in ("400", "401", "429", "503")],
-    *[(ErrorBody, COMPLETE, status) for status in ("400", "401", "404", "409", "503")],
+    *[(ErrorBody, COMPLETE, status) for status in ("400", "401", "404", "409", "422", "503")],
 ]
 
 
