@@ -205,9 +205,14 @@ def test_postgres_restart_during_dispatch_load(pg, database, tmp_path, capsys):
         f"{dict(by_phase['after'])} after; completions {dict(Counter(s for _, s in completions))}; "
         f"{len(granted)} leases granted",
     )
-    # Before and after: served. During: a clean 503 in the one error shape, nothing else.
+    # Before and after: served. During: a clean 503 in the one error shape,
+    # nothing else. (Whether a client's first request after the crash is a
+    # dispatch or the completion it was about to send is a matter of timing,
+    # so the 503s are counted over both.)
     assert set(by_phase["before"]) == {200}
-    assert set(by_phase["outage"]) <= {200, 503} and by_phase["outage"][503] > 0
+    outage_completions = Counter(status for ph, status in completions if ph == "outage")
+    assert set(by_phase["outage"]) <= {200, 503} and set(outage_completions) <= {200, 409, 503}
+    assert by_phase["outage"][503] + outage_completions[503] > 0
     assert all(body == {"error": {"type": "api_error", "message": body["error"]["message"]}} for body in outage_errors)
     assert set(by_phase["after"]) <= {200, 503} and by_phase["after"][200] >= 20
     tail = [status for ph, status, _ in dispatches if ph == "after"][-20:]

@@ -310,7 +310,10 @@ def test_out_of_budget_the_retry_after_counts_the_cooldowns(gw):
 # --- sticky patience (issue 12 §7) --------------------------------------------------------------
 
 
+# Threads against one database: PostgreSQL only (the in-memory SQLite test
+# database locks whole tables between connections).
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("postgres_only")
 def test_a_returning_turn_waits_for_its_busy_account_instead_of_moving():
     key = ApiKeyFactory(sticky_patience_ms=5000)
     gw = Gateway(key.plaintext)
@@ -340,6 +343,7 @@ def test_a_returning_turn_waits_for_its_busy_account_instead_of_moving():
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("postgres_only")
 def test_new_sessions_do_not_take_the_slot_a_returning_turn_waits_for():
     key = ApiKeyFactory(sticky_patience_ms=4000)
     bound = AccountFactory(name="bound", identity__max_concurrency=1)
@@ -363,7 +367,7 @@ def test_new_sessions_do_not_take_the_slot_a_returning_turn_waits_for():
     newcomer = holder.dispatch(session_id="new", max_wait_ms=0)
     waiter.join()
     assert results["sticky"]["account"]["name"] == "bound"
-    assert newcomer.status_code == 429
+    assert newcomer.status_code == 429, newcomer.content
     assert RoutingIdentity.objects.get(pk=bound.identity_id).sticky_waiters == 0  # the hold is gone
 
 

@@ -176,7 +176,10 @@ def test_a_new_keys_plaintext_never_travels_in_a_cookie(staff_client):
     # The one showing still happens, from the server-side session...
     plaintext = shown.content.decode().split("<code class='kiropool-new-key'>")[1].split("</code>")[0]
     assert hash_key(plaintext) == ApiKey.objects.get(name="from-admin").key_hash
-    secret = plaintext.rsplit("_", 1)[1]
+    # kp_<hex prefix>_<secret>: the secret is url-safe base64 and may itself
+    # hold "_", so split after the prefix, not at the last "_" (a tail of a
+    # few characters would turn up in a session id by chance).
+    secret = plaintext.split("_", 2)[2]
     # ...and neither the key nor its secret part is in any cookie of either response.
     readings = cookie_readings(created) + cookie_readings(shown)
     assert readings  # the session cookie at least: the check saw cookies
