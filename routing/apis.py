@@ -24,6 +24,7 @@ from routing import completions, leases, metrics, selection
 from routing.dispatch import Acquired, Completion, DispatchRequest, SessionState
 from routing.models import LeaseOutcome
 from routing.selectors import dispatch as reads
+from routing.selectors import explain
 
 MAX_SESSION_ID_LENGTH = 512
 # Bounds on what one request can make the server do: every excluded name is
@@ -296,7 +297,7 @@ class DispatchExplainApi(GatewayApi):
         serializer = DispatchInputSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         now = timezone.now()
-        explained = reads.dispatch_explain(key=request.auth, request=serializer.to_request(), now=now)
+        explained = explain.dispatch_explain(key=request.auth, request=serializer.to_request(), now=now)
         snapshot = explained.snapshot
         output = {
             "session": explained.session.value,

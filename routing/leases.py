@@ -39,6 +39,7 @@ from routing.backend import backend
 from routing.dispatch import Acquired, CandidateRow, DispatchRequest, LeaseGrant, SessionState
 from routing.models import CooldownEvent, CooldownKind, Lease, LeaseOutcome, StickyOutcome
 from routing.selectors import dispatch as reads
+from routing.selectors import rules
 from routing.selectors.latency import latency_snapshot_current
 
 # Past a lease's expiry before looking again, so the expired lease no longer counts.
@@ -343,7 +344,7 @@ def _slot_claim(
             transaction.set_rollback(True)
             return None
         own = sticky in (StickyOutcome.HIT, StickyOutcome.WAITED)
-        claimable = reads.identity_claimable(now, settings.KIROPOOL_SLOW_START_SECONDS, reserved=not own)
+        claimable = rules.identity_claimable(now, settings.KIROPOOL_SLOW_START_SECONDS, reserved=not own)
         claimed = RoutingIdentity.objects.filter(claimable, pk=row.identity_id).update(
             in_flight=F("in_flight") + 1, last_started_at=now
         )

@@ -33,6 +33,7 @@ from routing import wakeups
 from routing.dispatch import CandidateRow
 from routing.models import LatencySample, Lease, LeaseOutcome, SessionBinding
 from routing.selectors import dispatch as reads
+from routing.selectors import rules
 from routing.selectors.compiled import CompiledQuery, sentinel_values
 
 
@@ -147,10 +148,10 @@ class Statements:
 
 @functools.cache
 def _claimable(*, reserved: bool) -> CompiledQuery:
-    """``reads.identity_claimable`` as the WHERE condition on the identity table."""
+    """``rules.identity_claimable`` as the WHERE condition on the identity table."""
     return CompiledQuery(
         lambda values: RoutingIdentity.objects.filter(
-            reads.identity_claimable(values["now"], values["slow_start_seconds"], reserved=reserved)
+            rules.identity_claimable(values["now"], values["slow_start_seconds"], reserved=reserved)
         ),
         sentinel_values({"now": datetime, "slow_start_seconds": float}, {}),
         where_only=True,

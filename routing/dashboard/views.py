@@ -29,31 +29,31 @@ from django.views.decorators.http import require_GET, require_POST
 from accounts.models import Pool
 from routing import sessions
 from routing.dashboard import charts, timecharts
-from routing.dashboard.presenters import (
+from routing.dashboard.history import (
     ACTIVITY_HOURS,
+    ActivityWindow,
+    account_activity,
+    activity_hours,
+    event_lines,
+    lease_lines,
+    outcome_label,
+)
+from routing.dashboard.presenters import (
     COLUMNS,
     DEFAULT_SORT,
     FILTERS,
-    ActivityWindow,
-    Left,
-    Moment,
-    account_activity,
     account_rows,
-    activity_hours,
-    event_lines,
     identity_bars,
     latency_points,
-    lease_lines,
     live,
     matches_query,
-    ms_text,
-    outcome_label,
     parse_sort,
     snapshot_info,
     sort_rows,
     sticky_stats,
     summarize,
 )
+from routing.dashboard.text import Left, Moment, ms_text
 from routing.models import SessionBinding
 from routing.selectors import dashboard as selectors
 

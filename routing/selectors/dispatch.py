@@ -5,8 +5,9 @@ ordered by the database exactly as ``routing/selection.py`` orders them.
 of the ordering contract (SPEC §2) is an annotation, and the queryset's
 ``ORDER BY`` is the contract's key order, so a dispatch reads only the head
 of the order (``HEAD_ROWS`` rows, the ones a lease could start on now first)
-whatever the size of the pool. The explain endpoint reads every row of the
-same queryset and orders it with ``selection.order_candidates``; a
+whatever the size of the pool. The rules it applies (what makes an identity
+claimable, the latency band) are expressions of ``rules.py``. The explain
+endpoint (``explain.py``) reads every row of the same queryset and orders it with ``selection.order_candidates``; a
 property-based test checks on random pools that both orders agree.
 
 Each queryset shape is compiled once (``compiled.py``): a dispatch pays for
@@ -15,11 +16,10 @@ running the query, not for building it.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from django.conf import settings
 from django.db import connection
@@ -30,7 +30,6 @@ from django.db.models import (
     F,
     FilteredRelation,
     FloatField,
-    Func,
     IntegerField,
     Max,
     Q,
@@ -41,97 +40,19 @@ from django.db.models import (
     When,
     Window,
 )
-from django.db.models.functions import Abs, Cast, Coalesce, Collate, Floor, Greatest, Least, Sign
-from django.db.models.lookups import LessThan
+from django.db.models.functions import Coalesce, Collate, Greatest
 
 from accounts.models import Account, ApiKey, RouteStrategy
 from routing import selection
-from routing.dispatch import CandidateRow, DispatchRequest, SessionState, SortKeys
+from routing.dispatch import CandidateRow, DispatchRequest, SortKeys
 from routing.models import Lease, SessionBinding
-from routing.selectors import counts
+from routing.selectors import counts, rules
 from routing.selectors.compiled import CompiledQuery, sentinel_values
-from routing.selectors.latency import StoredSnapshot, latency_snapshot_current
+from routing.selectors.latency import StoredSnapshot
 
 # Rows of the order a dispatch reads: the first is claimed, and the others
 # are there for when a concurrent dispatch took its slot a moment earlier.
 HEAD_ROWS = 4
-
-
-class Elapsed(Func):
-    """Seconds from ``start`` to ``end`` (datetimes), as a float."""
-
-    output_field = FloatField()
-    arity = 2
-
-    def as_postgresql(self, compiler, connection, **extra):
-        return self.as_sql(
-            compiler, connection, template="EXTRACT(EPOCH FROM (%(expressions)s))::float8", arg_joiner=" - ", **extra
-        )
-
-    def as_sqlite(self, compiler, connection, **extra):
-        # julianday() resolves to about 50 µs at today's dates: plenty for
-        # pacing in milliseconds on the embedded, single-host default.
-        return self.as_sql(
-            compiler,
-            connection,
-            template="((julianday(%(expressions)s)) * 86400.0)",
-            arg_joiner=") - julianday(",
-            **extra,
-        )
-
-
-def identity_claimable(now, slow_start_seconds, *, prefix: str = "", reserved: bool = True, expired_leases=None) -> Q:
-    """What lets a lease start on an identity at ``now`` (SPEC §2 and the
-    outlier ejection): no cooldown, not ejected, a free slot under its
-    effective concurrency (slow start after an ejection), slots held for
-    waiting sticky sessions counted unless ``reserved`` is False (the sticky
-    session's own claim), pacing allows. Claims check it on the row as locked;
-    ``prefix`` reaches the identity from another model (``"identity__"``), and
-    ``expired_leases`` discounts leases past their TTL not yet reaped."""
-    f = functools.partial(_field, prefix)
-    held = F(f("in_flight"))
-    if expired_leases is not None:
-        held = held - expired_leases
-    if reserved:
-        held = held + Case(When(**{f("sticky_wait_until__gt"): now}, then=F(f("sticky_waiters"))), default=Value(0))
-    return (
-        (Q(**{f("cooldown_until__isnull"): True}) | Q(**{f("cooldown_until__lte"): now}))
-        & (Q(**{f("ejected_until__isnull"): True}) | Q(**{f("ejected_until__lte"): now}))
-        & Q(LessThan(held, effective_concurrency(now, slow_start_seconds, prefix=prefix)))
-        & pacing_allows(now, prefix=prefix)
-    )
-
-
-def effective_concurrency(now, slow_start_seconds, *, prefix: str = ""):
-    """``selection.effective_concurrency`` in SQL: back from an ejection, the
-    limit ramps from 1 to ``max_concurrency`` over the slow-start window."""
-    f = functools.partial(_field, prefix)
-    limit = F(f("max_concurrency"))
-    since = Elapsed(Value(now), F(f("ejected_until")))
-    window = Value(slow_start_seconds, output_field=FloatField())
-    ramp = Least(
-        Cast(limit, FloatField()),
-        ExpressionWrapper(1 + Floor((limit - 1) * since / window), output_field=FloatField()),
-    )
-    return Case(
-        When(Q(**{f("ejected_until__lte"): now}) & Q(LessThan(since, window)), then=ramp),
-        default=Cast(limit, FloatField()),
-        output_field=FloatField(),
-    )
-
-
-def pacing_allows(now, *, prefix: str = "") -> Q:
-    f = functools.partial(_field, prefix)
-    elapsed_ms = ExpressionWrapper(Elapsed(Value(now), F(f("last_started_at"))) * 1000.0, output_field=FloatField())
-    return (
-        Q(**{f("min_start_interval_ms"): 0})
-        | Q(**{f("last_started_at__isnull"): True})
-        | Q(**{f("min_start_interval_ms__lte"): elapsed_ms})
-    )
-
-
-def _field(prefix: str, name: str) -> str:
-    return f"{prefix}{name}"
 
 
 # --- the shape of a candidates read ------------------------------------------
@@ -262,7 +183,7 @@ def candidates_queryset(shape: Shape, values: Mapping[str, object]) -> QuerySet:
             default=Value(selection.UNKNOWN_BALANCED_CREDITS),
             output_field=FloatField(),
         ),
-        band=_band(values) if shape.latency else Value(None, output_field=IntegerField()),
+        band=rules.band(values) if shape.latency else Value(None, output_field=IntegerField()),
         identity_sessions=(
             # Key 3: over every candidate of the key, excluded ones included.
             Window(Sum("live_sessions"), partition_by=[F("identity_id")])
@@ -285,7 +206,7 @@ def candidates_queryset(shape: Shape, values: Mapping[str, object]) -> QuerySet:
                     F("remaining_credits")
                     * Value(3600.0)
                     / Greatest(
-                        Elapsed(F("quota_resets_at"), Value(now)),
+                        rules.Elapsed(F("quota_resets_at"), Value(now)),
                         Value(selection.MIN_PACING_SECONDS),
                     ),
                     output_field=FloatField(),
@@ -295,7 +216,7 @@ def candidates_queryset(shape: Shape, values: Mapping[str, object]) -> QuerySet:
         ),
         ready=ExpressionWrapper(
             included
-            & identity_claimable(
+            & rules.identity_claimable(
                 now, values["slow_start_seconds"], prefix="identity__", expired_leases=F("expired_leases")
             ),
             output_field=BooleanField(),
@@ -358,35 +279,6 @@ COLUMNS = (
     "credits_sort",
     "credit_burn",
 )
-
-
-def _band(values: Mapping[str, object]):
-    """SPEC §2's latency band, computed by the database with the same
-    floating-point operations as ``selection.latency_band``: the score is the
-    account's part plus the proxy's part, each as the snapshot refresh stored
-    it (``selection.account_score_part`` / ``proxy_score_part``), or the
-    global average's when there are no samples; the band is the score's
-    distance from G in band widths, rounded half away from zero."""
-    g = Value(values["global_avg_ms"], output_field=FloatField())
-    score = ExpressionWrapper(
-        Coalesce(F("account_stat__score_part"), Value(values["account_part_ms"], output_field=FloatField()))
-        + Coalesce(F("proxy_stat__score_part"), Value(values["proxy_part_ms"], output_field=FloatField())),
-        output_field=FloatField(),
-    )
-    x = ExpressionWrapper(
-        (score - g) / Value(values["band_width_ms"], output_field=FloatField()), output_field=FloatField()
-    )
-    whole = Floor(Abs(x))
-    magnitude = Case(When(GreaterEqualHalf(Abs(x) - whole), then=whole + 1), default=whole, output_field=FloatField())
-    return Cast(Sign(x) * magnitude, IntegerField())
-
-
-class GreaterEqualHalf(Func):
-    """``value >= 0.5`` as a condition (for ``When``)."""
-
-    template = "(%(expressions)s >= 0.5)"
-    output_field = BooleanField()
-    conditional = True
 
 
 def _with_latency_joins(queryset: QuerySet, values: Mapping[str, object]) -> QuerySet:
@@ -527,95 +419,3 @@ def account_credentials(*, account_id: int):
     ``SecretDict`` (accounts/fields.py). Only the dispatch response of a key
     with credentials access reads them."""
     return Account.objects.filter(pk=account_id).values_list("credentials", flat=True).first()
-
-
-@dataclass(frozen=True, slots=True)
-class Explanation:
-    session: SessionState
-    bound_account: str | None
-    snapshot: selection.LatencySnapshot | None
-    ranked: list[selection.Ranked]  # in the order a dispatch would try them
-    sticky_patience_ms: int
-    sticky_would_wait: bool  # the bound account is busy and a dispatch would wait for it
-    unselectable: list[tuple[str, str]]  # (account, reason) of the key's accounts that are not candidates
-
-
-def dispatch_explain(*, key: ApiKey, request: DispatchRequest, now: datetime) -> Explanation:
-    """What a dispatch would do now, without doing it: every candidate, in
-    the order of the ordering contract itself (``selection.order_candidates``),
-    the sticky fast path's account first when it would serve."""
-    stored = latency_snapshot_current() if key.latency_routing_enabled else None
-    snapshot = stored.snapshot if stored else None
-    preferred = model_preference(key, request.model)
-    found = read(key=key, request=request, now=now, snapshot=None, spread=False, preferred=preferred)
-    candidates = [row for row in found.rows if not row.excluded]
-    bound = next((row for row in found.rows if row.account_id == found.bound_account_id), None)
-    bound_name = bound.candidate.account if bound else _account_name(found.bound_account_id)
-    ctx = selection.SelectionContext(
-        now=now,
-        preferred_pool=key.preferred_pool,
-        latency_routing_enabled=key.latency_routing_enabled,
-        snapshot=snapshot,
-        preferred_accounts=preferred,
-        slow_start=timedelta(seconds=settings.KIROPOOL_SLOW_START_SECONDS),
-    )
-    patience = settings.KIROPOOL_STICKY_PATIENCE_MS if key.sticky_patience_ms is None else key.sticky_patience_ms
-    fast_path = None
-    would_wait = False
-    if bound is not None and not bound.excluded and not bound.candidate.quota_probe:
-        if selection.sticky_fast_path_ok(bound.candidate, ctx):
-            fast_path = bound.candidate.account
-        else:
-            would_wait = (
-                patience > 0 and request.max_wait_ms > 0 and selection.sticky_patience_applies(bound.candidate, ctx)
-            )
-    if request.session_id and fast_path is None:
-        # Key 3 counts every account of the key, excluded ones included.
-        totals = selection.session_totals([row.candidate for row in found.rows])
-        ctx = dataclasses.replace(ctx, spread_sessions=True, session_totals=totals)
-    ranked = selection.order_candidates([row.candidate for row in candidates], ctx)
-    ranked.sort(key=lambda r: r.candidate.account != fast_path)  # stable: the rest keep their order
-    return Explanation(
-        session=SessionState.of(request.session_id, found.bound_account_id),
-        bound_account=bound_name,
-        snapshot=snapshot,
-        ranked=ranked,
-        sticky_patience_ms=patience,
-        sticky_would_wait=would_wait,
-        unselectable=_unselectable(key=key, request=request, now=now, candidates={r.account_id for r in candidates}),
-    )
-
-
-def _unselectable(
-    *, key: ApiKey, request: DispatchRequest, now: datetime, candidates: set[int]
-) -> list[tuple[str, str]]:
-    """The key's accounts a dispatch would not consider, each with the first
-    reason that keeps it out (explain only: one query over the key's scope)."""
-    accounts = Account.objects.all()
-    if key.route_strategy == RouteStrategy.FIXED:
-        accounts = accounts.filter(pk=key.fixed_account_id)
-    elif key.account_group_id is not None:
-        accounts = accounts.filter(groups=key.account_group_id)
-    found = []
-    fields = ("id", "name", "enabled", "quota_exhausted", "remaining_credits", "min_remaining_credits")
-    for pk, name, enabled, exhausted, credits, minimum in accounts.order_by("name").values_list(*fields):
-        if pk in candidates:
-            continue
-        if not enabled:
-            reason = "disabled"
-        elif name in request.exclude_accounts:
-            reason = "excluded"
-        elif exhausted:
-            reason = "quota_exhausted"
-        elif credits is not None and credits <= minimum:
-            reason = "credits_at_or_below_minimum"
-        else:
-            continue  # back in selection a moment after the read (a reset, a probe)
-        found.append((name, reason))
-    return found
-
-
-def _account_name(account_id: int | None) -> str | None:
-    if account_id is None:
-        return None
-    return Account.objects.filter(pk=account_id).values_list("name", flat=True).first()

@@ -12,7 +12,8 @@ from django.urls import reverse
 from django.utils import timezone
 
 from accounts.models import Account, Pool, RoutingIdentity
-from routing.dashboard import presenters, views
+from routing.dashboard import history, views
+from routing.dashboard import text as readable
 from routing.models import CooldownEvent, CooldownKind, LatencySnapshot, Lease, LeaseOutcome, SessionBinding
 from tests.factories import (
     AccountFactory,
@@ -542,24 +543,24 @@ def test_account_page_makes_a_fixed_number_of_queries(staff_client, django_asser
     [(0, "0 s"), (0.2, "1 s"), (59, "59 s"), (60, "1 min"), (252, "4 min 12 s"), (3600, "1 h"), (11100, "3 h 5 min")],
 )
 def test_duration_text(seconds, text):
-    assert presenters.duration_text(seconds) == text
+    assert readable.duration_text(seconds) == text
 
 
 def test_ago_text():
     now = timezone.now()
-    assert presenters.ago_text(None, now) == "never"
-    assert presenters.ago_text(now - timedelta(seconds=2), now) == "just now"
-    assert presenters.ago_text(now - timedelta(seconds=42), now) == "42 s ago"
-    assert presenters.ago_text(now - timedelta(minutes=5, seconds=40), now) == "5 min ago"
-    assert presenters.ago_text(now - timedelta(days=2, hours=3), now) == "2 d 3 h ago"
-    assert presenters.ago_text(now + timedelta(seconds=30), now) == "in 30 s"
+    assert readable.ago_text(None, now) == "never"
+    assert readable.ago_text(now - timedelta(seconds=2), now) == "just now"
+    assert readable.ago_text(now - timedelta(seconds=42), now) == "42 s ago"
+    assert readable.ago_text(now - timedelta(minutes=5, seconds=40), now) == "5 min ago"
+    assert readable.ago_text(now - timedelta(days=2, hours=3), now) == "2 d 3 h ago"
+    assert readable.ago_text(now + timedelta(seconds=30), now) == "in 30 s"
 
 
 @pytest.mark.parametrize(
     ("ms", "text"), [(None, "—"), (float("nan"), "—"), (432.4, "432 ms"), (1234, "1,234 ms"), (12_500, "12.5 s")]
 )
 def test_ms_text(ms, text):
-    assert presenters.ms_text(ms) == text
+    assert readable.ms_text(ms) == text
 
 
 # --- at the scale the issue names -------------------------------------------------------------
@@ -711,7 +712,7 @@ def test_an_idle_account_shows_empty_charts(staff_client):
 
 def test_activity_buckets_sum_minutes_and_weigh_latency_by_samples():
     now = timezone.now().replace(second=30, microsecond=0)
-    window = presenters.ActivityWindow.of(6, now)
+    window = history.ActivityWindow.of(6, now)
     assert (window.minutes, window.count) == (2, 180)
     assert window.start + timedelta(minutes=360) == now.replace(second=0) + timedelta(minutes=1)
     last = now.replace(second=0)
@@ -741,7 +742,7 @@ def test_activity_buckets_sum_minutes_and_weigh_latency_by_samples():
     ]
     pool = [{"minute": last, "avg_ms": 500.0, "samples": 10}]
 
-    activity = presenters.account_activity(minutes, pool, window)
+    activity = history.account_activity(minutes, pool, window)
 
     assert activity.started[-1] == 6 and sum(activity.started) == 6
     assert activity.latency_ms[-1] == 250.0  # (900 + 100) / 4, not the mean of the two minutes' means
