@@ -89,6 +89,7 @@ class _Lease:
     account: Account
     outcome: str
     first_token_ms: float
+    started_s: float
     probe: bool = False
 
 
@@ -441,7 +442,7 @@ class Engine:
         outcome = st.upstream_outcome(ident, t, turn.luck)
         # An upstream error comes back at about first-token time.
         duration = ft / 1000.0 + (turn.generation_s if outcome == "success" else 0.0)
-        self._at(t + duration, _COMPLETE, _Lease(req, account, outcome, ft, probe))
+        self._at(t + duration, _COMPLETE, _Lease(req, account, outcome, ft, t, probe))
 
     def _complete(self, lease: _Lease, t: float) -> None:
         account, ident, req = lease.account, lease.account.identity, lease.request
@@ -458,6 +459,9 @@ class Engine:
             self.policy.observe(account.spec.name, lease.first_token_ms)
             self.result.served[self.index[ident.spec.name]] += 1
             self.result.latencies_ms.append(lease.first_token_ms)
+            # What the user sees: waits, failed attempts and the first token.
+            first_token_at = lease.started_s + lease.first_token_ms / 1000.0
+            self.result.first_tokens.append((req.arrival_s, (first_token_at - req.arrival_s) * 1000.0))
             if req.bound_at_arrival is not None:
                 code = STAYED
                 if account.spec.name != req.bound_at_arrival:

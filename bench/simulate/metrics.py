@@ -91,6 +91,9 @@ class Summary:
     moved_peak: int = 0
     moved_crowded_peak: int = 0
     p95_wait_peak_ms: float = 0.0
+    # From a request's arrival to its first token: waits, failed attempts, latency.
+    p95_first_token_ms: float = 0.0
+    p95_first_token_peak_ms: float = 0.0
     credits_spent: float = 0.0
     credits_wasted: float = 0.0
     failed_calls: int = 0  # upstream calls that came back retry_next or fatal
@@ -139,6 +142,8 @@ class Summary:
             "moved_crowded_share_peak": round(self.moved_crowded_share_peak, 4),
             "p95_wait_ms": round(self.p95_wait_ms, 1),
             "p95_wait_peak_ms": round(self.p95_wait_peak_ms, 1),
+            "p95_first_token_ms": round(self.p95_first_token_ms, 1),
+            "p95_first_token_peak_ms": round(self.p95_first_token_peak_ms, 1),
             "rejected": self.rejected,
         } | self.public()
 
@@ -181,6 +186,8 @@ def summarize(result: RunResult) -> Summary:
         moved_peak=sum(code != STAYED for _, code in peak),
         moved_crowded_peak=sum(code == MOVED_CROWDED for _, code in peak),
         p95_wait_peak_ms=percentile(peak_waits, 95),
+        p95_first_token_ms=percentile([ms for _, ms in result.first_tokens], 95),
+        p95_first_token_peak_ms=percentile([ms for a, ms in result.first_tokens if start <= a < end], 95),
         credits_spent=result.credits_spent,
         credits_wasted=result.credits_wasted,
         failed_calls=errors.get("retry_next", 0) + errors.get("fatal", 0),

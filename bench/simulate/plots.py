@@ -157,7 +157,7 @@ def _upkeep(summaries: Sequence[Summary], path: Path) -> Path:
 
 def _patience(summaries: Sequence[Summary], patience_ms: Sequence[int], path: Path) -> Path:
     seconds = [ms / 1000 for ms in patience_ms]
-    fig, ax = plt.subplots(figsize=(9, 5.5))
+    fig, ax = plt.subplots(figsize=(9, 6))
     ax.plot(seconds, [100 * s.moved_share_peak for s in summaries], "o-", color="tab:blue", label="moved at peak")
     ax.plot(seconds, [100 * s.moved_share for s in summaries], "o--", color="tab:blue", alpha=0.5, label="moved, day")
     ax.axhline(10, color="tab:blue", linewidth=1, linestyle=":", label="aim: under 10 % moved")
@@ -175,10 +175,10 @@ def _patience(summaries: Sequence[Summary], patience_ms: Sequence[int], path: Pa
     wait.set_ylim(bottom=0)
     lines = ax.get_legend_handles_labels()
     more = wait.get_legend_handles_labels()
-    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="upper center")
+    fig.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="lower center", ncol=3)
     ax.set_title("Sticky patience: moves against waiting")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -33,6 +33,7 @@ UPKEEP_COLUMNS: tuple[Column, ...] = (
     ("peak_moved", "{:>10.1%}", lambda s: s.moved_share_peak),
     ("p95_wait_ms", "{:>11.0f}", lambda s: s.p95_wait_ms),
     ("peak_p95_wait", "{:>13.0f}", lambda s: s.p95_wait_peak_ms),
+    ("p95_to_token", "{:>12.0f}", lambda s: s.p95_first_token_ms),
     ("jain_sess", "{:>9.4f}", lambda s: s.jain_sessions),
     ("jain_req", "{:>8.4f}", lambda s: s.jain_requests),
     ("starved", "{:>7d}", lambda s: len(s.starved)),
@@ -121,6 +122,8 @@ def upkeep_verdict(summaries: Sequence[Summary], *, old: str = "today", new: str
         f"at peak; {new} {b.moved_share:.1%}, {b.moved_share_peak:.1%}",
         f"p95 wait: {old} {a.p95_wait_ms:.0f} ms ({a.p95_wait_peak_ms:.0f} at peak), {new} {b.p95_wait_ms:.0f} ms "
         f"({b.p95_wait_peak_ms:.0f} at peak)",
+        f"p95 from arrival to first token (waits, failed attempts, latency): {old} {a.p95_first_token_ms:.0f} ms, "
+        f"{new} {b.p95_first_token_ms:.0f} ms",
     ]
 
 

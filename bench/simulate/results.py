@@ -27,6 +27,9 @@ class RunResult:
     upstream_errors: dict[str, int]  # outcome -> leases that did not succeed
     turn_arrivals_s: list[float] = field(default_factory=list)  # of every request, as waits_ms
     returning: list[tuple[float, int]] = field(default_factory=list)  # (arrival, STAYED | MOVED_*) when served
+    # (arrival, ms from arrival to the first token) of every served request:
+    # its waits, its failed attempts and the first token of the one that served
+    first_tokens: list[tuple[float, float]] = field(default_factory=list)
     peak_s: tuple[float, float] = (0.0, 0.0)  # the busiest hours of the traffic
     credits_spent: float = 0.0
     credits_wasted: float = 0.0  # left at a reset

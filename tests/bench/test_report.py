@@ -83,6 +83,8 @@ UPKEEP_KEYS = KEYS | {
     "moved_share_peak",
     "moved_crowded_share_peak",
     "p95_wait_peak_ms",
+    "p95_first_token_ms",
+    "p95_first_token_peak_ms",
     "rejected",
 }
 
@@ -91,7 +93,7 @@ def test_upkeep_and_patience_outputs(tmp_path):
     day = upkeep_scenario(Scenario(knobs=dataclasses.replace(Knobs(), hours=1.0, sessions_per_hour=250), seed=3))
     traffic = traffic_generate(day)
     variants = dispatcher_variants(day.knobs)
-    sweep_ms = [0, 3000]
+    sweep_ms = [0, day.knobs.sticky_patience_ms]
     results = simulate_dispatchers([*variants, *patience_sweep(sweep_ms)], day.pool, day.knobs, traffic, seed=3)
     summaries = [summarize(r) for r in results]
     by_variant, by_patience = summaries[:5], summaries[5:]
@@ -101,7 +103,7 @@ def test_upkeep_and_patience_outputs(tmp_path):
     assert all(set(figures) == UPKEEP_KEYS for figures in upkeep.values())
     patience = json.loads((tmp_path / "patience.json").read_text())
     assert [(name, f["patience_ms"]) for name, f in patience.items()] == [("patience 0 s", 0), ("patience 3 s", 3000)]
-    # the 3 s point is the "new" run itself
+    # the default patience is the "new" run itself
     assert patience["patience 3 s"] | {"patience_ms": 0} == upkeep["new"] | {"patience_ms": 0}
     assert set(json.loads((tmp_path / "upkeep-details.json").read_text())["runs"]) == set(upkeep) | set(patience)
     assert len(written) == 3

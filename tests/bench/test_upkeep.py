@@ -80,6 +80,9 @@ def test_a_failing_identity_is_ejected_for_doubling_times():
     # 370..410, out 240 s until 650.5: the rest go straight to b
     assert ejected.upstream_errors == {"retry_next": 20} and ejected.ejections == 4
     assert ejected.served == today.served == [0, 60]
+    # a failed attempt costs its request a round trip: 0.5 s to fail, 0.5 s to the first token on b
+    assert [ms for _, ms in today.first_tokens] == [pytest.approx(1000.0)] * 60
+    assert sorted(round(ms) for _, ms in ejected.first_tokens) == [500] * 40 + [1000] * 20
     # ejected time is not selectable time, so it does not count toward a's fair share
     assert ejected.available_s[0] < today.available_s[0]
 
