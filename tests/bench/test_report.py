@@ -102,9 +102,10 @@ def test_upkeep_and_patience_outputs(tmp_path):
     assert list(upkeep) == ["today", "+ejection", "+pacing", "+patience", "new"]
     assert all(set(figures) == UPKEEP_KEYS for figures in upkeep.values())
     patience = json.loads((tmp_path / "patience.json").read_text())
-    assert [(name, f["patience_ms"]) for name, f in patience.items()] == [("patience 0 s", 0), ("patience 3 s", 3000)]
+    default = f"patience {sweep_ms[1] / 1000:g} s"
+    assert [(name, f["patience_ms"]) for name, f in patience.items()] == [("patience 0 s", 0), (default, sweep_ms[1])]
     # the default patience is the "new" run itself
-    assert patience["patience 3 s"] | {"patience_ms": 0} == upkeep["new"] | {"patience_ms": 0}
+    assert patience[default] | {"patience_ms": 0} == upkeep["new"] | {"patience_ms": 0}
     assert set(json.loads((tmp_path / "upkeep-details.json").read_text())["runs"]) == set(upkeep) | set(patience)
     assert len(written) == 3
 
