@@ -165,16 +165,17 @@ def _upkeep(args, parts, pool, knobs, traffic, source) -> list[Path]:
     by_variant, by_patience = summaries[: len(variants)], summaries[len(variants) :]
     start, end = by_patience[0].peak_s if by_patience else by_variant[0].peak_s
     peak = f"peak {start / 3600:02.0f}:00-{end / 3600:02.0f}:00"
+    day = "the trace" if args.trace else "the upkeep day"
     if by_variant:
         print()
-        print(f"Upkeep day: kiropool's ordering, today's dispatcher against the new one ({peak})")
+        print(f"{day.capitalize()}: kiropool's ordering, today's dispatcher against the new one ({peak})")
         print(upkeep_table(by_variant))
         print()
         for line in upkeep_verdict(by_variant):
             print(line)
     if by_patience:
         print()
-        print(f"Sticky patience on the upkeep day, with ejection and pacing ({peak})")
+        print(f"Sticky patience on {day}, with ejection and pacing ({peak})")
         print(patience_table(by_patience))
         print()
         for line in patience_verdict(by_patience, sweep_ms):

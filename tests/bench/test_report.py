@@ -155,7 +155,7 @@ def test_command_line_parts_and_sweep(tmp_path, capsys):
     argv = ["--hours", "0.25", "--parts", "patience", "--patience-sweep", "0,2000", "--jobs", "1", "--no-plots"]
     assert main([*argv, "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "Sticky patience" in out and "Fairness" not in out and "Upkeep day" not in out
+    assert "Sticky patience" in out and "Fairness" not in out and "against the new one" not in out
     assert list(json.loads((tmp_path / "patience.json").read_text())) == ["patience 0 s", "patience 2 s"]
     assert not (tmp_path / "fairness.json").exists() and not (tmp_path / "upkeep.json").exists()
     assert main(["--parts", "nope", "--out", str(tmp_path)]) == 2
