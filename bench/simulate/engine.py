@@ -1,73 +1,71 @@
 """A discrete-event model of the dispatcher, in simulated seconds.
 
-It plays SPEC §2 and §3 against a policy's ordering: candidates (enabled, not
-quota-exhausted, not excluded), session state from live bindings, the sticky
-fast path, the ordered walk that skips cooling identities and acquires the
-first identity with a free slot and pacing room, waiting for a slot up to
-``max_wait_ms`` when every candidate is only locally throttled, 429 when all
-are cooling. Completions release the slot, record the latency sample, bind
-the session (success), cool the identity (rate_limited) or mark its accounts
-quota-exhausted; the gateway then retries the request without that account.
-Every simulated minute the latency snapshot is rebuilt from the last hour of
-samples with ``routing.latency.latency_snapshot_build``, as the Celery task
-does.
+It plays SPEC §2 and §3 and ``routing/leases.py`` against a policy's
+ordering. A dispatch call:
+
+1. the sticky fast path: a returning turn whose bound account is a candidate
+   takes it when ``selection.sticky_fast_path_ok`` says it can start now;
+2. sticky patience (when the dispatcher has it): when
+   ``selection.sticky_patience_applies`` (the bound identity is only
+   crowded), the turn waits for it, up to the patience and the wait budget,
+   holding a slot that other requests may not take (``Candidate.reserved``),
+   and is served ahead of them; when patience runs out, or the identity
+   starts cooling, it moves on to
+3. the ordered walk: candidates (enabled, not spent unless reset or due for
+   a probe, not excluded) in the policy's order, the first whose identity
+   ``selection.throttle_state`` finds ready is leased. When none is,
+   ``selection.miss_of`` decides: wait for a slot (woken by a completion, a
+   pacing interval, a cooldown or ejection ending) up to ``max_wait_ms``,
+   429 when everything is cooling, 503 when nothing is usable. A waiting
+   request walks again; it does not retry the fast path (the server does not).
+
+Completions release the slot, record the latency sample, bind the session
+(success), cool the identity (rate_limited), take its accounts out
+(quota_exhausted), count toward its failure streak and eject it (retry_next,
+fatal, with ejection on); the balance they report updates the account. The
+gateway retries a failed request as a new dispatch call, excluding the
+account. The upstream's credits reset at their reset time, wasting what is
+left. Every simulated minute the latency snapshot is rebuilt from the last
+hour of samples with ``routing.latency.latency_snapshot_build``, as the
+Celery task does.
 
 Nothing here is random: all chance is in the traffic (and in a policy's own
-seeded generator), so a run is a pure function of scenario, traffic and
-policy. Events at the same instant run in the order they were scheduled.
+seeded generator), so a run is a pure function of scenario, traffic, policy
+and dispatcher. Events at the same instant run in the order they were
+scheduled.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections import OrderedDict, deque
-from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections import deque
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
-from bench.simulate.policies import Policy, SessionState, View, policy_build
-from bench.simulate.scenario import AccountSpec, IdentitySpec, Knobs, Pool
-from bench.simulate.traffic import Script, Traffic, first_token_ms
+from bench.simulate import state as st
+from bench.simulate.affinity import Bindings
+from bench.simulate.policies import Policy, SessionState, View
+from bench.simulate.results import MOVED_CROWDED, MOVED_OTHER, STAYED, RunResult
+from bench.simulate.scenario import Knobs, Pool
+from bench.simulate.state import NEVER, Account, Identity, at, seconds
+from bench.simulate.traffic import Script, Traffic, first_token_ms, peak_window
+from bench.simulate.variants import PLAIN, Dispatcher
 from routing.latency import latency_snapshot_build
 from routing.selection import (
-    POOL_BALANCED,
     Candidate,
     LatencySnapshot,
     SelectionContext,
     ThrottleState,
-    pacing_ready_at,
+    miss_of,
     sticky_fast_path_ok,
-    throttle_state,
+    sticky_patience_applies,
 )
 
-# Simulated t = 0. Any fixed instant works; selection.py only compares times.
-EPOCH = datetime(2026, 6, 1, tzinfo=UTC)
+_ARRIVE, _COMPLETE, _TICK, _WAKE, _DEADLINE, _RESET, _CREDIT_RESET, _PATIENCE_END = range(8)
 
-_ARRIVE, _COMPLETE, _TICK, _WAKE, _DEADLINE, _RESET = range(6)
-
-
-@dataclass(slots=True)
-class _Identity:
-    spec: IdentitySpec
-    bursts: list[tuple[float, float]]
-    quota_at: deque[tuple[float, float]]  # pending (at, reset_after), by time
-    in_flight: int = 0
-    last_started: datetime | None = None
-    cooldown_until_s: float = float("-inf")
-    cooldown_until: datetime | None = None
-    exhausted: bool = False
-    version: int = 0  # bumped on every change a Candidate shows
-    state_memo: tuple[int, ThrottleState, float] | None = None  # (version, state, valid until)
-
-
-@dataclass(slots=True)
-class _Account:
-    spec: AccountSpec
-    identity: _Identity
-    proxy_extra_ms: float
-    bound: int = 0  # live bindings pointing here
-    cached: tuple[int, int, Candidate] | None = None  # (identity version, bound, candidate)
+# Credits a served request spends (Kiro bills per request; one keeps the
+# figures readable).
+CREDITS_PER_REQUEST = 1.0
 
 
 @dataclass(slots=True)
@@ -77,80 +75,88 @@ class _Request:
     exclude: set[str] = field(default_factory=set)
     waited_s: float = 0.0
     wait_started_s: float | None = None
-    deadline_s: float = 0.0
+    call: int = 0  # dispatch calls so far: a retry after an upstream error is a new call
+    deadline_s: float = 0.0  # end of the current call's wait budget
+    arrival_s: float | None = None  # of the turn's first call
+    bound_at_arrival: str | None = None  # the account its session was bound to then
+    crowded_at_arrival: bool = False  # ... and that account was only crowded
+    patient_on: Account | None = None  # the bound account it is waiting for (patience)
 
 
 @dataclass(slots=True)
 class _Lease:
     request: _Request
-    account: _Account
+    account: Account
     outcome: str
     first_token_ms: float
-
-
-@dataclass(slots=True)
-class RunResult:
-    """What one policy did with the traffic. Per-identity lists follow ``identities``."""
-
-    policy: str
-    identities: list[str]
-    served: list[int]  # successful requests per identity
-    available_s: list[float]  # time each identity was selectable (not cooling, not exhausted)
-    binding_ticks: list[float]  # tick times (s)
-    bindings: list[list[int]]  # live bindings per identity at each tick
-    latencies_ms: list[float]  # first-token latency of every successful request
-    waits_ms: list[float]  # total dispatch wait of every request (served or not)
-    sessions_moved: int  # bindings re-pointed to another account
-    requests: int
-    rejected: dict[str, int]  # reason -> requests that got no account
-    upstream_errors: dict[str, int]  # rate_limited / quota_exhausted leases
+    started_s: float
+    probe: bool = False
 
 
 class Engine:
-    def __init__(self, pool: Pool, knobs: Knobs, traffic: Traffic, policy: Policy) -> None:
+    def __init__(
+        self,
+        pool: Pool,
+        knobs: Knobs,
+        traffic: Traffic,
+        policy: Policy,
+        dispatcher: Dispatcher = PLAIN,
+    ) -> None:
         self.knobs = knobs
         self.traffic = traffic
         self.policy = policy
+        self.dispatcher = dispatcher
+        self.pool = pool
+        self.slow_start = timedelta(seconds=knobs.slow_start_s)
+        self.patience_s = dispatcher.sticky_patience_ms / 1000.0 if policy.sticky else 0.0
         bursts: dict[str, list[tuple[float, float]]] = {}
         for b in traffic.bursts:
             bursts.setdefault(b.identity, []).append((b.start_s, b.end_s))
         quota: dict[str, list[tuple[float, float]]] = {}
         for e in sorted(traffic.quota_events, key=lambda e: e.at_s):
             quota.setdefault(e.identity, []).append((e.at_s, e.reset_after_s))
+        failures: dict[str, list] = {}
+        for w in traffic.failures:
+            failures.setdefault(w.identity, []).append(w)
+        plans = {p.identity: p for p in traffic.credit_plans}
         self.identities = {
-            s.name: _Identity(s, bursts.get(s.name, []), deque(quota.get(s.name, []))) for s in pool.identities
+            s.name: Identity(
+                s, bursts.get(s.name, []), deque(quota.get(s.name, [])), failures.get(s.name, []), plans.get(s.name)
+            )
+            for s in pool.identities
         }
         self.accounts = [
-            _Account(a, self.identities[a.identity], pool.proxy_extra_ms(a.proxy_url))
+            Account(a, self.identities[a.identity], pool.proxy_extra_ms(a.proxy_url))
             for a in sorted(pool.accounts, key=lambda a: a.name)
         ]
+        for account in self.accounts:
+            account.identity.accounts.append(account)
         self.names = [s.name for s in pool.identities]
         # One account per identity, to ask throttle_state about the identity.
         self.representative = {a.identity.spec.name: a for a in reversed(self.accounts)}
         # Identity states, kept current: an identity is re-asked when it
-        # changed (dirty) or when a cooldown or pacing interval may have run
-        # out (states_until), not on every walk.
+        # changed (its version) or when a cooldown, pacing interval or
+        # slow-start step may have changed it (states_until), not on every walk.
         self.states: dict[str, ThrottleState] = {}
-        self.dirty: set[str] = set(self.representative)
-        self.states_until = float("-inf")
+        self.states_version: dict[str, int] = {}
+        self.states_until = -NEVER
         self.index = {name: i for i, name in enumerate(self.names)}
 
-        # (key, session id) -> (account, expires at), least recently updated
-        # first: with one TTL for all, that is also expiry order.
-        self.bindings: OrderedDict[tuple[str, str], tuple[_Account, float]] = OrderedDict()
+        self.bindings = Bindings(ttl_s=knobs.affinity_ttl_s, max_entries=knobs.affinity_max_entries)
         # Samples in the snapshot window: their times, and (account, proxy, ms)
         # rows in the shape latency_snapshot_build reads.
         self.sample_times: deque[float] = deque(t for t, *_ in traffic.warm_samples)
         self.sample_rows: deque[tuple[str, str | None, float]] = deque(row for _, *row in traffic.warm_samples)
         self.snapshot: LatencySnapshot | None = None
-        self.waiters: list[_Request] = []
+        self.patient: list[_Request] = []  # waiting for their bound account (patience), oldest first
+        self.waiters: list[_Request] = []  # waiting for a slot anywhere, oldest first
         self.wakes: set[float] = set()
         self.events: list[tuple[float, int, int, object]] = []
         self.seq = 0
 
         n = len(self.names)
         self.result = RunResult(
-            policy=policy.name,
+            policy=dispatcher.name or policy.name,
             identities=list(self.names),
             served=[0] * n,
             available_s=[0.0] * n,
@@ -162,6 +168,7 @@ class Engine:
             requests=0,
             rejected={},
             upstream_errors={},
+            peak_s=peak_window(traffic),
         )
 
     # -- event queue --------------------------------------------------------
@@ -171,14 +178,18 @@ class Engine:
         heapq.heappush(self.events, (t, self.seq, kind, payload))
 
     def run(self) -> RunResult:
-        for script in self.traffic.scripts:
-            self._at(script.arrival_s, _ARRIVE, _Request(script, 0))
         period = self.knobs.snapshot_period_s
         ticks = int(self.traffic.duration_s // period)
-        for i in range(ticks + 1):
-            self._at(i * period, _TICK)
         # Pending work past the end is dropped: every tick has run by then.
         end = ticks * period
+        # Scheduled first, so a reset runs before anything else at its instant.
+        for ident in self.identities.values():
+            if ident.plan is not None and ident.reset_s <= end:
+                self._at(ident.reset_s, _CREDIT_RESET, ident)
+        for script in self.traffic.scripts:
+            self._at(script.arrival_s, _ARRIVE, _Request(script, 0))
+        for i in range(ticks + 1):
+            self._at(i * period, _TICK)
         while self.events:
             t, _, kind, payload = heapq.heappop(self.events)
             if t > end:
@@ -188,241 +199,312 @@ class Engine:
                 self._dispatch_start(payload, t)
             elif kind == _COMPLETE:
                 self._complete(payload, t)
-                self._waiters_serve(t)
+                self._serve(t)
             elif kind == _TICK:
                 self._tick(t)
             elif kind == _WAKE:
                 self.wakes.discard(t)
-                self._waiters_serve(t)
+                self._serve(t)
             elif kind == _DEADLINE:
                 self._deadline(payload, t)
+            elif kind == _PATIENCE_END:
+                self._patience_end(payload, t)
             elif kind == _RESET:
-                payload.exhausted = False  # the operator reset the identity's accounts
-                self._touch(payload)
-                self._waiters_serve(t)
+                st.quota_restore(payload)  # the operator reset the identity's accounts
+                self._serve(t)
+            elif kind == _CREDIT_RESET:
+                self._credit_reset(payload, t)
+                self._serve(t)
+        self.result.sessions_moved = self.bindings.moved
         return self.result
 
-    # -- dispatch -----------------------------------------------------------
+    # -- what selection.py sees ---------------------------------------------
 
-    @staticmethod
-    def _dt(t: float) -> datetime:
-        return EPOCH + timedelta(seconds=t)
+    def _candidate(self, account: Account) -> Candidate:
+        return st.candidate(account, credit_pacing=self.dispatcher.credit_pacing)
 
-    def _candidate(self, account: _Account) -> Candidate:
-        ident = account.identity
-        cached = account.cached
-        if cached is not None and cached[0] == ident.version and cached[1] == account.bound:
-            return cached[2]
-        candidate = Candidate(
-            account=account.spec.name,
-            routing_identity=ident.spec.name,
-            pool=POOL_BALANCED,
-            proxy_url=account.spec.proxy_url,
-            last_started_at=ident.last_started,
-            identity_cooldown_until=ident.cooldown_until,
-            in_flight=ident.in_flight,
-            max_concurrency=ident.spec.max_concurrency,
-            min_start_interval_ms=ident.spec.min_start_interval_ms,
-            bound_sessions=account.bound,
-        )
-        account.cached = (ident.version, account.bound, candidate)
-        return candidate
-
-    def _touch(self, ident: _Identity) -> None:
-        ident.version += 1
-        self.dirty.add(ident.spec.name)
+    def _ctx(self, t: float) -> SelectionContext:
+        return SelectionContext(now=at(t), slow_start=self.slow_start)
 
     def _identity_states(self, t: float) -> dict[str, ThrottleState]:
-        stale = self.representative.keys() if t >= self.states_until else self.dirty
-        if stale:
-            for name in stale:
-                self.states[name] = self._identity_state(self.representative[name], t)
-            self.dirty.clear()
+        """Every identity's throttle state now, re-asked only for identities
+        that changed, or for all once one may have run out (``states_until``)."""
+        everyone = t >= self.states_until
+        changed = False
+        for name, account in self.representative.items():
+            version = account.identity.version
+            if everyone or self.states_version.get(name) != version:
+                self.states[name] = st.identity_state(
+                    account, t, self.knobs, credit_pacing=self.dispatcher.credit_pacing
+                )
+                self.states_version[name] = version
+                changed = True
+        if changed:
             self.states_until = min(a.identity.state_memo[2] for a in self.representative.values())
         return self.states
 
-    def _identity_state(self, account: _Account, t: float) -> ThrottleState:
-        """``throttle_state`` of the account's identity, remembered until it can change.
+    # -- a dispatch call ----------------------------------------------------
 
-        Without a change to the identity (its version) a state only changes
-        when a cooldown or a pacing interval runs out; ready and saturated
-        hold until the next change."""
-        ident = account.identity
-        memo = ident.state_memo
-        if memo is not None and memo[0] == ident.version and t < memo[2]:
-            return memo[1]
-        candidate = self._candidate(account)
-        state = throttle_state(candidate, self._dt(t))
-        until = float("inf")
-        if state == "cooling":
-            until = ident.cooldown_until_s
-        elif state == "pacing":
-            until = (pacing_ready_at(candidate) - EPOCH).total_seconds()
-        ident.state_memo = (ident.version, state, until)
-        return state
+    def _bound(self, req: _Request) -> Account | None:
+        return self.bindings.get(req.script.key, req.script.session_id)
 
-    def _dispatch(self, req: _Request, t: float) -> tuple[str, object]:
-        """One dispatch call: ("lease", account) | ("wait", pacing ready time or None) | ("reject", reason)."""
-        self._bindings_expire(t)
-        usable = [a for a in self.accounts if not a.identity.exhausted and a.spec.name not in req.exclude]
+    def _bound_candidate(self, bound: Account | None, req: _Request, t: float) -> Candidate | None:
+        """The bound account as the fast path reads it: None unless it is a
+        candidate (selectable, not excluded) and not only there as a probe."""
+        if bound is None or bound.spec.name in req.exclude or not st.selectable(bound, t) or st.quota_probe(bound):
+            return None
+        return self._candidate(bound)
+
+    def _dispatch_start(self, req: _Request, t: float) -> None:
+        req.call += 1
+        req.deadline_s = t + self.knobs.max_wait_ms / 1000.0
+        self.bindings.expire(t)
+        bound = self._bound(req)
+        candidate = self._bound_candidate(bound, req, t)
+        ctx = self._ctx(t)
+        if req.arrival_s is None:
+            req.arrival_s = t
+            req.bound_at_arrival = bound.spec.name if bound is not None else None
+            req.crowded_at_arrival = candidate is not None and sticky_patience_applies(candidate, ctx)
+        if candidate is not None and self.policy.sticky:
+            if sticky_fast_path_ok(candidate, ctx):
+                self._acquire(req, bound, t)
+                return
+            if self._patience_begin(req, bound, candidate, ctx, t):
+                return
+        self._walk_start(req, t)
+
+    def _walk(self, req: _Request, t: float) -> tuple[str, object]:
+        """The ordered walk: ("lease", account) | ("wait", wake time or None) | ("reject", reason)."""
+        self.bindings.expire(t)
+        selectable = [a for a in self.accounts if st.selectable(a, t)]
+        usable = [a for a in selectable if a.spec.name not in req.exclude]
         if not usable:
             if all(a.spec.name in req.exclude for a in self.accounts):
                 return "reject", "502 all eligible accounts failed"
             return "reject", "503 no usable account"
         states = self._identity_states(t)
-        found = {states[a.identity.spec.name] for a in usable}
-        if "ready" not in found:
+        now = at(t)
+        candidates = [self._candidate(a) for a in usable]
+        if not any(states[a.identity.spec.name] == "ready" for a in usable):
             # Nothing can start: neither the fast path nor any order would
             # acquire, so there is no need to ask the policy.
-            if "saturated" in found or "pacing" in found:
-                ready_at = [
-                    r
-                    for a in usable
-                    if states[a.identity.spec.name] == "pacing" and (r := pacing_ready_at(self._candidate(a)))
-                ]
-                return "wait", (min(ready_at) - EPOCH).total_seconds() if ready_at else None
+            miss = miss_of(candidates, now, slow_start=self.slow_start)
+            if miss.locally_throttled:
+                return "wait", seconds(miss.next_ready_at) if miss.next_ready_at is not None else None
             return "reject", "429 all cooling down"
 
-        now = self._dt(t)
+        script = req.script
+        session: SessionState = "none"
+        totals = None
+        if script.session_id is not None:
+            session = "sticky" if self._bound(req) is not None else "new"
+            # Key 3 counts every account of the key, excluded ones included.
+            totals = {}
+            for a in selectable:
+                name = a.identity.spec.name
+                totals[name] = totals.get(name, 0) + a.bound
+        view = View(
+            now=now,
+            session=session,
+            snapshot=self.snapshot,
+            preferred_pool=self.pool.preferred_pool(script.key),
+            session_totals=totals,
+        )
         by_name = {a.spec.name: a for a in usable}
-        candidates = [self._candidate(a) for a in usable]
-
-        session = req.script.session_id
-        state: SessionState = "none"
-        if session is not None:
-            bound = self.bindings.get((req.script.key, session))
-            state = "sticky" if bound is not None else "new"
-            if bound is not None and self.policy.sticky:
-                fast = next((c for c in candidates if c.account == bound[0].spec.name), None)
-                if fast is not None and sticky_fast_path_ok(fast, SelectionContext(now=now)):
-                    return "lease", bound[0]
-
-        # The walk: skip cooling and throttled identities, take the first ready one.
-        view = View(now=now, session=state, snapshot=self.snapshot)
         for c in self.policy.order(candidates, view):
             if states[c.routing_identity] == "ready":
                 return "lease", by_name[c.account]
         raise AssertionError("a ready candidate was left out of the order")
 
-    def _dispatch_start(self, req: _Request, t: float) -> None:
-        verdict, value = self._dispatch(req, t)
+    def _walk_start(self, req: _Request, t: float) -> None:
+        verdict, value = self._walk(req, t)
         if verdict == "lease":
+            self._wait_end(req, t)
             self._acquire(req, value, t)
-        elif verdict == "wait" and self.knobs.max_wait_ms > 0:
-            req.wait_started_s = t
-            req.deadline_s = t + self.knobs.max_wait_ms / 1000.0
+        elif verdict == "wait" and req.deadline_s > t:
+            self._wait_begin(req, t)
             self.waiters.append(req)
-            self._at(req.deadline_s, _DEADLINE, req)
+            self._at(req.deadline_s, _DEADLINE, (req, req.call))
             self._wake(value)
         else:
+            self._wait_end(req, t)
             self._finish(req, t, rejected="429 wait budget spent" if verdict == "wait" else value)
+
+    # -- waiting ------------------------------------------------------------
+
+    def _wait_begin(self, req: _Request, t: float) -> None:
+        if req.wait_started_s is None:
+            req.wait_started_s = t
+
+    def _wait_end(self, req: _Request, t: float) -> None:
+        if req.wait_started_s is not None:
+            req.waited_s += t - req.wait_started_s
+            req.wait_started_s = None
 
     def _wake(self, t: float | None) -> None:
         if t is not None and t not in self.wakes:
             self.wakes.add(t)
             self._at(t, _WAKE)
 
-    def _waiters_serve(self, t: float) -> None:
-        """Walk again for the waiting requests, oldest first, while slots last."""
+    def _serve(self, t: float) -> None:
+        """Something may have freed a slot: the patient sessions try their
+        bound accounts first (they are served ahead), then the waiting
+        requests walk again, oldest first."""
+        for req in list(self.patient):
+            self._patience_check(req, t)
         for req in list(self.waiters):
-            verdict, value = self._dispatch(req, t)
+            verdict, value = self._walk(req, t)
             if verdict == "wait":
                 self._wake(value)
                 continue
             self.waiters.remove(req)
-            req.waited_s += t - req.wait_started_s
-            req.wait_started_s = None
+            self._wait_end(req, t)
             if verdict == "lease":
                 self._acquire(req, value, t)
             else:
                 self._finish(req, t, rejected=value)
 
-    def _deadline(self, req: _Request, t: float) -> None:
-        if req.wait_started_s is None or req not in self.waiters:
+    def _deadline(self, payload: tuple[_Request, int], t: float) -> None:
+        req, call = payload
+        if req.call != call or req not in self.waiters:
             return
         self.waiters.remove(req)
-        req.waited_s += t - req.wait_started_s
-        req.wait_started_s = None
+        self._wait_end(req, t)
         self._finish(req, t, rejected="429 wait budget spent")
+
+    # -- sticky patience (routing/leases.py _sticky_patience) ---------------
+
+    def _patience_begin(self, req: _Request, bound: Account, candidate: Candidate, ctx, t: float) -> bool:
+        """Wait for the bound account instead of moving, when it is only crowded."""
+        if self.patience_s <= 0 or self.knobs.max_wait_ms <= 0 or not sticky_patience_applies(candidate, ctx):
+            return False
+        until = min(t + self.patience_s, req.deadline_s)
+        if until <= t:
+            return False
+        # The wake time is read before the hold, as the server reads the row.
+        miss = miss_of([candidate], ctx.now, slow_start=self.slow_start)
+        bound.identity.reserved += 1
+        st.touch(bound.identity)
+        req.patient_on = bound
+        self.patient.append(req)
+        self._wait_begin(req, t)
+        self._at(until, _PATIENCE_END, (req, req.call))
+        self._wake(seconds(miss.next_ready_at) if miss.next_ready_at is not None else None)
+        return True
+
+    def _patience_leave(self, req: _Request) -> Account:
+        account = req.patient_on
+        self.patient.remove(req)
+        req.patient_on = None
+        account.identity.reserved -= 1
+        st.touch(account.identity)
+        return account
+
+    def _patience_check(self, req: _Request, t: float) -> None:
+        """Woken: take the bound account if it can start (the held slot is the
+        session's own), move now if it is no longer only crowded, or wait on."""
+        self.bindings.expire(t)
+        account = req.patient_on
+        candidate = self._bound_candidate(account, req, t) if self._bound(req) is account else None
+        ctx = self._ctx(t)
+        if candidate is not None and sticky_fast_path_ok(candidate, ctx):
+            self._patience_leave(req)
+            self._wait_end(req, t)
+            self._acquire(req, account, t)
+        elif candidate is None or not sticky_patience_applies(candidate, ctx):
+            self._patience_leave(req)
+            self._walk_start(req, t)  # cooling, ejected or gone since: move now
+        else:
+            miss = miss_of([candidate], ctx.now, slow_start=self.slow_start)
+            self._wake(seconds(miss.next_ready_at) if miss.next_ready_at is not None else None)
+
+    def _patience_end(self, payload: tuple[_Request, int], t: float) -> None:
+        req, call = payload
+        if req.call != call or req.patient_on is None:
+            return
+        self._patience_leave(req)
+        self._walk_start(req, t)
 
     # -- leases -------------------------------------------------------------
 
-    def _acquire(self, req: _Request, account: _Account, t: float) -> None:
+    def _acquire(self, req: _Request, account: Account, t: float) -> None:
         ident = account.identity
+        probe = st.quota_probe(account)
+        if probe:
+            st.quota_probe_take(ident, t, self.knobs)
+            self.result.probes += 1
         ident.in_flight += 1
-        ident.last_started = self._dt(t)
-        self._touch(ident)
+        ident.last_started = at(t)
+        st.touch(ident)
         turn = req.script.turns[req.turn]
         ft = first_token_ms(ident.spec, turn.z_latency, account.proxy_extra_ms)
-        outcome = "success"
-        if ident.quota_at and ident.quota_at[0][0] <= t:
-            outcome = "quota_exhausted"
-        elif any(start <= t < end for start, end in ident.bursts):
-            outcome = "rate_limited"
+        outcome = st.upstream_outcome(ident, t, turn.luck)
         # An upstream error comes back at about first-token time.
         duration = ft / 1000.0 + (turn.generation_s if outcome == "success" else 0.0)
-        self._at(t + duration, _COMPLETE, _Lease(req, account, outcome, ft))
+        self._at(t + duration, _COMPLETE, _Lease(req, account, outcome, ft, t, probe))
 
     def _complete(self, lease: _Lease, t: float) -> None:
         account, ident, req = lease.account, lease.account.identity, lease.request
         ident.in_flight -= 1
-        self._touch(ident)
+        st.touch(ident)
         if lease.outcome == "success":
+            st.success_record(ident)
+            self.result.credits_spent += st.credits_spend(ident, CREDITS_PER_REQUEST)
+            st.account_report(account, t, self.knobs)
+            if lease.probe:
+                st.quota_restore(ident)  # a probe that succeeded
             self.sample_times.append(t)
             self.sample_rows.append((account.spec.name, account.spec.proxy_url, lease.first_token_ms))
             self.policy.observe(account.spec.name, lease.first_token_ms)
             self.result.served[self.index[ident.spec.name]] += 1
             self.result.latencies_ms.append(lease.first_token_ms)
+            # What the user sees: waits, failed attempts and the first token.
+            first_token_at = lease.started_s + lease.first_token_ms / 1000.0
+            self.result.first_tokens.append((req.arrival_s, (first_token_at - req.arrival_s) * 1000.0))
+            if req.bound_at_arrival is not None:
+                code = STAYED
+                if account.spec.name != req.bound_at_arrival:
+                    code = MOVED_CROWDED if req.crowded_at_arrival else MOVED_OTHER
+                self.result.returning.append((req.arrival_s, code))
             if req.script.session_id is not None:
-                self._bind(req.script.key, req.script.session_id, account, t)
+                self.bindings.bind(req.script.key, req.script.session_id, account, t)
             self._finish(req, t)
             return
         self.result.upstream_errors[lease.outcome] = self.result.upstream_errors.get(lease.outcome, 0) + 1
         if lease.outcome == "rate_limited":
             ident.cooldown_until_s = t + self.knobs.cooldown_s
-            ident.cooldown_until = self._dt(ident.cooldown_until_s)
-            self._touch(ident)
+            ident.cooldown_until = at(ident.cooldown_until_s)
+            st.touch(ident)
             # the walk skips a cooling identity; wake the waiters when it is back
             self._wake(ident.cooldown_until_s)
-        else:
-            _, reset_after = ident.quota_at.popleft()
-            ident.exhausted = True
-            self._touch(ident)
-            self._at(t + reset_after, _RESET, ident)
+        elif lease.outcome == "quota_exhausted":
+            st.quota_exhaust(ident, t, self.knobs)
+            if ident.quota_blocked_until_s > t:
+                self._at(ident.quota_blocked_until_s, _RESET, ident)  # an operator resets it then
+        elif self.dispatcher.ejection and st.failure_record(ident, t, self.knobs):
+            self.result.ejections += 1
+            self._wake(ident.ejected_until_s)
         req.exclude.add(account.spec.name)
         self._dispatch_start(req, t)
 
     def _finish(self, req: _Request, t: float, *, rejected: str | None = None) -> None:
         self.result.waits_ms.append(req.waited_s * 1000.0)
+        self.result.turn_arrivals_s.append(req.arrival_s)
         if rejected is not None:
             self.result.rejected[rejected] = self.result.rejected.get(rejected, 0) + 1
         nxt = req.turn + 1
         if nxt < len(req.script.turns):
             self._at(t + req.script.turns[nxt].think_s, _ARRIVE, _Request(req.script, nxt))
 
-    # -- session affinity (SPEC §3) -----------------------------------------
-
-    def _bind(self, key: str, session: str, account: _Account, t: float) -> None:
-        self._bindings_expire(t)  # an expired binding is not one the session moves away from
-        old = self.bindings.pop((key, session), None)
-        if old is not None:
-            old[0].bound -= 1
-            if old[0] is not account:
-                self.result.sessions_moved += 1
-        self.bindings[(key, session)] = (account, t + self.knobs.affinity_ttl_s)
-        account.bound += 1
-        while len(self.bindings) > self.knobs.affinity_max_entries:
-            _, (evicted, _) = self.bindings.popitem(last=False)
-            evicted.bound -= 1
-
-    def _bindings_expire(self, t: float) -> None:
-        bindings = self.bindings
-        while bindings:
-            key, (account, expires) = next(iter(bindings.items()))
-            if expires > t:
-                return
-            del bindings[key]
-            account.bound -= 1
+    def _credit_reset(self, ident: Identity, t: float) -> None:
+        wasted = st.credits_reset(ident)
+        self.result.credits_wasted += wasted
+        self.result.resets.append((t, ident.spec.name, wasted))
+        if ident.plan.reset_known:
+            st.quota_resets_apply(ident)
+        if ident.reset_s <= self.traffic.duration_s:
+            self._at(ident.reset_s, _CREDIT_RESET, ident)
 
     # -- the periodic work --------------------------------------------------
 
@@ -432,8 +514,8 @@ class Engine:
             self.sample_times.popleft()
             self.sample_rows.popleft()
         if self.policy.uses_snapshot:
-            self.snapshot = latency_snapshot_build(self.sample_rows, generated_at=self._dt(t))
-        self._bindings_expire(t)
+            self.snapshot = latency_snapshot_build(self.sample_rows, generated_at=at(t))
+        self.bindings.expire(t)
         counts = [0] * len(self.names)
         for account in self.accounts:
             counts[self.index[account.identity.spec.name]] += account.bound
@@ -442,26 +524,9 @@ class Engine:
         period = self.knobs.snapshot_period_s
         for i, name in enumerate(self.names):
             ident = self.identities[name]
-            if not ident.exhausted and ident.cooldown_until_s <= t:
+            if not ident.blocked(t) and any(st.selectable(a, t) for a in ident.accounts):
                 self.result.available_s[i] += period
 
 
-def simulate(pool: Pool, knobs: Knobs, traffic: Traffic, policy: Policy) -> RunResult:
-    return Engine(pool, knobs, traffic, policy).run()
-
-
-def simulate_policy(name: str, pool: Pool, knobs: Knobs, traffic: Traffic, seed: int) -> RunResult:
-    policy = policy_build(name, seed=seed, litellm_buffer=knobs.litellm_buffer, litellm_window=knobs.litellm_window)
-    return simulate(pool, knobs, traffic, policy)
-
-
-def simulate_all(
-    names: Sequence[str], pool: Pool, knobs: Knobs, traffic: Traffic, *, seed: int, jobs: int = 1
-) -> list[RunResult]:
-    """Every policy on the same traffic, in ``names`` order. Runs are independent,
-    so spreading them over processes changes nothing but the wall time."""
-    if jobs <= 1 or len(names) <= 1:
-        return [simulate_policy(n, pool, knobs, traffic, seed) for n in names]
-    with ProcessPoolExecutor(max_workers=min(jobs, len(names))) as executor:
-        futures = [executor.submit(simulate_policy, n, pool, knobs, traffic, seed) for n in names]
-        return [f.result() for f in futures]
+def simulate(pool: Pool, knobs: Knobs, traffic: Traffic, policy: Policy, dispatcher: Dispatcher = PLAIN) -> RunResult:
+    return Engine(pool, knobs, traffic, policy, dispatcher).run()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import random
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
@@ -27,6 +27,7 @@ from typing import Literal
 from routing.selection import (
     BAND_FRACTION,
     MIN_TOLERANCE_MS,
+    POOL_BALANCED,
     Candidate,
     LatencySnapshot,
     Ranked,
@@ -46,6 +47,10 @@ class View:
     now: datetime
     session: SessionState  # "sticky" here means the fast path did not serve it
     snapshot: LatencySnapshot | None
+    preferred_pool: str = POOL_BALANCED  # the request's key's
+    # Live sessions per identity over every account of the key, excluded
+    # ones included (key 3); None: summed over the candidates given.
+    session_totals: Mapping[str, int] | None = None
 
 
 class Policy:
@@ -78,12 +83,19 @@ class Kiropool(Policy):
     uses_snapshot = True
 
     def order(self, candidates: Sequence[Candidate], view: View) -> list[Candidate]:
-        ctx = SelectionContext(now=view.now, snapshot=view.snapshot, spread_sessions=view.session != "none")
+        ctx = SelectionContext(
+            now=view.now,
+            preferred_pool=view.preferred_pool,
+            snapshot=view.snapshot,
+            spread_sessions=view.session != "none",
+            session_totals=view.session_totals,
+        )
         return [r.candidate for r in order_candidates(candidates, ctx)]
 
 
 def _ranked_without_spread(candidates: Sequence[Candidate], view: View) -> list[Ranked]:
-    return order_candidates(candidates, SelectionContext(now=view.now, snapshot=view.snapshot))
+    ctx = SelectionContext(now=view.now, preferred_pool=view.preferred_pool, snapshot=view.snapshot)
+    return order_candidates(candidates, ctx)
 
 
 class ExactScore(Policy):

@@ -8,9 +8,12 @@ from; change them on the command line, not here, when exploring.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
+from routing.selection import POOL_BALANCED, POOL_CREDIT_FIRST
 
 HOUR = 3600.0
+DAY = 24 * HOUR
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +37,7 @@ class AccountSpec:
     name: str
     identity: str
     proxy_url: str | None = None
+    pool: str = POOL_BALANCED
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,10 +58,44 @@ class QuotaEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class CreditPlan:
+    """The identity's upstream credits: ``credits`` at the start of the day,
+    one spent per served request, topped up to ``allowance`` at ``reset_s``
+    (whatever is left then is wasted); the next reset is a month later, past
+    the simulated day. With ``reset_known`` the dispatcher knows the reset
+    time (an operator set it, completions report it); without, it only sees
+    the balance, and an account that ran dry comes back through probes."""
+
+    identity: str
+    credits: float
+    reset_s: float
+    allowance: float
+    reset_known: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class FailureWindow:
+    """The identity's upstream answers ``outcome`` (``retry_next`` or
+    ``fatal``) to a share of the requests started in [start, end): those whose
+    luck draw is under ``share``, the same requests under every policy."""
+
+    identity: str
+    start_s: float
+    end_s: float
+    outcome: str = "retry_next"
+    share: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
 class Pool:
     identities: tuple[IdentitySpec, ...]
     accounts: tuple[AccountSpec, ...]
     proxies: tuple[ProxySpec, ...] = ()
+    # (key, preferred pool); a key not named prefers the balanced pool.
+    key_pools: tuple[tuple[str, str], ...] = ()
+
+    def preferred_pool(self, key: str) -> str:
+        return dict(self.key_pools).get(key, POOL_BALANCED)
 
     def identity(self, name: str) -> IdentitySpec:
         for spec in self.identities:
@@ -98,12 +136,21 @@ class Knobs:
     burst_mean_minutes: float = 10.0
     cooldown_s: float = 300.0
     quota_events: tuple[QuotaEvent, ...] = (QuotaEvent("mid2", at_s=13 * HOUR, reset_after_s=2 * HOUR),)
-    # Dispatcher settings (SPEC §2, §3).
+    # Credits and failing upstreams; the default day has none (see upkeep_scenario).
+    credit_plans: tuple[CreditPlan, ...] = ()
+    failures: tuple[FailureWindow, ...] = ()
+    # Dispatcher settings (SPEC §2, §3), at kiropool/settings.py's defaults.
     max_wait_ms: int = 30_000
     affinity_ttl_s: float = 6 * HOUR
     affinity_max_entries: int = 4096
     snapshot_period_s: float = 60.0
     snapshot_window_s: float = HOUR
+    ejection_failures: int = 5  # KIROPOOL_EJECTION_FAILURES
+    ejection_base_s: float = 30.0  # KIROPOOL_EJECTION_BASE_SECONDS
+    ejection_max_s: float = 15 * 60.0  # KIROPOOL_EJECTION_MAX_SECONDS
+    slow_start_s: float = 60.0  # KIROPOOL_SLOW_START_SECONDS
+    quota_probe_s: float = HOUR  # KIROPOOL_QUOTA_PROBE_SECONDS
+    sticky_patience_ms: int = 1000  # KIROPOOL_STICKY_PATIENCE_MS
     # Samples each warm account has in the hour before the day starts.
     warm_samples: int = 30
     # LiteLLM's lowest_latency_buffer (0 in LiteLLM by default, which makes
@@ -150,3 +197,43 @@ class Scenario:
     pool: Pool = field(default_factory=default_pool)
     knobs: Knobs = field(default_factory=Knobs)
     seed: int = 42
+
+
+# The upkeep day (issue 12): the default day's traffic on the default pool,
+# split into two pools, with credits that run out and reset, and two failing
+# upstreams. Resets that are a month apart in reality are squeezed into the
+# day so their effect shows: staggered from early morning to late evening,
+# one after the day, one the dispatcher does not know.
+UPKEEP_CREDIT_FIRST = ("mid3", "mid4", "mid5", "mid6", "slow2", "new2")
+UPKEEP_CREDITS = (
+    CreditPlan("mid3", 800.0, reset_s=8 * HOUR, allowance=3000.0),
+    CreditPlan("mid4", 1200.0, reset_s=12 * HOUR, allowance=3000.0),
+    CreditPlan("mid5", 2800.0, reset_s=16 * HOUR, allowance=3000.0),
+    CreditPlan("mid6", 2300.0, reset_s=20 * HOUR, allowance=3000.0),
+    CreditPlan("slow2", 4000.0, reset_s=DAY + 6 * HOUR, allowance=3000.0),
+    CreditPlan("new2", 600.0, reset_s=9 * HOUR, allowance=3000.0, reset_known=False),
+    # balanced: the fast account everyone prefers runs dry and waits for its reset
+    CreditPlan("fast1", 1200.0, reset_s=11 * HOUR, allowance=3000.0),
+)
+UPKEEP_FAILURES = (
+    # an upstream account broken outright for an hour
+    FailureWindow("mid1", 10 * HOUR, 11 * HOUR, "retry_next", 1.0),
+    # a half-broken one: most requests fail for 45 minutes
+    FailureWindow("fast2", 15 * HOUR, 15.75 * HOUR, "fatal", 0.7),
+)
+# One key of three drains the credit_first pool first.
+UPKEEP_KEY_POOLS = (("key-3", POOL_CREDIT_FIRST),)
+
+
+def upkeep_pool(pool: Pool | None = None) -> Pool:
+    pool = pool or default_pool()
+    accounts = tuple(
+        replace(a, pool=POOL_CREDIT_FIRST) if a.identity in UPKEEP_CREDIT_FIRST else a for a in pool.accounts
+    )
+    return replace(pool, accounts=accounts, key_pools=UPKEEP_KEY_POOLS)
+
+
+def upkeep_scenario(scenario: Scenario) -> Scenario:
+    """The upkeep day on the same traffic as ``scenario`` (same seed and knobs)."""
+    knobs = replace(scenario.knobs, credit_plans=UPKEEP_CREDITS, failures=UPKEEP_FAILURES)
+    return replace(scenario, pool=upkeep_pool(scenario.pool), knobs=knobs)

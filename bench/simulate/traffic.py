@@ -7,7 +7,8 @@ stored as a standard-normal draw ``z`` rather than in milliseconds: the engine
 turns it into ``median·exp(σ·z)`` of whichever identity serves it, so a policy
 that picks a slower identity pays for it, and two policies that pick the same
 one see the same number (common random numbers: the comparison is not drowned
-in sampling noise).
+in sampling noise). So is its ``luck``, the draw that decides whether a
+half-broken upstream fails it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,17 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
-from bench.simulate.scenario import HOUR, AccountSpec, IdentitySpec, Knobs, Pool, QuotaEvent, Scenario
+from bench.simulate.scenario import (
+    HOUR,
+    AccountSpec,
+    CreditPlan,
+    FailureWindow,
+    IdentitySpec,
+    Knobs,
+    Pool,
+    QuotaEvent,
+    Scenario,
+)
 
 # Outcomes whose request the gateway retried as a new lease (which is in the
 # trace on its own), so replaying them would count the request twice.
@@ -32,6 +43,7 @@ class Turn:
     z_latency: float  # standard-normal draw for the first-token latency
     generation_s: float  # upstream time after the first token
     think_s: float = 0.0  # pause after the previous turn finished; 0 for the first
+    luck: float = 0.5  # uniform draw: a failing upstream fails the request when it is under the failing share
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +73,8 @@ class Traffic:
     # (recorded at, account, proxy url, first_token_ms), all before t = 0
     warm_samples: tuple[tuple[float, str, str | None, float], ...]
     duration_s: float
+    credit_plans: tuple[CreditPlan, ...] = ()
+    failures: tuple[FailureWindow, ...] = ()
 
     @property
     def requests(self) -> int:
@@ -115,6 +129,7 @@ def traffic_generate(scenario: Scenario) -> Traffic:
     rng_stateless = random.Random(f"{scenario.seed}:stateless")
     rng_bursts = random.Random(f"{scenario.seed}:bursts")
     rng_warm = random.Random(f"{scenario.seed}:warm")
+    rng_luck = random.Random(f"{scenario.seed}:luck")
 
     keys = [f"key-{k + 1}" for k in range(max(1, knobs.keys))]
     amplitude = max(0.0, knobs.diurnal_amplitude)
@@ -132,7 +147,8 @@ def traffic_generate(scenario: Scenario) -> Traffic:
         for i in range(geometric_turns(rng_sessions, knobs.mean_turns)):
             think = 0.0 if i == 0 else lognormal(rng_sessions, knobs.think_median_s, knobs.think_sigma)
             gen = lognormal(rng_sessions, knobs.generation_median_s, knobs.generation_sigma)
-            turns.append(Turn(z_latency=rng_sessions.gauss(0.0, 1.0), generation_s=gen, think_s=think))
+            z = rng_sessions.gauss(0.0, 1.0)
+            turns.append(Turn(z_latency=z, generation_s=gen, think_s=think, luck=rng_luck.random()))
         scripts.append(Script(rng_sessions.choice(keys), f"session-{n + 1:06d}", at, tuple(turns)))
 
     share = min(max(knobs.stateless_share, 0.0), 0.95)
@@ -144,7 +160,7 @@ def traffic_generate(scenario: Scenario) -> Traffic:
         duration_s=duration,
     ):
         gen = lognormal(rng_stateless, knobs.generation_median_s, knobs.generation_sigma)
-        turn = Turn(z_latency=rng_stateless.gauss(0.0, 1.0), generation_s=gen)
+        turn = Turn(z_latency=rng_stateless.gauss(0.0, 1.0), generation_s=gen, luck=rng_luck.random())
         scripts.append(Script(rng_stateless.choice(keys), None, at, (turn,)))
 
     bursts: list[Burst] = []
@@ -165,13 +181,33 @@ def traffic_generate(scenario: Scenario) -> Traffic:
             warm.append((at, account.name, account.proxy_url, first_token_ms(spec, rng_warm.gauss(0.0, 1.0), extra)))
 
     scripts.sort(key=lambda s: (s.arrival_s, s.session_id or ""))
+    names = {i.name for i in pool.identities}
     return Traffic(
         scripts=tuple(scripts),
         bursts=tuple(sorted(bursts, key=lambda b: (b.start_s, b.identity))),
-        quota_events=tuple(e for e in knobs.quota_events if e.identity in {i.name for i in pool.identities}),
+        quota_events=tuple(e for e in knobs.quota_events if e.identity in names),
         warm_samples=tuple(sorted(warm)),
         duration_s=duration,
+        credit_plans=tuple(c for c in knobs.credit_plans if c.identity in names),
+        failures=tuple(f for f in knobs.failures if f.identity in names),
     )
+
+
+# The peak the figures "at peak" are taken over: the busiest hours in a row.
+PEAK_HOURS = 4
+
+
+def peak_window(traffic: Traffic, hours: int = PEAK_HOURS) -> tuple[float, float]:
+    """The ``hours`` whole hours in a row (from the start of the traffic) in
+    which the most scripts arrive; the whole traffic when it is shorter."""
+    buckets = [0] * max(1, math.ceil(traffic.duration_s / HOUR))
+    for script in traffic.scripts:
+        buckets[min(int(script.arrival_s // HOUR), len(buckets) - 1)] += 1
+    if len(buckets) <= hours:
+        return 0.0, traffic.duration_s
+    sums = [sum(buckets[i : i + hours]) for i in range(len(buckets) - hours + 1)]
+    first = sums.index(max(sums))
+    return first * HOUR, (first + hours) * HOUR
 
 
 def trace_load(

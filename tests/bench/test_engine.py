@@ -7,9 +7,10 @@ import dataclasses
 
 import pytest
 
-from bench.simulate.engine import simulate, simulate_all
+from bench.simulate.engine import simulate
 from bench.simulate.metrics import summarize
 from bench.simulate.policies import POLICY_NAMES, policy_build
+from bench.simulate.runs import simulate_all
 from bench.simulate.scenario import AccountSpec, IdentitySpec, Knobs, Pool, QuotaEvent, Scenario
 from bench.simulate.traffic import Burst, Script, Traffic, Turn, traffic_generate
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench.simulate.engine import RunResult
 from bench.simulate.metrics import dominating, fairness, jain_index, percentile, shares, starved, summarize
+from bench.simulate.results import RunResult
 
 
 def test_jain_index_hand_cases():

@@ -15,6 +15,7 @@ from bench.simulate.traffic import (
     diurnal_rate,
     first_token_ms,
     geometric_turns,
+    peak_window,
     poisson_arrivals,
     trace_load,
     traffic_generate,
@@ -85,6 +86,8 @@ def test_generated_day_matches_its_knobs():
     assert statistics.median(generation) == pytest.approx(knobs.generation_median_s, rel=0.05)
     z = [t.z_latency for s in traffic.scripts for t in s.turns]
     assert statistics.fmean(z) == pytest.approx(0.0, abs=0.03) and statistics.stdev(z) == pytest.approx(1, abs=0.03)
+    luck = [t.luck for s in traffic.scripts for t in s.turns]
+    assert all(0 <= u < 1 for u in luck) and statistics.fmean(luck) == pytest.approx(0.5, abs=0.01)
     assert {s.key for s in traffic.scripts} == {"key-1", "key-2", "key-3"}
     assert len({s.session_id for s in sessions}) == len(sessions)
     assert [s.arrival_s for s in traffic.scripts] == sorted(s.arrival_s for s in traffic.scripts)
@@ -159,3 +162,12 @@ def test_trace_becomes_pool_and_arrivals():
 def test_empty_trace_is_an_error():
     with pytest.raises(ValueError):
         trace_load(["", "  "], knobs=Knobs(), seed=1)
+
+
+def test_peak_is_the_busiest_four_hours():
+    day = traffic_generate(small())
+    assert peak_window(day) == (12 * HOUR, 16 * HOUR)  # around the 14:00 peak of the cosine
+    scripts = tuple(dataclasses.replace(day.scripts[0], arrival_s=at) for at in (0.5 * HOUR, 7.2 * HOUR, 7.9 * HOUR))
+    assert peak_window(dataclasses.replace(day, scripts=scripts)) == (4 * HOUR, 8 * HOUR)  # the first busiest
+    short = dataclasses.replace(day, duration_s=2.5 * HOUR)
+    assert peak_window(short) == (0.0, 2.5 * HOUR)

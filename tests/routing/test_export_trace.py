@@ -10,7 +10,7 @@ import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
-from bench.simulate.engine import simulate_all
+from bench.simulate.runs import simulate_all
 from bench.simulate.scenario import Knobs
 from bench.simulate.traffic import trace_load
 from tests.factories import AccountFactory, ApiKeyFactory, LeaseFactory, RoutingIdentityFactory
