@@ -103,6 +103,8 @@ def _walk(
                 if len(head.rows) == reads.HEAD_ROWS:
                     continue  # every row of the head was taken a moment before us: read again
             if not head.rows:
+                if reads.every_account_excluded(key=key, request=request):
+                    raise AllAccountsFailed()
                 raise NoUsableAccount()
             everyone = reads.read(**read, snapshot=None, spread=False).rows
         candidates = [row for row in everyone if not row.excluded]
@@ -119,7 +121,7 @@ def _walk(
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             # The earliest a retry could succeed without a release: a pacing
-            # interval, a cooldown or an ejection ending.
+            # interval, a cooldown or an ejection ending, a slow-start step.
             retry = (miss.next_ready_at - timezone.now()) if miss.next_ready_at else timedelta(seconds=1)
             raise RateLimited(
                 "every candidate account is at its concurrency or pacing limit, or cooling down",
@@ -144,8 +146,8 @@ def _slow_start() -> timedelta:
 
 def _wake_in(miss: selection.Miss, candidates: list[CandidateRow]) -> float:
     """Seconds until something other than a release may free a slot: the end
-    of a pacing interval, cooldown or ejection, or the expiry of a lease on a
-    full identity (which no release announces)."""
+    of a pacing interval, cooldown or ejection, a slow-start step, or the
+    expiry of a lease on a full identity (which no release announces)."""
     now = timezone.now()
     wake = float("inf")
     if miss.next_ready_at is not None:
@@ -224,7 +226,8 @@ def _sticky_patience(
             left = until - time.monotonic()
             if left <= 0:
                 return None
-            visit.wait(token, min(left, _wake_in(selection.miss_of([row.candidate], now), [row])))
+            miss = selection.miss_of([row.candidate], timezone.now(), slow_start=_slow_start())
+            visit.wait(token, min(left, _wake_in(miss, [row])))
             with visit.turn():
                 acquired, row = _sticky_fast_path(key=key, request=request, waited_ms=max(1, visit.waited_ms))
             if acquired is not None:

@@ -376,6 +376,19 @@ def effective_concurrency(c: Candidate, now: datetime, slow_start: timedelta = S
     return min(c.max_concurrency, 1 + math.floor((c.max_concurrency - 1) * elapsed / slow_start.total_seconds()))
 
 
+def slow_start_step_at(c: Candidate, now: datetime, slow_start: timedelta = SLOW_START) -> datetime | None:
+    """When the identity's slow-start limit next grows by a slot, or None
+    when it is not ramping. A millisecond late, so that at the returned
+    moment :func:`effective_concurrency` has grown whatever the rounding."""
+    if c.ejected_until is None or c.max_concurrency <= 1 or slow_start <= timedelta(0):
+        return None
+    if not c.ejected_until <= now < c.ejected_until + slow_start:
+        return None
+    window, slots = slow_start.total_seconds(), c.max_concurrency - 1
+    steps = math.floor(slots * (now - c.ejected_until).total_seconds() / window) + 1
+    return c.ejected_until + timedelta(seconds=steps * window / slots, milliseconds=1)
+
+
 def throttle_state(
     c: Candidate, now: datetime, *, slow_start: timedelta = SLOW_START, reserved: bool = True
 ) -> ThrottleState:
@@ -429,7 +442,8 @@ class Miss:
     locally_throttled: bool = False
     shortest_cooldown: timedelta | None = None
     # The earliest moment a candidate may become able to start without a
-    # release: a pacing interval or a cooldown or ejection ending.
+    # release: a pacing interval, a cooldown or ejection ending, a slow-start
+    # step adding a slot.
     next_ready_at: datetime | None = None
     saturated: frozenset[str] = frozenset()  # identities at their limit
 
@@ -455,6 +469,8 @@ def miss_of(candidates: Sequence[Candidate], now: datetime, *, slow_start: timed
         elif state == "saturated":
             throttled = True
             saturated.add(c.routing_identity)
+            if c.in_flight + c.reserved < c.max_concurrency:  # held back by the slow start only
+                sooner(slow_start_step_at(c, now, slow_start))
         elif state == "pacing":
             throttled = True
             sooner(pacing_ready_at(c))

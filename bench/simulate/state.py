@@ -17,13 +17,19 @@ identity until it is used.
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from bench.simulate.scenario import DAY, AccountSpec, CreditPlan, FailureWindow, IdentitySpec, Knobs
-from routing.selection import Candidate, ThrottleState, blocked_until, pacing_ready_at, throttle_state
+from routing.selection import (
+    Candidate,
+    ThrottleState,
+    blocked_until,
+    pacing_ready_at,
+    slow_start_step_at,
+    throttle_state,
+)
 
 # Simulated t = 0. Any fixed instant works; selection.py only compares times.
 EPOCH = datetime(2026, 6, 1, tzinfo=UTC)
@@ -154,14 +160,15 @@ def identity_state(account: Account, t: float, knobs: Knobs, *, credit_pacing: b
         return memo[1]
     c = candidate(account, credit_pacing=credit_pacing)
     now = at(t)
-    state = throttle_state(c, now, slow_start=timedelta(seconds=knobs.slow_start_s))
+    slow_start = timedelta(seconds=knobs.slow_start_s)
+    state = throttle_state(c, now, slow_start=slow_start)
     until = NEVER
     if state == "cooling":
         until = seconds(blocked_until(c, now))
     elif state == "pacing":
         until = seconds(pacing_ready_at(c))
-    elif state == "saturated":
-        until = slow_start_step_s(ident, t, knobs)
+    elif state == "saturated" and (step := slow_start_step_at(c, now, slow_start)) is not None:
+        until = seconds(step)
     ident.state_memo = (ident.version, state, until)
     return state
 
@@ -255,16 +262,6 @@ def success_record(ident: Identity) -> None:
     """A success ends the failure streak and the run of ejections."""
     ident.failure_streak = 0
     ident.ejections = 0
-
-
-def slow_start_step_s(ident: Identity, t: float, knobs: Knobs) -> float:
-    """When the identity's slow-start limit next grows (``selection.effective_concurrency``
-    ramps linearly from 1), or NEVER when it is not ramping."""
-    start, window, limit = ident.ejected_until_s, knobs.slow_start_s, ident.spec.max_concurrency
-    if limit <= 1 or window <= 0 or not start <= t < start + window:
-        return NEVER
-    steps = math.floor((limit - 1) * (t - start) / window) + 1
-    return start + steps * window / (limit - 1)
 
 
 # --- quota (routing/quotas.py) -------------------------------------------------------

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections import deque
 
-import pytest
 from django.conf import settings
 
 from bench.simulate import state as st
@@ -52,22 +51,6 @@ def test_ejection_after_five_failures_in_a_row_doubling_to_the_cap():
     for i in range(5):
         st.failure_record(ident, 1000.0 + i, KNOBS)
     assert ident.ejected_until_s == 1004.0 + 900
-
-
-def test_slow_start_steps_are_where_effective_concurrency_grows():
-    ident = identity(max_concurrency=4)
-    ident.ejected_until_s = 100.0
-    ident.ejected_until = st.at(100.0)
-    candidate = selection.Candidate("a", "a", selection.POOL_BALANCED, max_concurrency=4, ejected_until=st.at(100.0))
-    steps = []
-    t = 100.0
-    while (t := st.slow_start_step_s(ident, t, KNOBS)) != st.NEVER:
-        steps.append(t)
-    assert steps == [pytest.approx(120.0), pytest.approx(140.0), pytest.approx(160.0)]
-    for before, limit in ((119.9, 1), (120.1, 2), (159.9, 3), (160.0, 4)):
-        assert selection.effective_concurrency(candidate, st.at(before)) == limit
-    assert st.slow_start_step_s(ident, 99.0, KNOBS) == st.NEVER  # still ejected: no ramp yet
-    assert st.slow_start_step_s(identity(max_concurrency=1), 100.0, KNOBS) == st.NEVER
 
 
 def test_a_known_empty_balance_is_out_until_the_known_reset():

@@ -380,3 +380,22 @@ def test_a_returning_turn_whose_account_cools_down_moves_without_waiting(gw, key
     assert response.json()["waited_ms"] == 0
     lease = Lease.objects.get(pk=response.json()["lease_id"])
     assert (lease.sticky, lease.moved_from) == (StickyOutcome.MOVED, "bound")
+
+
+def test_a_waiting_dispatch_takes_the_slot_a_slow_start_step_adds(gw, settings):
+    # Back from an ejection 1.5 s ago, ramping 1 → 3 slots over 4 s: one slot
+    # now, two from 2 s after the return. Nothing is released in between, so
+    # only the step can wake the waiter.
+    settings.KIROPOOL_SLOW_START_SECONDS = 4
+    AccountFactory(
+        name="back", identity__max_concurrency=3, identity__ejected_until=timezone.now() - timedelta(seconds=1.5)
+    )
+    holder = Gateway(ApiKeyFactory().plaintext)
+    assert holder.dispatch(max_wait_ms=0).status_code == 200
+    started = time.monotonic()
+    response = gw.dispatch(max_wait_ms=8000)
+    elapsed = time.monotonic() - started
+    assert response.status_code == 200
+    # Woken at the step (0.5 s from now), not at the end of the 8 s budget;
+    # slack: 3 s for a busy machine.
+    assert elapsed <= 3.5

@@ -18,13 +18,16 @@ from routing.selection import (
     Ranked,
     SelectionContext,
     cooldown_remaining,
+    effective_concurrency,
     latency_band,
     latency_score,
     latency_usable,
+    miss_of,
     order_candidates,
     pacing_ready_at,
     retry_after_seconds,
     round_half_away,
+    slow_start_step_at,
     sticky_fast_path_ok,
     throttle_state,
 )
@@ -617,3 +620,19 @@ def test_retry_after_seconds(remaining: timedelta, expected: int) -> None:
 )
 def test_sticky_fast_path_ok(fields: dict[str, object], context_fields: dict[str, object], ok: bool) -> None:
     assert sticky_fast_path_ok(cand("a", **fields), ctx(**context_fields)) is ok
+
+
+def test_a_slow_start_step_is_when_a_full_ramping_identity_may_start_again() -> None:
+    back = NOW - timedelta(seconds=10)
+    ramping = cand("a", max_concurrency=4, ejected_until=back, in_flight=1)  # 1 + ⌊3 · 10/60⌋ = 1 slot
+    miss = miss_of([ramping], NOW, slow_start=timedelta(seconds=60))
+    step = back + timedelta(seconds=20, milliseconds=1)  # the second slot comes 20 s after the return
+    assert miss.locally_throttled and miss.next_ready_at == step
+    assert effective_concurrency(ramping, step, timedelta(seconds=60)) == 2
+    assert effective_concurrency(ramping, step - timedelta(milliseconds=2), timedelta(seconds=60)) == 1
+    # At its full limit, a step adds nothing: only a release can help.
+    full = cand("a", max_concurrency=4, ejected_until=back, in_flight=4)
+    assert miss_of([full], NOW, slow_start=timedelta(seconds=60)).next_ready_at is None
+    # Not ramping: past the window, or no ejection.
+    assert slow_start_step_at(cand("a", max_concurrency=4, ejected_until=NOW - timedelta(seconds=61)), NOW) is None
+    assert slow_start_step_at(cand("a", max_concurrency=4), NOW) is None
