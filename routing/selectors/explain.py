@@ -10,10 +10,10 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 
-from accounts.models import Account, ApiKey, RouteStrategy
+from accounts.models import Account, ApiKey
 from routing import selection
 from routing.dispatch import DispatchRequest, SessionState
-from routing.selectors.dispatch import model_preference, read
+from routing.selectors.dispatch import key_accounts, model_preference, read
 from routing.selectors.latency import latency_snapshot_current
 
 
@@ -79,11 +79,7 @@ def _unselectable(
 ) -> list[tuple[str, str]]:
     """The key's accounts a dispatch would not consider, each with the first
     reason that keeps it out (explain only: one query over the key's scope)."""
-    accounts = Account.objects.all()
-    if key.route_strategy == RouteStrategy.FIXED:
-        accounts = accounts.filter(pk=key.fixed_account_id)
-    elif key.account_group_id is not None:
-        accounts = accounts.filter(groups=key.account_group_id)
+    accounts = key_accounts(key)
     found = []
     fields = ("id", "name", "enabled", "quota_exhausted", "remaining_credits", "min_remaining_credits")
     for pk, name, enabled, exhausted, credits, minimum in accounts.order_by("name").values_list(*fields):

@@ -509,6 +509,16 @@ def test_502_when_every_account_of_the_key_is_excluded(gw):
     assert response.json()["error"]["message"] == "all eligible accounts failed for this request"
 
 
+def test_502_when_the_excluded_accounts_are_also_exhausted(gw):
+    # The read drops exhausted accounts; the request still excluded all of them.
+    AccountFactory(name="spent", quota_exhausted=True)
+    AccountFactory(name="dry", remaining_credits=0)
+    AccountFactory(name="off", enabled=False)
+    assert error_of(gw.dispatch(exclude_accounts=["spent", "dry"])) == (502, "api_error")
+    # One enabled account not excluded (exhausted, so no candidate): nothing usable.
+    assert error_of(gw.dispatch(exclude_accounts=["spent"])) == (503, "api_error")
+
+
 def test_503_when_no_usable_account(gw):
     response = gw.dispatch()
     assert error_of(response) == (503, "api_error")
