@@ -131,3 +131,17 @@ def latency_snapshot_create(
         for url, (n, avg) in (proxies or {}).items()
     )
     return snapshot
+
+
+def api_key_admin_form(**fields: str) -> dict[str, str]:
+    """The admin's add-key form, filled in as an operator would, with ``fields`` changed."""
+    return {
+        "name": "from-admin",
+        "enabled": "on",
+        "route_strategy": "auto",
+        "preferred_pool": "balanced",
+        "latency_routing_enabled": "on",
+        "min_start_interval_ms": "0",
+        "model_preferences": "{}",
+        **fields,
+    }

@@ -4,7 +4,7 @@ from django.urls import reverse
 from accounts.authentication import api_key_authenticate
 from accounts.models import ApiKey, hash_key
 from accounts.services import api_key_create
-from tests.factories import ApiKeyFactory
+from tests.factories import ApiKeyFactory, api_key_admin_form
 
 pytestmark = pytest.mark.django_db
 
@@ -40,15 +40,7 @@ def test_disabled_key_is_refused():
 def test_admin_shows_plaintext_once(staff_client):
     response = staff_client.post(
         reverse("admin:accounts_apikey_add"),
-        {
-            "name": "from-admin",
-            "enabled": "on",
-            "route_strategy": "auto",
-            "preferred_pool": "balanced",
-            "latency_routing_enabled": "on",
-            "min_start_interval_ms": "0",
-            "model_preferences": "{}",
-        },
+        api_key_admin_form(),
         follow=True,
     )
     assert response.status_code == 200

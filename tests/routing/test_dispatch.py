@@ -24,16 +24,6 @@ from tests.routing.gateway import Gateway
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("statements")]
 
 
-@pytest.fixture
-def key():
-    return ApiKeyFactory(name="gateway")
-
-
-@pytest.fixture
-def gw(key):
-    return Gateway(key.plaintext)
-
-
 def snapshot(*, global_avg=500.0, accounts=None, proxies=None, age=timedelta(0)):
     return latency_snapshot_create(
         generated_at=timezone.now() - age,

@@ -24,16 +24,6 @@ from tests.routing.gateway import Gateway
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("statements")]
 
 
-@pytest.fixture
-def key():
-    return ApiKeyFactory(name="gateway")
-
-
-@pytest.fixture
-def gw(key):
-    return Gateway(key.plaintext)
-
-
 def names(response) -> list[str]:
     return [c["account"] for c in response.json()["candidates"]]
 

@@ -9,22 +9,14 @@ from django.urls import reverse
 from django.utils import timezone
 
 from accounts.models import Account, ApiKey, Proxy, RoutingIdentity
-from tests.factories import AccountFactory, ApiKeyFactory, ProxyFactory, RoutingIdentityFactory
+from tests.factories import AccountFactory, ApiKeyFactory, ProxyFactory, RoutingIdentityFactory, api_key_admin_form
 
 pytestmark = pytest.mark.django_db
 
 KEY_EDITOR = ["view_apikey", "add_apikey", "change_apikey"]
 CHECKBOX = 'name="credentials_access"'
 
-KEY_FORM = {
-    "name": "from-admin",
-    "enabled": "on",
-    "route_strategy": "auto",
-    "preferred_pool": "balanced",
-    "latency_routing_enabled": "on",
-    "min_start_interval_ms": "0",
-    "model_preferences": "{}",
-}
+KEY_FORM = api_key_admin_form()
 
 
 @pytest.fixture

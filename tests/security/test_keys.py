@@ -14,7 +14,7 @@ from django.utils import timezone
 from accounts import authentication
 from accounts.authentication import LAST_USED_RESOLUTION, api_key_authenticate
 from accounts.models import ApiKey, hash_key
-from tests.factories import AccountFactory, ApiKeyFactory
+from tests.factories import AccountFactory, ApiKeyFactory, api_key_admin_form
 from tests.routing.gateway import Gateway
 
 pytestmark = pytest.mark.django_db
@@ -161,15 +161,7 @@ def cookie_readings(response) -> list[str]:
 
 
 def test_a_new_keys_plaintext_never_travels_in_a_cookie(staff_client):
-    form = {
-        "name": "from-admin",
-        "enabled": "on",
-        "route_strategy": "auto",
-        "preferred_pool": "balanced",
-        "latency_routing_enabled": "on",
-        "min_start_interval_ms": "0",
-        "model_preferences": "{}",
-    }
+    form = api_key_admin_form()
     created = staff_client.post(reverse("admin:accounts_apikey_add"), form)
     assert created.status_code == 302, created.content
     shown = staff_client.get(created.url)

@@ -22,7 +22,7 @@ from accounts.models import (
 )
 from accounts.throttling import parse_rate
 from routing.models import Lease
-from tests.factories import AccountFactory, ApiKeyFactory, RoutingIdentityFactory
+from tests.factories import AccountFactory, ApiKeyFactory, RoutingIdentityFactory, api_key_admin_form
 from tests.routing.gateway import Gateway
 
 pytestmark = pytest.mark.django_db
@@ -138,15 +138,7 @@ def test_model_preferences_are_bounded_on_the_operator_api(operator_api, key, va
 def test_model_preferences_are_bounded_in_the_admin(staff_client, value):
     response = staff_client.post(
         reverse("admin:accounts_apikey_add"),
-        {
-            "name": "from-admin",
-            "enabled": "on",
-            "route_strategy": "auto",
-            "preferred_pool": "balanced",
-            "latency_routing_enabled": "on",
-            "min_start_interval_ms": "0",
-            "model_preferences": json.dumps(value),
-        },
+        api_key_admin_form(model_preferences=json.dumps(value)),
     )
     assert response.status_code == 200  # the form again, with the error
     assert "model_preferences" in response.context["adminform"].form.errors
