@@ -122,7 +122,24 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
     }
 else:
-    DATABASES["default"]["CONN_MAX_AGE"] = env.int("CONN_MAX_AGE", default=60)
+    # A pool of connections per process (psycopg_pool, through Django's
+    # "pool" option): a server thread holds a connection only while it runs
+    # queries, so a worker's threads share KIROPOOL_DB_POOL_SIZE connections
+    # and the processes together stay under PostgreSQL's max_connections
+    # however many threads serve (or wait). A thread that finds every
+    # connection busy waits up to KIROPOOL_DB_POOL_TIMEOUT seconds, then the
+    # request answers 503. KIROPOOL_DB_POOL_SIZE=0 turns the pool off for
+    # persistent per-thread connections (CONN_MAX_AGE).
+    KIROPOOL_DB_POOL_SIZE = max(0, env.int("KIROPOOL_DB_POOL_SIZE", default=10))
+    if KIROPOOL_DB_POOL_SIZE:
+        DATABASES["default"]["CONN_MAX_AGE"] = 0  # the pool keeps them (Django requires 0 with a pool)
+        DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+            "min_size": 1,
+            "max_size": KIROPOOL_DB_POOL_SIZE,
+            "timeout": env.float("KIROPOOL_DB_POOL_TIMEOUT", default=10.0),
+        }
+    else:
+        DATABASES["default"]["CONN_MAX_AGE"] = env.int("CONN_MAX_AGE", default=60)
     # A health check is a SELECT 1 before every request's first query: a
     # round trip for each dispatch and completion. Without it, the first
     # request a thread serves after the database restarted answers a 503
@@ -316,6 +333,10 @@ KIROPOOL_QUOTA_PROBE_SECONDS = _clamp(env.int("KIROPOOL_QUOTA_PROBE_SECONDS", de
 # Leases a key may hold at once unless it has its own max_concurrency, so one
 # gateway cannot take every slot of the pool (0: no default limit).
 KIROPOOL_KEY_MAX_CONCURRENCY = max(0, env.int("KIROPOOL_KEY_MAX_CONCURRENCY", default=64))
+# How long a process may answer a gateway request from its copy of the key
+# row (accounts/authentication.py): a change made in another process, such as
+# disabling the key, is seen within this. 0 reads the key on every request.
+KIROPOOL_KEY_CACHE_SECONDS = max(0.0, env.float("KIROPOOL_KEY_CACHE_SECONDS", default=1.0))
 # Reports that take capacity away from everyone (rate_limited cooling an
 # identity, proxy_failure cooling a proxy, quota_exhausted) per key, as
 # "<count>/<s|min|h|d>"; beyond it the lease is released but the report's

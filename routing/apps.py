@@ -14,6 +14,7 @@ class RoutingConfig(AppConfig):
         from routing.backend import backend
 
         backend.postgres = connection.vendor == "postgresql"
+        backend.pooled = bool(connection.settings_dict.get("OPTIONS", {}).get("pool"))
         backend.statements = pg.Statements() if backend.postgres and settings.KIROPOOL_FAST_STATEMENTS else None
         if backend.postgres:
             pg.statement_cache_widen()

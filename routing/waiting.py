@@ -17,6 +17,9 @@ completions that free the slots would queue behind them. So:
   queue: it may take a slot freed at that instant. Across processes and hosts
   there is no common order (that would cost a write per wait); each process
   serves its own waiters in order.
+- a waiting dispatch hands its pooled database connection back for the wait
+  (``KIROPOOL_DB_POOL_SIZE`` connections per process serve all its threads),
+  so waiters never hold the connections the completions need.
 """
 
 from __future__ import annotations
@@ -30,9 +33,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from django.conf import settings
+from django.db import connection
 
 from core.errors import RateLimited
 from routing import wakeups
+from routing.backend import backend
 
 
 class WaitingRoom:
@@ -133,6 +138,11 @@ class Visit:
             self.room._leave(self.key_id, self.seq)
 
     @property
+    def admitted(self) -> bool:
+        """Whether this dispatch has waited (and so was admitted) already."""
+        return self.seq is not None
+
+    @property
     def waited_ms(self) -> int:
         return int(self.waited * 1000)
 
@@ -143,6 +153,7 @@ class Visit:
             self.seq = self.room._admit(self.key_id)
         started = time.monotonic()
         self.room._asleep(self.key_id, self.seq, token)
+        _connection_lend()
         wakeups.wait(token, timeout)
         self.waited += time.monotonic() - started
 
@@ -154,3 +165,11 @@ class Visit:
             return
         with self.room._turn(self.key_id, self.seq):
             yield
+
+
+def _connection_lend() -> None:
+    """Hand this thread's pooled database connection back for the wait: it
+    may last seconds, and the completions that would end it need connections
+    from the same pool. The next query takes one again."""
+    if backend.pooled and not connection.in_atomic_block:
+        connection.close()

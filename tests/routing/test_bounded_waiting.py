@@ -35,6 +35,11 @@ def test_waiters_are_bounded_and_served_in_arrival_order(tmp_path):
         DATABASE_URL=test_database_url(),
         KIROPOOL_WAIT_RESERVE_THREADS=str(RESERVE),
         KIROPOOL_MAX_WAITERS_PER_KEY=str(PER_KEY),
+        # Fewer database connections than waiters: a waiter hands its
+        # connection back while it waits, or the completion below would wait
+        # for one.
+        KIROPOOL_DB_POOL_SIZE="2",
+        KIROPOOL_DB_POOL_TIMEOUT="20",
     )
     connection.close()  # the server's connections see the rows committed above
     server = web_server(env, tmp_path, workers=1, threads=THREADS).start()
