@@ -127,6 +127,7 @@ def _walk(
                 "every candidate account is at its concurrency or pacing limit, or cooling down",
                 retry_after=selection.retry_after_seconds(retry),
             )
+        _key_limits_recheck(key=key, visit=visit)
         visit.wait(token, min(remaining, _wake_in(miss, candidates)))
 
 
@@ -227,6 +228,7 @@ def _sticky_patience(
             if left <= 0:
                 return None
             miss = selection.miss_of([row.candidate], timezone.now(), slow_start=_slow_start())
+            _key_limits_recheck(key=key, visit=visit)
             visit.wait(token, min(left, _wake_in(miss, [row])))
             with visit.turn():
                 acquired, row = _sticky_fast_path(key=key, request=request, waited_ms=max(1, visit.waited_ms))
@@ -267,17 +269,39 @@ def key_cap(key: ApiKey) -> int | None:
     return settings.KIROPOOL_KEY_MAX_CONCURRENCY or None
 
 
-def _key_limits_check(*, key: ApiKey, now: datetime) -> None:
-    """The key's own limits come first and never wait (SPEC §2)."""
+def _key_limits_check(*, key: ApiKey, now: datetime, counters: tuple[int, datetime | None] | None = None) -> None:
+    """The key's own limits come first and never wait (SPEC §2).
+
+    ``counters`` are the key's ``in_flight`` and ``last_started_at`` as read
+    now. Without them the key is as authenticated, possibly a moment old
+    (``accounts.authentication.KeyCache``), and only its pacing is checked:
+    an old ``last_started_at`` can only be earlier, so it never refuses
+    wrongly, where an old count could. The claims take the key's slot
+    atomically either way; :func:`_key_limits_recheck` runs before a wait."""
+    in_flight, last_started_at = counters if counters is not None else (None, key.last_started_at)
     cap = key_cap(key)
-    if cap is not None and key.in_flight >= cap:
+    if in_flight is not None and cap is not None and in_flight >= cap:
         raise RateLimited("this API key is at its concurrency limit", retry_after=1)
-    if key.min_start_interval_ms and key.last_started_at is not None:
-        ready_at = key.last_started_at + timedelta(milliseconds=key.min_start_interval_ms)
+    if key.min_start_interval_ms and last_started_at is not None:
+        ready_at = last_started_at + timedelta(milliseconds=key.min_start_interval_ms)
         if now < ready_at:
             raise RateLimited(
                 "this API key is at its pacing limit", retry_after=selection.retry_after_seconds(ready_at - now)
             )
+
+
+def _key_limits_recheck(*, key: ApiKey, visit: waiting.Visit) -> None:
+    """Before a dispatch first waits for a slot: the key's limits with its
+    counters as they are now, so a key at its own limit is refused at once
+    rather than after a wait (one query, on the waiting path only)."""
+    if not visit.admitted:
+        _key_limits_check(key=key, now=timezone.now(), counters=_key_counters(key))
+
+
+def _key_counters(key: ApiKey) -> tuple[int, datetime | None]:
+    """The key's ``in_flight`` and ``last_started_at`` as they are now (a
+    key deleted a moment ago has none: its claims find no row to take)."""
+    return ApiKey.objects.filter(pk=key.pk).values_list("in_flight", "last_started_at").first() or (0, None)
 
 
 def _lease_new(
@@ -389,6 +413,8 @@ def _key_slot_claim(*, key: ApiKey, now: datetime, cap: int | None) -> None:
         )
         changes["last_started_at"] = now
     if not ApiKey.objects.filter(condition).update(**changes):
+        # Say which limit: the refusal path may spend a read.
+        _key_limits_check(key=key, now=now, counters=_key_counters(key))
         raise RateLimited("this API key is at its concurrency or pacing limit", retry_after=1)
 
 

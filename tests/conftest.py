@@ -51,6 +51,19 @@ def pool_permissions():
 
 
 @pytest.fixture(autouse=True)
+def _key_rows_read_each_time(settings):
+    # Tests change keys with queryset updates, which the per-process key cache
+    # does not see; it is tested with its own lifetime in tests/accounts/test_key_cache.py
+    # (and runs as deployed in every test against a real server).
+    from accounts.authentication import key_cache
+
+    settings.KIROPOOL_KEY_CACHE_SECONDS = 0
+    key_cache.clear()
+    yield
+    key_cache.clear()
+
+
+@pytest.fixture(autouse=True)
 def _fresh_probe_caches():
     # /readyz and /metrics reuse their answer for a few seconds per process;
     # every test starts from the database and broker as they are now.

@@ -1,0 +1,116 @@
+"""The per-process key cache (accounts/authentication.py, KeyCache): a
+gateway request reads no key row while the cache holds it, an operator's save
+is seen at once in the process that made it, any other change within the
+cache's lifetime, and the key's own limits hold exactly as without it."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.urls import reverse
+
+from accounts.models import ApiKey
+from tests.factories import AccountFactory, ApiKeyFactory
+from tests.routing.gateway import Gateway
+
+pytestmark = [pytest.mark.django_db]
+
+LIFETIME = 0.5
+
+
+@pytest.fixture(autouse=True)
+def _cache_on(settings):
+    settings.KIROPOOL_KEY_CACHE_SECONDS = LIFETIME
+
+
+@pytest.fixture
+def key():
+    AccountFactory(name="a", identity__max_concurrency=8)
+    return ApiKeyFactory(name="gateway")
+
+
+def _key_reads(queries) -> list[str]:
+    return [q["sql"] for q in queries if q["sql"].startswith("SELECT") and f"FROM {ApiKey._meta.db_table} " in q["sql"]]
+
+
+def test_a_cached_key_costs_no_query(key):
+    gw = Gateway(key.plaintext)
+    with CaptureQueriesContext(connection) as first:
+        assert gw.explain().status_code == 200
+    assert len(_key_reads(first.captured_queries)) == 1  # read, and cached
+    with CaptureQueriesContext(connection) as second:
+        assert gw.explain().status_code == 200
+    assert _key_reads(second.captured_queries) == []
+
+
+def test_a_wrong_secret_with_a_cached_keys_prefix_is_refused(key):
+    gw = Gateway(key.plaintext)
+    assert gw.explain().status_code == 200
+    forged = key.plaintext[:-4] + ("AAAA" if not key.plaintext.endswith("AAAA") else "BBBB")
+    assert Gateway(forged).explain().status_code == 401
+
+
+def test_disabling_a_key_in_the_admin_refuses_it_at_once(key, staff_client):
+    gw = Gateway(key.plaintext)
+    assert gw.explain().status_code == 200
+    page = staff_client.get(reverse("admin:accounts_apikey_change", args=[key.pk]))
+    form = page.context["adminform"].form
+    data = {name: form[name].value() for name in form.fields if form[name].value() is not None}
+    data.pop("enabled")
+    data["model_preferences"] = "{}"
+    saved = staff_client.post(reverse("admin:accounts_apikey_change", args=[key.pk]), data)
+    assert saved.status_code == 302, saved.context["adminform"].form.errors if saved.context else saved
+    assert ApiKey.objects.get(pk=key.pk).enabled is False
+    assert gw.explain().status_code == 401
+
+
+def test_disabling_a_key_over_the_operator_api_refuses_it_at_once(key, operator_api):
+    gw = Gateway(key.plaintext)
+    assert gw.explain().status_code == 200
+    assert operator_api.patch(f"/api/v1/admin/keys/{key.pk}/", {"enabled": False}, format="json").status_code == 200
+    assert gw.explain().status_code == 401
+
+
+def test_a_change_the_process_did_not_see_counts_within_the_lifetime(key):
+    gw = Gateway(key.plaintext)
+    assert gw.explain().status_code == 200
+    ApiKey.objects.filter(pk=key.pk).update(enabled=False)  # as another process would: no signal here
+    time.sleep(LIFETIME + 0.1)
+    assert gw.explain().status_code == 401
+
+
+def test_the_keys_limit_holds_with_a_cached_key(key):
+    key.max_concurrency = 1
+    key.save()
+    gw = Gateway(key.plaintext)
+    first = gw.dispatch()
+    assert first.status_code == 200
+    # At its limit: refused at once, not after a wait, though the cached row
+    # said nothing was in flight.
+    started = time.monotonic()
+    limited = gw.dispatch(max_wait_ms=10_000)
+    assert limited.status_code == 429 and "concurrency" in limited.json()["error"]["message"]
+    assert time.monotonic() - started < 2.0  # at once; slack for a busy machine
+    # Freed: the next dispatch is served, though the row cached while it was
+    # full would have said otherwise.
+    assert gw.complete(first.json()["lease_id"], outcome="success").status_code == 200
+    assert gw.dispatch().status_code == 200
+
+
+def test_the_keys_limit_is_checked_before_waiting_when_every_identity_is_full(key):
+    key.max_concurrency = 1
+    key.save()
+    AccountFactory(name="b", identity__max_concurrency=1)
+    other = Gateway(ApiKeyFactory(name="other").plaintext)
+    gw = Gateway(key.plaintext)
+    assert gw.dispatch(exclude_accounts=["b"]).status_code == 200  # the key is at its limit
+    assert other.dispatch(exclude_accounts=["a"]).status_code == 200  # b is full
+    # a still has room, so exclude it: every candidate is full, and the key
+    # too. The key's limit answers at once; the dispatch does not wait.
+    started = time.monotonic()
+    limited = gw.dispatch(exclude_accounts=["a"], max_wait_ms=5_000)
+    assert limited.status_code == 429 and "concurrency" in limited.json()["error"]["message"]
+    assert time.monotonic() - started < 2.0
