@@ -20,6 +20,7 @@ from accounts.throttling import DispatchRateThrottle, ExplainRateThrottle
 from core.errors import RULE_ERROR, AllAccountsFailed, NoUsableAccount, RateLimited
 from core.schema import error_responses
 from core.serializer_fields import StrictCharField
+from core.shared_serializer import SharedSerializer
 from routing import completions, leases, metrics, selection
 from routing.dispatch import Acquired, Completion, DispatchRequest, SessionState
 from routing.models import LeaseOutcome
@@ -59,8 +60,8 @@ class DispatchInputSerializer(serializers.Serializer):
             raise serializers.ValidationError(f"must be at most {MAX_SESSION_ID_LENGTH} characters")
         return value or None
 
-    def to_request(self) -> DispatchRequest:
-        data = self.validated_data
+    @staticmethod
+    def to_request(data: dict) -> DispatchRequest:
         return DispatchRequest(
             session_id=data.get("session_id"),
             model=data.get("model") or None,
@@ -111,17 +112,16 @@ class DispatchApi(GatewayApi):
         tags=["gateway"],
     )
     def post(self, request):
-        serializer = DispatchInputSerializer(data=request.data)
-        serializer.is_valid(raise_exception=True)
+        dispatch_request = DispatchInputSerializer.to_request(_dispatch_input.validate(request.data))
         started = time.monotonic()
         try:
-            acquired = leases.lease_acquire(key=request.auth, request=serializer.to_request())
+            acquired = leases.lease_acquire(key=request.auth, request=dispatch_request)
         except (RateLimited, AllAccountsFailed, NoUsableAccount) as refusal:
             metrics.dispatch_observe(_REFUSALS[type(refusal)], time.monotonic() - started, 0.0)
             raise
         metrics.dispatch_observe(_result(acquired), time.monotonic() - started, acquired.waited_ms / 1000)
         credentials = _credentials_or_release(request.auth, acquired) if request.auth.credentials_access else None
-        return Response(self.OutputSerializer(DispatchAnswer(acquired, credentials)).data)
+        return Response(_dispatch_output.render(DispatchAnswer(acquired, credentials)))
 
 
 class DispatchAnswer:
@@ -206,9 +206,7 @@ class LeaseCompleteApi(GatewayApi):
         tags=["gateway"],
     )
     def post(self, request, lease_id):
-        serializer = self.InputSerializer(data=request.data)
-        serializer.is_valid(raise_exception=True)
-        data = serializer.validated_data
+        data = _complete_input.validate(request.data)
         completed = completions.lease_complete(
             key=request.auth,
             lease_id=lease_id,
@@ -223,7 +221,7 @@ class LeaseCompleteApi(GatewayApi):
             ),
         )
         metrics.completion_observe(data["outcome"])
-        return Response(self.OutputSerializer(completed).data)
+        return Response(_complete_output.render(completed))
 
 
 @extend_schema_serializer(component_name="ExplainCandidate")
@@ -294,10 +292,9 @@ class DispatchExplainApi(GatewayApi):
         tags=["gateway"],
     )
     def post(self, request):
-        serializer = DispatchInputSerializer(data=request.data)
-        serializer.is_valid(raise_exception=True)
+        dispatch_request = DispatchInputSerializer.to_request(_dispatch_input.validate(request.data))
         now = timezone.now()
-        explained = explain.dispatch_explain(key=request.auth, request=serializer.to_request(), now=now)
+        explained = explain.dispatch_explain(key=request.auth, request=dispatch_request, now=now)
         snapshot = explained.snapshot
         output = {
             "session": explained.session.value,
@@ -343,3 +340,10 @@ def _explain_candidate(ranked: selection.Ranked, now) -> dict:
         "max_concurrency": c.max_concurrency,
         "can_start": selection.throttle_state(c, now, slow_start=slow_start) == "ready",
     }
+
+
+# Built once per process, shared by the threads (core/shared_serializer.py).
+_dispatch_input = SharedSerializer(DispatchInputSerializer)
+_dispatch_output = SharedSerializer(DispatchApi.OutputSerializer)
+_complete_input = SharedSerializer(LeaseCompleteApi.InputSerializer)
+_complete_output = SharedSerializer(LeaseCompleteApi.OutputSerializer)
