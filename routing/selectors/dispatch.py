@@ -124,6 +124,43 @@ def candidates_queryset(shape: Shape, values: Mapping[str, object]) -> QuerySet:
     # Excluded accounts stay in the read (key 3 counts their sessions) and
     # sort after every account a lease could start on.
     included = ~Q(name__in=values["excluded"]) if shape.excluded else Q()
+    accounts = accounts.annotate(
+        expired_leases=Case(
+            When(
+                identity_id__in=Lease.objects.filter(completed_at__isnull=True, expires_at__lte=now).values(
+                    "identity_id"
+                ),
+                then=counts.expired_leases(now),
+            ),
+            default=Value(0),
+        ),
+        excluded=(
+            ExpressionWrapper(Q(name__in=values["excluded"]), output_field=BooleanField())
+            if shape.excluded
+            else Value(False)
+        ),
+        # CASE, not the bare comparison: without a proxy it would be NULL,
+        # which PostgreSQL sorts after true and SQLite before false.
+        proxy_cooling=Case(When(proxy__cooldown_until__gt=now, then=Value(True)), default=Value(False)),
+        quota_probe=ExpressionWrapper(spent & ~reset, output_field=BooleanField()),
+        reserved=Case(When(identity__sticky_wait_until__gt=now, then=F("identity__sticky_waiters")), default=Value(0)),
+        ready=ExpressionWrapper(
+            included
+            & rules.identity_claimable(
+                now, values["slow_start_seconds"], prefix="identity__", expired_leases=F("expired_leases")
+            ),
+            output_field=BooleanField(),
+        ),
+    )
+    if shape.bound_only:
+        # One row, the bound account's, for the sticky fast path: whether a
+        # lease can start on it is all it asks. The sort keys are not read (and
+        # planning them for every sticky claim cost more than running it).
+        return accounts.annotate(
+            **{name: Value(None, output_field=output) for name, output in _SORT_KEY_OUTPUTS.items()},
+            live_sessions=Value(None, output_field=IntegerField()),
+            bound_account_id=F("id"),
+        ).values_list(*COLUMNS)
     accounts = accounts.alias(
         # Live bindings and leases are the trigger- and claim-kept counters
         # minus the rows already past their expiry that the periodic tasks have
@@ -137,24 +174,7 @@ def candidates_queryset(shape: Shape, values: Mapping[str, object]) -> QuerySet:
             default=Value(0),
         ),
     ).annotate(
-        expired_leases=Case(
-            When(
-                identity_id__in=Lease.objects.filter(completed_at__isnull=True, expires_at__lte=now).values(
-                    "identity_id"
-                ),
-                then=counts.expired_leases(now),
-            ),
-            default=Value(0),
-        ),
         live_sessions=F("binding_rows") - F("expired_bindings"),
-        excluded=(
-            ExpressionWrapper(Q(name__in=values["excluded"]), output_field=BooleanField())
-            if shape.excluded
-            else Value(False)
-        ),
-        # CASE, not the bare comparison: without a proxy it would be NULL,
-        # which PostgreSQL sorts after true and SQLite before false.
-        proxy_cooling=Case(When(proxy__cooldown_until__gt=now, then=Value(True)), default=Value(False)),
         model_preferred=(
             ExpressionWrapper(Q(name__in=values["preferred"]), output_field=BooleanField())
             if shape.preferred
@@ -193,8 +213,6 @@ def candidates_queryset(shape: Shape, values: Mapping[str, object]) -> QuerySet:
         bound_account_id=(
             Subquery(binding, output_field=IntegerField()) if shape.with_session else Value(None, IntegerField())
         ),
-        quota_probe=ExpressionWrapper(spent & ~reset, output_field=BooleanField()),
-        reserved=Case(When(identity__sticky_wait_until__gt=now, then=F("identity__sticky_waiters")), default=Value(0)),
         credit_burn=Case(
             # Credit pacing: credits an hour to burn to use the balance before
             # the reset (selection.credit_burn_per_hour).
@@ -213,13 +231,6 @@ def candidates_queryset(shape: Shape, values: Mapping[str, object]) -> QuerySet:
                 ),
             ),
             default=Value(None, output_field=FloatField()),
-        ),
-        ready=ExpressionWrapper(
-            included
-            & rules.identity_claimable(
-                now, values["slow_start_seconds"], prefix="identity__", expired_leases=F("expired_leases")
-            ),
-            output_field=BooleanField(),
         ),
     )
     order = [F("ready").desc()] if shape.head else []
@@ -241,6 +252,16 @@ def candidates_queryset(shape: Shape, values: Mapping[str, object]) -> QuerySet:
     accounts = accounts.order_by(*order).values_list(*COLUMNS)
     return accounts[:HEAD_ROWS] if shape.head else accounts
 
+
+# The sort keys a bound-only read leaves out, with their types.
+_SORT_KEY_OUTPUTS = {
+    "model_preferred": BooleanField(),
+    "identity_sessions": IntegerField(),
+    "pool_rank": IntegerField(),
+    "band": IntegerField(),
+    "credits_sort": FloatField(),
+    "credit_burn": FloatField(),
+}
 
 # Account names order by code point, as Python compares strings.
 _BINARY_COLLATION = {"postgresql": "C", "sqlite": "BINARY"}
