@@ -150,7 +150,7 @@ class Knobs:
     ejection_max_s: float = 15 * 60.0  # KIROPOOL_EJECTION_MAX_SECONDS
     slow_start_s: float = 60.0  # KIROPOOL_SLOW_START_SECONDS
     quota_probe_s: float = HOUR  # KIROPOOL_QUOTA_PROBE_SECONDS
-    sticky_patience_ms: int = 1000  # KIROPOOL_STICKY_PATIENCE_MS
+    sticky_patience_ms: int = 500  # KIROPOOL_STICKY_PATIENCE_MS
     # Samples each warm account has in the hour before the day starts.
     warm_samples: int = 30
     # LiteLLM's lowest_latency_buffer (0 in LiteLLM by default, which makes
