@@ -43,7 +43,7 @@ class RoutingIdentity(models.Model):
     # transaction as the lease row, so a slot is claimed with one conditional
     # UPDATE; leases past their TTL are reclaimed before the limit is enforced.
     in_flight = models.PositiveIntegerField(default=0, editable=False)
-    # Outlier ejection (routing/leases.py): completions failed in a row, the
+    # Outlier ejection (routing/completions.py): completions failed in a row, the
     # ejections in a row, and until when the identity is out of selection
     # (then slow start: its limit ramps up from 1 over KIROPOOL_SLOW_START_SECONDS).
     failure_streak = models.PositiveIntegerField(default=0, db_default=0, editable=False)

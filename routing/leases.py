@@ -1,19 +1,7 @@
-"""Writes of a lease's life: acquire (choose an account, claim a slot),
-complete, reap. Keyword-only, typed, atomic.
-
-Concurrency model (shared by every process and host through the database):
-
-- A slot on an identity is claimed with one conditional ``UPDATE`` whose
-  condition (``identity_claimable``: a free slot, no cooldown, pacing allows)
-  PostgreSQL re-evaluates on the row once it holds its lock, so two gateways
-  never push an identity past ``max_concurrency``.
-- Row locks are always taken in the same order: lease, then API key, then
-  identities by id. Dispatch locks key then identity; completion and the
-  reaper lock lease, key, identity. No cycle, so no deadlock between them;
-  PostgreSQL's deadlock detector still settles a cycle with the binding
-  triggers (two completions re-binding across the same two accounts), and
-  the loser is run again.
-- Releases wake waiting dispatches in every process (``routing/wakeups.py``).
+"""Acquiring a lease: which account serves this request (the sticky fast
+path, sticky patience, the ordered walk) and when to wait for a slot or
+answer why not. Taking the slot itself is ``routing/slots.py``; ending the
+lease is ``routing/completions.py``. Keyword-only, typed.
 
 On PostgreSQL the hottest cases run as one statement each
 (``routing/pg.py``, chosen once at startup by ``routing/backend.py``); the
@@ -23,23 +11,19 @@ ORM code here is the specification and answers every case.
 from __future__ import annotations
 
 import time
-import uuid
-from collections import Counter
 from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.db import OperationalError, connection, transaction
-from django.db.models import Case, F, Min, Q, Value, When
+from django.db.models import Min
 from django.utils import timezone
 
-from accounts.models import Account, ApiKey, RoutingIdentity
+from accounts.models import ApiKey
 from core.errors import AllAccountsFailed, NoUsableAccount, RateLimited
-from routing import maintenance, metrics, pg, selection, waiting, wakeups
+from routing import metrics, selection, slots, waiting, wakeups
 from routing.backend import backend
-from routing.dispatch import Acquired, CandidateRow, DispatchRequest, LeaseGrant, SessionState
-from routing.models import CooldownEvent, CooldownKind, Lease, LeaseOutcome, StickyOutcome
+from routing.dispatch import Acquired, CandidateRow, DispatchRequest, SessionState
+from routing.models import Lease, StickyOutcome
 from routing.selectors import dispatch as reads
-from routing.selectors import rules
 from routing.selectors.latency import latency_snapshot_current
 
 # Past a lease's expiry before looking again, so the expired lease no longer counts.
@@ -59,7 +43,7 @@ def lease_acquire(*, key: ApiKey, request: DispatchRequest) -> Acquired:
     pacing interval, cooldown or ejection, or a lease expiry; a process lets
     only so many wait (``routing/waiting.py``). Raises the typed API errors of
     SPEC §2 otherwise."""
-    _key_limits_check(key=key, now=timezone.now())
+    slots.key_limits_check(key=key, now=timezone.now())
     preferred = reads.model_preference(key, request.model)
     deadline = time.monotonic() + request.max_wait_ms / 1000
     with waiting.room.visit(key_id=key.pk) as visit:
@@ -93,7 +77,7 @@ def _walk(
                 if not row.ready:
                     break
                 sticky = _sticky_of(row, head.bound_account_id)
-                grant = _slot_claim(
+                grant = slots.slot_claim(
                     key=key, row=row, request=request, waited_ms=visit.waited_ms, sticky=sticky, bound=bound
                 )
                 if grant is not None:
@@ -127,7 +111,7 @@ def _walk(
                 "every candidate account is at its concurrency or pacing limit, or cooling down",
                 retry_after=selection.retry_after_seconds(retry),
             )
-        _key_limits_recheck(key=key, visit=visit)
+        slots.key_limits_recheck(key=key, visit=visit)
         visit.wait(token, min(remaining, _wake_in(miss, candidates)))
 
 
@@ -179,9 +163,9 @@ def _sticky_fast_path(
     outcome = StickyOutcome.WAITED if waited_ms else StickyOutcome.HIT
     if backend.statements is not None and not key.min_start_interval_ms:
         shape, values = reads.request_shape(**read)
-        lease = _lease_new(key=key, request=request, now=now, waited_ms=waited_ms)
+        lease = slots.lease_new(key=key, request=request, now=now, waited_ms=waited_ms)
         lease.sticky = outcome
-        cap = key_cap(key)
+        cap = slots.key_cap(key)
         row, claim = backend.statements.sticky_claim(shape=shape, values=values, lease=lease, key_cap=cap)
         if not claim.leased:
             if claim.key_slot and cap is not None:
@@ -190,7 +174,7 @@ def _sticky_fast_path(
             # which the walk's claim answers.
             return None, row
         lease.account_id, lease.identity_id = row.account_id, row.identity_id
-        return Acquired(_grant(lease), row, SessionState.STICKY, waited_ms, outcome), row
+        return Acquired(slots.grant(lease), row, SessionState.STICKY, waited_ms, outcome), row
     bound = reads.read(**read).rows
     if not bound:
         return None, None
@@ -198,7 +182,7 @@ def _sticky_fast_path(
     ctx = selection.SelectionContext(now=now, slow_start=_slow_start())
     if row.excluded or row.candidate.quota_probe or not selection.sticky_fast_path_ok(row.candidate, ctx):
         return None, row
-    grant = _slot_claim(key=key, row=row, request=request, waited_ms=waited_ms, sticky=outcome)
+    grant = slots.slot_claim(key=key, row=row, request=request, waited_ms=waited_ms, sticky=outcome)
     if grant is None:
         return None, row
     return Acquired(grant, row, SessionState.STICKY, waited_ms, outcome), row
@@ -219,7 +203,7 @@ def _sticky_patience(
     until = min(deadline, time.monotonic() + patience / 1000)
     if until <= time.monotonic():
         return None
-    identity_hold(identity_id=bound.identity_id, until=now + timedelta(seconds=until - time.monotonic()))
+    slots.identity_hold(identity_id=bound.identity_id, until=now + timedelta(seconds=until - time.monotonic()))
     try:
         row = bound
         while True:
@@ -228,7 +212,7 @@ def _sticky_patience(
             if left <= 0:
                 return None
             miss = selection.miss_of([row.candidate], timezone.now(), slow_start=_slow_start())
-            _key_limits_recheck(key=key, visit=visit)
+            slots.key_limits_recheck(key=key, visit=visit)
             visit.wait(token, min(left, _wake_in(miss, [row])))
             with visit.turn():
                 acquired, row = _sticky_fast_path(key=key, request=request, waited_ms=max(1, visit.waited_ms))
@@ -240,258 +224,4 @@ def _sticky_patience(
             if row is None or not selection.sticky_patience_applies(row.candidate, ctx):
                 return None  # cooling, ejected or gone since: move now
     finally:
-        identity_unhold(identity_id=bound.identity_id)
-
-
-def identity_hold(*, identity_id: int, until: datetime) -> None:
-    """Hold one of the identity's slots for a waiting sticky session until
-    ``until`` at the latest (a hold that lapsed counts as none)."""
-    now = timezone.now()
-    live = Q(sticky_wait_until__gt=now)
-    RoutingIdentity.objects.filter(pk=identity_id).update(
-        sticky_waiters=Case(When(live, then=F("sticky_waiters") + 1), default=Value(1)),
-        sticky_wait_until=Case(
-            When(live & Q(sticky_wait_until__gt=until), then=F("sticky_wait_until")), default=Value(until)
-        ),
-    )
-
-
-def identity_unhold(*, identity_id: int) -> None:
-    RoutingIdentity.objects.filter(pk=identity_id, sticky_waiters__gt=0).update(sticky_waiters=F("sticky_waiters") - 1)
-
-
-def key_cap(key: ApiKey) -> int | None:
-    """How many leases the key may hold at once: its own limit, else the
-    default every key gets (``KIROPOOL_KEY_MAX_CONCURRENCY``, 0 = none), so
-    one gateway cannot take every slot of the pool. None: not counted."""
-    if key.max_concurrency is not None:
-        return key.max_concurrency
-    return settings.KIROPOOL_KEY_MAX_CONCURRENCY or None
-
-
-def _key_limits_check(*, key: ApiKey, now: datetime, counters: tuple[int, datetime | None] | None = None) -> None:
-    """The key's own limits come first and never wait (SPEC §2).
-
-    ``counters`` are the key's ``in_flight`` and ``last_started_at`` as read
-    now. Without them the key is as authenticated, possibly a moment old
-    (``accounts.authentication.KeyCache``), and only its pacing is checked:
-    an old ``last_started_at`` can only be earlier, so it never refuses
-    wrongly, where an old count could. The claims take the key's slot
-    atomically either way; :func:`_key_limits_recheck` runs before a wait."""
-    in_flight, last_started_at = counters if counters is not None else (None, key.last_started_at)
-    cap = key_cap(key)
-    if in_flight is not None and cap is not None and in_flight >= cap:
-        raise RateLimited("this API key is at its concurrency limit", retry_after=1)
-    if key.min_start_interval_ms and last_started_at is not None:
-        ready_at = last_started_at + timedelta(milliseconds=key.min_start_interval_ms)
-        if now < ready_at:
-            raise RateLimited(
-                "this API key is at its pacing limit", retry_after=selection.retry_after_seconds(ready_at - now)
-            )
-
-
-def _key_limits_recheck(*, key: ApiKey, visit: waiting.Visit) -> None:
-    """Before a dispatch first waits for a slot: the key's limits with its
-    counters as they are now, so a key at its own limit is refused at once
-    rather than after a wait (one query, on the waiting path only)."""
-    if not visit.admitted:
-        _key_limits_check(key=key, now=timezone.now(), counters=_key_counters(key))
-
-
-def _key_counters(key: ApiKey) -> tuple[int, datetime | None]:
-    """The key's ``in_flight`` and ``last_started_at`` as they are now (a
-    key deleted a moment ago has none: its claims find no row to take)."""
-    return ApiKey.objects.filter(pk=key.pk).values_list("in_flight", "last_started_at").first() or (0, None)
-
-
-def _lease_new(
-    *, key: ApiKey, request: DispatchRequest, now: datetime, waited_ms: int, row: CandidateRow | None = None
-) -> Lease:
-    """The lease row a claim inserts (``row``: the account it is on, when known)."""
-    candidate = row.candidate if row is not None else None
-    return Lease(
-        id=uuid.uuid4(),
-        api_key=key,
-        account_id=row.account_id if row else None,
-        account_name=candidate.account if candidate else "",
-        identity_id=row.identity_id if row else None,
-        proxy_url=(candidate.proxy_url or "") if candidate else "",
-        session_id=request.session_id or "",
-        model=request.model or "",
-        started_at=now,
-        expires_at=now + timedelta(seconds=settings.KIROPOOL_LEASE_TTL_SECONDS),
-        waited_ms=waited_ms,
-        counted_on_key=key_cap(key) is not None,
-    )
-
-
-def _grant(lease: Lease) -> LeaseGrant:
-    return LeaseGrant(
-        id=lease.id,
-        account_id=lease.account_id,
-        identity_id=lease.identity_id,
-        started_at=lease.started_at,
-        expires_at=lease.expires_at,
-    )
-
-
-def _slot_claim(
-    *,
-    key: ApiKey,
-    row: CandidateRow,
-    request: DispatchRequest,
-    waited_ms: int,
-    sticky: StickyOutcome | None = None,
-    bound: str | None = None,
-) -> LeaseGrant | None:
-    """Claim one slot on the row's identity (and the key) and create the lease,
-    atomically. None when the identity cannot start a lease at this instant.
-    ``sticky``: what this lease is to a bound session; its own bound account
-    (hit, waited) may use the slots held for waiting sticky sessions.
-    ``bound``: the account the session was bound to, recorded when it moves."""
-    if row.expired_leases:
-        lease_reap_expired(identity_ids=[row.identity_id])
-    now = timezone.now()
-    lease = _lease_new(key=key, request=request, now=now, waited_ms=waited_ms, row=row)
-    lease.sticky = sticky or ""
-    if sticky == StickyOutcome.MOVED:
-        lease.moved_from = bound or ""
-    probe = row.candidate.quota_probe
-    cap = key_cap(key)
-    if backend.statements is not None and not key.min_start_interval_ms and not probe:
-        claim = backend.statements.claim(lease, key_cap=cap)
-        if claim.leased:
-            return _grant(lease)
-        _key_slot_undo(key=key, cap=cap, claim=claim)
-        return None
-    with transaction.atomic():
-        if cap is not None or key.min_start_interval_ms:
-            _key_slot_claim(key=key, now=now, cap=cap)
-        if probe and not _quota_probe_take(identity_id=row.identity_id, now=now):
-            transaction.set_rollback(True)
-            return None
-        own = sticky in (StickyOutcome.HIT, StickyOutcome.WAITED)
-        claimable = rules.identity_claimable(now, settings.KIROPOOL_SLOW_START_SECONDS, reserved=not own)
-        claimed = RoutingIdentity.objects.filter(claimable, pk=row.identity_id).update(
-            in_flight=F("in_flight") + 1, last_started_at=now
-        )
-        if not claimed:
-            transaction.set_rollback(True)
-            return None
-        lease.quota_probe = probe
-        lease.save(force_insert=True)
-    return _grant(lease)
-
-
-def _quota_probe_take(*, identity_id: int, now: datetime) -> bool:
-    """Take the identity's probe (one lease through its spent quota) and
-    restart the wait for the next one; False when another dispatch took it."""
-    later = now + timedelta(seconds=settings.KIROPOOL_QUOTA_PROBE_SECONDS)
-    taken = Account.objects.filter(identity_id=identity_id, quota_next_probe_at__lte=now).update(
-        quota_next_probe_at=later
-    )
-    if taken:
-        CooldownEvent.objects.create(
-            kind=CooldownKind.QUOTA_PROBE,
-            identity_id=identity_id,
-            reason="one lease let through to see whether the quota came back",
-            until=later,
-            created_at=now,
-        )
-    return bool(taken)
-
-
-def _key_slot_claim(*, key: ApiKey, now: datetime, cap: int | None) -> None:
-    condition = Q(pk=key.pk)
-    changes: dict = {}
-    if cap is not None:
-        condition &= Q(in_flight__lt=cap)
-        changes["in_flight"] = F("in_flight") + 1
-    if key.min_start_interval_ms:
-        condition &= Q(last_started_at__isnull=True) | Q(
-            last_started_at__lte=now - timedelta(milliseconds=key.min_start_interval_ms)
-        )
-        changes["last_started_at"] = now
-    if not ApiKey.objects.filter(condition).update(**changes):
-        # Say which limit: the refusal path may spend a read.
-        _key_limits_check(key=key, now=now, counters=_key_counters(key))
-        raise RateLimited("this API key is at its concurrency or pacing limit", retry_after=1)
-
-
-def _key_slot_undo(*, key: ApiKey, cap: int | None, claim) -> None:
-    """A one-statement claim found the key full (429 at once, as the key's
-    limits never wait), or took a key slot for a lease it then could not
-    insert (give it back)."""
-    if cap is None:
-        return
-    if not claim.key_slot:
-        raise RateLimited("this API key is at its concurrency limit", retry_after=1)
-    backend.statements.key_slot_return(key_id=key.pk)
-
-
-def release_notify() -> None:
-    """Wake waiting dispatches everywhere once this transaction commits."""
-    if backend.postgres:
-        with connection.cursor() as cursor:
-            cursor.execute(pg.notify_release_sql())
-    transaction.on_commit(wakeups.released_locally)
-
-
-# --- reap --------------------------------------------------------------------------
-
-# Leases closed per transaction by the reaper; bounds how long it holds locks.
-REAP_BATCH = 1000
-
-
-def lease_reap_expired(
-    *, now: datetime | None = None, identity_ids: list[int] | None = None, lock_timeout: bool = False
-) -> int:
-    """Close leases past their TTL and give their slots back. Safe to run in
-    several processes at once: each lease is closed by exactly one of them.
-    With ``lock_timeout`` (the periodic task) a batch that waits too long for
-    a row lock gives way to the hot path; the next run finishes the job."""
-    now = now or timezone.now()
-    total = 0
-    while True:
-        try:
-            with transaction.atomic():
-                if lock_timeout:
-                    maintenance.lock_timeout_local()
-                closed, found = _reap_batch(now=now, identity_ids=identity_ids)
-        except OperationalError:
-            if not (lock_timeout and backend.postgres):
-                raise
-            return total
-        if closed is None:
-            continue  # a completion won a lease between our read and update: redo the batch
-        total += closed
-        if found < REAP_BATCH:
-            return total
-
-
-def _reap_batch(*, now: datetime, identity_ids: list[int] | None) -> tuple[int | None, int]:
-    expired = Lease.objects.filter(completed_at__isnull=True, expires_at__lte=now)
-    if identity_ids is not None:
-        expired = expired.filter(identity_id__in=identity_ids)
-    rows = list(
-        expired.select_for_update(skip_locked=True)
-        .order_by("expires_at")
-        .values_list("id", "identity_id", "api_key_id", "counted_on_key")[:REAP_BATCH]
-    )
-    if not rows:
-        return 0, 0
-    ids = [lease_id for lease_id, *_ in rows]
-    closed = Lease.objects.filter(id__in=ids, completed_at__isnull=True).update(
-        completed_at=now, outcome=LeaseOutcome.EXPIRED
-    )
-    if closed != len(ids):
-        transaction.set_rollback(True)
-        return None, len(rows)
-    keys = Counter(key_id for _, _, key_id, counted in rows if counted and key_id is not None)
-    for key_id in sorted(keys):
-        ApiKey.objects.filter(pk=key_id).update(in_flight=F("in_flight") - keys[key_id])
-    identities = Counter(identity_id for _, identity_id, _, _ in rows)
-    for identity_id in sorted(identities):
-        RoutingIdentity.objects.filter(pk=identity_id).update(in_flight=F("in_flight") - identities[identity_id])
-    release_notify()
-    return closed, len(rows)
+        slots.identity_unhold(identity_id=bound.identity_id)

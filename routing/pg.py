@@ -1,6 +1,6 @@
 """PostgreSQL one-statement speedups of the hottest writes.
 
-The ORM services in ``routing/leases.py`` are the specification; these do
+The ORM services in ``routing/slots.py`` and ``completions.py`` are the specification; these do
 the same work in one round trip, and the parity suite runs every dispatch,
 completion, affinity and concurrency test with them on and off. Each statement
 is built from the models' ``_meta`` (table and column names) and from the

@@ -4,7 +4,7 @@ Pure on purpose: no Django import, no I/O, and ``now`` is always passed in, so
 the policy can be table-tested without a database and replayed by the
 fairness simulator. The database orders the same way
 (``routing/selectors/dispatch.py``, checked against this module on random
-pools); ``routing/leases.py`` claims a slot on the first candidate that can
+pools); ``routing/leases.py`` takes a slot (``slots.py``) on the first candidate that can
 start a lease.
 
 The ordering (SPEC §2), highest precedence first; a key that ties passes to

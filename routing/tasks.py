@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from routing import leases, maintenance, quotas, sessions
+from routing import maintenance, quotas, sessions, slots
 
 
 @shared_task
@@ -26,7 +26,7 @@ def binding_purge() -> dict[str, int]:
 @shared_task
 def lease_reap() -> int:
     """Close leases past their TTL and give their slots back."""
-    return leases.lease_reap_expired(lock_timeout=True)
+    return slots.lease_reap_expired(lock_timeout=True)
 
 
 @shared_task

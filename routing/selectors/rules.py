@@ -1,6 +1,6 @@
 """The SPEC's rules as ORM expressions, shared by the candidates read
 (``dispatch.py``) and the claim statements (``routing/pg.py``,
-``routing/leases.py``): what lets a lease start on an identity, the effective
+``routing/slots.py``): what lets a lease start on an identity, the effective
 concurrency after an ejection, pacing, and the latency band. Each mirrors a
 function of ``routing/selection.py``; the property test of the order checks
 them against it."""

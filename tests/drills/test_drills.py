@@ -367,7 +367,7 @@ def test_leases_never_completed_come_back_after_the_ttl(pg, database, tmp_path, 
     finally:
         server.stop()
     time.sleep(2.2)
-    manage(env, "shell", "-c", "from routing.leases import lease_reap_expired; lease_reap_expired()")
+    manage(env, "shell", "-c", "from routing.slots import lease_reap_expired; lease_reap_expired()")
     outcomes = Counter(dict(pg.query(database, "SELECT outcome, count(*) FROM routing_lease GROUP BY outcome")))
     figures(
         capsys,
