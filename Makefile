@@ -64,6 +64,8 @@ format: install
 # BENCH_DATABASE_URL (default postgres://postgres@127.0.0.1:5432/kiropool_bench)
 # is dropped and recreated; BENCH_SECONDS sets each phase's length (default 20).
 # PROFILE=1 (or BENCH_PROFILE=1): py-spy flame graph of one worker into bench/out/.
+# BENCH_ONLY=open_loop,wake: only those phases (floor, throughput, pool_size,
+# open_loop, wake, waiting); the table shows the others as not run.
 bench: local-secrets
 	$(BIN)/python -m bench.load $(if $(filter-out 0,$(PROFILE)),--profile)
 

@@ -52,6 +52,7 @@ WAKE_ROUNDS = 20
 WAITING_WORKERS = 2
 WAITERS, WAITER_MAX_WAIT_MS = 96, 60_000
 WAITER_GAP_SECONDS, WAITER_SETTLE_SECONDS = 0.01, 1.0
+PHASES = ("floor", "throughput", "pool_size", "open_loop", "wake", "waiting")
 REPORT_ORDER = (
     "settings",
     "floor",
@@ -75,7 +76,22 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("BENCH_PROFILE", "") not in ("", "0"),
         help="py-spy flame graph of one kiropool worker during the 1,000-account phase (BENCH_PROFILE=1)",
     )
+    p.add_argument(
+        "--only",
+        action="append",
+        choices=PHASES,
+        default=[p for p in os.environ.get("BENCH_ONLY", "").split(",") if p],
+        help="run only these phases (repeatable, or BENCH_ONLY=a,b); the table marks the rest not measured",
+    )
     return p
+
+
+def phases_chosen(names: list[str]) -> frozenset[str]:
+    """The phases to run: those named (``--only`` / ``BENCH_ONLY``), or all."""
+    unknown = set(names) - set(PHASES)
+    if unknown:
+        raise SystemExit(f"bench: unknown phase(s) {', '.join(sorted(unknown))}; known: {', '.join(PHASES)}")
+    return frozenset(names or PHASES)
 
 
 def environment_prepare(database_url: str) -> None:
@@ -114,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     if not args.database_url.startswith("postgres"):
         raise SystemExit("make bench runs on PostgreSQL: set BENCH_DATABASE_URL=postgres://...")
+    only = phases_chosen(args.only)
     started = time.monotonic()
     say = _say(started)
 
@@ -133,7 +150,14 @@ def main(argv: list[str] | None = None) -> None:
             "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         }
     }
-    run = Run(env=dict(os.environ), seeded=seeded, seconds=args.seconds, profile=args.profile, say=say)
+    run = Run(
+        env=dict(os.environ),
+        seeded=seeded,
+        seconds=args.seconds,
+        profile=args.profile,
+        say=say,
+        only=only,
+    )
     try:
         run.floor_phases(report)
         run.kiropool_phases(report)
@@ -144,14 +168,18 @@ def main(argv: list[str] | None = None) -> None:
 
 
 class Run:
-    def __init__(self, *, env: dict[str, str], seeded: seed.Seeded, seconds: float, profile: bool, say) -> None:
-        self.env, self.seeded, self.profile, self.say = env, seeded, profile, say
+    def __init__(
+        self, *, env: dict[str, str], seeded: seed.Seeded, seconds: float, profile: bool, say, only: frozenset[str]
+    ) -> None:
+        self.env, self.seeded, self.profile, self.say, self.only = env, seeded, profile, say, only
         self.closed = dict(seconds=seconds, warmup=WARMUP_SECONDS, clients=CLIENTS, processes=CLIENT_PROCESSES)
         self.opened = dict(
             rate=OPEN_RATE, seconds=seconds, warmup=WARMUP_SECONDS, processes=OPEN_PROCESSES, threads=OPEN_THREADS
         )
 
     def floor_phases(self, report: dict) -> None:
+        if "floor" not in self.only:
+            return
         plan = Plan("floor", floor_pk=self.seeded.floor_pk)
         with servers.floor_server(self.env, workers=WORKERS, log=OUT / "gunicorn-floor.log") as floor:
             self.say(f"floor: {CLIENTS} closed-loop clients")
@@ -168,6 +196,8 @@ class Run:
 
     def kiropool_phases(self, report: dict) -> None:
         seeded, closed = self.seeded, self.closed
+        if not self.only & {"throughput", "pool_size", "open_loop", "wake"}:
+            return
         with servers.kiropool_server(self.env, workers=WORKERS, log=OUT / "gunicorn-kiropool.log") as server:
             port = server.port
 
@@ -177,44 +207,54 @@ class Run:
                 connections_close()
                 return {"bindings": bindings, **closed_loop(port, plan, name=f"mixed{key_id}", **closed)}
 
-            self.say(f"dispatch+complete, {seed.BINDINGS:,} live bindings, {CLIENTS} closed-loop clients")
-            phase(report, "dispatch", lambda: mixed(seeded.key, seeded.key_id))
-            self.say(f"dispatch+complete, 0 bindings, {CLIENTS} closed-loop clients")
-            phase(report, "dispatch_no_bindings", lambda: mixed(seeded.empty_key, seeded.empty_key_id))
+            if "throughput" in self.only:
+                self.say(f"dispatch+complete, {seed.BINDINGS:,} live bindings, {CLIENTS} closed-loop clients")
+                phase(report, "dispatch", lambda: mixed(seeded.key, seeded.key_id))
+                self.say(f"dispatch+complete, 0 bindings, {CLIENTS} closed-loop clients")
+                phase(report, "dispatch_no_bindings", lambda: mixed(seeded.empty_key, seeded.empty_key_id))
+            if "pool_size" in self.only:
+                self.pool_size_phases(report, server)
+            if "open_loop" in self.only:
+                self.open_loop_phases(report, port)
+            if "wake" in self.only:
+                self.say(f"wake after release: {WAKE_ROUNDS} rounds")
+                phase(report, "wake_after_release_ms", lambda: wake_measure(port, seeded.wake_key, WAKE_ROUNDS))
 
-            for label, accounts in zip(("small", "large"), POOL_SIZES, strict=True):
-                self.say(f"new sessions, {accounts:,}-account key, {CLIENTS} closed-loop clients")
-                profiling = self.profile and accounts == max(POOL_SIZES)
-                key = seeded.pool_keys[accounts]
-                phase(
-                    report,
-                    label,
-                    lambda key=key, accounts=accounts, profiling=profiling: pool_size_run(
-                        server, key, accounts, closed, profiling
-                    ),
-                    "pool_size",
-                )
-            sizes = report["pool_size"]
-            if all("rps" in sizes[label] for label in ("small", "large")) and sizes["small"]["rps"]:
-                sizes["ratio"] = round(sizes["large"]["rps"] / sizes["small"]["rps"], 3)
-            sizes["target_ratio"] = tables.POOL_RATIO
+    def pool_size_phases(self, report: dict, server) -> None:
+        for label, accounts in zip(("small", "large"), POOL_SIZES, strict=True):
+            self.say(f"new sessions, {accounts:,}-account key, {CLIENTS} closed-loop clients")
+            profiling = self.profile and accounts == max(POOL_SIZES)
+            key = self.seeded.pool_keys[accounts]
+            phase(
+                report,
+                label,
+                lambda key=key, accounts=accounts, profiling=profiling: pool_size_run(
+                    server, key, accounts, self.closed, profiling
+                ),
+                "pool_size",
+            )
+        sizes = report["pool_size"]
+        if all("rps" in sizes[label] for label in ("small", "large")) and sizes["small"]["rps"]:
+            sizes["ratio"] = round(sizes["large"]["rps"] / sizes["small"]["rps"], 3)
+        sizes["target_ratio"] = tables.POOL_RATIO
 
-            report.setdefault("open_loop", {})["rate_per_s"] = OPEN_RATE
-            for accounts in OPEN_SIZES:
-                self.say(f"open loop: {OPEN_RATE:.0f} new-session dispatches/s on {accounts:,} accounts")
-                plan = Plan("new", key=seeded.open_keys[accounts])
-                phase(
-                    report,
-                    f"accounts_{accounts}",
-                    lambda plan=plan, accounts=accounts: open_loop(
-                        port, plan, name=f"open{accounts}", **self.opened, seed=accounts
-                    ),
-                    "open_loop",
-                )
-            self.say(f"wake after release: {WAKE_ROUNDS} rounds")
-            phase(report, "wake_after_release_ms", lambda: wake_measure(port, seeded.wake_key, WAKE_ROUNDS))
+    def open_loop_phases(self, report: dict, port: int) -> None:
+        report.setdefault("open_loop", {})["rate_per_s"] = OPEN_RATE
+        for accounts in OPEN_SIZES:
+            self.say(f"open loop: {OPEN_RATE:.0f} new-session dispatches/s on {accounts:,} accounts")
+            plan = Plan("new", key=self.seeded.open_keys[accounts])
+            phase(
+                report,
+                f"accounts_{accounts}",
+                lambda plan=plan, accounts=accounts: open_loop(
+                    port, plan, name=f"open{accounts}", **self.opened, seed=accounts
+                ),
+                "open_loop",
+            )
 
     def waiting_phase(self, report: dict) -> None:
+        if "waiting" not in self.only:
+            return
         self.say(f"bounded waiting: kiropool with {WAITING_WORKERS} workers, {WAITERS} waiters on one slot")
         log = OUT / "gunicorn-waiting.log"
         with servers.kiropool_server(self.env, workers=WAITING_WORKERS, log=log) as server:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 
+import pytest
+
 from bench.load.report import MET, MISSING, NOT_MET, rows, table
 from bench.load.waiting import Waiter, waiters_served
 
@@ -134,3 +136,20 @@ def test_waiters_served_counts_and_orders_the_answers():
     assert served["inversion_fraction"] == round(1 / 3, 4)
     assert served["kendall_tau"] == round(1 / 3, 4)
     assert served["all_granted_after_ms"] == 30.0
+
+
+def test_bench_runs_only_the_phases_asked_for_and_refuses_unknown_ones():
+    from bench.load.__main__ import PHASES, _parser, phases_chosen
+
+    assert phases_chosen([]) == frozenset(PHASES)
+    args = _parser().parse_args(["--only", "open_loop", "--only", "wake"])
+    assert phases_chosen(args.only) == {"open_loop", "wake"}
+    with pytest.raises(SystemExit, match="opne_loop"):
+        phases_chosen(["open_loop", "opne_loop"])
+
+
+def test_bench_only_reads_the_environment(monkeypatch):
+    from bench.load.__main__ import _parser
+
+    monkeypatch.setenv("BENCH_ONLY", "floor,throughput")
+    assert _parser().parse_args([]).only == ["floor", "throughput"]
