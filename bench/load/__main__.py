@@ -53,6 +53,7 @@ WAITING_WORKERS = 2
 WAITERS, WAITER_MAX_WAIT_MS = 96, 60_000
 WAITER_GAP_SECONDS, WAITER_SETTLE_SECONDS = 0.01, 1.0
 PHASES = ("floor", "throughput", "pool_size", "open_loop", "wake", "waiting")
+MAIN_SERVER_PHASES = frozenset({"throughput", "pool_size", "open_loop", "wake"})  # one 4-worker kiropool serves them
 REPORT_ORDER = (
     "settings",
     "floor",
@@ -79,9 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--only",
         action="append",
-        choices=PHASES,
-        default=[p for p in os.environ.get("BENCH_ONLY", "").split(",") if p],
-        help="run only these phases (repeatable, or BENCH_ONLY=a,b); the table marks the rest not measured",
+        default=[name for name in os.environ.get("BENCH_ONLY", "").split(",") if name],
+        help=f"run only these phases ({', '.join(PHASES)}; repeatable, or BENCH_ONLY=a,b);"
+        " the table marks the rest not measured",
     )
     return p
 
@@ -196,7 +197,7 @@ class Run:
 
     def kiropool_phases(self, report: dict) -> None:
         seeded, closed = self.seeded, self.closed
-        if not self.only & {"throughput", "pool_size", "open_loop", "wake"}:
+        if not self.only & MAIN_SERVER_PHASES:
             return
         with servers.kiropool_server(self.env, workers=WORKERS, log=OUT / "gunicorn-kiropool.log") as server:
             port = server.port

@@ -153,3 +153,10 @@ def test_bench_only_reads_the_environment(monkeypatch):
 
     monkeypatch.setenv("BENCH_ONLY", "floor,throughput")
     assert _parser().parse_args([]).only == ["floor", "throughput"]
+
+
+def test_an_unknown_phase_on_the_command_line_is_refused_too():
+    from bench.load.__main__ import _parser, phases_chosen
+
+    with pytest.raises(SystemExit, match="opne_loop"):
+        phases_chosen(_parser().parse_args(["--only", "opne_loop"]).only)
