@@ -1,6 +1,6 @@
 """A queryset compiled once per shape and run again with new values.
 
-Compiling the dispatcher's candidates queryset (joins, windows, a dozen
+Compiling the dispatcher's candidates queryset (joins, subqueries, a dozen
 expressions) costs Django more than PostgreSQL needs to run it, and it runs on
 every dispatch. The queryset stays the specification: it is built with
 sentinel values, compiled by Django, and each SQL parameter that came from a

@@ -107,6 +107,12 @@ accounts_strategy = st.lists(
             "bindings": st.integers(0, 3),
             "expired_bindings": st.integers(0, 1),
             "samples": st.one_of(st.none(), st.tuples(st.integers(1, 40), st.floats(50, 3000, allow_nan=False))),
+            # Out of the read, whose sessions key 3 and whose balance the best
+            # known credit_first balance must not count: disabled, exhausted,
+            # or outside the key's group.
+            "enabled": st.sampled_from([True, True, True, False]),
+            "exhausted": st.sampled_from([False, False, False, True]),
+            "in_group": st.sampled_from([True, True, True, False]),
         }
     ),
     min_size=1,
@@ -157,6 +163,8 @@ def _build(accounts, identities, *, proxy_cooling, global_avg, proxy_samples):
             pool=spec["pool"],
             remaining_credits=spec["credits"],
             proxy=proxies[spec["proxy"]] if spec["proxy"] is not None else None,
+            enabled=spec["enabled"],
+            quota_exhausted=spec["exhausted"],
         )
         for b in range(spec["bindings"] + spec["expired_bindings"]):
             expires = now - timedelta(seconds=5) if b >= spec["bindings"] else now + timedelta(hours=1)
@@ -203,24 +211,38 @@ def _build(accounts, identities, *, proxy_cooling, global_avg, proxy_samples):
     spread=st.booleans(),
     excluded=st.sets(st.integers(0, 8), max_size=3),
     preferred=st.sets(st.integers(0, 8), max_size=3),
+    grouped=st.booleans(),
 )
 def test_the_database_orders_candidates_exactly_as_the_contract(
-    accounts, identities, proxy_cooling, proxy_samples, global_avg, preferred_pool, spread, excluded, preferred
+    accounts, identities, proxy_cooling, proxy_samples, global_avg, preferred_pool, spread, excluded, preferred, grouped
 ):
     # Each example in its own savepoint, rolled back: one example's failure
     # is reported as itself, not as a broken transaction in the next one.
     with transaction.atomic():
         _check_one(
-            accounts, identities, proxy_cooling, proxy_samples, global_avg, preferred_pool, spread, excluded, preferred
+            accounts,
+            identities,
+            proxy_cooling,
+            proxy_samples,
+            global_avg,
+            preferred_pool,
+            spread,
+            excluded,
+            preferred,
+            grouped,
         )
         transaction.set_rollback(True)
 
 
 def _check_one(
-    accounts, identities, proxy_cooling, proxy_samples, global_avg, preferred_pool, spread, excluded, preferred
+    accounts, identities, proxy_cooling, proxy_samples, global_avg, preferred_pool, spread, excluded, preferred, grouped
 ):
     made = _build(accounts, identities, proxy_cooling=proxy_cooling, global_avg=global_avg, proxy_samples=proxy_samples)
-    key = ApiKeyFactory(name="gateway", preferred_pool=preferred_pool, model_preferences={})
+    group = None
+    if grouped:
+        group = AccountGroup.objects.create(name="keyed")
+        group.accounts.set([a for a, spec in zip(made, accounts, strict=True) if spec["in_group"]])
+    key = ApiKeyFactory(name="gateway", preferred_pool=preferred_pool, model_preferences={}, account_group=group)
     names = [a.name for a in made]
     excluded_names = frozenset(names[i] for i in excluded if i < len(names))
     preferred_names = frozenset(names[i] for i in preferred if i < len(names))
@@ -230,6 +252,20 @@ def _check_one(
     read = dict(key=key, request=request, now=now, snapshot=stored, spread=spread, preferred=preferred_names)
 
     everyone = reads.read(**read).rows
+    expected = [
+        (a, spec)
+        for a, spec in zip(made, accounts, strict=True)
+        if spec["enabled"]
+        and not spec["exhausted"]
+        and (spec["credits"] is None or spec["credits"] > 0)  # above the default minimum balance
+        and (spec["in_group"] or not grouped)
+    ]
+    assert sorted(row.candidate.account for row in everyone) == sorted(a.name for a, _ in expected)
+    # Key 3 from the pool as built, not from the read: live bindings per
+    # identity over every account the key may be routed to now.
+    totals: dict[str, int] = {}
+    for a, spec in expected:
+        totals[a.identity.name] = totals.get(a.identity.name, 0) + spec["bindings"]
     candidates = [row for row in everyone if not row.excluded]
     ctx = selection.SelectionContext(
         now=now,
@@ -237,7 +273,7 @@ def _check_one(
         snapshot=stored.snapshot if stored else None,
         preferred_accounts=preferred_names,
         spread_sessions=spread,
-        session_totals=selection.session_totals([row.candidate for row in everyone]),
+        session_totals=totals,
     )
     ranked = selection.order_candidates([row.candidate for row in candidates], ctx)
 
