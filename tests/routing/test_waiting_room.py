@@ -1,6 +1,6 @@
-"""The waiting room's order among one key's waiters (routing/waiting.py), in
-one process and without a database: threads woken by one release wake in no
-set order, and the oldest must still look first."""
+"""The waiting room's order among one key's attempts and waiters
+(routing/waiting.py), in one process and without a database: threads woken
+by one release wake in no set order, and the oldest must still look first."""
 
 from __future__ import annotations
 
@@ -9,6 +9,13 @@ import time
 
 from routing import wakeups
 from routing.waiting import WaitingRoom
+
+
+def _until(condition, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
 
 
 def _record(order: list[str], name: str, visit, token: int, late: float) -> None:
@@ -26,8 +33,7 @@ def test_an_older_waiter_woken_late_still_goes_first():
     older, younger = room.visit(key_id=1), room.visit(key_id=1)
     first = threading.Thread(target=_record, args=(order, "older", older, token, 0.3))
     first.start()
-    while older.seq is None:
-        time.sleep(0.001)
+    _until(lambda: older.seq is not None)
     second = threading.Thread(target=_record, args=(order, "younger", younger, token, 0.0))
     second.start()
     first.join(5)
@@ -58,3 +64,66 @@ def test_another_keys_waiters_are_not_in_the_queue():
     thread.start()
     thread.join(5)
     assert order == ["other key"]
+
+
+def _attempt(order: list[str], name: str, visit, hold: float) -> None:
+    with visit.turn():
+        order.append(f"{name} in")
+        time.sleep(hold)
+        order.append(f"{name} out")
+
+
+def test_attempts_of_one_key_take_turns_in_a_process():
+    # Concurrent attempts would read the same head of the order and fight
+    # over the same identity rows; in turns, each reads after the last claimed.
+    room = WaitingRoom()
+    order: list[str] = []
+    threads = [
+        threading.Thread(target=_attempt, args=(order, name, room.visit(key_id=1), 0.05)) for name in ("a", "b", "c")
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(5)
+    assert len(order) == 6
+    assert all(order[i].endswith(" in") and order[i + 1] == order[i].replace(" in", " out") for i in range(0, 6, 2))
+
+
+def _hold(order: list[str], visit, release: threading.Event) -> None:
+    with visit.turn():
+        order.append("holder in")
+        release.wait(5)
+        order.append("holder out")
+
+
+def test_another_keys_attempt_does_not_wait_for_the_turn():
+    room = WaitingRoom()
+    order: list[str] = []
+    release = threading.Event()
+    holder = threading.Thread(target=_hold, args=(order, room.visit(key_id=1), release))
+    holder.start()
+    _until(lambda: order)
+    _attempt(order, "key 2", room.visit(key_id=2), 0.0)
+    release.set()
+    holder.join(5)
+    assert order == ["holder in", "key 2 in", "key 2 out", "holder out"]
+
+
+def test_a_waiter_asking_for_a_turn_goes_before_a_new_attempt():
+    room = WaitingRoom()
+    order: list[str] = []
+    token = wakeups.current()
+    wakeups.released_locally()
+    release = threading.Event()
+    holder = threading.Thread(target=_hold, args=(order, room.visit(key_id=1), release))
+    holder.start()
+    _until(lambda: order)
+    waited = threading.Thread(target=_record, args=(order, "waiter", room.visit(key_id=1), token, 0.0))
+    waited.start()
+    _until(lambda: room._queues.get(1))  # the waiter has asked for its turn
+    new = threading.Thread(target=_attempt, args=(order, "new", room.visit(key_id=1), 0.0))
+    new.start()
+    release.set()
+    for thread in (holder, waited, new):
+        thread.join(5)
+    assert order == ["holder in", "holder out", "waiter", "new in", "new out"]
