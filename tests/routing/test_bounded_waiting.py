@@ -54,8 +54,12 @@ def test_waiters_are_bounded_and_served_in_arrival_order(tmp_path):
             if status == 200:
                 granted.append(n)
         if status == 200:
-            # Hold it a moment, then release: the next waiter's turn.
-            time.sleep(0.05)
+            # Hold it, then release: the next waiter's turn. Held long enough
+            # for every other waiter's failed attempt after the last release to
+            # end first (a few ms each, tens under a CPU hog; 0.05 s was
+            # sometimes too short): a younger waiter still in its attempt when
+            # the slot frees takes it, the one race the order cannot cover.
+            time.sleep(0.5)
             request(server.bind, "POST", f"/api/v1/leases/{body['lease_id']}/complete", {"outcome": "success"}, auth)
 
     try:
