@@ -36,6 +36,9 @@ class Command(BaseCommand):
         parser.add_argument("--url", help="use a kiropool already running here (e.g. under `make run`) instead")
         parser.add_argument("--clients", type=int, default=8, help="concurrent simulated gateway clients")
         parser.add_argument(
+            "--seed", type=int, help="seed of the simulated traffic: the same requests in the same order (one client)"
+        )
+        parser.add_argument(
             "--serve",
             action=argparse.BooleanOptionalAction,
             default=None,
@@ -47,7 +50,7 @@ class Command(BaseCommand):
             help="run even though the database holds pool rows the demo did not make (they are left alone)",
         )
 
-    def handle(self, *args, duration, bind, url, clients, serve, force, **options):
+    def handle(self, *args, duration, bind, url, clients, seed, serve, force, **options):
         foreign = demo.foreign_data()
         if foreign and not force:
             raise CommandError(
@@ -80,7 +83,7 @@ class Command(BaseCommand):
             api.wait_ready()
             api.latency_refresh()
             self.banner(base, login, keys, heading="kiropool demo: traffic is flowing, watch it live")
-            traffic = demo.Traffic(api, rng=random.Random(), duration=duration, clients=clients, out=self.stdout)
+            traffic = demo.Traffic(api, rng=random.Random(seed), duration=duration, clients=clients, out=self.stdout)
             traffic.run()
             api.latency_refresh()
             self.stdout.write(traffic.summary())
