@@ -24,8 +24,7 @@ from core.shared_serializer import SharedSerializer
 from routing import completions, leases, metrics, selection
 from routing.dispatch import Acquired, Completion, DispatchRequest, SessionState
 from routing.models import LeaseOutcome
-from routing.selectors import dispatch as reads
-from routing.selectors import explain
+from routing.selectors import explain, key_accounts
 
 MAX_SESSION_ID_LENGTH = 512
 # Bounds on what one request can make the server do: every excluded name is
@@ -148,7 +147,7 @@ def _credentials_or_release(key, acquired: Acquired):
     cannot be decrypted the gateway gets a 503 and no account, so the lease it
     will never use is released at once rather than held until its TTL."""
     try:
-        return reads.account_credentials(account_id=acquired.row.account_id)
+        return key_accounts.account_credentials(account_id=acquired.row.account_id)
     except CredentialsKeyError:
         completion = Completion(outcome="fatal", error_message="credentials cannot be decrypted")
         completions.lease_complete(key=key, lease_id=acquired.lease.id, completion=completion)

@@ -24,6 +24,7 @@ from routing.backend import backend
 from routing.dispatch import Acquired, CandidateRow, DispatchRequest, SessionState
 from routing.models import Lease, StickyOutcome
 from routing.selectors import dispatch as reads
+from routing.selectors import key_accounts
 from routing.selectors.latency import latency_snapshot_current
 
 # Past a lease's expiry before looking again, so the expired lease no longer counts.
@@ -44,7 +45,7 @@ def lease_acquire(*, key: ApiKey, request: DispatchRequest) -> Acquired:
     only so many wait (``routing/waiting.py``). Raises the typed API errors of
     SPEC §2 otherwise."""
     slots.key_limits_check(key=key, now=timezone.now())
-    preferred = reads.model_preference(key, request.model)
+    preferred = key_accounts.model_preference(key, request.model)
     deadline = time.monotonic() + request.max_wait_ms / 1000
     with waiting.room.visit(key_id=key.pk) as visit:
         bound_name = None
@@ -87,7 +88,7 @@ def _walk(
                 if len(head.rows) == reads.HEAD_ROWS:
                     continue  # every row of the head was taken a moment before us: read again
             if not head.rows:
-                if reads.every_account_excluded(key=key, request=request):
+                if key_accounts.every_account_excluded(key=key, request=request):
                     raise AllAccountsFailed()
                 raise NoUsableAccount()
             everyone = reads.read(**read, snapshot=None, spread=False).rows

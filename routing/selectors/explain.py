@@ -14,6 +14,7 @@ from accounts.models import Account, ApiKey
 from routing import selection
 from routing.dispatch import DispatchRequest, SessionState
 from routing.selectors import dispatch as reads
+from routing.selectors import key_accounts
 from routing.selectors.latency import latency_snapshot_current
 
 
@@ -34,7 +35,7 @@ def dispatch_explain(*, key: ApiKey, request: DispatchRequest, now: datetime) ->
     the sticky fast path's account first when it would serve."""
     stored = latency_snapshot_current() if key.latency_routing_enabled else None
     snapshot = stored.snapshot if stored else None
-    preferred = reads.model_preference(key, request.model)
+    preferred = key_accounts.model_preference(key, request.model)
     found = reads.read(key=key, request=request, now=now, snapshot=None, spread=False, preferred=preferred)
     candidates = [row for row in found.rows if not row.excluded]
     bound = next((row for row in found.rows if row.account_id == found.bound_account_id), None)
@@ -79,7 +80,7 @@ def _unselectable(
 ) -> list[tuple[str, str]]:
     """The key's accounts a dispatch would not consider, each with the first
     reason that keeps it out (explain only: one query over the key's scope)."""
-    accounts = reads.key_accounts(key)
+    accounts = key_accounts.key_accounts(key)
     found = []
     fields = ("id", "name", "enabled", "quota_exhausted", "remaining_credits", "min_remaining_credits")
     for pk, name, enabled, exhausted, credits, minimum in accounts.order_by("name").values_list(*fields):
