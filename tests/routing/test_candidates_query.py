@@ -94,6 +94,38 @@ def test_a_compiled_query_takes_each_value_of_its_shape_as_a_parameter(shape, na
     assert {slot[0] for slot in query.slots if slot is not None} == names
 
 
+def test_a_prepared_read_is_never_jit_compiled(postgres_only):
+    """PostgreSQL compiles a plan whose estimated cost passes jit_above_cost;
+    a generic plan of the head read (a prepared statement after its fifth
+    run) estimates a third of every binding expired and passed it, and
+    compiling took over 100 ms on every execution. kiropool's connections
+    turn JIT off; here the threshold is dropped to 0, so any plan would be
+    compiled if JIT were on."""
+    import json
+
+    from django.db import connection
+
+    key = ApiKeyFactory()
+    AccountFactory.create_batch(3)
+    shape, values = reads.request_shape(
+        key=key,
+        request=DispatchRequest(session_id="new-1"),
+        now=timezone.now(),
+        snapshot=None,
+        spread=True,
+        head=True,
+    )
+    query = reads.compiled(shape)
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("SET LOCAL jit_above_cost = 0")
+        cursor.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        cursor.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + query.sql, query.params(values))
+        (plan,) = cursor.fetchone()
+    plan = plan if isinstance(plan, list) else json.loads(plan)
+    assert len(query.fetch(values)) == 3
+    assert "JIT" not in plan[0]
+
+
 # --- the database order is the ordering contract ----------------------------------------------
 
 
