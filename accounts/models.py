@@ -54,6 +54,11 @@ class RoutingIdentity(models.Model):
     # so a waiter that died cannot keep a slot.
     sticky_waiters = models.PositiveIntegerField(default=0, db_default=0, editable=False)
     sticky_wait_until = models.DateTimeField(null=True, blank=True, editable=False)
+    # Accounts on this identity (its aliases). Kept by database triggers on
+    # every insert, delete and move of an account (accounts/migrations/0006),
+    # so the dispatch read knows which identities have aliases without
+    # counting the account table on every call.
+    account_rows = models.PositiveIntegerField(default=0, db_default=0, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

@@ -174,6 +174,7 @@ def counters() -> tuple[Counter, ...]:
             "api_key",
         ),
         Counter("account_binding_rows", Account, "binding_rows", SessionBinding.objects.all(), "account"),
+        Counter("identity_account_rows", RoutingIdentity, "account_rows", Account.objects.all(), "identity"),
     )
 
 

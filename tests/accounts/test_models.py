@@ -115,3 +115,32 @@ class TestBindingRowsCount:
         SessionBindingFactory(account=a)
         key.delete()
         assert self.counts(a) == [1]
+
+
+class TestAccountRowsCount:
+    """The per-identity account count (its aliases) is kept by triggers,
+    whatever writes: the dispatch read asks it which identities have aliases."""
+
+    def counts(self, *identities):
+        return [RoutingIdentity.objects.get(pk=i.pk).account_rows for i in identities]
+
+    def test_insert_move_delete(self):
+        one, two = RoutingIdentityFactory(), RoutingIdentityFactory()
+        first = AccountFactory(identity=one)
+        AccountFactory(identity=one)
+        assert self.counts(one, two) == [2, 0]
+        Account.objects.filter(pk=first.pk).update(identity=two)
+        assert self.counts(one, two) == [1, 1]
+        Account.objects.filter(pk=first.pk).update(name="renamed", identity=two)
+        assert self.counts(one, two) == [1, 1]
+        Account.objects.all().delete()
+        assert self.counts(one, two) == [0, 0]
+
+    def test_bulk_create_and_a_save_through_the_model(self):
+        identity = RoutingIdentityFactory()
+        Account.objects.bulk_create(
+            [Account(name=f"bulk-{i}", identity=identity, credentials={"access_token": "t"}) for i in range(3)]
+        )
+        account = Account.objects.get(name="bulk-0")
+        account.save()  # a whole-row save does not count the account twice
+        assert self.counts(identity) == [3]

@@ -24,7 +24,7 @@ def test_reconcile_finds_nothing_when_every_counter_is_true():
     Gateway(key.plaintext).dispatch()
     SessionBindingFactory(account=account)
     assert maintenance.counters_reconcile() == {
-        name: 0 for name in ("identity_in_flight", "key_in_flight", "account_binding_rows")
+        name: 0 for name in ("identity_in_flight", "key_in_flight", "account_binding_rows", "identity_account_rows")
     }
     assert not CounterDrift.objects.filter(total__gt=0).exists()
 
@@ -39,19 +39,27 @@ def test_reconcile_sets_every_drifted_counter_right_and_reports_it(caplog):
     RoutingIdentity.objects.filter(pk=account.identity_id).update(in_flight=7)
     ApiKey.objects.filter(pk=key.pk).update(in_flight=0)
     Account.objects.filter(pk=account.pk).update(binding_rows=1)
+    RoutingIdentity.objects.filter(pk=account.identity_id).update(account_rows=3)
 
     with caplog.at_level(logging.WARNING, logger="routing.maintenance"):
         found = maintenance.counters_reconcile(now=timezone.now())
 
-    assert found == {"identity_in_flight": 5, "key_in_flight": 2, "account_binding_rows": 2}
+    assert found == {
+        "identity_in_flight": 5,
+        "key_in_flight": 2,
+        "account_binding_rows": 2,
+        "identity_account_rows": 2,
+    }
     assert RoutingIdentity.objects.get(pk=account.identity_id).in_flight == 2
     assert ApiKey.objects.get(pk=key.pk).in_flight == 2
     assert Account.objects.get(pk=account.pk).binding_rows == 3
+    assert RoutingIdentity.objects.get(pk=account.identity_id).account_rows == 1
     assert "identity_in_flight was off by 5 on 1 row(s)" in caplog.text
     assert dict(CounterDrift.objects.values_list("counter", "total")) == {
         "identity_in_flight": 5,
         "key_in_flight": 2,
         "account_binding_rows": 2,
+        "identity_account_rows": 2,
     }
     # The leases complete normally afterwards, and a second run finds nothing.
     for lease in leases:
