@@ -38,6 +38,7 @@ def gateway_state(now):
     return {
         RoutingIdentity: {
             "in_flight": F("in_flight") + 3,
+            "account_rows": F("account_rows") + 2,  # two aliases created meanwhile
             "last_started_at": now,
             "cooldown_until": now + SOON,
             "cooldown_reason": "429 from upstream",
@@ -56,7 +57,7 @@ def gateway_state(now):
 
 def expected_after(model, now) -> dict:
     return {
-        RoutingIdentity: {"in_flight": 3, "last_started_at": now, "cooldown_until": now + SOON},
+        RoutingIdentity: {"in_flight": 3, "account_rows": 2, "last_started_at": now, "cooldown_until": now + SOON},
         Account: {"binding_rows": 2, "remaining_credits": 12.5, "quota_exhausted": True},
         ApiKey: {"in_flight": 1, "last_started_at": now, "last_used_at": now},
         Proxy: {"cooldown_until": now + SOON, "cooldown_reason": "proxy 502"},
