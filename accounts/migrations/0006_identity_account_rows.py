@@ -2,6 +2,9 @@
 accounts on each identity, whatever creates, deletes or moves them (the admin,
 the operator API, bulk onboarding, a cascade). The dispatch read asks it which
 identities have aliases instead of counting the account table on every call.
+
+On SQLite, a later migration that rebuilds either table must put these
+triggers aside and back, as ``SQLiteTriggersKept`` in 0002 does.
 """
 
 from django.db import migrations, models
