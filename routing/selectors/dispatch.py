@@ -277,7 +277,7 @@ def _identity_sessions(candidates: QuerySet, now: datetime):
     account has that account's own figure; only one with aliases sums over
     its candidates (a correlated subquery). Which identities have aliases is
     the trigger-kept ``account_rows`` of the identity row the read joins
-    anyway: counting the account table on every read cost 1.3-1.5 ms. A
+    anyway: counting the account table on every read cost 1.0-1.5 ms. A
     window partitioned by identity had to sort every row of the pool to say
     the same."""
     summed = (

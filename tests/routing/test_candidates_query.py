@@ -7,10 +7,11 @@ SQL must be exactly what Django compiles afresh for the same values."""
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 
 import pytest
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -101,10 +102,6 @@ def test_a_prepared_read_is_never_jit_compiled(postgres_only):
     compiling took over 100 ms on every execution. kiropool's connections
     turn JIT off; here the threshold is dropped to 0, so any plan would be
     compiled if JIT were on."""
-    import json
-
-    from django.db import connection
-
     key = ApiKeyFactory()
     AccountFactory.create_batch(3)
     shape, values = reads.request_shape(
