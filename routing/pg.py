@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from django.conf import settings
-from django.db import connection
+from django.db import DEFAULT_DB_ALIAS, connection, connections
 from django.db.models import Model
 
 from accounts.models import ApiKey, RoutingIdentity
@@ -163,10 +163,11 @@ def _claim_values(now: datetime) -> dict[str, object]:
 
 
 def _lease_values(lease: Lease, *, skip: frozenset[str] = frozenset()) -> list:
+    # The thread's connection itself, not the proxy ``connection``: each
+    # attribute the fields ask of the proxy is a thread-local lookup.
+    db = connections[DEFAULT_DB_ALIAS]
     return [
-        f.get_db_prep_save(getattr(lease, f.attname), connection)
-        for f in Lease._meta.concrete_fields
-        if f.name not in skip
+        f.get_db_prep_save(getattr(lease, f.attname), db) for f in Lease._meta.concrete_fields if f.name not in skip
     ]
 
 

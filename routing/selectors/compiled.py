@@ -94,14 +94,22 @@ class CompiledQuery:
         self._compiler = compiler
 
     def params(self, values: Mapping[str, object]) -> list[object]:
+        # A value fills several slots (``now`` a dozen): adapted once per call,
+        # since asking the connection proxy for its ops each time cost more
+        # than the rest of building the parameters.
+        adapted: dict[str, object] = {}
         out = []
         for slot, literal in zip(self.slots, self.literals, strict=True):
             if slot is None:
                 out.append(literal)
+                continue
+            name, index = slot
+            if index is not None:
+                out.append(values[name][index])
+            elif name in adapted:
+                out.append(adapted[name])
             else:
-                name, index = slot
-                value = values[name]
-                out.append(value[index] if index is not None else adapt(value))
+                out.append(adapted.setdefault(name, adapt(values[name])))
         return out
 
     def fetch(self, values: Mapping[str, object]) -> list[tuple]:
