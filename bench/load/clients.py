@@ -200,11 +200,21 @@ def _statuses(tallies: list[Tally]) -> dict:
 
 
 def closed_loop(
-    port: int, plan: Plan, *, name: str, seconds: float, warmup: float, clients: int, processes: int
+    port: int,
+    plan: Plan,
+    *,
+    name: str,
+    seconds: float,
+    warmup: float,
+    clients: int,
+    processes: int,
+    keep_latencies: bool = False,
 ) -> dict:
     """Throughput: every request (dispatch and completion) per second, in the
     window after ``warmup``; latencies are the dispatch's (or floor request's).
-    ``name`` keeps the phase's new session ids apart from other phases'."""
+    ``name`` keeps the phase's new session ids apart from other phases'.
+    ``keep_latencies``: the raw latencies too (``latencies_s``), for
+    :func:`bench.load.stats.closed_merge`."""
     begin = time.monotonic() + START_DELAY_SECONDS + warmup
     window = (begin, begin + seconds)
     per_process = clients // processes
@@ -213,13 +223,17 @@ def closed_loop(
     counted = _statuses(tallies)
     elapsed = max((t.last_answer for t in tallies), default=0.0) - begin
     latencies = [x for t in tallies for x in t.latencies]
-    return {
+    result = {
         "rps": round(counted["requests"] / elapsed, 1) if elapsed > 0 else 0.0,
         **latency_summary(latencies),
         "cycles": len(latencies),
         **counted,
         "clients": clients,
+        "elapsed_s": round(max(elapsed, 0.0), 3),
     }
+    if keep_latencies:
+        result["latencies_s"] = latencies
+    return result
 
 
 def open_loop(

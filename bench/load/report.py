@@ -34,7 +34,8 @@ def _ms(value) -> str:
 
 def _load(row: dict) -> str:
     errors = f" · {row['errors']} err" if row.get("errors") else ""
-    return f"{row['rps']:.0f} rps · p50 {_ms(row['p50_ms'])} · p99 {_ms(row['p99_ms'])} ms{errors}"
+    runs = f" (runs: {' / '.join(f'{rps:.0f}' for rps in row['runs_rps'])})" if row.get("runs_rps") else ""
+    return f"{row['rps']:.0f} rps{runs} · p50 {_ms(row['p50_ms'])} · p99 {_ms(row['p99_ms'])} ms{errors}"
 
 
 def _open(row: dict) -> str:

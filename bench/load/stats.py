@@ -1,5 +1,6 @@
-"""The benchmark's maths, pure: the open-loop schedule, latency summaries and
-how far an answer order is from the arrival order."""
+"""The benchmark's maths, pure: the open-loop schedule, latency summaries,
+closed-loop runs taken as one, and how far an answer order is from the
+arrival order."""
 
 from __future__ import annotations
 
@@ -35,6 +36,33 @@ def latency_summary(seconds: Sequence[float]) -> dict[str, float | None]:
     return {
         "p50_ms": round(percentile(seconds, 50) * 1000, 2),
         "p99_ms": round(percentile(seconds, 99) * 1000, 2),
+    }
+
+
+def closed_merge(runs: Sequence[dict]) -> dict:
+    """Several closed-loop runs of one load (``closed_loop(...,
+    keep_latencies=True)``) as one: requests over the sum of their windows,
+    percentiles over every latency, statuses added up. Each run's own rate
+    stays in ``runs_rps``."""
+    if not runs:
+        raise ValueError("nothing to merge")
+    latencies = [x for run in runs for x in run["latencies_s"]]
+    elapsed = sum(run["elapsed_s"] for run in runs)
+    requests = sum(run["requests"] for run in runs)
+    statuses: dict[str, int] = {}
+    for run in runs:
+        for code, n in run["statuses"].items():
+            statuses[code] = statuses.get(code, 0) + n
+    return {
+        "rps": round(requests / elapsed, 1) if elapsed > 0 else 0.0,
+        **latency_summary(latencies),
+        "cycles": len(latencies),
+        "requests": requests,
+        "errors": sum(run["errors"] for run in runs),
+        "statuses": dict(sorted(statuses.items())),
+        "clients": runs[0]["clients"],
+        "elapsed_s": round(elapsed, 3),
+        "runs_rps": [run["rps"] for run in runs],
     }
 
 

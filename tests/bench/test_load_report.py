@@ -160,3 +160,11 @@ def test_an_unknown_phase_on_the_command_line_is_refused_too():
 
     with pytest.raises(SystemExit, match="opne_loop"):
         phases_chosen(_parser().parse_args(["--only", "opne_loop"]).only)
+
+
+def test_a_phase_measured_in_several_runs_shows_each_runs_rate():
+    report = copy.deepcopy(GOOD)
+    report["pool_size"]["large"]["runs_rps"] = [440.2, 459.8]
+    shown = {row.what: row.value for row in rows(report)}
+    assert shown["new sessions, 1,000 accounts"].startswith("450 rps (runs: 440 / 460) · p50")
+    assert "runs:" not in shown["new sessions, 10 accounts"]

@@ -9,6 +9,7 @@ import pytest
 
 from bench.load.clients import Plan
 from bench.load.stats import (
+    closed_merge,
     inversion_fraction,
     inversions,
     kendall_tau,
@@ -68,6 +69,33 @@ def test_latency_summary_in_milliseconds():
     seconds = [n / 1000 for n in range(1, 101)]  # 1 .. 100 ms
     assert latency_summary(seconds) == {"p50_ms": 50.5, "p99_ms": 99.01}
     assert latency_summary([]) == {"p50_ms": None, "p99_ms": None}
+
+
+def closed_run(rps: float, elapsed: float, latencies: list[float], statuses: dict[str, int]) -> dict:
+    requests = sum(statuses.values())
+    errors = requests - statuses.get("200", 0)
+    return {"rps": rps, "elapsed_s": elapsed, "latencies_s": latencies, "requests": requests, "errors": errors,
+            "statuses": statuses, "clients": 16}  # fmt: skip
+
+
+def test_closed_runs_merge_over_their_summed_windows_and_every_latency():
+    fast = closed_run(100.0, 1.0, [0.010] * 50, {"200": 100})
+    slow = closed_run(150.0, 2.0, [0.100] * 150, {"200": 290, "503": 10})
+    merged = closed_merge([fast, slow])
+    # 400 requests in 3 s, not the mean of the two rates (125)
+    assert merged["rps"] == 133.3 and merged["requests"] == 400 and merged["elapsed_s"] == 3.0
+    assert merged["runs_rps"] == [100.0, 150.0]
+    # a quarter of the latencies are 10 ms: the median and the p99 are the slow run's
+    assert (merged["p50_ms"], merged["p99_ms"], merged["cycles"]) == (100.0, 100.0, 200)
+    assert merged["statuses"] == {"200": 390, "503": 10} and merged["errors"] == 10
+    assert "latencies_s" not in merged  # the raw samples stay out of bench.json
+    # the order of the runs does not matter
+    assert closed_merge([slow, fast]) | {"runs_rps": None} == merged | {"runs_rps": None}
+
+
+def test_closed_merge_needs_a_run():
+    with pytest.raises(ValueError):
+        closed_merge([])
 
 
 def test_mixed_traffic_is_80_10_10_and_new_sessions_never_repeat():
