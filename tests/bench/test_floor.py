@@ -39,9 +39,11 @@ def test_floor_serves_one_select_on_sync_workers_and_the_load_generators_measure
         )
         assert closed["errors"] == 0 and closed["requests"] == closed["cycles"] == len(closed["latencies_s"]) > 0
         assert closed["rps"] > 0 and closed["p50_ms"] <= closed["p99_ms"]
-        # the window is the 1 s asked for, give or take the last answer (2 s of slack for a busy machine)
-        assert 0.9 <= closed["elapsed_s"] <= 3.0
-        assert closed["rps"] == pytest.approx(closed["requests"] / closed["elapsed_s"], abs=0.1)
+        # The window runs from its start to the last answer, which comes after
+        # the 1 s asked for (each client sends until then): 2 s of slack for a
+        # busy machine. Both figures are rounded, hence the 1 % tolerance.
+        assert 1.0 <= closed["elapsed_s"] <= 3.0
+        assert closed["rps"] == pytest.approx(closed["requests"] / closed["elapsed_s"], rel=0.01)
 
         opened = open_loop(server.port, plan, name="t", rate=40, seconds=1, warmup=0.25, seed=9, processes=2, threads=4)
         scheduled = [a for a in poisson_schedule(40, 1.25, random.Random(9)) if a >= 0.25]
