@@ -240,10 +240,10 @@ class Run:
         half = {**self.closed, "seconds": self.closed["seconds"] / 2, "keep_latencies": True}
         runs: dict[str, list[dict]] = {label: [] for label in LABELS}
         sizes = report.setdefault("pool_size", {})
+        warm = {**self.closed, "seconds": POOL_WARMUP_SECONDS}
         try:
             for accounts, key in keys.values():
                 self.say(f"new sessions, {accounts:,}-account key: warm-up, not counted")
-                warm = {**self.closed, "seconds": POOL_WARMUP_SECONDS}
                 closed_loop(server.port, Plan("new", key=key), name=f"warm{accounts}", **warm)
             profile = None
             for n, label in enumerate(POOL_ORDER):

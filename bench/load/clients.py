@@ -21,7 +21,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from bench.load.stats import latency_summary, poisson_schedule, schedule_split
+from bench.load.stats import closed_figures, latency_summary, poisson_schedule, schedule_split, status_counts
 
 DISPATCH = "/api/v1/dispatch"
 # Fresh client processes need a moment to fork and connect before the clock starts.
@@ -192,11 +192,8 @@ def _run_processes(target, jobs_per_process: list[list[tuple]]) -> list[Tally]:
     return tallies
 
 
-def _statuses(tallies: list[Tally]) -> dict:
-    statuses = sum((t.statuses for t in tallies), Counter())
-    requests = sum(statuses.values())
-    errors = requests - sum(n for code, n in statuses.items() if 200 <= code < 300)
-    return {"requests": requests, "errors": errors, "statuses": {str(k): v for k, v in sorted(statuses.items())}}
+def _statuses(tallies: list[Tally]) -> Counter:
+    return sum((t.statuses for t in tallies), Counter())
 
 
 def closed_loop(
@@ -220,17 +217,9 @@ def closed_loop(
     per_process = clients // processes
     jobs = [[(port, plan, f"{name}.{p}.{t}", window) for t in range(per_process)] for p in range(processes)]
     tallies = _run_processes(_closed_thread, jobs)
-    counted = _statuses(tallies)
-    elapsed = max((t.last_answer for t in tallies), default=0.0) - begin
     latencies = [x for t in tallies for x in t.latencies]
-    result = {
-        "rps": round(counted["requests"] / elapsed, 1) if elapsed > 0 else 0.0,
-        **latency_summary(latencies),
-        "cycles": len(latencies),
-        **counted,
-        "clients": clients,
-        "elapsed_s": round(max(elapsed, 0.0), 3),
-    }
+    elapsed = max((t.last_answer for t in tallies), default=0.0) - begin
+    result = closed_figures(statuses=_statuses(tallies), latencies=latencies, elapsed=elapsed, clients=clients)
     if keep_latencies:
         result["latencies_s"] = latencies
     return result
@@ -277,5 +266,5 @@ def open_loop(
         "no_free_thread": sum(t.late_claims for t in tallies),
         "start_lag_p99_ms": latency_summary(lags)["p99_ms"],
         "client_threads": processes * threads,
-        **_statuses(tallies),
+        **status_counts(_statuses(tallies)),
     }

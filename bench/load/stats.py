@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 
 from bench.simulate.metrics import percentile
 
@@ -39,31 +40,44 @@ def latency_summary(seconds: Sequence[float]) -> dict[str, float | None]:
     }
 
 
-def closed_merge(runs: Sequence[dict]) -> dict:
-    """Several closed-loop runs of one load (``closed_loop(...,
-    keep_latencies=True)``) as one: requests over the sum of their windows,
-    percentiles over every latency, statuses added up. Each run's own rate
-    stays in ``runs_rps``."""
-    if not runs:
-        raise ValueError("nothing to merge")
-    latencies = [x for run in runs for x in run["latencies_s"]]
-    elapsed = sum(run["elapsed_s"] for run in runs)
-    requests = sum(run["requests"] for run in runs)
-    statuses: dict[str, int] = {}
-    for run in runs:
-        for code, n in run["statuses"].items():
-            statuses[code] = statuses.get(code, 0) + n
+def status_counts(statuses: Mapping[int, int]) -> dict:
+    """Requests, the ones not answered 2xx, and how many got each status."""
+    requests = sum(statuses.values())
+    errors = requests - sum(n for code, n in statuses.items() if 200 <= code < 300)
+    return {"requests": requests, "errors": errors, "statuses": {str(k): v for k, v in sorted(statuses.items())}}
+
+
+def closed_figures(*, statuses: Mapping[int, int], latencies: Sequence[float], elapsed: float, clients: int) -> dict:
+    """A closed-loop window's figures: every request per second of it, the
+    dispatch latencies' percentiles, the statuses."""
+    counted = status_counts(statuses)
     return {
-        "rps": round(requests / elapsed, 1) if elapsed > 0 else 0.0,
+        "rps": round(counted["requests"] / elapsed, 1) if elapsed > 0 else 0.0,
         **latency_summary(latencies),
         "cycles": len(latencies),
-        "requests": requests,
-        "errors": sum(run["errors"] for run in runs),
-        "statuses": dict(sorted(statuses.items())),
-        "clients": runs[0]["clients"],
-        "elapsed_s": round(elapsed, 3),
-        "runs_rps": [run["rps"] for run in runs],
+        **counted,
+        "clients": clients,
+        "elapsed_s": round(max(elapsed, 0.0), 3),
     }
+
+
+def closed_merge(runs: Sequence[dict]) -> dict:
+    """Several closed-loop runs of one load (``closed_loop(...,
+    keep_latencies=True)``) as one window: requests over the sum of their
+    windows, percentiles over every latency, statuses added up. Each run's
+    own rate stays in ``runs_rps``."""
+    if not runs:
+        raise ValueError("nothing to merge")
+    statuses: Counter[int] = Counter()
+    for run in runs:
+        statuses.update({int(code): n for code, n in run["statuses"].items()})
+    merged = closed_figures(
+        statuses=statuses,
+        latencies=[x for run in runs for x in run["latencies_s"]],
+        elapsed=sum(run["elapsed_s"] for run in runs),
+        clients=runs[0]["clients"],
+    )
+    return {**merged, "runs_rps": [run["rps"] for run in runs]}
 
 
 def inversions(ranks: Sequence[int]) -> int:

@@ -106,10 +106,10 @@ class CompiledQuery:
             name, index = slot
             if index is not None:
                 out.append(values[name][index])
-            elif name in adapted:
-                out.append(adapted[name])
-            else:
-                out.append(adapted.setdefault(name, adapt(values[name])))
+                continue
+            if name not in adapted:
+                adapted[name] = adapt(values[name])
+            out.append(adapted[name])
         return out
 
     def fetch(self, values: Mapping[str, object]) -> list[tuple]:
