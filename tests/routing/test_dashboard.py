@@ -651,7 +651,9 @@ def test_account_page_charts_latency_leases_and_outcomes_per_minute(staff_client
     account = AccountFactory(name="kiro-ada")
     other = AccountFactory()
     now = timezone.now()
-    ten_ago = now - timedelta(minutes=10)
+    # 10 s into its minute, so the two leases a second apart share a minute
+    # (the charts count by the minute of the clock).
+    ten_ago = (now - timedelta(minutes=10)).replace(second=10, microsecond=0)
     Lease.objects.bulk_create(
         [
             _lease(account, ten_ago, LeaseOutcome.SUCCESS, 400.0),
