@@ -9,3 +9,7 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "kiropool.settings")
 # Any WSGI server, gunicorn.conf.py or not: no production web app on public secrets.
 secrets_require()
 application = get_wsgi_application()
+
+from kiropool.warmup import worker_warm  # noqa: E402 - needs the apps loaded
+
+worker_warm()

@@ -10,6 +10,7 @@ ORM code here is the specification and answers every case.
 
 from __future__ import annotations
 
+import itertools
 import time
 from datetime import datetime, timedelta
 
@@ -17,7 +18,7 @@ from django.conf import settings
 from django.db.models import Min
 from django.utils import timezone
 
-from accounts.models import ApiKey
+from accounts.models import ApiKey, RouteStrategy
 from core.errors import AllAccountsFailed, NoUsableAccount, RateLimited
 from routing import metrics, selection, slots, waiting, wakeups
 from routing.backend import backend
@@ -25,7 +26,7 @@ from routing.dispatch import Acquired, CandidateRow, DispatchRequest, SessionSta
 from routing.models import Lease, StickyOutcome
 from routing.selectors import dispatch as reads
 from routing.selectors import key_accounts
-from routing.selectors.latency import latency_snapshot_current
+from routing.selectors.latency import StoredSnapshot, latency_snapshot_current
 
 # Past a lease's expiry before looking again, so the expired lease no longer counts.
 EXPIRY_WAKE_MARGIN_SECONDS = 0.01
@@ -114,6 +115,36 @@ def _walk(
             )
         slots.key_limits_recheck(key=key, visit=visit)
         visit.wait(token, min(remaining, _wake_in(miss, candidates)))
+
+
+def dispatch_warm() -> None:
+    """Compile the statements of the common dispatches now, without running
+    them: keys routing over a group or the whole pool, preferring either
+    pool, with and without a session id and a usable latency snapshot. The
+    reads are the ones :func:`_sticky_fast_path` and :func:`_walk` build (a
+    test checks that such dispatches compile nothing more). Other shapes (a
+    fixed account, exclusions, a model preference) compile on first use.
+    Touches no database."""
+    now = timezone.now()
+    usable = StoredSnapshot(
+        id=0,
+        sample_count=0,
+        window_seconds=0,
+        snapshot=selection.LatencySnapshot(generated_at=now, global_avg_ms=1.0, accounts={}, proxies={}),
+    )
+    for group_id, pool, session_id in itertools.product((1, None), selection.POOLS, ("warm-up", None)):
+        key = ApiKey(route_strategy=RouteStrategy.AUTO, account_group_id=group_id, preferred_pool=pool)
+        read = dict(key=key, request=DispatchRequest(session_id=session_id), now=now)
+        shapes = [
+            *(reads.request_shape(**read, snapshot=s, spread=bool(session_id), head=True)[0] for s in (usable, None)),
+            reads.request_shape(**read, snapshot=None, spread=False)[0],  # when nothing could be claimed
+        ]
+        if session_id:
+            shapes.append(reads.request_shape(**read, snapshot=None, spread=False, bound_only=True)[0])
+        for shape in shapes:
+            reads.compiled(shape)
+    if backend.statements is not None:
+        backend.statements.warm()
 
 
 def _sticky_of(row: CandidateRow, bound_account_id: int | None) -> StickyOutcome | None:

@@ -58,7 +58,13 @@ class PlainCompletion:
 
 
 class Statements:
-    """The statements, built on first use (the first needs a connection)."""
+    """The statements, built on first use, or by :meth:`warm` before it."""
+
+    def warm(self) -> None:
+        """Compile the claims' conditions now rather than on the first claim
+        (``routing.leases.dispatch_warm``); touches no database."""
+        for reserved in (True, False):
+            _claimable(reserved=reserved)
 
     def claim(self, lease: Lease, *, key_cap: int | None) -> Claim:
         """Claim a slot on the key (when ``key_cap`` counts its leases), then

@@ -1,0 +1,71 @@
+"""A web worker warms before it serves (kiropool/warmup.py): the URLconf
+is imported and the statements of the common dispatches are compiled,
+without a query, so that a freshly started worker's first dispatches
+compile nothing."""
+
+from __future__ import annotations
+
+import pytest
+from django.urls import clear_url_caches, get_resolver
+from django.utils import timezone
+
+from kiropool.warmup import worker_warm
+from routing import pg, selection
+from routing.selectors import dispatch as reads
+from tests.factories import AccountFactory, AccountGroupFactory, ApiKeyFactory, latency_snapshot_create
+from tests.routing.gateway import Gateway
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def cold():
+    """This process as a worker that has served nothing yet."""
+    clear_url_caches()
+    reads.compiled.cache_clear()
+    pg._claimable.cache_clear()
+
+
+def _compiles() -> tuple[int, int]:
+    return reads.compiled.cache_info().misses, pg._claimable.cache_info().misses
+
+
+@pytest.mark.usefixtures("cold")
+def test_warming_up_imports_the_urlconf_and_touches_no_database(django_assert_num_queries):
+    with django_assert_num_queries(0):
+        worker_warm()
+    assert "url_patterns" in vars(get_resolver())  # resolved once, kept for every request
+    assert reads.compiled.cache_info().currsize > 0
+
+
+@pytest.mark.usefixtures("cold", "statements")
+@pytest.mark.parametrize("latency", [True, False], ids=["latency", "no-latency"])
+@pytest.mark.parametrize("preferred_pool", selection.POOLS)
+@pytest.mark.parametrize("scope", ["group", "all"])
+def test_a_warm_worker_compiles_nothing_for_the_common_dispatches(scope, preferred_pool, latency):
+    accounts = AccountFactory.create_batch(2)
+    group = AccountGroupFactory(accounts=accounts) if scope == "group" else None
+    key = ApiKeyFactory(account_group=group, preferred_pool=preferred_pool)
+    if latency:
+        latency_snapshot_create(
+            generated_at=timezone.now(),
+            window_seconds=3600,
+            global_avg_ms=500.0,
+            sample_count=100,
+            accounts={account.name: [10, 500.0] for account in accounts},
+            proxies={},
+        )
+    worker_warm()
+    before = _compiles()
+    gw = Gateway(key.plaintext)
+
+    gw.cycle(session_id="conversation")  # a new session
+    gw.cycle(session_id="conversation")  # the same one, bound now
+    gw.cycle()  # no session
+    # Both identities busy (one slot each): the miss read, with and without a session.
+    held = [gw.dispatch(session_id=f"hold-{n}") for n in range(2)]
+    assert [r.status_code for r in held] == [200, 200]
+    assert gw.dispatch(session_id="third", max_wait_ms=0).status_code == 429
+    assert gw.dispatch(max_wait_ms=0).status_code == 429
+
+    assert _compiles() == before
