@@ -132,6 +132,7 @@ def dispatch_warm() -> None:
         window_seconds=0,
         snapshot=selection.LatencySnapshot(generated_at=now, global_avg_ms=1.0, accounts={}, proxies={}),
     )
+    # A group's id, like every value, is a parameter of the statement, not part of its shape.
     for group_id, pool, session_id in itertools.product((1, None), selection.POOLS, ("warm-up", None)):
         key = ApiKey(route_strategy=RouteStrategy.AUTO, account_group_id=group_id, preferred_pool=pool)
         read = dict(key=key, request=DispatchRequest(session_id=session_id), now=now)
