@@ -5,9 +5,9 @@ dispatch: importing the URLconf with every view module behind it
 (drf-spectacular's among them, about 250 ms) and compiling the dispatcher's
 statement shapes (about 12 ms each, ``routing/selectors/compiled.py``). A
 server started under load had every worker do both at once, in its first
-requests' time. ``kiropool/wsgi.py`` runs :func:`worker_warm` in each worker
-before it serves. Nothing here touches the database: a worker still starts
-while PostgreSQL is down.
+requests' time. The entry points (``kiropool/wsgi.py``, ``asgi.py``) run
+:func:`worker_warm` in each worker before it serves. Nothing here touches the
+database: a worker still starts while PostgreSQL is down.
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ compile nothing."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 from django.urls import clear_url_caches, get_resolver
 from django.utils import timezone
@@ -14,6 +17,7 @@ from routing import pg, selection
 from routing.selectors import dispatch as reads
 from tests.factories import AccountFactory, AccountGroupFactory, ApiKeyFactory, latency_snapshot_create
 from tests.routing.gateway import Gateway
+from tests.support import PROCESS_SECRETS, clean_env
 
 pytestmark = pytest.mark.django_db
 
@@ -69,3 +73,28 @@ def test_a_warm_worker_compiles_nothing_for_the_common_dispatches(scope, preferr
     assert gw.dispatch(max_wait_ms=0).status_code == 429
 
     assert _compiles() == before
+
+
+# Importing an entry point leaves the process warm; PostgreSQL on a port
+# where nothing listens shows that nothing of it needed the database.
+ENTRY_WARM = """
+import sys
+import {module}
+from routing.selectors import dispatch
+assert "drf_spectacular.views" in sys.modules
+assert dispatch.compiled.cache_info().currsize > 0
+"""
+
+
+@pytest.mark.parametrize("module", ["kiropool.wsgi", "kiropool.asgi"])
+def test_an_entry_point_warms_its_worker_without_the_database(module):
+    env = clean_env(
+        DJANGO_SETTINGS_MODULE="kiropool.settings",
+        DATABASE_URL="postgres://kiropool@127.0.0.1:9/nowhere",
+        CELERY_BROKER_URL="memory://",
+        **PROCESS_SECRETS,
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", ENTRY_WARM.format(module=module)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
