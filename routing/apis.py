@@ -21,7 +21,7 @@ from core.errors import RULE_ERROR, AllAccountsFailed, NoUsableAccount, RateLimi
 from core.schema import error_responses
 from core.serializer_fields import StrictCharField
 from core.shared_serializer import SharedSerializer
-from routing import completions, leases, metrics, selection
+from routing import completions, leases, metrics, readiness, selection
 from routing.dispatch import Acquired, Completion, DispatchRequest, SessionState
 from routing.models import LeaseOutcome
 from routing.selectors import explain, key_accounts
@@ -313,8 +313,8 @@ class DispatchExplainApi(GatewayApi):
 
 def _explain_candidate(ranked: selection.Ranked, now) -> dict:
     c = ranked.candidate
-    left = selection.cooldown_remaining(c.identity_cooldown_until, now)
-    ejected = selection.cooldown_remaining(c.ejected_until, now)
+    left = readiness.cooldown_remaining(c.identity_cooldown_until, now)
+    ejected = readiness.cooldown_remaining(c.ejected_until, now)
     slow_start = timedelta(seconds=settings.KIROPOOL_SLOW_START_SECONDS)
     return {
         "account": c.account,
@@ -331,13 +331,13 @@ def _explain_candidate(ranked: selection.Ranked, now) -> dict:
         "credit_burn_per_hour": ranked.credit_burn_per_hour,
         "quota_resets_at": c.quota_resets_at,
         "quota_probe": c.quota_probe,
-        "cooldown_remaining_s": selection.retry_after_seconds(left) if left else 0,
-        "ejected_remaining_s": selection.retry_after_seconds(ejected) if ejected else 0,
+        "cooldown_remaining_s": readiness.retry_after_seconds(left) if left else 0,
+        "ejected_remaining_s": readiness.retry_after_seconds(ejected) if ejected else 0,
         "in_flight": c.in_flight,
         "held_for_sticky": c.reserved,
-        "effective_concurrency": selection.effective_concurrency(c, now, slow_start),
+        "effective_concurrency": readiness.effective_concurrency(c, now, slow_start),
         "max_concurrency": c.max_concurrency,
-        "can_start": selection.throttle_state(c, now, slow_start=slow_start) == "ready",
+        "can_start": readiness.throttle_state(c, now, slow_start=slow_start) == "ready",
     }
 
 

@@ -20,7 +20,7 @@ from django.utils import timezone
 
 from accounts.models import ApiKey, RouteStrategy
 from core.errors import AllAccountsFailed, NoUsableAccount, RateLimited
-from routing import metrics, selection, slots, waiting, wakeups
+from routing import metrics, readiness, selection, slots, waiting, wakeups
 from routing.backend import backend
 from routing.dispatch import Acquired, CandidateRow, DispatchRequest, SessionState
 from routing.models import Lease, StickyOutcome
@@ -96,12 +96,12 @@ def _walk(
         candidates = [row for row in everyone if not row.excluded]
         if not candidates:
             raise AllAccountsFailed()
-        miss = selection.miss_of([row.candidate for row in candidates], now, slow_start=_slow_start())
+        miss = readiness.miss_of([row.candidate for row in candidates], now, slow_start=_slow_start())
         if not miss.locally_throttled:
             if miss.shortest_cooldown is not None:
                 raise RateLimited(
                     "every candidate account is cooling down",
-                    retry_after=selection.retry_after_seconds(miss.shortest_cooldown),
+                    retry_after=readiness.retry_after_seconds(miss.shortest_cooldown),
                 )
             raise NoUsableAccount()
         remaining = deadline - time.monotonic()
@@ -111,7 +111,7 @@ def _walk(
             retry = (miss.next_ready_at - timezone.now()) if miss.next_ready_at else timedelta(seconds=1)
             raise RateLimited(
                 "every candidate account is at its concurrency or pacing limit, or cooling down",
-                retry_after=selection.retry_after_seconds(retry),
+                retry_after=readiness.retry_after_seconds(retry),
             )
         slots.key_limits_recheck(key=key, visit=visit)
         visit.wait(token, min(remaining, _wake_in(miss, candidates)))
@@ -162,7 +162,7 @@ def _slow_start() -> timedelta:
     return timedelta(seconds=settings.KIROPOOL_SLOW_START_SECONDS)
 
 
-def _wake_in(miss: selection.Miss, candidates: list[CandidateRow]) -> float:
+def _wake_in(miss: readiness.Miss, candidates: list[CandidateRow]) -> float:
     """Seconds until something other than a release may free a slot: the end
     of a pacing interval, cooldown or ejection, a slow-start step, or the
     expiry of a lease on a full identity (which no release announces)."""
@@ -213,7 +213,7 @@ def _sticky_fast_path(
         return None, None
     row = bound[0]
     ctx = selection.SelectionContext(now=now, slow_start=_slow_start())
-    if row.excluded or row.candidate.quota_probe or not selection.sticky_fast_path_ok(row.candidate, ctx):
+    if row.excluded or row.candidate.quota_probe or not readiness.sticky_fast_path_ok(row.candidate, ctx):
         return None, row
     grant = slots.slot_claim(key=key, row=row, request=request, waited_ms=waited_ms, sticky=outcome)
     if grant is None:
@@ -231,7 +231,7 @@ def _sticky_patience(
     patience = settings.KIROPOOL_STICKY_PATIENCE_MS if key.sticky_patience_ms is None else key.sticky_patience_ms
     now = timezone.now()
     ctx = selection.SelectionContext(now=now, slow_start=_slow_start())
-    if bound.excluded or patience <= 0 or not selection.sticky_patience_applies(bound.candidate, ctx):
+    if bound.excluded or patience <= 0 or not readiness.sticky_patience_applies(bound.candidate, ctx):
         return None
     until = min(deadline, time.monotonic() + patience / 1000)
     if until <= time.monotonic():
@@ -244,7 +244,7 @@ def _sticky_patience(
             left = until - time.monotonic()
             if left <= 0:
                 return None
-            miss = selection.miss_of([row.candidate], timezone.now(), slow_start=_slow_start())
+            miss = readiness.miss_of([row.candidate], timezone.now(), slow_start=_slow_start())
             slots.key_limits_recheck(key=key, visit=visit)
             visit.wait(token, min(left, _wake_in(miss, [row])))
             with visit.turn():
@@ -254,7 +254,7 @@ def _sticky_patience(
                 return acquired
             now = timezone.now()
             ctx = selection.SelectionContext(now=now, slow_start=_slow_start())
-            if row is None or not selection.sticky_patience_applies(row.candidate, ctx):
+            if row is None or not readiness.sticky_patience_applies(row.candidate, ctx):
                 return None  # cooling, ejected or gone since: move now
     finally:
         slots.identity_unhold(identity_id=bound.identity_id)

@@ -27,7 +27,7 @@ from django.utils import timezone
 
 from accounts.models import Account, ApiKey, RoutingIdentity
 from core.errors import RateLimited
-from routing import maintenance, pg, selection, waiting, wakeups
+from routing import maintenance, pg, readiness, waiting, wakeups
 from routing.backend import backend
 from routing.dispatch import CandidateRow, DispatchRequest, LeaseGrant
 from routing.models import CooldownEvent, CooldownKind, Lease, LeaseOutcome, StickyOutcome
@@ -79,7 +79,7 @@ def key_limits_check(*, key: ApiKey, now: datetime, counters: tuple[int, datetim
         ready_at = last_started_at + timedelta(milliseconds=key.min_start_interval_ms)
         if now < ready_at:
             raise RateLimited(
-                "this API key is at its pacing limit", retry_after=selection.retry_after_seconds(ready_at - now)
+                "this API key is at its pacing limit", retry_after=readiness.retry_after_seconds(ready_at - now)
             )
 
 

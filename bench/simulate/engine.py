@@ -4,17 +4,17 @@ It plays SPEC §2 and §3 and ``routing/leases.py`` against a policy's
 ordering. A dispatch call:
 
 1. the sticky fast path: a returning turn whose bound account is a candidate
-   takes it when ``selection.sticky_fast_path_ok`` says it can start now;
+   takes it when ``readiness.sticky_fast_path_ok`` says it can start now;
 2. sticky patience (when the dispatcher has it): when
-   ``selection.sticky_patience_applies`` (the bound identity is only
+   ``readiness.sticky_patience_applies`` (the bound identity is only
    crowded), the turn waits for it, up to the patience and the wait budget,
    holding a slot that other requests may not take (``Candidate.reserved``),
    and is served ahead of them; when patience runs out, or the identity
    starts cooling, it moves on to
 3. the ordered walk: candidates (enabled, not spent unless reset or due for
    a probe, not excluded) in the policy's order, the first whose identity
-   ``selection.throttle_state`` finds ready is leased. When none is,
-   ``selection.miss_of`` decides: wait for a slot (woken by a completion, a
+   ``readiness.throttle_state`` finds ready is leased. When none is,
+   ``readiness.miss_of`` decides: wait for a slot (woken by a completion, a
    pacing interval, a cooldown or ejection ending) up to ``max_wait_ms``,
    429 when everything is cooling, 503 when nothing is usable. A waiting
    request walks again; it does not retry the fast path (the server does not).
@@ -51,15 +51,8 @@ from bench.simulate.state import NEVER, Account, Identity, at, seconds
 from bench.simulate.traffic import Script, Traffic, first_token_ms, peak_window
 from bench.simulate.variants import PLAIN, Dispatcher
 from routing.latency import latency_snapshot_build
-from routing.selection import (
-    Candidate,
-    LatencySnapshot,
-    SelectionContext,
-    ThrottleState,
-    miss_of,
-    sticky_fast_path_ok,
-    sticky_patience_applies,
-)
+from routing.readiness import ThrottleState, miss_of, sticky_fast_path_ok, sticky_patience_applies
+from routing.selection import Candidate, LatencySnapshot, SelectionContext
 
 _ARRIVE, _COMPLETE, _TICK, _WAKE, _DEADLINE, _RESET, _CREDIT_RESET, _PATIENCE_END = range(8)
 
@@ -218,7 +211,7 @@ class Engine:
         self.result.sessions_moved = self.bindings.moved
         return self.result
 
-    # -- what selection.py sees ---------------------------------------------
+    # -- what the policy sees (selection.py, readiness.py) ------------------
 
     def _candidate(self, account: Account) -> Candidate:
         return st.candidate(account, credit_pacing=self.dispatcher.credit_pacing)

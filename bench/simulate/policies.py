@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
+from routing.readiness import cooldown_remaining
 from routing.selection import (
     BAND_FRACTION,
     MIN_TOLERANCE_MS,
@@ -32,7 +33,6 @@ from routing.selection import (
     LatencySnapshot,
     Ranked,
     SelectionContext,
-    cooldown_remaining,
     latency_usable,
     order_candidates,
 )

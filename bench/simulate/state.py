@@ -6,7 +6,7 @@ says which: the failure streak and outlier ejection of
 (exhaustion, restore, a completion's balance report, the reset task, the
 probe). What they decide from a ``Candidate`` (may it start a lease, how
 many slots does slow start allow, how does it sort) stays in
-``routing/selection.py``; the engine asks it.
+``routing/readiness.py`` and ``routing/selection.py``; the engine asks them.
 
 One simplification: the server keeps quota exhaustion and the probe time
 per account and writes them for every alias of the identity at once; here
@@ -22,14 +22,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from bench.simulate.scenario import DAY, AccountSpec, CreditPlan, FailureWindow, IdentitySpec, Knobs
-from routing.selection import (
-    Candidate,
-    ThrottleState,
-    blocked_until,
-    pacing_ready_at,
-    slow_start_step_at,
-    throttle_state,
-)
+from routing.readiness import ThrottleState, blocked_until, pacing_ready_at, slow_start_step_at, throttle_state
+from routing.selection import Candidate
 
 # Simulated t = 0. Any fixed instant works; selection.py only compares times.
 EPOCH = datetime(2026, 6, 1, tzinfo=UTC)
@@ -115,7 +109,7 @@ def touch(ident: Identity) -> None:
     ident.version += 1
 
 
-# --- what selection.py sees ----------------------------------------------------------
+# --- what the policy sees (selection.py, readiness.py) ---------------------------------
 
 
 def candidate(account: Account, *, credit_pacing: bool) -> Candidate:
@@ -148,7 +142,7 @@ def candidate(account: Account, *, credit_pacing: bool) -> Candidate:
 
 
 def identity_state(account: Account, t: float, knobs: Knobs, *, credit_pacing: bool) -> ThrottleState:
-    """``selection.throttle_state`` of the account's identity, remembered until it can change.
+    """``readiness.throttle_state`` of the account's identity, remembered until it can change.
 
     Without a change to the identity (its version) a state only changes when
     a cooldown, ejection or pacing interval runs out, or a slow-start step

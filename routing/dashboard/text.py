@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from datetime import datetime
 
-from routing.selection import cooldown_remaining
+from routing.readiness import cooldown_remaining
 
 
 def duration_text(seconds: float, *, coarse: bool = False) -> str:

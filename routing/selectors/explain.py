@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 from django.conf import settings
 
 from accounts.models import Account, ApiKey
-from routing import selection
+from routing import readiness, selection
 from routing.dispatch import DispatchRequest, SessionState
 from routing.selectors import dispatch as reads
 from routing.selectors import key_accounts
@@ -52,11 +52,11 @@ def dispatch_explain(*, key: ApiKey, request: DispatchRequest, now: datetime) ->
     fast_path = None
     would_wait = False
     if bound is not None and not bound.excluded and not bound.candidate.quota_probe:
-        if selection.sticky_fast_path_ok(bound.candidate, ctx):
+        if readiness.sticky_fast_path_ok(bound.candidate, ctx):
             fast_path = bound.candidate.account
         else:
             would_wait = (
-                patience > 0 and request.max_wait_ms > 0 and selection.sticky_patience_applies(bound.candidate, ctx)
+                patience > 0 and request.max_wait_ms > 0 and readiness.sticky_patience_applies(bound.candidate, ctx)
             )
     if request.session_id and fast_path is None:
         # Key 3 counts every account of the key, excluded ones included.

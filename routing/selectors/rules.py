@@ -2,8 +2,8 @@
 (``dispatch.py``) and the claim statements (``routing/pg.py``,
 ``routing/slots.py``): what lets a lease start on an identity, the effective
 concurrency after an ejection, pacing, and the latency band. Each mirrors a
-function of ``routing/selection.py``; the property test of the order checks
-them against it."""
+function of ``routing/readiness.py`` or ``routing/selection.py``; the
+property test of the order checks them against those."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def identity_claimable(now, slow_start_seconds, *, prefix: str = "", reserved: b
 
 
 def effective_concurrency(now, slow_start_seconds, *, prefix: str = ""):
-    """``selection.effective_concurrency`` in SQL: back from an ejection, the
+    """``readiness.effective_concurrency`` in SQL: back from an ejection, the
     limit ramps from 1 to ``max_concurrency`` over the slow-start window."""
     f = functools.partial(_field, prefix)
     limit = F(f("max_concurrency"))

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from accounts.models import Account, AccountGroup, ApiKey, Pool, Proxy, RoutingIdentity
-from routing import selection
+from routing import readiness, selection
 from routing.dispatch import DispatchRequest
 from routing.models import LatencySnapshot, Lease, SessionBinding
 from routing.selectors import dispatch as reads
@@ -318,7 +318,7 @@ def _check_one(
     # The head a dispatch reads: the candidates a lease could start on now,
     # in contract order, then the rest.
     head = reads.read(**read, head=True).rows
-    startable = [r.candidate.account for r in ranked if selection.throttle_state(r.candidate, now) == "ready"]
+    startable = [r.candidate.account for r in ranked if readiness.throttle_state(r.candidate, now) == "ready"]
     assert [row.candidate.account for row in head if row.ready] == startable[: len([h for h in head if h.ready])]
     assert len(head) == min(reads.HEAD_ROWS, len(everyone))
     if startable:
