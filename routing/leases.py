@@ -26,6 +26,7 @@ from routing.dispatch import Acquired, CandidateRow, DispatchRequest, SessionSta
 from routing.models import Lease, StickyOutcome
 from routing.selectors import dispatch as reads
 from routing.selectors import key_accounts
+from routing.selectors.candidates import HEAD_ROWS
 from routing.selectors.latency import StoredSnapshot, latency_snapshot_current
 
 # Past a lease's expiry before looking again, so the expired lease no longer counts.
@@ -86,7 +87,7 @@ def _walk(
                     session = SessionState.of(request.session_id, head.bound_account_id)
                     return Acquired(grant, row, session, visit.waited_ms, sticky)
             else:
-                if len(head.rows) == reads.HEAD_ROWS:
+                if len(head.rows) == HEAD_ROWS:
                     continue  # every row of the head was taken a moment before us: read again
             if not head.rows:
                 if key_accounts.every_account_excluded(key=key, request=request):

@@ -32,8 +32,8 @@ from accounts.models import ApiKey, RoutingIdentity
 from routing import wakeups
 from routing.dispatch import CandidateRow
 from routing.models import LatencySample, Lease, LeaseOutcome, SessionBinding
+from routing.selectors import candidates, rules
 from routing.selectors import dispatch as reads
-from routing.selectors import rules
 from routing.selectors.compiled import CompiledQuery, sentinel_values
 
 
@@ -81,7 +81,7 @@ class Statements:
         return Claim(key_slot=bool(key_taken), leased=bool(leased))
 
     def sticky_claim(
-        self, *, shape: reads.Shape, values: Mapping[str, object], lease: Lease, key_cap: int | None
+        self, *, shape: candidates.Shape, values: Mapping[str, object], lease: Lease, key_cap: int | None
     ) -> tuple[CandidateRow | None, Claim]:
         """The sticky fast path: when the bound account is a candidate, not
         excluded nor a quota probe, its proxy not cooling and its identity

@@ -3,7 +3,7 @@
 Pure on purpose: no Django import, no I/O, and ``now`` is always passed in, so
 the policy can be table-tested without a database and replayed by the
 fairness simulator. The database orders the same way
-(``routing/selectors/dispatch.py``, checked against this module on random
+(``routing/selectors/candidates.py``, checked against this module on random
 pools); ``routing/leases.py`` takes a slot (``slots.py``) on the first candidate that can
 start a lease.
 

@@ -167,7 +167,7 @@ def identity_state(account: Account, t: float, knobs: Knobs, *, credit_pacing: b
     return state
 
 
-# --- what the read lets through (routing/selectors/dispatch.py) ----------------------
+# --- what the read lets through (routing/selectors/candidates.py) --------------------
 
 
 def spent(account: Account) -> bool:

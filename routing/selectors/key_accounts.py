@@ -1,7 +1,7 @@
 """What a key may route to: its accounts whatever their state, its model
 preference, whether a request excluded all of them, and the upstream secrets
 of the account a dispatch granted. The ordered candidates read is
-``dispatch.py``."""
+``candidates.py``."""
 
 from __future__ import annotations
 

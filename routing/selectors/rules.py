@@ -1,5 +1,5 @@
 """The SPEC's rules as ORM expressions, shared by the candidates read
-(``dispatch.py``) and the claim statements (``routing/pg.py``,
+(``candidates.py``) and the claim statements (``routing/pg.py``,
 ``routing/slots.py``): what lets a lease start on an identity, the effective
 concurrency after an ejection, pacing, and the latency band. Each mirrors a
 function of ``routing/readiness.py`` or ``routing/selection.py``; the

@@ -21,6 +21,7 @@ from routing import readiness, selection
 from routing.dispatch import DispatchRequest
 from routing.models import LatencySnapshot, Lease, SessionBinding
 from routing.selectors import dispatch as reads
+from routing.selectors.candidates import HEAD_ROWS, Shape, candidates_queryset
 from routing.selectors.compiled import CompiledQuery, adapt
 from routing.selectors.latency import latency_snapshot_latest
 from tests.factories import AccountFactory, ApiKeyFactory, latency_snapshot_create
@@ -32,10 +33,10 @@ pytestmark = pytest.mark.django_db
 
 
 SHAPES = [
-    reads.Shape(scope="all", preferred_pool=Pool.BALANCED),
-    reads.Shape(scope="group", preferred_pool=Pool.CREDIT_FIRST, with_session=True, spread=True, head=True),
-    reads.Shape(scope="fixed", preferred_pool=Pool.BALANCED, with_session=True, bound_only=True, excluded=2),
-    reads.Shape(scope="all", preferred_pool=Pool.BALANCED, latency=True, excluded=1, preferred=3, head=True),
+    Shape(scope="all", preferred_pool=Pool.BALANCED),
+    Shape(scope="group", preferred_pool=Pool.CREDIT_FIRST, with_session=True, spread=True, head=True),
+    Shape(scope="fixed", preferred_pool=Pool.BALANCED, with_session=True, bound_only=True, excluded=2),
+    Shape(scope="all", preferred_pool=Pool.BALANCED, latency=True, excluded=1, preferred=3, head=True),
 ]
 
 
@@ -58,14 +59,12 @@ def test_the_cached_sql_is_what_django_compiles_afresh(shape):
         "preferred": [f"liked-{i}" for i in range(shape.preferred)],
     }
     cached = reads.compiled(shape)
-    fresh_sql, fresh_params = reads.candidates_queryset(shape, values).query.sql_with_params()
+    fresh_sql, fresh_params = candidates_queryset(shape, values).query.sql_with_params()
     assert cached.sql == fresh_sql
     assert cached.params(values) == [adapt(p) for p in fresh_params]
     # and with other values, still the same statement
     later = {**values, "now": now + timedelta(minutes=3), "key_id": 5, "session_id": "other"}
-    assert cached.params(later) == [
-        adapt(p) for p in reads.candidates_queryset(shape, later).query.sql_with_params()[1]
-    ]
+    assert cached.params(later) == [adapt(p) for p in candidates_queryset(shape, later).query.sql_with_params()[1]]
 
 
 @pytest.mark.parametrize(
@@ -320,7 +319,7 @@ def _check_one(
     head = reads.read(**read, head=True).rows
     startable = [r.candidate.account for r in ranked if readiness.throttle_state(r.candidate, now) == "ready"]
     assert [row.candidate.account for row in head if row.ready] == startable[: len([h for h in head if h.ready])]
-    assert len(head) == min(reads.HEAD_ROWS, len(everyone))
+    assert len(head) == min(HEAD_ROWS, len(everyone))
     if startable:
         assert head[0].ready and head[0].candidate.account == startable[0]
     else:
