@@ -19,9 +19,14 @@ class SessionBinding(models.Model):
     through database triggers (see the migration), so even a cascade or a bulk
     delete cannot make the per-account count drift."""
 
-    api_key = models.ForeignKey("accounts.ApiKey", on_delete=models.CASCADE, related_name="bindings")
+    # No index of their own on either key: ``binding_unique_key_session`` and
+    # ``binding_account_expiry_idx`` lead with them (test_indexes.py). A
+    # redundant one cost every write, and PostgreSQL, with statistics from
+    # before a key's sessions arrived, chose the key's one-column index for
+    # the (key, session id) lookup and scanned every binding of the key.
+    api_key = models.ForeignKey("accounts.ApiKey", on_delete=models.CASCADE, related_name="bindings", db_index=False)
     session_id = models.CharField(max_length=512)
-    account = models.ForeignKey("accounts.Account", on_delete=models.CASCADE, related_name="bindings")
+    account = models.ForeignKey("accounts.Account", on_delete=models.CASCADE, related_name="bindings", db_index=False)
     created_at = models.DateTimeField()
     updated_at = models.DateTimeField()
     expires_at = models.DateTimeField()
@@ -66,8 +71,10 @@ class Lease(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     api_key = models.ForeignKey("accounts.ApiKey", on_delete=models.SET_NULL, null=True, related_name="leases")
     # An account may be deleted while its lease is out; the identity carries
-    # the in-flight count, so it stays.
-    account = models.ForeignKey("accounts.Account", on_delete=models.SET_NULL, null=True, related_name="leases")
+    # the in-flight count, so it stays. Indexed by ``lease_account_recent_idx``.
+    account = models.ForeignKey(
+        "accounts.Account", on_delete=models.SET_NULL, null=True, related_name="leases", db_index=False
+    )
     account_name = models.CharField(max_length=200)
     identity = models.ForeignKey("accounts.RoutingIdentity", on_delete=models.CASCADE, related_name="leases")
     proxy_url = models.CharField(max_length=500, blank=True)
@@ -157,7 +164,10 @@ class LatencySnapshot(models.Model):
 class AccountLatency(models.Model):
     """One account's samples in one snapshot."""
 
-    snapshot = models.ForeignKey(LatencySnapshot, on_delete=models.CASCADE, related_name="account_stats")
+    # Indexed by ``account_latency_unique``, which leads with it.
+    snapshot = models.ForeignKey(
+        LatencySnapshot, on_delete=models.CASCADE, related_name="account_stats", db_index=False
+    )
     account = models.ForeignKey("accounts.Account", on_delete=models.CASCADE, related_name="latency_stats")
     samples = models.PositiveIntegerField()
     avg_ms = models.FloatField()
@@ -180,7 +190,8 @@ class ProxyLatency(models.Model):
     were taken through (SPEC §1), which may no longer belong to a proxy row:
     ``proxy`` joins on the URL and has no database constraint."""
 
-    snapshot = models.ForeignKey(LatencySnapshot, on_delete=models.CASCADE, related_name="proxy_stats")
+    # Indexed by ``proxy_latency_unique``, which leads with it.
+    snapshot = models.ForeignKey(LatencySnapshot, on_delete=models.CASCADE, related_name="proxy_stats", db_index=False)
     proxy = models.ForeignKey(
         "accounts.Proxy",
         to_field="url",
