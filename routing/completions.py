@@ -32,7 +32,7 @@ from core.errors import Conflict, NotFound
 from routing import metrics, quotas, sessions, slots, wakeups
 from routing.backend import backend
 from routing.dispatch import Completed, Completion
-from routing.models import CooldownEvent, CooldownKind, LatencySample, Lease, LeaseOutcome
+from routing.models import LEASE_OPEN, CooldownEvent, CooldownKind, LatencySample, Lease, LeaseOutcome
 
 # A gateway's rate-limit report cools the identity this long unless it says
 # otherwise; the cap keeps a buggy or hostile report from benching an account
@@ -114,7 +114,7 @@ def _lease_complete(*, key: ApiKey, lease_id: uuid.UUID, completion: Completion)
         )
     outcome = completion.outcome
     with transaction.atomic():
-        closed = Lease.objects.filter(pk=lease.pk, completed_at__isnull=True).update(
+        closed = Lease.objects.filter(LEASE_OPEN, pk=lease.pk).update(
             completed_at=now,
             outcome=outcome,
             first_token_ms=_sample(completion.first_token_ms),

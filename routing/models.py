@@ -69,7 +69,13 @@ class Lease(models.Model):
     identity's (and key's) concurrency until completed or past ``expires_at``."""
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
-    api_key = models.ForeignKey("accounts.ApiKey", on_delete=models.SET_NULL, null=True, related_name="leases")
+    # Indexed with the lease's id (``lease_key_idx``): a completion looks its
+    # lease up by both, and a one-column index on the key let PostgreSQL,
+    # with statistics from before the key's leases, scan every lease the key
+    # ever had instead of the primary key.
+    api_key = models.ForeignKey(
+        "accounts.ApiKey", on_delete=models.SET_NULL, null=True, related_name="leases", db_index=False
+    )
     # An account may be deleted while its lease is out; the identity carries
     # the in-flight count, so it stays. Indexed by ``lease_account_recent_idx``.
     account = models.ForeignKey(
@@ -121,12 +127,22 @@ class Lease(models.Model):
             # "which identities hold a live-looking lease past its TTL": a
             # range over the few such rows, whatever the pool's size.
             models.Index(fields=["expires_at"], condition=Q(completed_at__isnull=True), name="lease_live_expiry_idx"),
+            models.Index(fields=["api_key", "id"], name="lease_key_idx"),
             models.Index(fields=["account", "-started_at"], name="lease_account_recent_idx"),
             models.Index(fields=["started_at"], name="lease_started_idx"),
         ]
 
     def __str__(self) -> str:
         return str(self.id)
+
+
+# A lease is open while it has no outcome: ``lease_completed_has_outcome``
+# makes that the same as ``completed_at IS NULL``. The statements that close
+# leases by id ask it this way, because ``completed_at IS NULL`` matches the
+# live-lease partial indexes: with statistics taken while few leases were out,
+# PostgreSQL scanned one of those and filtered every open lease by id instead
+# of using the primary key (0.4 ms with 2,000 leases out, growing with them).
+LEASE_OPEN = Q(outcome="")
 
 
 class LatencySample(models.Model):

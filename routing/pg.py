@@ -270,7 +270,7 @@ WITH done AS (
        SET {L("completed_at")} = %(now)s, {L("outcome")} = %(outcome)s,
            {L("first_token_ms")} = %(first_token_ms)s, {L("error_message")} = %(error_message)s
      WHERE {L("id")} = %(lease_id)s AND {L("api_key")} = %(key_id)s
-       AND {L("completed_at")} IS NULL AND NOT {L("quota_probe")}
+       AND {L("outcome")} = '' AND NOT {L("quota_probe")}  -- open (models.LEASE_OPEN)
  RETURNING {L("identity")} AS identity_id, {L("account")} AS account_id, {L("account_name")} AS account_name,
            {L("proxy_url")} AS proxy_url, {L("session_id")} AS session_id, {L("counted_on_key")} AS counted
 ), key_released AS (

@@ -30,7 +30,7 @@ from core.errors import RateLimited
 from routing import maintenance, pg, readiness, waiting, wakeups
 from routing.backend import backend
 from routing.dispatch import CandidateRow, DispatchRequest, LeaseGrant
-from routing.models import CooldownEvent, CooldownKind, Lease, LeaseOutcome, StickyOutcome
+from routing.models import LEASE_OPEN, CooldownEvent, CooldownKind, Lease, LeaseOutcome, StickyOutcome
 from routing.selectors import rules
 
 # --- claim ---------------------------------------------------------------------------
@@ -274,9 +274,7 @@ def _reap_batch(*, now: datetime, identity_ids: list[int] | None) -> tuple[int |
     if not rows:
         return 0, 0
     ids = [lease_id for lease_id, *_ in rows]
-    closed = Lease.objects.filter(id__in=ids, completed_at__isnull=True).update(
-        completed_at=now, outcome=LeaseOutcome.EXPIRED
-    )
+    closed = Lease.objects.filter(LEASE_OPEN, id__in=ids).update(completed_at=now, outcome=LeaseOutcome.EXPIRED)
     if closed != len(ids):
         transaction.set_rollback(True)
         return None, len(rows)
