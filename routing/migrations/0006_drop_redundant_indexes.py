@@ -9,7 +9,9 @@ instead of through ``binding_unique_key_session``.
 The state changes are Django's (``db_index=False``); the database changes are
 plain ``DROP INDEX``, because SQLite's schema editor would rebuild the tables
 for them, and a rebuilt ``routing_sessionbinding`` loses the triggers that
-keep ``Account.binding_rows`` exact.
+keep ``Account.binding_rows`` exact. On PostgreSQL they run ``CONCURRENTLY``
+(outside a transaction), so a live pool's dispatches are not held behind
+the lock while the migration waits for it.
 """
 
 import django.db.models.deletion
@@ -25,7 +27,23 @@ REDUNDANT = (
 )
 
 
+def _concurrently(schema_editor) -> str:
+    return " CONCURRENTLY" if schema_editor.connection.vendor == "postgresql" else ""
+
+
+def indexes_drop(apps, schema_editor):
+    for index, _, _ in REDUNDANT:
+        schema_editor.execute(f'DROP INDEX{_concurrently(schema_editor)} IF EXISTS "{index}"')
+
+
+def indexes_create(apps, schema_editor):
+    for index, table, column in REDUNDANT:
+        schema_editor.execute(f'CREATE INDEX{_concurrently(schema_editor)} "{index}" ON "{table}" ("{column}")')
+
+
 class Migration(migrations.Migration):
+    atomic = False  # CREATE/DROP INDEX CONCURRENTLY cannot run in a transaction
+
     dependencies = [
         ("accounts", "0006_identity_account_rows"),
         ("routing", "0005_lease_sticky_quota_probe"),
@@ -33,13 +51,7 @@ class Migration(migrations.Migration):
 
     operations = [
         migrations.SeparateDatabaseAndState(
-            database_operations=[
-                migrations.RunSQL(
-                    f'DROP INDEX IF EXISTS "{index}"',
-                    reverse_sql=f'CREATE INDEX "{index}" ON "{table}" ("{column}")',
-                )
-                for index, table, column in REDUNDANT
-            ],
+            database_operations=[migrations.RunPython(indexes_drop, indexes_create)],
             state_operations=[
                 migrations.AlterField(
                     model_name="accountlatency",
