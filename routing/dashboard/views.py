@@ -39,20 +39,15 @@ from routing.dashboard.history import (
     outcome_label,
 )
 from routing.dashboard.presenters import (
-    COLUMNS,
-    DEFAULT_SORT,
-    FILTERS,
     account_rows,
     identity_bars,
     latency_points,
     live,
-    matches_query,
-    parse_sort,
     snapshot_info,
-    sort_rows,
     sticky_stats,
     summarize,
 )
+from routing.dashboard.table import COLUMNS, DEFAULT_SORT, FILTERS, matches_query, parse_sort, sort_rows
 from routing.dashboard.text import Left, Moment, ms_text
 from routing.models import SessionBinding
 from routing.selectors import dashboard as selectors
