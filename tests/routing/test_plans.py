@@ -82,21 +82,30 @@ def test_a_new_sessions_binding_lookup_uses_the_key_and_session_id_index(postgre
     assert len(query.fetch(values)) == 4
 
 
-def _leases_out(count: int) -> None:
-    """``count`` open leases of another key, after statistics taken with none out."""
-    _analyze(Lease)
-    account, now = AccountFactory(), timezone.now()
+def _leases(count: int, *, key=None, accounts=None, finished: bool = False) -> None:
+    """``count`` leases of ``key`` over ``accounts`` (a new one when None),
+    open for another 15 minutes, or finished a few minutes ago."""
+    accounts = accounts or [AccountFactory()]
+    now = timezone.now()
+    done = {"completed_at": now - timedelta(minutes=4), "outcome": "success"} if finished else {}
     Lease.objects.bulk_create(
         LeaseFactory.build(
-            api_key=None,
-            account=account,
+            api_key=key,
+            account=(account := accounts[i % len(accounts)]),
             account_name=account.name,
             identity=account.identity,
-            started_at=now,
+            started_at=now - timedelta(minutes=5),
             expires_at=now + timedelta(minutes=15),
+            **done,
         )
-        for _ in range(count)
+        for i in range(count)
     )
+
+
+def _leases_out(count: int) -> None:
+    """``count`` open leases of no key, after statistics taken with none out."""
+    _analyze(Lease)
+    _leases(count)
 
 
 def _by_id(scan: dict) -> bool:
@@ -166,45 +175,18 @@ def test_no_gateway_statement_scans_the_big_tables_whole(postgres_only, gw, key,
     whole. The two cases above were found in the bench's plans; this holds
     every gateway statement, and any added later, to the same."""
     accounts = AccountFactory.create_batch(4)
-    now = timezone.now()
-
-    def finished(key, count):
-        Lease.objects.bulk_create(
-            LeaseFactory.build(
-                api_key=key,
-                account=accounts[i % 4],
-                account_name=accounts[i % 4].name,
-                identity=accounts[i % 4].identity,
-                started_at=now - timedelta(minutes=5),
-                expires_at=now + timedelta(minutes=10),
-                completed_at=now - timedelta(minutes=4),
-                outcome="success",
-            )
-            for i in range(count)
-        )
-
     # The statistics describe another key's traffic (a table analyzed while
     # it was still empty has no histogram at all, and PostgreSQL then takes
     # a third of the bindings for expired: autovacuum analyzes long before
     # that matters); this key's rows all arrive after them.
     other = ApiKeyFactory()
     bindings_seed(key_id=other.pk, accounts=accounts, count=1_000, session_prefix="other-")
-    finished(other, 1_000)
+    _leases(1_000, key=other, accounts=accounts, finished=True)
     _analyze(SessionBinding)
     _analyze(Lease)
     bindings_seed(key_id=key.pk, accounts=accounts, count=3_000, session_prefix="old-")
-    finished(key, 3_000)
-    Lease.objects.bulk_create(
-        LeaseFactory.build(
-            api_key=other,
-            account=accounts[i % 4],
-            account_name=accounts[i % 4].name,
-            identity=accounts[i % 4].identity,
-            started_at=now,
-            expires_at=now + timedelta(minutes=15),
-        )
-        for i in range(2_000)
-    )
+    _leases(3_000, key=key, accounts=accounts, finished=True)
+    _leases(2_000, key=other, accounts=accounts)
     with CaptureQueriesContext(connection) as ctx:
         for body, outcome in (
             ({"session_id": "conv-1"}, "success"),
