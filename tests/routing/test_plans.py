@@ -44,12 +44,21 @@ def _nodes(node: dict):
         yield from _nodes(child)
 
 
-def _scans(plan: dict, model) -> list[dict]:
-    return [
-        node
-        for node in _nodes(plan)
-        if node.get("Relation Name") == model._meta.db_table and "Scan" in node["Node Type"]
+def _scans(plan: dict, *models) -> list[dict]:
+    tables = {model._meta.db_table for model in models}
+    return [node for node in _nodes(plan) if node.get("Relation Name") in tables and "Scan" in node["Node Type"]]
+
+
+def _statements(ctx, *models, kinds=("SELECT", "WITH", "UPDATE")) -> list[str]:
+    """The statements ``ctx`` captured that read or write ``models``' tables."""
+    tables = [f'"{model._meta.db_table}"' for model in models]
+    statements = [
+        q["sql"]
+        for q in ctx.captured_queries
+        if any(t in q["sql"] for t in tables) and q["sql"].lstrip().split(None, 1)[0] in kinds
     ]
+    assert statements, [q["sql"] for q in ctx.captured_queries]
+    return statements
 
 
 def test_a_new_sessions_binding_lookup_uses_the_key_and_session_id_index(postgres_only):
@@ -118,11 +127,9 @@ def _by_id(scan: dict) -> bool:
 def _lease_scans(ctx, *, updates_only: bool = False) -> list[dict]:
     """The scans of the lease table in the statements ``ctx`` captured (those
     that update it, with ``updates_only``)."""
-    table = f'"{Lease._meta.db_table}"'
-    statements = [q["sql"] for q in ctx.captured_queries if table in q["sql"] and not q["sql"].startswith("INSERT")]
+    statements = _statements(ctx, Lease)
     if updates_only:
-        statements = [sql for sql in statements if f"UPDATE {table}" in sql]
-    assert statements, [q["sql"] for q in ctx.captured_queries]
+        statements = [sql for sql in statements if f'UPDATE "{Lease._meta.db_table}"' in sql]
     return [scan for sql in statements for scan in _scans(_plan(sql), Lease)]
 
 
@@ -155,15 +162,13 @@ def test_the_reaper_closes_expired_leases_by_id(postgres_only):
         assert _by_id(scan), scan
 
 
-def _unbounded(plan: dict, models) -> list[dict]:
+def _unbounded(plan: dict, *models) -> list[dict]:
     """The scans of ``models``' tables that read the whole table or a whole
     index: a sequential scan, or an index scan with no index condition."""
-    tables = {model._meta.db_table for model in models}
     return [
         node
-        for node in _nodes(plan)
-        if node.get("Relation Name") in tables
-        and (node["Node Type"] == "Seq Scan" or ("Index" in node["Node Type"] and "Index Cond" not in node))
+        for node in _scans(plan, *models)
+        if node["Node Type"] == "Seq Scan" or ("Index" in node["Node Type"] and "Index Cond" not in node)
     ]
 
 
@@ -199,12 +204,7 @@ def test_no_gateway_statement_scans_the_big_tables_whole(postgres_only, gw, key,
             done = gw.complete(response.json()["lease_id"], outcome=outcome, first_token_ms=150)
             assert done.status_code == 200, done.content
 
-    tables = (f'"{Lease._meta.db_table}"', f'"{SessionBinding._meta.db_table}"')
-    statements = [
-        q["sql"]
-        for q in ctx.captured_queries
-        if any(t in q["sql"] for t in tables) and q["sql"].lstrip().split(None, 1)[0] in {"SELECT", "WITH", "UPDATE"}
-    ]
+    statements = _statements(ctx, Lease, SessionBinding)
     assert len(statements) >= 8  # each dispatch and each completion reads or writes them
-    whole = {sql[:120]: scans for sql in statements if (scans := _unbounded(_plan(sql), (Lease, SessionBinding)))}
+    whole = {sql[:120]: scans for sql in statements if (scans := _unbounded(_plan(sql), Lease, SessionBinding))}
     assert whole == {}
