@@ -158,8 +158,8 @@ else:
     # No JIT compilation: every statement here runs in milliseconds, and
     # compiling one costs a hundred. PostgreSQL compiles when a plan's
     # estimated cost passes jit_above_cost, and the generic plan of a prepared
-    # dispatch read estimates a third of all bindings expired: compiling it
-    # took 110-160 ms on each execution, with 65,536 bindings. Options given in
+    # dispatch read once estimated a third of all bindings expired: compiling
+    # it took 110-160 ms on each execution, with 65,536 bindings. Options given in
     # DATABASE_URL come after, so ?options=-c%20jit%3Don still wins.
     _options = DATABASES["default"]["OPTIONS"].get("options", "")
     DATABASES["default"]["OPTIONS"]["options"] = f"-c jit=off {_options}".strip()

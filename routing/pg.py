@@ -90,17 +90,18 @@ class Statements:
         from the bound row). Returns the bound row (None when the session has
         no live binding to a candidate) and what was claimed."""
         bound = reads.compiled(shape)
+        bound_sql, bound_params = bound.statement(values)
         where = _claimable(reserved=False)
         now = lease.started_at
         params = [
-            *bound.params(values),
+            *bound_params,
             *([lease.api_key_id, key_cap] if key_cap is not None else []),
             now,
             *where.params(_claim_values(now)),
             *_lease_values(lease, skip=_BOUND_LEASE_FIELDS),
         ]
         with connection.cursor() as cursor:
-            cursor.execute(_sticky_claim_sql(bound.sql, where.sql, key_counted=key_cap is not None), params)
+            cursor.execute(_sticky_claim_sql(bound_sql, where.sql, key_counted=key_cap is not None), params)
             row = cursor.fetchone()
         if row is None:
             return None, Claim(key_slot=False, leased=False)
@@ -222,7 +223,7 @@ _BOUND_LEASE_FIELDS = frozenset({"account", "account_name", "identity", "proxy_u
 _BOUND_SERVABLE = 'NOT bound."excluded" AND NOT bound."proxy_cooling" AND NOT bound."quota_probe"'
 
 
-@functools.cache
+@functools.lru_cache(maxsize=1024)  # one per group and shape
 def _sticky_claim_sql(bound_sql: str, claimable: str, *, key_counted: bool) -> str:
     identity, lease = table(RoutingIdentity), table(Lease)
     in_flight, last_started, pk = (column(RoutingIdentity, f) for f in ("in_flight", "last_started_at", "id"))

@@ -77,7 +77,7 @@ PARAMETERS = {
     "slow_start_seconds": float,
     "key_id": int,
     "session_id": str,
-    "group_id": int,
+    "group_id": int,  # written into the statement, not sent (dispatch.compiled)
     "fixed_account_id": int,
     "snapshot_id": int,
     "global_avg_ms": float,
@@ -123,7 +123,7 @@ def candidates_queryset(shape: Shape, values: Mapping[str, object]) -> QuerySet:
     accounts = accounts.annotate(
         expired_leases=Case(
             When(
-                identity_id__in=Lease.objects.filter(completed_at__isnull=True, expires_at__lte=now).values(
+                identity_id__in=Lease.objects.filter(counts.expired(now), completed_at__isnull=True).values(
                     "identity_id"
                 ),
                 then=counts.expired_leases(now),
@@ -250,7 +250,7 @@ def _live_sessions(now: datetime):
     any, not every row of the pool."""
     expired = Case(
         When(
-            pk__in=SessionBinding.objects.filter(expires_at__lte=now).values("account_id"),
+            pk__in=SessionBinding.objects.filter(counts.expired(now)).values("account_id"),
             then=counts.expired_bindings(now),
         ),
         default=Value(0),

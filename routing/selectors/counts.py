@@ -4,12 +4,26 @@ removed yet (SPEC §3, §4: expired rows are ignored at once by every read)."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 
-from django.db.models import Count, IntegerField, OuterRef, Subquery, Value
+from django.db.models import Count, IntegerField, OuterRef, Q, Subquery, Value
 from django.db.models.functions import Coalesce
 
 from routing.models import Lease, SessionBinding
+
+# Earlier than any expiry a row can have. Every "already expired" condition
+# of the reads says "after it" too: that changes no result, but it tells a
+# generic plan (a prepared read planned once, without knowing ``now``) that
+# few rows are expired. PostgreSQL estimates a comparison with an unknown
+# value at a third of the table, and a range between two unknown values at
+# 0.5 %; with a third of 65,536 bindings expected, the read's hashed subplan
+# over expired bindings took 0.5 ms to set up even when it found none.
+EXPIRY_FLOOR = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def expired(now: datetime) -> Q:
+    """The rows (leases, bindings) whose expiry has passed at ``now``."""
+    return Q(expires_at__gt=EXPIRY_FLOOR, expires_at__lte=now)
 
 
 def count_subquery(queryset, field: str) -> Coalesce:
@@ -20,13 +34,13 @@ def count_subquery(queryset, field: str) -> Coalesce:
 
 def expired_bindings(now: datetime, *, account_ref: str = "pk") -> Coalesce:
     """Per account (outer row): its bindings already expired but not yet purged."""
-    return count_subquery(SessionBinding.objects.filter(account=OuterRef(account_ref), expires_at__lte=now), "account")
+    return count_subquery(SessionBinding.objects.filter(expired(now), account=OuterRef(account_ref)), "account")
 
 
 def expired_leases(now: datetime, *, identity_ref: str = "identity_id") -> Coalesce:
     """Per identity (outer row): its live-looking leases already past their TTL."""
     return count_subquery(
-        Lease.objects.filter(identity=OuterRef(identity_ref), completed_at__isnull=True, expires_at__lte=now),
+        Lease.objects.filter(expired(now), identity=OuterRef(identity_ref), completed_at__isnull=True),
         "identity",
     )
 

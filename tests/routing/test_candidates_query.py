@@ -8,6 +8,7 @@ SQL must be exactly what Django compiles afresh for the same values."""
 from __future__ import annotations
 
 import json
+import re
 from datetime import timedelta
 
 import pytest
@@ -21,8 +22,8 @@ from routing import readiness, selection
 from routing.dispatch import DispatchRequest
 from routing.models import LatencySnapshot, Lease, SessionBinding
 from routing.selectors import dispatch as reads
-from routing.selectors.candidates import HEAD_ROWS, Shape, candidates_queryset
-from routing.selectors.compiled import CompiledQuery, adapt
+from routing.selectors.candidates import HEAD_ROWS, PARAMETERS, Shape, candidates_queryset
+from routing.selectors.compiled import CompiledQuery, adapt, sentinel_values
 from routing.selectors.latency import latency_snapshot_latest
 from tests.factories import AccountFactory, ApiKeyFactory, latency_snapshot_create
 
@@ -67,6 +68,46 @@ def test_the_cached_sql_is_what_django_compiles_afresh(shape):
     assert cached.params(later) == [adapt(p) for p in candidates_queryset(shape, later).query.sql_with_params()[1]]
 
 
+def test_the_group_is_written_into_the_statement_and_every_other_value_sent():
+    """What runs is Django's statement with the group's id in place of its
+    parameters: the same SQL and values otherwise."""
+    shape, group = SHAPES[1], 7_654_321
+    values = {
+        "now": timezone.now(),
+        "key_id": 41,
+        "session_id": "conversation-7",
+        "group_id": group,
+        "fixed_account_id": 12,
+        "snapshot_id": 99,
+        "global_avg_ms": 512.5,
+        "band_width_ms": 153.75,
+        "account_part_ms": 358.75,
+        "proxy_part_ms": 153.75,
+        "slow_start_seconds": 60.0,
+        "excluded": [],
+        "preferred": [],
+    }
+    sql, params = reads.compiled(shape).statement(values)
+    fresh_sql, fresh_params = candidates_queryset(shape, values).query.sql_with_params()
+    fresh = iter(fresh_params)
+    written = re.sub(r"%s", lambda _: str(group) if next(fresh) == group else "%s", fresh_sql)
+    assert fresh_sql.count("%s") - sql.count("%s") == fresh_params.count(group) == 3  # the read and two subqueries
+    assert sql == written
+    assert params == [adapt(p) for p in fresh_params if p != group]
+
+
+def test_only_an_integer_is_ever_written_into_a_statement():
+    """A written value is SQL text: a session id there would be an injection."""
+    query = CompiledQuery(
+        lambda values: candidates_queryset(SHAPES[1], values),
+        sentinel_values(PARAMETERS, {"excluded": 0, "preferred": 0}),
+        written=frozenset({"session_id"}),
+    )
+    values = dict.fromkeys(PARAMETERS, 1) | {"now": timezone.now(), "session_id": "1; DROP TABLE x"}
+    with pytest.raises(TypeError, match="only an integer"):
+        query.statement({**values, "excluded": [], "preferred": []})
+
+
 @pytest.mark.parametrize(
     ("shape", "names"),
     [
@@ -97,7 +138,7 @@ def test_a_compiled_query_takes_each_value_of_its_shape_as_a_parameter(shape, na
 def test_a_prepared_read_is_never_jit_compiled(postgres_only):
     """PostgreSQL compiles a plan whose estimated cost passes jit_above_cost;
     a generic plan of the head read (a prepared statement after its fifth
-    run) estimates a third of every binding expired and passed it, and
+    run) once estimated a third of every binding expired and passed it, and
     compiling took over 100 ms on every execution. kiropool's connections
     turn JIT off; here the threshold is dropped to 0, so any plan would be
     compiled if JIT were on."""
