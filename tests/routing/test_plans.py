@@ -151,6 +151,19 @@ def test_the_head_read_runs_on_a_generic_plan_planned_once(postgres_only):
         assert cursor.fetchall() == [(3, 0)]  # runs 6 to 8 reused the generic plan; none was planned afresh
 
 
+def test_without_prepared_statements_the_setting_is_left_alone(postgres_only, monkeypatch):
+    """Behind a pooler that cannot keep prepared statements
+    (``DATABASE_PREPARE_THRESHOLD=0``) a generic plan would be planned on
+    every run too: the read then sends no SET."""
+    key = ApiKey.objects.get(pk=pool_seed(prefix="p-", identities=uniform_pool(3)).key_ids["gateway"])
+    query, values = _head_read(key)
+    monkeypatch.setitem(connection.settings_dict["OPTIONS"], "prepare_threshold", None)
+    with CaptureQueriesContext(connection) as ctx:
+        assert len(query.fetch(values)) == 3
+    assert [q["sql"] for q in ctx.captured_queries if "plan_cache_mode" in q["sql"]] == []
+    assert len(ctx.captured_queries) == 1
+
+
 def _read_fails_then_setting(*, atomic: bool) -> tuple:
     key = ApiKey.objects.get(pk=pool_seed(prefix="p-", identities=uniform_pool(3)).key_ids["gateway"])
     query, values = _head_read(key)
