@@ -41,11 +41,10 @@ SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s.scope}-{s.excluded}x-{s.preferred}p")
-def test_the_cached_sql_is_what_django_compiles_afresh(shape):
-    now = timezone.now()
-    values = {
-        "now": now,
+def _values(shape: Shape, **changes) -> dict[str, object]:
+    """A request's values for a read of ``shape``, with ``changes``."""
+    return {
+        "now": timezone.now(),
         "key_id": 41,
         "session_id": "conversation-7",
         "group_id": 3,
@@ -58,7 +57,14 @@ def test_the_cached_sql_is_what_django_compiles_afresh(shape):
         "slow_start_seconds": 60.0,
         "excluded": [f"gone-{i}" for i in range(shape.excluded)],
         "preferred": [f"liked-{i}" for i in range(shape.preferred)],
+        **changes,
     }
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s.scope}-{s.excluded}x-{s.preferred}p")
+def test_the_cached_sql_is_what_django_compiles_afresh(shape):
+    values = _values(shape)
+    now = values["now"]
     cached = reads.compiled(shape)
     fresh_sql, fresh_params = candidates_queryset(shape, values).query.sql_with_params()
     assert cached.sql == fresh_sql
@@ -72,21 +78,7 @@ def test_the_group_is_written_into_the_statement_and_every_other_value_sent():
     """What runs is Django's statement with the group's id in place of its
     parameters: the same SQL and values otherwise."""
     shape, group = SHAPES[1], 7_654_321
-    values = {
-        "now": timezone.now(),
-        "key_id": 41,
-        "session_id": "conversation-7",
-        "group_id": group,
-        "fixed_account_id": 12,
-        "snapshot_id": 99,
-        "global_avg_ms": 512.5,
-        "band_width_ms": 153.75,
-        "account_part_ms": 358.75,
-        "proxy_part_ms": 153.75,
-        "slow_start_seconds": 60.0,
-        "excluded": [],
-        "preferred": [],
-    }
+    values = _values(shape, group_id=group)
     sql, params = reads.compiled(shape).statement(values)
     fresh_sql, fresh_params = candidates_queryset(shape, values).query.sql_with_params()
     fresh = iter(fresh_params)
@@ -103,9 +95,8 @@ def test_only_an_integer_is_ever_written_into_a_statement():
         sentinel_values(PARAMETERS, {"excluded": 0, "preferred": 0}),
         written=frozenset({"session_id"}),
     )
-    values = dict.fromkeys(PARAMETERS, 1) | {"now": timezone.now(), "session_id": "1; DROP TABLE x"}
     with pytest.raises(TypeError, match="only an integer"):
-        query.statement({**values, "excluded": [], "preferred": []})
+        query.statement(_values(SHAPES[1], session_id="1; DROP TABLE x"))
 
 
 @pytest.mark.parametrize(

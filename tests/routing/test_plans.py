@@ -63,12 +63,29 @@ def _statements(ctx, *models, kinds=("SELECT", "WITH", "UPDATE")) -> list[str]:
     return statements
 
 
+def _head_read(key):
+    """The new-session head read of ``key``: its compiled query and values."""
+    shape, values = reads.request_shape(
+        key=key,
+        request=DispatchRequest(session_id="a-new-one"),
+        now=timezone.now(),
+        snapshot=None,
+        spread=True,
+        head=True,
+    )
+    return reads.compiled(shape), values
+
+
+def _pool_key() -> ApiKey:
+    """The key of a new pool of three accounts (its own group)."""
+    return ApiKey.objects.get(pk=pool_seed(prefix="p-", identities=uniform_pool(3)).key_ids["gateway"])
+
+
 def test_a_new_sessions_binding_lookup_uses_the_key_and_session_id_index(postgres_only):
     """With a one-column index on the key beside the unique (key, session id)
     one, PostgreSQL chose the former and filtered 3,000 rows on a bench key."""
     busy, quiet = ApiKeyFactory(), ApiKeyFactory()
     accounts = AccountFactory.create_batch(4)
-    now = timezone.now()
 
     def bind(key, count):
         bindings_seed(key_id=key.pk, accounts=accounts, count=count, session_prefix=f"{key.pk}-")
@@ -77,10 +94,7 @@ def test_a_new_sessions_binding_lookup_uses_the_key_and_session_id_index(postgre
     _analyze(SessionBinding)
     bind(busy, 3_000)  # after the statistics: the planner believes it has none
 
-    shape, values = reads.request_shape(
-        key=busy, request=DispatchRequest(session_id="a-new-one"), now=now, snapshot=None, spread=True, head=True
-    )
-    query = reads.compiled(shape)
+    query, values = _head_read(busy)
     lookups = [
         node for node in _scans(_plan(*query.statement(values)), SessionBinding) if "session_id" in json.dumps(node)
     ]
@@ -92,19 +106,6 @@ def test_a_new_sessions_binding_lookup_uses_the_key_and_session_id_index(postgre
 
 
 # --- the candidates read runs on its generic plan ------------------------------------
-
-
-def _head_read(key, *, session_id: str = "a-new-one"):
-    """The new-session head read of ``key``: its compiled query and values."""
-    shape, values = reads.request_shape(
-        key=key,
-        request=DispatchRequest(session_id=session_id),
-        now=timezone.now(),
-        snapshot=None,
-        spread=True,
-        head=True,
-    )
-    return reads.compiled(shape), values
 
 
 def _generic_plan(query, values) -> dict:
@@ -137,8 +138,7 @@ def test_the_head_read_runs_on_a_generic_plan_planned_once(postgres_only):
     """Planned afresh on every run, the read spent 1.2-1.8 ms planning and
     0.4 ms running on 10 accounts. It asks for its generic plan, and leaves
     the connection's setting as it found it."""
-    key = ApiKey.objects.get(pk=pool_seed(prefix="p-", identities=uniform_pool(3)).key_ids["gateway"])
-    query, values = _head_read(key)
+    query, values = _head_read(_pool_key())
     for _ in range(8):  # psycopg prepares a statement on its fifth run
         assert len(query.fetch(values)) == 3
     with connection.cursor() as cursor:
@@ -155,8 +155,7 @@ def test_without_prepared_statements_the_setting_is_left_alone(postgres_only, mo
     """Behind a pooler that cannot keep prepared statements
     (``DATABASE_PREPARE_THRESHOLD=0``) a generic plan would be planned on
     every run too: the read then sends no SET."""
-    key = ApiKey.objects.get(pk=pool_seed(prefix="p-", identities=uniform_pool(3)).key_ids["gateway"])
-    query, values = _head_read(key)
+    query, values = _head_read(_pool_key())
     monkeypatch.setitem(connection.settings_dict["OPTIONS"], "prepare_threshold", None)
     with CaptureQueriesContext(connection) as ctx:
         assert len(query.fetch(values)) == 3
@@ -165,8 +164,7 @@ def test_without_prepared_statements_the_setting_is_left_alone(postgres_only, mo
 
 
 def _read_fails_then_setting(*, atomic: bool) -> tuple:
-    key = ApiKey.objects.get(pk=pool_seed(prefix="p-", identities=uniform_pool(3)).key_ids["gateway"])
-    query, values = _head_read(key)
+    query, values = _head_read(_pool_key())
     # The read's own error: PostgreSQL refuses the value.
     with pytest.raises(DataError, match="invalid input syntax"), transaction.atomic() if atomic else nullcontext():
         query.fetch({**values, "now": "not a time"})
