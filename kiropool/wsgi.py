@@ -10,6 +10,6 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "kiropool.settings")
 secrets_require()
 application = get_wsgi_application()
 
-from kiropool.warmup import worker_warm  # noqa: E402 - needs the apps loaded
+from kiropool.warmup import worker_start  # noqa: E402 - needs the apps loaded
 
-worker_warm()
+worker_start()
