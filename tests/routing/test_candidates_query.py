@@ -26,6 +26,7 @@ from routing.selectors.candidates import HEAD_ROWS, PARAMETERS, Shape, candidate
 from routing.selectors.compiled import CompiledQuery, adapt, sentinel_values
 from routing.selectors.latency import latency_snapshot_latest
 from tests.factories import AccountFactory, ApiKeyFactory, latency_snapshot_create
+from tests.routing.reads import head_read
 
 pytestmark = pytest.mark.django_db
 
@@ -135,15 +136,7 @@ def test_a_prepared_read_is_never_jit_compiled(postgres_only):
     compiled if JIT were on."""
     key = ApiKeyFactory()
     AccountFactory.create_batch(3)
-    shape, values = reads.request_shape(
-        key=key,
-        request=DispatchRequest(session_id="new-1"),
-        now=timezone.now(),
-        snapshot=None,
-        spread=True,
-        head=True,
-    )
-    query = reads.compiled(shape)
+    query, values = head_read(key)
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute("SET LOCAL jit_above_cost = 0")
         cursor.execute("SET LOCAL plan_cache_mode = force_generic_plan")

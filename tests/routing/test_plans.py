@@ -18,11 +18,10 @@ from django.utils import timezone
 
 from accounts.models import Account, AccountGroup, ApiKey, RoutingIdentity
 from routing import slots
-from routing.dispatch import DispatchRequest
 from routing.models import Lease, SessionBinding
 from routing.pools import bindings_seed, pool_seed, uniform_pool
-from routing.selectors import dispatch as reads
 from tests.factories import AccountFactory, ApiKeyFactory, LeaseFactory
+from tests.routing.reads import head_read
 
 pytestmark = pytest.mark.django_db
 
@@ -63,19 +62,6 @@ def _statements(ctx, *models, kinds=("SELECT", "WITH", "UPDATE")) -> list[str]:
     return statements
 
 
-def _head_read(key):
-    """The new-session head read of ``key``: its compiled query and values."""
-    shape, values = reads.request_shape(
-        key=key,
-        request=DispatchRequest(session_id="a-new-one"),
-        now=timezone.now(),
-        snapshot=None,
-        spread=True,
-        head=True,
-    )
-    return reads.compiled(shape), values
-
-
 def _pool_key() -> ApiKey:
     """The key of a new pool of three accounts (its own group)."""
     return ApiKey.objects.get(pk=pool_seed(prefix="p-", identities=uniform_pool(3)).key_ids["gateway"])
@@ -94,7 +80,7 @@ def test_a_new_sessions_binding_lookup_uses_the_key_and_session_id_index(postgre
     _analyze(SessionBinding)
     bind(busy, 3_000)  # after the statistics: the planner believes it has none
 
-    query, values = _head_read(busy)
+    query, values = head_read(busy)
     lookups = [
         node for node in _scans(_plan(*query.statement(values)), SessionBinding) if "session_id" in json.dumps(node)
     ]
@@ -138,7 +124,7 @@ def test_the_head_read_runs_on_a_generic_plan_planned_once(postgres_only):
     """Planned afresh on every run, the read spent 1.2-1.8 ms planning and
     0.4 ms running on 10 accounts. It asks for its generic plan, and leaves
     the connection's setting as it found it."""
-    query, values = _head_read(_pool_key())
+    query, values = head_read(_pool_key())
     for _ in range(8):  # psycopg prepares a statement on its fifth run
         assert len(query.fetch(values)) == 3
     with connection.cursor() as cursor:
@@ -155,7 +141,7 @@ def test_without_prepared_statements_the_setting_is_left_alone(postgres_only, mo
     """Behind a pooler that cannot keep prepared statements
     (``DATABASE_PREPARE_THRESHOLD=0``) a generic plan would be planned on
     every run too: the read then sends no SET."""
-    query, values = _head_read(_pool_key())
+    query, values = head_read(_pool_key())
     monkeypatch.setitem(connection.settings_dict["OPTIONS"], "prepare_threshold", None)
     with CaptureQueriesContext(connection) as ctx:
         assert len(query.fetch(values)) == 3
@@ -164,7 +150,7 @@ def test_without_prepared_statements_the_setting_is_left_alone(postgres_only, mo
 
 
 def _read_fails_then_setting(*, atomic: bool) -> tuple:
-    query, values = _head_read(_pool_key())
+    query, values = head_read(_pool_key())
     # The read's own error: PostgreSQL refuses the value.
     with pytest.raises(DataError, match="invalid input syntax"), transaction.atomic() if atomic else nullcontext():
         query.fetch({**values, "now": "not a time"})
@@ -198,7 +184,7 @@ def test_a_small_groups_generic_plan_knows_the_group_is_small(postgres_only):
     members = AccountGroup.accounts.through
     for model in (Account, members, RoutingIdentity):
         _analyze(model)
-    plan = _generic_plan(*_head_read(ApiKey.objects.get(pk=small.key_ids["gateway"])))
+    plan = _generic_plan(*head_read(ApiKey.objects.get(pk=small.key_ids["gateway"])))
     (group,) = [node for node in _rows_of(plan) if node.get("Relation Name") == members._meta.db_table]
     assert group["Plan Rows"] <= 20, group
 
@@ -221,7 +207,7 @@ def test_the_generic_plan_expects_few_expired_bindings(postgres_only):
     accounts = AccountFactory.create_batch(4)
     bindings_seed(key_id=key.pk, accounts=accounts, count=3_000, session_prefix="live-")
     _analyze(SessionBinding)
-    plan = _generic_plan(*_head_read(key))
+    plan = _generic_plan(*head_read(key))
     expiry = [node for node in _scans(plan, SessionBinding) if "expires_at" in node.get("Index Cond", "")]
     expiry = [node for node in expiry if "session_id" not in node.get("Index Cond", "")]
     assert expiry, "the read counts expired bindings"
