@@ -150,6 +150,9 @@ def bindings_seed(*, key_id: int, accounts: list[Account], count: int, session_p
                       FROM generate_series(0, %s - 1) AS n""",
                 [key_id, session_prefix, ids, len(ids), now, now, expires, count],
             )
+            # SET LOCAL outlives a savepoint: without this, inside a caller's
+            # transaction no trigger would fire until it ends.
+            cursor.execute("SET LOCAL session_replication_role = origin")
     else:
         batch = []
         for n in range(count):

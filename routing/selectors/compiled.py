@@ -87,15 +87,15 @@ class CompiledQuery:
         for name, value in sentinels.items():
             if isinstance(value, list):
                 for i, item in enumerate(value):
-                    lookup[(type(item), item)] = (name, i)
+                    lookup[_identity(item)] = (name, i)
             else:
                 adapted = adapt(value)
-                lookup[(type(adapted), adapted)] = (name, None)
+                lookup[_identity(adapted)] = (name, None)
         # Each parameter is either a slot (name, list index) or a literal kept as compiled.
         self.slots: list[tuple[str, int | None] | None] = []
         self.literals: list[object] = []
         for param in params:
-            self.slots.append(lookup.get((type(param), param)) if _hashable(param) else None)
+            self.slots.append(lookup.get(_identity(param)) if _hashable(param) else None)
             self.literals.append(param)
         # The parameters written into the statement, the SQL around them, and
         # the statements written so far (one per combination of values).
@@ -218,6 +218,15 @@ def _integer(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"only an integer is written into a statement, not {type(value).__name__}")
     return value
+
+
+def _identity(value) -> tuple[type, object]:
+    """How a sentinel is recognized among the parameters: by type and value,
+    an integer whatever wrapper the driver gave it (psycopg sends a
+    ``BigIntegerField``'s value as an ``Int8``)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return int, int(value)
+    return type(value), value
 
 
 def _hashable(value) -> bool:
