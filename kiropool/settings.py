@@ -334,6 +334,11 @@ KIROPOOL_EJECTION_MAX_SECONDS = _clamp(
     env.int("KIROPOOL_EJECTION_MAX_SECONDS", default=15 * 60), KIROPOOL_EJECTION_BASE_SECONDS, 24 * 3600
 )
 KIROPOOL_SLOW_START_SECONDS = float(_clamp(env.int("KIROPOOL_SLOW_START_SECONDS", default=60), 0, 3600))
+# From this many accounts a key's dispatch reads the head of its order from
+# an index (routing/selectors/walk.py) instead of ordering every account.
+# Measured on the bench database: 0.7 against 0.5 ms at 10 accounts, 0.8
+# against 2.4 ms at 50, 0.6-0.8 against 6-8 ms at 1,000.
+KIROPOOL_WALK_MIN_ACCOUNTS = _clamp(env.int("KIROPOOL_WALK_MIN_ACCOUNTS", default=32), 0, 1_000_000)
 # An exhausted account (or one at its minimum balance) with no known reset
 # time lets one probe lease through this often (half-open).
 KIROPOOL_QUOTA_PROBE_SECONDS = _clamp(env.int("KIROPOOL_QUOTA_PROBE_SECONDS", default=3600), 60, 31 * 24 * 3600)

@@ -10,7 +10,9 @@ ORM code here is the specification and answers every case.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import sys
 import time
 from datetime import datetime, timedelta
 
@@ -25,7 +27,7 @@ from routing.backend import backend
 from routing.dispatch import Acquired, CandidateRow, DispatchRequest, SessionState
 from routing.models import Lease, StickyOutcome
 from routing.selectors import dispatch as reads
-from routing.selectors import key_accounts
+from routing.selectors import key_accounts, walk
 from routing.selectors.candidates import HEAD_ROWS
 from routing.selectors.latency import StoredSnapshot, latency_snapshot_current
 
@@ -143,6 +145,8 @@ def dispatch_warm() -> None:
         ]
         if session_id:
             shapes.append(reads.request_shape(**read, snapshot=None, spread=False, bound_only=True)[0])
+        # A large pool's head read goes through the walk (selectors/walk.py).
+        shapes += [dataclasses.replace(s, walk=True) for s in shapes if walk.walkable(s, size=sys.maxsize)]
         for shape in shapes:
             reads.compiled(shape)
     if backend.statements is not None:

@@ -279,3 +279,36 @@ class CounterDrift(models.Model):
 
     def __str__(self) -> str:
         return f"{self.counter}: {self.total}"
+
+
+class PoolOrder(models.Model):
+    """The columns of the dispatch order of one account in one scope, kept by
+    database triggers (migration 0008) and never written by the application.
+
+    A scope is an account group (``scope_id`` its id) or every account
+    (``scope_id`` 0): one row per account and scope. Its two indexes hold a
+    scope's *plain* accounts (balanced, alone on their identity) in the order
+    SPEC §2 gives them, sessions first or not, so a dispatch on a large pool
+    reads the head of that order from an index instead of sorting the pool
+    (``routing/selectors/walk.py``). The copies change in the transaction
+    that changes their source (an account, its identity, a membership, a
+    binding through the binding counter), so a read never sees them apart."""
+
+    ALL_ACCOUNTS = 0  # the scope of keys that route over every account
+
+    scope_id = models.BigIntegerField()
+    account = models.ForeignKey(
+        "accounts.Account", on_delete=models.DO_NOTHING, db_constraint=False, related_name="order_rows"
+    )
+    enabled = models.BooleanField()
+    plain = models.BooleanField()  # balanced, and its identity has no other account
+    binding_rows = models.PositiveIntegerField()  # the account's binding counter
+    last_started_at = models.DateTimeField(null=True)  # the identity's
+    credits_sort = models.FloatField()  # balanced credits descending: -(balance, or -1 unknown)
+    name = models.CharField(max_length=200)  # the account's; byte order (collation "C") on PostgreSQL
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["scope_id", "account"], name="pool_order_unique_scope_account")]
+
+    def __str__(self) -> str:
+        return f"{self.name} in scope {self.scope_id}"

@@ -64,6 +64,17 @@ def _key_rows_read_each_time(settings):
 
 
 @pytest.fixture(autouse=True)
+def _fresh_pool_sizes():
+    # The dispatcher trusts a pool's size for a minute per process; ids are
+    # reused between tests, so every test counts afresh.
+    from routing.selectors.key_accounts import pool_sizes_clear
+
+    pool_sizes_clear()
+    yield
+    pool_sizes_clear()
+
+
+@pytest.fixture(autouse=True)
 def _fresh_probe_caches():
     # /readyz and /metrics reuse their answer for a few seconds per process;
     # every test starts from the database and broker as they are now.

@@ -40,8 +40,8 @@ from django.db.models.functions import Coalesce, Collate, Greatest
 
 from accounts.models import Account, ApiKey, RouteStrategy
 from routing import selection
-from routing.models import Lease, SessionBinding
-from routing.selectors import counts, rules
+from routing.models import SessionBinding
+from routing.selectors import counts, rules, walk
 
 # Rows of the order a dispatch reads: the first is claimed, and the others
 # are there for when a concurrent dispatch took its slot a moment earlier.
@@ -64,6 +64,7 @@ class Shape:
     excluded: int = 0  # number of excluded names
     preferred: int = 0  # number of model-preferred names
     head: bool = False  # only the first HEAD_ROWS rows, ready ones first
+    walk: bool = False  # order only the walked and special accounts (walk.py)
 
 
 def scope_of(key: ApiKey) -> str:
@@ -100,7 +101,8 @@ def candidates_queryset(shape: Shape, values: Mapping[str, object]) -> QuerySet:
     )
     reset = Q(quota_resets_at__lte=now)
     probe = Q(quota_resets_at__isnull=True, quota_next_probe_at__lte=now)
-    accounts = Account.objects.filter(Q(enabled=True) & (~spent | reset | probe))
+    selectable = Q(enabled=True) & (~spent | reset | probe)
+    accounts = Account.objects.filter(selectable)
     if shape.scope == "fixed":
         accounts = accounts.filter(pk=values["fixed_account_id"])
     elif shape.scope == "group":
@@ -108,6 +110,8 @@ def candidates_queryset(shape: Shape, values: Mapping[str, object]) -> QuerySet:
     # The candidate set before any annotation: key 3 and the credit_first
     # balance of an unknown account aggregate over it (subqueries, below).
     candidates = accounts
+    if shape.walk:
+        accounts = accounts.filter(pk__in=walk.head_or_special(selectable, values, spread=shape.spread, rows=HEAD_ROWS))
 
     binding = SessionBinding.objects.filter(
         api_key_id=values["key_id"], session_id=values["session_id"], expires_at__gt=now
@@ -121,15 +125,7 @@ def candidates_queryset(shape: Shape, values: Mapping[str, object]) -> QuerySet:
     # sort after every account a lease could start on.
     included = ~Q(name__in=values["excluded"]) if shape.excluded else Q()
     accounts = accounts.annotate(
-        expired_leases=Case(
-            When(
-                identity_id__in=Lease.objects.filter(counts.expired(now), completed_at__isnull=True).values(
-                    "identity_id"
-                ),
-                then=counts.expired_leases(now),
-            ),
-            default=Value(0),
-        ),
+        expired_leases=counts.unreaped_leases(now),
         excluded=(
             ExpressionWrapper(Q(name__in=values["excluded"]), output_field=BooleanField())
             if shape.excluded

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from django.db.models import Count, IntegerField, OuterRef, Q, Subquery, Value
+from django.db.models import Case, Count, IntegerField, OuterRef, Q, Subquery, Value, When
 from django.db.models.functions import Coalesce
 
 from routing.models import Lease, SessionBinding
@@ -50,4 +50,17 @@ def live_leases(now: datetime, *, identity_ref: str = "identity_id") -> Coalesce
     return count_subquery(
         Lease.objects.filter(identity=OuterRef(identity_ref), completed_at__isnull=True, expires_at__gt=now),
         "identity",
+    )
+
+
+def unreaped_leases(now: datetime) -> Case:
+    """Per account (outer row): :func:`expired_leases` of its identity, probed
+    only for the identities that have any (few: the reaper closes them), not
+    for every row of the pool."""
+    return Case(
+        When(
+            identity_id__in=Lease.objects.filter(expired(now), completed_at__isnull=True).values("identity_id"),
+            then=expired_leases(now),
+        ),
+        default=Value(0),
     )

@@ -8,6 +8,7 @@ for running the query, not for building it.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,7 +19,8 @@ from django.conf import settings
 from accounts.models import ApiKey
 from routing import selection
 from routing.dispatch import CandidateRow, DispatchRequest, SortKeys
-from routing.selectors.candidates import PARAMETERS, Shape, candidates_queryset, scope_of
+from routing.selectors import key_accounts, walk
+from routing.selectors.candidates import HEAD_ROWS, PARAMETERS, Shape, candidates_queryset, scope_of
 from routing.selectors.compiled import CompiledQuery, sentinel_values
 from routing.selectors.latency import StoredSnapshot
 
@@ -93,8 +95,20 @@ def request_shape(
 
 
 def read(**request) -> Read:
-    """Run the candidates read of a request (``request_shape``'s arguments)."""
+    """Run the candidates read of a request (``request_shape``'s arguments).
+
+    A head read of a large pool goes through the walk (``walk.py``); when
+    its rows cannot show they are the head, the full read runs instead."""
     shape, values = request_shape(**request)
+    if walk.walkable(shape, size=key_accounts.pool_size(request["key"])):
+        found = run(dataclasses.replace(shape, walk=True), values)
+        if walk.exact(found.rows, head_rows=HEAD_ROWS):
+            return found
+    return run(shape, values)
+
+
+def run(shape: Shape, values: Mapping[str, object]) -> Read:
+    """Run the read of ``shape`` with ``values``, as it is."""
     query = compiled(shape)
     rows = query.fetch(values)
     # The same on every row: the binding may point at an account that is

@@ -5,6 +5,8 @@ of the account a dispatch granted. The ordered candidates read is
 
 from __future__ import annotations
 
+import time
+
 from django.db.models import QuerySet
 
 from accounts.models import Account, ApiKey, RouteStrategy
@@ -26,6 +28,36 @@ def key_accounts(key: ApiKey) -> QuerySet:
     if key.account_group_id is not None:
         return accounts.filter(groups=key.account_group_id)
     return accounts
+
+
+# How long a process trusts a pool's size, and how many sizes it keeps.
+POOL_SIZE_SECONDS = 60.0
+POOL_SIZES_KEPT = 1024
+_pool_sizes: dict[tuple[str, int | None], tuple[float, int]] = {}
+
+
+def pool_size(key: ApiKey) -> int:
+    """How many accounts the key routes to, whatever their state, as counted
+    at most ``POOL_SIZE_SECONDS`` ago in this process. It only chooses the
+    faster of two reads that give the same answer (``walk.py``), so a count
+    a minute old is good enough, and counting on every dispatch is not."""
+    if key.route_strategy == RouteStrategy.FIXED:
+        return 1
+    scope = ("group", key.account_group_id) if key.account_group_id is not None else ("all", None)
+    now = time.monotonic()
+    known = _pool_sizes.get(scope)
+    if known is not None and known[0] > now:
+        return known[1]
+    size = key_accounts(key).count()
+    if len(_pool_sizes) >= POOL_SIZES_KEPT:
+        _pool_sizes.clear()
+    _pool_sizes[scope] = (now + POOL_SIZE_SECONDS, size)
+    return size
+
+
+def pool_sizes_clear() -> None:
+    """Forget the sizes counted (tests, which reuse ids)."""
+    _pool_sizes.clear()
 
 
 def every_account_excluded(*, key: ApiKey, request: DispatchRequest) -> bool:

@@ -7,8 +7,10 @@ SQL must be exactly what Django compiles afresh for the same values."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+import sys
 from datetime import timedelta
 
 import pytest
@@ -17,15 +19,16 @@ from django.utils import timezone
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from accounts.models import Account, AccountGroup, ApiKey, Pool, Proxy, RoutingIdentity
+from accounts.models import Pool
 from routing import readiness, selection
 from routing.dispatch import DispatchRequest
-from routing.models import LatencySnapshot, Lease, SessionBinding
 from routing.selectors import dispatch as reads
+from routing.selectors import walk
 from routing.selectors.candidates import HEAD_ROWS, PARAMETERS, Shape, candidates_queryset
 from routing.selectors.compiled import CompiledQuery, adapt, sentinel_values
 from routing.selectors.latency import latency_snapshot_latest
-from tests.factories import AccountFactory, ApiKeyFactory, latency_snapshot_create
+from tests.factories import AccountFactory, ApiKeyFactory
+from tests.routing.random_pools import account_specs, identity_specs, names_at, pool_build, pool_key
 from tests.routing.reads import head_read
 
 pytestmark = pytest.mark.django_db
@@ -39,6 +42,9 @@ SHAPES = [
     Shape(scope="group", preferred_pool=Pool.CREDIT_FIRST, with_session=True, spread=True, head=True),
     Shape(scope="fixed", preferred_pool=Pool.BALANCED, with_session=True, bound_only=True, excluded=2),
     Shape(scope="all", preferred_pool=Pool.BALANCED, latency=True, excluded=1, preferred=3, head=True),
+    Shape(
+        scope="group", preferred_pool=Pool.BALANCED, with_session=True, spread=True, head=True, walk=True, preferred=2
+    ),
 ]
 
 
@@ -105,6 +111,8 @@ def test_only_an_integer_is_ever_written_into_a_statement():
     [
         (SHAPES[1], {"now", "slow_start_seconds", "key_id", "session_id", "group_id"}),
         (SHAPES[2], {"now", "slow_start_seconds", "key_id", "session_id", "fixed_account_id", "excluded"}),
+        # the walk's scope is the group too (a BigIntegerField's value, sent as psycopg's Int8)
+        (SHAPES[4], {"now", "slow_start_seconds", "key_id", "session_id", "group_id", "preferred"}),
         (
             SHAPES[3],
             {
@@ -150,104 +158,8 @@ def test_a_prepared_read_is_never_jit_compiled(postgres_only):
 # --- the database order is the ordering contract ----------------------------------------------
 
 
-accounts_strategy = st.lists(
-    st.fixed_dictionaries(
-        {
-            "identity": st.integers(0, 4),  # several accounts may alias one identity
-            "pool": st.sampled_from([Pool.BALANCED, Pool.CREDIT_FIRST]),
-            "credits": st.one_of(st.none(), st.floats(0, 1000, allow_nan=False).map(lambda x: round(x, 1))),
-            "proxy": st.sampled_from([None, 0, 1]),
-            "bindings": st.integers(0, 3),
-            "expired_bindings": st.integers(0, 1),
-            "samples": st.one_of(st.none(), st.tuples(st.integers(1, 40), st.floats(50, 3000, allow_nan=False))),
-            # Out of the read, whose sessions key 3 and whose balance the best
-            # known credit_first balance must not count: disabled, exhausted,
-            # or outside the key's group.
-            "enabled": st.sampled_from([True, True, True, False]),
-            "exhausted": st.sampled_from([False, False, False, True]),
-            "in_group": st.sampled_from([True, True, True, False]),
-        }
-    ),
-    min_size=1,
-    max_size=9,
-)
-identities_strategy = st.lists(
-    st.fixed_dictionaries(
-        {
-            "started_ago": st.one_of(st.none(), st.integers(1, 600)),
-            "cooling": st.booleans(),
-            "max_concurrency": st.integers(1, 3),
-            "in_flight": st.integers(0, 3),
-            "pacing_ms": st.sampled_from([0, 0, 500, 60_000]),
-        }
-    ),
-    min_size=5,
-    max_size=5,
-)
-
-
-def _build(accounts, identities, *, proxy_cooling, global_avg, proxy_samples):
-    for model in (Lease, SessionBinding, LatencySnapshot, ApiKey, AccountGroup, Account, RoutingIdentity, Proxy):
-        model.objects.all().delete()
-    now = timezone.now()
-    proxies = [
-        Proxy.objects.create(
-            name=f"p{i}", url=f"http://p{i}:1", cooldown_until=now + timedelta(minutes=5) if cooling else None
-        )
-        for i, cooling in enumerate(proxy_cooling)
-    ]
-    made_identities = []
-    for i, spec in enumerate(identities):
-        identity = RoutingIdentity.objects.create(
-            name=f"i{i}",
-            max_concurrency=spec["max_concurrency"],
-            min_start_interval_ms=spec["pacing_ms"],
-            cooldown_until=now + timedelta(minutes=1) if spec["cooling"] else None,
-            last_started_at=now - timedelta(seconds=spec["started_ago"]) if spec["started_ago"] else None,
-        )
-        made_identities.append(identity)
-    other_key = ApiKeyFactory(name="other")
-    made = []
-    for n, spec in enumerate(accounts):
-        # Mixed case and punctuation: names must order by code point in both places.
-        account = AccountFactory(
-            name=f"{'Ab'[n % 2]}-{n:02d}",
-            identity=made_identities[spec["identity"]],
-            pool=spec["pool"],
-            remaining_credits=spec["credits"],
-            proxy=proxies[spec["proxy"]] if spec["proxy"] is not None else None,
-            enabled=spec["enabled"],
-            quota_exhausted=spec["exhausted"],
-        )
-        for b in range(spec["bindings"] + spec["expired_bindings"]):
-            expires = now - timedelta(seconds=5) if b >= spec["bindings"] else now + timedelta(hours=1)
-            SessionBinding.objects.create(
-                api_key=other_key,
-                session_id=f"{account.name}-{b}",
-                account=account,
-                created_at=now - timedelta(hours=2),
-                updated_at=now - timedelta(hours=2),
-                expires_at=expires,
-            )
-        made.append(account)
-    for identity, spec in zip(made_identities, identities, strict=True):
-        # Live leases make the in-flight counter; the claim path keeps it so.
-        for _ in range(spec["in_flight"]):
-            Lease.objects.create(
-                account=identity.accounts.first() or made[0],
-                account_name="x",
-                identity=identity,
-                started_at=now,
-                expires_at=now + timedelta(minutes=15),
-            )
-        RoutingIdentity.objects.filter(pk=identity.pk).update(in_flight=spec["in_flight"])
-    if global_avg is not None:
-        latency_snapshot_create(
-            global_avg_ms=global_avg,
-            accounts={a.name: spec["samples"] for a, spec in zip(made, accounts, strict=True) if spec["samples"]},
-            proxies={p.url: s for p, s in zip(proxies, proxy_samples, strict=True) if s},
-        )
-    return made
+accounts_strategy = account_specs(identities=5, max_size=9)
+identities_strategy = identity_specs(5)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -290,15 +202,11 @@ def test_the_database_orders_candidates_exactly_as_the_contract(
 def _check_one(
     accounts, identities, proxy_cooling, proxy_samples, global_avg, preferred_pool, spread, excluded, preferred, grouped
 ):
-    made = _build(accounts, identities, proxy_cooling=proxy_cooling, global_avg=global_avg, proxy_samples=proxy_samples)
-    group = None
-    if grouped:
-        group = AccountGroup.objects.create(name="keyed")
-        group.accounts.set([a for a, spec in zip(made, accounts, strict=True) if spec["in_group"]])
-    key = ApiKeyFactory(name="gateway", preferred_pool=preferred_pool, model_preferences={}, account_group=group)
-    names = [a.name for a in made]
-    excluded_names = frozenset(names[i] for i in excluded if i < len(names))
-    preferred_names = frozenset(names[i] for i in preferred if i < len(names))
+    made = pool_build(
+        accounts, identities, proxy_cooling=proxy_cooling, global_avg=global_avg, proxy_samples=proxy_samples
+    )
+    key = pool_key(made, accounts, grouped=grouped, preferred_pool=preferred_pool)
+    excluded_names, preferred_names = names_at(made, excluded), names_at(made, preferred)
     request = DispatchRequest(session_id="s" if spread else None, exclude_accounts=excluded_names)
     now = timezone.now()
     stored = latency_snapshot_latest()
@@ -349,3 +257,14 @@ def _check_one(
         assert head[0].ready and head[0].candidate.account == startable[0]
     else:
         assert not any(row.ready for row in head)
+
+    # The head through the walk (walk.py): exact exactly when the head's
+    # last row can start on a proxy not cooling, and then row for row the
+    # same, every value included. Otherwise the dispatcher reads in full.
+    shape, values = reads.request_shape(**read, head=True)
+    if walk.walkable(shape, size=sys.maxsize):
+        walked = reads.run(dataclasses.replace(shape, walk=True), values).rows
+        full_head_is_walkable = len(head) == HEAD_ROWS and head[-1].ready and not head[-1].keys.proxy_cooling
+        assert walk.exact(walked, head_rows=HEAD_ROWS) == full_head_is_walkable
+        if full_head_is_walkable:
+            assert walked == head

@@ -1,0 +1,118 @@
+"""The head of a large pool's order, found through an index.
+
+The candidates read (``candidates.py``) orders every candidate and keeps the
+first ``HEAD_ROWS``; on a pool of 1,000 accounts the sort costs the database
+3-4 ms a dispatch. Most accounts of a pool are *plain*: balanced, alone on
+their identity. For a plain account that can start a lease now, whose proxy
+is not cooling and that has no binding past its expiry, every sort key of
+SPEC §2 is a column of its ``PoolOrder`` row (no latency band: a usable
+snapshot keeps the full read), and an index of that table holds a scope's
+rows in that order. So:
+
+- the *walk* reads that index from the start of the key's scope and keeps
+  the first ``HEAD_ROWS`` such accounts;
+- the *special* accounts are all that could sort before them otherwise: the
+  scope's accounts that are not plain (another pool; key 3 sums an alias's
+  sessions over its identity), those with bindings past their expiry (their
+  live count is below the counter), the model-preferred ones;
+- the read then orders only the walked and the special accounts, with the
+  full expressions of ``candidates.py``.
+
+That head is the true head whenever the walk found ``HEAD_ROWS`` accounts:
+any plain account it did not reach sorts after all of them (it cannot
+start, or its proxy cools, or its columns sort later). :func:`exact` checks
+this on the rows read; otherwise the caller reads in full. A property test
+checks on random pools, every kind of special account among them, that the
+head is the full read's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+from django.conf import settings
+from django.db.models import BooleanField, F, OuterRef, Q, QuerySet, Subquery, Value
+from django.db.models.lookups import Exact
+
+from accounts.models import Account
+from routing.dispatch import CandidateRow
+from routing.models import PoolOrder, SessionBinding
+from routing.selectors import counts, rules
+
+if TYPE_CHECKING:
+    from routing.selectors.candidates import Shape
+
+
+def index_order(*, spread: bool, prefix: str = "") -> list:
+    """The walk's ``ORDER BY``: the columns of ``pool_order_spread_idx``
+    (sessions first, for a new session) or of ``pool_order_idx``."""
+    sessions = [F(f"{prefix}binding_rows").asc()] if spread else []
+    return [
+        *sessions,
+        F(f"{prefix}last_started_at").asc(nulls_first=True),
+        F(f"{prefix}credits_sort").asc(),
+        F(f"{prefix}name").asc(),
+    ]
+
+
+def head_or_special(selectable: Q, values: Mapping[str, object], *, spread: bool, rows: int) -> QuerySet:
+    """The ids of the accounts the head read orders: the first ``rows``
+    plain ones of the key's scope that can start a lease (the walk), and
+    every special one. ``selectable`` is what makes an account a candidate."""
+    now = values["now"]
+    scope = PoolOrder.objects.filter(scope_id=values["group_id"], enabled=True)
+    expired = SessionBinding.objects.filter(counts.expired(now)).values("account_id")
+    # Whether the row's account can take a lease now, asked row by row as
+    # the index is read (a scalar subquery: as a join, a generic plan
+    # estimated the accounts that qualify at a handful and joined all of them).
+    startable = Account.objects.filter(selectable, pk=OuterRef("account_id")).exclude(pk__in=expired)
+    for names in (values["preferred"], values["excluded"]):
+        if names:
+            startable = startable.exclude(name__in=names)
+    startable = (
+        startable.filter(Q(proxy__cooldown_until__isnull=True) | Q(proxy__cooldown_until__lte=now))
+        .alias(expired_leases=counts.unreaped_leases(now))
+        .filter(
+            rules.identity_claimable(
+                now, values["slow_start_seconds"], prefix="identity__", expired_leases=F("expired_leases")
+            )
+        )
+        .order_by()
+        .values(startable=Value(True))
+    )
+    walk = (
+        scope.filter(plain=True)
+        .filter(Exact(Subquery(startable, output_field=BooleanField()), True))
+        .order_by(*index_order(spread=spread))
+        .values("pk")[:rows]
+    )
+    special = [scope.filter(plain=False).values("account_id"), expired]
+    if values["preferred"]:
+        special.append(Account.objects.filter(name__in=values["preferred"]).order_by().values("pk"))
+    # The walk inside a subquery of its own: a union member may not have a
+    # LIMIT of its own on SQLite.
+    return PoolOrder.objects.filter(pk__in=walk).order_by().values("account_id").union(*special, all=True)
+
+
+def exact(rows: Sequence[CandidateRow], *, head_rows: int) -> bool:
+    """Whether a head read through the walk is the full read's head: it is
+    when its last row can start a lease on a proxy not cooling. Then every
+    row is such a row, and an account the walk did not reach sorts after
+    them. Fewer rows, or a last row that cannot start, means the walk may
+    have run out before the head was full."""
+    return len(rows) == head_rows and rows[-1].ready and not rows[-1].keys.proxy_cooling
+
+
+def walkable(shape: Shape, *, size: int) -> bool:
+    """Whether a read of ``shape`` may go through the walk: a head read of a
+    pool of at least ``KIROPOOL_WALK_MIN_ACCOUNTS`` accounts, not a fixed
+    account, with no latency band to order by (a band is not a column of
+    ``PoolOrder``)."""
+    return (
+        shape.head
+        and not shape.bound_only
+        and not shape.latency
+        and shape.scope != "fixed"
+        and size >= settings.KIROPOOL_WALK_MIN_ACCOUNTS
+    )
