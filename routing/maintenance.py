@@ -1,5 +1,6 @@
 """The periodic tasks' writes (``routing/tasks.py``): the latency snapshot,
-the prunes, and the reconciliation of the hot counters.
+the prunes, and the reconciliation of the hot counters; and the rebuild of
+the order table, an operator's command.
 
 Each is idempotent and safe to run in several workers at once: rows are
 deleted in bounded batches by id, every delete re-checks its condition, and
@@ -17,11 +18,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.db import OperationalError, transaction
+from django.db import OperationalError, connection, transaction
 from django.db.models import F, Model, OuterRef, Q, QuerySet
 from django.utils import timezone
 
-from accounts.models import Account, ApiKey, RoutingIdentity
+from accounts.models import Account, AccountGroup, ApiKey, RoutingIdentity
 from routing import pg, selection
 from routing.backend import backend
 from routing.latency import SNAPSHOT_WINDOW, latency_snapshot_build
@@ -32,6 +33,7 @@ from routing.models import (
     LatencySample,
     LatencySnapshot,
     Lease,
+    PoolOrder,
     ProxyLatency,
     SessionBinding,
 )
@@ -237,3 +239,60 @@ def _reconcile_one(counter: Counter, pk: int) -> int:
         if not backend.postgres:
             raise
         return 0  # the row is busy on the hot path: the next run looks again
+
+
+# --- the order table -----------------------------------------------------------------------
+
+_ORDER_COLUMNS = ("enabled", "plain", "binding_rows", "last_started_at", "credits_sort", "name")
+
+
+def pool_order_rebuild() -> int:
+    """Write ``PoolOrder`` afresh from its sources, and return how many rows
+    were missing, left over or different. The triggers keep it in step with
+    every write; this is for a database loaded or restored with triggers
+    off (``manage.py pool_order_rebuild``). On PostgreSQL the table is
+    locked against writes meanwhile: a lease start waits for it (a few
+    milliseconds for thousands of accounts), and none is lost."""
+    with transaction.atomic():
+        if backend.postgres:
+            with connection.cursor() as cursor:
+                cursor.execute(f"LOCK TABLE {PoolOrder._meta.db_table} IN EXCLUSIVE MODE")
+        expected = _pool_order_expected()
+        actual = {
+            (scope, account): tuple(rest)
+            for scope, account, *rest in PoolOrder.objects.values_list("scope_id", "account_id", *_ORDER_COLUMNS)
+        }
+        wrong = {key for key in expected.keys() | actual.keys() if expected.get(key) != actual.get(key)}
+        if wrong:
+            PoolOrder.objects.all().delete()
+            PoolOrder.objects.bulk_create(
+                PoolOrder(scope_id=scope, account_id=account, **dict(zip(_ORDER_COLUMNS, row, strict=True)))
+                for (scope, account), row in expected.items()
+            )
+            logger.warning("pool order: %d row(s) were wrong; rebuilt", len(wrong))
+    return len(wrong)
+
+
+def _pool_order_expected() -> dict[tuple[int, int], tuple]:
+    """Every ``PoolOrder`` row, as the triggers write it, by (scope, account)."""
+    memberships: dict[int, list[int]] = {}
+    for group, account in AccountGroup.accounts.through.objects.values_list("accountgroup_id", "account_id"):
+        memberships.setdefault(account, []).append(group)
+    rows = {}
+    accounts = Account.objects.values_list(
+        "pk",
+        "enabled",
+        "pool",
+        "identity__account_rows",
+        "binding_rows",
+        "identity__last_started_at",
+        "remaining_credits",
+        "name",
+    )
+    for pk, enabled, pool, aliases, bindings, started, credits, name in accounts:
+        plain = pool == selection.POOL_BALANCED and aliases <= 1
+        credits_sort = -(credits if credits is not None else selection.UNKNOWN_BALANCED_CREDITS)
+        row = (enabled, plain, bindings, started, credits_sort, name)
+        for scope in (PoolOrder.ALL_ACCOUNTS, *memberships.get(pk, ())):
+            rows[(scope, pk)] = row
+    return rows

@@ -12,10 +12,12 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import sys
 from datetime import timedelta
 
 import pytest
+from django.core.management import call_command
 from django.db import connection, transaction
 from django.db.models import Count
 from django.test.utils import CaptureQueriesContext
@@ -25,7 +27,7 @@ from hypothesis import strategies as st
 
 from accounts.models import Account, AccountGroup, ApiKey, Pool, RoutingIdentity
 from routing.dispatch import DispatchRequest
-from routing.maintenance import counters_reconcile
+from routing.maintenance import counters_reconcile, pool_order_rebuild
 from routing.models import PoolOrder, SessionBinding
 from routing.pools import pool_seed, uniform_pool
 from routing.selectors import dispatch as reads
@@ -176,6 +178,24 @@ def test_a_deleted_group_takes_its_rows_and_the_accounts_keep_theirs():
     assert not PoolOrder.objects.filter(scope_id=group.pk).exists()
     assert _actual() == _expected()
     assert PoolOrder.objects.filter(scope_id=PoolOrder.ALL_ACCOUNTS).count() == 3
+
+
+def test_an_order_table_left_behind_is_rebuilt_from_its_sources():
+    """What a restore with triggers off leaves: a wrong copy, a missing row,
+    a row of no membership. The command sets all three right, and a second
+    run finds nothing to do."""
+    first, second, third = AccountFactory.create_batch(3)
+    AccountGroup.objects.create(name="g").accounts.set([first])
+    PoolOrder.objects.filter(account=first).update(binding_rows=9)  # two rows: the whole pool, the group
+    PoolOrder.objects.filter(account=second).delete()
+    PoolOrder.objects.create(
+        scope_id=777, account=third, enabled=True, plain=True, binding_rows=0, credits_sort=1.0, name="ghost"
+    )
+    out = io.StringIO()
+    call_command("pool_order_rebuild", stdout=out)
+    assert out.getvalue().strip() == "pool order: 4 row(s) were wrong; rebuilt"
+    assert _actual() == _expected()
+    assert pool_order_rebuild() == 0
 
 
 # --- the walk's head is the full read's head -------------------------------------------------
