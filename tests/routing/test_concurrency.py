@@ -12,6 +12,7 @@ import pytest
 from django.db import connection
 
 from accounts.models import RoutingIdentity
+from routing.maintenance import pool_order_rebuild
 from routing.models import Lease
 from tests.factories import AccountFactory, ApiKeyFactory, RoutingIdentityFactory
 from tests.routing.gateway import Gateway
@@ -22,8 +23,8 @@ pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def spawn(*args) -> subprocess.Popen:
-    env = {**os.environ, "DATABASE_URL": test_database_url()}
+def spawn(*args, env: dict[str, str] | None = None) -> subprocess.Popen:
+    env = {**os.environ, "DATABASE_URL": test_database_url(), **(env or {})}
     env.pop("REDIS_URL", None)
     return subprocess.Popen(
         [sys.executable, "-m", "tests.routing.hammer_worker", *map(str, args)],
@@ -68,6 +69,40 @@ def test_processes_hammering_one_identity_never_exceed_its_limit():
     assert leases.count() == len(acquired)
     assert set(leases.values_list("outcome", flat=True)) == {"success"}
     assert RoutingIdentity.objects.get(pk=identity.pk).in_flight == 0
+
+
+def test_processes_dispatching_through_the_walk_keep_the_order_table_true():
+    """Four processes run new and returning sessions through the walk (its
+    threshold at 0) on six identities, two of them with aliases, two slots
+    each: lease starts write the order rows of every alias, completions those
+    of the bound account, all at once. Nothing deadlocks or fails, nothing is
+    over-booked, and afterwards every order row equals its sources."""
+    identities = [RoutingIdentityFactory(name=f"walked-{i}", max_concurrency=2) for i in range(6)]
+    for i, identity in enumerate(identities):
+        for alias in range(2 if i < 2 else 1):
+            AccountFactory(name=f"walked-{i}-{alias}", identity=identity)
+    key = ApiKeyFactory()
+    with connection.cursor() as cursor:
+        cursor.execute("CREATE TABLE hammer_probe (identity text PRIMARY KEY, holders int, peak int)")
+        cursor.executemany("INSERT INTO hammer_probe VALUES (%s, 0, 0)", [[i.name] for i in identities])
+    try:
+        procs = [spawn(key.plaintext, 20, 5, env={"KIROPOOL_WALK_MIN_ACCOUNTS": "0"}) for _ in range(4)]
+        results = []
+        for proc in procs:
+            out, err = proc.communicate(timeout=240)
+            assert proc.returncode == 0, err
+            results.append(json.loads(out.strip().splitlines()[-1]))
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT max(peak), sum(holders) FROM hammer_probe")
+            peak, holders = cursor.fetchone()
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("DROP TABLE hammer_probe")
+    acquired = [lease for r in results for lease in r["acquired"]]
+    assert len(acquired) == len(set(acquired)) == 4 * 20
+    assert peak <= 2 and holders == 0
+    assert Lease.objects.filter(outcome="success").count() == len(acquired)
+    assert pool_order_rebuild() == 0  # every row was already what its sources say
 
 
 RELEASER = """
