@@ -44,16 +44,11 @@ if TYPE_CHECKING:
     from routing.selectors.candidates import Shape
 
 
-def index_order(*, spread: bool, prefix: str = "") -> list:
+def index_order(*, spread: bool) -> list:
     """The walk's ``ORDER BY``: the columns of ``pool_order_spread_idx``
     (sessions first, for a new session) or of ``pool_order_idx``."""
-    sessions = [F(f"{prefix}binding_rows").asc()] if spread else []
-    return [
-        *sessions,
-        F(f"{prefix}last_started_at").asc(nulls_first=True),
-        F(f"{prefix}credits_sort").asc(),
-        F(f"{prefix}name").asc(),
-    ]
+    sessions = [F("binding_rows").asc()] if spread else []
+    return [*sessions, F("last_started_at").asc(nulls_first=True), F("credits_sort").asc(), F("name").asc()]
 
 
 def head_or_special(selectable: Q, values: Mapping[str, object], *, spread: bool, rows: int) -> QuerySet:
