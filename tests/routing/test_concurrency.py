@@ -36,30 +36,36 @@ def spawn(*args, env: dict[str, str] | None = None) -> subprocess.Popen:
     )
 
 
-def test_processes_hammering_one_identity_never_exceed_its_limit():
-    limit, workers, cycles = 2, 4, 15
-    identity = RoutingIdentityFactory(name="hammered", max_concurrency=limit)
-    AccountFactory(name="alias-1", identity=identity)
-    AccountFactory(name="alias-2", identity=identity)
-    key = ApiKeyFactory()
+def hammer(key, identities, *, workers: int, cycles: int, hold_ms: int, env=None) -> tuple[list[str], int, int]:
+    """``workers`` processes of ``hammer_worker`` against ``key``, counting
+    the holders of each identity from outside the dispatcher. Returns the
+    leases they acquired, the highest holders any identity had at once, and
+    the holders left at the end."""
     with connection.cursor() as cursor:
         cursor.execute("CREATE TABLE hammer_probe (identity text PRIMARY KEY, holders int, peak int)")
-        cursor.execute("INSERT INTO hammer_probe VALUES ('hammered', 0, 0)")
+        cursor.executemany("INSERT INTO hammer_probe VALUES (%s, 0, 0)", [[i.name] for i in identities])
     try:
-        procs = [spawn(key.plaintext, cycles, 15) for _ in range(workers)]
+        procs = [spawn(key.plaintext, cycles, hold_ms, env=env) for _ in range(workers)]
         results = []
         for proc in procs:
             out, err = proc.communicate(timeout=240)
             assert proc.returncode == 0, err
             results.append(json.loads(out.strip().splitlines()[-1]))
         with connection.cursor() as cursor:
-            cursor.execute("SELECT holders, peak FROM hammer_probe")
-            holders, peak = cursor.fetchone()
+            cursor.execute("SELECT max(peak), sum(holders) FROM hammer_probe")
+            peak, holders = cursor.fetchone()
     finally:
         with connection.cursor() as cursor:
             cursor.execute("DROP TABLE hammer_probe")
+    return [lease for r in results for lease in r["acquired"]], peak, holders
 
-    acquired = [lease for r in results for lease in r["acquired"]]
+
+def test_processes_hammering_one_identity_never_exceed_its_limit():
+    limit, workers, cycles = 2, 4, 15
+    identity = RoutingIdentityFactory(name="hammered", max_concurrency=limit)
+    AccountFactory(name="alias-1", identity=identity)
+    AccountFactory(name="alias-2", identity=identity)
+    acquired, peak, holders = hammer(ApiKeyFactory(), [identity], workers=workers, cycles=cycles, hold_ms=15)
     assert len(acquired) == workers * cycles  # nobody ran out of wait budget
     assert peak == limit  # the slots were contended, and never over-booked
     assert holders == 0
@@ -81,24 +87,9 @@ def test_processes_dispatching_through_the_walk_keep_the_order_table_true():
     for i, identity in enumerate(identities):
         for alias in range(2 if i < 2 else 1):
             AccountFactory(name=f"walked-{i}-{alias}", identity=identity)
-    key = ApiKeyFactory()
-    with connection.cursor() as cursor:
-        cursor.execute("CREATE TABLE hammer_probe (identity text PRIMARY KEY, holders int, peak int)")
-        cursor.executemany("INSERT INTO hammer_probe VALUES (%s, 0, 0)", [[i.name] for i in identities])
-    try:
-        procs = [spawn(key.plaintext, 20, 5, env={"KIROPOOL_WALK_MIN_ACCOUNTS": "0"}) for _ in range(4)]
-        results = []
-        for proc in procs:
-            out, err = proc.communicate(timeout=240)
-            assert proc.returncode == 0, err
-            results.append(json.loads(out.strip().splitlines()[-1]))
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT max(peak), sum(holders) FROM hammer_probe")
-            peak, holders = cursor.fetchone()
-    finally:
-        with connection.cursor() as cursor:
-            cursor.execute("DROP TABLE hammer_probe")
-    acquired = [lease for r in results for lease in r["acquired"]]
+    acquired, peak, holders = hammer(
+        ApiKeyFactory(), identities, workers=4, cycles=20, hold_ms=5, env={"KIROPOOL_WALK_MIN_ACCOUNTS": "0"}
+    )
     assert len(acquired) == len(set(acquired)) == 4 * 20
     assert peak <= 2 and holders == 0
     assert Lease.objects.filter(outcome="success").count() == len(acquired)
