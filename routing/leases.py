@@ -78,24 +78,32 @@ def _walk(
             # Key 3 (fewest bound sessions) applies: the request has a session
             # id and the sticky fast path did not serve it.
             head = reads.read(**read, snapshot=_snapshot(key), spread=bool(request.session_id), head=True)
-            for row in head.rows:
-                if not row.ready:
-                    break
+        ready = list(itertools.takewhile(lambda row: row.ready, head.rows))
+        skipped: set[int] = set()
+        for row in ready:
+            with visit.claiming(row.identity_id) as mine:
+                if not mine:
+                    # Another attempt of the key here is claiming on it: the
+                    # order puts an identity that just started behind the others.
+                    skipped.add(row.identity_id)
+                    continue
                 sticky = _sticky_of(row, head.bound_account_id)
                 grant = slots.slot_claim(
                     key=key, row=row, request=request, waited_ms=visit.waited_ms, sticky=sticky, bound=bound
                 )
-                if grant is not None:
-                    session = SessionState.of(request.session_id, head.bound_account_id)
-                    return Acquired(grant, row, session, visit.waited_ms, sticky)
-            else:
-                if len(head.rows) == HEAD_ROWS:
-                    continue  # every row of the head was taken a moment before us: read again
-            if not head.rows:
-                if key_accounts.every_account_excluded(key=key, request=request):
-                    raise AllAccountsFailed()
-                raise NoUsableAccount()
-            everyone = reads.read(**read, snapshot=None, spread=False).rows
+            if grant is not None:
+                session = SessionState.of(request.session_id, head.bound_account_id)
+                return Acquired(grant, row, session, visit.waited_ms, sticky)
+        if skipped:
+            visit.claims_wait(skipped)  # read again once those claims are through
+            continue
+        if len(ready) == HEAD_ROWS:
+            continue  # every row of the head was taken a moment before us: read again
+        if not head.rows:
+            if key_accounts.every_account_excluded(key=key, request=request):
+                raise AllAccountsFailed()
+            raise NoUsableAccount()
+        everyone = reads.read(**read, snapshot=None, spread=False).rows
         candidates = [row for row in everyone if not row.excluded]
         if not candidates:
             raise AllAccountsFailed()

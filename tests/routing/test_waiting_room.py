@@ -75,7 +75,8 @@ def _attempt(order: list[str], name: str, visit, hold: float) -> None:
 
 def test_attempts_of_one_key_take_turns_in_a_process():
     # Concurrent attempts would read the same head of the order and fight
-    # over the same identity rows; in turns, each reads after the last claimed.
+    # over the same identity rows; in turns, each reads the head after the
+    # last has said which identity it claims on.
     room = WaitingRoom()
     order: list[str] = []
     threads = [
@@ -127,3 +128,43 @@ def test_a_waiter_asking_for_a_turn_goes_before_a_new_attempt():
     for thread in (holder, waited, new):
         thread.join(5)
     assert order == ["holder in", "holder out", "waiter", "new in", "new out"]
+
+
+def test_an_attempt_claims_on_an_identity_no_other_attempt_of_the_key_is_claiming_on():
+    room = WaitingRoom()
+    first, second, other_key = room.visit(key_id=1), room.visit(key_id=1), room.visit(key_id=2)
+    with first.claiming(7) as mine:
+        assert mine
+        with second.claiming(7) as theirs:
+            assert not theirs  # skips it: the first attempt is claiming there
+        with second.claiming(8) as theirs:
+            assert theirs
+        with other_key.claiming(7) as theirs:
+            assert theirs  # another key's claims are its own
+    with second.claiming(7) as theirs:
+        assert theirs  # the first is through
+
+
+def test_an_attempt_that_skipped_an_identity_waits_until_that_claim_is_through():
+    room = WaitingRoom()
+    order: list[str] = []
+    release = threading.Event()
+
+    def claim() -> None:
+        with room.visit(key_id=1).claiming(7):
+            order.append("claiming")
+            release.wait(5)
+            order.append("through")
+
+    holder = threading.Thread(target=claim)
+    holder.start()
+    _until(lambda: order)
+    waiter = threading.Thread(target=lambda: (room.visit(key_id=1).claims_wait({7}), order.append("read again")))
+    waiter.start()
+    waiter.join(0.2)
+    assert waiter.is_alive()  # still waiting: the claim is not through
+    room.visit(key_id=1).claims_wait({8})  # returns at once: nobody claims there
+    release.set()
+    holder.join(5)
+    waiter.join(5)
+    assert order == ["claiming", "through", "read again"]
