@@ -8,6 +8,7 @@ claim up, as a slow statement or a busy identity row would."""
 from __future__ import annotations
 
 import threading
+import time
 
 import psycopg
 import pytest
@@ -71,5 +72,5 @@ def _until_blocked_on_the_lock(locker: psycopg.Connection, timeout: float = 10.0
         ).fetchone()
         if row[0]:
             return
-        threading.Event().wait(0.01)
+        time.sleep(0.01)
     raise AssertionError("the first claim never reached the locked identity row")
