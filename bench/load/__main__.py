@@ -3,18 +3,23 @@
 One run, in this order (each load phase lasts BENCH_SECONDS after a short warm-up):
 
 1. the floor (bench/floor: one indexed SELECT through DRF, CommonMiddleware
-   only, persistent connections, 4 sync workers): 16 closed-loop clients,
-   then open loop at 200 requests/s;
-2. kiropool, gunicorn.conf.py with 4 workers:
-   - 16 closed-loop clients running dispatch → complete, 80 % existing
-     sessions, 10 % new, 10 % none, with 65,536 live bindings, then with none;
+   only, persistent connections, 4 sync workers) and kiropool
+   (gunicorn.conf.py, 4 workers) are started side by side;
+2. throughput, 16 closed-loop clients each: the floor, and kiropool running
+   dispatch → complete (80 % existing sessions, 10 % new, 10 % none) with
+   65,536 live bindings and with none. The three loads are measured in
+   halves, in the order floor, bindings, none, none, bindings, floor: the
+   machine's speed drifts, and one after the other the ratio to the floor
+   measured the drift as much as kiropool;
+3. the floor, open loop at 200 requests/s;
+4. kiropool:
    - new-session traffic (every dispatch a fresh session, then complete) on a
      10-account key and on a 1,000-account key: both warmed, then measured
      10, 1,000, 1,000, 10 accounts (a fixed order favoured the second);
    - open loop, Poisson arrivals of 100 new-session dispatches/s (each then
      completed), latency from the scheduled start, on 50 and 1,000 accounts;
    - wake after release: how soon a waiting dispatch gets a released slot;
-3. kiropool with 2 workers: 96 dispatches waiting on one held slot; how soon a
+5. kiropool with 2 workers: 96 dispatches waiting on one held slot; how soon a
    completion and /healthz answer, then how the waiters are served.
 
 A benchmark, not a test: it asserts nothing. It prints one table (figures,
@@ -24,6 +29,7 @@ targets, met or not) and writes bench/out/bench.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
@@ -46,6 +52,7 @@ MAIN_ACCOUNTS = 50
 POOL_SIZES = (10, 1000)  # new-session throughput: small, large
 LABELS = ("small", "large")
 POOL_ORDER = ("small", "large", "large", "small")  # mirrored: a steady drift cancels
+THROUGHPUT_LOADS = ("floor", "dispatch", "dispatch_no_bindings")  # measured in this order, then mirrored
 POOL_WARMUP_SECONDS = 3.0  # a fresh worker's first dispatches compile the reads' shapes
 OPEN_SIZES = (50, 1000)
 OPEN_RATE = 100.0  # dispatches/s, each followed by its completion
@@ -57,6 +64,11 @@ WAKE_ROUNDS = 20
 WAITING_WORKERS = 2
 WAITERS, WAITER_MAX_WAIT_MS = 96, 60_000
 WAITER_GAP_SECONDS, WAITER_SETTLE_SECONDS = 0.01, 1.0
+LOAD_TITLES = {
+    "floor": "floor",
+    "dispatch": f"dispatch+complete, {seed.BINDINGS:,} live bindings",
+    "dispatch_no_bindings": "dispatch+complete, 0 bindings",
+}
 PHASES = ("floor", "throughput", "pool_size", "open_loop", "wake", "waiting")
 MAIN_SERVER_PHASES = frozenset({"throughput", "pool_size", "open_loop", "wake"})  # one 4-worker kiropool serves them
 REPORT_ORDER = (
@@ -165,8 +177,7 @@ def main(argv: list[str] | None = None) -> None:
         only=only,
     )
     try:
-        run.floor_phases(report)
-        run.kiropool_phases(report)
+        run.server_phases(report)
         run.waiting_phase(report)
     finally:
         # Also when a server would not start: the figures measured so far are kept.
@@ -183,48 +194,79 @@ class Run:
             rate=OPEN_RATE, seconds=seconds, warmup=WARMUP_SECONDS, processes=OPEN_PROCESSES, threads=OPEN_THREADS
         )
 
-    def floor_phases(self, report: dict) -> None:
-        if "floor" not in self.only:
-            return
-        plan = Plan("floor", floor_pk=self.seeded.floor_pk)
-        with servers.floor_server(self.env, workers=WORKERS, log=OUT / "gunicorn-floor.log") as floor:
-            self.say(f"floor: {CLIENTS} closed-loop clients")
-            phase(report, "floor", lambda: closed_loop(floor.port, plan, name="floor", **self.closed))
-            rate = 2 * OPEN_RATE  # kiropool's dispatches and completions together
-            self.say(f"floor: open loop at {rate:.0f} requests/s")
-            opened = {**self.opened, "rate": rate}
-            phase(
-                report,
-                "floor",
-                lambda: open_loop(floor.port, plan, name="floor-open", **opened, seed=3),
-                "open_loop",
-            )
-
-    def kiropool_phases(self, report: dict) -> None:
-        seeded, closed = self.seeded, self.closed
-        if not self.only & MAIN_SERVER_PHASES:
-            return
-        with servers.kiropool_server(self.env, workers=WORKERS, log=OUT / "gunicorn-kiropool.log") as server:
-            port = server.port
-
-            def mixed(key: str, key_id: int) -> dict:
-                plan = Plan("mixed", key=key, bindings=seed.BINDINGS)
-                bindings = seed.live_bindings(key_id)
-                connections_close()
-                return {"bindings": bindings, **closed_loop(port, plan, name=f"mixed{key_id}", **closed)}
-
-            if "throughput" in self.only:
-                self.say(f"dispatch+complete, {seed.BINDINGS:,} live bindings, {CLIENTS} closed-loop clients")
-                phase(report, "dispatch", lambda: mixed(seeded.key, seeded.key_id))
-                self.say(f"dispatch+complete, 0 bindings, {CLIENTS} closed-loop clients")
-                phase(report, "dispatch_no_bindings", lambda: mixed(seeded.empty_key, seeded.empty_key_id))
+    def server_phases(self, report: dict) -> None:
+        """Every phase of the floor and of the 4-worker kiropool, both
+        servers up together (an idle one costs the other nothing)."""
+        with contextlib.ExitStack() as stack:
+            floor = server = None
+            if "floor" in self.only:
+                floor = stack.enter_context(
+                    servers.floor_server(self.env, workers=WORKERS, log=OUT / "gunicorn-floor.log")
+                )
+            if self.only & MAIN_SERVER_PHASES:
+                server = stack.enter_context(
+                    servers.kiropool_server(self.env, workers=WORKERS, log=OUT / "gunicorn-kiropool.log")
+                )
+            self.throughput_phases(report, floor, server)
+            if floor is not None:
+                self.floor_open_loop(report, floor)
+            if server is None:
+                return
             if "pool_size" in self.only:
                 self.pool_size_phases(report, server)
             if "open_loop" in self.only:
-                self.open_loop_phases(report, port)
+                self.open_loop_phases(report, server.port)
             if "wake" in self.only:
                 self.say(f"wake after release: {WAKE_ROUNDS} rounds")
-                phase(report, "wake_after_release_ms", lambda: wake_measure(port, seeded.wake_key, WAKE_ROUNDS))
+                phase(
+                    report,
+                    "wake_after_release_ms",
+                    lambda: wake_measure(server.port, self.seeded.wake_key, WAKE_ROUNDS),
+                )
+
+    def throughput_phases(self, report: dict, floor, server) -> None:
+        """The closed loops the throughput targets compare: the floor's and
+        kiropool's mixed traffic with and without bindings, each measured in
+        two halves, in ``THROUGHPUT_LOADS`` order and then back. The machine's
+        speed drifts by tens of percent within minutes (the floor measured
+        1,152 and 1,956 rps a quarter of an hour apart); mirrored, a steady
+        drift weighs on every load alike."""
+        seeded = self.seeded
+        loads: dict[str, tuple[int, Plan]] = {}
+        extra: dict[str, dict] = {}
+        if floor is not None:
+            loads["floor"] = (floor.port, Plan("floor", floor_pk=seeded.floor_pk))
+        if server is not None and "throughput" in self.only:
+            for name, key, key_id in (
+                ("dispatch", seeded.key, seeded.key_id),
+                ("dispatch_no_bindings", seeded.empty_key, seeded.empty_key_id),
+            ):
+                loads[name] = (server.port, Plan("mixed", key=key, bindings=seed.BINDINGS))
+                extra[name] = {"bindings": seed.live_bindings(key_id)}
+            connections_close()
+        order = [name for name in THROUGHPUT_LOADS if name in loads]
+        half = {**self.closed, "seconds": self.closed["seconds"] / 2, "keep_latencies": True}
+        runs: dict[str, list[dict]] = {name: [] for name in order}
+        for n, name in enumerate(order + order[::-1]):
+            if name in report:
+                continue  # failed in its first half
+            port, plan = loads[name]
+            self.say(f"{LOAD_TITLES[name]}, {CLIENTS} closed-loop clients (run {n + 1} of {2 * len(order)})")
+            try:
+                runs[name].append(closed_loop(port, plan, name=f"{name}.{n}", **half))
+            except Exception as error:  # noqa: BLE001  one broken load must not lose the others' figures
+                traceback.print_exc()
+                report[name] = {"error": f"{type(error).__name__}: {error}"}
+        for name in order:
+            if name not in report:
+                report[name] = {**extra.get(name, {}), **closed_merge(runs[name])}
+
+    def floor_open_loop(self, report: dict, floor) -> None:
+        rate = 2 * OPEN_RATE  # kiropool's dispatches and completions together
+        self.say(f"floor: open loop at {rate:.0f} requests/s")
+        plan = Plan("floor", floor_pk=self.seeded.floor_pk)
+        opened = {**self.opened, "rate": rate}
+        phase(report, "floor", lambda: open_loop(floor.port, plan, name="floor-open", **opened, seed=3), "open_loop")
 
     def pool_size_phases(self, report: dict, server) -> None:
         """Both keys are served unmeasured first, then measured in the order
