@@ -29,48 +29,30 @@ targets, met or not) and writes bench/out/bench.json.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import secrets
 import sys
 import time
-import traceback
-from pathlib import Path
 
 from bench.load import report as tables
-from bench.load import seed, servers
-from bench.load.clients import Plan, closed_loop, open_loop
-from bench.load.stats import closed_merge
-from bench.load.waiting import bounded_waiting, wake_measure
+from bench.load import seed
+from bench.load.phases import (
+    CLIENTS,
+    MAIN_ACCOUNTS,
+    OPEN_PROCESSES,
+    OPEN_SIZES,
+    OPEN_THREADS,
+    OUT,
+    POOL_SIZES,
+    WAITING_WORKERS,
+    WORKERS,
+    Run,
+    connections_close,
+)
 
-OUT = Path(__file__).resolve().parent.parent / "out"
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/kiropool_bench"
-WORKERS = 4
-CLIENTS, CLIENT_PROCESSES = 16, 4
-MAIN_ACCOUNTS = 50
-POOL_SIZES = (10, 1000)  # new-session throughput: small, large
-LABELS = ("small", "large")
-POOL_ORDER = ("small", "large", "large", "small")  # mirrored: a steady drift cancels
-THROUGHPUT_LOADS = ("floor", "dispatch", "dispatch_no_bindings")  # measured in this order, then mirrored
-POOL_WARMUP_SECONDS = 3.0  # a fresh worker's first dispatches compile the reads' shapes
-OPEN_SIZES = (50, 1000)
-OPEN_RATE = 100.0  # dispatches/s, each followed by its completion
-# Enough client threads that 100 arrivals/s find one free unless a cycle takes
-# over a second: then the late-start count says the client set the pace.
-OPEN_PROCESSES, OPEN_THREADS = 4, 32
-WARMUP_SECONDS = 1.0
-WAKE_ROUNDS = 20
-WAITING_WORKERS = 2
-WAITERS, WAITER_MAX_WAIT_MS = 96, 60_000
-WAITER_GAP_SECONDS, WAITER_SETTLE_SECONDS = 0.01, 1.0
-LOAD_TITLES = {
-    "floor": "floor",
-    "dispatch": f"dispatch+complete, {seed.BINDINGS:,} live bindings",
-    "dispatch_no_bindings": "dispatch+complete, 0 bindings",
-}
 PHASES = ("floor", "throughput", "pool_size", "open_loop", "wake", "waiting")
-MAIN_SERVER_PHASES = frozenset({"throughput", "pool_size", "open_loop", "wake"})  # one 4-worker kiropool serves them
 REPORT_ORDER = (
     "settings",
     "floor",
@@ -132,18 +114,6 @@ def environment_prepare(database_url: str) -> None:
     )
 
 
-def phase(report: dict, name: str, run, *path: str) -> None:
-    """Run one phase into ``report[*path][name]``; a failure is recorded and the run goes on."""
-    into = report
-    for part in path:
-        into = into.setdefault(part, {})
-    try:
-        into[name] = run()
-    except Exception as error:  # noqa: BLE001  one broken phase must not lose the others' figures
-        traceback.print_exc()
-        into[name] = {"error": f"{type(error).__name__}: {error}"}
-
-
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     if not args.database_url.startswith("postgres"):
@@ -184,176 +154,6 @@ def main(argv: list[str] | None = None) -> None:
         report_write(report, started)
 
 
-class Run:
-    def __init__(
-        self, *, env: dict[str, str], seeded: seed.Seeded, seconds: float, profile: bool, say, only: frozenset[str]
-    ) -> None:
-        self.env, self.seeded, self.profile, self.say, self.only = env, seeded, profile, say, only
-        self.closed = dict(seconds=seconds, warmup=WARMUP_SECONDS, clients=CLIENTS, processes=CLIENT_PROCESSES)
-        self.opened = dict(
-            rate=OPEN_RATE, seconds=seconds, warmup=WARMUP_SECONDS, processes=OPEN_PROCESSES, threads=OPEN_THREADS
-        )
-
-    def server_phases(self, report: dict) -> None:
-        """Every phase of the floor and of the 4-worker kiropool, both
-        servers up together (an idle one costs the other nothing)."""
-        with contextlib.ExitStack() as stack:
-            floor = server = None
-            if "floor" in self.only:
-                floor = stack.enter_context(
-                    servers.floor_server(self.env, workers=WORKERS, log=OUT / "gunicorn-floor.log")
-                )
-            if self.only & MAIN_SERVER_PHASES:
-                server = stack.enter_context(
-                    servers.kiropool_server(self.env, workers=WORKERS, log=OUT / "gunicorn-kiropool.log")
-                )
-            self.throughput_phases(report, floor, server)
-            if floor is not None:
-                self.floor_open_loop(report, floor)
-            if server is None:
-                return
-            if "pool_size" in self.only:
-                self.pool_size_phases(report, server)
-            if "open_loop" in self.only:
-                self.open_loop_phases(report, server.port)
-            if "wake" in self.only:
-                self.say(f"wake after release: {WAKE_ROUNDS} rounds")
-                phase(
-                    report,
-                    "wake_after_release_ms",
-                    lambda: wake_measure(server.port, self.seeded.wake_key, WAKE_ROUNDS),
-                )
-
-    def throughput_phases(self, report: dict, floor, server) -> None:
-        """The closed loops the throughput targets compare: the floor's and
-        kiropool's mixed traffic with and without bindings, each measured in
-        two halves, in ``THROUGHPUT_LOADS`` order and then back. The machine's
-        speed drifts by tens of percent within minutes (the floor measured
-        1,152 and 1,956 rps a quarter of an hour apart); mirrored, a steady
-        drift weighs on every load alike."""
-        seeded = self.seeded
-        loads: dict[str, tuple[int, Plan]] = {}
-        extra: dict[str, dict] = {}
-        if floor is not None:
-            loads["floor"] = (floor.port, Plan("floor", floor_pk=seeded.floor_pk))
-        if server is not None and "throughput" in self.only:
-            for name, key, key_id in (
-                ("dispatch", seeded.key, seeded.key_id),
-                ("dispatch_no_bindings", seeded.empty_key, seeded.empty_key_id),
-            ):
-                loads[name] = (server.port, Plan("mixed", key=key, bindings=seed.BINDINGS))
-                extra[name] = {"bindings": seed.live_bindings(key_id)}
-            connections_close()
-        order = [name for name in THROUGHPUT_LOADS if name in loads]
-        half = {**self.closed, "seconds": self.closed["seconds"] / 2, "keep_latencies": True}
-        runs: dict[str, list[dict]] = {name: [] for name in order}
-        for n, name in enumerate(order + order[::-1]):
-            if name in report:
-                continue  # failed in its first half
-            port, plan = loads[name]
-            self.say(f"{LOAD_TITLES[name]}, {CLIENTS} closed-loop clients (run {n + 1} of {2 * len(order)})")
-            try:
-                runs[name].append(closed_loop(port, plan, name=f"{name}.{n}", **half))
-            except Exception as error:  # noqa: BLE001  one broken load must not lose the others' figures
-                traceback.print_exc()
-                report[name] = {"error": f"{type(error).__name__}: {error}"}
-        for name in order:
-            if name not in report:
-                report[name] = {**extra.get(name, {}), **closed_merge(runs[name])}
-
-    def floor_open_loop(self, report: dict, floor) -> None:
-        rate = 2 * OPEN_RATE  # kiropool's dispatches and completions together
-        self.say(f"floor: open loop at {rate:.0f} requests/s")
-        plan = Plan("floor", floor_pk=self.seeded.floor_pk)
-        opened = {**self.opened, "rate": rate}
-        phase(report, "floor", lambda: open_loop(floor.port, plan, name="floor-open", **opened, seed=3), "open_loop")
-
-    def pool_size_phases(self, report: dict, server) -> None:
-        """Both keys are served unmeasured first, then measured in the order
-        small, large, large, small, each for half the phase. In a fixed order
-        whichever key ran first lost: BENCH_ONLY=pool_size runs of 10 s gave
-        a ratio of 0.89-0.94 small first and 0.59-0.65 large first. The
-        warm-up takes the server's first requests out of the figures, and the
-        mirrored order cancels a steady drift of the machine."""
-        keys = {
-            label: (accounts, self.seeded.pool_keys[accounts])
-            for label, accounts in zip(LABELS, POOL_SIZES, strict=True)
-        }
-        half = {**self.closed, "seconds": self.closed["seconds"] / 2, "keep_latencies": True}
-        runs: dict[str, list[dict]] = {label: [] for label in LABELS}
-        sizes = report.setdefault("pool_size", {})
-        warm = {**self.closed, "seconds": POOL_WARMUP_SECONDS}
-        try:
-            for accounts, key in keys.values():
-                self.say(f"new sessions, {accounts:,}-account key: warm-up, not counted")
-                closed_loop(server.port, Plan("new", key=key), name=f"warm{accounts}", **warm)
-            profile = None
-            for n, label in enumerate(POOL_ORDER):
-                accounts, key = keys[label]
-                self.say(f"new sessions, {accounts:,}-account key, {CLIENTS} closed-loop clients (run {n + 1} of 4)")
-                if self.profile and label == "large" and not runs[label]:
-                    # The large key's two runs are back to back: one profile covers
-                    # both. The sampler costs CPU the server would otherwise have,
-                    # so the large key's figures read a little low.
-                    seconds = 2 * (half["warmup"] + half["seconds"] + 1)
-                    profile = Profile(server, seconds=seconds, output=OUT / f"profile-{accounts}-accounts.svg")
-                runs[label].append(pool_size_run(server, key, accounts, half, n))
-                if profile is not None and len(runs["large"]) == 2:
-                    sizes["profile"], profile = profile.finish(), None
-        except Exception as error:  # noqa: BLE001  one broken phase must not lose the others' figures
-            traceback.print_exc()
-            for label in LABELS:
-                sizes[label] = {"error": f"{type(error).__name__}: {error}"}
-        else:
-            for label, (accounts, _) in keys.items():
-                sizes[label] = {"accounts": accounts, **closed_merge(runs[label])}
-        if all("rps" in sizes.get(label, {}) for label in LABELS) and sizes["small"]["rps"]:
-            sizes["ratio"] = round(sizes["large"]["rps"] / sizes["small"]["rps"], 3)
-        sizes["target_ratio"] = tables.POOL_RATIO
-
-    def open_loop_phases(self, report: dict, port: int) -> None:
-        report.setdefault("open_loop", {})["rate_per_s"] = OPEN_RATE
-        for accounts in OPEN_SIZES:
-            self.say(f"open loop: {OPEN_RATE:.0f} new-session dispatches/s on {accounts:,} accounts")
-            plan = Plan("new", key=self.seeded.open_keys[accounts])
-            phase(
-                report,
-                f"accounts_{accounts}",
-                lambda plan=plan, accounts=accounts: open_loop(
-                    port, plan, name=f"open{accounts}", **self.opened, seed=accounts
-                ),
-                "open_loop",
-            )
-
-    def waiting_phase(self, report: dict) -> None:
-        if "waiting" not in self.only:
-            return
-        self.say(f"bounded waiting: kiropool with {WAITING_WORKERS} workers, {WAITERS} waiters on one slot")
-        log = OUT / "gunicorn-waiting.log"
-        with servers.kiropool_server(self.env, workers=WAITING_WORKERS, log=log) as server:
-            phase(
-                report,
-                "bounded_waiting",
-                lambda: {
-                    "workers": WAITING_WORKERS,
-                    **bounded_waiting(
-                        server.port,
-                        self.seeded.waiting_key,
-                        waiters=WAITERS,
-                        max_wait_ms=WAITER_MAX_WAIT_MS,
-                        gap=WAITER_GAP_SECONDS,
-                        settle=WAITER_SETTLE_SECONDS,
-                    ),
-                },
-            )
-
-
-def connections_close() -> None:
-    from django.db import connections
-
-    connections.close_all()
-
-
 def report_write(report: dict, started: float) -> None:
     report["checks"] = tables.checks(report)
     settings = report["settings"]
@@ -373,32 +173,6 @@ def report_write(report: dict, started: float) -> None:
         "\nOn a shared machine the figures are indicative only."
     )
     print(f"written: {OUT / 'bench.json'}")
-
-
-def pool_size_run(server, key: str, accounts: int, closed: dict, run: int) -> dict:
-    """Run ``run`` of new-session traffic on ``key`` (its number keeps its
-    session ids apart from the other runs', so every one is new)."""
-    return closed_loop(server.port, Plan("new", key=key), name=f"size{accounts}.{run}", **closed)
-
-
-class Profile:
-    """A py-spy profile of one worker of ``server`` into ``output``, or why
-    there is none (``note``)."""
-
-    def __init__(self, server, *, seconds: float, output: Path) -> None:
-        self.output, self.process, self.note = output, None, None
-        try:
-            self.process = servers.profile_start(server, seconds=seconds, output=output)
-        except RuntimeError as error:
-            self.note = f"not recorded: {error}"
-
-    def finish(self) -> str:
-        if self.process is not None:
-            _, stderr = self.process.communicate(timeout=60)
-            ok = self.process.returncode == 0
-            self.note = str(self.output) if ok else f"py-spy failed: {stderr.decode()[-300:]}"
-        print(f"profile: {self.note}", file=sys.stderr)
-        return self.note
 
 
 def _say(started: float):
