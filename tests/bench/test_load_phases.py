@@ -1,0 +1,90 @@
+"""The bench's throughput phase measures the floor and kiropool's two mixed
+loads in mirrored halves and takes each load's halves together
+(bench/load/phases.py). The load generator is replaced by a recorder: what
+is checked is the order of the loads and where their figures go."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from bench.load import phases
+from bench.load.seed import Seeded
+
+pytestmark = pytest.mark.django_db  # the mixed loads count their key's live bindings first
+
+FLOOR, KIROPOOL = SimpleNamespace(port=1), SimpleNamespace(port=2)
+SEEDED = Seeded(
+    key="kp_main",
+    key_id=1,
+    empty_key="kp_empty",
+    empty_key_id=2,
+    floor_pk=7,
+    pool_keys={},
+    open_keys={},
+    wake_key="",
+    waiting_key="",
+)
+
+
+def _recorder(calls: list[tuple], fail: str | None = None):
+    def closed_loop(port, plan, *, name, seconds, warmup, clients, processes, keep_latencies):
+        load = name.split(".")[0]
+        calls.append((load, port, plan.traffic, plan.key or plan.floor_pk, seconds))
+        if load == fail:
+            raise ConnectionError("server gone")
+        rps = 100.0 * len(calls)  # each half its own rate
+        return {
+            "rps": rps,
+            "statuses": {"200": int(rps * seconds)},
+            "latencies_s": [0.01] * 10,
+            "elapsed_s": seconds,
+            "clients": clients,
+        }
+
+    return closed_loop
+
+
+def _run(only: set[str]) -> phases.Run:
+    return phases.Run(env={}, seeded=SEEDED, seconds=20, profile=False, say=lambda message: None, only=frozenset(only))
+
+
+def test_the_floor_and_both_mixed_loads_run_in_mirrored_halves(monkeypatch):
+    calls: list[tuple] = []
+    monkeypatch.setattr(phases, "closed_loop", _recorder(calls))
+    report: dict = {}
+    _run({"floor", "throughput"}).throughput_phases(report, FLOOR, KIROPOOL)
+    order = ["floor", "dispatch", "dispatch_no_bindings"]
+    assert [call[0] for call in calls] == order + order[::-1]
+    assert {call[0]: call[1:4] for call in calls} == {
+        "floor": (1, "floor", 7),
+        "dispatch": (2, "mixed", "kp_main"),
+        "dispatch_no_bindings": (2, "mixed", "kp_empty"),
+    }
+    assert {call[4] for call in calls} == {10}  # halves of the 20 s phase
+    # Each load's figures are its two halves together: (100 + 600) rps over 2 × 10 s.
+    assert report["floor"]["runs_rps"] == [100.0, 600.0]
+    assert report["floor"]["rps"] == 350.0
+    assert report["dispatch"]["runs_rps"] == [200.0, 500.0]
+    assert report["dispatch"]["bindings"] == 0  # live bindings of the key, counted before
+    assert report["dispatch_no_bindings"]["runs_rps"] == [300.0, 400.0]
+
+
+def test_without_the_floor_the_mixed_loads_still_run_mirrored(monkeypatch):
+    calls: list[tuple] = []
+    monkeypatch.setattr(phases, "closed_loop", _recorder(calls))
+    report: dict = {}
+    _run({"throughput"}).throughput_phases(report, None, KIROPOOL)
+    assert [call[0] for call in calls] == ["dispatch", "dispatch_no_bindings", "dispatch_no_bindings", "dispatch"]
+    assert "floor" not in report
+
+
+def test_a_load_that_fails_is_recorded_and_not_run_again_and_the_others_keep_their_figures(monkeypatch):
+    calls: list[tuple] = []
+    monkeypatch.setattr(phases, "closed_loop", _recorder(calls, fail="dispatch_no_bindings"))
+    report: dict = {}
+    _run({"floor", "throughput"}).throughput_phases(report, FLOOR, KIROPOOL)
+    assert [call[0] for call in calls] == ["floor", "dispatch", "dispatch_no_bindings", "dispatch", "floor"]
+    assert report["dispatch_no_bindings"] == {"error": "ConnectionError: server gone"}
+    assert len(report["floor"]["runs_rps"]) == len(report["dispatch"]["runs_rps"]) == 2
