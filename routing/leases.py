@@ -72,30 +72,34 @@ def _walk(
     that can start a lease; wait, or answer why not."""
     while True:
         token = wakeups.token()
-        with visit.turn():
-            now = timezone.now()
-            read = dict(key=key, request=request, now=now, preferred=preferred)
-            # Key 3 (fewest bound sessions) applies: the request has a session
-            # id and the sticky fast path did not serve it.
-            head = reads.read(**read, snapshot=_snapshot(key), spread=bool(request.session_id), head=True)
-        ready = list(itertools.takewhile(lambda row: row.ready, head.rows))
-        skipped: set[int] = set()
-        for row in ready:
-            with visit.claiming(row.identity_id) as mine:
-                if not mine:
-                    # Another attempt of the key here is claiming on it: the
-                    # order puts an identity that just started behind the others.
-                    skipped.add(row.identity_id)
+        with visit.claims() as claims:
+            with visit.turn():
+                now = timezone.now()
+                read = dict(key=key, request=request, now=now, preferred=preferred)
+                # Key 3 (fewest bound sessions) applies: the request has a session
+                # id and the sticky fast path did not serve it.
+                head = reads.read(**read, snapshot=_snapshot(key), spread=bool(request.session_id), head=True)
+                ready = list(itertools.takewhile(lambda row: row.ready, head.rows))
+                # The first identity it can claim on is taken before the turn
+                # passes on: the next reader of the same head already skips it.
+                for row in ready:
+                    if claims.take(row.identity_id):
+                        break
+            for row in ready:
+                if row.identity_id in claims.skipped or not claims.take(row.identity_id):
+                    # Another attempt of the key here is (or was, as this head
+                    # was read) claiming on it: it is starting a lease, which
+                    # puts it behind earlier starts.
                     continue
                 sticky = _sticky_of(row, head.bound_account_id)
                 grant = slots.slot_claim(
                     key=key, row=row, request=request, waited_ms=visit.waited_ms, sticky=sticky, bound=bound
                 )
-            if grant is not None:
-                session = SessionState.of(request.session_id, head.bound_account_id)
-                return Acquired(grant, row, session, visit.waited_ms, sticky)
-        if skipped:
-            visit.claims_wait(skipped)  # read again once those claims are through
+                if grant is not None:
+                    session = SessionState.of(request.session_id, head.bound_account_id)
+                    return Acquired(grant, row, session, visit.waited_ms, sticky)
+        if claims.skipped:
+            visit.claims_wait(claims.skipped)  # read again once those claims are through
             continue
         if len(ready) == HEAD_ROWS:
             continue  # every row of the head was taken a moment before us: read again

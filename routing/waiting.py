@@ -13,7 +13,8 @@ completions that free the slots would queue behind them. So:
 - a key's attempts read the head of the order in turns, one at a time in a
   process (:meth:`Visit.turn`), and then claim side by side, each on an
   identity no other attempt of the key here is claiming on
-  (:meth:`Visit.claiming`). Concurrent attempts that read the same head
+  (:class:`Claims`); the first it takes is taken before the turn passes
+  on. Concurrent attempts that read the same head
   fought over the same identity rows: in a burst of new sessions (the
   open-loop benchmark after a hiccup) that cost 1.5 head reads and 3.2
   claim statements per lease granted, and the extra work kept the queue
@@ -224,20 +225,48 @@ class Visit:
             yield
 
     @contextmanager
-    def claiming(self, identity_id: int) -> Iterator[bool]:
-        """Claim on ``identity_id``: yields False, and claims nothing, while
-        another attempt of the key in this process is claiming on it."""
-        if not self.room._claim_start(self.key_id, identity_id):
-            yield False
-            return
+    def claims(self) -> Iterator[Claims]:
+        """An attempt's claims on identities (:class:`Claims`); the one it
+        still holds is given back at the end."""
+        claims = Claims(self.room, self.key_id)
         try:
-            yield True
+            yield claims
         finally:
-            self.room._claim_end(self.key_id, identity_id)
+            claims.give_back()
 
     def claims_wait(self, identity_ids: set[int]) -> None:
         """Until the key's other attempts here are done claiming on these identities."""
         self.room._claims_wait(self.key_id, identity_ids, _connection_lend)
+
+
+class Claims:
+    """The identity one attempt of a key is claiming on, held from
+    :meth:`take` until :meth:`give_back` (at most one at a time), and the
+    identities it found another attempt of the key in this process
+    claiming on (``skipped``)."""
+
+    def __init__(self, room_: WaitingRoom, key_id: int) -> None:
+        self.room, self.key_id = room_, key_id
+        self.held: int | None = None
+        self.skipped: set[int] = set()
+
+    def take(self, identity_id: int) -> bool:
+        """Whether this attempt may claim on the identity now: it holds it
+        already, or no other attempt of the key here is claiming on it (it
+        then holds it, and gives back the one it held)."""
+        if self.held == identity_id:
+            return True
+        self.give_back()
+        if self.room._claim_start(self.key_id, identity_id):
+            self.held = identity_id
+            return True
+        self.skipped.add(identity_id)
+        return False
+
+    def give_back(self) -> None:
+        if self.held is not None:
+            self.room._claim_end(self.key_id, self.held)
+            self.held = None
 
 
 def _connection_lend() -> None:

@@ -132,17 +132,22 @@ def test_a_waiter_asking_for_a_turn_goes_before_a_new_attempt():
 
 def test_an_attempt_claims_on_an_identity_no_other_attempt_of_the_key_is_claiming_on():
     room = WaitingRoom()
-    first, second, other_key = room.visit(key_id=1), room.visit(key_id=1), room.visit(key_id=2)
-    with first.claiming(7) as mine:
-        assert mine
-        with second.claiming(7) as theirs:
-            assert not theirs  # skips it: the first attempt is claiming there
-        with second.claiming(8) as theirs:
-            assert theirs
-        with other_key.claiming(7) as theirs:
-            assert theirs  # another key's claims are its own
-    with second.claiming(7) as theirs:
-        assert theirs  # the first is through
+    with room.visit(key_id=1).claims() as first:
+        assert first.take(7)
+        assert first.take(7)  # it holds it already
+        with room.visit(key_id=1).claims() as second:
+            assert not second.take(7)  # skips it: the first attempt is claiming there
+            assert second.take(8)
+            assert second.skipped == {7}
+        with room.visit(key_id=2).claims() as other_key:
+            assert other_key.take(7)  # another key's claims are its own
+        assert first.take(9)  # holds one at a time: 7 is given back
+        with room.visit(key_id=1).claims() as third:
+            assert third.take(7)
+            assert not third.take(9)
+    with room.visit(key_id=1).claims() as later:
+        assert later.take(9)  # given back when the first attempt ended
+    assert room._claiming == {}
 
 
 def test_an_attempt_that_skipped_an_identity_waits_until_that_claim_is_through():
@@ -151,7 +156,8 @@ def test_an_attempt_that_skipped_an_identity_waits_until_that_claim_is_through()
     release = threading.Event()
 
     def claim() -> None:
-        with room.visit(key_id=1).claiming(7):
+        with room.visit(key_id=1).claims() as claims:
+            claims.take(7)
             order.append("claiming")
             release.wait(5)
             order.append("through")
