@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import OperationalError, connection, transaction
-from django.db.models import F, Model, OuterRef, Q, QuerySet
+from django.db.models import F, Model, OuterRef, Q, QuerySet, Subquery
 from django.utils import timezone
 
 from accounts.models import Account, AccountGroup, ApiKey, RoutingIdentity
@@ -37,6 +37,7 @@ from routing.models import (
     ProxyLatency,
     SessionBinding,
 )
+from routing.selectors import rules
 from routing.selectors.counts import count_subquery
 from routing.selectors.latency import latency_snapshot_cache_clear
 
@@ -102,6 +103,7 @@ def latency_snapshot_refresh(*, now: datetime | None = None) -> LatencySnapshot:
             )
             for url, stats in built.proxies.items()
         )
+        pool_order_bands_write(snapshot)
     stale = list(
         LatencySnapshot.objects.order_by("-generated_at", "-id").values_list("id", flat=True)[
             SNAPSHOTS_KEPT : SNAPSHOTS_KEPT + BATCH
@@ -111,6 +113,37 @@ def latency_snapshot_refresh(*, now: datetime | None = None) -> LatencySnapshot:
     # This process reads the new one at once; others within their cache period.
     latency_snapshot_cache_clear()
     return snapshot
+
+
+def pool_order_bands_write(snapshot: LatencySnapshot) -> int:
+    """Write every account's latency band under ``snapshot`` into its
+    ``PoolOrder`` rows, so dispatches ordering by that snapshot walk the
+    band indexes (``routing/selectors/walk.py``); return the rows written.
+
+    In the caller's transaction (the refresh's: a process that reads the new
+    snapshot finds its bands). The rows are locked first, skipping those a
+    lease start or a binding holds: the refresh never waits, so it never
+    deadlocks with them, and a row it skips keeps the band of an older
+    snapshot, which makes it a special account of the walk until the next
+    refresh. The bands are then computed in a second statement, which sees
+    every proxy change committed before it; a change still in flight waits
+    for the lock on its rows and clears their band after this commits (the
+    trigger of migration 0009). Without a usable global average no band
+    orders, and nothing is written."""
+    if snapshot.global_avg_ms is None:
+        return 0
+    with transaction.atomic():
+        locked = list(PoolOrder.objects.select_for_update(skip_locked=True).order_by().values_list("pk", flat=True))
+        values = {"snapshot_id": snapshot.pk, **rules.band_values(snapshot.global_avg_ms)}
+        band = rules.latency_joins(Account.objects.filter(pk=OuterRef("account_id")), snapshot.pk).values(
+            band=rules.band(values)
+        )
+        written = 0
+        for start in range(0, len(locked), BATCH):
+            written += PoolOrder.objects.filter(pk__in=locked[start : start + BATCH]).update(
+                band=Subquery(band), band_snapshot_id=snapshot.pk
+            )
+    return written
 
 
 def latency_sample_prune(*, now: datetime | None = None) -> int:

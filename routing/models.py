@@ -292,7 +292,9 @@ class PoolOrder(models.Model):
     reads the head of that order from an index instead of sorting the pool
     (``routing/selectors/walk.py``). The copies change in the transaction
     that changes their source (an account, its identity, a membership, a
-    binding through the binding counter), so a read never sees them apart."""
+    binding through the binding counter), so a read never sees them apart.
+    Two more indexes hold them by latency band as well, for the rows whose
+    band the refresh wrote (migration 0009)."""
 
     ALL_ACCOUNTS = 0  # the scope of keys that route over every account
 
@@ -306,6 +308,12 @@ class PoolOrder(models.Model):
     last_started_at = models.DateTimeField(null=True)  # the identity's
     credits_sort = models.FloatField()  # balanced credits descending: -(balance, or -1 unknown)
     name = models.CharField(max_length=200)  # the account's; byte order (collation "C") on PostgreSQL
+    # The account's latency band under the snapshot ``band_snapshot_id``,
+    # written by the snapshot refresh (maintenance.pool_order_bands_write);
+    # cleared by a trigger when the account's proxy, or its URL, changes.
+    # A row under another snapshot, or none, is a special account of the walk.
+    band = models.IntegerField(null=True)
+    band_snapshot_id = models.BigIntegerField(null=True)
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["scope_id", "account"], name="pool_order_unique_scope_account")]

@@ -8,6 +8,7 @@ from django.utils import timezone
 
 from accounts.models import Account, AccountGroup, ApiKey, Pool, Proxy, RoutingIdentity
 from routing import selection
+from routing.maintenance import pool_order_bands_write
 from routing.models import AccountLatency, LatencySample, LatencySnapshot, Lease, ProxyLatency, SessionBinding
 
 
@@ -100,7 +101,8 @@ class LatencySampleFactory(factory.django.DjangoModelFactory):
 def latency_snapshot_create(
     *, generated_at=None, window_seconds=3600, global_avg_ms=None, sample_count=0, accounts=None, proxies=None
 ) -> LatencySnapshot:
-    """A snapshot with its stats rows, as the refresh task writes them:
+    """A snapshot with its stats rows and its bands in the order table, as
+    the refresh task writes them:
     ``accounts`` maps account names and ``proxies`` proxy URLs to ``(samples, avg_ms)``."""
     snapshot = LatencySnapshot.objects.create(
         generated_at=generated_at or timezone.now(),
@@ -130,6 +132,7 @@ def latency_snapshot_create(
         )
         for url, (n, avg) in (proxies or {}).items()
     )
+    pool_order_bands_write(snapshot)
     return snapshot
 
 

@@ -20,6 +20,8 @@ dispatch order compares names; SQLite's default collation already does.
 
 from django.db import migrations, models
 
+from core.migration_sql import vendor_statements
+
 _COLUMNS = "scope_id, account_id, enabled, plain, binding_rows, last_started_at, credits_sort, name"
 
 # One account's row in one scope, from the account and its identity.
@@ -191,16 +193,6 @@ BACKFILL = [
 ]
 
 
-def _statements(by_vendor):
-    def run(apps, schema_editor):
-        vendor = schema_editor.connection.vendor
-        if vendor not in by_vendor:
-            raise RuntimeError(f"no pool-order triggers for {vendor}")
-        for sql in by_vendor[vendor]:
-            schema_editor.execute(sql)
-
-    return run
-
 
 class Migration(migrations.Migration):
     dependencies = [
@@ -237,9 +229,7 @@ class Migration(migrations.Migration):
             },
         ),
         migrations.RunPython(
-            _statements(
-                {"postgresql": [POSTGRES_UP[0], *BACKFILL, *POSTGRES_UP[1:]], "sqlite": [*BACKFILL, *SQLITE_UP]}
-            ),
-            _statements({"postgresql": POSTGRES_DOWN, "sqlite": SQLITE_DOWN}),
+            vendor_statements({"postgresql": [POSTGRES_UP[0], *BACKFILL, *POSTGRES_UP[1:]], "sqlite": [*BACKFILL, *SQLITE_UP]}, what="pool-order triggers"),
+            vendor_statements({"postgresql": POSTGRES_DOWN, "sqlite": SQLITE_DOWN}, what="pool-order triggers"),
         ),
     ]

@@ -24,7 +24,6 @@ from django.db.models import (
     Case,
     ExpressionWrapper,
     F,
-    FilteredRelation,
     FloatField,
     IntegerField,
     Max,
@@ -111,7 +110,9 @@ def candidates_queryset(shape: Shape, values: Mapping[str, object]) -> QuerySet:
     # balance of an unknown account aggregate over it (subqueries, below).
     candidates = accounts
     if shape.walk:
-        accounts = accounts.filter(pk__in=walk.head_or_special(selectable, values, spread=shape.spread, rows=HEAD_ROWS))
+        accounts = accounts.filter(
+            pk__in=walk.head_or_special(selectable, values, spread=shape.spread, latency=shape.latency, rows=HEAD_ROWS)
+        )
 
     binding = SessionBinding.objects.filter(
         api_key_id=values["key_id"], session_id=values["session_id"], expires_at__gt=now
@@ -120,7 +121,7 @@ def candidates_queryset(shape: Shape, values: Mapping[str, object]) -> QuerySet:
         accounts = accounts.filter(pk=Subquery(binding))
 
     if shape.latency:
-        accounts = _with_latency_joins(accounts, values)
+        accounts = rules.latency_joins(accounts, values["snapshot_id"])
     # Excluded accounts stay in the read (key 3 counts their sessions) and
     # sort after every account a lease could start on.
     included = ~Q(name__in=values["excluded"]) if shape.excluded else Q()
@@ -332,11 +333,3 @@ COLUMNS = (
     "balanced_credits",
     "credit_burn",
 )
-
-
-def _with_latency_joins(queryset: QuerySet, values: Mapping[str, object]) -> QuerySet:
-    snapshot_id = values["snapshot_id"]
-    return queryset.alias(
-        account_stat=FilteredRelation("latency_stats", condition=Q(latency_stats__snapshot_id=snapshot_id)),
-        proxy_stat=FilteredRelation("proxy__latency_stats", condition=Q(proxy__latency_stats__snapshot_id=snapshot_id)),
-    )

@@ -19,7 +19,7 @@ from django.conf import settings
 from accounts.models import ApiKey
 from routing import selection
 from routing.dispatch import CandidateRow, DispatchRequest, SortKeys
-from routing.selectors import key_accounts, walk
+from routing.selectors import key_accounts, rules, walk
 from routing.selectors.candidates import HEAD_ROWS, PARAMETERS, Shape, candidates_queryset, scope_of
 from routing.selectors.compiled import CompiledQuery, sentinel_values
 from routing.selectors.latency import StoredSnapshot
@@ -39,6 +39,9 @@ def compiled(shape: Shape) -> CompiledQuery:
     return CompiledQuery(
         lambda values: candidates_queryset(shape, values), sentinels, generic=True, written=frozenset({"group_id"})
     )
+
+
+_NO_BANDS = {"global_avg_ms": 0.0, "band_width_ms": 1.0, "account_part_ms": 0.0, "proxy_part_ms": 0.0}
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +78,6 @@ def request_shape(
         preferred=len(preferred_names),
         head=head,
     )
-    g = snapshot.snapshot.global_avg_ms if latency else 0.0
     values = {
         "now": now,
         "key_id": key.pk,
@@ -83,10 +85,8 @@ def request_shape(
         "group_id": key.account_group_id or 0,
         "fixed_account_id": key.fixed_account_id or 0,
         "snapshot_id": snapshot.id if latency else 0,
-        "global_avg_ms": g,
-        "band_width_ms": 2 * selection.band_tolerance(g) if latency else 1.0,
-        "account_part_ms": selection.account_score_part(None, g),
-        "proxy_part_ms": selection.proxy_score_part(None, g),
+        # Unused without latency; a band width of 0 would divide by zero.
+        **(rules.band_values(snapshot.snapshot.global_avg_ms) if latency else _NO_BANDS),
         "slow_start_seconds": settings.KIROPOOL_SLOW_START_SECONDS,
         "excluded": excluded,
         "preferred": preferred_names,

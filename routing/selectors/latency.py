@@ -10,9 +10,12 @@ from dataclasses import dataclass
 from routing import selection
 from routing.models import AccountLatency, LatencySnapshot, ProxyLatency
 
-# The snapshot is rebuilt every 60 s by a task; a process may keep the one it
-# read for at most that long, so the dispatch hot path rarely touches the rows.
-SNAPSHOT_CACHE_SECONDS = 60.0
+# The snapshot is rebuilt every 60 s by a task. A process keeps the one it
+# read and asks this often whether a newer one exists (one read of a table of
+# a few rows): the dispatch hot path rarely touches the stats, and a process
+# orders by the snapshot whose bands the order table holds (walk.py) within
+# a second of a refresh.
+SNAPSHOT_CHECK_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,19 +56,36 @@ def latency_snapshot_latest() -> StoredSnapshot | None:
     return snapshot_load(row) if row else None
 
 
+def _latest_id() -> int | None:
+    return LatencySnapshot.objects.order_by("-generated_at", "-id").values_list("id", flat=True).first()
+
+
+@dataclass(frozen=True, slots=True)
+class _Cached:
+    checked: float  # time.monotonic() of the last check
+    stored: StoredSnapshot | None
+
+
 _lock = threading.Lock()
-_cache: tuple[float, StoredSnapshot | None] | None = None
+_cache: _Cached | None = None
 
 
 def latency_snapshot_current() -> StoredSnapshot | None:
-    """The newest snapshot, cached in this process for up to a refresh period."""
+    """The newest snapshot, kept in this process and loaded again only when
+    a check (at most every ``SNAPSHOT_CHECK_SECONDS``) finds a newer one."""
     global _cache
     cached = _cache
-    if cached is not None and time.monotonic() - cached[0] < SNAPSHOT_CACHE_SECONDS:
-        return cached[1]
-    stored = latency_snapshot_latest()
+    now = time.monotonic()
+    if cached is not None and now - cached.checked < SNAPSHOT_CHECK_SECONDS:
+        return cached.stored
+    latest = _latest_id()
+    if cached is not None and (cached.stored.id if cached.stored else None) == latest:
+        stored = cached.stored
+    else:
+        row = LatencySnapshot.objects.filter(pk=latest).first() if latest is not None else None
+        stored = snapshot_load(row) if row else None
     with _lock:
-        _cache = (time.monotonic(), stored)
+        _cache = _Cached(checked=now, stored=stored)
     return stored
 
 

@@ -15,15 +15,19 @@ from django.db.models import (
     Case,
     ExpressionWrapper,
     F,
+    FilteredRelation,
     FloatField,
     Func,
     IntegerField,
     Q,
+    QuerySet,
     Value,
     When,
 )
 from django.db.models.functions import Abs, Cast, Coalesce, Floor, Least, Sign
 from django.db.models.lookups import LessThan
+
+from routing import selection
 
 
 class Elapsed(Func):
@@ -101,6 +105,25 @@ def pacing_allows(now, *, prefix: str = "") -> Q:
 
 def _field(prefix: str, name: str) -> str:
     return f"{prefix}{name}"
+
+
+def latency_joins(queryset: QuerySet, snapshot_id: int) -> QuerySet:
+    """Accounts joined to their and their proxy's stats in the snapshot
+    ``snapshot_id``, the joins :func:`band` reads."""
+    return queryset.alias(
+        account_stat=FilteredRelation("latency_stats", condition=Q(latency_stats__snapshot_id=snapshot_id)),
+        proxy_stat=FilteredRelation("proxy__latency_stats", condition=Q(proxy__latency_stats__snapshot_id=snapshot_id)),
+    )
+
+
+def band_values(global_avg_ms: float) -> dict[str, float]:
+    """The parameters of :func:`band` for a snapshot's global average."""
+    return {
+        "global_avg_ms": global_avg_ms,
+        "band_width_ms": 2 * selection.band_tolerance(global_avg_ms),
+        "account_part_ms": selection.account_score_part(None, global_avg_ms),
+        "proxy_part_ms": selection.proxy_score_part(None, global_avg_ms),
+    }
 
 
 def band(values: Mapping[str, object]):

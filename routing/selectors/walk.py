@@ -5,16 +5,19 @@ first ``HEAD_ROWS``; on a pool of 1,000 accounts the sort costs the database
 3-4 ms a dispatch. Most accounts of a pool are *plain*: balanced, alone on
 their identity. For a plain account that can start a lease now, whose proxy
 is not cooling and that has no binding past its expiry, every sort key of
-SPEC §2 is a column of its ``PoolOrder`` row (no latency band: a usable
-snapshot keeps the full read), and an index of that table holds a scope's
-rows in that order. So:
+SPEC §2 is a column of its ``PoolOrder`` row (the latency band too, once the
+snapshot refresh wrote it for the snapshot the read orders by), and an
+index of that table holds a scope's rows in that order. So:
 
 - the *walk* reads that index from the start of the key's scope and keeps
-  the first ``HEAD_ROWS`` such accounts;
+  the first ``HEAD_ROWS`` such accounts (with latency bands, among the rows
+  whose band is the read's snapshot's);
 - the *special* accounts are all that could sort before them otherwise: the
   scope's accounts that are not plain (another pool; key 3 sums an alias's
   sessions over its identity), those with bindings past their expiry (their
-  live count is below the counter), the model-preferred ones;
+  live count is below the counter), the model-preferred ones, and with
+  latency bands the rows whose band is another snapshot's or none (a
+  refresh skipped them, or their proxy changed since);
 - the read then orders only the walked and the special accounts, with the
   full expressions of ``candidates.py``.
 
@@ -44,17 +47,20 @@ if TYPE_CHECKING:
     from routing.selectors.candidates import Shape
 
 
-def index_order(*, spread: bool) -> list:
+def index_order(*, spread: bool, latency: bool = False) -> list:
     """The walk's ``ORDER BY``: the columns of ``pool_order_spread_idx``
-    (sessions first, for a new session) or of ``pool_order_idx``."""
+    (sessions first, for a new session) or of ``pool_order_idx``; with
+    ``latency``, of ``pool_order_band_spread_idx`` or ``pool_order_band_idx``."""
     sessions = [F("binding_rows").asc()] if spread else []
-    return [*sessions, F("last_started_at").asc(nulls_first=True), F("credits_sort").asc(), F("name").asc()]
+    band = [F("band").asc()] if latency else []
+    return [*sessions, *band, F("last_started_at").asc(nulls_first=True), F("credits_sort").asc(), F("name").asc()]
 
 
-def head_or_special(selectable: Q, values: Mapping[str, object], *, spread: bool, rows: int) -> QuerySet:
+def head_or_special(selectable: Q, values: Mapping[str, object], *, spread: bool, latency: bool, rows: int) -> QuerySet:
     """The ids of the accounts the head read orders: the first ``rows``
     plain ones of the key's scope that can start a lease (the walk), and
-    every special one. ``selectable`` is what makes an account a candidate."""
+    every special one. ``selectable`` is what makes an account a candidate;
+    with ``latency`` the read orders by the bands of ``values["snapshot_id"]``."""
     now = values["now"]
     scope = PoolOrder.objects.filter(scope_id=values["group_id"], enabled=True)
     expired = SessionBinding.objects.filter(counts.expired(now)).values("account_id")
@@ -76,13 +82,19 @@ def head_or_special(selectable: Q, values: Mapping[str, object], *, spread: bool
         .order_by()
         .values(startable=Value(True))
     )
+    plain = scope.filter(plain=True)
+    special = [scope.filter(plain=False).values("account_id"), expired]
+    if latency:
+        snapshot_id = values["snapshot_id"]
+        # Three ranges of pool_order_band_stale_idx, not a scan of the scope.
+        other_band = Q(band_snapshot_id__isnull=True) | Q(band_snapshot_id__lt=snapshot_id)
+        special.append(plain.filter(other_band | Q(band_snapshot_id__gt=snapshot_id)).values("account_id"))
+        plain = plain.filter(band_snapshot_id=snapshot_id)
     walk = (
-        scope.filter(plain=True)
-        .filter(Exact(Subquery(startable, output_field=BooleanField()), True))
-        .order_by(*index_order(spread=spread))
+        plain.filter(Exact(Subquery(startable, output_field=BooleanField()), True))
+        .order_by(*index_order(spread=spread, latency=latency))
         .values("pk")[:rows]
     )
-    special = [scope.filter(plain=False).values("account_id"), expired]
     if values["preferred"]:
         special.append(Account.objects.filter(name__in=values["preferred"]).order_by().values("pk"))
     # The walk inside a subquery of its own: a union member may not have a
@@ -102,12 +114,7 @@ def exact(rows: Sequence[CandidateRow], *, head_rows: int) -> bool:
 def walkable(shape: Shape, *, size: int) -> bool:
     """Whether a read of ``shape`` may go through the walk: a head read of a
     pool of at least ``KIROPOOL_WALK_MIN_ACCOUNTS`` accounts, not a fixed
-    account, with no latency band to order by (a band is not a column of
-    ``PoolOrder``)."""
+    account."""
     return (
-        shape.head
-        and not shape.bound_only
-        and not shape.latency
-        and shape.scope != "fixed"
-        and size >= settings.KIROPOOL_WALK_MIN_ACCOUNTS
+        shape.head and not shape.bound_only and shape.scope != "fixed" and size >= settings.KIROPOOL_WALK_MIN_ACCOUNTS
     )

@@ -3,13 +3,19 @@ by hypothesis, and the pool they describe built in the database."""
 
 from __future__ import annotations
 
+import dataclasses
+import sys
 from datetime import timedelta
 
 from django.utils import timezone
 from hypothesis import strategies as st
 
 from accounts.models import Account, AccountGroup, ApiKey, Pool, Proxy, RoutingIdentity
+from routing.dispatch import DispatchRequest
 from routing.models import LatencySnapshot, Lease, SessionBinding
+from routing.selectors import dispatch as reads
+from routing.selectors import walk
+from routing.selectors.candidates import HEAD_ROWS
 from tests.factories import AccountFactory, ApiKeyFactory, latency_snapshot_create
 
 _SAMPLES = st.one_of(st.none(), st.tuples(st.integers(1, 40), st.floats(50, 3000, allow_nan=False)))
@@ -138,3 +144,25 @@ def pool_key(made, accounts, *, grouped: bool, preferred_pool: str) -> ApiKey:
 def names_at(made, indexes) -> frozenset[str]:
     """The names of the accounts at ``indexes`` (those past the end left out)."""
     return frozenset(made[i].name for i in indexes if i < len(made))
+
+
+def walk_head_check(key: ApiKey, request: DispatchRequest, *, preferred: frozenset[str], snapshot) -> None:
+    """The head read of ``request`` through the walk says it is exact
+    exactly when the full read's head could be walked, and then it is that
+    head, row and value for row."""
+    shape, values = reads.request_shape(
+        key=key,
+        request=request,
+        now=timezone.now(),
+        snapshot=snapshot,
+        spread=bool(request.session_id),
+        head=True,
+        preferred=preferred,
+    )
+    assert walk.walkable(shape, size=sys.maxsize)
+    full = reads.run(shape, values).rows
+    walked = reads.run(dataclasses.replace(shape, walk=True), values).rows
+    full_is_walkable = len(full) == HEAD_ROWS and full[-1].ready and not full[-1].keys.proxy_cooling
+    assert walk.exact(walked, head_rows=HEAD_ROWS) == full_is_walkable
+    if full_is_walkable:
+        assert walked == full

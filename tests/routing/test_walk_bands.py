@@ -1,0 +1,367 @@
+"""Latency bands in the order table (migration 0009, routing/selectors/walk.py).
+
+- The refresh writes every row's band under the new snapshot; a trigger
+  clears it when the account's proxy, or the proxy's URL, changes; whatever
+  writes the sources, a row's band is the band SPEC §2 gives its account
+  under the row's snapshot.
+- On random pools with a usable snapshot, rows under another snapshot or
+  none among them, the walk's head is the full read's head whenever it says
+  so.
+- A dispatch with a usable snapshot on a large pool reads its head through
+  the band index, and grants what the full read grants.
+- On PostgreSQL the refresh skips rows another transaction holds, never
+  waiting for them.
+- A process notices a new snapshot within ``SNAPSHOT_CHECK_SECONDS``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import psycopg
+import pytest
+from django.db import connection, transaction
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from accounts.models import Account, ApiKey, Pool, Proxy
+from routing import maintenance, selection
+from routing.dispatch import DispatchRequest
+from routing.models import LatencySnapshot, PoolOrder
+from routing.pools import pool_seed, uniform_pool
+from routing.selectors import dispatch as reads
+from routing.selectors import latency as cached
+from routing.selectors.candidates import HEAD_ROWS
+from routing.selectors.latency import latency_snapshot_latest, snapshot_load
+from tests.factories import AccountFactory, LatencySampleFactory, ProxyFactory, latency_snapshot_create
+from tests.routing.gateway import Gateway
+from tests.routing.random_pools import account_specs, identity_specs, names_at, pool_build, pool_key, walk_head_check
+from tests.routing.test_walk import OPS, ORDER_TABLE, _apply, _nodes, _reads
+from tests.support import test_database_url
+
+pytestmark = pytest.mark.django_db
+
+
+def _spec_bands() -> dict[int, int]:
+    """Each row's band, by row id, as SPEC §2 computes it (``selection``)
+    from the row's snapshot and the account's proxy now; rows without a
+    band left out."""
+    snapshots = {row.pk: snapshot_load(row).snapshot for row in LatencySnapshot.objects.all()}
+    proxies = dict(Account.objects.values_list("pk", "proxy__url"))
+    bands = {}
+    for pk, account_id, name, snapshot_id in PoolOrder.objects.filter(band_snapshot_id__isnull=False).values_list(
+        "pk", "account_id", "account__name", "band_snapshot_id"
+    ):
+        snapshot = snapshots[snapshot_id]
+        score = selection.latency_score(snapshot, account=name, proxy_url=proxies[account_id])
+        bands[pk] = selection.latency_band(score, snapshot.global_avg_ms)
+    return bands
+
+
+def _bands() -> dict[int, int]:
+    return dict(PoolOrder.objects.filter(band_snapshot_id__isnull=False).values_list("pk", "band"))
+
+
+def _pool_with_latency():
+    """Six accounts on two proxies and none, a group of three, samples
+    spreading them over several bands, and the snapshot written by the refresh."""
+    fast, slow = ProxyFactory(url="http://fast:1"), ProxyFactory(url="http://slow:1")
+    accounts = [AccountFactory(name=f"a{n}", proxy=[fast, slow, None][n % 3]) for n in range(6)]
+    accounts[0].groups.create(name="g").accounts.add(*accounts[:3])
+    for account, first_token_ms in zip(accounts, [200, 900, 3000, 400, 1200, 5000], strict=True):
+        proxy_url = account.proxy.url if account.proxy else ""
+        LatencySampleFactory.create_batch(5, account=account, first_token_ms=first_token_ms, proxy_url=proxy_url)
+    return accounts, fast, slow
+
+
+# --- the bands are written, and cleared when their inputs change ---------------------------
+
+
+def test_the_refresh_writes_every_rows_band_under_the_new_snapshot():
+    accounts, *_ = _pool_with_latency()
+    snapshot = maintenance.latency_snapshot_refresh()
+    rows = PoolOrder.objects.count()
+    assert rows == 6 + 3
+    assert PoolOrder.objects.filter(band_snapshot_id=snapshot.pk).count() == rows
+    assert _bands() == _spec_bands()
+    assert len(set(_bands().values())) >= 3  # the samples spread them
+
+
+def test_without_a_global_average_no_band_is_written():
+    AccountFactory.create_batch(2)
+    maintenance.latency_snapshot_refresh()  # no samples
+    assert not PoolOrder.objects.filter(band_snapshot_id__isnull=False).exists()
+
+
+def test_a_proxy_change_clears_the_accounts_bands_and_other_edits_keep_them():
+    accounts, fast, slow = _pool_with_latency()
+    snapshot = maintenance.latency_snapshot_refresh()
+    Account.objects.filter(pk=accounts[0].pk).update(proxy=slow)
+    Account.objects.filter(pk=accounts[1].pk).update(remaining_credits=5.0, name="renamed")
+    whole = Account.objects.get(pk=accounts[3].pk)
+    whole.save()  # every column written, the proxy unchanged
+    assert set(PoolOrder.objects.filter(band_snapshot_id__isnull=True).values_list("account_id", flat=True)) == {
+        accounts[0].pk
+    }
+    assert PoolOrder.objects.filter(band_snapshot_id=snapshot.pk).count() == 9 - 2  # its two rows
+    assert _bands() == _spec_bands()
+
+
+def test_a_proxys_new_url_clears_its_accounts_bands():
+    """The samples of a proxy are keyed by its URL: under a new URL it has none."""
+    accounts, fast, _ = _pool_with_latency()
+    maintenance.latency_snapshot_refresh()
+    Proxy.objects.filter(pk=fast.pk).update(url="http://fast-moved:1")
+    cleared = set(PoolOrder.objects.filter(band_snapshot_id__isnull=True).values_list("account_id", flat=True))
+    assert cleared == {a.pk for a in accounts if a.proxy_id == fast.pk}
+    assert _bands() == _spec_bands()
+
+
+def test_a_proxy_deleted_clears_its_accounts_bands():
+    accounts, fast, _ = _pool_with_latency()
+    maintenance.latency_snapshot_refresh()
+    on_fast = {a.pk for a in accounts if a.proxy_id == fast.pk}
+    fast.delete()  # its accounts' proxy is set to none
+    cleared = set(PoolOrder.objects.filter(band_snapshot_id__isnull=True).values_list("account_id", flat=True))
+    assert cleared == on_fast
+    assert _bands() == _spec_bands()
+
+
+def test_rows_added_after_the_refresh_have_no_band_until_the_next():
+    accounts, *_ = _pool_with_latency()
+    maintenance.latency_snapshot_refresh()
+    newcomer = AccountFactory(name="newcomer")
+    accounts[0].groups.get().accounts.add(accounts[4])
+    assert set(PoolOrder.objects.filter(band_snapshot_id__isnull=True).values_list("scope_id", "account__name")) == {
+        (0, "newcomer"),
+        (accounts[0].groups.get().pk, "a4"),
+    }
+    snapshot = maintenance.latency_snapshot_refresh()
+    assert not PoolOrder.objects.exclude(band_snapshot_id=snapshot.pk).exists()
+    assert PoolOrder.objects.filter(account=newcomer).get().band is not None
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    steps=st.lists(
+        st.tuples(st.sampled_from([*OPS, "proxy_change", "proxy_url_change", "bands_write"]), st.integers(0, 50)),
+        min_size=1,
+        max_size=12,
+    ),
+    data=st.data(),
+)
+def test_every_write_leaves_each_rows_band_its_snapshots_band(steps, data):
+    with transaction.atomic():
+        _, fast, slow = _pool_with_latency()
+        maintenance.latency_snapshot_refresh()
+        for op, pick in steps:
+            accounts = list(Account.objects.order_by("pk"))
+            if op == "proxy_change":
+                account = accounts[pick % len(accounts)]
+                Account.objects.filter(pk=account.pk).update(proxy=[fast, slow, None][pick % 3])
+            elif op == "proxy_url_change":
+                Proxy.objects.filter(pk=[fast, slow][pick % 2].pk).update(url=f"http://moved-{pick}:1")
+            elif op == "bands_write":
+                maintenance.pool_order_bands_write(LatencySnapshot.objects.latest("pk"))
+            else:
+                _apply(op, pick, data)
+            assert _bands() == _spec_bands(), op
+        transaction.set_rollback(True)
+
+
+# --- the walk's head is the full read's head, with bands ----------------------------------------
+
+STALE = ["none", "older", "newer", "proxy", "proxy_url"]
+
+
+def _staleness(made, proxies, kind: str, at: int, band: int) -> None:
+    """One way a row comes to hold a band that is not its snapshot's."""
+    account = made[at % len(made)]
+    rows = PoolOrder.objects.filter(account=account)
+    snapshot_id = LatencySnapshot.objects.latest("pk").pk
+    if kind == "none":
+        rows.update(band=None, band_snapshot_id=None)
+    elif kind in ("older", "newer"):  # a refresh skipped it; a process a refresh behind
+        rows.update(band=band, band_snapshot_id=snapshot_id + (-1 if kind == "older" else 1))
+    elif kind == "proxy":
+        Account.objects.filter(pk=account.pk).update(proxy=proxies[band % 2])
+    else:
+        Proxy.objects.filter(pk=proxies[band % 2].pk).update(url=f"http://moved-{at}:1")
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    accounts=account_specs(identities=14, min_size=4, max_size=16),
+    identities=identity_specs(
+        14, cooling=st.sampled_from([False] * 7 + [True]), in_flight=st.sampled_from([0, 0, 0, 0, 1, 3])
+    ),
+    proxy_cooling=st.tuples(st.booleans(), st.just(False)),
+    global_avg=st.floats(100, 2500, allow_nan=False),
+    proxy_samples=st.tuples(
+        *[st.one_of(st.none(), st.tuples(st.integers(1, 40), st.floats(50, 3000, allow_nan=False)))] * 2
+    ),
+    stale=st.lists(st.tuples(st.sampled_from(STALE), st.integers(0, 15), st.integers(-3, 3)), max_size=3),
+    preferred_pool=st.sampled_from([Pool.BALANCED, Pool.CREDIT_FIRST]),
+    spread=st.booleans(),
+    excluded=st.sets(st.integers(0, 15), max_size=2),
+    preferred=st.sets(st.integers(0, 15), max_size=1),
+    grouped=st.booleans(),
+)
+def test_with_bands_the_walks_head_is_the_full_reads_head_whenever_it_says_so(
+    accounts,
+    identities,
+    proxy_cooling,
+    global_avg,
+    proxy_samples,
+    stale,
+    preferred_pool,
+    spread,
+    excluded,
+    preferred,
+    grouped,
+):
+    with transaction.atomic():
+        made = pool_build(
+            accounts, identities, proxy_cooling=proxy_cooling, global_avg=global_avg, proxy_samples=proxy_samples
+        )
+        key = pool_key(made, accounts, grouped=grouped, preferred_pool=preferred_pool)
+        proxies = list(Proxy.objects.order_by("name"))
+        for kind, at, band in stale:
+            _staleness(made, proxies, kind, at, band)
+        snapshot = latency_snapshot_latest()
+        walk_head_check(
+            key,
+            DispatchRequest(session_id="s" if spread else None, exclude_accounts=names_at(made, excluded)),
+            preferred=names_at(made, preferred),
+            snapshot=snapshot,
+        )
+        transaction.set_rollback(True)
+
+
+# --- the dispatcher ------------------------------------------------------------------------
+
+
+def _latency_pool(prefix: str, identities: int, *, max_concurrency: int = 4):
+    """A pool whose accounts' first-token times put them in three bands,
+    with a refreshed snapshot."""
+    seeded = pool_seed(prefix=prefix, identities=uniform_pool(identities, max_concurrency=max_concurrency))
+    for n, account in enumerate(seeded.accounts):
+        LatencySampleFactory(account=account, first_token_ms=[400, 1000, 2500][n % 3])
+    maintenance.latency_snapshot_refresh()
+    return seeded
+
+
+def test_a_large_pools_dispatch_with_bands_reads_its_head_through_the_order_table(settings):
+    settings.KIROPOOL_WALK_MIN_ACCOUNTS = 6
+    seeded = _latency_pool("banded-", 9)
+    gw = Gateway(seeded.key)
+    with CaptureQueriesContext(connection) as ctx:
+        account = gw.account_of(session_id="new-1")
+    (read,) = _reads(ctx)
+    assert ORDER_TABLE in read and '"band_snapshot_id"' in read
+    # the fastest band: every third account, from the first
+    assert account in {a.name for a in seeded.accounts[::3]}
+
+
+def _granted(prefix: str, min_accounts: int, settings) -> list[str]:
+    settings.KIROPOOL_WALK_MIN_ACCOUNTS = min_accounts
+    seeded = _latency_pool(prefix, 7, max_concurrency=2)
+    gw = Gateway(seeded.key)
+    granted, open_leases = [], []
+    for n in range(16):
+        response = gw.dispatch(session_id=f"conversation-{n % 11}")
+        assert response.status_code == 200, response.content
+        body = response.json()
+        granted.append(body["account"]["name"].removeprefix(prefix))
+        open_leases.append(body["lease_id"])
+        if n % 3 == 2:
+            assert gw.complete(open_leases.pop(0), outcome="success").status_code == 200
+    return granted
+
+
+def test_with_bands_the_walk_grants_what_the_full_read_grants(settings):
+    assert _granted("walked-", 1, settings) == _granted("sorted-", 10_000, settings)
+
+
+def test_the_band_walk_reads_the_band_index_and_not_the_pool(postgres_only):
+    """300 accounts in three bands, one row left under an older snapshot:
+    the walk reads four rows of the band index, the stale row is found
+    through its own index, and no scan of the accounts or the order runs."""
+    seeded = _latency_pool("many-", 300)
+    PoolOrder.objects.filter(account=seeded.accounts[7]).update(band_snapshot_id=1)
+    with connection.cursor() as cursor:
+        cursor.execute(f"ANALYZE {PoolOrder._meta.db_table}")
+        cursor.execute(f"ANALYZE {Account._meta.db_table}")
+    key = ApiKey.objects.get(pk=seeded.key_ids["gateway"])
+    shape, values = reads.request_shape(
+        key=key,
+        request=DispatchRequest(session_id="new"),
+        now=timezone.now(),
+        snapshot=latency_snapshot_latest(),
+        spread=True,
+        head=True,
+    )
+    assert shape.latency
+    sql, params = reads.compiled(dataclasses.replace(shape, walk=True)).statement(values)
+    with connection.cursor() as cursor:
+        cursor.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + sql, params)
+        (plan,) = cursor.fetchone()
+    nodes = list(_nodes(plan[0]["Plan"]))
+    walked = [n for n in nodes if n.get("Index Name") == "pool_order_band_spread_idx"]
+    assert walked and walked[0]["Actual Rows"] == HEAD_ROWS
+    assert any(n.get("Index Name") == "pool_order_band_stale_idx" for n in nodes)
+    tables = {Account._meta.db_table, PoolOrder._meta.db_table}
+    scanned = [n for n in nodes if n.get("Relation Name") in tables and n["Node Type"] == "Seq Scan"]
+    assert not [n for n in scanned if n["Actual Loops"]]
+
+
+# --- the refresh never waits for a row -----------------------------------------------------
+
+
+def _refresh_in_a_thread(done: threading.Event) -> None:
+    try:
+        maintenance.latency_snapshot_refresh()
+        done.set()
+    finally:
+        connection.close()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_refresh_skips_a_row_another_transaction_holds_and_does_not_wait(postgres_only):
+    accounts, *_ = _pool_with_latency()
+    held = PoolOrder.objects.get(scope_id=PoolOrder.ALL_ACCOUNTS, account=accounts[2])
+    done = threading.Event()
+    with psycopg.connect(test_database_url()) as locker:
+        locker.execute("SELECT 1 FROM routing_poolorder WHERE id = %s FOR UPDATE", [held.pk])
+        worker = threading.Thread(target=_refresh_in_a_thread, args=(done,))
+        worker.start()
+        # Generous: the refresh takes milliseconds; waiting for the lock, it
+        # would take until the rollback below.
+        finished_while_held = done.wait(10.0)
+        locker.rollback()
+    worker.join(30)
+    assert finished_while_held, "the refresh waited for a row lock"
+    snapshot = LatencySnapshot.objects.latest("pk")
+    assert set(PoolOrder.objects.exclude(band_snapshot_id=snapshot.pk).values_list("pk", flat=True)) == {held.pk}
+    assert _bands() == _spec_bands()
+
+
+# --- a process follows the newest snapshot --------------------------------------------------
+
+
+def test_a_process_reads_a_new_snapshot_once_its_check_period_has_passed(monkeypatch):
+    first = latency_snapshot_create(global_avg_ms=500.0)
+    monkeypatch.setattr(cached, "SNAPSHOT_CHECK_SECONDS", 3600.0)
+    assert cached.latency_snapshot_current().id == first.pk
+    second = latency_snapshot_create(global_avg_ms=700.0)
+    with CaptureQueriesContext(connection) as ctx:
+        assert cached.latency_snapshot_current().id == first.pk  # within the period: no query
+    assert not ctx.captured_queries
+    monkeypatch.setattr(cached, "SNAPSHOT_CHECK_SECONDS", 0.0)
+    assert cached.latency_snapshot_current().id == second.pk
+    with CaptureQueriesContext(connection) as ctx:
+        assert cached.latency_snapshot_current().id == second.pk
+    assert len(ctx.captured_queries) == 1  # the check, and no reload
