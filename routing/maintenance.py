@@ -104,6 +104,7 @@ def latency_snapshot_refresh(*, now: datetime | None = None) -> LatencySnapshot:
             for url, stats in built.proxies.items()
         )
         pool_order_bands_write(snapshot)
+    pool_order_bands_complete(snapshot)
     stale = list(
         LatencySnapshot.objects.order_by("-generated_at", "-id").values_list("id", flat=True)[
             SNAPSHOTS_KEPT : SNAPSHOTS_KEPT + BATCH
@@ -123,9 +124,8 @@ def pool_order_bands_write(snapshot: LatencySnapshot) -> int:
     In the caller's transaction (the refresh's: a process that reads the new
     snapshot finds its bands). The rows are locked first, skipping those a
     lease start or a binding holds: the refresh never waits, so it never
-    deadlocks with them, and a row it skips keeps the band of an older
-    snapshot, which makes it a special account of the walk until the next
-    refresh. The bands are then computed in a second statement, which sees
+    deadlocks with them (:func:`pool_order_bands_complete` writes those
+    after). The bands are then computed in a second statement, which sees
     every proxy change committed before it; a change still in flight waits
     for the lock on its rows and clears their band after this commits (the
     trigger of migration 0009). Without a usable global average no band
@@ -134,16 +134,43 @@ def pool_order_bands_write(snapshot: LatencySnapshot) -> int:
         return 0
     with transaction.atomic():
         locked = list(PoolOrder.objects.select_for_update(skip_locked=True).order_by().values_list("pk", flat=True))
-        values = {"snapshot_id": snapshot.pk, **rules.band_values(snapshot.global_avg_ms)}
-        band = rules.latency_joins(Account.objects.filter(pk=OuterRef("account_id")), snapshot.pk).values(
-            band=rules.band(values)
-        )
-        written = 0
-        for start in range(0, len(locked), BATCH):
-            written += PoolOrder.objects.filter(pk__in=locked[start : start + BATCH]).update(
-                band=Subquery(band), band_snapshot_id=snapshot.pk
-            )
+        return sum(_bands_update(locked[start : start + BATCH], snapshot) for start in range(0, len(locked), BATCH))
+
+
+def pool_order_bands_complete(snapshot: LatencySnapshot) -> int:
+    """Write the bands under ``snapshot`` of the rows still without one or
+    under an older snapshot: those the refresh skipped, and those whose
+    proxy changed since. One row a transaction, each waiting for its row up
+    to ``LOCK_TIMEOUT`` (a lease start holds it for milliseconds) and holding
+    no other lock meanwhile, so it cannot be part of a deadlock; a row held
+    longer is left to the next refresh. Until then the scope's dispatches
+    read in full (the walk needs every row of the scope under the snapshot)."""
+    if snapshot.global_avg_ms is None:
+        return 0
+    behind = Q(band_snapshot_id__isnull=True) | Q(band_snapshot_id__lt=snapshot.pk)
+    written = 0
+    for pk in list(PoolOrder.objects.filter(behind).values_list("pk", flat=True)[:BATCH]):
+        try:
+            with transaction.atomic():
+                lock_timeout_local()
+                # Locked, then computed: the band sees a proxy change committed while it waited.
+                locked = list(PoolOrder.objects.select_for_update().filter(behind, pk=pk).values_list("pk", flat=True))
+                written += _bands_update(locked, snapshot)
+        except OperationalError:
+            logger.info("pool order row %s held past %s; its band waits for the next refresh", pk, LOCK_TIMEOUT)
     return written
+
+
+def _bands_update(pks: list[int], snapshot: LatencySnapshot) -> int:
+    """Set the rows ``pks`` (locked by the caller) to their account's band
+    under ``snapshot``, computed by the database as the dispatch read does."""
+    if not pks:
+        return 0
+    values = {"snapshot_id": snapshot.pk, **rules.band_values(snapshot.global_avg_ms)}
+    band = rules.latency_joins(Account.objects.filter(pk=OuterRef("account_id")), snapshot.pk).values(
+        band=rules.band(values)
+    )
+    return PoolOrder.objects.filter(pk__in=pks).update(band=Subquery(band), band_snapshot_id=snapshot.pk)
 
 
 def latency_sample_prune(*, now: datetime | None = None) -> int:

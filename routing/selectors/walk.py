@@ -10,14 +10,13 @@ snapshot refresh wrote it for the snapshot the read orders by), and an
 index of that table holds a scope's rows in that order. So:
 
 - the *walk* reads that index from the start of the key's scope and keeps
-  the first ``HEAD_ROWS`` such accounts (with latency bands, among the rows
-  whose band is the read's snapshot's);
+  the first ``HEAD_ROWS`` such accounts; with latency bands, only while
+  every row of the scope holds its band under the read's snapshot
+  (:func:`_bands_whole`);
 - the *special* accounts are all that could sort before them otherwise: the
   scope's accounts that are not plain (another pool; key 3 sums an alias's
   sessions over its identity), those with bindings past their expiry (their
-  live count is below the counter), the model-preferred ones, and with
-  latency bands the rows whose band is another snapshot's or none (a
-  refresh skipped them, or their proxy changed since);
+  live count is below the counter), the model-preferred ones;
 - the read then orders only the walked and the special accounts, with the
   full expressions of ``candidates.py``.
 
@@ -35,7 +34,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from django.conf import settings
-from django.db.models import BooleanField, F, OuterRef, Q, QuerySet, Subquery, Value
+from django.db.models import BooleanField, Exists, F, OuterRef, Q, QuerySet, Subquery, Value
 from django.db.models.lookups import Exact
 
 from accounts.models import Account
@@ -83,23 +82,51 @@ def head_or_special(selectable: Q, values: Mapping[str, object], *, spread: bool
         .values(startable=Value(True))
     )
     plain = scope.filter(plain=True)
-    special = [scope.filter(plain=False).values("account_id"), expired]
     if latency:
-        snapshot_id = values["snapshot_id"]
-        # Three ranges of pool_order_band_stale_idx, not a scan of the scope.
-        other_band = Q(band_snapshot_id__isnull=True) | Q(band_snapshot_id__lt=snapshot_id)
-        special.append(plain.filter(other_band | Q(band_snapshot_id__gt=snapshot_id)).values("account_id"))
-        plain = plain.filter(band_snapshot_id=snapshot_id)
+        plain = plain.filter(band_snapshot_id=values["snapshot_id"])
     walk = (
         plain.filter(Exact(Subquery(startable, output_field=BooleanField()), True))
         .order_by(*index_order(spread=spread, latency=latency))
         .values("pk")[:rows]
     )
-    if values["preferred"]:
-        special.append(Account.objects.filter(name__in=values["preferred"]).order_by().values("pk"))
     # The walk inside a subquery of its own: a union member may not have a
     # LIMIT of its own on SQLite.
-    return PoolOrder.objects.filter(pk__in=walk).order_by().values("account_id").union(*special, all=True)
+    members = [
+        PoolOrder.objects.filter(pk__in=walk).order_by().values("account_id"),
+        scope.filter(plain=False).values("account_id"),
+        expired,
+    ]
+    if values["preferred"]:
+        members.append(Account.objects.filter(name__in=values["preferred"]).order_by().values("pk"))
+    if latency:
+        # A row the walk cannot place: none of the read is the head's.
+        members = [member.filter(*_bands_whole(values)) for member in members]
+    return members[0].union(*members[1:], all=True)
+
+
+def _bands_whole(values: Mapping[str, object]) -> list:
+    """That every row of the key's scope holds its band under the read's
+    snapshot: none without a band (new, or its proxy changed since the
+    refresh), none under another snapshot (a refresh skipped it, or this
+    process has not seen the newest snapshot yet). Otherwise the head read
+    finds nothing and the full read decides: those rows are neither walked
+    nor special, and a head of special accounts alone could skip them.
+
+    Three probes of ``pool_order_band_stale_idx``, each one index entry:
+    whether a row has no band, and the scope's lowest and highest snapshot.
+    Ranges of a parameter instead (``< snapshot``) are estimated at a third
+    of the scope on a generic plan, or at all of it from statistics taken
+    before the last refresh; a plan then scanned the table for them. As
+    special accounts, those estimates turned the read into scans of the
+    accounts."""
+    snapshot_id = values["snapshot_id"]
+    rows = PoolOrder.objects.filter(scope_id=values["group_id"])
+    banded = rows.filter(band_snapshot_id__isnull=False).values("band_snapshot_id")
+    return [
+        ~Exists(rows.filter(band_snapshot_id__isnull=True)),
+        Exact(Subquery(banded.order_by("band_snapshot_id")[:1]), snapshot_id),
+        Exact(Subquery(banded.order_by("-band_snapshot_id")[:1]), snapshot_id),
+    ]
 
 
 def exact(rows: Sequence[CandidateRow], *, head_rows: int) -> bool:

@@ -9,8 +9,10 @@
   so.
 - A dispatch with a usable snapshot on a large pool reads its head through
   the band index, and grants what the full read grants.
+- A row without its band under the read's snapshot sends the scope's
+  dispatches to the full read until the next refresh.
 - On PostgreSQL the refresh skips rows another transaction holds, never
-  waiting for them.
+  waiting for them, and writes them once they are released.
 - A process notices a new snapshot within ``SNAPSHOT_CHECK_SECONDS``.
 """
 
@@ -232,11 +234,13 @@ def test_with_bands_the_walks_head_is_the_full_reads_head_whenever_it_says_so(
         for kind, at, band in stale:
             _staleness(made, proxies, kind, at, band)
         snapshot = latency_snapshot_latest()
+        scope = PoolOrder.objects.filter(scope_id=key.account_group_id or PoolOrder.ALL_ACCOUNTS)
         walk_head_check(
             key,
             DispatchRequest(session_id="s" if spread else None, exclude_accounts=names_at(made, excluded)),
             preferred=names_at(made, preferred),
             snapshot=snapshot,
+            bands_whole=not scope.exclude(band_snapshot_id=snapshot.id).exists(),
         )
         transaction.set_rollback(True)
 
@@ -286,12 +290,27 @@ def test_with_bands_the_walk_grants_what_the_full_read_grants(settings):
     assert _granted("walked-", 1, settings) == _granted("sorted-", 10_000, settings)
 
 
-def test_the_band_walk_reads_the_band_index_and_not_the_pool(postgres_only):
-    """300 accounts in three bands, one row left under an older snapshot:
-    the walk reads four rows of the band index, the stale row is found
-    through its own index, and no scan of the accounts or the order runs."""
-    seeded = _latency_pool("many-", 300)
-    PoolOrder.objects.filter(account=seeded.accounts[7]).update(band_snapshot_id=1)
+def test_a_row_without_its_band_sends_the_scopes_dispatches_to_the_full_read_until_the_next_refresh(settings):
+    """A proxy changed since the refresh: the walk finds nothing (it cannot
+    place that row), the full read decides, and grants the right account;
+    after the next refresh the walk serves again."""
+    settings.KIROPOOL_WALK_MIN_ACCOUNTS = 6
+    seeded = _latency_pool("moved-", 9)
+    Account.objects.filter(pk=seeded.accounts[4].pk).update(proxy=ProxyFactory())
+    gw = Gateway(seeded.key)
+    with CaptureQueriesContext(connection) as ctx:
+        account = gw.account_of(session_id="new-1")
+    walked, full = _reads(ctx)
+    assert ORDER_TABLE in walked and ORDER_TABLE not in full
+    assert account in {a.name for a in seeded.accounts[::3]}
+    maintenance.latency_snapshot_refresh()
+    with CaptureQueriesContext(connection) as ctx:
+        gw.account_of(session_id="new-2")
+    (read,) = _reads(ctx)
+    assert ORDER_TABLE in read
+
+
+def _band_walk_plan(seeded) -> list[dict]:
     with connection.cursor() as cursor:
         cursor.execute(f"ANALYZE {PoolOrder._meta.db_table}")
         cursor.execute(f"ANALYZE {Account._meta.db_table}")
@@ -309,16 +328,30 @@ def test_the_band_walk_reads_the_band_index_and_not_the_pool(postgres_only):
     with connection.cursor() as cursor:
         cursor.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + sql, params)
         (plan,) = cursor.fetchone()
-    nodes = list(_nodes(plan[0]["Plan"]))
+    return list(_nodes(plan[0]["Plan"]))
+
+
+def test_the_band_walk_reads_the_band_index_and_not_the_pool(postgres_only):
+    """300 accounts in three bands, beside 300 more under an older snapshot
+    (statistics taken then, as after a refresh: "older" looks like every
+    row). The walk reads four rows of the band index, whether the scope's
+    bands are whole takes one index entry per probe, and no scan of the
+    accounts or the order runs."""
+    other = _latency_pool("other-", 300)
+    PoolOrder.objects.filter(account__in=other.accounts).update(band_snapshot_id=1)
+    seeded = _latency_pool("many-", 300)
+    nodes = _band_walk_plan(seeded)
     walked = [n for n in nodes if n.get("Index Name") == "pool_order_band_spread_idx"]
     assert walked and walked[0]["Actual Rows"] == HEAD_ROWS
-    assert any(n.get("Index Name") == "pool_order_band_stale_idx" for n in nodes)
+    probes = [n for n in nodes if n.get("Index Name") == "pool_order_band_stale_idx"]
+    # three probes for each member of the head read's union
+    assert len(probes) % 3 == 0 and probes and all(n["Actual Rows"] <= 1 for n in probes)
     tables = {Account._meta.db_table, PoolOrder._meta.db_table}
     scanned = [n for n in nodes if n.get("Relation Name") in tables and n["Node Type"] == "Seq Scan"]
     assert not [n for n in scanned if n["Actual Loops"]]
 
 
-# --- the refresh never waits for a row -----------------------------------------------------
+# --- the refresh never waits for a row, and writes the rows it skipped ------------------------
 
 
 def _refresh_in_a_thread(done: threading.Event) -> None:
@@ -330,7 +363,9 @@ def _refresh_in_a_thread(done: threading.Event) -> None:
 
 
 @pytest.mark.django_db(transaction=True)
-def test_the_refresh_skips_a_row_another_transaction_holds_and_does_not_wait(postgres_only):
+def test_the_refresh_never_waits_long_for_a_row_another_transaction_holds(postgres_only):
+    """The row stays held throughout: the refresh skips it, the completion
+    pass gives up on it after its lock timeout, and it keeps its older band."""
     accounts, *_ = _pool_with_latency()
     held = PoolOrder.objects.get(scope_id=PoolOrder.ALL_ACCOUNTS, account=accounts[2])
     done = threading.Event()
@@ -338,14 +373,41 @@ def test_the_refresh_skips_a_row_another_transaction_holds_and_does_not_wait(pos
         locker.execute("SELECT 1 FROM routing_poolorder WHERE id = %s FOR UPDATE", [held.pk])
         worker = threading.Thread(target=_refresh_in_a_thread, args=(done,))
         worker.start()
-        # Generous: the refresh takes milliseconds; waiting for the lock, it
-        # would take until the rollback below.
+        # Generous: the refresh takes milliseconds, and one LOCK_TIMEOUT
+        # (200 ms) for the held row; waiting for it, it would take until the
+        # rollback below.
         finished_while_held = done.wait(10.0)
         locker.rollback()
     worker.join(30)
     assert finished_while_held, "the refresh waited for a row lock"
     snapshot = LatencySnapshot.objects.latest("pk")
     assert set(PoolOrder.objects.exclude(band_snapshot_id=snapshot.pk).values_list("pk", flat=True)) == {held.pk}
+    assert _bands() == _spec_bands()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_row_the_refresh_skipped_gets_its_band_once_released(postgres_only):
+    accounts, *_ = _pool_with_latency()
+    held = PoolOrder.objects.get(scope_id=PoolOrder.ALL_ACCOUNTS, account=accounts[1])
+    with psycopg.connect(test_database_url()) as locker:
+        locker.execute("SELECT 1 FROM routing_poolorder WHERE id = %s FOR UPDATE", [held.pk])
+        # written as the refresh writes it: pool_order_bands_write skips the held row
+        snapshot = latency_snapshot_create(global_avg_ms=900.0, accounts={"a1": (4, 2500.0)})
+        assert PoolOrder.objects.get(pk=held.pk).band_snapshot_id != snapshot.pk
+        locker.rollback()
+    assert maintenance.pool_order_bands_complete(snapshot) == 1
+    assert not PoolOrder.objects.exclude(band_snapshot_id=snapshot.pk).exists()
+    assert _bands() == _spec_bands()
+
+
+def test_the_completion_pass_writes_rows_without_a_band_and_leaves_newer_ones():
+    accounts, fast, slow = _pool_with_latency()
+    older = maintenance.latency_snapshot_refresh()
+    newer = maintenance.latency_snapshot_refresh()
+    assert maintenance.pool_order_bands_complete(older) == 0  # every row is under a newer one
+    Account.objects.filter(pk=accounts[0].pk).update(proxy=slow)  # its two rows lose their band
+    assert maintenance.pool_order_bands_complete(newer) == 2
+    assert not PoolOrder.objects.exclude(band_snapshot_id=newer.pk).exists()
     assert _bands() == _spec_bands()
 
 
