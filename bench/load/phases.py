@@ -19,9 +19,9 @@ OUT = Path(__file__).resolve().parent.parent / "out"
 WORKERS = 4
 CLIENTS, CLIENT_PROCESSES = 16, 4
 MAIN_ACCOUNTS = 50
-POOL_SIZES = (10, 1000)  # new-session throughput: small, large
-LABELS = ("small", "large")
-POOL_ORDER = ("small", "large", "large", "small")  # mirrored: a steady drift cancels
+POOL_SIZES = (10, 1000)  # new-session throughput: small, large (and large again, ordered by latency bands)
+LABELS = ("small", "large", "banded")
+POOL_ORDER = ("small", "large", "banded", "banded", "large", "small")  # mirrored: a steady drift cancels
 THROUGHPUT_LOADS = ("floor", "dispatch", "dispatch_no_bindings")  # measured in this order, then mirrored
 POOL_WARMUP_SECONDS = 3.0  # a fresh worker's first dispatches compile the reads' shapes
 OPEN_SIZES = (50, 1000)
@@ -50,8 +50,13 @@ def phase(report: dict, name: str, run, *path: str) -> None:
     try:
         into[name] = run()
     except Exception as error:  # noqa: BLE001  one broken phase must not lose the others' figures
-        traceback.print_exc()
-        into[name] = {"error": f"{type(error).__name__}: {error}"}
+        into[name] = failed(error)
+
+
+def failed(error: Exception) -> dict:
+    """What a phase that raised leaves in the report (its traceback goes to stderr)."""
+    traceback.print_exc()
+    return {"error": f"{type(error).__name__}: {error}"}
 
 
 class Run:
@@ -60,6 +65,8 @@ class Run:
     ) -> None:
         self.env, self.seeded, self.profile, self.say, self.only = env, seeded, profile, say, only
         self.closed = dict(seconds=seconds, warmup=WARMUP_SECONDS, clients=CLIENTS, processes=CLIENT_PROCESSES)
+        # Loads measured in two halves, each half's latencies kept to merge them.
+        self.half = {**self.closed, "seconds": seconds / 2, "keep_latencies": True}
         self.opened = dict(
             rate=OPEN_RATE, seconds=seconds, warmup=WARMUP_SECONDS, processes=OPEN_PROCESSES, threads=OPEN_THREADS
         )
@@ -115,7 +122,6 @@ class Run:
                 extra[name] = {"bindings": seed.live_bindings(key_id)}
             connections_close()
         order = [name for name in THROUGHPUT_LOADS if name in loads]
-        half = {**self.closed, "seconds": self.closed["seconds"] / 2, "keep_latencies": True}
         runs: dict[str, list[dict]] = {name: [] for name in order}
         for n, name in enumerate(order + order[::-1]):
             if name in report:
@@ -123,10 +129,9 @@ class Run:
             port, plan = loads[name]
             self.say(f"{LOAD_TITLES[name]}, {CLIENTS} closed-loop clients (run {n + 1} of {2 * len(order)})")
             try:
-                runs[name].append(closed_loop(port, plan, name=f"{name}.{n}", **half))
+                runs[name].append(closed_loop(port, plan, name=f"{name}.{n}", **self.half))
             except Exception as error:  # noqa: BLE001  one broken load must not lose the others' figures
-                traceback.print_exc()
-                report[name] = {"error": f"{type(error).__name__}: {error}"}
+                report[name] = failed(error)
         for name in order:
             if name not in report:
                 report[name] = {**extra.get(name, {}), **closed_merge(runs[name])}
@@ -139,46 +144,55 @@ class Run:
         phase(report, "floor", lambda: open_loop(floor.port, plan, name="floor-open", **opened, seed=3), "open_loop")
 
     def pool_size_phases(self, report: dict, server) -> None:
-        """Both keys are served unmeasured first, then measured in the order
-        small, large, large, small, each for half the phase. In a fixed order
-        whichever key ran first lost: BENCH_ONLY=pool_size runs of 10 s gave
-        a ratio of 0.89-0.94 small first and 0.59-0.65 large first. The
-        warm-up takes the server's first requests out of the figures, and the
-        mirrored order cancels a steady drift of the machine."""
+        """New-session traffic on a small pool, a large one, and a large one
+        ordered by latency bands (the production path: its gateways report
+        first-token times). Each key is served unmeasured first, then
+        measured in the order small, large, banded, banded, large, small,
+        each for half the phase. In a fixed order whichever key ran first
+        lost: BENCH_ONLY=pool_size runs of 10 s gave a ratio of 0.89-0.94
+        small first and 0.59-0.65 large first. The warm-up takes the
+        server's first requests out of the figures, and the mirrored order
+        cancels a steady drift of the machine."""
+        small, large = POOL_SIZES
         keys = {
-            label: (accounts, self.seeded.pool_keys[accounts])
-            for label, accounts in zip(LABELS, POOL_SIZES, strict=True)
+            "small": (small, self.seeded.pool_keys[small]),
+            "large": (large, self.seeded.pool_keys[large]),
+            "banded": (large, self.seeded.banded_key),
         }
-        half = {**self.closed, "seconds": self.closed["seconds"] / 2, "keep_latencies": True}
         runs: dict[str, list[dict]] = {label: [] for label in LABELS}
         sizes = report.setdefault("pool_size", {})
         warm = {**self.closed, "seconds": POOL_WARMUP_SECONDS}
         try:
-            for accounts, key in keys.values():
-                self.say(f"new sessions, {accounts:,}-account key: warm-up, not counted")
-                closed_loop(server.port, Plan("new", key=key), name=f"warm{accounts}", **warm)
+            seed.latency_refresh()  # fresh, so its bands order throughout
+            for label, (accounts, key) in keys.items():
+                self.say(f"new sessions, {accounts:,}-account key ({label}): warm-up, not counted")
+                closed_loop(server.port, Plan("new", key=key), name=f"warm-{label}", **warm)
             profile = None
             for n, label in enumerate(POOL_ORDER):
                 accounts, key = keys[label]
-                self.say(f"new sessions, {accounts:,}-account key, {CLIENTS} closed-loop clients (run {n + 1} of 4)")
+                self.say(
+                    f"new sessions, {accounts:,}-account key ({label}), {CLIENTS} closed-loop clients"
+                    f" (run {n + 1} of {len(POOL_ORDER)})"
+                )
                 if self.profile and label == "large" and not runs[label]:
-                    # The large key's two runs are back to back: one profile covers
-                    # both. The sampler costs CPU the server would otherwise have,
-                    # so the large key's figures read a little low.
-                    seconds = 2 * (half["warmup"] + half["seconds"] + 1)
+                    # The profile covers the large key's first run and the two banded
+                    # runs after it. The sampler costs CPU the server would otherwise
+                    # have, so those figures read a little low.
+                    seconds = 3 * (self.half["warmup"] + self.half["seconds"] + 1)
                     profile = Profile(server, seconds=seconds, output=OUT / f"profile-{accounts}-accounts.svg")
-                runs[label].append(pool_size_run(server, key, accounts, half, n))
-                if profile is not None and len(runs["large"]) == 2:
+                runs[label].append(pool_size_run(server, key, label, self.half, n))
+                if profile is not None and len(runs["banded"]) == 2:
                     sizes["profile"], profile = profile.finish(), None
         except Exception as error:  # noqa: BLE001  one broken phase must not lose the others' figures
-            traceback.print_exc()
+            error_row = failed(error)
             for label in LABELS:
-                sizes[label] = {"error": f"{type(error).__name__}: {error}"}
+                sizes[label] = error_row
         else:
             for label, (accounts, _) in keys.items():
                 sizes[label] = {"accounts": accounts, **closed_merge(runs[label])}
-        if all("rps" in sizes.get(label, {}) for label in LABELS) and sizes["small"]["rps"]:
-            sizes["ratio"] = round(sizes["large"]["rps"] / sizes["small"]["rps"], 3)
+        for label, field in (("large", "ratio"), ("banded", "ratio_banded")):
+            if all("rps" in sizes.get(name, {}) for name in ("small", label)) and sizes["small"]["rps"]:
+                sizes[field] = round(sizes[label]["rps"] / sizes["small"]["rps"], 3)
         sizes["target_ratio"] = tables.POOL_RATIO
 
     def open_loop_phases(self, report: dict, port: int) -> None:
@@ -224,10 +238,10 @@ def connections_close() -> None:
     connections.close_all()
 
 
-def pool_size_run(server, key: str, accounts: int, closed: dict, run: int) -> dict:
+def pool_size_run(server, key: str, label: str, closed: dict, run: int) -> dict:
     """Run ``run`` of new-session traffic on ``key`` (its number keeps its
     session ids apart from the other runs', so every one is new)."""
-    return closed_loop(server.port, Plan("new", key=key), name=f"size{accounts}.{run}", **closed)
+    return closed_loop(server.port, Plan("new", key=key), name=f"size-{label}.{run}", **closed)
 
 
 class Profile:

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 DISPATCH_VS_FLOOR = 0.6  # throughput, dispatch+complete at 65,536 bindings ÷ floor
 BINDINGS_RATIO = 0.9  # 65,536 bindings ÷ none
-POOL_RATIO = 0.8  # new sessions, 1,000 accounts ÷ 10 accounts
+POOL_RATIO = 0.8  # new sessions, 1,000 accounts ÷ 10 accounts (with latency bands too)
 OPEN_P99_MS = {50: 15.0, 1000: 20.0}  # open loop at 100 dispatches/s, by pool size
 WAKE_P50_MS = 50.0
 PROBE_MS = 1000.0  # a completion and /healthz behind the waiters
@@ -79,11 +79,12 @@ def rows(report: dict) -> list[Row]:
     out.append(_ratio(f"  {bindings} ÷ 0 bindings", dispatch, empty, BINDINGS_RATIO))
 
     sizes = report.get("pool_size") or {}
-    small, large = sizes.get("small"), sizes.get("large")
-    for section in (small, large):
-        label = f"new sessions, {section['accounts']:,} accounts" if _measured(section) else "new sessions"
+    small, large, banded = sizes.get("small"), sizes.get("large"), sizes.get("banded")
+    for section, bands in ((small, ""), (large, ""), (banded, ", latency bands")):
+        label = f"new sessions, {section['accounts']:,} accounts{bands}" if _measured(section) else "new sessions"
         load_row(label, section)
     out.append(_ratio("  large ÷ small pool", large, small, POOL_RATIO))
+    out.append(_ratio("  large with latency bands ÷ small pool", banded, small, POOL_RATIO))
 
     open_loop = report.get("open_loop") or {}
     late = []

@@ -12,6 +12,7 @@ from urllib.parse import urlparse
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 BINDINGS = 65_536
+BAND_LATENCIES_MS = (400.0, 1000.0, 2500.0)  # first-token times of the banded pool's three thirds
 MAX_CONCURRENCY = 4  # per identity, for the load phases: room for all 16 closed-loop clients in every pool
 
 
@@ -47,11 +48,13 @@ class Seeded:
     open_keys: dict[int, str]  # accounts → key of a pool of that size (open loop)
     wake_key: str  # one identity, one slot
     waiting_key: str  # one identity, one slot (bounded waiting)
+    banded_key: str = ""  # the large pool's size, ordered by latency bands (pool-size phase)
 
 
 def bench_seed(*, main_accounts: int, pool_sizes: tuple[int, ...], open_sizes: tuple[int, ...]) -> Seeded:
     from django.core.management import call_command
 
+    from accounts.models import ApiKey
     from routing.pools import bindings_seed, pool_seed, uniform_pool
 
     call_command("migrate", verbosity=0)
@@ -60,6 +63,9 @@ def bench_seed(*, main_accounts: int, pool_sizes: tuple[int, ...], open_sizes: t
     # Its own pool rather than the main one emptied: deleting 65,536 bindings
     # fires their counter trigger once each, which takes most of a minute.
     empty = pool_seed(prefix="empty-", identities=uniform_pool(main_accounts, max_concurrency=MAX_CONCURRENCY))
+
+    banded = pool_seed(prefix="bands-", identities=uniform_pool(max(pool_sizes), max_concurrency=MAX_CONCURRENCY))
+    latency_samples_seed(banded.accounts)
 
     def key(prefix: str, accounts: int, max_concurrency: int = MAX_CONCURRENCY) -> str:
         return pool_seed(prefix=prefix, identities=uniform_pool(accounts, max_concurrency=max_concurrency)).key
@@ -74,9 +80,41 @@ def bench_seed(*, main_accounts: int, pool_sizes: tuple[int, ...], open_sizes: t
         open_keys={n: key(f"open{n}-", n) for n in open_sizes},
         wake_key=key("wake-", 1, max_concurrency=1),
         waiting_key=key("wait-", 1, max_concurrency=1),
+        banded_key=banded.key,
     )
+    # The one key ordered by latency: every other key routes without it, as
+    # they all did before the bench had a snapshot.
+    ApiKey.objects.exclude(pk=banded.key_ids["gateway"]).update(latency_routing_enabled=False)
+    latency_refresh()
     statistics_refresh()
     return seeded
+
+
+def latency_samples_seed(accounts) -> None:
+    """First-token samples that put a third of ``accounts`` in each of three
+    latency bands (fast, average, slow)."""
+    from django.utils import timezone
+
+    from routing.models import LatencySample
+
+    now = timezone.now()
+    LatencySample.objects.bulk_create(
+        LatencySample(account=account, first_token_ms=BAND_LATENCIES_MS[n % 3], recorded_at=now)
+        for n, account in enumerate(accounts)
+        for _ in range(3)
+    )
+
+
+def latency_refresh() -> None:
+    """A new latency snapshot, with its bands in the order table, as the
+    periodic task writes it (no Celery runs during the bench). Run again
+    before the pool-size phase: a snapshot orders only while it is fresh."""
+    from django.db import connections
+
+    from routing.maintenance import latency_snapshot_refresh
+
+    latency_snapshot_refresh()
+    connections.close_all()
 
 
 def statistics_refresh() -> None:

@@ -29,7 +29,7 @@ SEEDED = Seeded(
 
 
 def _recorder(calls: list[tuple], fail: str | None = None):
-    def closed_loop(port, plan, *, name, seconds, warmup, clients, processes, keep_latencies):
+    def closed_loop(port, plan, *, name, seconds, warmup, clients, processes, keep_latencies=False):
         load = name.split(".")[0]
         calls.append((load, port, plan.traffic, plan.key or plan.floor_pk, seconds))
         if load == fail:
@@ -88,3 +88,26 @@ def test_a_load_that_fails_is_recorded_and_not_run_again_and_the_others_keep_the
     assert [call[0] for call in calls] == ["floor", "dispatch", "dispatch_no_bindings", "dispatch", "floor"]
     assert report["dispatch_no_bindings"] == {"error": "ConnectionError: server gone"}
     assert len(report["floor"]["runs_rps"]) == len(report["dispatch"]["runs_rps"]) == 2
+
+
+def test_the_pool_sizes_run_mirrored_with_the_banded_pool_between_and_the_snapshot_fresh_first(monkeypatch):
+    calls: list[tuple] = []
+    monkeypatch.setattr(phases, "closed_loop", _recorder(calls))
+    monkeypatch.setattr(phases.seed, "latency_refresh", lambda: calls.append(("latency_refresh",)))
+    seeded = Seeded(**{**SEEDED.__dict__, "pool_keys": {10: "kp_10", 1000: "kp_1000"}, "banded_key": "kp_bands"})
+    run = phases.Run(env={}, seeded=seeded, seconds=20, profile=False, say=lambda message: None, only=frozenset())
+    report: dict = {}
+    run.pool_size_phases(report, KIROPOOL)
+    assert calls[0] == ("latency_refresh",)
+    keys = [call[3] for call in calls[1:]]
+    warm, measured = keys[:3], keys[3:]
+    assert warm == ["kp_10", "kp_1000", "kp_bands"]
+    assert measured == ["kp_10", "kp_1000", "kp_bands", "kp_bands", "kp_1000", "kp_10"]
+    sizes = report["pool_size"]
+    # The recorder's rate is 100 × the call's rank (the refresh and the three
+    # warm-ups first): small 500 and 1,000, large 600 and 900, banded 700 and
+    # 800, each over 2 × 10 s.
+    assert sizes["small"]["runs_rps"] == [500.0, 1000.0] and sizes["small"]["rps"] == 750.0
+    assert sizes["banded"]["runs_rps"] == [700.0, 800.0] and sizes["banded"]["accounts"] == 1000
+    assert sizes["ratio"] == 1.0
+    assert sizes["ratio_banded"] == 1.0

@@ -23,7 +23,11 @@ GOOD = {
     "floor": load(1000),
     "dispatch": load(600, bindings=65_536),
     "dispatch_no_bindings": load(620),
-    "pool_size": {"small": load(500, accounts=10), "large": load(450, accounts=1000)},
+    "pool_size": {
+        "small": load(500, accounts=10),
+        "large": load(450, accounts=1000),
+        "banded": load(420, accounts=1000),
+    },
     "open_loop": {
         "rate_per_s": 100,
         "accounts_50": open_phase(12),
@@ -59,6 +63,7 @@ def test_every_target_met():
         "  ÷ floor (throughput)",
         "  65,536 ÷ 0 bindings",
         "  large ÷ small pool",
+        "  large with latency bands ÷ small pool",
         "open loop 100/s, 50 accounts: dispatch",
         "open loop 100/s, 1,000 accounts: dispatch",
         "  client started late (> 5 ms)",
@@ -74,6 +79,7 @@ def test_each_target_missed_is_reported():
     bad = copy.deepcopy(GOOD)
     bad["dispatch"]["rps"] = 590  # 0.59 of the floor
     bad["pool_size"]["large"]["rps"] = 399  # 0.798 of the small pool
+    bad["pool_size"]["banded"]["rps"] = 380
     bad["open_loop"]["accounts_1000"]["p99_ms"] = 20.1
     bad["open_loop"]["accounts_50"]["late_starts"] = 21  # over 1 % of 2000 arrivals
     bad["bounded_waiting"]["completion_status"] = 0  # never answered
@@ -85,6 +91,7 @@ def test_each_target_missed_is_reported():
     assert missed == {
         "  ÷ floor (throughput)",
         "  large ÷ small pool",
+        "  large with latency bands ÷ small pool",
         "open loop 100/s, 1,000 accounts: dispatch",
         "  client started late (> 5 ms)",
         "96 waiters on one slot: a completion answers in",
