@@ -18,34 +18,43 @@ from django.db import migrations, models
 
 from core.migration_sql import vendor_statements
 
-_CLEAR = "UPDATE routing_poolorder SET band = NULL, band_snapshot_id = NULL"
+_CLEAR = "UPDATE routing_poolorder SET band = NULL, band_snapshot_id = NULL WHERE band_snapshot_id IS NOT NULL"
+# (trigger, table, column whose change clears the bands, the order rows it clears)
+_CLEARED_BY = [
+    ("routing_pool_order_band_account", "accounts_account", "proxy_id", "account_id = NEW.id"),
+    (
+        "routing_pool_order_band_proxy",
+        "accounts_proxy",
+        "url",
+        "account_id IN (SELECT id FROM accounts_account WHERE proxy_id = NEW.id)",
+    ),
+]
+
+
+def _postgres_trigger(name: str, table: str, column: str, rows: str) -> list[str]:
+    return [
+        f"""
+CREATE FUNCTION {name}() RETURNS trigger AS $$
+BEGIN
+    {_CLEAR} AND {rows};
+    RETURN NULL;
+END
+$$ LANGUAGE plpgsql""",
+        f"""
+CREATE TRIGGER {name} AFTER UPDATE OF {column} ON {table}
+    FOR EACH ROW WHEN (OLD.{column} IS DISTINCT FROM NEW.{column})
+    EXECUTE FUNCTION {name}()""",
+    ]
+
+
+def _sqlite_trigger(name: str, table: str, column: str, rows: str) -> str:
+    return f"""CREATE TRIGGER {name} AFTER UPDATE OF {column} ON {table}
+    WHEN OLD.{column} IS NOT NEW.{column}
+    BEGIN {_CLEAR} AND {rows}; END"""
+
 
 POSTGRES_UP = [
-    f"""
-CREATE FUNCTION routing_pool_order_band_account() RETURNS trigger AS $$
-BEGIN
-    {_CLEAR} WHERE account_id = NEW.id AND band_snapshot_id IS NOT NULL;
-    RETURN NULL;
-END
-$$ LANGUAGE plpgsql""",
-    """
-CREATE TRIGGER routing_pool_order_band_account
-    AFTER UPDATE OF proxy_id ON accounts_account
-    FOR EACH ROW WHEN (OLD.proxy_id IS DISTINCT FROM NEW.proxy_id)
-    EXECUTE FUNCTION routing_pool_order_band_account()""",
-    f"""
-CREATE FUNCTION routing_pool_order_band_proxy() RETURNS trigger AS $$
-BEGIN
-    {_CLEAR} WHERE band_snapshot_id IS NOT NULL
-       AND account_id IN (SELECT id FROM accounts_account WHERE proxy_id = NEW.id);
-    RETURN NULL;
-END
-$$ LANGUAGE plpgsql""",
-    """
-CREATE TRIGGER routing_pool_order_band_proxy
-    AFTER UPDATE OF url ON accounts_proxy
-    FOR EACH ROW WHEN (OLD.url IS DISTINCT FROM NEW.url)
-    EXECUTE FUNCTION routing_pool_order_band_proxy()""",
+    *(sql for trigger in _CLEARED_BY for sql in _postgres_trigger(*trigger)),
     # New sessions with latency bands: fewest sessions first, then the band.
     """
 CREATE INDEX pool_order_band_spread_idx ON routing_poolorder
@@ -69,15 +78,7 @@ POSTGRES_DOWN = [
 ]
 
 SQLITE_UP = [
-    f"""CREATE TRIGGER routing_pool_order_band_account AFTER UPDATE OF proxy_id ON accounts_account
-    WHEN OLD.proxy_id IS NOT NEW.proxy_id
-    BEGIN {_CLEAR} WHERE account_id = NEW.id AND band_snapshot_id IS NOT NULL; END""",
-    f"""CREATE TRIGGER routing_pool_order_band_proxy AFTER UPDATE OF url ON accounts_proxy
-    WHEN OLD.url IS NOT NEW.url
-    BEGIN
-        {_CLEAR} WHERE band_snapshot_id IS NOT NULL
-           AND account_id IN (SELECT id FROM accounts_account WHERE proxy_id = NEW.id);
-    END""",
+    *(_sqlite_trigger(*trigger) for trigger in _CLEARED_BY),
     """CREATE INDEX pool_order_band_spread_idx ON routing_poolorder
     (scope_id, enabled, plain, band_snapshot_id, binding_rows, band, last_started_at, credits_sort, name)
     WHERE band_snapshot_id IS NOT NULL""",
@@ -94,7 +95,6 @@ SQLITE_DOWN = [
     "DROP TRIGGER IF EXISTS routing_pool_order_band_proxy",
     "DROP TRIGGER IF EXISTS routing_pool_order_band_account",
 ]
-
 
 
 class Migration(migrations.Migration):

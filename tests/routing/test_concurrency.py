@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -12,10 +13,12 @@ import pytest
 from django.db import connection
 
 from accounts.models import RoutingIdentity
+from routing import maintenance
 from routing.maintenance import pool_order_rebuild
 from routing.models import Lease
-from tests.factories import AccountFactory, ApiKeyFactory, RoutingIdentityFactory
+from tests.factories import AccountFactory, ApiKeyFactory, LatencySampleFactory, RoutingIdentityFactory
 from tests.routing.gateway import Gateway
+from tests.routing.test_walk_bands import bands_of_spec, bands_stored
 from tests.support import test_database_url
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("postgres_only", "statements")]
@@ -94,6 +97,48 @@ def test_processes_dispatching_through_the_walk_keep_the_order_table_true():
     assert peak <= 2 and holders == 0
     assert Lease.objects.filter(outcome="success").count() == len(acquired)
     assert pool_order_rebuild() == 0  # every row was already what its sources say
+
+
+def _refresh_until(stop: threading.Event, outcome: dict) -> None:
+    try:
+        while not stop.is_set():
+            maintenance.latency_snapshot_refresh()
+            outcome["refreshes"] = outcome.get("refreshes", 0) + 1
+            time.sleep(0.05)
+    except Exception as error:  # noqa: BLE001  reported by the test
+        outcome["error"] = error
+    finally:
+        connection.close()
+
+
+def test_processes_dispatching_through_the_band_walk_while_the_snapshot_refreshes():
+    """As above, with latency bands: the dispatches walk the band indexes
+    while the snapshot is rebuilt over and over beside them (the refresh
+    locks every order row it can, and their completions add samples).
+    Nothing deadlocks or fails, nothing is over-booked, and afterwards every
+    order row equals its sources and every band is SPEC §2's."""
+    identities = [RoutingIdentityFactory(name=f"banded-{i}", max_concurrency=2) for i in range(6)]
+    for i, identity in enumerate(identities):
+        for alias in range(2 if i < 2 else 1):
+            account = AccountFactory(name=f"banded-{i}-{alias}", identity=identity)
+            LatencySampleFactory(account=account, first_token_ms=[300.0, 900.0, 2700.0][i % 3])
+    maintenance.latency_snapshot_refresh()
+    stop, outcome = threading.Event(), {}
+    refresher = threading.Thread(target=_refresh_until, args=(stop, outcome))
+    refresher.start()
+    try:
+        acquired, peak, holders = hammer(
+            ApiKeyFactory(), identities, workers=4, cycles=20, hold_ms=5, env={"KIROPOOL_WALK_MIN_ACCOUNTS": "0"}
+        )
+    finally:
+        stop.set()
+        refresher.join(60)
+    assert "error" not in outcome, outcome
+    assert outcome["refreshes"] >= 2
+    assert len(acquired) == len(set(acquired)) == 4 * 20
+    assert peak <= 2 and holders == 0
+    assert pool_order_rebuild() == 0
+    assert bands_stored() == bands_of_spec()
 
 
 RELEASER = """

@@ -279,10 +279,14 @@ def test_when_fewer_than_a_head_of_accounts_can_start_the_full_read_decides(sett
 
 
 def _granted(prefix: str, min_accounts: int, settings) -> list[str]:
-    """The accounts a scripted day of dispatches on a new pool gets, without
-    the pool's prefix: new sessions, returning turns, completions, a failure."""
     settings.KIROPOOL_WALK_MIN_ACCOUNTS = min_accounts
-    seeded = pool_seed(prefix=prefix, identities=uniform_pool(7, max_concurrency=2))
+    return scripted_day(pool_seed(prefix=prefix, identities=uniform_pool(7, max_concurrency=2)), prefix)
+
+
+def scripted_day(seeded, prefix: str) -> list[str]:
+    """The accounts a scripted day of dispatches on the new pool ``seeded``
+    gets, without the pool's prefix: new sessions, returning turns,
+    completions, a failure."""
     gw = Gateway(seeded.key)
     granted, open_leases = [], []
     for n in range(16):

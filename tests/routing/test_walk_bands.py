@@ -41,13 +41,13 @@ from routing.selectors.latency import latency_snapshot_latest, snapshot_load
 from tests.factories import AccountFactory, LatencySampleFactory, ProxyFactory, latency_snapshot_create
 from tests.routing.gateway import Gateway
 from tests.routing.random_pools import account_specs, identity_specs, names_at, pool_build, pool_key, walk_head_check
-from tests.routing.test_walk import OPS, ORDER_TABLE, _apply, _nodes, _reads
+from tests.routing.test_walk import OPS, ORDER_TABLE, _apply, _nodes, _reads, scripted_day
 from tests.support import test_database_url
 
 pytestmark = pytest.mark.django_db
 
 
-def _spec_bands() -> dict[int, int]:
+def bands_of_spec() -> dict[int, int]:
     """Each row's band, by row id, as SPEC §2 computes it (``selection``)
     from the row's snapshot and the account's proxy now; rows without a
     band left out."""
@@ -63,7 +63,7 @@ def _spec_bands() -> dict[int, int]:
     return bands
 
 
-def _bands() -> dict[int, int]:
+def bands_stored() -> dict[int, int]:
     return dict(PoolOrder.objects.filter(band_snapshot_id__isnull=False).values_list("pk", "band"))
 
 
@@ -88,8 +88,8 @@ def test_the_refresh_writes_every_rows_band_under_the_new_snapshot():
     rows = PoolOrder.objects.count()
     assert rows == 6 + 3
     assert PoolOrder.objects.filter(band_snapshot_id=snapshot.pk).count() == rows
-    assert _bands() == _spec_bands()
-    assert len(set(_bands().values())) >= 3  # the samples spread them
+    assert bands_stored() == bands_of_spec()
+    assert len(set(bands_stored().values())) >= 3  # the samples spread them
 
 
 def test_without_a_global_average_no_band_is_written():
@@ -109,7 +109,7 @@ def test_a_proxy_change_clears_the_accounts_bands_and_other_edits_keep_them():
         accounts[0].pk
     }
     assert PoolOrder.objects.filter(band_snapshot_id=snapshot.pk).count() == 9 - 2  # its two rows
-    assert _bands() == _spec_bands()
+    assert bands_stored() == bands_of_spec()
 
 
 def test_a_proxys_new_url_clears_its_accounts_bands():
@@ -119,7 +119,7 @@ def test_a_proxys_new_url_clears_its_accounts_bands():
     Proxy.objects.filter(pk=fast.pk).update(url="http://fast-moved:1")
     cleared = set(PoolOrder.objects.filter(band_snapshot_id__isnull=True).values_list("account_id", flat=True))
     assert cleared == {a.pk for a in accounts if a.proxy_id == fast.pk}
-    assert _bands() == _spec_bands()
+    assert bands_stored() == bands_of_spec()
 
 
 def test_a_proxy_deleted_clears_its_accounts_bands():
@@ -129,7 +129,7 @@ def test_a_proxy_deleted_clears_its_accounts_bands():
     fast.delete()  # its accounts' proxy is set to none
     cleared = set(PoolOrder.objects.filter(band_snapshot_id__isnull=True).values_list("account_id", flat=True))
     assert cleared == on_fast
-    assert _bands() == _spec_bands()
+    assert bands_stored() == bands_of_spec()
 
 
 def test_rows_added_after_the_refresh_have_no_band_until_the_next():
@@ -170,7 +170,7 @@ def test_every_write_leaves_each_rows_band_its_snapshots_band(steps, data):
                 maintenance.pool_order_bands_write(LatencySnapshot.objects.latest("pk"))
             else:
                 _apply(op, pick, data)
-            assert _bands() == _spec_bands(), op
+            assert bands_stored() == bands_of_spec(), op
         transaction.set_rollback(True)
 
 
@@ -272,18 +272,7 @@ def test_a_large_pools_dispatch_with_bands_reads_its_head_through_the_order_tabl
 
 def _granted(prefix: str, min_accounts: int, settings) -> list[str]:
     settings.KIROPOOL_WALK_MIN_ACCOUNTS = min_accounts
-    seeded = _latency_pool(prefix, 7, max_concurrency=2)
-    gw = Gateway(seeded.key)
-    granted, open_leases = [], []
-    for n in range(16):
-        response = gw.dispatch(session_id=f"conversation-{n % 11}")
-        assert response.status_code == 200, response.content
-        body = response.json()
-        granted.append(body["account"]["name"].removeprefix(prefix))
-        open_leases.append(body["lease_id"])
-        if n % 3 == 2:
-            assert gw.complete(open_leases.pop(0), outcome="success").status_code == 200
-    return granted
+    return scripted_day(_latency_pool(prefix, 7, max_concurrency=2), prefix)
 
 
 def test_with_bands_the_walk_grants_what_the_full_read_grants(settings):
@@ -382,7 +371,7 @@ def test_the_refresh_never_waits_long_for_a_row_another_transaction_holds(postgr
     assert finished_while_held, "the refresh waited for a row lock"
     snapshot = LatencySnapshot.objects.latest("pk")
     assert set(PoolOrder.objects.exclude(band_snapshot_id=snapshot.pk).values_list("pk", flat=True)) == {held.pk}
-    assert _bands() == _spec_bands()
+    assert bands_stored() == bands_of_spec()
 
 
 @pytest.mark.django_db(transaction=True)
@@ -397,7 +386,7 @@ def test_a_row_the_refresh_skipped_gets_its_band_once_released(postgres_only):
         locker.rollback()
     assert maintenance.pool_order_bands_complete(snapshot) == 1
     assert not PoolOrder.objects.exclude(band_snapshot_id=snapshot.pk).exists()
-    assert _bands() == _spec_bands()
+    assert bands_stored() == bands_of_spec()
 
 
 def test_the_completion_pass_writes_rows_without_a_band_and_leaves_newer_ones():
@@ -408,7 +397,7 @@ def test_the_completion_pass_writes_rows_without_a_band_and_leaves_newer_ones():
     Account.objects.filter(pk=accounts[0].pk).update(proxy=slow)  # its two rows lose their band
     assert maintenance.pool_order_bands_complete(newer) == 2
     assert not PoolOrder.objects.exclude(band_snapshot_id=newer.pk).exists()
-    assert _bands() == _spec_bands()
+    assert bands_stored() == bands_of_spec()
 
 
 # --- a process follows the newest snapshot --------------------------------------------------
