@@ -165,7 +165,9 @@ def test_every_write_leaves_each_rows_band_its_snapshots_band(steps, data):
                 account = accounts[pick % len(accounts)]
                 Account.objects.filter(pk=account.pk).update(proxy=[fast, slow, None][pick % 3])
             elif op == "proxy_url_change":
-                Proxy.objects.filter(pk=[fast, slow][pick % 2].pk).update(url=f"http://moved-{pick}:1")
+                proxy = [fast, slow][pick % 2]
+                # its pk in the URL: two proxies never move to the same one (URLs are unique)
+                Proxy.objects.filter(pk=proxy.pk).update(url=f"http://moved-{proxy.pk}-{pick}:1")
             elif op == "bands_write":
                 maintenance.pool_order_bands_write(LatencySnapshot.objects.latest("pk"))
             else:
@@ -191,7 +193,9 @@ def _staleness(made, proxies, kind: str, at: int, band: int) -> None:
     elif kind == "proxy":
         Account.objects.filter(pk=account.pk).update(proxy=proxies[band % 2])
     else:
-        Proxy.objects.filter(pk=proxies[band % 2].pk).update(url=f"http://moved-{at}:1")
+        proxy = proxies[band % 2]
+        # its pk in the URL: two proxies never move to the same one (URLs are unique)
+        Proxy.objects.filter(pk=proxy.pk).update(url=f"http://moved-{proxy.pk}-{at}:1")
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
