@@ -41,9 +41,6 @@ def compiled(shape: Shape) -> CompiledQuery:
     )
 
 
-_NO_BANDS = {"global_avg_ms": 0.0, "band_width_ms": 1.0, "account_part_ms": 0.0, "proxy_part_ms": 0.0}
-
-
 @dataclass(frozen=True, slots=True)
 class Read:
     rows: list[CandidateRow]
@@ -85,8 +82,8 @@ def request_shape(
         "group_id": key.account_group_id or 0,
         "fixed_account_id": key.fixed_account_id or 0,
         "snapshot_id": snapshot.id if latency else 0,
-        # Unused without latency; a band width of 0 would divide by zero.
-        **(rules.band_values(snapshot.snapshot.global_avg_ms) if latency else _NO_BANDS),
+        # Unused without latency (no band in the read).
+        **rules.band_values(snapshot.snapshot.global_avg_ms if latency else 0.0),
         "slow_start_seconds": settings.KIROPOOL_SLOW_START_SECONDS,
         "excluded": excluded,
         "preferred": preferred_names,

@@ -78,12 +78,10 @@ def latency_snapshot_current() -> StoredSnapshot | None:
     now = time.monotonic()
     if cached is not None and now - cached.checked < SNAPSHOT_CHECK_SECONDS:
         return cached.stored
-    latest = _latest_id()
-    if cached is not None and (cached.stored.id if cached.stored else None) == latest:
+    if cached is not None and (cached.stored.id if cached.stored else None) == _latest_id():
         stored = cached.stored
     else:
-        row = LatencySnapshot.objects.filter(pk=latest).first() if latest is not None else None
-        stored = snapshot_load(row) if row else None
+        stored = latency_snapshot_latest()
     with _lock:
         _cache = _Cached(checked=now, stored=stored)
     return stored
