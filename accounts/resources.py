@@ -30,9 +30,11 @@ from tablib import Dataset
 
 from accounts.fields import fernet
 from accounts.onboarding.columns import Credentials, Names
+from accounts.onboarding.errors import ImportRejected
 from accounts.onboarding.exporter import kind_export
-from accounts.onboarding.importer import ImportRejected, RowPlan, pool_import
+from accounts.onboarding.importer import pool_import
 from accounts.onboarding.kinds import KIND_BY_MODEL, Kind
+from accounts.onboarding.plans import RowPlan
 
 # Errors listed in the admin's message after a failed confirm step.
 SHOWN_ERRORS = 10

@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 
 from accounts.onboarding.columns import LIST_SEPARATOR
-from accounts.onboarding.importer import ImportRejected, RowError
+from accounts.onboarding.errors import ImportRejected, RowError
 from accounts.onboarding.kinds import KINDS, Kind
 
 VERSION = 1

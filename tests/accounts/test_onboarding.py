@@ -14,8 +14,9 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from accounts.models import Account, AccountGroup, Pool, Proxy, RoutingIdentity
+from accounts.onboarding.errors import ImportRejected
 from accounts.onboarding.exporter import pool_export
-from accounts.onboarding.importer import ImportRejected, pool_import
+from accounts.onboarding.importer import pool_import
 from tests.factories import AccountFactory, AccountGroupFactory, ProxyFactory, RoutingIdentityFactory
 
 pytestmark = pytest.mark.django_db

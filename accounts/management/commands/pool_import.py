@@ -15,8 +15,9 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
+from accounts.onboarding.errors import ImportRejected
 from accounts.onboarding.files import csv_kind, csv_read, document_read
-from accounts.onboarding.importer import ImportRejected, pool_import
+from accounts.onboarding.importer import pool_import
 from accounts.onboarding.kinds import KINDS
 
 
