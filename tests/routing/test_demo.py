@@ -9,7 +9,7 @@ from django.core.management.base import CommandError
 from django.db import connection
 
 from accounts.models import Account, ApiKey, Pool, Proxy, RoutingIdentity
-from routing import demo
+from routing.demo.pool import DEMO_USER_NOTE, demo_login, demo_login_remove, demo_pool_seed
 from routing.models import LatencySnapshot, Lease, LeaseOutcome, SessionBinding
 from tests.factories import AccountFactory
 
@@ -17,8 +17,8 @@ from tests.factories import AccountFactory
 @pytest.mark.django_db
 def test_the_demo_pool_is_replaced_on_every_run_and_touches_nothing_else():
     mine = AccountFactory(name="production-account")
-    first = demo.demo_pool_seed()
-    second = demo.demo_pool_seed()
+    first = demo_pool_seed()
+    second = demo_pool_seed()
     assert first != second
 
     accounts = Account.objects.filter(name__startswith="demo-")
@@ -38,9 +38,9 @@ def test_the_demo_pool_is_replaced_on_every_run_and_touches_nothing_else():
 
 @pytest.mark.django_db
 def test_the_demo_login_works_with_the_printed_password(client):
-    login = demo.demo_login()
+    login = demo_login()
     assert client.login(username=login.username, password=login.password)
-    again = demo.demo_login()
+    again = demo_login()
     assert again.password != login.password and again.token == login.token
 
 
@@ -74,11 +74,11 @@ def test_the_demo_refuses_a_database_with_other_pool_data_unless_forced():
 
 @pytest.mark.django_db
 def test_the_demo_login_is_removed_when_the_demo_stops():
-    login = demo.demo_login()
+    login = demo_login()
     user = get_user_model().objects.get(username=login.username)
-    assert user.is_superuser and user.first_name == demo.DEMO_USER_NOTE
+    assert user.is_superuser and user.first_name == DEMO_USER_NOTE
     # A login of the same name that the demo did not make is left alone.
     get_user_model().objects.create_user(username="someone-else", first_name="an operator")
-    demo.demo_login_remove(login)
+    demo_login_remove(login)
     assert not get_user_model().objects.filter(username=login.username).exists()
     assert get_user_model().objects.filter(username="someone-else").exists()

@@ -1,7 +1,7 @@
 """``manage.py demo`` (``make demo``): a living pool in one command.
 
 Seeds the demonstration pool, starts the web app (``core.webserver``) and
-plays synthetic gateways against it for a while (``routing/demo.py``). The
+plays synthetic gateways against it for a while (``routing/demo/``). The
 login, the API keys and the dashboard URL are printed at the start and again
 at the end; the demo's staff login is removed when it stops.
 """
@@ -20,7 +20,8 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
 from core.webserver import WebServer, WebServerError
-from routing import demo
+from routing.demo.pool import Login, demo_login, demo_login_remove, demo_pool_seed, foreign_data
+from routing.demo.traffic import Api, DemoError, Traffic
 
 
 class Command(BaseCommand):
@@ -51,7 +52,7 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, duration, bind, url, clients, seed, serve, force, **options):
-        foreign = demo.foreign_data()
+        foreign = foreign_data()
         if foreign and not force:
             raise CommandError(
                 "This database holds pool data the demo did not make ("
@@ -60,10 +61,10 @@ class Command(BaseCommand):
                 "Point DATABASE_URL at a scratch database, or pass --force."
             )
         serve = sys.stdin.isatty() if serve is None else serve
-        login = demo.demo_login()
+        login = demo_login()
         server = None
         try:
-            keys = demo.demo_pool_seed()
+            keys = demo_pool_seed()
             if url:
                 base = url.rstrip("/")
             else:
@@ -79,11 +80,11 @@ class Command(BaseCommand):
                         f"{error}. Stop what listens there, pass --url {base} to use it, "
                         "or choose another address with --bind or KIROPOOL_BIND."
                     ) from error
-            api = demo.Api(base, keys=keys, token=login.token)
+            api = Api(base, keys=keys, token=login.token)
             api.wait_ready()
             api.latency_refresh()
             self.banner(base, login, keys, heading="kiropool demo: traffic is flowing, watch it live")
-            traffic = demo.Traffic(api, rng=random.Random(seed), duration=duration, clients=clients, out=self.stdout)
+            traffic = Traffic(api, rng=random.Random(seed), duration=duration, clients=clients, out=self.stdout)
             traffic.run()
             api.latency_refresh()
             self.stdout.write(traffic.summary())
@@ -95,14 +96,14 @@ class Command(BaseCommand):
                     api.latency_refresh(quiet=True)
         except KeyboardInterrupt:
             self.stdout.write("\nStopping.")
-        except demo.DemoError as error:
+        except DemoError as error:
             raise CommandError(str(error)) from error
         finally:
             if server:
                 server.stop()
-            demo.demo_login_remove(login)
+            demo_login_remove(login)
 
-    def banner(self, base: str, login: demo.Login, keys: dict[str, str], *, heading: str) -> None:
+    def banner(self, base: str, login: Login, keys: dict[str, str], *, heading: str) -> None:
         width = 78
         lines = [
             "",
