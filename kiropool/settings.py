@@ -130,11 +130,19 @@ else:
     # connection busy waits up to KIROPOOL_DB_POOL_TIMEOUT seconds, then the
     # request answers 503. KIROPOOL_DB_POOL_SIZE=0 turns the pool off for
     # persistent per-thread connections (CONN_MAX_AGE).
-    KIROPOOL_DB_POOL_SIZE = max(0, env.int("KIROPOOL_DB_POOL_SIZE", default=10))
+    #
+    # Few, and all opened with the first query: one thread of a worker runs
+    # Python at a time, so a few connections cover its database waits, and
+    # more only add backends that compete for the same cores and queue on
+    # the same hot rows inside PostgreSQL instead of cheaply in the pool.
+    # Each new backend also costs tens of milliseconds before its caches and
+    # plans are warm: opened one by one under a burst, 10 per worker stalled
+    # a freshly started server for seconds (README, "Decisions").
+    KIROPOOL_DB_POOL_SIZE = max(0, env.int("KIROPOOL_DB_POOL_SIZE", default=3))
     if KIROPOOL_DB_POOL_SIZE:
         DATABASES["default"]["CONN_MAX_AGE"] = 0  # the pool keeps them (Django requires 0 with a pool)
         DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
-            "min_size": 1,
+            "min_size": KIROPOOL_DB_POOL_SIZE,
             "max_size": KIROPOOL_DB_POOL_SIZE,
             "timeout": env.float("KIROPOOL_DB_POOL_TIMEOUT", default=10.0),
         }
@@ -322,6 +330,7 @@ KIROPOOL_AFFINITY_MAX_ENTRIES = _clamp(env.int("KIROPOOL_AFFINITY_MAX_ENTRIES", 
 # Completed leases and cooldown events are history (dashboards, export_trace);
 # the hourly prune keeps this many days of it.
 KIROPOOL_HISTORY_RETENTION_DAYS = _clamp(env.int("KIROPOOL_HISTORY_RETENTION_DAYS", default=7), 1, 365)
+
 # --- the pool looks after itself (README, "Decisions") --------------------------
 
 # Outlier ejection: an identity whose last N completions all failed
@@ -342,6 +351,7 @@ KIROPOOL_WALK_MIN_ACCOUNTS = _clamp(env.int("KIROPOOL_WALK_MIN_ACCOUNTS", defaul
 # An exhausted account (or one at its minimum balance) with no known reset
 # time lets one probe lease through this often (half-open).
 KIROPOOL_QUOTA_PROBE_SECONDS = _clamp(env.int("KIROPOOL_QUOTA_PROBE_SECONDS", default=3600), 60, 31 * 24 * 3600)
+
 # --- one key cannot hurt the others (README, "Security") ----------------------
 
 # Leases a key may hold at once unless it has its own max_concurrency, so one
@@ -363,6 +373,9 @@ KIROPOOL_AFFINITY_KEY_SHARE = min(1.0, max(0.01, env.float("KIROPOOL_AFFINITY_KE
 # A reported first-token time is recorded as at most this, so one gateway's
 # absurd reports move the global average (and every band) only so far.
 KIROPOOL_MAX_FIRST_TOKEN_MS = float(_clamp(env.int("KIROPOOL_MAX_FIRST_TOKEN_MS", default=60_000), 1000, 3_600_000))
+
+# --- dispatches that wait -----------------------------------------------------
+
 # Sticky patience: how long a returning turn waits for its busy bound account
 # before it moves (a key's own sticky_patience_ms overrides it; capped by the
 # request's max_wait_ms). Every second of it turns about five points of moves
@@ -382,6 +395,8 @@ KIROPOOL_MAX_WAITERS = max(1, env.int("KIROPOOL_MAX_WAITERS", default=KIROPOOL_T
 KIROPOOL_MAX_WAITERS_PER_KEY = max(
     1, env.int("KIROPOOL_MAX_WAITERS_PER_KEY", default=max(1, KIROPOOL_MAX_WAITERS * 2 // 3))
 )
+
+# --- running it ---------------------------------------------------------------
 
 # The one-statement PostgreSQL speedups of routing/pg.py. Off, the ORM
 # services (their specification) do all the work: slower, same behaviour.
