@@ -9,6 +9,8 @@ The modules: ``scenario`` (the pools, the knobs, the upkeep day), ``traffic``
 (synthetic traffic and trace replay), ``policies`` (the six orderings),
 ``variants`` (the dispatcher behaviours), ``state`` (the pool's state and the
 server's writes on it), ``affinity`` (session bindings), ``engine`` (the
-dispatcher in simulated time), ``runs``, ``results``, ``metrics``, ``report``
-and ``plots``.
+dispatcher in simulated time: the event queue, completions, resets, the
+periodic work), ``leases`` (its dispatch call: the fast path, patience, the
+walk, waiting), ``events`` (the kinds of event both schedule), ``runs``,
+``results``, ``metrics``, ``report`` and ``plots``.
 """

@@ -1,9 +1,10 @@
 """The six orderings the simulator compares.
 
 A policy only orders the candidates; everything else is the same for all of
-them and lives in the engine: which accounts are candidates, SPEC §2's walk
-that skips cooling identities and acquires the first one with a free slot and
-pacing room, waiting when every candidate is only locally throttled, binding a
+them and lives in the engine (``engine.py``, with its dispatch call in
+``leases.py``): which accounts are candidates, SPEC §2's walk that skips
+cooling identities and acquires the first one with a free slot and pacing
+room, waiting when every candidate is only locally throttled, binding a
 session on success, cooldowns and quota. ``sticky`` says whether the policy
 uses SPEC's sticky fast path (the reference gateway and its two earlier
 versions do; the generic balancers have no session affinity).
