@@ -66,7 +66,7 @@ def test_a_worker_opens_its_whole_pool_at_once_and_never_more(tmp_path):
 
         # Sixteen at once: they share the pool, nothing opens beside it.
         statuses: list[int] = []
-        most = [0]
+        most = 0
 
         def dispatch() -> None:
             answer, _, _ = request(server.bind, "POST", "/api/v1/dispatch", {}, auth)
@@ -76,8 +76,8 @@ def test_a_worker_opens_its_whole_pool_at_once_and_never_more(tmp_path):
         for thread in threads:
             thread.start()
         while any(thread.is_alive() for thread in threads):
-            most[0] = max(most[0], _server_connections())
+            most = max(most, _server_connections())
             time.sleep(0.01)
         assert statuses == [200] * 16
-        assert most[0] == POOL_SIZE
+        assert most == POOL_SIZE
         assert _server_connections() == POOL_SIZE
