@@ -16,7 +16,7 @@ import time
 import pytest
 from django.db import connection
 
-from tests.drills.services import request
+from tests.drills.services import request, wait_for
 from tests.factories import AccountFactory, ApiKeyFactory
 from tests.support import project_env, test_database_url, web_server
 
@@ -38,15 +38,6 @@ def _server_connections() -> int:
         return cursor.fetchone()[0]
 
 
-def _wait_for(predicate, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return predicate()
-
-
 def test_a_worker_opens_its_whole_pool_at_once_and_never_more(tmp_path):
     AccountFactory(name="a", identity__max_concurrency=64)
     key = ApiKeyFactory()
@@ -62,7 +53,11 @@ def test_a_worker_opens_its_whole_pool_at_once_and_never_more(tmp_path):
         status, body, _ = request(server.bind, "POST", "/api/v1/dispatch", {}, auth)
         assert status == 200, body
         # One request, yet every pooled connection opens.
-        assert _wait_for(lambda: _server_connections() == POOL_SIZE, OPEN_WITHIN_SECONDS)
+        wait_for(
+            lambda: _server_connections() == POOL_SIZE,
+            timeout=OPEN_WITHIN_SECONDS,
+            what=f"all {POOL_SIZE} pooled connections open",
+        )
 
         # Sixteen at once: they share the pool, nothing opens beside it.
         statuses: list[int] = []
