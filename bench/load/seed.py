@@ -118,9 +118,10 @@ def latency_refresh() -> None:
 
 
 def statistics_refresh() -> None:
-    """Planner statistics and visibility map for the freshly loaded tables, as
+    """Planner statistics and visibility map, and the dead rows gone, as
     autovacuum would have them on a database that has been running a while:
-    without them the first phases measure plans made blind."""
+    after seeding (without them the first phases measure plans made blind),
+    and between phases (``Run.vacuum``)."""
     from django.db import connection
 
     with connection.cursor() as cursor:
