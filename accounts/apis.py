@@ -16,7 +16,7 @@ from rest_framework.decorators import action
 from rest_framework.response import Response
 
 from accounts import services
-from accounts.models import Account, AccountGroup, ApiKey, Proxy, RoutingIdentity
+from accounts.models import Account, AccountGroup, ApiKey, KeySlot, Proxy, RoutingIdentity
 from accounts.permissions import CRUD_VERBS, GRANT_CREDENTIALS_ACCESS, OperatorPermission
 from accounts.serializers import (
     AccountGroupSerializer,
@@ -213,7 +213,8 @@ class ApiKeyViewSet(OperatorModelViewSet):
     lookup_value_regex = "[0-9]+"
 
     def get_queryset(self):
-        return ApiKey.objects.select_related("account_group", "fixed_account").order_by("name")
+        keys = ApiKey.objects.select_related("account_group", "fixed_account").order_by("name")
+        return keys.annotate(held_slots=KeySlot.held())
 
     def credentials_access_check(self, serializer) -> None:
         """A key that will carry credentials access after this write needs the

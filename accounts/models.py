@@ -254,8 +254,8 @@ class ApiKey(models.Model):
         help_text="How long a returning conversation waits for its busy account before moving (ms). "
         "Empty: the server default.",
     )
-    # The key's own live leases and last start, for its optional limits.
-    in_flight = models.PositiveIntegerField(default=0, editable=False)
+    # The key's last start, for its optional pacing (its live leases hold
+    # its ``slots``).
     last_started_at = models.DateTimeField(null=True, blank=True, editable=False)
     last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
     expires_at = models.DateTimeField(null=True, blank=True)
@@ -281,11 +281,18 @@ class ApiKey(models.Model):
                 name="apikey_max_concurrency_gte_1",
             ),
             models.CheckConstraint(condition=Q(min_start_interval_ms__gte=0), name="apikey_interval_gte_0"),
-            models.CheckConstraint(condition=Q(in_flight__gte=0), name="apikey_in_flight_gte_0"),
         ]
 
     def __str__(self) -> str:
         return self.name
+
+    @property
+    def in_flight(self) -> int:
+        """The key's leases holding one of its counted slots: the
+        ``held_slots`` annotation when the query added it (``KeySlot.held``),
+        else one count."""
+        held = getattr(self, "held_slots", None)
+        return held if held is not None else self.slots.filter(taken=True).count()
 
     def set_new_secret(self) -> str:
         """Give the key a fresh secret and return its plaintext (not saved)."""
@@ -294,3 +301,31 @@ class ApiKey(models.Model):
 
     def is_usable(self, now=None) -> bool:
         return self.enabled and (self.expires_at is None or self.expires_at > (now or timezone.now()))
+
+
+class KeySlot(models.Model):
+    """One of an API key's concurrency slots: a lease counted on its key
+    takes a free one (``Lease.key_slot``) and frees it when it ends.
+
+    A row per slot rather than a count on the key: a claim takes any free
+    slot, skipping those other transactions have locked, and a completion
+    frees only its own, so one key's leases never queue on a single row
+    (each would hold it through its commit's flush). Rows are made on
+    demand up to the key's limit; ``number`` ≥ the limit are left after it
+    is lowered and stay unused."""
+
+    api_key = models.ForeignKey(ApiKey, on_delete=models.CASCADE, related_name="slots", db_index=False)
+    number = models.PositiveIntegerField()
+    taken = models.BooleanField(default=False)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["api_key", "number"], name="keyslot_key_number_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.api_key_id}#{self.number}"
+
+    @staticmethod
+    def held(prefix: str = "") -> models.Count:
+        """The ``held_slots`` annotation of an ``ApiKey`` query (``prefix``:
+        the path to the key from the query's model)."""
+        return models.Count(f"{prefix}slots", filter=Q(**{f"{prefix}slots__taken": True}))

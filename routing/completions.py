@@ -26,7 +26,7 @@ from django.db import OperationalError, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from accounts.models import ApiKey, Proxy, RoutingIdentity
+from accounts.models import ApiKey, KeySlot, Proxy, RoutingIdentity
 from accounts.throttling import key_rate_take
 from core.errors import Conflict, NotFound
 from routing import metrics, quotas, sessions, slots, wakeups
@@ -92,7 +92,7 @@ def _lease_complete(*, key: ApiKey, lease_id: uuid.UUID, completion: Completion)
             "identity_id",
             "proxy_url",
             "session_id",
-            "counted_on_key",
+            "key_slot_id",
             "quota_probe",
         )
         .first()
@@ -122,8 +122,8 @@ def _lease_complete(*, key: ApiKey, lease_id: uuid.UUID, completion: Completion)
         )
         if not closed:
             raise Conflict("this lease is already completed or expired")
-        if lease.counted_on_key:
-            ApiKey.objects.filter(pk=key.pk).update(in_flight=F("in_flight") - 1)
+        if lease.key_slot_id is not None:
+            KeySlot.objects.filter(pk=lease.key_slot_id).update(taken=False)
         cooldown = _identity_release(lease=lease, completion=completion, now=now)
         bound = False
         if lease.account_id is not None:

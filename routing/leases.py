@@ -217,11 +217,11 @@ def _sticky_fast_path(
         lease.sticky = outcome
         cap = slots.key_cap(key)
         row, claim = backend.statements.sticky_claim(shape=shape, values=values, lease=lease, key_cap=cap)
+        if claim.key_full and slots.key_slots_grow(key_id=key.pk, cap=cap):
+            row, claim = backend.statements.sticky_claim(shape=shape, values=values, lease=lease, key_cap=cap)
         if not claim.leased:
-            if claim.key_slot and cap is not None:
-                backend.statements.key_slot_return(key_id=key.pk)
-            # No key slot taken: no bound row to serve, or the key is full,
-            # which the walk's claim answers.
+            # No bound row to serve, or the key had no free slot, which the
+            # walk's claim answers.
             return None, row
         lease.account_id, lease.identity_id = row.account_id, row.identity_id
         return Acquired(slots.grant(lease), row, SessionState.STICKY, waited_ms, outcome), row

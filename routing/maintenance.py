@@ -19,10 +19,10 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import OperationalError, connection, transaction
-from django.db.models import F, Model, OuterRef, Q, QuerySet, Subquery
+from django.db.models import Exists, F, Model, OuterRef, Q, QuerySet, Subquery
 from django.utils import timezone
 
-from accounts.models import Account, AccountGroup, ApiKey, RoutingIdentity
+from accounts.models import Account, AccountGroup, KeySlot, RoutingIdentity
 from routing import pg, selection
 from routing.backend import backend
 from routing.latency import SNAPSHOT_WINDOW, latency_snapshot_build
@@ -228,40 +228,37 @@ def counters() -> tuple[Counter, ...]:
             Lease.objects.filter(completed_at__isnull=True),
             "identity",
         ),
-        Counter(
-            "key_in_flight",
-            ApiKey,
-            "in_flight",
-            Lease.objects.filter(completed_at__isnull=True, counted_on_key=True),
-            "api_key",
-        ),
         Counter("account_binding_rows", Account, "binding_rows", SessionBinding.objects.all(), "account"),
         Counter("identity_account_rows", RoutingIdentity, "account_rows", Account.objects.all(), "identity"),
     )
 
 
 def counters_reconcile(*, now: datetime | None = None) -> dict[str, int]:
-    """Recompute every hot counter from the rows it counts and set right any
-    that drifted. Returns the total drift found per counter (0: all true);
-    drift is logged and added to ``CounterDrift`` (exported on /metrics)."""
+    """Recompute every hot counter from the rows it counts, and every key
+    slot from the lease holding it, and set right any that drifted. Returns
+    the total drift found per counter (0: all true); drift is logged and
+    added to ``CounterDrift`` (exported on /metrics)."""
     now = now or timezone.now()
     found = {}
     for counter in counters():
-        drift, rows = 0, 0
-        for pk in _suspects(counter):
-            corrected = _reconcile_one(counter, pk)
-            if corrected:
-                drift += corrected
-                rows += 1
-        found[counter.name] = drift
-        if drift:
-            logger.warning("counter drift: %s was off by %d on %d row(s); corrected", counter.name, drift, rows)
-            with transaction.atomic():
-                record, _ = CounterDrift.objects.select_for_update().get_or_create(counter=counter.name)
-                CounterDrift.objects.filter(pk=record.pk).update(
-                    corrections=F("corrections") + rows, total=F("total") + drift, last_seen_at=now
-                )
+        corrected = [_reconcile_one(counter, pk) for pk in _suspects(counter)]
+        found[counter.name] = _drift_record(counter.name, [n for n in corrected if n], now=now)
+    corrected = [_key_slot_reconcile(pk) for pk in _key_slot_suspects()]
+    found["key_in_flight"] = _drift_record("key_in_flight", [n for n in corrected if n], now=now)
     return found
+
+
+def _drift_record(name: str, corrections: list[int], *, now: datetime) -> int:
+    """Log and count the rows of one counter set right; returns the total drift."""
+    drift, rows = sum(corrections), len(corrections)
+    if drift:
+        logger.warning("counter drift: %s was off by %d on %d row(s); corrected", name, drift, rows)
+        with transaction.atomic():
+            record, _ = CounterDrift.objects.select_for_update().get_or_create(counter=name)
+            CounterDrift.objects.filter(pk=record.pk).update(
+                corrections=F("corrections") + rows, total=F("total") + drift, last_seen_at=now
+            )
+    return drift
 
 
 def _suspects(counter: Counter) -> list[int]:
@@ -299,6 +296,39 @@ def _reconcile_one(counter: Counter, pk: int) -> int:
         if not backend.postgres:
             raise
         return 0  # the row is busy on the hot path: the next run looks again
+
+
+def _slot_held():
+    """Whether an open lease holds the slot (the key's open leases, by index)."""
+    return Exists(Lease.objects.filter(completed_at__isnull=True, api_key=OuterRef("api_key"), key_slot=OuterRef("pk")))
+
+
+def _key_slot_suspects() -> list[int]:
+    """Slots taken with no open lease on them, or free under one, as read
+    without locks (``key_in_flight`` counts the taken ones)."""
+    return list(
+        KeySlot.objects.annotate(held=_slot_held()).exclude(taken=F("held")).order_by("pk").values_list("pk", flat=True)
+    )
+
+
+def _key_slot_reconcile(pk: int) -> int:
+    """Under the slot's lock, set it taken exactly when an open lease holds
+    it. Returns 1 when it was wrong. Exact for the same reason as
+    :func:`_reconcile_one`: a claim takes the slot and inserts its lease in
+    one transaction, and a completion closes the lease and frees its slot in
+    one, so while the lock is held neither is half seen."""
+    try:
+        with transaction.atomic():
+            lock_timeout_local()
+            slot = KeySlot.objects.select_for_update().filter(pk=pk).annotate(held=_slot_held()).first()
+            if slot is None or slot.taken == slot.held:
+                return 0
+            KeySlot.objects.filter(pk=pk).update(taken=slot.held)
+            return 1
+    except OperationalError:
+        if not backend.postgres:
+            raise
+        return 0
 
 
 # --- the order table -----------------------------------------------------------------------

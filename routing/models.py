@@ -97,9 +97,18 @@ class Lease(models.Model):
     # and from which account (the dashboards count moves and waits).
     sticky = models.CharField(max_length=10, choices=StickyOutcome.choices, blank=True, default="", db_default="")
     moved_from = models.CharField(max_length=200, blank=True, default="", db_default="")
-    # Whether this lease holds one of its key's counted slots (keys without a
-    # concurrency limit skip the counter to keep their row off the hot path).
-    counted_on_key = models.BooleanField(default=False)
+    # The key's slot this lease holds (``accounts.KeySlot``; none when its
+    # key counts no leases). Looked up only from the lease, so neither
+    # indexed nor constrained: a key deleted with its slots leaves the id.
+    key_slot = models.ForeignKey(
+        "accounts.KeySlot",
+        on_delete=models.DO_NOTHING,
+        null=True,
+        blank=True,
+        related_name="+",
+        db_index=False,
+        db_constraint=False,
+    )
     # The one lease a quota-exhausted account lets through to see whether its
     # quota came back (half-open); its outcome decides.
     quota_probe = models.BooleanField(default=False, db_default=False)

@@ -28,7 +28,7 @@ from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, connection, connections
 from django.db.models import Model
 
-from accounts.models import ApiKey, RoutingIdentity
+from accounts.models import ApiKey, KeySlot, RoutingIdentity
 from routing import wakeups
 from routing.dispatch import CandidateRow
 from routing.models import LatencySample, Lease, LeaseOutcome, SessionBinding
@@ -47,8 +47,8 @@ def column(model: type[Model], field: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    key_slot: bool  # the key had a free slot (always, for a key whose leases are not counted)
-    leased: bool  # the identity's slot was claimed and the lease inserted
+    key_full: bool  # the key counts its leases and had no free slot
+    leased: bool  # the identity's slot (and the key's) was claimed and the lease inserted
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,18 +67,19 @@ class Statements:
             _claimable(reserved=reserved)
 
     def claim(self, lease: Lease, *, key_cap: int | None) -> Claim:
-        """Claim a slot on the key (when ``key_cap`` counts its leases), then
-        on ``lease.identity_id`` (counting the slots held for waiting sticky
-        sessions), and insert ``lease``; nothing when the identity cannot
-        start a lease right now."""
+        """Take a free slot of the key (when ``key_cap`` counts its leases),
+        then claim one on ``lease.identity_id`` (counting the slots held for
+        waiting sticky sessions), and insert ``lease`` holding both; nothing
+        when the identity cannot start a lease right now."""
         where = _claimable(reserved=True)
         now = lease.started_at
-        key = [lease.api_key_id, key_cap] if key_cap is not None else []
-        params = [*key, now, lease.identity_id, *where.params(_claim_values(now)), *_lease_values(lease)]
+        counted = key_cap is not None
+        key = _key_slot_params(lease.api_key_id, key_cap) if counted else []
+        skip = _KEY_SLOT_FIELD if counted else frozenset()
+        params = [*key, now, lease.identity_id, *where.params(_claim_values(now)), *_lease_values(lease, skip=skip)]
         with connection.cursor() as cursor:
-            cursor.execute(_claim_sql(where.sql, key_counted=key_cap is not None), params)
-            key_taken, leased = cursor.fetchone()
-        return Claim(key_slot=bool(key_taken), leased=bool(leased))
+            cursor.execute(_claim_sql(where.sql, key_counted=counted), params)
+            return _claim_read(lease, cursor.fetchone(), counted=counted)
 
     def sticky_claim(
         self, *, shape: candidates.Shape, values: Mapping[str, object], lease: Lease, key_cap: int | None
@@ -93,25 +94,20 @@ class Statements:
         bound_sql, bound_params = bound.statement(values)
         where = _claimable(reserved=False)
         now = lease.started_at
+        counted = key_cap is not None
         params = [
             *bound_params,
-            *([lease.api_key_id, key_cap] if key_cap is not None else []),
+            *(_key_slot_params(lease.api_key_id, key_cap) if counted else []),
             now,
             *where.params(_claim_values(now)),
-            *_lease_values(lease, skip=_BOUND_LEASE_FIELDS),
+            *_lease_values(lease, skip=_BOUND_LEASE_FIELDS | (_KEY_SLOT_FIELD if counted else frozenset())),
         ]
         with connection.cursor() as cursor:
-            cursor.execute(_sticky_claim_sql(bound_sql, where.sql, key_counted=key_cap is not None), params)
+            cursor.execute(_sticky_claim_sql(bound_sql, where.sql, key_counted=counted), params)
             row = cursor.fetchone()
         if row is None:
-            return None, Claim(key_slot=False, leased=False)
-        return reads.row_from(row[:-2], bound), Claim(key_slot=bool(row[-2]), leased=bool(row[-1]))
-
-    def key_slot_return(self, *, key_id: int) -> None:
-        """Give back a key slot a claim took for a lease it did not insert."""
-        apikey, in_flight, pk = table(ApiKey), column(ApiKey, "in_flight"), column(ApiKey, "id")
-        with connection.cursor() as cursor:
-            cursor.execute(f"UPDATE {apikey} SET {in_flight} = {in_flight} - 1 WHERE {pk} = %s", [key_id])
+            return None, Claim(key_full=False, leased=False)
+        return reads.row_from(row[:-2], bound), _claim_read(lease, row[-2:], counted=counted)
 
     def complete(
         self,
@@ -182,16 +178,52 @@ def _lease_columns() -> list[str]:
     return [connection.ops.quote_name(f.column) for f in Lease._meta.concrete_fields]
 
 
-def _key_slot_cte(*, after: str = "") -> str:
-    """Take one of the key's counted slots (key id and cap are parameters).
-    It runs first in a claim, so every statement locks the key row before
-    the identity's, in the order the ORM services and completions use."""
-    apikey, in_flight, pk = table(ApiKey), column(ApiKey, "in_flight"), column(ApiKey, "id")
-    source = f" FROM {after}" if after else ""
+def _lease_selects(taken: Mapping[str, str]) -> str:
+    """The inserted lease's values: ``taken`` (field → SQL) from the
+    statement's other parts, a parameter for every other field."""
+    return ", ".join(taken.get(f.name, "%s") for f in Lease._meta.concrete_fields)
+
+
+# The lease column a counted claim fills from the slot it took.
+_KEY_SLOT_FIELD = frozenset({"key_slot"})
+_KEY_SLOT_TAKEN = {"key_slot": "(SELECT id FROM free_slot)"}
+
+
+def _claim_read(lease: Lease, row, *, counted: bool) -> Claim:
+    slot_id, leased = row
+    if leased:
+        lease.key_slot_id = slot_id
+    return Claim(key_full=counted and slot_id is None, leased=bool(leased))
+
+
+def _key_slot_params(key_id: int, cap: int) -> list:
+    return [key_id, cap, key_id, cap]
+
+
+def _free_slot_cte() -> str:
+    """Lock a free slot of the key numbered below its cap (key id and cap
+    are parameters, twice), skipping any another transaction holds locked:
+    one key's claims and completions never queue on one row, and a claim
+    never waits on a slot, so the identity's row is the only lock it queues
+    for. None while a slot at or above the cap is still held (the cap was
+    lowered under it), so the key's count never passes the new cap. The
+    slot is marked taken only once the identity is claimed
+    (:func:`_key_slot_cte`)."""
+    slot, pk = table(KeySlot), column(KeySlot, "id")
+    key, number, taken = (column(KeySlot, f) for f in ("api_key", "number", "taken"))
+    return f"""free_slot AS (
+    SELECT {pk} AS id FROM {slot}
+     WHERE {key} = %s AND NOT {taken} AND {number} < %s
+       AND NOT EXISTS (SELECT FROM {slot} WHERE {key} = %s AND {taken} AND {number} >= %s)
+     ORDER BY {number} LIMIT 1 FOR UPDATE SKIP LOCKED
+)"""
+
+
+def _key_slot_cte() -> str:
+    """Mark the locked free slot taken, once the identity was claimed."""
+    slot, pk, taken = table(KeySlot), column(KeySlot, "id"), column(KeySlot, "taken")
     return f"""key_slot AS (
-    UPDATE {apikey} SET {in_flight} = {apikey}.{in_flight} + 1{source}
-     WHERE {apikey}.{pk} = %s AND {apikey}.{in_flight} < %s
- RETURNING {apikey}.{pk}
+    UPDATE {slot} SET {taken} = true FROM claimed, free_slot WHERE {slot}.{pk} = free_slot.id
 )"""
 
 
@@ -199,20 +231,19 @@ def _key_slot_cte(*, after: str = "") -> str:
 def _claim_sql(claimable: str, *, key_counted: bool) -> str:
     identity, lease = table(RoutingIdentity), table(Lease)
     in_flight, last_started, pk = (column(RoutingIdentity, f) for f in ("in_flight", "last_started_at", "id"))
-    values = ", ".join(["%s"] * len(_lease_columns()))
-    key = f"{_key_slot_cte()}, " if key_counted else ""
+    values = _lease_selects(_KEY_SLOT_TAKEN if key_counted else {})
     return f"""
-WITH {key}claimed AS (
+WITH {f"{_free_slot_cte()}, " if key_counted else ""}claimed AS (
     UPDATE {identity} SET {in_flight} = {identity}.{in_flight} + 1, {last_started} = %s
-      {"FROM key_slot" if key_counted else ""}
+      {"FROM free_slot" if key_counted else ""}
      WHERE {identity}.{pk} = %s AND {claimable}
  RETURNING {identity}.{pk}
-), leased AS (
+), {f"{_key_slot_cte()}, " if key_counted else ""}leased AS (
     INSERT INTO {lease} ({", ".join(_lease_columns())})
     SELECT {values} FROM claimed
  RETURNING 1
 )
-SELECT {"EXISTS (SELECT FROM key_slot)" if key_counted else "true"}, EXISTS (SELECT FROM leased)"""
+SELECT {"(SELECT id FROM free_slot)" if key_counted else "NULL::bigint"}, EXISTS (SELECT FROM leased)"""
 
 
 # The lease columns the sticky statement takes from the bound row.
@@ -233,34 +264,32 @@ def _sticky_claim_sql(bound_sql: str, claimable: str, *, key_counted: bool) -> s
         "identity": "claimed.id",
         "proxy_url": "COALESCE(bound.\"proxy__url\", '')",
     }
-    selects = [from_bound.get(f.name, "%s") for f in Lease._meta.concrete_fields]
-    key = ""
-    if key_counted:
-        key = _key_slot_cte(after="bound").replace(" RETURNING", f"   AND {_BOUND_SERVABLE}\n RETURNING") + ", "
+    selects = _lease_selects({**from_bound, **(_KEY_SLOT_TAKEN if key_counted else {})})
     return f"""
 WITH bound AS ({bound_sql}
-), {key}claimed AS (
+), {f"{_free_slot_cte()}, " if key_counted else ""}claimed AS (
     UPDATE {identity} SET {in_flight} = {identity}.{in_flight} + 1, {last_started} = %s
-      FROM bound{", key_slot" if key_counted else ""}
+      FROM bound{", free_slot" if key_counted else ""}
      WHERE {identity}.{pk} = bound."identity_id"
        AND {_BOUND_SERVABLE}
        AND {claimable}
  RETURNING {identity}.{pk} AS id
-), leased AS (
+), {f"{_key_slot_cte()}, " if key_counted else ""}leased AS (
     INSERT INTO {lease} ({", ".join(_lease_columns())})
-    SELECT {", ".join(selects)}
+    SELECT {selects}
       FROM claimed JOIN bound ON bound."identity_id" = claimed.id
  RETURNING 1
 )
-SELECT bound.*, {"EXISTS (SELECT FROM key_slot)" if key_counted else "true"}, EXISTS (SELECT FROM leased) FROM bound"""
+SELECT bound.*, {"(SELECT id FROM free_slot)" if key_counted else "NULL::bigint"}, EXISTS (SELECT FROM leased)
+  FROM bound"""
 
 
 @functools.cache
 def _complete_sql() -> str:
     lease, identity = table(Lease), table(RoutingIdentity)
     sample, binding = table(LatencySample), table(SessionBinding)
-    apikey = table(ApiKey)
-    k = functools.partial(column, ApiKey)
+    slot = table(KeySlot)
+    k = functools.partial(column, KeySlot)
     L = functools.partial(column, Lease)  # noqa: N806 - short column helpers read like SQL
     i = functools.partial(column, RoutingIdentity)
     s = functools.partial(column, LatencySample)
@@ -273,16 +302,16 @@ WITH done AS (
      WHERE {L("id")} = %(lease_id)s AND {L("api_key")} = %(key_id)s
        AND {L("outcome")} = '' AND NOT {L("quota_probe")}  -- open (models.LEASE_OPEN)
  RETURNING {L("identity")} AS identity_id, {L("account")} AS account_id, {L("account_name")} AS account_name,
-           {L("proxy_url")} AS proxy_url, {L("session_id")} AS session_id, {L("counted_on_key")} AS counted
+           {L("proxy_url")} AS proxy_url, {L("session_id")} AS session_id, {L("key_slot")} AS key_slot
 ), key_released AS (
-    UPDATE {apikey} SET {k("in_flight")} = {apikey}.{k("in_flight")} - 1
+    UPDATE {slot} SET {k("taken")} = false
       FROM done
-     WHERE {apikey}.{k("id")} = %(key_id)s AND done.counted
+     WHERE {slot}.{k("id")} = done.key_slot
  RETURNING 1
 ), released AS (
-    -- The key row first (key_released is read here), then the identity: the
-    -- lock order of every claim and completion. A success also ends the
-    -- identity's failure streak (outlier ejection).
+    -- The lease, its key slot (key_released is read here), then the
+    -- identity: the lock order of every completion and of the reaper. A
+    -- success also ends the identity's failure streak (outlier ejection).
     UPDATE {identity} SET {i("in_flight")} = {identity}.{i("in_flight")} - 1,
            {i("failure_streak")} = 0, {i("ejections")} = 0
       FROM done, (SELECT count(*) FROM key_released) AS key

@@ -8,9 +8,14 @@ takes it. Keyword-only, typed, atomic.
   condition (``rules.identity_claimable``: a free slot, no cooldown, pacing
   allows) PostgreSQL re-evaluates on the row once it holds its lock, so two
   gateways never push an identity past ``max_concurrency``.
-- Row locks are always taken in the same order: lease, then API key, then
-  identities by id. Dispatch locks key then identity; completion and the
-  reaper lock lease, key, identity. No cycle, so no deadlock between them.
+- A key's limit is held in slot rows (``accounts.KeySlot``): a claim takes
+  a free one, skipping those another transaction holds locked, so it never
+  waits on one, and a completion frees only its own. Rows are made on
+  demand, up to the key's limit (:func:`key_slots_grow`).
+- Row locks are always taken in the same order: lease, then key slot (or
+  the key's row, for its pacing), then identities by id. Dispatch locks
+  slot (or key) then identity; completion and the reaper lock lease, slot,
+  identity. No cycle, so no deadlock between them.
 - Releases wake waiting dispatches in every process (``routing/wakeups.py``).
 """
 
@@ -22,10 +27,10 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import OperationalError, connection, transaction
-from django.db.models import Case, F, Q, Value, When
+from django.db.models import Case, Exists, F, Q, Value, When
 from django.utils import timezone
 
-from accounts.models import Account, ApiKey, RoutingIdentity
+from accounts.models import Account, ApiKey, KeySlot, RoutingIdentity
 from core.errors import RateLimited
 from routing import maintenance, pg, readiness, waiting, wakeups
 from routing.backend import backend
@@ -94,7 +99,22 @@ def key_limits_recheck(*, key: ApiKey, visit: waiting.Visit) -> None:
 def key_counters(key: ApiKey) -> tuple[int, datetime | None]:
     """The key's ``in_flight`` and ``last_started_at`` as they are now (a
     key deleted a moment ago has none: its claims find no row to take)."""
-    return ApiKey.objects.filter(pk=key.pk).values_list("in_flight", "last_started_at").first() or (0, None)
+    current = ApiKey.objects.filter(pk=key.pk).annotate(held_slots=KeySlot.held())
+    return current.values_list("held_slots", "last_started_at").first() or (0, None)
+
+
+def key_slots_grow(*, key_id: int, cap: int) -> bool:
+    """After a claim found no free slot of the key: make its missing slot
+    rows below ``cap`` (a key reaching a count it never had), and say
+    whether the claim should try once more: rows were missing, or one is
+    free by now (another process made them a moment after the claim read)."""
+    slots = KeySlot.objects.filter(api_key_id=key_id, number__lt=cap)
+    if slots.count() < cap:
+        KeySlot.objects.bulk_create(
+            [KeySlot(api_key_id=key_id, number=number) for number in range(cap)], ignore_conflicts=True
+        )
+        return True
+    return slots.filter(taken=False).exists()
 
 
 def lease_new(
@@ -114,7 +134,6 @@ def lease_new(
         started_at=now,
         expires_at=now + timedelta(seconds=settings.KIROPOOL_LEASE_TTL_SECONDS),
         waited_ms=waited_ms,
-        counted_on_key=key_cap(key) is not None,
     )
 
 
@@ -153,13 +172,14 @@ def slot_claim(
     cap = key_cap(key)
     if backend.statements is not None and not key.min_start_interval_ms and not probe:
         claim = backend.statements.claim(lease, key_cap=cap)
-        if claim.leased:
-            return grant(lease)
-        key_slot_undo(key=key, cap=cap, claim=claim)
-        return None
+        if claim.key_full and key_slots_grow(key_id=key.pk, cap=cap):
+            claim = backend.statements.claim(lease, key_cap=cap)
+        if claim.key_full:
+            raise RateLimited("this API key is at its concurrency limit", retry_after=1)  # its limits never wait
+        return grant(lease) if claim.leased else None
     with transaction.atomic():
         if cap is not None or key.min_start_interval_ms:
-            key_slot_claim(key=key, now=now, cap=cap)
+            lease.key_slot_id = key_slot_claim(key=key, now=now, cap=cap)
         if probe and not quota_probe_take(identity_id=row.identity_id, now=now):
             transaction.set_rollback(True)
             return None
@@ -194,32 +214,39 @@ def quota_probe_take(*, identity_id: int, now: datetime) -> bool:
     return bool(taken)
 
 
-def key_slot_claim(*, key: ApiKey, now: datetime, cap: int | None) -> None:
-    condition = Q(pk=key.pk)
-    changes: dict = {}
-    if cap is not None:
-        condition &= Q(in_flight__lt=cap)
-        changes["in_flight"] = F("in_flight") + 1
+def key_slot_claim(*, key: ApiKey, now: datetime, cap: int | None) -> int | None:
+    """Inside the claim's transaction: the key's pacing (on its row) and one
+    of its free slots when ``cap`` counts its leases. Returns the slot's id;
+    429 when the key is at either limit."""
     if key.min_start_interval_ms:
-        condition &= Q(last_started_at__isnull=True) | Q(
+        ready = Q(last_started_at__isnull=True) | Q(
             last_started_at__lte=now - timedelta(milliseconds=key.min_start_interval_ms)
         )
-        changes["last_started_at"] = now
-    if not ApiKey.objects.filter(condition).update(**changes):
-        # Say which limit: the refusal path may spend a read.
-        key_limits_check(key=key, now=now, counters=key_counters(key))
-        raise RateLimited("this API key is at its concurrency or pacing limit", retry_after=1)
-
-
-def key_slot_undo(*, key: ApiKey, cap: int | None, claim) -> None:
-    """A one-statement claim found the key full (429 at once, as the key's
-    limits never wait), or took a key slot for a lease it then could not
-    insert (give it back)."""
+        if not ApiKey.objects.filter(ready, pk=key.pk).update(last_started_at=now):
+            key_limits_check(key=key, now=now, counters=key_counters(key))  # says which limit
+            raise RateLimited("this API key is at its pacing limit", retry_after=1)
     if cap is None:
-        return
-    if not claim.key_slot:
+        return None
+    slot_id = _key_slot_take(key_id=key.pk, cap=cap)
+    if slot_id is None and key_slots_grow(key_id=key.pk, cap=cap):
+        slot_id = _key_slot_take(key_id=key.pk, cap=cap)
+    if slot_id is None:
         raise RateLimited("this API key is at its concurrency limit", retry_after=1)
-    backend.statements.key_slot_return(key_id=key.pk)
+    return slot_id
+
+
+def _key_slot_take(*, key_id: int, cap: int) -> int | None:
+    """The ORM twin of ``pg._key_slot_cte``, inside the claim's transaction:
+    a free slot below ``cap``, skipping those other transactions hold
+    locked; none while one at or above ``cap`` is held. (SQLite cannot lock
+    a row, but its transactions here take the write lock at BEGIN.)"""
+    slots = KeySlot.objects.filter(api_key_id=key_id)
+    over = slots.filter(taken=True, number__gte=cap)
+    free = slots.filter(~Exists(over), taken=False, number__lt=cap).order_by("number")
+    slot_id = free.select_for_update(skip_locked=True).values_list("pk", flat=True).first()
+    if slot_id is not None:
+        KeySlot.objects.filter(pk=slot_id).update(taken=True)
+    return slot_id
 
 
 def release_notify() -> None:
@@ -269,7 +296,7 @@ def _reap_batch(*, now: datetime, identity_ids: list[int] | None) -> tuple[int |
     rows = list(
         expired.select_for_update(skip_locked=True)
         .order_by("expires_at")
-        .values_list("id", "identity_id", "api_key_id", "counted_on_key")[:REAP_BATCH]
+        .values_list("id", "identity_id", "key_slot_id")[:REAP_BATCH]
     )
     if not rows:
         return 0, 0
@@ -278,10 +305,8 @@ def _reap_batch(*, now: datetime, identity_ids: list[int] | None) -> tuple[int |
     if closed != len(ids):
         transaction.set_rollback(True)
         return None, len(rows)
-    keys = Counter(key_id for _, _, key_id, counted in rows if counted and key_id is not None)
-    for key_id in sorted(keys):
-        ApiKey.objects.filter(pk=key_id).update(in_flight=F("in_flight") - keys[key_id])
-    identities = Counter(identity_id for _, identity_id, _, _ in rows)
+    KeySlot.objects.filter(pk__in=sorted(slot for _, _, slot in rows if slot is not None)).update(taken=False)
+    identities = Counter(identity_id for _, identity_id, _ in rows)
     for identity_id in sorted(identities):
         RoutingIdentity.objects.filter(pk=identity_id).update(in_flight=F("in_flight") - identities[identity_id])
     release_notify()

@@ -50,7 +50,7 @@ def gateway_state(now):
             "quota_exhausted_at": now,
             "quota_exhausted_reason": "quota",
         },
-        ApiKey: {"in_flight": F("in_flight") + 1, "last_started_at": now, "last_used_at": now},
+        ApiKey: {"last_started_at": now, "last_used_at": now},
         Proxy: {"cooldown_until": now + SOON, "cooldown_reason": "proxy 502"},
     }
 
@@ -59,7 +59,7 @@ def expected_after(model, now) -> dict:
     return {
         RoutingIdentity: {"in_flight": 3, "account_rows": 2, "last_started_at": now, "cooldown_until": now + SOON},
         Account: {"binding_rows": 2, "remaining_credits": 12.5, "quota_exhausted": True},
-        ApiKey: {"in_flight": 1, "last_started_at": now, "last_used_at": now},
+        ApiKey: {"last_started_at": now, "last_used_at": now},
         Proxy: {"cooldown_until": now + SOON, "cooldown_reason": "proxy 502"},
     }[model]
 

@@ -254,9 +254,9 @@ def expire_some_leases(pg: PrivatePostgres, db: str, count: int) -> None:
         db,
         f"""INSERT INTO routing_lease (id, api_key_id, account_id, account_name, identity_id, proxy_url, session_id,
                  model, started_at, expires_at, completed_at, outcome, first_token_ms, waited_ms, error_message,
-                 counted_on_key)
+                 key_slot_id)
             SELECT gen_random_uuid(), NULL, a.id, a.name, a.identity_id, '', '', '', now() - interval '1 hour',
-                   now() - interval '1 minute', NULL, '', NULL, 0, '', false
+                   now() - interval '1 minute', NULL, '', NULL, 0, '', NULL
               FROM accounts_account a CROSS JOIN generate_series(1, {int(count)})""",
     )
     pg.query(

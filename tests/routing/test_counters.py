@@ -9,7 +9,7 @@ import logging
 import pytest
 from django.utils import timezone
 
-from accounts.models import Account, ApiKey, RoutingIdentity
+from accounts.models import Account, ApiKey, KeySlot, RoutingIdentity
 from routing import maintenance
 from routing.models import CounterDrift, Lease, SessionBinding
 from tests.factories import AccountFactory, ApiKeyFactory, SessionBindingFactory
@@ -37,7 +37,8 @@ def test_reconcile_sets_every_drifted_counter_right_and_reports_it(caplog):
     SessionBindingFactory.create_batch(3, account=account)
     # Stale writes, as a whole-row save of an old copy would make them.
     RoutingIdentity.objects.filter(pk=account.identity_id).update(in_flight=7)
-    ApiKey.objects.filter(pk=key.pk).update(in_flight=0)
+    KeySlot.objects.filter(api_key=key).update(taken=False)  # both leases' slots look free
+    KeySlot.objects.filter(api_key=key, number=4).update(taken=True)  # and one no lease holds looks taken
     Account.objects.filter(pk=account.pk).update(binding_rows=1)
     RoutingIdentity.objects.filter(pk=account.identity_id).update(account_rows=3)
 
@@ -46,7 +47,7 @@ def test_reconcile_sets_every_drifted_counter_right_and_reports_it(caplog):
 
     assert found == {
         "identity_in_flight": 5,
-        "key_in_flight": 2,
+        "key_in_flight": 3,
         "account_binding_rows": 2,
         "identity_account_rows": 2,
     }
@@ -57,7 +58,7 @@ def test_reconcile_sets_every_drifted_counter_right_and_reports_it(caplog):
     assert "identity_in_flight was off by 5 on 1 row(s)" in caplog.text
     assert dict(CounterDrift.objects.values_list("counter", "total")) == {
         "identity_in_flight": 5,
-        "key_in_flight": 2,
+        "key_in_flight": 3,
         "account_binding_rows": 2,
         "identity_account_rows": 2,
     }

@@ -13,7 +13,7 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
-from accounts.models import Account, ApiKey, RoutingIdentity
+from accounts.models import Account, ApiKey, KeySlot, RoutingIdentity
 from kiropool.celery import app as celery_app
 from routing import maintenance, sessions, tasks
 from routing.latency import SNAPSHOT_WINDOW
@@ -369,11 +369,12 @@ def test_worker_enforces_the_binding_capacity(worker, settings):
 @pytest.mark.django_db(transaction=True)
 def test_worker_reaps_leases_past_their_ttl(worker):
     identity = RoutingIdentityFactory(max_concurrency=2, in_flight=2)
-    key = ApiKeyFactory(max_concurrency=5, in_flight=1)
+    key = ApiKeyFactory(max_concurrency=5)
+    slot = KeySlot.objects.create(api_key=key, number=0, taken=True)
     account = AccountFactory(identity=identity)
     now = timezone.now()
     lapsed = LeaseFactory(
-        account=account, api_key=key, counted_on_key=True, started_at=now - timedelta(hours=1), expires_at=now
+        account=account, api_key=key, key_slot=slot, started_at=now - timedelta(hours=1), expires_at=now
     )
     live = LeaseFactory(account=account)
 

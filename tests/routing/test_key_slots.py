@@ -1,0 +1,246 @@
+"""A key's concurrency limit is held in slot rows (``accounts.KeySlot``):
+each counted lease holds one, a completion or the reaper frees it, rows are
+made on demand up to the limit, and a lowered limit is never passed."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+from django.db import connection, connections
+from django.db.migrations.executor import MigrationExecutor
+from django.utils import timezone
+
+from accounts.models import ApiKey, KeySlot
+from routing import maintenance, slots
+from routing.models import Lease
+from tests.factories import AccountFactory, ApiKeyFactory, RoutingIdentityFactory
+from tests.routing.gateway import Gateway
+from tests.routing.test_concurrency import hammer
+
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("statements")]
+
+
+@pytest.fixture
+def wide_pool():
+    """Identities with room to spare, so only the key's limit binds."""
+    for i in range(4):
+        AccountFactory(name=f"wide-{i}", identity=RoutingIdentityFactory(max_concurrency=10))
+
+
+def open_leases(key) -> list[Lease]:
+    return list(Lease.objects.filter(api_key=key, completed_at__isnull=True))
+
+
+def taken(key) -> set[int]:
+    return set(KeySlot.objects.filter(api_key=key, taken=True).values_list("pk", flat=True))
+
+
+@pytest.mark.usefixtures("wide_pool")
+def test_each_lease_holds_its_own_slot_and_gives_it_back():
+    key = ApiKeyFactory(max_concurrency=3)
+    gw = Gateway(key.plaintext)
+    held = [gw.dispatch().json()["lease_id"] for _ in range(3)]
+    leases = open_leases(key)
+    assert {lease.key_slot_id for lease in leases} == taken(key)
+    assert len(taken(key)) == 3 == ApiKey.objects.get(pk=key.pk).in_flight
+    assert gw.dispatch().status_code == 429  # no free slot: refused at once
+
+    assert gw.complete(held[0], outcome="success").status_code == 200
+    assert gw.complete(held[1], outcome="fatal", error_message="upstream 500").status_code == 200
+    assert len(taken(key)) == 1
+    assert gw.dispatch().status_code == 200
+    assert gw.dispatch().status_code == 200
+    assert gw.dispatch().status_code == 429
+    assert KeySlot.objects.filter(api_key=key).count() == 3  # rows are reused, never more than the limit
+
+
+@pytest.mark.usefixtures("wide_pool")
+def test_slots_are_made_on_demand_up_to_the_limit_and_when_it_is_raised():
+    key = ApiKeyFactory(max_concurrency=2)
+    gw = Gateway(key.plaintext)
+    assert not KeySlot.objects.filter(api_key=key).exists()  # a key that never dispatched has none
+    assert [gw.dispatch().status_code for _ in range(3)] == [200, 200, 429]
+    ApiKey.objects.filter(pk=key.pk).update(max_concurrency=4)
+    gw = Gateway(key.plaintext)
+    assert [gw.dispatch().status_code for _ in range(3)] == [200, 200, 429]
+    assert sorted(KeySlot.objects.filter(api_key=key).values_list("number", flat=True)) == [0, 1, 2, 3]
+
+
+@pytest.mark.usefixtures("wide_pool")
+def test_a_lowered_limit_is_never_passed_while_leases_above_it_finish():
+    key = ApiKeyFactory(max_concurrency=3)
+    gw = Gateway(key.plaintext)
+    held = {}
+    for _ in range(3):
+        lease = gw.dispatch().json()["lease_id"]
+        held[Lease.objects.get(pk=lease).key_slot.number] = lease
+    ApiKey.objects.filter(pk=key.pk).update(max_concurrency=2)
+
+    assert gw.dispatch().status_code == 429  # 3 out, limit 2
+    gw.complete(held[0], outcome="success")
+    assert gw.dispatch().status_code == 429  # 2 out, limit 2
+    gw.complete(held[1], outcome="success")
+    # One out, but it holds slot 2, above the new limit: the key waits for it
+    # rather than count two and pass the limit by a race.
+    assert gw.dispatch().status_code == 429
+    gw.complete(held[2], outcome="success")
+    assert [gw.dispatch().status_code for _ in range(3)] == [200, 200, 429]
+    assert {lease.key_slot.number for lease in open_leases(key)} == {0, 1}
+
+
+@pytest.mark.usefixtures("wide_pool")
+def test_the_reaper_frees_the_slot_of_a_lease_past_its_ttl():
+    key = ApiKeyFactory(max_concurrency=1)
+    gw = Gateway(key.plaintext)
+    lease = gw.dispatch().json()["lease_id"]
+    assert gw.dispatch().status_code == 429
+    Lease.objects.filter(pk=lease).update(expires_at=timezone.now())
+    assert slots.lease_reap_expired() == 1
+    assert not taken(key)
+    assert gw.dispatch().status_code == 200
+
+
+def test_a_key_without_a_limit_takes_no_slot(settings):
+    settings.KIROPOOL_KEY_MAX_CONCURRENCY = 0
+    AccountFactory()
+    key = ApiKeyFactory()
+    gw = Gateway(key.plaintext)
+    lease = gw.dispatch().json()["lease_id"]
+    assert Lease.objects.get(pk=lease).key_slot_id is None
+    assert not KeySlot.objects.exists()
+    assert gw.complete(lease, outcome="success").status_code == 200
+
+
+# --- across connections, on PostgreSQL -----------------------------------------------
+
+
+def _threads(count: int, work) -> None:
+    barrier = threading.Barrier(count)
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            barrier.wait(timeout=30)
+            work(i)
+        except BaseException as error:  # noqa: BLE001  reported by the test thread below
+            errors.append(error)
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors, errors
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("postgres_only", "wide_pool")
+def test_a_new_keys_first_dispatches_at_once_are_all_served():
+    """Every thread finds no slot row and makes them at the same moment; none
+    is refused for it (the key's limit, 64 by default, is far off)."""
+    key = ApiKeyFactory()
+    statuses: list[int] = []
+    _threads(8, lambda i: statuses.append(Gateway(key.plaintext).dispatch(session_id=f"s{i}").status_code))
+    assert statuses == [200] * 8
+    assert len(taken(key)) == 8 == len(open_leases(key))
+
+
+@contextlib.contextmanager
+def key_watched(key):
+    """Count the key's open leases, and the leases sharing a slot, from
+    outside the dispatcher while the block runs; yields the highest seen."""
+    stop, seen = threading.Event(), {"peak": 0, "shared": 0}
+
+    def watch() -> None:
+        try:
+            with connections["default"].cursor() as cursor:
+                while not stop.is_set():
+                    cursor.execute(
+                        "SELECT count(*), count(*) - count(DISTINCT key_slot_id) FROM routing_lease "
+                        "WHERE api_key_id = %s AND completed_at IS NULL",
+                        [key.pk],
+                    )
+                    out, shared = cursor.fetchone()
+                    seen["peak"], seen["shared"] = max(seen["peak"], out), max(seen["shared"], shared)
+                    time.sleep(0.001)
+        finally:
+            connections.close_all()
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        watcher.join(30)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("postgres_only")
+def test_processes_cycling_on_one_key_never_pass_its_limit_nor_share_a_slot(statements):
+    """Five OS processes dispatch, hold and complete on a key limited to 2,
+    over identities with room to spare, while the key is watched from here."""
+    limit, workers, cycles = 2, 5, 20
+    identities = [RoutingIdentityFactory(name=f"roomy-{i}", max_concurrency=10) for i in range(4)]
+    for identity in identities:
+        AccountFactory(name=identity.name, identity=identity)
+    key = ApiKeyFactory(max_concurrency=limit)
+    env = {"KIROPOOL_FAST_STATEMENTS": "true" if statements == "fast" else "false"}
+
+    with key_watched(key) as seen:
+        acquired, _, holders = hammer(key, identities, workers=workers, cycles=cycles, hold_ms=20, env=env)
+
+    assert 0 < len(acquired) < workers * cycles  # the limit was reached: some were refused at once
+    assert seen["peak"] == limit
+    assert seen["shared"] == 0
+    assert holders == 0 and not taken(key) and not open_leases(key)
+    assert len(set(acquired)) == len(acquired) == Lease.objects.filter(api_key=key).count()
+    assert set(maintenance.counters_reconcile().values()) == {0}
+
+
+# --- the upgrade -------------------------------------------------------------------
+
+
+def migrate(targets):
+    executor = MigrationExecutor(connection)
+    executor.loader.build_graph()
+    executor.migrate(targets)
+    return executor.loader.project_state(targets).apps
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_upgrade_gives_each_open_counted_lease_a_slot():
+    latest = MigrationExecutor(connection).loader.graph.leaf_nodes()
+    before = [("accounts", "0006_identity_account_rows"), ("routing", "0009_pool_order_bands")]
+    try:
+        old = migrate(before)
+        identity = old.get_model("accounts", "RoutingIdentity").objects.create(name="i", in_flight=3)
+        key = old.get_model("accounts", "ApiKey").objects.create(name="k", prefix="p", key_hash="h", in_flight=2)
+        lease = old.get_model("routing", "Lease")
+        now = timezone.now()
+
+        def leased(**fields):
+            return lease.objects.create(
+                api_key=key, identity=identity, started_at=now, expires_at=now + timedelta(minutes=5), **fields
+            ).pk
+
+        counted = [leased(counted_on_key=True), leased(counted_on_key=True)]
+        uncounted = leased(counted_on_key=False)
+        done = leased(counted_on_key=True, completed_at=now, outcome="success")
+
+        migrate([("routing", "0010_lease_key_slot")])
+
+        slots = {pk: slot for pk, slot in Lease.objects.values_list("pk", "key_slot__number")}
+        assert sorted(slots[pk] for pk in counted) == [0, 1]
+        assert slots[uncounted] is None and slots[done] is None
+        assert list(KeySlot.objects.values_list("taken", flat=True)) == [True, True]
+    finally:
+        migrate(latest)
+    assert ApiKey.objects.get(name="k").in_flight == 2
+    assert set(maintenance.counters_reconcile().values()) == {0}
