@@ -236,7 +236,7 @@ def key_slot_claim(*, key: ApiKey, now: datetime, cap: int | None) -> int | None
 
 
 def _key_slot_take(*, key_id: int, cap: int) -> int | None:
-    """The ORM twin of ``pg._key_slot_cte``, inside the claim's transaction:
+    """The ORM twin of ``pg._free_slot_cte``, inside the claim's transaction:
     a free slot below ``cap``, skipping those other transactions hold
     locked; none while one at or above ``cap`` is held. (SQLite cannot lock
     a row, but its transactions here take the write lock at BEGIN.)"""
