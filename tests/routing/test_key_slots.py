@@ -17,6 +17,7 @@ from django.utils import timezone
 from accounts.models import ApiKey, KeySlot
 from routing import maintenance, slots
 from routing.models import Lease
+from tests.accounts.test_migrations import migrate
 from tests.factories import AccountFactory, ApiKeyFactory, RoutingIdentityFactory
 from tests.routing.gateway import Gateway
 from tests.routing.test_concurrency import hammer
@@ -205,13 +206,6 @@ def test_processes_cycling_on_one_key_never_pass_its_limit_nor_share_a_slot(stat
 
 
 # --- the upgrade -------------------------------------------------------------------
-
-
-def migrate(targets):
-    executor = MigrationExecutor(connection)
-    executor.loader.build_graph()
-    executor.migrate(targets)
-    return executor.loader.project_state(targets).apps
 
 
 @pytest.mark.django_db(transaction=True)
