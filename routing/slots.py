@@ -103,16 +103,23 @@ def key_counters(key: ApiKey) -> tuple[int, datetime | None]:
     return current.values_list("held_slots", "last_started_at").first() or (0, None)
 
 
+# Slot rows a key gets at first; each growth after that doubles them, up to its limit.
+KEY_SLOTS_FIRST = 64
+
+
 def key_slots_grow(*, key_id: int, cap: int) -> bool:
-    """After a claim found no free slot of the key: make its missing slot
-    rows below ``cap`` (a key reaching a count it never had), and say
-    whether the claim should try once more: rows were missing, or one is
-    free by now (another process made them a moment after the claim read)."""
+    """After a claim found no free slot of the key: make more of its slot
+    rows below ``cap`` (a key reaching a count it never had: up to
+    ``KEY_SLOTS_FIRST`` at first, then twice as many as it has, so a huge
+    limit costs rows only as the key uses them), and say whether the claim
+    should try once more: rows were missing, or one is free by now (another
+    process made them a moment after the claim read). Rows are numbered from
+    0 without gaps, so those below ``cap`` are the first ``have``."""
     slots = KeySlot.objects.filter(api_key_id=key_id, number__lt=cap)
-    if slots.count() < cap:
-        KeySlot.objects.bulk_create(
-            [KeySlot(api_key_id=key_id, number=number) for number in range(cap)], ignore_conflicts=True
-        )
+    have = slots.count()
+    if have < cap:
+        numbers = range(have, min(cap, max(2 * have, KEY_SLOTS_FIRST)))
+        KeySlot.objects.bulk_create([KeySlot(api_key_id=key_id, number=n) for n in numbers], ignore_conflicts=True)
         return True
     return slots.filter(taken=False).exists()
 

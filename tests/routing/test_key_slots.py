@@ -71,6 +71,23 @@ def test_slots_are_made_on_demand_up_to_the_limit_and_when_it_is_raised():
     assert sorted(KeySlot.objects.filter(api_key=key).values_list("number", flat=True)) == [0, 1, 2, 3]
 
 
+def test_a_large_limit_gets_its_rows_as_the_key_uses_them():
+    key = ApiKeyFactory(max_concurrency=1000)
+
+    def numbers() -> list[int]:
+        return list(KeySlot.objects.filter(api_key=key).order_by("number").values_list("number", flat=True))
+
+    assert slots.key_slots_grow(key_id=key.pk, cap=1000)
+    assert numbers() == list(range(slots.KEY_SLOTS_FIRST))
+    KeySlot.objects.filter(api_key=key).update(taken=True)  # every one held: the next claim finds none free
+    assert slots.key_slots_grow(key_id=key.pk, cap=1000)
+    assert numbers() == list(range(2 * slots.KEY_SLOTS_FIRST))
+    KeySlot.objects.filter(api_key=key).update(taken=True)
+    assert not slots.key_slots_grow(key_id=key.pk, cap=100)  # a lower limit has all its rows, none free
+    assert slots.key_slots_grow(key_id=key.pk, cap=130)  # ... and a little higher, the missing two
+    assert numbers() == list(range(130))
+
+
 @pytest.mark.usefixtures("wide_pool")
 def test_a_lowered_limit_is_never_passed_while_leases_above_it_finish():
     key = ApiKeyFactory(max_concurrency=3)
