@@ -325,7 +325,6 @@ class KeySlot(models.Model):
         return f"{self.api_key_id}#{self.number}"
 
     @staticmethod
-    def held(prefix: str = "") -> models.Count:
-        """The ``held_slots`` annotation of an ``ApiKey`` query (``prefix``:
-        the path to the key from the query's model)."""
-        return models.Count(f"{prefix}slots", filter=Q(**{f"{prefix}slots__taken": True}))
+    def held() -> models.Count:
+        """The ``held_slots`` annotation of an ``ApiKey`` query."""
+        return models.Count("slots", filter=Q(slots__taken=True))

@@ -241,16 +241,19 @@ def counters_reconcile(*, now: datetime | None = None) -> dict[str, int]:
     now = now or timezone.now()
     found = {}
     for counter in counters():
-        corrected = [_reconcile_one(counter, pk) for pk in _suspects(counter)]
-        found[counter.name] = _drift_record(counter.name, [n for n in corrected if n], now=now)
-    corrected = [_key_slot_reconcile(pk) for pk in _key_slot_suspects()]
-    found["key_in_flight"] = _drift_record("key_in_flight", [n for n in corrected if n], now=now)
+        found[counter.name] = _drift_record(
+            counter.name, [_reconcile_one(counter, pk) for pk in _suspects(counter)], now=now
+        )
+    found["key_in_flight"] = _drift_record(
+        "key_in_flight", [_key_slot_reconcile(pk) for pk in _key_slot_suspects()], now=now
+    )
     return found
 
 
 def _drift_record(name: str, corrections: list[int], *, now: datetime) -> int:
-    """Log and count the rows of one counter set right; returns the total drift."""
-    drift, rows = sum(corrections), len(corrections)
+    """Log and count the rows of one counter set right (``corrections``: each
+    suspect row's drift, 0 where it was true after all); returns the total."""
+    drift, rows = sum(corrections), sum(1 for n in corrections if n)
     if drift:
         logger.warning("counter drift: %s was off by %d on %d row(s); corrected", name, drift, rows)
         with transaction.atomic():
