@@ -34,7 +34,7 @@ from routing.dispatch import CandidateRow
 from routing.models import LatencySample, Lease, LeaseOutcome, SessionBinding
 from routing.selectors import candidates, rules
 from routing.selectors import dispatch as reads
-from routing.selectors.compiled import CompiledQuery, sentinel_values
+from routing.selectors.compiled import CompiledQuery, sentinel_values, statement_run
 
 
 def table(model: type[Model]) -> str:
@@ -77,9 +77,8 @@ class Statements:
         key = _key_slot_params(lease.api_key_id, key_cap) if counted else []
         skip = _KEY_SLOT_FIELD if counted else frozenset()
         params = [*key, now, lease.identity_id, *where.params(_claim_values(now)), *_lease_values(lease, skip=skip)]
-        with connection.cursor() as cursor:
-            cursor.execute(_claim_sql(where.sql, key_counted=counted), params)
-            return _claim_read(lease, cursor.fetchone(), counted=counted)
+        (row,) = statement_run(_claim_sql(where.sql, key_counted=counted), params, generic=True)
+        return _claim_read(lease, row, counted=counted)
 
     def sticky_claim(
         self, *, shape: candidates.Shape, values: Mapping[str, object], lease: Lease, key_cap: int | None
@@ -102,11 +101,10 @@ class Statements:
             *where.params(_claim_values(now)),
             *_lease_values(lease, skip=_BOUND_LEASE_FIELDS | (_KEY_SLOT_FIELD if counted else frozenset())),
         ]
-        with connection.cursor() as cursor:
-            cursor.execute(_sticky_claim_sql(bound_sql, where.sql, key_counted=counted), params)
-            row = cursor.fetchone()
-        if row is None:
+        rows = statement_run(_sticky_claim_sql(bound_sql, where.sql, key_counted=counted), params, generic=True)
+        if not rows:
             return None, Claim(key_full=False, leased=False)
+        (row,) = rows
         return reads.row_from(row[:-2], bound), _claim_read(lease, row[-2:], counted=counted)
 
     def complete(
@@ -125,25 +123,22 @@ class Statements:
         is not a quota probe. None when it does not apply (unknown, foreign,
         completed or probe lease): the ORM service then answers."""
         success = outcome == LeaseOutcome.SUCCESS
-        with connection.cursor() as cursor:
-            cursor.execute(
-                _complete_sql(),
-                {
-                    "now": now,
-                    "outcome": outcome,
-                    "first_token_ms": first_token_ms,
-                    "error_message": error_message,
-                    "lease_id": lease_id,
-                    "key_id": key.pk,
-                    "record_sample": success and first_token_ms is not None,
-                    "bind": success,
-                    "binding_expires_at": binding_expires_at,
-                },
-            )
-            row = cursor.fetchone()
-        if row is None:
+        values = {
+            "now": now,
+            "outcome": outcome,
+            "first_token_ms": first_token_ms,
+            "error_message": error_message,
+            "lease_id": lease_id,
+            "key_id": key.pk,
+            "record_sample": success and first_token_ms is not None,
+            "bind": success,
+            "binding_expires_at": binding_expires_at,
+        }
+        rows = statement_run(_complete_sql(), values, generic=True)
+        if not rows:
             return None
-        return PlainCompletion(account_name=row[0], session_bound=bool(row[1]))
+        ((account_name, session_bound, _),) = rows
+        return PlainCompletion(account_name=account_name, session_bound=bool(session_bound))
 
 
 # --- building the statements -----------------------------------------------------
