@@ -14,6 +14,15 @@ same ORM conditions the services use, compiled once:
 
 A statement answers None (or False) when its case does not apply, and the
 caller then runs the ORM service, which answers every case.
+
+They run as plain statements: psycopg prepares each on its fifth run on a
+connection, and after five plans made for the values PostgreSQL settles on
+one generic plan (a test checks it does). Forcing that plan from the first
+run, as the candidates read does (``compiled.statement_run``), spared a
+fresh connection those ten plannings but cost the steady state a quarter
+of its dispatch rate: alternating closed-loop runs served 358-390
+dispatches and completions a second with the SET and RESET sent around
+each of these statements, and 465-570 without (README, benchmark).
 """
 
 from __future__ import annotations
@@ -34,7 +43,7 @@ from routing.dispatch import CandidateRow
 from routing.models import LatencySample, Lease, LeaseOutcome, SessionBinding
 from routing.selectors import candidates, rules
 from routing.selectors import dispatch as reads
-from routing.selectors.compiled import CompiledQuery, sentinel_values, statement_run
+from routing.selectors.compiled import CompiledQuery, sentinel_values
 
 
 def table(model: type[Model]) -> str:
@@ -77,8 +86,9 @@ class Statements:
         key = _key_slot_params(lease.api_key_id, key_cap) if counted else []
         skip = _KEY_SLOT_FIELD if counted else frozenset()
         params = [*key, now, lease.identity_id, *where.params(_claim_values(now)), *_lease_values(lease, skip=skip)]
-        (row,) = statement_run(_claim_sql(where.sql, key_counted=counted), params, generic=True)
-        return _claim_read(lease, row, counted=counted)
+        with connection.cursor() as cursor:
+            cursor.execute(_claim_sql(where.sql, key_counted=counted), params)
+            return _claim_read(lease, cursor.fetchone(), counted=counted)
 
     def sticky_claim(
         self, *, shape: candidates.Shape, values: Mapping[str, object], lease: Lease, key_cap: int | None
@@ -101,10 +111,11 @@ class Statements:
             *where.params(_claim_values(now)),
             *_lease_values(lease, skip=_BOUND_LEASE_FIELDS | (_KEY_SLOT_FIELD if counted else frozenset())),
         ]
-        rows = statement_run(_sticky_claim_sql(bound_sql, where.sql, key_counted=counted), params, generic=True)
-        if not rows:
+        with connection.cursor() as cursor:
+            cursor.execute(_sticky_claim_sql(bound_sql, where.sql, key_counted=counted), params)
+            row = cursor.fetchone()
+        if row is None:
             return None, Claim(key_full=False, leased=False)
-        (row,) = rows
         return reads.row_from(row[:-2], bound), _claim_read(lease, row[-2:], counted=counted)
 
     def complete(
@@ -134,11 +145,12 @@ class Statements:
             "bind": success,
             "binding_expires_at": binding_expires_at,
         }
-        rows = statement_run(_complete_sql(), values, generic=True)
-        if not rows:
+        with connection.cursor() as cursor:
+            cursor.execute(_complete_sql(), values)
+            row = cursor.fetchone()
+        if row is None:
             return None
-        ((account_name, session_bound, _),) = rows
-        return PlainCompletion(account_name=account_name, session_bound=bool(session_bound))
+        return PlainCompletion(account_name=row[0], session_bound=bool(row[1]))
 
 
 # --- building the statements -----------------------------------------------------

@@ -161,10 +161,9 @@ class CompiledQuery:
 
 
 def statement_run(sql: str, params, *, generic: bool) -> list[tuple]:
-    """Run ``sql`` and return its rows. With ``generic`` (the dispatcher's
-    statements: a head read, a claim, a completion), on PostgreSQL with
-    prepared statements, run it on its generic plan and prepare it on its
-    first run.
+    """Run ``sql`` and return its rows. With ``generic`` (the candidates
+    reads), on PostgreSQL with prepared statements, run it on its generic
+    plan and prepare it on its first run.
 
     PostgreSQL plans a prepared statement afresh with each run's values
     until a generic plan (planned once, for any values) looks as cheap; for
@@ -174,11 +173,11 @@ def statement_run(sql: str, params, *, generic: bool) -> list[tuple]:
     one (the group's id in the SQL, a floor under every expiry condition:
     ``candidates.py``, ``counts.py``). They are prepared on their first run,
     not on psycopg's fifth: left to psycopg's count and then PostgreSQL's
-    own (five custom plans before it tries a generic one), each of a fresh
-    connection's first eleven runs of a statement planned it, 17-20 ms each
-    for the head read and 6-7 ms for the sticky claim on the bench's
-    database, and a newly started server paid that on every connection at
-    once. Without prepared statements (``DATABASE_PREPARE_THRESHOLD=0``) a
+    own, each of a fresh connection's first eleven runs of a read planned
+    it, 17-20 ms each on the bench's database. (The claims and the
+    completion settle on a generic plan by themselves, and run without
+    the SET and RESET: ``routing/pg.py`` says what those cost them.)
+    Without prepared statements (``DATABASE_PREPARE_THRESHOLD=0``) a
     generic plan would be planned on every run too, for nothing: then the
     statement runs as it is.
 
