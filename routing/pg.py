@@ -15,7 +15,7 @@ same ORM conditions the services use, compiled once:
 A statement answers None (or False) when its case does not apply, and the
 caller then runs the ORM service, which answers every case.
 
-They run as plain statements: psycopg prepares each on its fifth run on a
+They run as plain statements: psycopg prepares each on its sixth run on a
 connection, and after five plans made for the values PostgreSQL settles on
 one generic plan (a test checks it does). Forcing that plan from the first
 run, as the candidates read does (``compiled.statement_run``), spared a

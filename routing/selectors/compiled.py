@@ -172,7 +172,7 @@ def statement_run(sql: str, params, *, generic: bool) -> list[tuple]:
     generic plan, and the read is written so that plan is as good as a fresh
     one (the group's id in the SQL, a floor under every expiry condition:
     ``candidates.py``, ``counts.py``). They are prepared on their first run,
-    not on psycopg's fifth: left to psycopg's count and then PostgreSQL's
+    not on psycopg's sixth: left to psycopg's count and then PostgreSQL's
     own, each of a fresh connection's first eleven runs of a read planned
     it, 17-20 ms each on the bench's database. (The claims and the
     completion settle on a generic plan by themselves, and run without

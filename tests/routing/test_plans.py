@@ -151,7 +151,7 @@ def test_the_claims_and_the_completion_settle_on_one_plan_without_a_set(postgres
     """The one-statement claims and the completion run as they are, with no
     SET of plan_cache_mode around them: sent with each, it cost the steady
     state a quarter of its dispatch rate (``routing/pg.py``). psycopg
-    prepares each on its fifth run, and PostgreSQL, after five plans made
+    prepares each on its sixth run, and PostgreSQL, after five plans made
     for the values, runs every later one on a single generic plan: no
     statement is planned on every run."""
     assert backend.statements is not None  # PostgreSQL's default
