@@ -14,6 +14,7 @@ from django.db import connection
 
 from accounts.models import RoutingIdentity
 from routing import maintenance
+from routing.backend import backend
 from routing.maintenance import pool_order_rebuild
 from routing.models import Lease
 from tests.factories import AccountFactory, ApiKeyFactory, LatencySampleFactory, RoutingIdentityFactory
@@ -26,8 +27,16 @@ pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of another kiropool process on the test database,
+    dispatching and completing the way this test does: with the
+    one-statement speedups (``[fast]``) or through the ORM (``[orm]``)."""
+    fast = "true" if backend.statements is not None else "false"
+    return {**os.environ, "DATABASE_URL": test_database_url(), "KIROPOOL_FAST_STATEMENTS": fast, **(extra or {})}
+
+
 def spawn(*args, env: dict[str, str] | None = None) -> subprocess.Popen:
-    env = {**os.environ, "DATABASE_URL": test_database_url(), **(env or {})}
+    env = child_env(env)
     env.pop("REDIS_URL", None)
     return subprocess.Popen(
         [sys.executable, "-m", "tests.routing.hammer_worker", *map(str, args)],
@@ -163,7 +172,7 @@ def releaser_start(key: str, lease: str, body: dict | None = None) -> subprocess
     releaser = subprocess.Popen(
         args,
         cwd=ROOT,
-        env={**os.environ, "DATABASE_URL": test_database_url()},
+        env=child_env(),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,

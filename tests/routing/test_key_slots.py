@@ -201,7 +201,7 @@ def key_watched(key):
 
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.usefixtures("postgres_only")
-def test_processes_cycling_on_one_key_never_pass_its_limit_nor_share_a_slot(statements):
+def test_processes_cycling_on_one_key_never_pass_its_limit_nor_share_a_slot():
     """Five OS processes dispatch, hold and complete on a key limited to 2,
     over identities with room to spare, while the key is watched from here."""
     limit, workers, cycles = 2, 5, 20
@@ -209,10 +209,8 @@ def test_processes_cycling_on_one_key_never_pass_its_limit_nor_share_a_slot(stat
     for identity in identities:
         AccountFactory(name=identity.name, identity=identity)
     key = ApiKeyFactory(max_concurrency=limit)
-    env = {"KIROPOOL_FAST_STATEMENTS": "true" if statements == "fast" else "false"}
-
     with key_watched(key) as seen:
-        acquired, _, holders = hammer(key, identities, workers=workers, cycles=cycles, hold_ms=20, env=env)
+        acquired, _, holders = hammer(key, identities, workers=workers, cycles=cycles, hold_ms=20)
 
     assert 0 < len(acquired) < workers * cycles  # the limit was reached: some were refused at once
     assert seen["peak"] == limit
