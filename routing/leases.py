@@ -20,7 +20,7 @@ from django.conf import settings
 from django.db.models import Min
 from django.utils import timezone
 
-from accounts.models import ApiKey, RouteStrategy
+from accounts.models import ApiKey, RouteStrategy, RoutingIdentity
 from core.errors import AllAccountsFailed, NoUsableAccount, RateLimited
 from routing import metrics, readiness, selection, slots, waiting, wakeups
 from routing.backend import backend
@@ -54,12 +54,17 @@ def lease_acquire(*, key: ApiKey, request: DispatchRequest) -> Acquired:
     with waiting.room.visit(key_id=key.pk) as visit:
         bound_name = None
         if request.session_id and not preferred:
+            # Taken before the read that may send the turn waiting for its
+            # account (sticky patience): a release from here on wakes that wait.
+            token = wakeups.token()
             sticky, bound = _sticky_fast_path(key=key, request=request)
             if sticky is not None:
                 return sticky
             if bound is not None:
                 bound_name = bound.candidate.account
-                sticky = _sticky_patience(key=key, request=request, bound=bound, visit=visit, deadline=deadline)
+                sticky = _sticky_patience(
+                    key=key, request=request, bound=bound, visit=visit, deadline=deadline, token=token
+                )
                 if sticky is not None:
                     return sticky
         return _walk(key=key, request=request, preferred=preferred, visit=visit, deadline=deadline, bound=bound_name)
@@ -181,16 +186,22 @@ def _slow_start() -> timedelta:
 
 def _wake_in(miss: readiness.Miss, candidates: list[CandidateRow]) -> float:
     """Seconds until something other than a release may free a slot: the end
-    of a pacing interval, cooldown or ejection, a slow-start step, or the
-    expiry of a lease on a full identity (which no release announces)."""
+    of a pacing interval, cooldown or ejection, a slow-start step, the
+    expiry of a lease on a full identity, or the lapse of a slot held for a
+    returning turn (neither of which anyone announces: the lease's holder or
+    the turn waiting may have died)."""
     now = timezone.now()
     wake = float("inf")
     if miss.next_ready_at is not None:
         wake = max(0.0, (miss.next_ready_at - now).total_seconds())
-    full = {row.identity_id for row in candidates if row.candidate.routing_identity in miss.saturated}
-    expiry = _next_lease_expiry(identity_ids=full) if full else None
+    full = [row for row in candidates if row.candidate.routing_identity in miss.saturated]
+    expiry = _next_lease_expiry(identity_ids={row.identity_id for row in full}) if full else None
     if expiry is not None:
         wake = min(wake, (expiry - now).total_seconds() + EXPIRY_WAKE_MARGIN_SECONDS)
+    held = {row.identity_id for row in full if row.candidate.reserved}
+    lapse = _next_hold_lapse(identity_ids=held) if held else None
+    if lapse is not None:
+        wake = min(wake, (lapse - now).total_seconds() + EXPIRY_WAKE_MARGIN_SECONDS)
     return wake
 
 
@@ -199,6 +210,13 @@ def _next_lease_expiry(*, identity_ids: set[int]) -> datetime | None:
     return Lease.objects.filter(
         identity_id__in=identity_ids, completed_at__isnull=True, expires_at__gt=timezone.now()
     ).aggregate(first=Min("expires_at"))["first"]
+
+
+def _next_hold_lapse(*, identity_ids: set[int]) -> datetime | None:
+    """When the first live hold on these identities lapses (the waiting path only)."""
+    return RoutingIdentity.objects.filter(
+        pk__in=identity_ids, sticky_waiters__gt=0, sticky_wait_until__gt=timezone.now()
+    ).aggregate(first=Min("sticky_wait_until"))["first"]
 
 
 def _sticky_fast_path(
@@ -239,12 +257,16 @@ def _sticky_fast_path(
 
 
 def _sticky_patience(
-    *, key: ApiKey, request: DispatchRequest, bound: CandidateRow, visit: waiting.Visit, deadline: float
+    *, key: ApiKey, request: DispatchRequest, bound: CandidateRow, visit: waiting.Visit, deadline: float, token: int
 ) -> Acquired | None:
     """A returning turn whose bound account is only crowded waits for it,
     up to the key's patience (capped by the request's wait budget), rather
     than move and lose its upstream prompt cache. While it waits its
-    identity holds a slot for it that new sessions may not take."""
+    identity holds a slot for it that new sessions may not take.
+
+    ``token`` was taken before ``bound`` was read, and each later token
+    before the read after a wait, so a release between a read and the wait
+    it decided on wakes that wait (``routing/wakeups.py``)."""
     patience = settings.KIROPOOL_STICKY_PATIENCE_MS if key.sticky_patience_ms is None else key.sticky_patience_ms
     now = timezone.now()
     ctx = selection.SelectionContext(now=now, slow_start=_slow_start())
@@ -254,16 +276,17 @@ def _sticky_patience(
     if until <= time.monotonic():
         return None
     slots.identity_hold(identity_id=bound.identity_id, until=now + timedelta(seconds=until - time.monotonic()))
+    acquired = None
     try:
         row = bound
         while True:
-            token = wakeups.token()
             left = until - time.monotonic()
             if left <= 0:
                 return None
             miss = readiness.miss_of([row.candidate], timezone.now(), slow_start=_slow_start())
             slots.key_limits_recheck(key=key, visit=visit)
             visit.wait(token, min(left, _wake_in(miss, [row])))
+            token = wakeups.token()
             with visit.turn():
                 acquired, row = _sticky_fast_path(key=key, request=request, waited_ms=max(1, visit.waited_ms))
             if acquired is not None:
@@ -274,4 +297,4 @@ def _sticky_patience(
             if row is None or not readiness.sticky_patience_applies(row.candidate, ctx):
                 return None  # cooling, ejected or gone since: move now
     finally:
-        slots.identity_unhold(identity_id=bound.identity_id)
+        slots.identity_unhold(identity_id=bound.identity_id, leased=acquired is not None)

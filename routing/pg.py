@@ -31,7 +31,7 @@ import functools
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, connection, connections
@@ -136,6 +136,7 @@ class Statements:
         success = outcome == LeaseOutcome.SUCCESS
         values = {
             "now": now,
+            "ramp_since": now - timedelta(seconds=settings.KIROPOOL_SLOW_START_SECONDS),
             "outcome": outcome,
             "first_token_ms": first_token_ms,
             "error_message": error_message,
@@ -323,10 +324,16 @@ WITH done AS (
            {i("failure_streak")} = 0, {i("ejections")} = 0
       FROM done, (SELECT count(*) FROM key_released) AS key
      WHERE {identity}.{i("id")} = done.identity_id
- RETURNING {identity}.{i("in_flight")} + 1 >= {identity}.{i("max_concurrency")} AS was_full
+ RETURNING {identity}.{i("in_flight")} + 1 + CASE WHEN {identity}.{i("sticky_wait_until")} > %(now)s
+                                                   THEN {identity}.{i("sticky_waiters")} ELSE 0 END
+               >= {identity}.{i("max_concurrency")}
+           OR {identity}.{i("ejected_until")} > %(ramp_since)s AS was_full
 ), notified AS (
-    -- Only a release on a full identity can wake a dispatch waiting for a
-    -- slot; skipping the rest spares every process's listener a wake-up.
+    -- Only a release on an identity that was full for a new session can
+    -- wake a dispatch waiting for a slot: full counting the slots held for
+    -- waiting sticky sessions (rules.identity_claimable), or ramping back
+    -- from an ejection (its limit below max_concurrency). Skipping the rest
+    -- spares every process's listener a wake-up.
     SELECT pg_notify('{wakeups.CHANNEL}', '') FROM released WHERE released.was_full
 ), sampled AS (
     INSERT INTO {sample} ({s("account")}, {s("proxy_url")}, {s("first_token_ms")}, {s("recorded_at")})

@@ -54,8 +54,15 @@ def identity_hold(*, identity_id: int, until: datetime) -> None:
     )
 
 
-def identity_unhold(*, identity_id: int) -> None:
+def identity_unhold(*, identity_id: int, leased: bool) -> None:
+    """Give back a hold taken by :func:`identity_hold`. A hold given up
+    without a lease (the session's patience ran out, or its account cooled)
+    frees a slot that new sessions counted as taken: that wakes waiting
+    dispatches, as a release does. One that became the session's lease
+    frees nothing."""
     RoutingIdentity.objects.filter(pk=identity_id, sticky_waiters__gt=0).update(sticky_waiters=F("sticky_waiters") - 1)
+    if not leased:
+        release_notify()
 
 
 def key_cap(key: ApiKey) -> int | None:

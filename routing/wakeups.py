@@ -85,6 +85,15 @@ def wait(token_: int, timeout: float) -> bool:
     return _generation.wait_past(token_, min(timeout, POLL_SECONDS)) or True
 
 
+def listening(timeout: float = 0.0) -> bool:
+    """Whether this process's listener is connected, waiting up to
+    ``timeout`` seconds for it (PostgreSQL; starts it if need be)."""
+    if not backend.postgres:
+        return False
+    _ensure_listener()
+    return _listener_ready.wait(timeout)
+
+
 def released_locally() -> None:
     """Called on commit of a release in this process."""
     _generation.bump()
