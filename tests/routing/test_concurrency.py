@@ -190,20 +190,27 @@ def releaser_result(releaser: subprocess.Popen) -> tuple[float, float, str]:
     return float(sent), float(answered), status
 
 
+def dispatch_while_released(gw: Gateway, key, lease: str, **body):
+    """Dispatch while another process releases ``lease``. Both succeed and
+    the dispatch waited; returns its answer and how long after the release
+    was answered it was answered."""
+    releaser = releaser_start(key.plaintext, lease)
+    response = gw.dispatch(**body)
+    acquired_at = time.time()
+    _, released_at, status = releaser_result(releaser)
+    assert (response.status_code, status) == (200, "200")
+    assert response.json()["waited_ms"] > 0
+    return response, acquired_at - released_at
+
+
 def test_waiting_dispatch_wakes_when_another_process_releases():
     identity = RoutingIdentityFactory(max_concurrency=1)
     AccountFactory(identity=identity)
     key = ApiKeyFactory()
     gw = Gateway(key.plaintext)
     held = gw.dispatch().json()["lease_id"]
-    releaser = releaser_start(key.plaintext, held)
-    response = gw.dispatch(max_wait_ms=30_000)
-    acquired_at = time.time()
-    _, released_at, status = releaser_result(releaser)
-    assert (response.status_code, status) == (200, "200")
-    assert response.json()["waited_ms"] > 0
-    # woken by the other process's release, promptly, not by the wait budget
-    assert acquired_at - released_at < 0.5
+    _, lag = dispatch_while_released(gw, key, held, max_wait_ms=30_000)
+    assert lag < 0.5  # woken by the other process's release, promptly, not by the wait budget
 
 
 def test_waiting_dispatch_wakes_when_a_cooldown_set_by_another_process_ends():
@@ -229,22 +236,23 @@ def test_waiting_dispatch_wakes_when_a_cooldown_set_by_another_process_ends():
     assert acquired_at - answered <= 5.0
 
 
-def test_a_returning_turn_waits_for_a_release_in_another_process():
-    key = ApiKeyFactory(sticky_patience_ms=6_000)
-    bound = AccountFactory(name="bound")
-    AccountFactory(name="elsewhere")
-    gw = Gateway(key.plaintext)
-    # Bind the session to "bound" by a first turn, then hold its only slot.
+def bound_and_full(gw: Gateway) -> str:
+    """Bind session "conv" to account "bound" by a first turn, then hold the
+    only slot of "bound" ("elsewhere" stays free); returns that lease."""
     first = gw.dispatch(session_id="conv", exclude_accounts=["elsewhere"]).json()["lease_id"]
     gw.complete(first, outcome="success")
-    held = gw.dispatch(exclude_accounts=["elsewhere"]).json()["lease_id"]
-    releaser = releaser_start(key.plaintext, held)
-    response = gw.dispatch(session_id="conv", max_wait_ms=10_000)
-    acquired_at = time.time()
-    _, released_at, status = releaser_result(releaser)
-    assert (response.status_code, status) == (200, "200")
-    assert response.json()["account"]["name"] == bound.name  # it waited rather than move
-    assert acquired_at - released_at < 1.0  # woken by the release; slack for a busy machine
+    return gw.dispatch(exclude_accounts=["elsewhere"]).json()["lease_id"]
+
+
+def test_a_returning_turn_waits_for_a_release_in_another_process():
+    key = ApiKeyFactory(sticky_patience_ms=6_000)
+    AccountFactory(name="bound")
+    AccountFactory(name="elsewhere")
+    gw = Gateway(key.plaintext)
+    held = bound_and_full(gw)
+    response, lag = dispatch_while_released(gw, key, held, session_id="conv", max_wait_ms=10_000)
+    assert response.json()["account"]["name"] == "bound"  # it waited rather than move
+    assert lag < 1.0  # woken by the release; slack for a busy machine
     assert Lease.objects.get(pk=response.json()["lease_id"]).sticky == "waited"
 
 
@@ -286,15 +294,10 @@ def test_a_release_that_frees_a_slot_held_back_for_a_returning_session_wakes_new
     held = gw.dispatch().json()["lease_id"]
     slots.identity_hold(identity_id=identity.pk, until=timezone.now() + timedelta(seconds=60))
     _listening()
-    releaser = releaser_start(key.plaintext, held)
-    response = gw.dispatch(max_wait_ms=20_000)
-    acquired_at = time.time()
-    _, released_at, status = releaser_result(releaser)
-    assert (response.status_code, status) == (200, "200")
-    assert response.json()["waited_ms"] > 0
+    _, lag = dispatch_while_released(gw, key, held, max_wait_ms=20_000)
     # Woken by the release, not at the end of the 20 s budget; slack 1 s
     # for a busy machine (a wake takes a few ms).
-    assert acquired_at - released_at < 1.0
+    assert lag < 1.0
 
 
 def test_a_returning_turn_that_gives_up_its_held_slot_wakes_new_sessions():
@@ -335,12 +338,10 @@ def test_a_release_between_a_returning_turns_read_and_its_wait_wakes_it(monkeypa
     while it takes its hold, timed by the test). It is woken at once rather
     than sleep out its patience."""
     key = ApiKeyFactory(sticky_patience_ms=6_000)
-    bound = AccountFactory(name="bound")
+    AccountFactory(name="bound")
     AccountFactory(name="elsewhere")
     gw = Gateway(key.plaintext)
-    first = gw.dispatch(session_id="conv", exclude_accounts=["elsewhere"]).json()["lease_id"]
-    gw.complete(first, outcome="success")
-    held = gw.dispatch(exclude_accounts=["elsewhere"]).json()["lease_id"]
+    held = bound_and_full(gw)
     _listening()
     hold, released = slots.identity_hold, {}
 
@@ -357,7 +358,7 @@ def test_a_release_between_a_returning_turns_read_and_its_wait_wakes_it(monkeypa
     response = gw.dispatch(session_id="conv", max_wait_ms=10_000)
     acquired_at = time.time()
     assert (response.status_code, released["status"]) == (200, "200")
-    assert response.json()["account"]["name"] == bound.name
+    assert response.json()["account"]["name"] == "bound"
     assert Lease.objects.get(pk=response.json()["lease_id"]).sticky == "waited"
     # Woken by the release it had missed, not after its 6 s patience; slack
     # 1 s for a busy machine.
