@@ -6,6 +6,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from accounts.models import Account, ApiKey, Proxy, RoutingIdentity
+from routing import wakeups
 from routing.models import CooldownEvent, CooldownKind
 
 
@@ -32,6 +33,8 @@ def account_quota_reset(*, accounts) -> int:
             CooldownEvent(kind=CooldownKind.QUOTA_RESET, account_id=pk, reason="reset by operator", created_at=now)
             for pk in ids
         )
+        if ids:
+            wakeups.release_notify()
     return len(ids)
 
 
@@ -46,6 +49,8 @@ def identity_cooldown_clear(*, identities) -> int:
             )
             for pk in ids
         )
+        if ids:
+            wakeups.release_notify()
     return len(ids)
 
 
@@ -58,4 +63,6 @@ def proxy_cooldown_clear(*, proxies) -> int:
             CooldownEvent(kind=CooldownKind.PROXY_CLEARED, proxy_id=pk, reason="cleared by operator", created_at=now)
             for pk in ids
         )
+        if ids:
+            wakeups.release_notify()
     return len(ids)

@@ -1,14 +1,23 @@
-"""A key saved or deleted through the ORM (admin, operator API, services,
-the shell) is forgotten by this process's key cache at once, so an operator
-who disables a key sees it refused on the next request the process serves.
-Other processes notice within ``KIROPOOL_KEY_CACHE_SECONDS``."""
+"""Operators' edits through the ORM (admin, operator API, services, the
+shell), seen at once:
+
+- a key saved or deleted is forgotten by this process's key cache, so an
+  operator who disables a key sees it refused on the next request the
+  process serves. Other processes notice within
+  ``KIROPOOL_KEY_CACHE_SECONDS``;
+- an identity, account or proxy saved may have freed a slot (a raised
+  limit, a shorter pacing interval, an account enabled, a cooldown
+  cleared): dispatches waiting for one look again, in every process, once
+  the edit commits. The dispatcher's own writes are updates, which send no
+  signal."""
 
 from django.db import transaction
 from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
 
 from accounts.authentication import key_cache
-from accounts.models import ApiKey
+from accounts.models import Account, ApiKey, Proxy, RoutingIdentity
+from routing import wakeups
 
 
 @receiver(post_save, sender=ApiKey)
@@ -17,3 +26,10 @@ def api_key_forget(sender, instance: ApiKey, **kwargs) -> None:
     key_cache.forget(instance.prefix)
     # And once committed: a request in between may have cached the old row.
     transaction.on_commit(lambda: key_cache.forget(instance.prefix))
+
+
+@receiver(post_save, sender=RoutingIdentity)
+@receiver(post_save, sender=Account)
+@receiver(post_save, sender=Proxy)
+def pool_edited(sender, instance, **kwargs) -> None:
+    wakeups.release_notify()

@@ -29,7 +29,7 @@ from django.utils import timezone
 from accounts.models import ApiKey, KeySlot, Proxy, RoutingIdentity
 from accounts.throttling import key_rate_take
 from core.errors import Conflict, NotFound
-from routing import metrics, quotas, sessions, slots, wakeups
+from routing import metrics, quotas, sessions, wakeups
 from routing.backend import backend
 from routing.dispatch import Completed, Completion
 from routing.models import LEASE_OPEN, CooldownEvent, CooldownKind, LatencySample, Lease, LeaseOutcome
@@ -128,7 +128,7 @@ def _lease_complete(*, key: ApiKey, lease_id: uuid.UUID, completion: Completion)
         bound = False
         if lease.account_id is not None:
             bound = _account_effects(key=key, lease=lease, completion=completion, now=now, cooldown=cooldown)
-        slots.release_notify()
+        wakeups.release_notify()
     return Completed(lease.id, lease.account_name, outcome, bound, report_applied=not completion.report_limited)
 
 

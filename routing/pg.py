@@ -355,11 +355,6 @@ SELECT done.account_name, (SELECT count(*) FROM bound) > 0, (SELECT count(*) FRO
   FROM done, released"""
 
 
-def notify_release_sql() -> str:
-    """Sent inside a releasing transaction; delivered to listeners at commit."""
-    return f"NOTIFY {wakeups.CHANNEL}"
-
-
 def lock_timeout_set(timeout: str) -> None:
     """Give up on a row lock after ``timeout`` in the current transaction."""
     with connection.cursor() as cursor:

@@ -26,13 +26,13 @@ from collections import Counter
 from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.db import OperationalError, connection, transaction
+from django.db import OperationalError, transaction
 from django.db.models import Case, Exists, F, Q, Value, When
 from django.utils import timezone
 
 from accounts.models import Account, ApiKey, KeySlot, RoutingIdentity
 from core.errors import RateLimited
-from routing import maintenance, pg, readiness, waiting, wakeups
+from routing import maintenance, readiness, waiting, wakeups
 from routing.backend import backend
 from routing.dispatch import CandidateRow, DispatchRequest, LeaseGrant
 from routing.models import LEASE_OPEN, CooldownEvent, CooldownKind, Lease, LeaseOutcome, StickyOutcome
@@ -62,7 +62,7 @@ def identity_unhold(*, identity_id: int, leased: bool) -> None:
     frees nothing."""
     RoutingIdentity.objects.filter(pk=identity_id, sticky_waiters__gt=0).update(sticky_waiters=F("sticky_waiters") - 1)
     if not leased:
-        release_notify()
+        wakeups.release_notify()
 
 
 def key_cap(key: ApiKey) -> int | None:
@@ -263,14 +263,6 @@ def _key_slot_take(*, key_id: int, cap: int) -> int | None:
     return slot_id
 
 
-def release_notify() -> None:
-    """Wake waiting dispatches everywhere once this transaction commits."""
-    if backend.postgres:
-        with connection.cursor() as cursor:
-            cursor.execute(pg.notify_release_sql())
-    transaction.on_commit(wakeups.released_locally)
-
-
 # --- reap --------------------------------------------------------------------------
 
 # Leases closed per transaction by the reaper; bounds how long it holds locks.
@@ -323,5 +315,5 @@ def _reap_batch(*, now: datetime, identity_ids: list[int] | None) -> tuple[int |
     identities = Counter(identity_id for _, identity_id, _ in rows)
     for identity_id in sorted(identities):
         RoutingIdentity.objects.filter(pk=identity_id).update(in_flight=F("in_flight") - identities[identity_id])
-    release_notify()
+    wakeups.release_notify()
     return closed, len(rows)

@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 
-from django.db import connections
+from django.db import connection, connections, transaction
 
 from routing.backend import backend
 
@@ -83,6 +83,16 @@ def wait(token_: int, timeout: float) -> bool:
     if backend.postgres and _listener_ready.is_set():
         return _generation.wait_past(token_, timeout)
     return _generation.wait_past(token_, min(timeout, POLL_SECONDS)) or True
+
+
+def release_notify() -> None:
+    """Wake waiting dispatches in every process once this transaction
+    commits: something may have freed a slot (a release, a hold given up,
+    an operator's edit of the pool)."""
+    if backend.postgres:
+        with connection.cursor() as cursor:
+            cursor.execute(f"NOTIFY {CHANNEL}")
+    transaction.on_commit(released_locally)
 
 
 def listening(timeout: float = 0.0) -> bool:

@@ -31,6 +31,7 @@ from accounts.models import AccountGroup
 from accounts.onboarding.errors import ImportRejected, RowError
 from accounts.onboarding.kinds import KINDS
 from accounts.onboarding.plans import RowPlan, batch_plan, chunks
+from routing import wakeups
 
 BATCH_SIZE = 500
 
@@ -102,6 +103,8 @@ def _write(plans: list[RowPlan], memberships: dict[int, dict[int, int]]) -> None
                 if kind.model.objects.bulk_update(objects, fields, batch_size=BATCH_SIZE) != len(objects):
                     raise DatabaseError(f"some {kind.label} were deleted meanwhile")
         _write_members([p for p in plans if p.members is not None and p.members_changed], memberships)
+        if plans:
+            wakeups.release_notify()  # new accounts, raised limits: what waits for a slot looks again
 
 
 def _write_members(plans: list[RowPlan], memberships: dict[int, dict[int, int]]) -> None:

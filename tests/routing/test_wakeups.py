@@ -13,8 +13,10 @@ import pytest
 from django.db import connection
 from django.utils import timezone
 
+from accounts import services
 from accounts.models import RoutingIdentity
-from routing import slots, wakeups
+from accounts.onboarding.importer import pool_import
+from routing import slots, waiting, wakeups
 from routing.models import Lease
 from tests.factories import AccountFactory, ApiKeyFactory, RoutingIdentityFactory
 from tests.routing.gateway import Gateway
@@ -253,3 +255,61 @@ def test_a_slot_held_by_a_returning_turn_that_died_is_free_again_when_its_hold_l
     assert response.status_code == 200
     # The hold lapses 1.5 s after it was taken; slack 3.5 s for a busy machine.
     assert 1.4 <= time.monotonic() - started < 5.0
+
+
+def _waiting_on(key, results: dict) -> threading.Thread:
+    """A new session of ``key`` dispatching in a thread, once it waits."""
+    gw = Gateway(key.plaintext)
+    thread = _in_thread(lambda: gw.dispatch(max_wait_ms=20_000), results, "waiter")
+    deadline = time.monotonic() + 10
+    while not waiting.room.waiting(key.pk):
+        assert time.monotonic() < deadline, "the dispatch never waited"
+        time.sleep(0.01)
+    return thread
+
+
+@pytest.mark.parametrize("edit", ["saved", "imported"])
+def test_an_operator_raising_a_full_identitys_limit_wakes_its_waiting_dispatches(edit):
+    """A dispatch waits on a full identity; an operator raises its limit (an
+    ordinary save, as the admin and the operator API do, or a bulk import).
+    The dispatch takes the new slot at once: the identity is no longer full,
+    so none of its releases would have woken it before its 20 s budget
+    ended."""
+    identity = RoutingIdentityFactory(max_concurrency=1)
+    AccountFactory(identity=identity)
+    key = ApiKeyFactory()
+    assert Gateway(key.plaintext).dispatch().status_code == 200
+    _listening()
+    results: dict = {}
+    waiter = _waiting_on(key, results)
+    if edit == "saved":
+        identity.refresh_from_db()
+        identity.max_concurrency = 2
+        identity.save(update_fields=["max_concurrency"])
+    else:
+        report = pool_import({"identities": [{"name": identity.name, "max_concurrency": 2}]})
+        assert report.counts("identities")["update"] == 1
+    edited_at = time.monotonic()
+    waiter.join(30)
+    assert results["waiter"].status_code == 200
+    assert results["waiter_at"] - edited_at < 1.0  # slack 1 s for a busy machine; the budget is 20 s
+
+
+def test_an_operator_clearing_a_cooldown_wakes_waiting_dispatches():
+    """One identity is full, the other cooling for 5 minutes: a dispatch
+    waits. An operator clears the cooldown (the admin's action): the
+    dispatch takes the identity at once, not at the end of its budget."""
+    AccountFactory(name="full", identity=RoutingIdentityFactory(max_concurrency=1))
+    cooling = RoutingIdentityFactory(cooldown_until=timezone.now() + timedelta(minutes=5))
+    AccountFactory(name="cooling", identity=cooling)
+    key = ApiKeyFactory()
+    assert Gateway(key.plaintext).dispatch(exclude_accounts=["cooling"]).status_code == 200
+    _listening()
+    results: dict = {}
+    waiter = _waiting_on(key, results)
+    assert services.identity_cooldown_clear(identities=RoutingIdentity.objects.filter(pk=cooling.pk)) == 1
+    cleared_at = time.monotonic()
+    waiter.join(30)
+    assert results["waiter"].status_code == 200
+    assert results["waiter"].json()["account"]["name"] == "cooling"
+    assert results["waiter_at"] - cleared_at < 1.0  # slack 1 s for a busy machine; the budget is 20 s
