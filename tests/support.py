@@ -1,9 +1,11 @@
 """Helpers shared by the tests that start other processes against the test
-database (workers, a real gunicorn)."""
+database (workers, a real gunicorn), or wait for another thread."""
 
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
 
@@ -63,3 +65,14 @@ def project_env(tmp: Path, **overrides: str) -> dict[str, str]:
 def web_server(env: dict[str, str], tmp: Path, *, workers: int = 2, threads: int = 8) -> WebServer:
     """kiropool's own server helper, logging into ``tmp`` (access log included)."""
     return WebServer(env=env, workers=workers, threads=threads, log=tmp / "gunicorn.log", access_log=tmp / "access.log")
+
+
+def until(
+    condition: Callable[[], object], timeout: float = 5.0, *, what: str = "timed out", step: float = 0.001
+) -> None:
+    """Poll ``condition`` every ``step`` seconds until it holds; fail with
+    ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(step)

@@ -9,13 +9,7 @@ import time
 
 from routing import wakeups
 from routing.waiting import WaitingRoom
-
-
-def _until(condition, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.001)
+from tests.support import until
 
 
 def _record(order: list[str], name: str, visit, token: int, late: float) -> None:
@@ -33,7 +27,7 @@ def test_an_older_waiter_woken_late_still_goes_first():
     older, younger = room.visit(key_id=1), room.visit(key_id=1)
     first = threading.Thread(target=_record, args=(order, "older", older, token, 0.3))
     first.start()
-    _until(lambda: older.seq is not None)
+    until(lambda: older.seq is not None)
     second = threading.Thread(target=_record, args=(order, "younger", younger, token, 0.0))
     second.start()
     first.join(5)
@@ -103,7 +97,7 @@ def test_another_keys_attempt_does_not_wait_for_the_turn():
     release = threading.Event()
     holder = threading.Thread(target=_hold, args=(order, room.visit(key_id=1), release))
     holder.start()
-    _until(lambda: order)
+    until(lambda: order)
     _attempt(order, "key 2", room.visit(key_id=2), 0.0)
     release.set()
     holder.join(5)
@@ -118,10 +112,10 @@ def test_a_waiter_asking_for_a_turn_goes_before_a_new_attempt():
     release = threading.Event()
     holder = threading.Thread(target=_hold, args=(order, room.visit(key_id=1), release))
     holder.start()
-    _until(lambda: order)
+    until(lambda: order)
     waited = threading.Thread(target=_record, args=(order, "waiter", room.visit(key_id=1), token, 0.0))
     waited.start()
-    _until(lambda: room._queues.get(1))  # the waiter has asked for its turn
+    until(lambda: room._queues.get(1))  # the waiter has asked for its turn
     new = threading.Thread(target=_attempt, args=(order, "new", room.visit(key_id=1), 0.0))
     new.start()
     release.set()
@@ -164,7 +158,7 @@ def test_an_attempt_that_skipped_an_identity_waits_until_that_claim_is_through()
 
     holder = threading.Thread(target=claim)
     holder.start()
-    _until(lambda: order)
+    until(lambda: order)
     waiter = threading.Thread(target=lambda: (room.visit(key_id=1).claims_wait({7}), order.append("read again")))
     waiter.start()
     waiter.join(0.2)

@@ -21,6 +21,7 @@ from routing.models import Lease
 from tests.factories import AccountFactory, ApiKeyFactory, RoutingIdentityFactory
 from tests.routing.gateway import Gateway
 from tests.routing.test_concurrency import ROOT, child_env
+from tests.support import until
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("postgres_only", "statements")]
 
@@ -190,10 +191,11 @@ def test_a_returning_turn_that_gives_up_its_held_slot_wakes_new_sessions():
     RoutingIdentity.objects.filter(pk=identity.pk).update(min_start_interval_ms=4_000, last_started_at=timezone.now())
     results: dict = {}
     waiting_turn = _in_thread(lambda: gw.dispatch(session_id="conv", max_wait_ms=2_000), results, "returning")
-    deadline = time.monotonic() + 5
-    while not RoutingIdentity.objects.filter(pk=identity.pk, sticky_waiters=1).exists():
-        assert time.monotonic() < deadline, "the returning turn never held a slot"
-        time.sleep(0.01)
+    until(
+        RoutingIdentity.objects.filter(pk=identity.pk, sticky_waiters=1).exists,
+        what="the returning turn never held a slot",
+        step=0.01,
+    )
     newcomer = Gateway(ApiKeyFactory().plaintext)
     new_session = _in_thread(lambda: newcomer.dispatch(max_wait_ms=15_000), results, "new")
     waiting_turn.join(30)
@@ -223,10 +225,8 @@ def test_a_release_between_a_returning_turns_read_and_its_wait_wakes_it(monkeypa
         hold(**kwargs)
         seen = wakeups.current()
         _, released["at"], released["status"] = releaser_result(releaser_start(key.plaintext, held))
-        deadline = time.monotonic() + 10
-        while wakeups.current() == seen:  # the listener has heard of the release
-            assert time.monotonic() < deadline, "the release was never heard of"
-            time.sleep(0.005)
+        # the listener has heard of the release
+        until(lambda: wakeups.current() != seen, 10, what="the release was never heard of", step=0.005)
 
     monkeypatch.setattr(slots, "identity_hold", hold_then_release)
     response = gw.dispatch(session_id="conv", max_wait_ms=10_000)
@@ -261,10 +261,7 @@ def _waiting_on(key, results: dict) -> threading.Thread:
     """A new session of ``key`` dispatching in a thread, once it waits."""
     gw = Gateway(key.plaintext)
     thread = _in_thread(lambda: gw.dispatch(max_wait_ms=20_000), results, "waiter")
-    deadline = time.monotonic() + 10
-    while not waiting.room.waiting(key.pk):
-        assert time.monotonic() < deadline, "the dispatch never waited"
-        time.sleep(0.01)
+    until(lambda: waiting.room.waiting(key.pk), 10, what="the dispatch never waited", step=0.01)
     return thread
 
 
