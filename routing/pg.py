@@ -31,7 +31,7 @@ import functools
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, connection, connections
@@ -74,6 +74,7 @@ class Statements:
         (``routing.leases.dispatch_warm``); touches no database."""
         for reserved in (True, False):
             _claimable(reserved=reserved)
+        _complete_sql()
 
     def claim(self, lease: Lease, *, key_cap: int | None) -> Claim:
         """Take a free slot of the key (when ``key_cap`` counts its leases),
@@ -136,7 +137,7 @@ class Statements:
         success = outcome == LeaseOutcome.SUCCESS
         values = {
             "now": now,
-            "ramp_since": now - timedelta(seconds=settings.KIROPOOL_SLOW_START_SECONDS),
+            **_slot_freed_params(now),
             "outcome": outcome,
             "first_token_ms": first_token_ms,
             "error_message": error_message,
@@ -167,6 +168,39 @@ def _claimable(*, reserved: bool) -> CompiledQuery:
         sentinel_values({"now": datetime, "slow_start_seconds": float}, {}),
         where_only=True,
     )
+
+
+@functools.cache
+def _slot_free(*, reserved: bool, plus_leases: int) -> CompiledQuery:
+    """``rules.slot_free`` as a condition on the identity table."""
+    return CompiledQuery(
+        lambda values: RoutingIdentity.objects.filter(
+            rules.slot_free(values["now"], values["slow_start_seconds"], reserved=reserved, plus_leases=plus_leases)
+        ),
+        sentinel_values({"now": datetime, "slow_start_seconds": float}, {}),
+        where_only=True,
+    )
+
+
+# Whether a release freed a slot someone may be waiting for: with the
+# released lease still in flight none was free for a new session, and now
+# one is, for a new session or a returning turn whose slot is held for it.
+# The completion's RETURNING sees the row after its release.
+_FULL_BEFORE = dict(reserved=True, plus_leases=1)
+_FREE_NOW = dict(reserved=False, plus_leases=0)
+
+
+def _slot_freed_sql() -> str:
+    full_before, free_now = _slot_free(**_FULL_BEFORE).named("full_before_"), _slot_free(**_FREE_NOW).named("free_now_")
+    return f"NOT ({full_before}) AND ({free_now})"
+
+
+def _slot_freed_params(now: datetime) -> dict[str, object]:
+    values = _claim_values(now)
+    return {
+        **_slot_free(**_FULL_BEFORE).named_params(values, "full_before_"),
+        **_slot_free(**_FREE_NOW).named_params(values, "free_now_"),
+    }
 
 
 def _claim_values(now: datetime) -> dict[str, object]:
@@ -324,17 +358,15 @@ WITH done AS (
            {i("failure_streak")} = 0, {i("ejections")} = 0
       FROM done, (SELECT count(*) FROM key_released) AS key
      WHERE {identity}.{i("id")} = done.identity_id
- RETURNING {identity}.{i("in_flight")} + 1 + CASE WHEN {identity}.{i("sticky_wait_until")} > %(now)s
-                                                   THEN {identity}.{i("sticky_waiters")} ELSE 0 END
-               >= {identity}.{i("max_concurrency")}
-           OR {identity}.{i("ejected_until")} > %(ramp_since)s AS was_full
+ RETURNING {_slot_freed_sql()} AS slot_freed
 ), notified AS (
-    -- Only a release on an identity that was full for a new session can
-    -- wake a dispatch waiting for a slot: full counting the slots held for
-    -- waiting sticky sessions (rules.identity_claimable), or ramping back
-    -- from an ejection (its limit below max_concurrency). Skipping the rest
-    -- spares every process's listener a wake-up.
-    SELECT pg_notify('{wakeups.CHANNEL}', '') FROM released WHERE released.was_full
+    -- Only a release that frees a slot can wake a dispatch waiting for
+    -- one: none was free before it for a new session, counting the slots
+    -- held for waiting sticky sessions and the slow start after an ejection
+    -- (rules.slot_free), and one is now, for a new session or for a
+    -- returning turn whose slot is held. Skipping the rest spares every
+    -- process's listener a wake-up.
+    SELECT pg_notify('{wakeups.CHANNEL}', '') FROM released WHERE released.slot_freed
 ), sampled AS (
     INSERT INTO {sample} ({s("account")}, {s("proxy_url")}, {s("first_token_ms")}, {s("recorded_at")})
     SELECT done.account_id, done.proxy_url, %(first_token_ms)s, %(now)s

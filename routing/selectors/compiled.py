@@ -127,6 +127,18 @@ class CompiledQuery:
             out.append(adapted[name])
         return out
 
+    def named(self, prefix: str) -> str:
+        """``sql`` with its placeholders named ``%(<prefix>0)s``, ``%(<prefix>1)s``…,
+        for a statement with named parameters; :meth:`named_params` fills them."""
+        if self._written:
+            raise ValueError("a query with parameters written into its SQL has no named form")
+        *pieces, last = self._pieces
+        return "".join(f"{piece}%({prefix}{i})s" for i, piece in enumerate(pieces)) + last
+
+    def named_params(self, values: Mapping[str, object], prefix: str) -> dict[str, object]:
+        """:meth:`params` for the SQL :meth:`named` wrote."""
+        return {f"{prefix}{i}": param for i, param in enumerate(self.params(values))}
+
     def statement(self, values: Mapping[str, object]) -> tuple[str, list[object]]:
         """The statement to run with ``values``, and its parameters: ``sql``
         and ``params(values)``, with the written parameters in the SQL."""

@@ -62,17 +62,31 @@ def identity_claimable(now, slow_start_seconds, *, prefix: str = "", reserved: b
     ``prefix`` reaches the identity from another model (``"identity__"``), and
     ``expired_leases`` discounts leases past their TTL not yet reaped."""
     f = functools.partial(_field, prefix)
+    return (
+        (Q(**{f("cooldown_until__isnull"): True}) | Q(**{f("cooldown_until__lte"): now}))
+        & (Q(**{f("ejected_until__isnull"): True}) | Q(**{f("ejected_until__lte"): now}))
+        & slot_free(now, slow_start_seconds, prefix=prefix, reserved=reserved, expired_leases=expired_leases)
+        & pacing_allows(now, prefix=prefix)
+    )
+
+
+def slot_free(
+    now, slow_start_seconds, *, prefix: str = "", reserved: bool = True, expired_leases=None, plus_leases: int = 0
+) -> Q:
+    """A slot free under the identity's effective concurrency, the slots held
+    for waiting sticky sessions counted unless ``reserved`` is False. With
+    ``plus_leases``, as if that many more leases were in flight: the
+    one-statement completion, which sees the row after its release, asks
+    whether the slot it frees was free before (``routing/pg.py``)."""
+    f = functools.partial(_field, prefix)
     held = F(f("in_flight"))
+    if plus_leases:
+        held = held + Value(plus_leases)
     if expired_leases is not None:
         held = held - expired_leases
     if reserved:
         held = held + Case(When(**{f("sticky_wait_until__gt"): now}, then=F(f("sticky_waiters"))), default=Value(0))
-    return (
-        (Q(**{f("cooldown_until__isnull"): True}) | Q(**{f("cooldown_until__lte"): now}))
-        & (Q(**{f("ejected_until__isnull"): True}) | Q(**{f("ejected_until__lte"): now}))
-        & Q(LessThan(held, effective_concurrency(now, slow_start_seconds, prefix=prefix)))
-        & pacing_allows(now, prefix=prefix)
-    )
+    return Q(LessThan(held, effective_concurrency(now, slow_start_seconds, prefix=prefix)))
 
 
 def effective_concurrency(now, slow_start_seconds, *, prefix: str = ""):

@@ -9,6 +9,7 @@ import threading
 import time
 from datetime import timedelta
 
+import psycopg
 import pytest
 from django.db import connection
 from django.utils import timezone
@@ -130,6 +131,27 @@ def test_a_returning_turn_waits_for_a_release_in_another_process():
     assert Lease.objects.get(pk=response.json()["lease_id"]).sticky == "waited"
 
 
+def test_a_release_wakes_the_listeners_only_when_it_frees_a_slot(statements):
+    """Of two releases on an identity of two slots, the first frees a slot
+    waiters may want (it was full) and notifies every process's listener.
+    The one-statement completion spares them the second, which leaves a
+    second slot free; the ORM completion notifies on every release."""
+    identity = RoutingIdentityFactory(max_concurrency=2)
+    AccountFactory(identity=identity)
+    gw = Gateway(ApiKeyFactory().plaintext)
+    leases = [gw.dispatch().json()["lease_id"] for _ in range(2)]
+    params = connection.get_connection_params()
+    keep = ("dbname", "user", "password", "host", "port")
+    with psycopg.connect(autocommit=True, **{k: params[k] for k in keep if params.get(k)}) as listener:
+        listener.execute(f"LISTEN {wakeups.CHANNEL}")
+        heard = []
+        for lease in leases:
+            assert gw.complete(lease, outcome="success").status_code == 200
+            # A notification arrives on commit, in milliseconds; slack 1 s.
+            heard.append(len(list(listener.notifies(timeout=1.0, stop_after=1))))
+    assert heard == ([1, 0] if statements == "fast" else [1, 1])
+
+
 # --- lost wake-ups ----------------------------------------------------------------
 # Each test below failed before its fix: the dispatch slept through what
 # freed its slot (a release, a hold given up or lapsed, an operator's edit)
@@ -173,6 +195,25 @@ def test_a_release_that_frees_a_slot_held_back_for_a_returning_session_wakes_new
     # Woken by the release, not at the end of the 20 s budget; slack 1 s
     # for a busy machine (a wake takes a few ms).
     assert lag < 1.0
+
+
+def test_a_release_on_an_identity_ramping_back_from_an_ejection_wakes_new_sessions():
+    """Back from an ejection a second ago, an identity of four slots takes
+    one lease for now (slow start over 60 s), and it is leased. A new session
+    waits. Another process releases the lease: the identity was below its
+    max_concurrency but at its ramped limit, and the new session is woken at
+    once, not at the next slow-start step (20 s on) or the end of its
+    10 s budget."""
+    identity = RoutingIdentityFactory(max_concurrency=4)
+    AccountFactory(identity=identity)
+    RoutingIdentity.objects.filter(pk=identity.pk).update(ejected_until=timezone.now() - timedelta(seconds=1))
+    key = ApiKeyFactory()
+    gw = Gateway(key.plaintext)
+    held = gw.dispatch().json()["lease_id"]
+    assert gw.dispatch(max_wait_ms=0).status_code == 429  # the ramped limit is one slot
+    _listening()
+    _, lag = dispatch_while_released(gw, key, held, max_wait_ms=10_000)
+    assert lag < 1.0  # slack 1 s for a busy machine (a wake takes a few ms)
 
 
 def test_a_returning_turn_that_gives_up_its_held_slot_wakes_new_sessions():
