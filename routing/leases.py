@@ -188,12 +188,13 @@ def _slow_start() -> timedelta:
     return timedelta(seconds=settings.KIROPOOL_SLOW_START_SECONDS)
 
 
-def _wake_in(miss: readiness.Miss, candidates: list[CandidateRow]) -> float:
+def _wake_in(miss: readiness.Miss, candidates: list[CandidateRow], *, holds: bool = True) -> float:
     """Seconds until something other than a release may free a slot: the end
     of a pacing interval, cooldown or ejection, a slow-start step, the
-    expiry of a lease on a full identity, or the lapse of a slot held for a
-    returning turn (neither of which anyone announces: the lease's holder or
-    the turn waiting may have died)."""
+    expiry of a lease on a full identity, or (unless ``holds`` is False:
+    a returning turn's own claim does not count them) the lapse of a slot
+    held for a returning turn (neither of which anyone announces: the
+    lease's holder or the turn waiting may have died)."""
     now = timezone.now()
     wake = float("inf")
     if miss.next_ready_at is not None:
@@ -202,7 +203,7 @@ def _wake_in(miss: readiness.Miss, candidates: list[CandidateRow]) -> float:
     expiry = _next_lease_expiry(identity_ids={row.identity_id for row in full}) if full else None
     if expiry is not None:
         wake = min(wake, (expiry - now).total_seconds() + EXPIRY_WAKE_MARGIN_SECONDS)
-    held = {row.identity_id for row in full if row.candidate.reserved}
+    held = {row.identity_id for row in full if holds and row.candidate.reserved}
     lapse = _next_hold_lapse(identity_ids=held) if held else None
     if lapse is not None:
         wake = min(wake, (lapse - now).total_seconds() + EXPIRY_WAKE_MARGIN_SECONDS)
@@ -290,7 +291,8 @@ def _sticky_patience(
                 return None
             miss = readiness.miss_of([row.candidate], timezone.now(), slow_start=_slow_start())
             slots.key_limits_recheck(key=key, visit=visit)
-            visit.wait(token, min(left, _wake_in(miss, [row])))
+            # Holds do not keep a returning turn out, its own included.
+            visit.wait(token, min(left, _wake_in(miss, [row], holds=False)))
             token = wakeups.token()
             with visit.turn():
                 acquired, row = _sticky_fast_path(key=key, request=request, waited_ms=max(1, visit.waited_ms))

@@ -12,10 +12,11 @@ from datetime import timedelta
 import psycopg
 import pytest
 from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from accounts import services
-from accounts.models import RoutingIdentity
+from accounts.models import Account, RoutingIdentity
 from accounts.onboarding.importer import pool_import
 from routing import slots, waiting, wakeups
 from routing.models import Lease
@@ -129,6 +130,40 @@ def test_a_returning_turn_waits_for_a_release_in_another_process():
     assert response.json()["account"]["name"] == "bound"  # it waited rather than move
     assert lag < 1.0  # woken by the release; slack for a busy machine
     assert Lease.objects.get(pk=response.json()["lease_id"]).sticky == "waited"
+
+
+def test_a_returning_turns_wait_does_not_look_up_when_holds_lapse():
+    """A hold never keeps a returning turn out, its own included, so its
+    waits do not ask when the identity's holds lapse (a query each). The
+    turn waits twice, its own hold standing for the second: an operator's
+    save wakes it in between. Its patience then runs out and it moves."""
+    key = ApiKeyFactory(sticky_patience_ms=3_000)
+    AccountFactory(name="bound")
+    AccountFactory(name="elsewhere")
+    gw = Gateway(key.plaintext)
+    bound_and_full(gw)
+    bound = Account.objects.get(name="bound").identity_id
+    _listening()
+    results: dict = {}
+
+    def returning_turn():
+        with CaptureQueriesContext(connection) as queries:
+            response = gw.dispatch(session_id="conv", max_wait_ms=10_000)
+        return response, [query["sql"] for query in queries]
+
+    thread = _in_thread(returning_turn, results, "turn")
+    until(
+        RoutingIdentity.objects.filter(pk=bound, sticky_waiters=1).exists,
+        what="the returning turn never held a slot",
+        step=0.01,
+    )
+    AccountFactory(name="unrelated")  # an operator's save: wakes every waiting dispatch
+    thread.join(30)
+    response, sql = results["turn"]
+    assert response.json()["account"]["name"] == "elsewhere"
+    lease, identity = Lease._meta.db_table, RoutingIdentity._meta.db_table
+    assert len([q for q in sql if f'MIN("{lease}"."expires_at")' in q]) >= 2  # it waited twice
+    assert not [q for q in sql if f'MIN("{identity}"."sticky_wait_until")' in q]
 
 
 def test_a_release_wakes_the_listeners_only_when_it_frees_a_slot(statements):
