@@ -136,8 +136,8 @@ class Statements:
         completed or probe lease): the ORM service then answers."""
         success = outcome == LeaseOutcome.SUCCESS
         values = {
-            "now": now,
-            **_slot_freed_params(now),
+            **_claim_values(now),
+            **_slot_freed()[1],
             "outcome": outcome,
             "first_token_ms": first_token_ms,
             "error_message": error_message,
@@ -182,25 +182,17 @@ def _slot_free(*, reserved: bool, plus_leases: int) -> CompiledQuery:
     )
 
 
-# Whether a release freed a slot someone may be waiting for: with the
-# released lease still in flight none was free for a new session, and now
-# one is, for a new session or a returning turn whose slot is held for it.
-# The completion's RETURNING sees the row after its release.
-_FULL_BEFORE = dict(reserved=True, plus_leases=1)
-_FREE_NOW = dict(reserved=False, plus_leases=0)
-
-
-def _slot_freed_sql() -> str:
-    full_before, free_now = _slot_free(**_FULL_BEFORE).named("full_before_"), _slot_free(**_FREE_NOW).named("free_now_")
-    return f"NOT ({full_before}) AND ({free_now})"
-
-
-def _slot_freed_params(now: datetime) -> dict[str, object]:
-    values = _claim_values(now)
-    return {
-        **_slot_free(**_FULL_BEFORE).named_params(values, "full_before_"),
-        **_slot_free(**_FREE_NOW).named_params(values, "free_now_"),
-    }
+@functools.cache
+def _slot_freed() -> tuple[str, dict[str, object]]:
+    """Whether a release freed a slot someone may be waiting for, as SQL on
+    the row after the release (the completion's ``RETURNING``), and the
+    constants it needs: with the released lease still in flight no slot was
+    free for a new session, and now one is, for a new session or a
+    returning turn whose slot is held for it. Its values are the
+    completion's own ``now`` and ``slow_start_seconds``."""
+    full_before, before = _slot_free(reserved=True, plus_leases=1).named("full_before_")
+    free_now, after = _slot_free(reserved=False, plus_leases=0).named("free_now_")
+    return f"NOT ({full_before}) AND ({free_now})", {**before, **after}
 
 
 def _claim_values(now: datetime) -> dict[str, object]:
@@ -358,7 +350,7 @@ WITH done AS (
            {i("failure_streak")} = 0, {i("ejections")} = 0
       FROM done, (SELECT count(*) FROM key_released) AS key
      WHERE {identity}.{i("id")} = done.identity_id
- RETURNING {_slot_freed_sql()} AS slot_freed
+ RETURNING {_slot_freed()[0]} AS slot_freed
 ), notified AS (
     -- Only a release that frees a slot can wake a dispatch waiting for
     -- one: none was free before it for a new session, counting the slots

@@ -127,17 +127,23 @@ class CompiledQuery:
             out.append(adapted[name])
         return out
 
-    def named(self, prefix: str) -> str:
-        """``sql`` with its placeholders named ``%(<prefix>0)s``, ``%(<prefix>1)s``…,
-        for a statement with named parameters; :meth:`named_params` fills them."""
-        if self._written:
-            raise ValueError("a query with parameters written into its SQL has no named form")
+    def named(self, prefix: str) -> tuple[str, dict[str, object]]:
+        """``sql`` for a statement with named parameters, and the constants it
+        needs. A value's placeholders become ``%(<name>)s``, filled in by the
+        statement's own value of that name (as it is, unadapted: PostgreSQL
+        takes datetimes as they are); a constant the compiler sent as a
+        parameter becomes ``%(<prefix><i>)s``, and is returned by that name."""
+        if self._written or any(slot is not None and slot[1] is not None for slot in self.slots):
+            raise ValueError("only a query of single values, none written into its SQL, has a named form")
+        names, constants = [], {}
+        for i, (slot, literal) in enumerate(zip(self.slots, self.literals, strict=True)):
+            if slot is None:
+                names.append(f"{prefix}{i}")
+                constants[names[-1]] = literal
+            else:
+                names.append(slot[0])
         *pieces, last = self._pieces
-        return "".join(f"{piece}%({prefix}{i})s" for i, piece in enumerate(pieces)) + last
-
-    def named_params(self, values: Mapping[str, object], prefix: str) -> dict[str, object]:
-        """:meth:`params` for the SQL :meth:`named` wrote."""
-        return {f"{prefix}{i}": param for i, param in enumerate(self.params(values))}
+        return "".join(f"{piece}%({name})s" for piece, name in zip(pieces, names, strict=True)) + last, constants
 
     def statement(self, values: Mapping[str, object]) -> tuple[str, list[object]]:
         """The statement to run with ``values``, and its parameters: ``sql``
