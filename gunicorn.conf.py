@@ -12,7 +12,7 @@ bind = os.environ.get("KIROPOOL_BIND", "127.0.0.1:8000")
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 worker_class = "gthread"
 # Threads per worker: waiting dispatches may hold up to KIROPOOL_MAX_WAITERS
-# of them (settings.py), the rest serve everything else.
+# of them (kiropool/dispatcher_settings.py), the rest serve everything else.
 threads = int(os.environ.get("KIROPOOL_THREADS", "32"))
 # A dispatch may wait up to 300 s (max_wait_ms); leave room above it.
 timeout = 330

@@ -139,7 +139,7 @@ class Knobs:
     # Credits and failing upstreams; the default day has none (see upkeep_scenario).
     credit_plans: tuple[CreditPlan, ...] = ()
     failures: tuple[FailureWindow, ...] = ()
-    # Dispatcher settings (SPEC §2, §3), at kiropool/settings.py's defaults.
+    # Dispatcher settings (SPEC §2, §3), at kiropool/dispatcher_settings.py's defaults.
     max_wait_ms: int = 30_000
     affinity_ttl_s: float = 6 * HOUR
     affinity_max_entries: int = 4096
