@@ -5,18 +5,19 @@ shell), seen at once:
   operator who disables a key sees it refused on the next request the
   process serves. Other processes notice within
   ``KIROPOOL_KEY_CACHE_SECONDS``;
-- an identity, account or proxy saved may have freed a slot (a raised
-  limit, a shorter pacing interval, an account enabled, a cooldown
-  cleared): dispatches waiting for one look again, in every process, once
-  the edit commits. The dispatcher's own writes are updates, which send no
+- an identity, account or proxy saved, or an account added to a group,
+  may have freed a slot (a raised limit, a shorter pacing interval, an
+  account enabled, a cooldown cleared, a new account for a group's keys):
+  dispatches waiting for one look again, in every process, once the edit
+  commits. The dispatcher's own writes are updates, which send no
   signal."""
 
 from django.db import transaction
-from django.db.models.signals import post_delete, post_save
+from django.db.models.signals import m2m_changed, post_delete, post_save
 from django.dispatch import receiver
 
 from accounts.authentication import key_cache
-from accounts.models import Account, ApiKey, Proxy, RoutingIdentity
+from accounts.models import Account, AccountGroup, ApiKey, Proxy, RoutingIdentity
 from routing import wakeups
 
 
@@ -33,3 +34,9 @@ def api_key_forget(sender, instance: ApiKey, **kwargs) -> None:
 @receiver(post_save, sender=Proxy)
 def pool_edited(sender, instance, **kwargs) -> None:
     wakeups.release_notify()
+
+
+@receiver(m2m_changed, sender=AccountGroup.accounts.through)
+def group_joined(sender, action: str, **kwargs) -> None:
+    if action == "post_add":
+        wakeups.release_notify()

@@ -16,7 +16,7 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from accounts import services
-from accounts.models import Account, RoutingIdentity
+from accounts.models import Account, AccountGroup, RoutingIdentity
 from accounts.onboarding.importer import pool_import
 from routing import slots, waiting, wakeups
 from routing.models import Lease
@@ -366,6 +366,27 @@ def test_an_operator_raising_a_full_identitys_limit_wakes_its_waiting_dispatches
     waiter.join(30)
     assert results["waiter"].status_code == 200
     assert results["waiter_at"] - edited_at < 1.0  # slack 1 s for a busy machine; the budget is 20 s
+
+
+def test_an_operator_adding_an_account_to_a_keys_group_wakes_its_waiting_dispatches():
+    """A key routes over a group whose one account is full, and a dispatch
+    waits. An operator adds a free account to the group: the dispatch takes
+    it at once, not at the end of its 20 s budget."""
+    full = AccountFactory(name="full", identity=RoutingIdentityFactory(max_concurrency=1))
+    free = AccountFactory(name="free")
+    group = AccountGroup.objects.create(name="team")
+    group.accounts.add(full)
+    key = ApiKeyFactory(account_group=group)
+    assert Gateway(key.plaintext).dispatch().status_code == 200
+    _listening()
+    results: dict = {}
+    waiter = _waiting_on(key, results)
+    group.accounts.add(free)
+    added_at = time.monotonic()
+    waiter.join(30)
+    assert results["waiter"].status_code == 200
+    assert results["waiter"].json()["account"]["name"] == "free"
+    assert results["waiter_at"] - added_at < 1.0  # slack 1 s for a busy machine; the budget is 20 s
 
 
 def test_an_operator_clearing_a_cooldown_wakes_waiting_dispatches():
