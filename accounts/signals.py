@@ -9,16 +9,24 @@ shell), seen at once:
   may have freed a slot (a raised limit, a shorter pacing interval, an
   account enabled, a cooldown cleared, a new account for a group's keys):
   dispatches waiting for one look again, in every process, once the edit
-  commits. The dispatcher's own writes are updates, which send no
-  signal."""
+  commits. The dispatcher's own writes are updates, which send no signal;
+- every such edit, and an import, sends :data:`pool_changed`.
+"""
 
 from django.db import transaction
 from django.db.models.signals import m2m_changed, post_delete, post_save
-from django.dispatch import receiver
+from django.dispatch import Signal, receiver
 
 from accounts.authentication import key_cache
 from accounts.models import Account, AccountGroup, ApiKey, Proxy, RoutingIdentity
 from routing import wakeups
+
+# Sent in the transaction of an operator's edit of the pool (a save, an
+# account added to a group, an import). Routing writes what such an edit
+# leaves missing for dispatch, the latency bands of new order rows
+# (routing/signals.py): accounts cannot call routing's services, which
+# import accounts.
+pool_changed = Signal()
 
 
 @receiver(post_save, sender=ApiKey)
@@ -34,9 +42,11 @@ def api_key_forget(sender, instance: ApiKey, **kwargs) -> None:
 @receiver(post_save, sender=Proxy)
 def pool_edited(sender, instance, **kwargs) -> None:
     wakeups.release_notify()
+    pool_changed.send(sender=sender)
 
 
 @receiver(m2m_changed, sender=AccountGroup.accounts.through)
 def group_joined(sender, action: str, **kwargs) -> None:
     if action == "post_add":
         wakeups.release_notify()
+        pool_changed.send(sender=AccountGroup)

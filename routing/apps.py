@@ -6,11 +6,15 @@ class RoutingConfig(AppConfig):
     verbose_name = "Routing"
 
     def ready(self) -> None:
-        """Decide once what the database can do (routing/backend.py)."""
+        """Decide once what the database can do (routing/backend.py), and
+        connect the receivers of routing/signals.py."""
         from django.conf import settings
         from django.db import connection
 
-        from routing import pg
+        from routing import (
+            pg,
+            signals,  # noqa: F401  order rows an operator's edit left without a band get theirs
+        )
         from routing.backend import backend
 
         backend.postgres = connection.vendor == "postgresql"

@@ -116,10 +116,11 @@ def latency_snapshot_refresh(*, now: datetime | None = None) -> LatencySnapshot:
     return snapshot
 
 
-def pool_order_bands_write(snapshot: LatencySnapshot) -> int:
+def pool_order_bands_write(snapshot: LatencySnapshot, *, behind_only: bool = False) -> int:
     """Write every account's latency band under ``snapshot`` into its
-    ``PoolOrder`` rows, so dispatches ordering by that snapshot walk the
-    band indexes (``routing/selectors/walk.py``); return the rows written.
+    ``PoolOrder`` rows (with ``behind_only``, only into rows without one or
+    under an older snapshot), so dispatches ordering by that snapshot walk
+    the band indexes (``routing/selectors/walk.py``); return the rows written.
 
     In the caller's transaction (the refresh's: a process that reads the new
     snapshot finds its bands). The rows are locked first, skipping those a
@@ -132,8 +133,11 @@ def pool_order_bands_write(snapshot: LatencySnapshot) -> int:
     orders, and nothing is written."""
     if snapshot.global_avg_ms is None:
         return 0
+    rows = PoolOrder.objects.select_for_update(skip_locked=True).order_by()
+    if behind_only:
+        rows = rows.filter(_behind(snapshot))
     with transaction.atomic():
-        locked = list(PoolOrder.objects.select_for_update(skip_locked=True).order_by().values_list("pk", flat=True))
+        locked = list(rows.values_list("pk", flat=True))
         return sum(_bands_update(locked[start : start + BATCH], snapshot) for start in range(0, len(locked), BATCH))
 
 
@@ -147,7 +151,7 @@ def pool_order_bands_complete(snapshot: LatencySnapshot) -> int:
     read in full (the walk needs every row of the scope under the snapshot)."""
     if snapshot.global_avg_ms is None:
         return 0
-    behind = Q(band_snapshot_id__isnull=True) | Q(band_snapshot_id__lt=snapshot.pk)
+    behind = _behind(snapshot)
     written = 0
     for pk in list(PoolOrder.objects.filter(behind).values_list("pk", flat=True)[:BATCH]):
         try:
@@ -159,6 +163,26 @@ def pool_order_bands_complete(snapshot: LatencySnapshot) -> int:
         except OperationalError:
             logger.info("pool order row %s held past %s; its band waits for the next refresh", pk, LOCK_TIMEOUT)
     return written
+
+
+def pool_order_bands_catch_up() -> int:
+    """Write the bands, under the newest snapshot, of the order rows without
+    one: those an operator's edit left without (a new account or
+    membership, an account's proxy or a proxy's URL changed). Until they
+    have one their scope's dispatches read every account instead of walking
+    the band index (6-8 ms against under 1 ms at 1,000 accounts), until the
+    next refresh. Run once the edit commits (``routing/signals.py``); like
+    the refresh, it skips the rows a lease start holds, then writes them one
+    at a time (:func:`pool_order_bands_complete`)."""
+    snapshot = LatencySnapshot.objects.order_by("-generated_at", "-id").first()
+    if snapshot is None:
+        return 0
+    return pool_order_bands_write(snapshot, behind_only=True) + pool_order_bands_complete(snapshot)
+
+
+def _behind(snapshot: LatencySnapshot) -> Q:
+    """Order rows without a band under ``snapshot`` or a newer one."""
+    return Q(band_snapshot_id__isnull=True) | Q(band_snapshot_id__lt=snapshot.pk)
 
 
 def _bands_update(pks: list[int], snapshot: LatencySnapshot) -> int:

@@ -27,10 +27,11 @@ from dataclasses import dataclass
 from django.db import DatabaseError, transaction
 from django.db.models import Model
 
-from accounts.models import AccountGroup
+from accounts.models import Account, AccountGroup
 from accounts.onboarding.errors import ImportRejected, RowError
 from accounts.onboarding.kinds import KINDS
 from accounts.onboarding.plans import RowPlan, batch_plan, chunks
+from accounts.signals import pool_changed
 from routing import wakeups
 
 BATCH_SIZE = 500
@@ -105,6 +106,7 @@ def _write(plans: list[RowPlan], memberships: dict[int, dict[int, int]]) -> None
         _write_members([p for p in plans if p.members is not None and p.members_changed], memberships)
         if plans:
             wakeups.release_notify()  # new accounts, raised limits: what waits for a slot looks again
+            pool_changed.send(sender=Account)  # bulk writes send no post_save
 
 
 def _write_members(plans: list[RowPlan], memberships: dict[int, dict[int, int]]) -> None:

@@ -10,7 +10,8 @@
 - A dispatch with a usable snapshot on a large pool reads its head through
   the band index, and grants what the full read grants.
 - A row without its band under the read's snapshot sends the scope's
-  dispatches to the full read until the next refresh.
+  dispatches to the full read until the next refresh; an operator's edit
+  that leaves rows without one writes their bands once it commits.
 - On PostgreSQL the refresh skips rows another transaction holds, never
   waiting for them, and writes them once they are released.
 - A process notices a new snapshot within ``SNAPSHOT_CHECK_SECONDS``.
@@ -30,6 +31,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from accounts.models import Account, ApiKey, Pool, Proxy
+from accounts.onboarding.importer import pool_import
 from routing import maintenance, selection
 from routing.dispatch import DispatchRequest
 from routing.models import LatencySnapshot, PoolOrder
@@ -299,6 +301,43 @@ def test_a_row_without_its_band_sends_the_scopes_dispatches_to_the_full_read_unt
     maintenance.latency_snapshot_refresh()
     with CaptureQueriesContext(connection) as ctx:
         gw.account_of(session_id="new-2")
+    (read,) = _reads(ctx)
+    assert ORDER_TABLE in read
+
+
+def _edit(edit: str, seeded) -> None:
+    """An operator's edit that leaves order rows of the key's scope without a band."""
+    if edit == "account added":
+        seeded.group.accounts.add(AccountFactory(name="edited-new", proxy=ProxyFactory()))
+    elif edit == "proxy changed":
+        account = Account.objects.get(pk=seeded.accounts[4].pk)
+        account.proxy = ProxyFactory()
+        account.save()
+    elif edit == "proxy moved":
+        proxy = ProxyFactory()
+        Account.objects.filter(pk__in=[a.pk for a in seeded.accounts[:3]]).update(proxy=proxy)
+        maintenance.latency_snapshot_refresh()
+        proxy.url = "http://moved:1"
+        proxy.save()
+    else:  # an account joins the group by an import: bulk writes, no post_save
+        outsider = Account.objects.bulk_create([Account(name="edited-outsider", identity=seeded.accounts[0].identity)])
+        pool_import({"groups": [{"name": seeded.group.name, "accounts": [a.name for a in seeded.accounts + outsider]}]})
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("edit", ["account added", "proxy changed", "proxy moved", "imported"])
+def test_an_operators_edit_leaves_no_row_without_its_band_once_it_commits(edit, settings):
+    """An edit that leaves order rows without a band (a new member of the
+    group, an account's proxy changed, a proxy's URL, an import) writes
+    their bands once it commits: the scope's dispatches walk the band index
+    at once, not only after the next refresh."""
+    settings.KIROPOOL_WALK_MIN_ACCOUNTS = 6
+    seeded = _latency_pool("edited-", 9)
+    _edit(edit, seeded)
+    assert not PoolOrder.objects.exclude(band_snapshot_id=LatencySnapshot.objects.latest("pk").pk).exists()
+    assert bands_stored() == bands_of_spec()
+    with CaptureQueriesContext(connection) as ctx:
+        Gateway(seeded.key).account_of(session_id="new-1")
     (read,) = _reads(ctx)
     assert ORDER_TABLE in read
 
