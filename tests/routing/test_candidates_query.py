@@ -11,7 +11,7 @@ import dataclasses
 import json
 import re
 import sys
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 from django.db import connection, transaction
@@ -19,15 +19,15 @@ from django.utils import timezone
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from accounts.models import Pool
+from accounts.models import Pool, RoutingIdentity
 from routing import readiness, selection
 from routing.dispatch import DispatchRequest
 from routing.selectors import dispatch as reads
-from routing.selectors import walk
+from routing.selectors import rules, walk
 from routing.selectors.candidates import HEAD_ROWS, PARAMETERS, Shape, candidates_queryset
 from routing.selectors.compiled import CompiledQuery, adapt, sentinel_values
 from routing.selectors.latency import latency_snapshot_latest
-from tests.factories import AccountFactory, ApiKeyFactory
+from tests.factories import AccountFactory, ApiKeyFactory, RoutingIdentityFactory
 from tests.routing.random_pools import account_specs, identity_specs, names_at, pool_build, pool_key
 from tests.routing.reads import head_read
 
@@ -133,6 +133,55 @@ def test_a_compiled_query_takes_each_value_of_its_shape_as_a_parameter(shape, na
     query = reads.compiled(shape)
     assert isinstance(query, CompiledQuery)
     assert {slot[0] for slot in query.slots if slot is not None} == names
+
+
+def _slot_free_query(*, reserved: bool, plus_leases: int) -> CompiledQuery:
+    return CompiledQuery(
+        lambda values: RoutingIdentity.objects.filter(
+            rules.slot_free(values["now"], values["slow_start_seconds"], reserved=reserved, plus_leases=plus_leases)
+        ),
+        sentinel_values({"now": datetime, "slow_start_seconds": float}, {}),
+        where_only=True,
+    )
+
+
+@pytest.mark.parametrize(("reserved", "plus_leases"), [(True, 1), (False, 0), (True, 0)])
+def test_a_condition_in_named_form_selects_what_it_selects_compiled(postgres_only, reserved, plus_leases):
+    """The completion runs ``rules.slot_free`` in named form (routing/pg.py):
+    on identities leased, held for returning turns and ramping back from an
+    ejection, it matches the rows the positional form matches, and not all
+    of them."""
+    now = timezone.now()
+    states = [
+        {"in_flight": 0},
+        {"in_flight": 1},
+        {"in_flight": 2},
+        {"in_flight": 1, "sticky_waiters": 1, "sticky_wait_until": now + timedelta(seconds=30)},
+        {"in_flight": 1, "sticky_waiters": 1, "sticky_wait_until": now - timedelta(seconds=30)},
+        {"in_flight": 0, "ejected_until": now - timedelta(seconds=1)},  # ramped limit: 1 slot
+        {"in_flight": 1, "ejected_until": now - timedelta(seconds=50)},  # ramped limit: 1 slot of 2
+    ]
+    ids = [RoutingIdentityFactory(max_concurrency=2).pk for _ in states]
+    for pk, state in zip(ids, states, strict=True):
+        RoutingIdentity.objects.filter(pk=pk).update(**state)
+    query, values = (
+        _slot_free_query(reserved=reserved, plus_leases=plus_leases),
+        {"now": now, "slow_start_seconds": 60.0},
+    )
+    table = connection.ops.quote_name(RoutingIdentity._meta.db_table)
+    named, constants = query.named("c_")
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT id FROM {table} WHERE {query.sql}", query.params(values))
+        positional = {row[0] for row in cursor.fetchall()}
+        cursor.execute(f"SELECT id FROM {table} WHERE {named}", {**values, **constants})
+        assert {row[0] for row in cursor.fetchall()} == positional
+    assert positional and positional != set(ids)
+
+
+def test_a_query_of_lists_has_no_named_form():
+    query = reads.compiled(SHAPES[2])  # excluded names: a list
+    with pytest.raises(ValueError, match="named form"):
+        query.named("c_")
 
 
 def test_a_prepared_read_is_never_jit_compiled(postgres_only):
