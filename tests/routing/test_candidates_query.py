@@ -11,7 +11,7 @@ import dataclasses
 import json
 import re
 import sys
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 import pytest
 from django.db import connection, transaction
@@ -20,10 +20,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from accounts.models import Pool, RoutingIdentity
-from routing import readiness, selection
+from routing import pg, readiness, selection
 from routing.dispatch import DispatchRequest
 from routing.selectors import dispatch as reads
-from routing.selectors import rules, walk
+from routing.selectors import walk
 from routing.selectors.candidates import HEAD_ROWS, PARAMETERS, Shape, candidates_queryset
 from routing.selectors.compiled import CompiledQuery, adapt, sentinel_values
 from routing.selectors.latency import latency_snapshot_latest
@@ -135,19 +135,9 @@ def test_a_compiled_query_takes_each_value_of_its_shape_as_a_parameter(shape, na
     assert {slot[0] for slot in query.slots if slot is not None} == names
 
 
-def _slot_free_query(*, reserved: bool, plus_leases: int) -> CompiledQuery:
-    return CompiledQuery(
-        lambda values: RoutingIdentity.objects.filter(
-            rules.slot_free(values["now"], values["slow_start_seconds"], reserved=reserved, plus_leases=plus_leases)
-        ),
-        sentinel_values({"now": datetime, "slow_start_seconds": float}, {}),
-        where_only=True,
-    )
-
-
 @pytest.mark.parametrize(("reserved", "plus_leases"), [(True, 1), (False, 0), (True, 0)])
 def test_a_condition_in_named_form_selects_what_it_selects_compiled(postgres_only, reserved, plus_leases):
-    """The completion runs ``rules.slot_free`` in named form (routing/pg.py):
+    """The completion runs ``rules.slot_free`` in named form (``pg._slot_free``):
     on identities leased, held for returning turns and ramping back from an
     ejection, it matches the rows the positional form matches, and not all
     of them."""
@@ -164,10 +154,8 @@ def test_a_condition_in_named_form_selects_what_it_selects_compiled(postgres_onl
     ids = [RoutingIdentityFactory(max_concurrency=2).pk for _ in states]
     for pk, state in zip(ids, states, strict=True):
         RoutingIdentity.objects.filter(pk=pk).update(**state)
-    query, values = (
-        _slot_free_query(reserved=reserved, plus_leases=plus_leases),
-        {"now": now, "slow_start_seconds": 60.0},
-    )
+    query = pg._slot_free(reserved=reserved, plus_leases=plus_leases)
+    values = {"now": now, "slow_start_seconds": 60.0}
     table = connection.ops.quote_name(RoutingIdentity._meta.db_table)
     named, constants = query.named("c_")
     with connection.cursor() as cursor:
