@@ -6,7 +6,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from accounts.models import Account, ApiKey, Proxy, RoutingIdentity
-from routing import wakeups
+from accounts.signals import pool_changed
 from routing.models import CooldownEvent, CooldownKind
 
 
@@ -34,7 +34,7 @@ def account_quota_reset(*, accounts) -> int:
             for pk in ids
         )
         if ids:
-            wakeups.release_notify()
+            pool_changed.send(sender=Account)
     return len(ids)
 
 
@@ -50,7 +50,7 @@ def identity_cooldown_clear(*, identities) -> int:
             for pk in ids
         )
         if ids:
-            wakeups.release_notify()
+            pool_changed.send(sender=RoutingIdentity)
     return len(ids)
 
 
@@ -64,5 +64,5 @@ def proxy_cooldown_clear(*, proxies) -> int:
             for pk in ids
         )
         if ids:
-            wakeups.release_notify()
+            pool_changed.send(sender=Proxy)
     return len(ids)

@@ -6,11 +6,8 @@ shell), seen at once:
   process serves. Other processes notice within
   ``KIROPOOL_KEY_CACHE_SECONDS``;
 - an identity, account or proxy saved, or an account added to a group,
-  may have freed a slot (a raised limit, a shorter pacing interval, an
-  account enabled, a cooldown cleared, a new account for a group's keys):
-  dispatches waiting for one look again, in every process, once the edit
-  commits. The dispatcher's own writes are updates, which send no signal;
-- every such edit, and an import, sends :data:`pool_changed`.
+  sends :data:`pool_changed`, as do the services that clear cooldowns or
+  reset quotas and an import.
 """
 
 from django.db import transaction
@@ -19,13 +16,15 @@ from django.dispatch import Signal, receiver
 
 from accounts.authentication import key_cache
 from accounts.models import Account, AccountGroup, ApiKey, Proxy, RoutingIdentity
-from routing import wakeups
 
-# Sent in the transaction of an operator's edit of the pool (a save, an
-# account added to a group, an import). Routing writes what such an edit
-# leaves missing for dispatch, the latency bands of new order rows
-# (routing/signals.py): accounts cannot call routing's services, which
-# import accounts.
+# Sent in the transaction of an operator's edit of the pool. Routing acts
+# on it (routing/signals.py): an edit may have freed a slot (a raised
+# limit, a shorter pacing interval, an account enabled, a cooldown cleared,
+# a new account for a group's keys), so dispatches waiting for one look
+# again, in every process, once it commits; and order rows it left without
+# a latency band get theirs. The dispatcher's own writes are updates, which
+# send no signal. accounts cannot call routing's services, which import
+# accounts.
 pool_changed = Signal()
 
 
@@ -41,12 +40,10 @@ def api_key_forget(sender, instance: ApiKey, **kwargs) -> None:
 @receiver(post_save, sender=Account)
 @receiver(post_save, sender=Proxy)
 def pool_edited(sender, instance, **kwargs) -> None:
-    wakeups.release_notify()
     pool_changed.send(sender=sender)
 
 
 @receiver(m2m_changed, sender=AccountGroup.accounts.through)
 def group_joined(sender, action: str, **kwargs) -> None:
     if action == "post_add":
-        wakeups.release_notify()
         pool_changed.send(sender=AccountGroup)

@@ -13,7 +13,7 @@ class RoutingConfig(AppConfig):
 
         from routing import (
             pg,
-            signals,  # noqa: F401  order rows an operator's edit left without a band get theirs
+            signals,  # noqa: F401  an operator's edit wakes waiters and writes missing bands
         )
         from routing.backend import backend
 

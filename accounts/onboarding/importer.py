@@ -32,7 +32,6 @@ from accounts.onboarding.errors import ImportRejected, RowError
 from accounts.onboarding.kinds import KINDS
 from accounts.onboarding.plans import RowPlan, batch_plan, chunks
 from accounts.signals import pool_changed
-from routing import wakeups
 
 BATCH_SIZE = 500
 
@@ -105,8 +104,8 @@ def _write(plans: list[RowPlan], memberships: dict[int, dict[int, int]]) -> None
                     raise DatabaseError(f"some {kind.label} were deleted meanwhile")
         _write_members([p for p in plans if p.members is not None and p.members_changed], memberships)
         if plans:
-            wakeups.release_notify()  # new accounts, raised limits: what waits for a slot looks again
-            pool_changed.send(sender=Account)  # bulk writes send no post_save
+            # Bulk writes send no post_save: new accounts, raised limits.
+            pool_changed.send(sender=Account)
 
 
 def _write_members(plans: list[RowPlan], memberships: dict[int, dict[int, int]]) -> None:
