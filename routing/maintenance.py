@@ -106,9 +106,7 @@ def latency_snapshot_refresh(*, now: datetime | None = None) -> LatencySnapshot:
         pool_order_bands_write(snapshot)
     pool_order_bands_complete(snapshot)
     stale = list(
-        LatencySnapshot.objects.order_by("-generated_at", "-id").values_list("id", flat=True)[
-            SNAPSHOTS_KEPT : SNAPSHOTS_KEPT + BATCH
-        ]
+        LatencySnapshot.objects.newest_first().values_list("id", flat=True)[SNAPSHOTS_KEPT : SNAPSHOTS_KEPT + BATCH]
     )
     LatencySnapshot.objects.filter(id__in=stale).delete()
     # This process reads the new one at once; others within their cache period.
@@ -174,7 +172,7 @@ def pool_order_bands_catch_up() -> int:
     next refresh. Run once the edit commits (``routing/signals.py``); like
     the refresh, it skips the rows a lease start holds, then writes them one
     at a time (:func:`pool_order_bands_complete`)."""
-    snapshot = LatencySnapshot.objects.order_by("-generated_at", "-id").first()
+    snapshot = LatencySnapshot.objects.newest_first().first()
     if snapshot is None:
         return 0
     return pool_order_bands_write(snapshot, behind_only=True) + pool_order_bands_complete(snapshot)

@@ -169,6 +169,14 @@ class LatencySample(models.Model):
         return f"{self.first_token_ms:.0f} ms at {self.recorded_at:%Y-%m-%d %H:%M:%S}"
 
 
+class LatencySnapshotQuerySet(models.QuerySet):
+    def newest_first(self) -> LatencySnapshotQuerySet:
+        """Newest first. Two refreshes may stamp the same time: the later
+        row (the higher id) is the newer, so every reader agrees which
+        snapshot is current."""
+        return self.order_by("-generated_at", "-id")
+
+
 class LatencySnapshot(models.Model):
     """The last hour of samples, aggregated: the global average here, the
     per-account and per-proxy figures in :class:`AccountLatency` and
@@ -179,8 +187,10 @@ class LatencySnapshot(models.Model):
     global_avg_ms = models.FloatField(null=True, blank=True)
     sample_count = models.PositiveIntegerField(default=0)
 
+    objects = LatencySnapshotQuerySet.as_manager()
+
     class Meta:
-        get_latest_by = "generated_at"
+        get_latest_by = ["generated_at", "id"]
 
     def __str__(self) -> str:
         return f"snapshot of {self.generated_at:%Y-%m-%d %H:%M:%S}"

@@ -52,12 +52,12 @@ def snapshot_load(row: LatencySnapshot) -> StoredSnapshot:
 
 def latency_snapshot_latest() -> StoredSnapshot | None:
     """The newest stored snapshot, uncached: what an operator asked to see."""
-    row = LatencySnapshot.objects.order_by("-generated_at", "-id").first()
+    row = LatencySnapshot.objects.newest_first().first()
     return snapshot_load(row) if row else None
 
 
 def _latest_id() -> int | None:
-    return LatencySnapshot.objects.order_by("-generated_at", "-id").values_list("id", flat=True).first()
+    return LatencySnapshot.objects.newest_first().values_list("id", flat=True).first()
 
 
 @dataclass(frozen=True, slots=True)

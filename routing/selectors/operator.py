@@ -91,7 +91,7 @@ def binding_operator_list(*, now: datetime, account: str | None = None, key_id: 
 
 def latency_snapshot_generated_at():
     """When the newest latency snapshot was built, or None."""
-    return LatencySnapshot.objects.order_by("-generated_at").values_list("generated_at", flat=True).first()
+    return LatencySnapshot.objects.newest_first().values_list("generated_at", flat=True).first()
 
 
 def counter_drift_list() -> list[tuple[str, int]]:

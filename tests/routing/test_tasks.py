@@ -19,7 +19,7 @@ from routing import maintenance, sessions, tasks
 from routing.latency import SNAPSHOT_WINDOW
 from routing.models import CooldownEvent, LatencySample, LatencySnapshot, Lease, LeaseOutcome, SessionBinding
 from routing.selection import LatencyStats
-from routing.selectors.latency import snapshot_load
+from routing.selectors.latency import latency_snapshot_current, latency_snapshot_latest, snapshot_load
 from tests.factories import (
     AccountFactory,
     ApiKeyFactory,
@@ -124,6 +124,18 @@ def test_snapshot_refresh_keeps_only_the_last_few():
         newest = maintenance.latency_snapshot_refresh(now=start + timedelta(minutes=minute))
     assert LatencySnapshot.objects.count() == maintenance.SNAPSHOTS_KEPT
     assert LatencySnapshot.objects.latest().pk == newest.pk
+
+
+@pytest.mark.django_db
+def test_of_two_refreshes_stamped_alike_every_reader_takes_the_later():
+    now = timezone.now()
+    maintenance.latency_snapshot_refresh(now=now)
+    LatencySampleFactory(account=AccountFactory(name="a"), first_token_ms=700, recorded_at=now)
+    later = maintenance.latency_snapshot_refresh(now=now)
+
+    assert latency_snapshot_latest().id == later.pk
+    assert latency_snapshot_current().snapshot.accounts == {"a": LatencyStats(1, 700.0)}
+    assert LatencySnapshot.objects.latest().pk == later.pk
 
 
 @pytest.mark.django_db
