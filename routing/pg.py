@@ -117,7 +117,9 @@ class Statements:
             row = cursor.fetchone()
         if row is None:
             return None, Claim(key_full=False, leased=False)
-        return reads.row_from(row[:-2], bound), _claim_read(lease, row[-2:], counted=counted)
+        servable, claimed = row[-3], row[-2:]
+        # A row that may not be served locked no slot: the key is not full for it.
+        return reads.row_from(row[:-3], bound), _claim_read(lease, claimed, counted=counted and servable)
 
     def complete(
         self,
@@ -234,7 +236,7 @@ def _key_slot_params(key_id: int, cap: int) -> list:
     return [key_id, cap, key_id, cap]
 
 
-def _free_slot_cte() -> str:
+def _free_slot_cte(*, only_if: str = "TRUE") -> str:
     """Lock a free slot of the key numbered below its cap (key id and cap
     are parameters, twice), skipping any another transaction holds locked:
     one key's claims and completions never queue on one row, and a claim
@@ -242,13 +244,19 @@ def _free_slot_cte() -> str:
     for. None while a slot at or above the cap is still held (the cap was
     lowered under it), so the key's count never passes the new cap. The
     slot is marked taken only once the identity is claimed
-    (:func:`_key_slot_cte`)."""
+    (:func:`_key_slot_cte`).
+
+    None either unless ``only_if`` holds: the key slot's ``UPDATE`` runs
+    whether or not anything is claimed, and would lock a slot for a claim
+    that cannot happen (a row lock is a write: the statement's commit then
+    waits for a WAL flush, and a concurrent claim skips the slot)."""
     slot, pk = table(KeySlot), column(KeySlot, "id")
     key, number, taken = (column(KeySlot, f) for f in ("api_key", "number", "taken"))
     return f"""free_slot AS (
     SELECT {pk} AS id FROM {slot}
      WHERE {key} = %s AND NOT {taken} AND {number} < %s
        AND NOT EXISTS (SELECT FROM {slot} WHERE {key} = %s AND {taken} AND {number} >= %s)
+       AND {only_if}
      ORDER BY {number} LIMIT 1 FOR UPDATE SKIP LOCKED
 )"""
 
@@ -286,6 +294,8 @@ _BOUND_LEASE_FIELDS = frozenset({"account", "account_name", "identity", "proxy_u
 # Whether the bound row may be served at all (the identity's own state is
 # checked on its row as locked, by the claim condition).
 _BOUND_SERVABLE = 'NOT bound."excluded" AND NOT bound."proxy_cooling" AND NOT bound."quota_probe"'
+# That a bound row may be served: only then is a slot of the key locked for it.
+_BOUND_SERVED = f"EXISTS (SELECT FROM bound WHERE {_BOUND_SERVABLE})"
 
 
 @functools.lru_cache(maxsize=1024)  # one per group and shape
@@ -301,7 +311,7 @@ def _sticky_claim_sql(bound_sql: str, claimable: str, *, key_counted: bool) -> s
     selects = _lease_selects({**from_bound, **(_KEY_SLOT_TAKEN if key_counted else {})})
     return f"""
 WITH bound AS ({bound_sql}
-), {f"{_free_slot_cte()}, " if key_counted else ""}claimed AS (
+), {f"{_free_slot_cte(only_if=_BOUND_SERVED)}, " if key_counted else ""}claimed AS (
     UPDATE {identity} SET {in_flight} = {identity}.{in_flight} + 1, {last_started} = %s
       FROM bound{", free_slot" if key_counted else ""}
      WHERE {identity}.{pk} = bound."identity_id"
@@ -314,7 +324,8 @@ WITH bound AS ({bound_sql}
       FROM claimed JOIN bound ON bound."identity_id" = claimed.id
  RETURNING 1
 )
-SELECT bound.*, {"(SELECT id FROM free_slot)" if key_counted else "NULL::bigint"}, EXISTS (SELECT FROM leased)
+SELECT bound.*, {_BOUND_SERVABLE}, {"(SELECT id FROM free_slot)" if key_counted else "NULL::bigint"},
+       EXISTS (SELECT FROM leased)
   FROM bound"""
 
 

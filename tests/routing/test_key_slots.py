@@ -10,12 +10,13 @@ import time
 from datetime import timedelta
 
 import pytest
-from django.db import connection, connections
+from django.db import connection, connections, transaction
 from django.db.migrations.executor import MigrationExecutor
 from django.utils import timezone
 
 from accounts.models import ApiKey, KeySlot
-from routing import maintenance, slots
+from routing import leases, maintenance, slots
+from routing.dispatch import DispatchRequest
 from routing.models import Lease
 from tests.accounts.test_migrations import migrate
 from tests.factories import AccountFactory, ApiKeyFactory, RoutingIdentityFactory
@@ -167,6 +168,36 @@ def test_a_new_keys_first_dispatches_at_once_are_all_served():
     _threads(8, lambda i: statuses.append(Gateway(key.plaintext).dispatch(session_id=f"s{i}").status_code))
     assert statuses == [200] * 8
     assert len(taken(key)) == 8 == len(open_leases(key))
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("postgres_only", "wide_pool")
+def test_a_new_sessions_sticky_look_up_holds_no_slot_of_the_key():
+    """The sticky look-up of a session with no binding serves nothing, so it
+    must not lock the key's slot: with a limit of 1 another dispatch is
+    served while the look-up's transaction is still open. Nor may it write
+    at all, or its commit would wait for a WAL flush on every new
+    conversation."""
+    key = ApiKeyFactory(max_concurrency=1)
+    Gateway(key.plaintext).cycle()  # the key's one slot row exists, free
+    served: list[int] = []
+
+    def other() -> None:
+        try:
+            served.append(Gateway(key.plaintext).dispatch(session_id="other", max_wait_ms=0).status_code)
+        finally:
+            connections.close_all()
+
+    with transaction.atomic():
+        acquired, bound = leases._sticky_fast_path(key=key, request=DispatchRequest(session_id="new"))
+        assert (acquired, bound) == (None, None)
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_current_xact_id_if_assigned()")
+            assert cursor.fetchone() == (None,)
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join(30)
+    assert served == [200]
 
 
 @contextlib.contextmanager
