@@ -87,14 +87,9 @@ class Statements:
         key = _key_slot_params(lease.api_key_id, key_cap) if counted else []
         skip = _KEY_SLOT_FIELD if counted else frozenset()
         params = [*key, now, lease.identity_id, *where.params(_claim_values(now)), *_lease_values(lease, skip=skip)]
-        if counted:
-            # The identity's condition once more, read before a slot is locked.
-            params = [lease.identity_id, *where.params(_claim_values(now)), *params]
         with connection.cursor() as cursor:
             cursor.execute(_claim_sql(where.sql, key_counted=counted), params)
-            *claim, startable = cursor.fetchone()
-        # An identity that could not start locked no slot: the key is not full for it.
-        return _claim_read(lease, claim, counted=counted and startable)
+            return _claim_read(lease, cursor.fetchone(), counted=counted)
 
     def sticky_claim(
         self, *, shape: candidates.Shape, values: Mapping[str, object], lease: Lease, key_cap: int | None
@@ -279,15 +274,8 @@ def _claim_sql(claimable: str, *, key_counted: bool) -> str:
     identity, lease = table(RoutingIdentity), table(Lease)
     in_flight, last_started, pk = (column(RoutingIdentity, f) for f in ("in_flight", "last_started_at", "id"))
     values = _lease_selects(_KEY_SLOT_TAKEN if key_counted else {})
-    # With a key slot to take, whether the identity can start is read first
-    # (as of the statement's start, without a lock): a slot is locked only
-    # for a claim that can happen. The claim itself checks the row again,
-    # as it is once locked.
-    startable = f"""startable AS (
-    SELECT FROM {identity} WHERE {identity}.{pk} = %s AND {claimable}
-), {_free_slot_cte(only_if="EXISTS (SELECT FROM startable)")}, """
     return f"""
-WITH {startable if key_counted else ""}claimed AS (
+WITH {f"{_free_slot_cte()}, " if key_counted else ""}claimed AS (
     UPDATE {identity} SET {in_flight} = {identity}.{in_flight} + 1, {last_started} = %s
       {"FROM free_slot" if key_counted else ""}
      WHERE {identity}.{pk} = %s AND {claimable}
@@ -297,8 +285,7 @@ WITH {startable if key_counted else ""}claimed AS (
     SELECT {values} FROM claimed
  RETURNING 1
 )
-SELECT {"(SELECT id FROM free_slot)" if key_counted else "NULL::bigint"}, EXISTS (SELECT FROM leased),
-       {"EXISTS (SELECT FROM startable)" if key_counted else "TRUE"}"""
+SELECT {"(SELECT id FROM free_slot)" if key_counted else "NULL::bigint"}, EXISTS (SELECT FROM leased)"""
 
 
 # The lease columns the sticky statement takes from the bound row.

@@ -18,7 +18,6 @@ from accounts.models import ApiKey, KeySlot
 from routing import leases, maintenance, slots
 from routing.dispatch import DispatchRequest
 from routing.models import Lease
-from routing.selectors import dispatch as reads
 from tests.accounts.test_migrations import migrate
 from tests.factories import AccountFactory, ApiKeyFactory, RoutingIdentityFactory
 from tests.routing.gateway import Gateway
@@ -199,42 +198,6 @@ def test_a_new_sessions_sticky_look_up_holds_no_slot_of_the_key():
         thread.start()
         thread.join(30)
     assert served == [200]
-
-
-@pytest.mark.django_db(transaction=True)
-@pytest.mark.usefixtures("postgres_only")
-def test_a_claim_that_lost_its_identity_holds_no_slot_of_the_key():
-    """A dispatch read its head, and another took the identity it was
-    about to claim. Its claim fails; it must not lock a slot of the key on
-    the way, or a third dispatch, for the other identity, finds the key's
-    last slot taken (a 429), and the failed claim's commit waits for a WAL
-    flush."""
-    first = AccountFactory(name="a-first", identity=RoutingIdentityFactory(max_concurrency=1))
-    AccountFactory(name="b-second", identity=RoutingIdentityFactory(max_concurrency=1))
-    key = ApiKeyFactory(max_concurrency=2)
-    request = DispatchRequest(session_id=None, max_wait_ms=0)
-    slots.key_slots_grow(key_id=key.pk, cap=2)  # the key's slot rows exist, free
-    head = reads.read(key=key, request=request, now=timezone.now(), snapshot=None, spread=False, head=True).rows
-    stale = next(row for row in head if row.account_id == first.pk)
-    assert stale.ready
-    assert Gateway(key.plaintext).account_of() == first.name  # takes the identity the stale row offers
-    served: list[str] = []
-
-    def other() -> None:
-        try:
-            served.append(Gateway(key.plaintext).account_of(max_wait_ms=0))
-        finally:
-            connections.close_all()
-
-    with transaction.atomic():
-        assert slots.slot_claim(key=key, row=stale, request=request, waited_ms=0) is None
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_current_xact_id_if_assigned()")
-            assert cursor.fetchone() == (None,)
-        thread = threading.Thread(target=other)
-        thread.start()
-        thread.join(30)
-    assert served == ["b-second"]
 
 
 @contextlib.contextmanager
