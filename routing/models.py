@@ -171,10 +171,10 @@ class LatencySample(models.Model):
 
 class LatencySnapshotQuerySet(models.QuerySet):
     def newest_first(self) -> LatencySnapshotQuerySet:
-        """Newest first. Two refreshes may stamp the same time: the later
-        row (the higher id) is the newer, so every reader agrees which
-        snapshot is current."""
-        return self.order_by("-generated_at", "-id")
+        """Newest first, by ``Meta.get_latest_by`` (so ``.latest()`` agrees).
+        Two refreshes may stamp the same time: the later row (the higher id)
+        is the newer, so every reader agrees which snapshot is current."""
+        return self.order_by(*(f"-{name}" for name in self.model._meta.get_latest_by))
 
 
 class LatencySnapshot(models.Model):
