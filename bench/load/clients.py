@@ -21,7 +21,14 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from bench.load.stats import closed_figures, latency_summary, poisson_schedule, schedule_split, status_counts
+from bench.load.stats import (
+    closed_figures,
+    crowding,
+    latency_summary,
+    poisson_schedule,
+    schedule_split,
+    status_counts,
+)
 
 DISPATCH = "/api/v1/dispatch"
 # Fresh client processes need a moment to fork and connect before the clock starts.
@@ -29,6 +36,9 @@ START_DELAY_SECONDS = 0.5
 # An open-loop cycle that starts later than this after its scheduled time
 # started late: no client thread was free, or the client was not given a CPU.
 LATE_START_SECONDS = 0.005
+# The window in which the open loop counts the arrivals before each slow one
+# (``bench.load.stats.crowding``): about a dispatch's own service time.
+CROWD_WINDOW_SECONDS = 0.010
 
 
 class Client:
@@ -128,6 +138,7 @@ class Tally:
     service: list[float] | None = None  # open loop: from the actual start
     lags: list[float] | None = None  # open loop: actual start − scheduled start
     late_claims: int = 0  # open loop: no client thread was free at the scheduled time
+    scheduled: list[float] | None = None  # open loop: each latency's scheduled start (seconds into the schedule)
 
 
 def _closed_thread(port: int, plan: Plan, seed: str, window: tuple[float, float], tally: Tally) -> None:
@@ -162,6 +173,7 @@ def _open_thread(port: int, plan: Plan, seed: str, arrivals: list[float], state:
         answered, statuses = cycle(client, plan, rng, seed, index)
         if arrivals[index] >= state["warmup"]:
             tally.latencies.append(answered - scheduled)
+            tally.scheduled.append(arrivals[index])
             tally.service.append(answered - started)
             tally.lags.append(started - scheduled)
             tally.late_claims += claimed > scheduled
@@ -171,7 +183,7 @@ def _open_thread(port: int, plan: Plan, seed: str, arrivals: list[float], state:
 
 
 def _client_process(target, jobs: list[tuple], queue) -> None:
-    tallies = [Tally([], Counter(), service=[], lags=[]) for _ in jobs]
+    tallies = [Tally([], Counter(), service=[], lags=[], scheduled=[]) for _ in jobs]
     threads = [threading.Thread(target=target, args=(*job, tally)) for job, tally in zip(jobs, tallies, strict=True)]
     for thread in threads:
         thread.start()
@@ -241,7 +253,9 @@ def open_loop(
     (``service_*``: from its actual start). ``late_starts`` counts the cycles
     that started over 5 ms late, ``no_free_thread`` those no client thread
     was free for: when they are not near 0 the client, not the server, set
-    part of the pace."""
+    part of the pace. ``crowding``: how many arrivals came in the 10 ms up
+    to each of the slowest 1 %, against all of them
+    (:func:`bench.load.stats.crowding`)."""
     arrivals = poisson_schedule(rate, warmup + seconds, random.Random(seed))
     start = time.monotonic() + START_DELAY_SECONDS
     jobs = []
@@ -253,6 +267,7 @@ def open_loop(
     latencies = [x for t in tallies for x in t.latencies]
     service = latency_summary([x for t in tallies for x in t.service])
     lags = [x for t in tallies for x in t.lags]
+    measured = [pair for t in tallies for pair in zip(t.scheduled, t.latencies, strict=True)]
     elapsed = max((t.last_answer for t in tallies), default=0.0) - (start + warmup)
     return {
         "rate_per_s": rate,
@@ -266,5 +281,9 @@ def open_loop(
         "no_free_thread": sum(t.late_claims for t in tallies),
         "start_lag_p99_ms": latency_summary(lags)["p99_ms"],
         "client_threads": processes * threads,
+        "crowding": {
+            "window_ms": CROWD_WINDOW_SECONDS * 1000,
+            **crowding(arrivals, measured, window=CROWD_WINDOW_SECONDS),
+        },
         **status_counts(_statuses(tallies)),
     }

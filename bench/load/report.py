@@ -103,6 +103,7 @@ def rows(report: dict) -> list[Row]:
         late.append(floor_open)
     else:
         out.append(_missing("open loop, floor", floor_open, REFERENCE))
+    out.extend(_crowding_rows(late))
     if late:
         shares = " / ".join(f"{s['late_starts'] / max(1, s['arrivals']):.1%}" for s in late)
         lags = " / ".join(_ms(s.get("start_lag_p99_ms")) for s in late)
@@ -121,6 +122,20 @@ def rows(report: dict) -> list[Row]:
 
     out.extend(_waiting_rows(report.get("bounded_waiting")))
     return out
+
+
+def _crowding_rows(phases: list[dict]) -> list[Row]:
+    """What the slowest 1 % of each open loop arrived in (``crowding`` of
+    ``bench.load.clients.open_loop``), in the order of the open-loop rows:
+    no target, it tells a burst the server could not keep up with from a
+    stall (``bench.load.stats.crowding``)."""
+    crowds = [phase.get("crowding") or {} for phase in phases]
+    if not crowds or any(crowd.get("slowest") is None for crowd in crowds):
+        return []
+    slowest = " / ".join(f"{crowd['slowest']:.1f}" for crowd in crowds)
+    everyone = " / ".join(f"{crowd['all']:.1f}" for crowd in crowds)
+    what = f"  arrivals in the {crowds[0]['window_ms']:.0f} ms up to each of the slowest 1%"
+    return [Row(what, f"{slowest} (up to any arrival: {everyone})", "", "")]
 
 
 def _waiting_rows(waiting: dict | None) -> list[Row]:

@@ -1,9 +1,10 @@
 """The benchmark's maths, pure: the open-loop schedule, latency summaries,
-closed-loop runs taken as one, and how far an answer order is from the
-arrival order."""
+how crowded the arrivals behind the tail were, closed-loop runs taken as
+one, and how far an answer order is from the arrival order."""
 
 from __future__ import annotations
 
+import bisect
 import math
 import random
 from collections import Counter
@@ -38,6 +39,33 @@ def latency_summary(seconds: Sequence[float]) -> dict[str, float | None]:
         "p50_ms": round(percentile(seconds, 50) * 1000, 2),
         "p99_ms": round(percentile(seconds, 99) * 1000, 2),
     }
+
+
+def crowding(
+    schedule: Sequence[float], measured: Sequence[tuple[float, float]], *, window: float, share: float = 0.01
+) -> dict[str, float | None]:
+    """How many arrivals of ``schedule`` (ascending) fell in the ``window``
+    seconds up to each ``measured`` arrival (its scheduled time and its
+    latency), itself included: on average over the slowest ``share`` of them
+    (``slowest``), and over all of them (``all``, about ``1 + rate * window``).
+
+    It tells two kinds of tail apart. If the slowest arrivals came in bursts
+    of the Poisson schedule, their figure is well above the average: the
+    server could not serve a burst as fast as it came, and only a cheaper
+    request lowers the tail. If it is near the average, the slow requests
+    arrived like any other, and something else stalled them (a pause of a
+    worker or of the database)."""
+    found: dict[str, float | None] = {"window_ms": round(window * 1000, 3), "slowest": None, "all": None}
+    if not measured:
+        return found
+
+    def crowd(at: float) -> int:
+        return bisect.bisect_right(schedule, at) - bisect.bisect_left(schedule, at - window)
+
+    slowest = sorted(measured, key=lambda pair: pair[1], reverse=True)[: max(1, round(len(measured) * share))]
+    found["slowest"] = round(sum(crowd(at) for at, _ in slowest) / len(slowest), 2)
+    found["all"] = round(sum(crowd(at) for at, _ in measured) / len(measured), 2)
+    return found
 
 
 def status_counts(statuses: Mapping[int, int]) -> dict:

@@ -111,6 +111,21 @@ def test_targets_are_inclusive():
     assert set(verdicts(edge).values()) == {MET}
 
 
+def test_the_slowest_arrivals_crowding_is_shown_for_every_open_loop_without_a_verdict():
+    report = copy.deepcopy(GOOD)
+    for name, slowest in (("accounts_50", 4.31), ("accounts_1000", 3.0), ("floor", 2.5)):
+        report["open_loop"][name]["crowding"] = {"window_ms": 10.0, "slowest": slowest, "all": 2.0}
+    (row,) = [row for row in rows(report) if "slowest 1%" in row.what]
+    assert row.what == "  arrivals in the 10 ms up to each of the slowest 1%"
+    assert row.value == "4.3 / 3.0 / 2.5 (up to any arrival: 2.0 / 2.0 / 2.0)"
+    assert (row.target, row.verdict) == ("", "")
+    assert verdicts(report) == verdicts(GOOD)  # a diagnostic: no target changes
+
+    # A report without the figure (an older bench.json, or a phase that failed) has no row.
+    del report["open_loop"]["floor"]["crowding"]
+    assert not [row for row in rows(report) if "slowest 1%" in row.what]
+
+
 def test_a_failed_phase_is_shown_not_measured_and_the_rest_still_judged():
     broken = copy.deepcopy(GOOD)
     broken["floor"] = {"error": "WebServerError: gunicorn exited with 3"}

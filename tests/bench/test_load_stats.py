@@ -10,6 +10,7 @@ import pytest
 from bench.load.clients import Plan
 from bench.load.stats import (
     closed_merge,
+    crowding,
     inversion_fraction,
     inversions,
     kendall_tau,
@@ -17,6 +18,28 @@ from bench.load.stats import (
     poisson_schedule,
     schedule_split,
 )
+
+
+def test_crowding_counts_the_arrivals_in_the_window_up_to_each_slowest_one():
+    # A burst of four within 3 ms, then one arrival every 100 ms.
+    schedule = [1.000, 1.001, 1.002, 1.003] + [1.1 + 0.1 * n for n in range(96)]
+    latencies = {at: 0.005 for at in schedule}
+    latencies[1.003] = 0.030  # the burst's last arrival is the slowest
+    measured = [(at, latencies[at]) for at in schedule]
+    found = crowding(schedule, measured, window=0.010, share=0.01)
+    # The slowest 1 % of 100 is one arrival: 1.003, with the three before it in its 10 ms.
+    assert found["slowest"] == 4
+    # Over all: 1, 2, 3, 4 in the burst, 1 for each of the other 96.
+    assert found["all"] == round((1 + 2 + 3 + 4 + 96) / 100, 2)
+
+
+def test_crowding_counts_the_whole_schedule_and_the_window_edges():
+    # The warm-up's arrivals are not measured but still crowd the first measured one.
+    schedule = [0.990, 0.995, 1.000, 2.000]
+    measured = [(1.000, 0.020), (2.000, 0.001)]
+    found = crowding(schedule, measured, window=0.010, share=0.5)
+    assert found == {"window_ms": 10.0, "slowest": 3.0, "all": 2.0}  # 0.990 lies exactly 10 ms before: in
+    assert crowding(schedule, [], window=0.010) == {"window_ms": 10.0, "slowest": None, "all": None}
 
 
 def test_poisson_schedule_has_the_rate_and_exponential_gaps():
