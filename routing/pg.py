@@ -77,19 +77,22 @@ class Statements:
         _complete_sql()
 
     def claim(self, lease: Lease, *, key_cap: int | None) -> Claim:
-        """Take a free slot of the key (when ``key_cap`` counts its leases),
-        then claim one on ``lease.identity_id`` (counting the slots held for
-        waiting sticky sessions), and insert ``lease`` holding both; nothing
-        when the identity cannot start a lease right now."""
+        """Claim a slot on ``lease.identity_id`` (counting the slots held for
+        waiting sticky sessions) and a free slot of the key (when ``key_cap``
+        counts its leases), and insert ``lease`` holding both; nothing when
+        the identity cannot start a lease right now, and then no slot of the
+        key is touched (:func:`_claim_sql`)."""
         where = _claimable(reserved=True)
         now = lease.started_at
         counted = key_cap is not None
         key = _key_slot_params(lease.api_key_id, key_cap) if counted else []
         skip = _KEY_SLOT_FIELD if counted else frozenset()
-        params = [*key, now, lease.identity_id, *where.params(_claim_values(now)), *_lease_values(lease, skip=skip)]
+        params = [lease.identity_id, *where.params(_claim_values(now)), *key, now, *_lease_values(lease, skip=skip)]
         with connection.cursor() as cursor:
             cursor.execute(_claim_sql(where.sql, key_counted=counted), params)
-            return _claim_read(lease, cursor.fetchone(), counted=counted)
+            *claim, startable = cursor.fetchone()
+        # An identity that could not start locked no slot: the key is not full for it.
+        return _claim_read(lease, claim, counted=counted and startable)
 
     def sticky_claim(
         self, *, shape: candidates.Shape, values: Mapping[str, object], lease: Lease, key_cap: int | None
@@ -107,9 +110,9 @@ class Statements:
         counted = key_cap is not None
         params = [
             *bound_params,
+            *where.params(_claim_values(now)),
             *(_key_slot_params(lease.api_key_id, key_cap) if counted else []),
             now,
-            *where.params(_claim_values(now)),
             *_lease_values(lease, skip=_BOUND_LEASE_FIELDS | (_KEY_SLOT_FIELD if counted else frozenset())),
         ]
         with connection.cursor() as cursor:
@@ -117,9 +120,10 @@ class Statements:
             row = cursor.fetchone()
         if row is None:
             return None, Claim(key_full=False, leased=False)
-        servable, claimed = row[-3], row[-2:]
-        # A row that may not be served locked no slot: the key is not full for it.
-        return reads.row_from(row[:-3], bound), _claim_read(lease, claimed, counted=counted and servable)
+        startable, claimed = row[-3], row[-2:]
+        # A row that may not be served, or an identity that could not start,
+        # locked no slot: the key is not full for it.
+        return reads.row_from(row[:-3], bound), _claim_read(lease, claimed, counted=counted and startable)
 
     def complete(
         self,
@@ -271,21 +275,36 @@ def _key_slot_cte() -> str:
 
 @functools.cache
 def _claim_sql(claimable: str, *, key_counted: bool) -> str:
+    """Lock the identity's row if it can start a lease (waiting for a
+    transaction that holds it, then checking the row as that one left it),
+    then take a slot of the key, then claim the identity and insert the
+    lease. The identity comes first: a claim that lost its identity to
+    another dispatch since the walk read it locks no slot (a concurrent
+    dispatch would find the key's last slot taken and get a 429), and a
+    claim queued on the identity's row holds none while it waits. Its
+    condition is sent once: the row is locked from the check to the
+    update."""
     identity, lease = table(RoutingIdentity), table(Lease)
     in_flight, last_started, pk = (column(RoutingIdentity, f) for f in ("in_flight", "last_started_at", "id"))
     values = _lease_selects(_KEY_SLOT_TAKEN if key_counted else {})
+    free_slot = f"{_free_slot_cte(only_if='EXISTS (SELECT FROM startable)')}, " if key_counted else ""
     return f"""
-WITH {f"{_free_slot_cte()}, " if key_counted else ""}claimed AS (
-    UPDATE {identity} SET {in_flight} = {identity}.{in_flight} + 1, {last_started} = %s
-      {"FROM free_slot" if key_counted else ""}
+WITH startable AS MATERIALIZED (
+    SELECT {identity}.{pk} AS id FROM {identity}
      WHERE {identity}.{pk} = %s AND {claimable}
+       FOR NO KEY UPDATE
+), {free_slot}claimed AS (
+    UPDATE {identity} SET {in_flight} = {identity}.{in_flight} + 1, {last_started} = %s
+      FROM startable{", free_slot" if key_counted else ""}
+     WHERE {identity}.{pk} = startable.id
  RETURNING {identity}.{pk}
 ), {f"{_key_slot_cte()}, " if key_counted else ""}leased AS (
     INSERT INTO {lease} ({", ".join(_lease_columns())})
     SELECT {values} FROM claimed
  RETURNING 1
 )
-SELECT {"(SELECT id FROM free_slot)" if key_counted else "NULL::bigint"}, EXISTS (SELECT FROM leased)"""
+SELECT {"(SELECT id FROM free_slot)" if key_counted else "NULL::bigint"}, EXISTS (SELECT FROM leased),
+       EXISTS (SELECT FROM startable)"""
 
 
 # The lease columns the sticky statement takes from the bound row.
@@ -294,12 +313,13 @@ _BOUND_LEASE_FIELDS = frozenset({"account", "account_name", "identity", "proxy_u
 # Whether the bound row may be served at all (the identity's own state is
 # checked on its row as locked, by the claim condition).
 _BOUND_SERVABLE = 'NOT bound."excluded" AND NOT bound."proxy_cooling" AND NOT bound."quota_probe"'
-# That a bound row may be served: only then is a slot of the key locked for it.
-_BOUND_SERVED = f"EXISTS (SELECT FROM bound WHERE {_BOUND_SERVABLE})"
 
 
 @functools.lru_cache(maxsize=1024)  # one per group and shape
 def _sticky_claim_sql(bound_sql: str, claimable: str, *, key_counted: bool) -> str:
+    """The bound account's row, then as :func:`_claim_sql`: its identity's
+    row locked if the bound row may be served and the identity can start,
+    a slot of the key only then, the claim and the lease."""
     identity, lease = table(RoutingIdentity), table(Lease)
     in_flight, last_started, pk = (column(RoutingIdentity, f) for f in ("in_flight", "last_started_at", "id"))
     from_bound = {
@@ -309,14 +329,17 @@ def _sticky_claim_sql(bound_sql: str, claimable: str, *, key_counted: bool) -> s
         "proxy_url": "COALESCE(bound.\"proxy__url\", '')",
     }
     selects = _lease_selects({**from_bound, **(_KEY_SLOT_TAKEN if key_counted else {})})
+    free_slot = f"{_free_slot_cte(only_if='EXISTS (SELECT FROM startable)')}, " if key_counted else ""
     return f"""
 WITH bound AS ({bound_sql}
-), {f"{_free_slot_cte(only_if=_BOUND_SERVED)}, " if key_counted else ""}claimed AS (
+), startable AS MATERIALIZED (
+    SELECT {identity}.{pk} AS id FROM {identity}, bound
+     WHERE {identity}.{pk} = bound."identity_id" AND {_BOUND_SERVABLE} AND {claimable}
+       FOR NO KEY UPDATE OF {identity}
+), {free_slot}claimed AS (
     UPDATE {identity} SET {in_flight} = {identity}.{in_flight} + 1, {last_started} = %s
-      FROM bound{", free_slot" if key_counted else ""}
-     WHERE {identity}.{pk} = bound."identity_id"
-       AND {_BOUND_SERVABLE}
-       AND {claimable}
+      FROM startable{", free_slot" if key_counted else ""}
+     WHERE {identity}.{pk} = startable.id
  RETURNING {identity}.{pk} AS id
 ), {f"{_key_slot_cte()}, " if key_counted else ""}leased AS (
     INSERT INTO {lease} ({", ".join(_lease_columns())})
@@ -324,7 +347,7 @@ WITH bound AS ({bound_sql}
       FROM claimed JOIN bound ON bound."identity_id" = claimed.id
  RETURNING 1
 )
-SELECT bound.*, {_BOUND_SERVABLE}, {"(SELECT id FROM free_slot)" if key_counted else "NULL::bigint"},
+SELECT bound.*, EXISTS (SELECT FROM startable), {"(SELECT id FROM free_slot)" if key_counted else "NULL::bigint"},
        EXISTS (SELECT FROM leased)
   FROM bound"""
 

@@ -191,20 +191,21 @@ def slot_claim(
         if claim.key_full:
             raise RateLimited("this API key is at its concurrency limit", retry_after=1)  # its limits never wait
         return grant(lease) if claim.leased else None
+    own = sticky in (StickyOutcome.HIT, StickyOutcome.WAITED)
+    claimable = rules.identity_claimable(now, settings.KIROPOOL_SLOW_START_SECONDS, reserved=not own)
     with transaction.atomic():
+        # The identity first, locked while it can start, as pg._claim_sql
+        # does: the key's slot and pacing are taken only for a claim that
+        # can happen, and not held while this waits for the identity's row.
+        identity = RoutingIdentity.objects.select_for_update(no_key=True).filter(claimable, pk=row.identity_id)
+        if identity.values_list("pk", flat=True).first() is None:
+            return None
         if cap is not None or key.min_start_interval_ms:
             lease.key_slot_id = key_slot_claim(key=key, now=now, cap=cap)
         if probe and not quota_probe_take(identity_id=row.identity_id, now=now):
             transaction.set_rollback(True)
             return None
-        own = sticky in (StickyOutcome.HIT, StickyOutcome.WAITED)
-        claimable = rules.identity_claimable(now, settings.KIROPOOL_SLOW_START_SECONDS, reserved=not own)
-        claimed = RoutingIdentity.objects.filter(claimable, pk=row.identity_id).update(
-            in_flight=F("in_flight") + 1, last_started_at=now
-        )
-        if not claimed:
-            transaction.set_rollback(True)
-            return None
+        RoutingIdentity.objects.filter(pk=row.identity_id).update(in_flight=F("in_flight") + 1, last_started_at=now)
         lease.quota_probe = probe
         lease.save(force_insert=True)
     return grant(lease)

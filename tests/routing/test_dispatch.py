@@ -571,12 +571,12 @@ def _queries(ctx) -> list[str]:
 # statement (read the bound account, claim, insert the lease); any other
 # dispatch reads the head of the order and claims in one statement, and a
 # fresh session first finds no bound account. "orm" (SQLite, or PostgreSQL
-# with KIROPOOL_FAST_STATEMENTS off): the claim locks a free slot of the key
-# and marks it taken, updates the identity and inserts the lease, in one
-# transaction.
+# with KIROPOOL_FAST_STATEMENTS off): the claim locks the identity's row if
+# it can start, locks a free slot of the key and marks it taken, updates the
+# identity and inserts the lease, in one transaction.
 DISPATCH_QUERIES = {
     "fast": {None: 3, "fresh": 4, "bound": 2},
-    "orm": {None: 6, "fresh": 7, "bound": 6},
+    "orm": {None: 7, "fresh": 8, "bound": 7},
 }
 
 

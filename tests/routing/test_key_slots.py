@@ -14,10 +14,12 @@ from django.db import connection, connections, transaction
 from django.db.migrations.executor import MigrationExecutor
 from django.utils import timezone
 
-from accounts.models import ApiKey, KeySlot
+from accounts.models import ApiKey, KeySlot, RoutingIdentity
+from core.errors import RateLimited
 from routing import leases, maintenance, slots
 from routing.dispatch import DispatchRequest
 from routing.models import Lease
+from routing.selectors import dispatch as reads
 from tests.accounts.test_migrations import migrate
 from tests.factories import AccountFactory, ApiKeyFactory, RoutingIdentityFactory
 from tests.routing.gateway import Gateway
@@ -198,6 +200,135 @@ def test_a_new_sessions_sticky_look_up_holds_no_slot_of_the_key():
         thread.start()
         thread.join(30)
     assert served == [200]
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("postgres_only")
+def test_a_sticky_claim_on_a_busy_identity_holds_no_slot_of_the_key():
+    """A returning turn whose bound account's identity is at its limit is
+    not served by the sticky fast path (it waits for it, or moves); its
+    statement must not lock a slot of the key meanwhile, or a dispatch for
+    another identity finds the key's last slot taken (a 429)."""
+    for name in ("a", "b"):
+        AccountFactory(name=name, identity=RoutingIdentityFactory(max_concurrency=1))
+    key = ApiKeyFactory(max_concurrency=2)
+    gw = Gateway(key.plaintext)
+    bound = gw.cycle(session_id="s1")  # binds the session
+    held = gw.dispatch(session_id="s1")  # its identity's one slot, and one of the key's two
+    assert held.status_code == 200 and held.json()["account"]["name"] == bound
+    served: list[str] = []
+
+    def other() -> None:
+        try:
+            served.append(Gateway(key.plaintext).account_of(max_wait_ms=0))
+        finally:
+            connections.close_all()
+
+    with transaction.atomic():
+        acquired, row = leases._sticky_fast_path(key=key, request=DispatchRequest(session_id="s1"))
+        assert acquired is None and row.candidate.account == bound
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_current_xact_id_if_assigned()")
+            assert cursor.fetchone() == (None,)
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join(30)
+    assert served == [{"a": "b", "b": "a"}[bound]]
+
+
+def head_row(key, account):
+    """``account``'s row of the key's head as a walk reads it."""
+    request = DispatchRequest(session_id=None, max_wait_ms=0)
+    head = reads.read(key=key, request=request, now=timezone.now(), snapshot=None, spread=False, head=True).rows
+    return next(row for row in head if row.account_id == account.pk)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("postgres_only")
+def test_a_claim_that_lost_its_identity_holds_no_slot_of_the_key():
+    """A dispatch read its head, and another took the identity it was
+    about to claim. Its claim fails; it must not lock a slot of the key on
+    the way, or a third dispatch, for the other identity, finds the key's
+    last slot taken (a 429), and the failed claim's commit waits for a WAL
+    flush."""
+    first = AccountFactory(name="a-first", identity=RoutingIdentityFactory(max_concurrency=1))
+    AccountFactory(name="b-second", identity=RoutingIdentityFactory(max_concurrency=1))
+    key = ApiKeyFactory(max_concurrency=2)
+    request = DispatchRequest(session_id=None, max_wait_ms=0)
+    slots.key_slots_grow(key_id=key.pk, cap=2)  # the key's slot rows exist, free
+    stale = head_row(key, first)
+    assert stale.ready
+    assert Gateway(key.plaintext).account_of() == first.name  # takes the identity the stale row offers
+    served: list[str] = []
+
+    def other() -> None:
+        try:
+            served.append(Gateway(key.plaintext).account_of(max_wait_ms=0))
+        finally:
+            connections.close_all()
+
+    with transaction.atomic():
+        assert slots.slot_claim(key=key, row=stale, request=request, waited_ms=0) is None
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_current_xact_id_if_assigned()")
+            assert cursor.fetchone() == (None,)
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join(30)
+    assert served == ["b-second"]
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("postgres_only")
+def test_a_claim_queued_on_its_identitys_row_holds_no_slot_of_the_key():
+    """While a claim waits for its identity's row (a completion or another
+    claim on it has not committed yet: during a slow WAL flush, tens of
+    milliseconds), it holds none of the key's slots, so a dispatch for
+    another identity takes the key's last one (before: a 429). Once the
+    row is free the queued claim finds the key full."""
+    busy = AccountFactory(name="busy", identity=RoutingIdentityFactory(max_concurrency=4))
+    AccountFactory(name="free", identity=RoutingIdentityFactory(max_concurrency=4))
+    # "busy" started a moment ago, so a fresh dispatch's walk offers "free" first.
+    RoutingIdentity.objects.filter(pk=busy.identity_id).update(last_started_at=timezone.now())
+    key = ApiKeyFactory(max_concurrency=1)
+    slots.key_slots_grow(key_id=key.pk, cap=1)
+    row = head_row(key, busy)
+    request = DispatchRequest(session_id=None, max_wait_ms=0)
+    queued: list[object] = []
+
+    def claim_on_busy() -> None:
+        try:
+            queued.append(slots.slot_claim(key=key, row=row, request=request, waited_ms=0))
+        except RateLimited as refused:
+            queued.append(refused)
+        finally:
+            connections.close_all()
+
+    holder = connections.create_connection("default")  # holds the busy identity's row, as a slow commit would
+    try:
+        holder.set_autocommit(False)
+        with holder.cursor() as cursor:
+            cursor.execute("SELECT id FROM accounts_routingidentity WHERE id = %s FOR UPDATE", [busy.identity_id])
+        thread = threading.Thread(target=claim_on_busy)
+        thread.start()
+        deadline = time.monotonic() + 10
+        with connection.cursor() as cursor:
+            while True:  # until the claim waits for the row
+                cursor.execute(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                )
+                if cursor.fetchone()[0] or time.monotonic() > deadline:
+                    break
+                time.sleep(0.01)
+        assert thread.is_alive(), queued
+        assert Gateway(key.plaintext).account_of(max_wait_ms=0) == "free"  # the key's one slot
+    finally:
+        holder.rollback()
+        holder.close()
+    thread.join(30)
+    assert len(queued) == 1 and isinstance(queued[0], RateLimited)  # the key's slot went to "free"
+    assert Lease.objects.filter(api_key=key, completed_at__isnull=True).count() == 1
 
 
 @contextlib.contextmanager
