@@ -172,6 +172,31 @@ def test_a_new_keys_first_dispatches_at_once_are_all_served():
     assert len(taken(key)) == 8 == len(open_leases(key))
 
 
+def nothing_written() -> bool:
+    """The open transaction has written nothing (a row lock is a write)."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_current_xact_id_if_assigned()")
+        return cursor.fetchone() == (None,)
+
+
+def on_another_connection(call) -> list:
+    """``call()`` run on a thread of its own, so on a database connection of
+    its own, while the caller's transaction stays open: ``[its result]``,
+    or ``[]`` if it raised."""
+    result: list = []
+
+    def run() -> None:
+        try:
+            result.append(call())
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(30)
+    return result
+
+
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.usefixtures("postgres_only", "wide_pool")
 def test_a_new_sessions_sticky_look_up_holds_no_slot_of_the_key():
@@ -182,23 +207,14 @@ def test_a_new_sessions_sticky_look_up_holds_no_slot_of_the_key():
     conversation."""
     key = ApiKeyFactory(max_concurrency=1)
     Gateway(key.plaintext).cycle()  # the key's one slot row exists, free
-    served: list[int] = []
-
-    def other() -> None:
-        try:
-            served.append(Gateway(key.plaintext).dispatch(session_id="other", max_wait_ms=0).status_code)
-        finally:
-            connections.close_all()
 
     with transaction.atomic():
         acquired, bound = leases._sticky_fast_path(key=key, request=DispatchRequest(session_id="new"))
         assert (acquired, bound) == (None, None)
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_current_xact_id_if_assigned()")
-            assert cursor.fetchone() == (None,)
-        thread = threading.Thread(target=other)
-        thread.start()
-        thread.join(30)
+        assert nothing_written()
+        served = on_another_connection(
+            lambda: Gateway(key.plaintext).dispatch(session_id="other", max_wait_ms=0).status_code
+        )
     assert served == [200]
 
 
@@ -216,23 +232,12 @@ def test_a_sticky_claim_on_a_busy_identity_holds_no_slot_of_the_key():
     bound = gw.cycle(session_id="s1")  # binds the session
     held = gw.dispatch(session_id="s1")  # its identity's one slot, and one of the key's two
     assert held.status_code == 200 and held.json()["account"]["name"] == bound
-    served: list[str] = []
-
-    def other() -> None:
-        try:
-            served.append(Gateway(key.plaintext).account_of(max_wait_ms=0))
-        finally:
-            connections.close_all()
 
     with transaction.atomic():
         acquired, row = leases._sticky_fast_path(key=key, request=DispatchRequest(session_id="s1"))
         assert acquired is None and row.candidate.account == bound
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_current_xact_id_if_assigned()")
-            assert cursor.fetchone() == (None,)
-        thread = threading.Thread(target=other)
-        thread.start()
-        thread.join(30)
+        assert nothing_written()
+        served = on_another_connection(lambda: Gateway(key.plaintext).account_of(max_wait_ms=0))
     assert served == [{"a": "b", "b": "a"}[bound]]
 
 
@@ -259,22 +264,11 @@ def test_a_claim_that_lost_its_identity_holds_no_slot_of_the_key():
     stale = head_row(key, first)
     assert stale.ready
     assert Gateway(key.plaintext).account_of() == first.name  # takes the identity the stale row offers
-    served: list[str] = []
-
-    def other() -> None:
-        try:
-            served.append(Gateway(key.plaintext).account_of(max_wait_ms=0))
-        finally:
-            connections.close_all()
 
     with transaction.atomic():
         assert slots.slot_claim(key=key, row=stale, request=request, waited_ms=0) is None
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_current_xact_id_if_assigned()")
-            assert cursor.fetchone() == (None,)
-        thread = threading.Thread(target=other)
-        thread.start()
-        thread.join(30)
+        assert nothing_written()
+        served = on_another_connection(lambda: Gateway(key.plaintext).account_of(max_wait_ms=0))
     assert served == ["b-second"]
 
 
