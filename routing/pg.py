@@ -240,7 +240,7 @@ def _key_slot_params(key_id: int, cap: int) -> list:
     return [key_id, cap, key_id, cap]
 
 
-def _free_slot_cte(*, only_if: str = "TRUE") -> str:
+def _free_slot_cte() -> str:
     """Lock a free slot of the key numbered below its cap (key id and cap
     are parameters, twice), skipping any another transaction holds locked:
     one key's claims and completions never queue on one row, and a claim
@@ -250,17 +250,19 @@ def _free_slot_cte(*, only_if: str = "TRUE") -> str:
     slot is marked taken only once the identity is claimed
     (:func:`_key_slot_cte`).
 
-    None either unless ``only_if`` holds: the key slot's ``UPDATE`` runs
-    whether or not anything is claimed, and would lock a slot for a claim
-    that cannot happen (a row lock is a write: the statement's commit then
-    waits for a WAL flush, and a concurrent claim skips the slot)."""
+    None either unless the statement's ``startable`` found the identity
+    able to start, and locked it (:func:`_claim_sql`): the key slot's
+    ``UPDATE`` runs whether or not anything is claimed, and would lock a
+    slot for a claim that cannot happen (a row lock is a write: the
+    statement's commit then waits for a WAL flush, and a concurrent claim
+    skips the slot)."""
     slot, pk = table(KeySlot), column(KeySlot, "id")
     key, number, taken = (column(KeySlot, f) for f in ("api_key", "number", "taken"))
     return f"""free_slot AS (
     SELECT {pk} AS id FROM {slot}
      WHERE {key} = %s AND NOT {taken} AND {number} < %s
        AND NOT EXISTS (SELECT FROM {slot} WHERE {key} = %s AND {taken} AND {number} >= %s)
-       AND {only_if}
+       AND EXISTS (SELECT FROM startable)
      ORDER BY {number} LIMIT 1 FOR UPDATE SKIP LOCKED
 )"""
 
@@ -287,7 +289,7 @@ def _claim_sql(claimable: str, *, key_counted: bool) -> str:
     identity, lease = table(RoutingIdentity), table(Lease)
     in_flight, last_started, pk = (column(RoutingIdentity, f) for f in ("in_flight", "last_started_at", "id"))
     values = _lease_selects(_KEY_SLOT_TAKEN if key_counted else {})
-    free_slot = f"{_free_slot_cte(only_if='EXISTS (SELECT FROM startable)')}, " if key_counted else ""
+    free_slot = f"{_free_slot_cte()}, " if key_counted else ""
     return f"""
 WITH startable AS MATERIALIZED (
     SELECT {identity}.{pk} AS id FROM {identity}
@@ -329,7 +331,7 @@ def _sticky_claim_sql(bound_sql: str, claimable: str, *, key_counted: bool) -> s
         "proxy_url": "COALESCE(bound.\"proxy__url\", '')",
     }
     selects = _lease_selects({**from_bound, **(_KEY_SLOT_TAKEN if key_counted else {})})
-    free_slot = f"{_free_slot_cte(only_if='EXISTS (SELECT FROM startable)')}, " if key_counted else ""
+    free_slot = f"{_free_slot_cte()}, " if key_counted else ""
     return f"""
 WITH bound AS ({bound_sql}
 ), startable AS MATERIALIZED (

@@ -281,9 +281,6 @@ def open_loop(
         "no_free_thread": sum(t.late_claims for t in tallies),
         "start_lag_p99_ms": latency_summary(lags)["p99_ms"],
         "client_threads": processes * threads,
-        "crowding": {
-            "window_ms": CROWD_WINDOW_SECONDS * 1000,
-            **crowding(arrivals, measured, window=CROWD_WINDOW_SECONDS),
-        },
+        "crowding": crowding(arrivals, measured, window=CROWD_WINDOW_SECONDS),
         **status_counts(_statuses(tallies)),
     }
