@@ -275,6 +275,26 @@ def _key_slot_cte() -> str:
 )"""
 
 
+def _claim_ctes(*, key_counted: bool) -> str:
+    """What both claim statements run after their ``startable`` (the
+    identity's row, locked if it can start): the key's free slot when it
+    counts its leases (:func:`_free_slot_cte`), the claim on the identity,
+    and the slot marked taken; ends with the comma before the next CTE."""
+    identity = table(RoutingIdentity)
+    in_flight, last_started, pk = (column(RoutingIdentity, f) for f in ("in_flight", "last_started_at", "id"))
+    return f"""{f"{_free_slot_cte()}, " if key_counted else ""}claimed AS (
+    UPDATE {identity} SET {in_flight} = {identity}.{in_flight} + 1, {last_started} = %s
+      FROM startable{", free_slot" if key_counted else ""}
+     WHERE {identity}.{pk} = startable.id
+ RETURNING {identity}.{pk} AS id
+), {f"{_key_slot_cte()}, " if key_counted else ""}"""
+
+
+def _slot_taken(*, key_counted: bool) -> str:
+    """The key slot a claim took, as the statement's result column."""
+    return "(SELECT id FROM free_slot)" if key_counted else "NULL::bigint"
+
+
 @functools.cache
 def _claim_sql(claimable: str, *, key_counted: bool) -> str:
     """Lock the identity's row if it can start a lease (waiting for a
@@ -286,27 +306,19 @@ def _claim_sql(claimable: str, *, key_counted: bool) -> str:
     claim queued on the identity's row holds none while it waits. Its
     condition is sent once: the row is locked from the check to the
     update."""
-    identity, lease = table(RoutingIdentity), table(Lease)
-    in_flight, last_started, pk = (column(RoutingIdentity, f) for f in ("in_flight", "last_started_at", "id"))
+    identity, lease, pk = table(RoutingIdentity), table(Lease), column(RoutingIdentity, "id")
     values = _lease_selects(_KEY_SLOT_TAKEN if key_counted else {})
-    free_slot = f"{_free_slot_cte()}, " if key_counted else ""
     return f"""
 WITH startable AS MATERIALIZED (
     SELECT {identity}.{pk} AS id FROM {identity}
      WHERE {identity}.{pk} = %s AND {claimable}
        FOR NO KEY UPDATE
-), {free_slot}claimed AS (
-    UPDATE {identity} SET {in_flight} = {identity}.{in_flight} + 1, {last_started} = %s
-      FROM startable{", free_slot" if key_counted else ""}
-     WHERE {identity}.{pk} = startable.id
- RETURNING {identity}.{pk}
-), {f"{_key_slot_cte()}, " if key_counted else ""}leased AS (
+), {_claim_ctes(key_counted=key_counted)}leased AS (
     INSERT INTO {lease} ({", ".join(_lease_columns())})
     SELECT {values} FROM claimed
  RETURNING 1
 )
-SELECT {"(SELECT id FROM free_slot)" if key_counted else "NULL::bigint"}, EXISTS (SELECT FROM leased),
-       EXISTS (SELECT FROM startable)"""
+SELECT {_slot_taken(key_counted=key_counted)}, EXISTS (SELECT FROM leased), EXISTS (SELECT FROM startable)"""
 
 
 # The lease columns the sticky statement takes from the bound row.
@@ -322,8 +334,7 @@ def _sticky_claim_sql(bound_sql: str, claimable: str, *, key_counted: bool) -> s
     """The bound account's row, then as :func:`_claim_sql`: its identity's
     row locked if the bound row may be served and the identity can start,
     a slot of the key only then, the claim and the lease."""
-    identity, lease = table(RoutingIdentity), table(Lease)
-    in_flight, last_started, pk = (column(RoutingIdentity, f) for f in ("in_flight", "last_started_at", "id"))
+    identity, lease, pk = table(RoutingIdentity), table(Lease), column(RoutingIdentity, "id")
     from_bound = {
         "account": 'bound."id"',
         "account_name": 'bound."name"',
@@ -331,26 +342,19 @@ def _sticky_claim_sql(bound_sql: str, claimable: str, *, key_counted: bool) -> s
         "proxy_url": "COALESCE(bound.\"proxy__url\", '')",
     }
     selects = _lease_selects({**from_bound, **(_KEY_SLOT_TAKEN if key_counted else {})})
-    free_slot = f"{_free_slot_cte()}, " if key_counted else ""
     return f"""
 WITH bound AS ({bound_sql}
 ), startable AS MATERIALIZED (
     SELECT {identity}.{pk} AS id FROM {identity}, bound
      WHERE {identity}.{pk} = bound."identity_id" AND {_BOUND_SERVABLE} AND {claimable}
        FOR NO KEY UPDATE OF {identity}
-), {free_slot}claimed AS (
-    UPDATE {identity} SET {in_flight} = {identity}.{in_flight} + 1, {last_started} = %s
-      FROM startable{", free_slot" if key_counted else ""}
-     WHERE {identity}.{pk} = startable.id
- RETURNING {identity}.{pk} AS id
-), {f"{_key_slot_cte()}, " if key_counted else ""}leased AS (
+), {_claim_ctes(key_counted=key_counted)}leased AS (
     INSERT INTO {lease} ({", ".join(_lease_columns())})
     SELECT {selects}
       FROM claimed JOIN bound ON bound."identity_id" = claimed.id
  RETURNING 1
 )
-SELECT bound.*, EXISTS (SELECT FROM startable), {"(SELECT id FROM free_slot)" if key_counted else "NULL::bigint"},
-       EXISTS (SELECT FROM leased)
+SELECT bound.*, EXISTS (SELECT FROM startable), {_slot_taken(key_counted=key_counted)}, EXISTS (SELECT FROM leased)
   FROM bound"""
 
 
