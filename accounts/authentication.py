@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 import hmac
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
 
 from django.conf import settings
+from django.db import connection
 from django.utils import timezone
 from rest_framework import authentication, exceptions, permissions
 
 from accounts.models import ApiKey, hash_key, key_prefix
+from core import listener
 
 # last_used_at is for humans; writing it on every dispatch would add a write
 # to the hot path, so it is refreshed at most this often.
 LAST_USED_RESOLUTION = timedelta(seconds=60)
 
 KEY_BY_PREFIX_SQL = f"SELECT * FROM {ApiKey._meta.db_table} WHERE prefix = %s"
+
+# The notification channel of a key saved or deleted: its payload is the
+# key's prefix (accounts/signals.py sends, every process's cache forgets).
+KEY_CHANNEL = "kiropool_keys"
 
 
 @dataclass(frozen=True)
@@ -49,15 +56,30 @@ def presented_key(request) -> str | None:
 class KeyCache:
     """Key rows by prefix, kept for ``KIROPOOL_KEY_CACHE_SECONDS`` in this
     process: a gateway request then costs no key query, which was a third of
-    a dispatch's work. What the cache may serve stale is the key's
-    configuration (enabled, expiry, limits, preferences), for at most that
-    long in another process; a save or delete through the ORM forgets the key
-    in the process that made it at once (``accounts/signals.py``). The key's
-    counters are never read from here: its slot and pacing are taken by the
-    claim statements, which read the row as it is."""
+    a dispatch's work. The key's counters are never read from here: its slot
+    and pacing are taken by the claim statements, which read the row as it
+    is. What the cache could serve stale is the key's configuration
+    (enabled, expiry, limits, preferences); a save or delete through the ORM
+    (admin, operator API, services) ends that at once:
+
+    - in the process that made it, at once (``accounts/signals.py``);
+    - in every other process, on PostgreSQL, as soon as the save commits:
+      it sends the key's prefix on :data:`KEY_CHANNEL`, and each process's
+      listener (``core/listener.py``) forgets it. So a process keeps keys
+      only while its listener is connected (the first key it reads starts
+      it), and forgets every key when the listener connects again.
+
+    The lifetime bounds what is left: a change made without the ORM (a
+    queryset ``update``, SQL), or on SQLite in another process.
+
+    A forget also stops a row read before it from being cached after it:
+    :meth:`put` takes the generation :meth:`generation` gave before the read.
+    """
 
     def __init__(self) -> None:
         self._entries: dict[str, tuple[float, ApiKey]] = {}
+        self._lock = threading.Lock()
+        self._forgets = 0  # the generation: every forget moves it
 
     def get(self, prefix: str) -> ApiKey | None:
         entry = self._entries.get(prefix)
@@ -65,16 +87,42 @@ class KeyCache:
             return None
         return entry[1]
 
-    def put(self, key: ApiKey) -> None:
+    def generation(self) -> int:
+        """Take before reading a key row; pass to :meth:`put`."""
+        return self._forgets
+
+    def put(self, key: ApiKey, *, read_at: int) -> None:
+        """Keep ``key``, read after :meth:`generation` gave ``read_at``,
+        unless something was forgotten since: the row may be older than that."""
         ttl = settings.KIROPOOL_KEY_CACHE_SECONDS
-        if ttl > 0:
-            self._entries[key.prefix] = (time.monotonic() + ttl, key)
+        if ttl <= 0:
+            return
+        if connection.vendor == "postgresql" and not listener.ready():
+            listener.ensure()  # kept once another process's save can reach this cache
+            return
+        with self._lock:
+            if self._forgets == read_at:
+                self._entries[key.prefix] = (time.monotonic() + ttl, key)
 
     def forget(self, prefix: str) -> None:
-        self._entries.pop(prefix, None)
+        with self._lock:
+            self._forgets += 1
+            self._entries.pop(prefix, None)
 
     def clear(self) -> None:
-        self._entries.clear()
+        with self._lock:
+            self._forgets += 1
+            self._entries.clear()
+
+    def heard(self, prefixes: list[str] | None) -> None:
+        """The listener's handler of :data:`KEY_CHANNEL`: forget the keys
+        saved elsewhere, or every key after a (re)connection, when some
+        notice may have been missed."""
+        if prefixes is None:
+            self.clear()
+            return
+        for prefix in prefixes:
+            self.forget(prefix)
 
 
 key_cache = KeyCache()
@@ -89,12 +137,13 @@ def api_key_authenticate(plaintext: str) -> ApiKey | None:
         return None
     key = key_cache.get(prefix)
     if key is None:
+        read_at = key_cache.generation()
         # The key row alone, in plain SQL: compiling the ORM query took
         # longer than running it.
         key = next(iter(ApiKey.objects.raw(KEY_BY_PREFIX_SQL, [prefix])), None)
         if key is None:
             return None  # unknown prefixes are not cached: a key created a moment ago works at once
-        key_cache.put(key)
+        key_cache.put(key, read_at=read_at)
     if not hmac.compare_digest(key.key_hash, hash_key(plaintext)):
         return None
     now = timezone.now()

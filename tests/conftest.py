@@ -137,12 +137,12 @@ def operator_api(django_user_model):
 
 @pytest.fixture(scope="session")
 def django_db_setup(django_db_setup):
-    # The release listener holds its own connection to the test database,
-    # which would keep pytest-django from dropping it at the end.
+    # The notification listener holds its own connection to the test
+    # database, which would keep pytest-django from dropping it at the end.
     yield
-    from routing.wakeups import listener_stop
+    from core import listener
 
-    listener_stop()
+    listener.stop()
 
 
 def pytest_generate_tests(metafunc):

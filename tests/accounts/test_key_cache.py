@@ -1,20 +1,26 @@
 """The per-process key cache (accounts/authentication.py, KeyCache): a
 gateway request reads no key row while the cache holds it, an operator's save
-is seen at once in the process that made it, any other change within the
-cache's lifetime, and the key's own limits hold exactly as without it."""
+is seen at once in the process that made it and, on PostgreSQL, in every
+other process once its notice arrives (tests/security/test_key_revocation.py
+across a real gunicorn's workers), any other change within the cache's
+lifetime, and the key's own limits hold exactly as without it."""
 
 from __future__ import annotations
 
 import time
 
+import psycopg
 import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
+from accounts.authentication import KEY_CHANNEL, key_cache
 from accounts.models import ApiKey
+from core import listener
 from tests.factories import AccountFactory, ApiKeyFactory
 from tests.routing.gateway import Gateway
+from tests.support import test_database_url, until
 
 pytestmark = [pytest.mark.django_db]
 
@@ -28,6 +34,11 @@ SHORT_LIFETIME = 0.5
 @pytest.fixture(autouse=True)
 def _cache_on(settings):
     settings.KIROPOOL_KEY_CACHE_SECONDS = LIFETIME
+    if connection.vendor == "postgresql":
+        # On PostgreSQL a process keeps keys only while its listener is
+        # connected (another process's save reaches it there).
+        listener.ensure()
+        assert listener.ready(10), "the listener never connected"
 
 
 @pytest.fixture
@@ -119,3 +130,32 @@ def test_the_keys_limit_is_checked_before_waiting_when_every_identity_is_full(ke
     limited = gw.dispatch(exclude_accounts=["a"], max_wait_ms=5_000)
     assert limited.status_code == 429 and "concurrency" in limited.json()["error"]["message"]
     assert time.monotonic() - started < 2.0
+
+
+def test_a_key_row_read_before_a_forget_is_not_kept_after_it(key):
+    # A request reads the row, an operator's save makes the process forget
+    # the key, then the request would keep the row it read before the save.
+    read_at = key_cache.generation()
+    row = ApiKey.objects.get(pk=key.pk)
+    key_cache.forget(key.prefix)
+    key_cache.put(row, read_at=read_at)
+    assert key_cache.get(key.prefix) is None
+    key_cache.put(row, read_at=key_cache.generation())  # read after it: kept
+    assert key_cache.get(key.prefix) is row
+
+
+def test_when_notices_may_have_been_missed_every_key_is_forgotten(key):
+    key_cache.put(ApiKey.objects.get(pk=key.pk), read_at=key_cache.generation())
+    key_cache.heard(None)  # what the listener says once it connects again
+    assert key_cache.get(key.prefix) is None
+
+
+def test_a_key_saved_in_another_process_is_forgotten_here(key, postgres_only):
+    gw = Gateway(key.plaintext)
+    assert gw.explain().status_code == 200  # kept
+    assert key_cache.get(key.prefix) is not None
+    # The notice another process's save sends (accounts/signals.py), from a
+    # connection of its own.
+    with psycopg.connect(test_database_url(), autocommit=True) as other:
+        other.execute("SELECT pg_notify(%s, %s)", [KEY_CHANNEL, key.prefix])
+    until(lambda: key_cache.get(key.prefix) is None, 10, what="the notice never reached the cache")

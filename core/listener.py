@@ -1,0 +1,137 @@
+"""PostgreSQL notifications, heard in every process.
+
+One listener thread per process holds a dedicated connection in ``LISTEN``
+on every channel an app registered (:func:`handle`, from its
+``AppConfig.ready``), and hands each batch of notifications to the
+channel's handler:
+
+- ``kiropool_release`` (``routing/wakeups.py``): a release may have freed a
+  slot, so waiting dispatches look again;
+- ``kiropool_keys`` (``accounts/authentication.py``): a key was saved or
+  deleted, so every process's key cache forgets it.
+
+A handler runs on the listener thread: it must be quick and must not touch
+the database. After every connection, the first included, each handler is
+called once with ``None``: a notification sent while nothing listened is
+lost, so the handler must assume it missed some.
+
+SQLite has no notifications: nothing listens, and callers check the vendor
+before they start the listener or send.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from django.db import connection, connections
+
+logger = logging.getLogger(__name__)
+
+# Called with the payloads of a batch of notifications on its channel, or with
+# None after a (re)connection: some may have been missed.
+Handler = Callable[[list[str] | None], None]
+
+# How the listener's connection shows in pg_stat_activity.
+APPLICATION_NAME = "kiropool-listener"
+# The listener re-checks its stop flag and its connection this often.
+LISTEN_TIMEOUT_SECONDS = 1.0
+RECONNECT_DELAY_SECONDS = 1.0
+
+_handlers: dict[str, Handler] = {}
+_lock = threading.Lock()
+_thread: threading.Thread | None = None
+_ready = threading.Event()
+_stop = threading.Event()
+
+
+def handle(channel: str, handler: Handler) -> None:
+    """Hand ``channel``'s notifications to ``handler``. Register before the
+    listener starts (the channels are listened to when it connects)."""
+    if not channel.isidentifier():
+        raise ValueError(f"a channel is a plain identifier, not {channel!r}")
+    _handlers[channel] = handler
+
+
+def notify(channel: str, payload: str = "") -> None:
+    """Send ``payload`` on ``channel``, delivered to every listener once this
+    transaction commits (at once outside one)."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_notify(%s, %s)", [channel, payload])
+
+
+def ensure() -> None:
+    """Start this process's listener unless it runs (PostgreSQL only: the
+    caller checks)."""
+    global _thread
+    if _thread is not None and _thread.is_alive():
+        return
+    with _lock:
+        if _thread is not None and _thread.is_alive():
+            return
+        params = _connection_params()
+        _stop.clear()
+        _thread = threading.Thread(target=_listen_forever, args=(params,), name="kiropool-listener", daemon=True)
+        _thread.start()
+
+
+def ready(timeout: float = 0.0) -> bool:
+    """Whether the listener is connected, waiting up to ``timeout`` seconds."""
+    return _ready.wait(timeout)
+
+
+def stop(timeout: float = 5.0) -> None:
+    """Stop this process's listener and close its connection (tests, shutdown)."""
+    global _thread
+    with _lock:
+        thread, _thread = _thread, None
+        _stop.set()
+    if thread is not None:
+        thread.join(timeout)
+    _ready.clear()
+
+
+def _connection_params() -> dict:
+    params = connections["default"].get_connection_params()
+    keep = {"dbname", "user", "password", "host", "port", "sslmode", "options", "sslrootcert", "sslcert", "sslkey"}
+    return {k: v for k, v in params.items() if k in keep and v not in (None, "")}
+
+
+def _listen_forever(params: dict) -> None:
+    import psycopg
+
+    while not _stop.is_set():
+        try:
+            with psycopg.connect(
+                autocommit=True, connect_timeout=5, application_name=APPLICATION_NAME, **params
+            ) as conn:
+                for channel in _handlers:
+                    conn.execute(f"LISTEN {channel}")
+                _deliver(None)  # whatever was sent while we were (re)connecting
+                _ready.set()
+                while not _stop.is_set():
+                    # The first notification, and any that came in the same packet.
+                    heard = list(conn.notifies(timeout=LISTEN_TIMEOUT_SECONDS, stop_after=1))
+                    if heard:
+                        _deliver(heard)
+                    else:
+                        conn.execute("SELECT 1")  # notices a dead connection
+        except Exception:  # noqa: BLE001 - the listener must outlive any outage
+            _ready.clear()
+            if _stop.is_set():
+                return
+            logger.warning("notification listener lost its connection; reconnecting", exc_info=True)
+            time.sleep(RECONNECT_DELAY_SECONDS)
+
+
+def _deliver(heard: list | None) -> None:
+    for channel, handler in _handlers.items():
+        payloads = None if heard is None else [notice.payload for notice in heard if notice.channel == channel]
+        if payloads == []:
+            continue
+        try:
+            handler(payloads)
+        except Exception:  # noqa: BLE001 - one handler's failure must not stop the others or the listener
+            logger.exception("handler of notification channel %s failed", channel)

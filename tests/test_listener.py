@@ -1,0 +1,95 @@
+"""The process's notification listener (core/listener.py) on PostgreSQL: a
+notification sent by another connection reaches its channel's handler, each
+handler gets only its own channel's payloads, a failing handler stops
+neither the others nor the listener, and after a (re)connection every
+handler hears that it may have missed some."""
+
+from __future__ import annotations
+
+import threading
+
+import psycopg
+import pytest
+
+from core import listener
+from tests.support import test_database_url, until
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("postgres_only")]
+
+CHANNEL, OTHER = "kiropool_test_a", "kiropool_test_b"
+
+
+class Heard:
+    def __init__(self, *, fails: bool = False) -> None:
+        self.calls: list[list[str] | None] = []
+        self.fails = fails
+        self._lock = threading.Lock()
+
+    def __call__(self, payloads: list[str] | None) -> None:
+        with self._lock:
+            self.calls.append(payloads)
+        if self.fails:
+            raise RuntimeError("a handler that fails")
+
+    def payloads(self) -> list[str]:
+        with self._lock:
+            return [p for call in self.calls if call is not None for p in call]
+
+
+@pytest.fixture
+def handlers():
+    """Two test channels, listened to by a listener started after they were
+    registered; afterwards the listener restarts without them."""
+    heard = {CHANNEL: Heard(fails=True), OTHER: Heard()}
+    listener.stop()
+    for channel, handler in heard.items():
+        listener.handle(channel, handler)
+    listener.ensure()
+    assert listener.ready(10), "the listener never connected"
+    yield heard
+    listener.stop()
+    for channel in heard:
+        listener._handlers.pop(channel, None)
+
+
+def _send(channel: str, payload: str) -> None:
+    """As another process would: its own connection, committed at once."""
+    with psycopg.connect(test_database_url(), autocommit=True) as conn:
+        conn.execute("SELECT pg_notify(%s, %s)", [channel, payload])
+
+
+def test_every_handler_hears_after_connecting_that_it_may_have_missed_notices(handlers):
+    assert all(handler.calls and handler.calls[0] is None for handler in handlers.values())
+
+
+def test_a_notice_from_another_connection_reaches_its_channels_handler_only(handlers):
+    _send(OTHER, "one")
+    until(lambda: handlers[OTHER].payloads() == ["one"], 10, what="the notice was never heard")
+    assert handlers[CHANNEL].payloads() == []
+
+
+def test_a_failing_handler_stops_neither_the_others_nor_the_listener(handlers):
+    _send(CHANNEL, "first")  # its handler raises
+    until(lambda: handlers[CHANNEL].payloads() == ["first"], 10, what="the notice was never heard")
+    _send(OTHER, "after")
+    until(lambda: handlers[OTHER].payloads() == ["after"], 10, what="the listener stopped after a failing handler")
+    assert listener.ready()
+
+
+def test_after_losing_its_connection_the_listener_reconnects_and_says_notices_may_be_lost(handlers):
+    with psycopg.connect(test_database_url(), autocommit=True) as conn:
+        ended = conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name = %s AND datname = current_database()",
+            [listener.APPLICATION_NAME],
+        ).fetchall()
+    assert ended == [(True,)]
+    # Back after RECONNECT_DELAY_SECONDS; slack for a busy machine.
+    until(lambda: handlers[OTHER].calls.count(None) == 2, 15, what="the listener never reconnected")
+    _send(OTHER, "again")
+    until(lambda: handlers[OTHER].payloads() == ["again"], 10, what="the listener reconnected deaf")
+
+
+def test_a_channel_name_is_a_plain_identifier():
+    with pytest.raises(ValueError):
+        listener.handle("kiropool; DROP TABLE x", lambda payloads: None)
