@@ -55,6 +55,12 @@ def handle(channel: str, handler: Handler) -> None:
     _handlers[channel] = handler
 
 
+def unhandle(channel: str) -> None:
+    """Stop handing ``channel``'s notifications to anyone (the listener stops
+    listening to it when it next connects)."""
+    _handlers.pop(channel, None)
+
+
 def notify(channel: str, payload: str = "") -> None:
     """Send ``payload`` on ``channel``, delivered to every listener once this
     transaction commits (at once outside one)."""

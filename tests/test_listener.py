@@ -49,7 +49,7 @@ def handlers():
     yield heard
     listener.stop()
     for channel in heard:
-        listener._handlers.pop(channel, None)
+        listener.unhandle(channel)
 
 
 def _send(channel: str, payload: str) -> None:
