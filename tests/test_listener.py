@@ -14,7 +14,7 @@ import pytest
 from core import listener
 from tests.support import test_database_url, until
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("postgres_only")]
+pytestmark = [pytest.mark.django_db(transaction=True)]
 
 CHANNEL, OTHER = "kiropool_test_a", "kiropool_test_b"
 
@@ -37,7 +37,7 @@ class Heard:
 
 
 @pytest.fixture
-def handlers():
+def handlers(postgres_only):
     """Two test channels, listened to by a listener started after they were
     registered; afterwards the listener restarts without them."""
     heard = {CHANNEL: Heard(fails=True), OTHER: Heard()}
