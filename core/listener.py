@@ -133,10 +133,11 @@ def _listen_forever(params: dict) -> None:
 
 
 def _deliver(heard: list | None) -> None:
-    for channel, handler in _handlers.items():
+    # A copy: a channel registered or dropped meanwhile must not end the loop.
+    for channel, handler in list(_handlers.items()):
         payloads = None if heard is None else [notice.payload for notice in heard if notice.channel == channel]
-        if payloads == []:
-            continue
+        if heard is not None and not payloads:
+            continue  # nothing on this channel in the batch
         try:
             handler(payloads)
         except Exception:  # noqa: BLE001 - one handler's failure must not stop the others or the listener
