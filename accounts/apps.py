@@ -6,8 +6,6 @@ class AccountsConfig(AppConfig):
     verbose_name = "Pool"
 
     def ready(self) -> None:
-        from django.db import connection
-
         from accounts import (
             checks,  # noqa: F401  registers the credentials-key and rate checks
             signals,  # noqa: F401  the key cache forgets saved keys
@@ -15,6 +13,6 @@ class AccountsConfig(AppConfig):
         from accounts.authentication import KEY_CHANNEL, key_cache
         from core import listener
 
-        if connection.vendor == "postgresql":
-            # Keys saved in other processes are forgotten here too.
-            listener.handle(KEY_CHANNEL, key_cache.heard)
+        # Keys saved in other processes are forgotten here too (PostgreSQL;
+        # on SQLite nothing is sent or listened to).
+        listener.handle(KEY_CHANNEL, key_cache.heard)

@@ -10,7 +10,7 @@ shell), seen at once:
   reset quotas and an import.
 """
 
-from django.db import connection, transaction
+from django.db import transaction
 from django.db.models.signals import m2m_changed, post_delete, post_save
 from django.dispatch import Signal, receiver
 
@@ -35,9 +35,8 @@ def api_key_forget(sender, instance: ApiKey, **kwargs) -> None:
     key_cache.forget(instance.prefix)
     # And once committed: a request in between may have cached the old row.
     transaction.on_commit(lambda: key_cache.forget(instance.prefix))
-    if connection.vendor == "postgresql":
-        # Every process's listener, this one's included, hears it on commit.
-        listener.notify(KEY_CHANNEL, instance.prefix)
+    # On PostgreSQL every process's listener, this one's included, hears it on commit.
+    listener.notify(KEY_CHANNEL, instance.prefix)
 
 
 @receiver(post_save, sender=RoutingIdentity)

@@ -15,8 +15,8 @@ the database. After every connection, the first included, each handler is
 called once with ``None``: a notification sent while nothing listened is
 lost, so the handler must assume it missed some.
 
-SQLite has no notifications: nothing listens, and callers check the vendor
-before they start the listener or send.
+SQLite has no notifications: :func:`notify` sends nothing there, and
+callers check the vendor before they start the listener.
 """
 
 from __future__ import annotations
@@ -63,7 +63,9 @@ def unhandle(channel: str) -> None:
 
 def notify(channel: str, payload: str = "") -> None:
     """Send ``payload`` on ``channel``, delivered to every listener once this
-    transaction commits (at once outside one)."""
+    transaction commits (at once outside one). Nothing on SQLite."""
+    if connection.vendor != "postgresql":
+        return
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_notify(%s, %s)", [channel, payload])
 

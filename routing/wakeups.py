@@ -3,7 +3,7 @@
 A dispatch that found only locally throttled candidates waits for a slot. It
 must be woken promptly by a release anywhere, not by sleeping in coarse steps:
 
-- PostgreSQL: a release sends ``NOTIFY kiropool_release`` inside its
+- PostgreSQL: a release notifies ``kiropool_release`` inside its
   transaction (delivered on commit). The process's listener
   (``core/listener.py``) hears it and bumps a generation counter that the
   waiting threads block on.
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 
-from django.db import connection, transaction
+from django.db import transaction
 
 from core import listener
 from routing.backend import backend
@@ -86,9 +86,7 @@ def release_notify() -> None:
     """Wake waiting dispatches in every process once this transaction
     commits: something may have freed a slot (a release, a hold given up,
     an operator's edit of the pool)."""
-    if backend.postgres:
-        with connection.cursor() as cursor:
-            cursor.execute(f"NOTIFY {CHANNEL}")
+    listener.notify(CHANNEL)
     transaction.on_commit(released_locally)
 
 
