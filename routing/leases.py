@@ -29,6 +29,7 @@ from routing.models import Lease, StickyOutcome
 from routing.selectors import dispatch as reads
 from routing.selectors import key_accounts, walk
 from routing.selectors.candidates import HEAD_ROWS
+from routing.selectors.counts import EXPIRY_FLOOR
 from routing.selectors.latency import StoredSnapshot, latency_snapshot_current
 
 # Past a lease's expiry before looking again, so the expired lease no longer counts.
@@ -159,7 +160,7 @@ def dispatch_warm() -> None:
     # A group's id, like every value, is a parameter of the statement, not part of its shape.
     for group_id, pool, session_id in itertools.product((1, None), selection.POOLS, ("warm-up", None)):
         key = ApiKey(route_strategy=RouteStrategy.AUTO, account_group_id=group_id, preferred_pool=pool)
-        read = dict(key=key, request=DispatchRequest(session_id=session_id), now=now)
+        read = dict(key=key, request=DispatchRequest(session_id=session_id), now=now, lease_floor=EXPIRY_FLOOR)
         shapes = [
             *(reads.request_shape(**read, snapshot=s, spread=bool(session_id), head=True)[0] for s in (usable, None)),
             reads.request_shape(**read, snapshot=None, spread=False)[0],  # when nothing could be claimed

@@ -282,6 +282,24 @@ class CooldownEvent(models.Model):
         return f"{self.get_kind_display()} at {self.created_at:%Y-%m-%d %H:%M:%S}"
 
 
+class LeaseReapMark(models.Model):
+    """How far the periodic reaper has closed expired leases: one row, the
+    ``now`` of its last run that went through every expired lease.
+
+    A completed lease leaves its old row version in the indexes of live
+    leases until PostgreSQL vacuums the table, which on a table keeping
+    weeks of history can be a day or more apart. The reads' probe for
+    leases past their TTL and not yet reaped walks those entries from the
+    oldest expiry on: a dispatch's cost grew with the leases completed
+    since the last vacuum. Below this mark (less a margin) no lease is
+    still open, so the probe starts there (``routing/selectors/reaped.py``)."""
+
+    reaped_through = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"leases reaped through {self.reaped_through:%Y-%m-%d %H:%M:%S}"
+
+
 # The hot counters the reconcile task recomputes (routing/maintenance.py).
 COUNTER_NAMES = ("identity_in_flight", "key_in_flight", "account_binding_rows")
 

@@ -35,7 +35,7 @@ from core.errors import RateLimited
 from routing import maintenance, readiness, waiting, wakeups
 from routing.backend import backend
 from routing.dispatch import CandidateRow, DispatchRequest, LeaseGrant
-from routing.models import LEASE_OPEN, CooldownEvent, CooldownKind, Lease, LeaseOutcome, StickyOutcome
+from routing.models import LEASE_OPEN, CooldownEvent, CooldownKind, Lease, LeaseOutcome, LeaseReapMark, StickyOutcome
 from routing.selectors import rules
 
 # --- claim ---------------------------------------------------------------------------
@@ -276,8 +276,14 @@ def lease_reap_expired(
     """Close leases past their TTL and give their slots back. Safe to run in
     several processes at once: each lease is closed by exactly one of them.
     With ``lock_timeout`` (the periodic task) a batch that waits too long for
-    a row lock gives way to the hot path; the next run finishes the job."""
-    now = now or timezone.now()
+    a row lock gives way to the hot path; the next run finishes the job.
+
+    A run over every identity that goes through to the end moves the reap
+    mark (``LeaseReapMark``) up to the time it ran at: the reads' probe for
+    unreaped leases starts there (``routing/selectors/reaped.py``). A run
+    for some identities, or one that gave way, leaves it."""
+    started = timezone.now()
+    now = now or started
     total = 0
     while True:
         try:
@@ -293,7 +299,21 @@ def lease_reap_expired(
             continue  # a completion won a lease between our read and update: redo the batch
         total += closed
         if found < REAP_BATCH:
+            if identity_ids is None:
+                # Never past the clock: a run asked to close what will have
+                # expired by a later ``now`` has not seen the leases to come.
+                lease_reap_mark_advance(min(now, started))
             return total
+
+
+def lease_reap_mark_advance(reaped_through: datetime) -> None:
+    """Record that every lease that expired by ``reaped_through`` is closed;
+    the mark only moves forward."""
+    mark, created = LeaseReapMark.objects.get_or_create(pk=1, defaults={"reaped_through": reaped_through})
+    if not created:
+        LeaseReapMark.objects.filter(pk=mark.pk, reaped_through__lt=reaped_through).update(
+            reaped_through=reaped_through
+        )
 
 
 def _reap_batch(*, now: datetime, identity_ids: list[int] | None) -> tuple[int | None, int]:

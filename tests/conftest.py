@@ -88,6 +88,17 @@ def _fresh_probe_caches():
     pool_state.clear()
 
 
+@pytest.fixture(autouse=True)
+def _fresh_lease_floor():
+    # Each process reads the reap mark at most every few seconds; every test's
+    # database starts without one.
+    from routing.selectors.reaped import lease_floor_forget
+
+    lease_floor_forget()
+    yield
+    lease_floor_forget()
+
+
 @pytest.fixture
 def process_secrets(settings):
     """This process uses the secrets of the servers and workers it starts

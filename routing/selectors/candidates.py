@@ -74,6 +74,7 @@ def scope_of(key: ApiKey) -> str:
 
 PARAMETERS = {
     "now": datetime,
+    "lease_floor": datetime,  # reaped.lease_floor: no lease that expired before it is open
     "slow_start_seconds": float,
     "key_id": int,
     "session_id": str,
@@ -126,7 +127,7 @@ def candidates_queryset(shape: Shape, values: Mapping[str, object]) -> QuerySet:
     # sort after every account a lease could start on.
     included = ~Q(name__in=values["excluded"]) if shape.excluded else Q()
     accounts = accounts.annotate(
-        expired_leases=counts.unreaped_leases(now),
+        expired_leases=counts.unreaped_leases(now, values["lease_floor"]),
         excluded=(
             ExpressionWrapper(Q(name__in=values["excluded"]), output_field=BooleanField())
             if shape.excluded

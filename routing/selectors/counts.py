@@ -21,9 +21,11 @@ from routing.models import Lease, SessionBinding
 EXPIRY_FLOOR = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-def expired(now: datetime) -> Q:
-    """The rows (leases, bindings) whose expiry has passed at ``now``."""
-    return Q(expires_at__gt=EXPIRY_FLOOR, expires_at__lte=now)
+def expired(now: datetime, floor: datetime = EXPIRY_FLOOR) -> Q:
+    """The rows (leases, bindings) whose expiry has passed at ``now``; of
+    leases, those that expired after ``floor`` (``reaped.lease_floor``:
+    every lease that expired before it is closed)."""
+    return Q(expires_at__gt=floor, expires_at__lte=now)
 
 
 def count_subquery(queryset, field: str) -> Coalesce:
@@ -37,10 +39,10 @@ def expired_bindings(now: datetime, *, account_ref: str = "pk") -> Coalesce:
     return count_subquery(SessionBinding.objects.filter(expired(now), account=OuterRef(account_ref)), "account")
 
 
-def expired_leases(now: datetime, *, identity_ref: str = "identity_id") -> Coalesce:
+def expired_leases(now: datetime, floor: datetime = EXPIRY_FLOOR, *, identity_ref: str = "identity_id") -> Coalesce:
     """Per identity (outer row): its live-looking leases already past their TTL."""
     return count_subquery(
-        Lease.objects.filter(expired(now), identity=OuterRef(identity_ref), completed_at__isnull=True),
+        Lease.objects.filter(expired(now, floor), identity=OuterRef(identity_ref), completed_at__isnull=True),
         "identity",
     )
 
@@ -53,14 +55,14 @@ def live_leases(now: datetime, *, identity_ref: str = "identity_id") -> Coalesce
     )
 
 
-def unreaped_leases(now: datetime) -> Case:
+def unreaped_leases(now: datetime, floor: datetime) -> Case:
     """Per account (outer row): :func:`expired_leases` of its identity, probed
     only for the identities that have any (few: the reaper closes them), not
-    for every row of the pool."""
+    for every row of the pool; among the leases that expired after ``floor``."""
     return Case(
         When(
-            identity_id__in=Lease.objects.filter(expired(now), completed_at__isnull=True).values("identity_id"),
-            then=expired_leases(now),
+            identity_id__in=Lease.objects.filter(expired(now, floor), completed_at__isnull=True).values("identity_id"),
+            then=expired_leases(now, floor),
         ),
         default=Value(0),
     )

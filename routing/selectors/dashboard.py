@@ -14,13 +14,14 @@ from accounts.models import Account
 from routing.models import CooldownEvent, Lease, SessionBinding
 from routing.selectors.counts import expired_bindings, expired_leases
 from routing.selectors.latency import StoredSnapshot, latency_snapshot_latest
+from routing.selectors.reaped import lease_floor
 
 
 def _dashboard_accounts(now: datetime):
     return (
         Account.objects.select_related("identity", "proxy")
         .defer("credentials")
-        .annotate(expired_bindings=expired_bindings(now), expired_leases=expired_leases(now))
+        .annotate(expired_bindings=expired_bindings(now), expired_leases=expired_leases(now, lease_floor()))
     )
 
 

@@ -19,7 +19,7 @@ from django.conf import settings
 from accounts.models import ApiKey
 from routing import selection
 from routing.dispatch import CandidateRow, DispatchRequest, SortKeys
-from routing.selectors import key_accounts, rules, walk
+from routing.selectors import key_accounts, reaped, rules, walk
 from routing.selectors.candidates import HEAD_ROWS, PARAMETERS, Shape, candidates_queryset, scope_of
 from routing.selectors.compiled import CompiledQuery, sentinel_values
 from routing.selectors.latency import StoredSnapshot
@@ -57,8 +57,11 @@ def request_shape(
     head: bool = False,
     bound_only: bool = False,
     preferred: frozenset[str] = frozenset(),
+    lease_floor: datetime | None = None,
 ) -> tuple[Shape, dict[str, object]]:
-    """The shape of this request's candidates read, and its parameter values."""
+    """The shape of this request's candidates read, and its parameter values.
+    ``lease_floor``: where the probe for unreaped leases starts, this
+    process's ``reaped.lease_floor()`` unless given."""
     latency = snapshot is not None and selection.latency_usable(
         snapshot.snapshot, now=now, enabled=key.latency_routing_enabled
     )
@@ -77,6 +80,7 @@ def request_shape(
     )
     values = {
         "now": now,
+        "lease_floor": reaped.lease_floor() if lease_floor is None else lease_floor,
         "key_id": key.pk,
         "session_id": request.session_id or "",
         "group_id": key.account_group_id or 0,

@@ -72,7 +72,7 @@ def head_or_special(selectable: Q, values: Mapping[str, object], *, spread: bool
             startable = startable.exclude(name__in=names)
     startable = (
         startable.filter(Q(proxy__cooldown_until__isnull=True) | Q(proxy__cooldown_until__lte=now))
-        .alias(expired_leases=counts.unreaped_leases(now))
+        .alias(expired_leases=counts.unreaped_leases(now, values["lease_floor"]))
         .filter(
             rules.identity_claimable(
                 now, values["slow_start_seconds"], prefix="identity__", expired_leases=F("expired_leases")

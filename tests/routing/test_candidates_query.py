@@ -56,6 +56,7 @@ def _values(shape: Shape, **changes) -> dict[str, object]:
     """A request's values for a read of ``shape``, with ``changes``."""
     return {
         "now": timezone.now(),
+        "lease_floor": timezone.now() - timedelta(minutes=20),
         "key_id": 41,
         "session_id": "conversation-7",
         "group_id": 3,
@@ -81,7 +82,13 @@ def test_the_cached_sql_is_what_django_compiles_afresh(shape):
     assert cached.sql == fresh_sql
     assert cached.params(values) == [adapt(p) for p in fresh_params]
     # and with other values, still the same statement
-    later = {**values, "now": now + timedelta(minutes=3), "key_id": 5, "session_id": "other"}
+    later = {
+        **values,
+        "now": now + timedelta(minutes=3),
+        "lease_floor": now - timedelta(minutes=1),
+        "key_id": 5,
+        "session_id": "other",
+    }
     assert cached.params(later) == [adapt(p) for p in candidates_queryset(shape, later).query.sql_with_params()[1]]
 
 
@@ -113,14 +120,18 @@ def test_only_an_integer_is_ever_written_into_a_statement():
 @pytest.mark.parametrize(
     ("shape", "names"),
     [
-        (SHAPES[1], {"now", "slow_start_seconds", "key_id", "session_id", "group_id"}),
-        (SHAPES[2], {"now", "slow_start_seconds", "key_id", "session_id", "fixed_account_id", "excluded"}),
+        (SHAPES[1], {"now", "lease_floor", "slow_start_seconds", "key_id", "session_id", "group_id"}),
+        (
+            SHAPES[2],
+            {"now", "lease_floor", "slow_start_seconds", "key_id", "session_id", "fixed_account_id", "excluded"},
+        ),
         # the walk's scope is the group too (a BigIntegerField's value, sent as psycopg's Int8)
-        (SHAPES[4], {"now", "slow_start_seconds", "key_id", "session_id", "group_id", "preferred"}),
+        (SHAPES[4], {"now", "lease_floor", "slow_start_seconds", "key_id", "session_id", "group_id", "preferred"}),
         (
             SHAPES[3],
             {
                 "now",
+                "lease_floor",
                 "slow_start_seconds",
                 "snapshot_id",
                 "global_avg_ms",
