@@ -52,7 +52,7 @@ from bench.load.phases import (
 )
 
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/kiropool_bench"
-PHASES = ("floor", "throughput", "pool_size", "open_loop", "wake", "waiting")
+PHASES = ("floor", "throughput", "pool_size", "open_loop", "wake", "history", "waiting")
 REPORT_ORDER = (
     "settings",
     "floor",
@@ -61,6 +61,7 @@ REPORT_ORDER = (
     "pool_size",
     "open_loop",
     "wake_after_release_ms",
+    "history",
     "bounded_waiting",
     "checks",
 )

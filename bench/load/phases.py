@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -39,7 +40,8 @@ LOAD_TITLES = {
     "dispatch": f"dispatch+complete, {seed.BINDINGS:,} live bindings",
     "dispatch_no_bindings": "dispatch+complete, 0 bindings",
 }
-MAIN_SERVER_PHASES = frozenset({"throughput", "pool_size", "open_loop", "wake"})  # one 4-worker kiropool serves them
+HISTORY_LEASES = 200_000  # completed since the last vacuum: a day at a couple of leases a second
+MAIN_SERVER_PHASES = frozenset({"throughput", "pool_size", "open_loop", "wake", "history"})  # one kiropool serves them
 
 
 def phase(report: dict, name: str, run, *path: str) -> None:
@@ -102,6 +104,8 @@ class Run:
                     "wake_after_release_ms",
                     lambda: wake_measure(server.port, self.seeded.wake_key, WAKE_ROUNDS),
                 )
+            if "history" in self.only:
+                phase(report, "history", lambda: self.history_phases(server))
 
     def vacuum(self) -> None:
         """What autovacuum would have done for the phases that follow.
@@ -226,6 +230,33 @@ class Run:
                 ),
                 "open_loop",
             )
+
+    def history_phases(self, server) -> dict:
+        """New-session traffic on a pool with no history, then with
+        ``HISTORY_LEASES`` completed leases not yet vacuumed, the reads'
+        probe for unreaped leases reading from 1970, then the same once the
+        reaper has run and the probe starts at its mark (README, Decisions).
+        Last of the server's phases: nothing vacuums after it. Not mirrored
+        (the leases cannot be taken back without a vacuum), so a drift of
+        the machine shows in the ratios."""
+        from routing.selectors import reaped  # Django is set up by now
+
+        plan = Plan("new", key=self.seeded.history_key)
+        run = {**self.closed, "seconds": self.closed["seconds"] / 2}
+        self.say("history: warm-up, not counted")
+        closed_loop(server.port, plan, name="warm-history", **{**self.closed, "seconds": POOL_WARMUP_SECONDS})
+        self.say(f"history: new sessions, {CLIENTS} closed-loop clients, no completed leases")
+        clean = closed_loop(server.port, plan, name="history-clean", **run)
+        self.say(f"history: {HISTORY_LEASES:,} completed leases, not vacuumed")
+        seed.history_seed(HISTORY_LEASES)
+        self.say("history: the same, the probe reading from 1970 (no reap has run)")
+        oldest = closed_loop(server.port, plan, name="history-oldest", **run)
+        self.say("history: the reaper runs once, and every worker reads its mark")
+        seed.reap()
+        time.sleep(reaped.REFRESH_SECONDS + 1)
+        self.say("history: the same, the probe reading from the reap mark")
+        marked = closed_loop(server.port, plan, name="history-mark", **run)
+        return {"completed_leases": HISTORY_LEASES, "clean": clean, "from_oldest": oldest, "from_mark": marked}
 
     def waiting_phase(self, report: dict) -> None:
         if "waiting" not in self.only:

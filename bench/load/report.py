@@ -120,7 +120,25 @@ def rows(report: dict) -> list[Row]:
     else:
         out.append(_missing("wake after release", wake, f"p50 ≤ {WAKE_P50_MS:.0f} ms"))
 
+    out.extend(_history_rows(report.get("history")))
     out.extend(_waiting_rows(report.get("bounded_waiting")))
+    return out
+
+
+def _history_rows(history: dict | None) -> list[Row]:
+    """New sessions on a pool without history, then with a day's completed
+    leases not yet vacuumed: the reads' probe for unreaped leases from 1970,
+    then from the reap mark. No target: flat would be 1.00."""
+    what = "new sessions, 50 accounts, no history"
+    if not _measured(history):
+        return [_missing(what, history, REFERENCE)]
+    clean, leases = history["clean"], history["completed_leases"]
+    out = [Row(what, _load(clean), REFERENCE, REFERENCE)]
+    for key, probe in (("from_oldest", "from 1970"), ("from_mark", "from the reap mark")):
+        section = history[key]
+        out.append(Row(f"  {leases:,} completed leases, probe {probe}", _load(section), REFERENCE, REFERENCE))
+        ratio = f"{section['rps'] / clean['rps']:.2f}" if clean["rps"] else "—"
+        out.append(Row("    ÷ no history", ratio, "flat: 1.00", REFERENCE))
     return out
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -14,6 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 BINDINGS = 65_536
 BAND_LATENCIES_MS = (400.0, 1000.0, 2500.0)  # first-token times of the banded pool's three thirds
 MAX_CONCURRENCY = 4  # per identity, for the load phases: room for all 16 closed-loop clients in every pool
+HISTORY_PREFIX = "hist-"
 
 
 def database_recreate(url: str) -> None:
@@ -49,6 +51,7 @@ class Seeded:
     wake_key: str  # one identity, one slot
     waiting_key: str  # one identity, one slot (bounded waiting)
     banded_key: str = ""  # the large pool's size, ordered by latency bands (pool-size phase)
+    history_key: str = ""  # 50 accounts, the leases of a day behind them (history phase)
 
 
 def bench_seed(*, main_accounts: int, pool_sizes: tuple[int, ...], open_sizes: tuple[int, ...]) -> Seeded:
@@ -81,6 +84,7 @@ def bench_seed(*, main_accounts: int, pool_sizes: tuple[int, ...], open_sizes: t
         wake_key=key("wake-", 1, max_concurrency=1),
         waiting_key=key("wait-", 1, max_concurrency=1),
         banded_key=banded.key,
+        history_key=key(HISTORY_PREFIX, main_accounts),
     )
     # The one key ordered by latency: every other key routes without it, as
     # they all did before the bench had a snapshot.
@@ -134,3 +138,55 @@ def live_bindings(key_id: int) -> int:
     from routing.models import SessionBinding
 
     return SessionBinding.objects.filter(api_key_id=key_id, expires_at__gt=timezone.now()).count()
+
+
+def history_seed(leases: int) -> None:
+    """``leases`` leases on the history pool's identities, started two hours
+    ago and completed: what a day of traffic leaves in the indexes of open
+    leases between two vacuums (each completion leaves its old row version
+    there). Their expiries lie an hour back, spread over a minute."""
+    from django.db import connection
+    from django.utils import timezone
+
+    from accounts.models import Account
+    from routing.models import Lease
+
+    accounts = list(Account.objects.filter(name__startswith=HISTORY_PREFIX).values_list("pk", "identity_id", "name"))
+    now = timezone.now()
+    table = connection.ops.quote_name(Lease._meta.db_table)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""INSERT INTO {table} (id, account_id, identity_id, account_name, proxy_url, session_id, model,
+                    started_at, expires_at, outcome, waited_ms, sticky, moved_from, quota_probe, error_message)
+                SELECT gen_random_uuid(), a.pk, a.identity_id, a.name, '', '', '',
+                       %s, %s + (g * interval '60 seconds') / %s, '', 0, '', '', false, ''
+                  FROM generate_series(1, %s) AS g
+                  JOIN unnest(%s::bigint[], %s::bigint[], %s::text[]) WITH ORDINALITY AS a(pk, identity_id, name, n)
+                    ON a.n = 1 + g %% %s""",
+            [
+                now - timedelta(hours=2),
+                now - timedelta(hours=1),
+                leases,
+                leases,
+                [pk for pk, _, _ in accounts],
+                [identity for _, identity, _ in accounts],
+                [name for _, _, name in accounts],
+                len(accounts),
+            ],
+        )
+        cursor.execute(
+            f"UPDATE {table} SET completed_at = %s, outcome = 'success'"
+            " WHERE completed_at IS NULL AND account_name LIKE %s",
+            [now - timedelta(hours=1), f"{HISTORY_PREFIX}%"],
+        )
+    connection.close()
+
+
+def reap() -> None:
+    """One run of the periodic reaper (no Celery runs during the bench)."""
+    from django.db import connections
+
+    from routing.slots import lease_reap_expired
+
+    lease_reap_expired(lock_timeout=True)
+    connections.close_all()

@@ -35,6 +35,12 @@ GOOD = {
         "floor": {**open_phase(6), "rate_per_s": 200},
     },
     "wake_after_release_ms": {"p50": 4.0, "max": 9.0},
+    "history": {
+        "completed_leases": 200_000,
+        "clean": load(400),
+        "from_oldest": load(300),
+        "from_mark": load(396),
+    },
     "bounded_waiting": {
         "waiters": 96,
         "completion_ms": 40.0,
@@ -124,6 +130,24 @@ def test_the_slowest_arrivals_crowding_is_shown_for_every_open_loop_without_a_ve
     # A report without the figure (an older bench.json, or a phase that failed) has no row.
     del report["open_loop"]["floor"]["crowding"]
     assert not [row for row in rows(report) if "slowest 1%" in row.what]
+
+
+def test_the_history_phase_shows_each_probe_against_no_history_without_a_verdict():
+    history = [
+        row for row in rows(GOOD) if "history" in row.what or "completed leases" in row.what or "÷ no" in row.what
+    ]
+    assert [(row.what, row.value.split(" rps")[0]) for row in history] == [
+        ("new sessions, 50 accounts, no history", "400"),
+        ("  200,000 completed leases, probe from 1970", "300"),
+        ("    ÷ no history", "0.75"),
+        ("  200,000 completed leases, probe from the reap mark", "396"),
+        ("    ÷ no history", "0.99"),
+    ]
+    assert {row.verdict for row in history} == {"reference"}
+
+    broken = copy.deepcopy(GOOD)
+    broken["history"] = {"error": "OperationalError: disk full"}
+    assert verdicts(broken)["new sessions, 50 accounts, no history"] == MISSING
 
 
 def test_a_failed_phase_is_shown_not_measured_and_the_rest_still_judged():
