@@ -13,7 +13,7 @@ from django.utils import timezone
 from accounts.models import Account, RoutingIdentity
 from routing import slots
 from routing.models import Lease, LeaseOutcome, LeaseReapMark
-from routing.selectors import reaped
+from routing.selectors import counts, reaped
 from routing.selectors.counts import EXPIRY_FLOOR
 from tests.factories import AccountFactory, LeaseFactory
 from tests.routing.reads import head_read
@@ -142,11 +142,12 @@ def test_the_probe_reads_from_the_floor_not_through_every_completed_lease(postgr
     account = Account.objects.get(name="a")
     with connection.cursor() as cursor:
         cursor.execute(
-            """INSERT INTO routing_lease (id, identity_id, account_id, account_name, proxy_url, session_id, model,
-                   started_at, expires_at, outcome, waited_ms, sticky, moved_from, quota_probe, error_message)
-               SELECT gen_random_uuid(), %s, %s, 'a', '', '', '', %s, %s + g * interval '1 ms', '', 0, '', '', false, ''
+            """INSERT INTO routing_lease (id, api_key_id, identity_id, account_id, account_name, proxy_url, session_id,
+                   model, started_at, expires_at, outcome, waited_ms, sticky, moved_from, quota_probe, error_message)
+               SELECT gen_random_uuid(), %s, %s, %s, 'a', '', '', '', %s, %s + g * interval '1 ms', '', 0, '', '',
+                      false, ''
                  FROM generate_series(1, 20000) AS g""",
-            [account.identity_id, account.pk, now - timedelta(hours=3), now - timedelta(hours=2)],
+            [key.pk, account.identity_id, account.pk, now - timedelta(hours=3), now - timedelta(hours=2)],
         )
         cursor.execute("UPDATE routing_lease SET completed_at = %s, outcome = 'success'", [now - timedelta(hours=2)])
         # Statistics as autovacuum's analyze keeps them: nearly every lease completed.
@@ -154,3 +155,33 @@ def test_the_probe_reads_from_the_floor_not_through_every_completed_lease(postgr
     after = {"oldest": buffers(EXPIRY_FLOOR), "floor": buffers(floor)}
     assert after["oldest"] - before["oldest"] > 200, (before, after)  # walked the completed leases
     assert after["floor"] - before["floor"] < 20, (before, after)  # did not
+
+
+def test_the_probe_cannot_read_the_open_leases_of_every_identity_or_key(postgres_only):
+    """An analyze of a large lease table sees no open lease, and every
+    index of open leases then looks empty: a plan once read
+    ``lease_live_key_idx`` whole for the probe, through every completed
+    lease not yet vacuumed, whatever the floor. Those indexes hold only rows
+    that name their identity or key, so the probe (which names neither)
+    can only take the index by expiry (with scans of the table ruled out,
+    the plan's only other choices read every lease)."""
+    lease = LeaseFactory(expires_at=timezone.now() - timedelta(hours=1))
+    Lease.objects.filter(pk=lease.pk).update(completed_at=timezone.now(), outcome=LeaseOutcome.SUCCESS)
+    probe = Lease.objects.filter(counts.expired(timezone.now(), EXPIRY_FLOOR), completed_at__isnull=True)
+    sql, params = probe.values("identity_id").query.sql_with_params()
+
+    def plan() -> str:
+        with connection.cursor() as cursor:
+            cursor.execute(f"EXPLAIN {sql}", params)
+            return "\n".join(row[0] for row in cursor.fetchall())
+
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE routing_lease")
+        cursor.execute("SET LOCAL enable_seqscan = off")
+    assert "lease_live_expiry_idx" in plan()
+    # Even were the index by expiry gone (dropped for the test, and back with
+    # its rollback), the other two could not serve the probe.
+    with connection.cursor() as cursor:
+        cursor.execute("DROP INDEX lease_live_expiry_idx")
+    other = plan()
+    assert "lease_live_key_idx" not in other and "lease_live_identity_idx" not in other, other
