@@ -17,8 +17,8 @@ mark only moves forward and a process reads it at most every
 misses a lease.
 
 The one lease it can miss is one inserted after a run with an expiry before
-that run's ``now`` less the margin: a claim whose commit came more than its
-TTL after its own clock (or a clock that far behind the reaper's), or an
+that run's ``now`` less the margin: a claim whose commit came more than the
+margin after its own clock (or a clock that far behind the reaper's), or an
 expired lease whose completion held it during the run and then rolled
 back. Such a lease counts as in flight until the next run, which closes it
 (the reaper itself reads from the oldest expiry)."""
