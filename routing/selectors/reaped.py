@@ -25,10 +25,9 @@ back. Such a lease counts as in flight until the next run, which closes it
 
 from __future__ import annotations
 
-import threading
-import time
 from datetime import datetime, timedelta
 
+from core.recent import RecentValue
 from routing.models import LeaseReapMark
 from routing.selectors.counts import EXPIRY_FLOOR
 
@@ -38,33 +37,19 @@ MARGIN = timedelta(seconds=60)
 # How often a process reads the mark again. The reaper runs every minute.
 REFRESH_SECONDS = 10.0
 
-
-class _Floor:
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._value = EXPIRY_FLOOR
-        self._read_at: float | None = None
-
-    def get(self) -> datetime:
-        read_at = self._read_at
-        if read_at is not None and time.monotonic() - read_at < REFRESH_SECONDS:
-            return self._value
-        mark = LeaseReapMark.objects.values_list("reaped_through", flat=True).first()
-        with self._lock:
-            if mark is not None:
-                self._value = max(self._value, mark - MARGIN)
-            self._read_at = time.monotonic()
-            return self._value
-
-    def forget(self) -> None:
-        """Read the mark again on the next call, from the oldest expiry on
-        until then (tests: each test's database starts without a mark)."""
-        with self._lock:
-            self._value = EXPIRY_FLOOR
-            self._read_at = None
+# The highest floor this process has read: it never goes back down.
+_highest = EXPIRY_FLOOR
 
 
-_floor = _Floor()
+def _floor_read() -> datetime:
+    global _highest  # noqa: PLW0603 - written only under the RecentValue's lock
+    mark = LeaseReapMark.objects.values_list("reaped_through", flat=True).first()
+    if mark is not None:
+        _highest = max(_highest, mark - MARGIN)
+    return _highest
+
+
+_floor = RecentValue(_floor_read, seconds=REFRESH_SECONDS)
 
 
 def lease_floor() -> datetime:
@@ -73,4 +58,8 @@ def lease_floor() -> datetime:
 
 
 def lease_floor_forget() -> None:
-    _floor.forget()
+    """Read the mark again on the next call, from the oldest expiry on until
+    then (tests: each test's database starts without a mark)."""
+    global _highest  # noqa: PLW0603
+    _floor.clear()
+    _highest = EXPIRY_FLOOR

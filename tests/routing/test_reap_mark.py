@@ -11,6 +11,7 @@ from django.db import OperationalError, connection
 from django.utils import timezone
 
 from accounts.models import Account, RoutingIdentity
+from core.recent import RecentValue
 from routing import slots
 from routing.models import Lease, LeaseOutcome, LeaseReapMark
 from routing.selectors import counts, reaped
@@ -74,11 +75,16 @@ def test_a_reap_that_gave_way_to_the_hot_path_leaves_the_mark(postgres_only, mon
 # --- each process reads it ----------------------------------------------------------
 
 
+def reread_each_time(monkeypatch) -> None:
+    """This process reads the mark on every call, as if the refresh interval had passed."""
+    monkeypatch.setattr(reaped, "_floor", RecentValue(reaped._floor_read, seconds=0.0))
+
+
 def test_the_floor_is_the_mark_less_the_margin_and_read_again_after_a_while(monkeypatch):
     assert reaped.lease_floor() == EXPIRY_FLOOR  # no run yet: from the oldest expiry
     slots.lease_reap_expired()
     assert reaped.lease_floor() == EXPIRY_FLOOR  # read a moment ago: not yet
-    monkeypatch.setattr(reaped, "REFRESH_SECONDS", 0.0)
+    reread_each_time(monkeypatch)
     assert reaped.lease_floor() == mark() - reaped.MARGIN
     # A lower mark (another database's, say) never lowers what this process read.
     LeaseReapMark.objects.update(reaped_through=mark() - timedelta(hours=1))
@@ -91,7 +97,7 @@ def test_the_floor_is_the_mark_less_the_margin_and_read_again_after_a_while(monk
 def test_a_lease_past_its_ttl_still_stops_counting_at_once_after_a_reap(gw, statements, monkeypatch):
     """SPEC §3: a lease past its TTL is ignored by every read before any
     reaper closes it; the mark does not hide the ones that expired since."""
-    monkeypatch.setattr(reaped, "REFRESH_SECONDS", 0.0)
+    reread_each_time(monkeypatch)
     account = AccountFactory(name="a")
     slots.lease_reap_expired()
     lease = open_lease(account, expired_ago=timedelta(seconds=1))
@@ -104,7 +110,7 @@ def test_a_lease_that_expired_below_the_floor_counts_until_the_next_reap(gw, sta
     """The trade: a lease still open with an expiry below the floor (a claim
     that committed long after its own clock) holds its slot until the next
     periodic run, which reads from the oldest expiry and closes it."""
-    monkeypatch.setattr(reaped, "REFRESH_SECONDS", 0.0)
+    reread_each_time(monkeypatch)
     account = AccountFactory(name="a")
     slots.lease_reap_expired()
     lease = open_lease(account, expired_ago=reaped.MARGIN + timedelta(minutes=5))
