@@ -21,8 +21,10 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
+from bench.load import cpu
 from bench.load.stats import (
     closed_figures,
+    cpu_per_request,
     crowding,
     latency_summary,
     poisson_schedule,
@@ -218,20 +220,26 @@ def closed_loop(
     clients: int,
     processes: int,
     keep_latencies: bool = False,
+    meter: cpu.Meter | None = None,
 ) -> dict:
     """Throughput: every request (dispatch and completion) per second, in the
     window after ``warmup``; latencies are the dispatch's (or floor request's).
     ``name`` keeps the phase's new session ids apart from other phases'.
     ``keep_latencies``: the raw latencies too (``latencies_s``), for
-    :func:`bench.load.stats.closed_merge`."""
+    :func:`bench.load.stats.closed_merge`. ``meter``: the CPU each side
+    spent in the window too (``cpu_s``, and ``cpu_ms_per_request``)."""
     begin = time.monotonic() + START_DELAY_SECONDS + warmup
     window = (begin, begin + seconds)
+    watch = meter.watch(window) if meter is not None else None
     per_process = clients // processes
     jobs = [[(port, plan, f"{name}.{p}.{t}", window) for t in range(per_process)] for p in range(processes)]
     tallies = _run_processes(_closed_thread, jobs)
     latencies = [x for t in tallies for x in t.latencies]
     elapsed = max((t.last_answer for t in tallies), default=0.0) - begin
     result = closed_figures(statuses=_statuses(tallies), latencies=latencies, elapsed=elapsed, clients=clients)
+    if watch is not None and (spent := watch.result()) is not None:
+        result["cpu_s"] = spent
+        result["cpu_ms_per_request"] = cpu_per_request(spent, result["requests"])
     if keep_latencies:
         result["latencies_s"] = latencies
     return result

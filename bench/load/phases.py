@@ -10,8 +10,8 @@ import time
 import traceback
 from pathlib import Path
 
+from bench.load import cpu, seed, servers
 from bench.load import report as tables
-from bench.load import seed, servers
 from bench.load.clients import Plan, closed_loop, open_loop
 from bench.load.stats import closed_merge
 from bench.load.waiting import bounded_waiting, wake_measure
@@ -66,6 +66,7 @@ class Run:
         self, *, env: dict[str, str], seeded: seed.Seeded, seconds: float, profile: bool, say, only: frozenset[str]
     ) -> None:
         self.env, self.seeded, self.profile, self.say, self.only = env, seeded, profile, say, only
+        self.servers: list = []  # every server up (the CPU split counts the idle ones apart)
         self.closed = dict(seconds=seconds, warmup=WARMUP_SECONDS, clients=CLIENTS, processes=CLIENT_PROCESSES)
         # Loads measured in two halves, each half's latencies kept to merge them.
         self.half = {**self.closed, "seconds": seconds / 2, "keep_latencies": True}
@@ -86,6 +87,7 @@ class Run:
                 server = stack.enter_context(
                     servers.kiropool_server(self.env, workers=WORKERS, log=OUT / "gunicorn-kiropool.log")
                 )
+            self.servers = [s for s in (floor, server) if s is not None]
             self.throughput_phases(report, floor, server)
             if floor is not None:
                 self.floor_open_loop(report, floor)
@@ -132,15 +134,19 @@ class Run:
         drift weighs on every load alike."""
         seeded = self.seeded
         loads: dict[str, tuple[int, Plan]] = {}
+        meters: dict[str, cpu.Meter | None] = {}
         extra: dict[str, dict] = {}
+        started = [s for s in (floor, server) if s is not None]
         if floor is not None:
             loads["floor"] = (floor.port, Plan("floor", floor_pk=seeded.floor_pk))
+            meters["floor"] = cpu.Meter.of(floor, started)
         if server is not None and "throughput" in self.only:
             for name, key, key_id in (
                 ("dispatch", seeded.key, seeded.key_id),
                 ("dispatch_no_bindings", seeded.empty_key, seeded.empty_key_id),
             ):
                 loads[name] = (server.port, Plan("mixed", key=key, bindings=seed.BINDINGS))
+                meters[name] = cpu.Meter.of(server, started)
                 extra[name] = {"bindings": seed.live_bindings(key_id)}
             connections_close()
         order = [name for name in THROUGHPUT_LOADS if name in loads]
@@ -151,7 +157,7 @@ class Run:
             port, plan = loads[name]
             self.say(f"{LOAD_TITLES[name]}, {CLIENTS} closed-loop clients (run {n + 1} of {2 * len(order)})")
             try:
-                runs[name].append(closed_loop(port, plan, name=f"{name}.{n}", **self.half))
+                runs[name].append(closed_loop(port, plan, name=f"{name}.{n}", **self.half, meter=meters[name]))
             except Exception as error:  # noqa: BLE001  one broken load must not lose the others' figures
                 report[name] = failed(error)
         for name in order:
@@ -183,6 +189,7 @@ class Run:
         }
         runs: dict[str, list[dict]] = {label: [] for label in LABELS}
         sizes = report.setdefault("pool_size", {})
+        measured = {**self.half, "meter": cpu.Meter.of(server, self.servers or [server])}
         warm = {**self.closed, "seconds": POOL_WARMUP_SECONDS}
         try:
             seed.latency_refresh()  # fresh, so its bands order throughout
@@ -202,7 +209,7 @@ class Run:
                     # have, so those figures read a little low.
                     seconds = 3 * (self.half["warmup"] + self.half["seconds"] + 1)
                     profile = Profile(server, seconds=seconds, output=OUT / f"profile-{accounts}-accounts.svg")
-                runs[label].append(pool_size_run(server, key, label, self.half, n))
+                runs[label].append(pool_size_run(server, key, label, measured, n))
                 if profile is not None and len(runs["banded"]) == 2:
                     sizes["profile"], profile = profile.finish(), None
         except Exception as error:  # noqa: BLE001  one broken phase must not lose the others' figures

@@ -38,6 +38,15 @@ def _load(row: dict) -> str:
     return f"{row['rps']:.0f} rps{runs} · p50 {_ms(row['p50_ms'])} · p99 {_ms(row['p99_ms'])} ms{errors}"
 
 
+def _cpu(split: dict) -> str:
+    """Who spent a request's CPU: the server under load, PostgreSQL, the
+    bench's clients, all of the machine (the rest included)."""
+    return (
+        f"server {split['server']:.2f} · PostgreSQL {split['postgres']:.2f} · clients {split['clients']:.2f}"
+        f" · all {split['all']:.2f} ms"
+    )
+
+
 def _open(row: dict) -> str:
     errors = f" · {row['errors']} err" if row.get("errors") else ""
     served = f" ({_ms(row['service_p99_ms'])} from the actual start)" if row.get("service_p99_ms") is not None else ""
@@ -67,6 +76,8 @@ def rows(report: dict) -> list[Row]:
         """A measured phase; its own target, if any, is the ratio row below it."""
         if _measured(section):
             out.append(Row(what, _load(section), target, verdict))
+            if section.get("cpu_ms_per_request"):
+                out.append(Row("  CPU per request", _cpu(section["cpu_ms_per_request"]), "", ""))
         else:
             out.append(_missing(what, section, target))
 

@@ -92,8 +92,9 @@ def closed_figures(*, statuses: Mapping[int, int], latencies: Sequence[float], e
 def closed_merge(runs: Sequence[dict]) -> dict:
     """Several closed-loop runs of one load (``closed_loop(...,
     keep_latencies=True)``) as one window: requests over the sum of their
-    windows, percentiles over every latency, statuses added up. Each run's
-    own rate stays in ``runs_rps``."""
+    windows, percentiles over every latency, statuses added up, and the CPU
+    each side spent (``cpu_s``) added up when every run measured it. Each
+    run's own rate stays in ``runs_rps``."""
     if not runs:
         raise ValueError("nothing to merge")
     statuses: Counter[int] = Counter()
@@ -105,7 +106,21 @@ def closed_merge(runs: Sequence[dict]) -> dict:
         elapsed=sum(run["elapsed_s"] for run in runs),
         clients=runs[0]["clients"],
     )
-    return {**merged, "runs_rps": [run["rps"] for run in runs]}
+    merged["runs_rps"] = [run["rps"] for run in runs]
+    if all(run.get("cpu_s") for run in runs):  # a split only when every run has one
+        spent = {kind: round(sum(run["cpu_s"][kind] for run in runs), 3) for kind in runs[0]["cpu_s"]}
+        merged["cpu_s"] = spent
+        merged["cpu_ms_per_request"] = cpu_per_request(spent, merged["requests"])
+    return merged
+
+
+def cpu_per_request(spent_s: Mapping[str, float], requests: int) -> dict[str, float] | None:
+    """Milliseconds of CPU per request by kind (``bench.load.cpu``), and
+    ``all`` of them together; None without requests."""
+    if not requests:
+        return None
+    split = {kind: round(1000 * seconds / requests, 3) for kind, seconds in spent_s.items()}
+    return {**split, "all": round(sum(split.values()), 3)}
 
 
 def inversions(ranks: Sequence[int]) -> int:

@@ -5,6 +5,7 @@ is checked is the order of the loads and where their figures go."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -29,7 +30,7 @@ SEEDED = Seeded(
 
 
 def _recorder(calls: list[tuple], fail: str | None = None):
-    def closed_loop(port, plan, *, name, seconds, warmup, clients, processes, keep_latencies=False):
+    def closed_loop(port, plan, *, name, seconds, warmup, clients, processes, keep_latencies=False, meter=None):
         load = name.split(".")[0]
         calls.append((load, port, plan.traffic, plan.key or plan.floor_pk, seconds))
         if load == fail:
@@ -69,6 +70,26 @@ def test_the_floor_and_both_mixed_loads_run_in_mirrored_halves(monkeypatch):
     assert report["dispatch"]["runs_rps"] == [200.0, 500.0]
     assert report["dispatch"]["bindings"] == 0  # live bindings of the key, counted before
     assert report["dispatch_no_bindings"]["runs_rps"] == [300.0, 400.0]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="the CPU split reads Linux's /proc")
+def test_each_load_splits_the_cpu_of_its_own_server_and_counts_the_other_apart(monkeypatch):
+    meters: dict[str, object] = {}
+    recorder = _recorder([])
+
+    def closed_loop(*args, meter=None, **kwargs):
+        meters[kwargs["name"].split(".")[0]] = meter
+        return recorder(*args, **kwargs)
+
+    monkeypatch.setattr(phases, "closed_loop", closed_loop)
+    floor = SimpleNamespace(port=1, process=SimpleNamespace(pid=101))
+    kiropool = SimpleNamespace(port=2, process=SimpleNamespace(pid=202))
+    _run({"floor", "throughput"}).throughput_phases({}, floor, kiropool)
+    assert {load: (m.server, m.servers) for load, m in meters.items()} == {
+        "floor": (101, (101, 202)),
+        "dispatch": (202, (101, 202)),
+        "dispatch_no_bindings": (202, (101, 202)),
+    }
 
 
 def test_without_the_floor_the_mixed_loads_still_run_mirrored(monkeypatch):

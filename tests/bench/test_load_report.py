@@ -214,3 +214,19 @@ def test_a_phase_measured_in_several_runs_shows_each_runs_rate():
     shown = {row.what: row.value for row in rows(report)}
     assert shown["new sessions, 1,000 accounts"].startswith("450 rps (runs: 440 / 460) · p50")
     assert "runs:" not in shown["new sessions, 10 accounts"]
+
+
+def test_a_load_with_a_cpu_split_shows_it_beneath_without_a_verdict():
+    report = copy.deepcopy(GOOD)
+    split = {"server": 1.4, "postgres": 0.79, "clients": 0.25, "other": 0.01, "all": 2.45}
+    report["dispatch"]["cpu_ms_per_request"] = split
+    lines = rows(report)
+    at = next(n for n, row in enumerate(lines) if row.what.startswith("dispatch+complete, 65,536"))
+    beneath = lines[at + 1]
+    assert beneath.what == "  CPU per request"
+    assert beneath.value == "server 1.40 · PostgreSQL 0.79 · clients 0.25 · all 2.45 ms"
+    assert (beneath.target, beneath.verdict) == ("", "")
+    # the floor has none here: no line for it, and the verdicts are the same
+    assert lines[1].what.startswith("dispatch+complete")
+    assert verdicts(report) == verdicts(GOOD)
+    assert "CPU per request" in table(report)

@@ -10,6 +10,7 @@ import pytest
 from bench.load.clients import Plan
 from bench.load.stats import (
     closed_merge,
+    cpu_per_request,
     crowding,
     inversion_fraction,
     inversions,
@@ -136,3 +137,35 @@ def test_mixed_traffic_is_80_10_10_and_new_sessions_never_repeat():
     fresh = Plan("new", key="k")
     sessions = [fresh.body(rng, "t", n)["session_id"] for n in range(1000)]
     assert len(set(sessions)) == 1000
+
+
+def test_closed_runs_add_up_their_cpu_and_split_it_per_request():
+    first = closed_run(100.0, 1.0, [0.01] * 50, {"200": 100}) | {
+        "cpu_s": {"server": 0.10, "postgres": 0.05, "clients": 0.02, "other": 0.0}
+    }
+    second = closed_run(100.0, 3.0, [0.01] * 150, {"200": 300}) | {
+        "cpu_s": {"server": 0.30, "postgres": 0.15, "clients": 0.06, "other": 0.01}
+    }
+    merged = closed_merge([first, second])
+    assert merged["cpu_s"] == {"server": 0.4, "postgres": 0.2, "clients": 0.08, "other": 0.01}
+    # 400 requests: 1 ms of the server's each, 0.5 of PostgreSQL's ...
+    assert merged["cpu_ms_per_request"] == {
+        "server": 1.0,
+        "postgres": 0.5,
+        "clients": 0.2,
+        "other": 0.025,
+        "all": 1.725,
+    }
+
+
+def test_no_cpu_split_unless_every_run_measured_one():
+    measured = closed_run(100.0, 1.0, [0.01] * 50, {"200": 100}) | {
+        "cpu_s": {"server": 0.1, "postgres": 0.0, "clients": 0.0, "other": 0.0}
+    }
+    unmeasured = closed_run(100.0, 1.0, [0.01] * 50, {"200": 100})
+    merged = closed_merge([measured, unmeasured])
+    assert "cpu_s" not in merged and "cpu_ms_per_request" not in merged
+
+
+def test_cpu_per_request_needs_requests():
+    assert cpu_per_request({"server": 1.0}, 0) is None
