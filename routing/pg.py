@@ -22,7 +22,7 @@ run, as the candidates read does (``compiled.statement_run``), spared a
 fresh connection those ten plannings but cost the steady state a quarter
 of its dispatch rate: alternating closed-loop runs served 358-390
 dispatches and completions a second with the SET and RESET sent around
-each of these statements, and 465-570 without (README, benchmark).
+each of these statements, and 465-570 without (bench/HISTORY.md).
 """
 
 from __future__ import annotations

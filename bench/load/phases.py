@@ -119,7 +119,7 @@ class Run:
         held 70,442 dead row versions beside 6,324 live ones, and each head
         read stepped over their index entries; in production autovacuum
         visits such a table about once a minute. Vacuuming here did not by
-        itself end the open loop's saturation (README, benchmark figures),
+        itself end the open loop's saturation (bench/HISTORY.md),
         but no phase measures a bloat production would not have."""
         self.say("vacuum, as autovacuum would between phases")
         seed.statistics_refresh()
