@@ -136,17 +136,16 @@ class Run:
         loads: dict[str, tuple[int, Plan]] = {}
         meters: dict[str, cpu.Meter | None] = {}
         extra: dict[str, dict] = {}
-        started = [s for s in (floor, server) if s is not None]
         if floor is not None:
             loads["floor"] = (floor.port, Plan("floor", floor_pk=seeded.floor_pk))
-            meters["floor"] = cpu.Meter.of(floor, started)
+            meters["floor"] = cpu.Meter.of(floor, self.servers)
         if server is not None and "throughput" in self.only:
             for name, key, key_id in (
                 ("dispatch", seeded.key, seeded.key_id),
                 ("dispatch_no_bindings", seeded.empty_key, seeded.empty_key_id),
             ):
                 loads[name] = (server.port, Plan("mixed", key=key, bindings=seed.BINDINGS))
-                meters[name] = cpu.Meter.of(server, started)
+                meters[name] = cpu.Meter.of(server, self.servers)
                 extra[name] = {"bindings": seed.live_bindings(key_id)}
             connections_close()
         order = [name for name in THROUGHPUT_LOADS if name in loads]
@@ -189,7 +188,7 @@ class Run:
         }
         runs: dict[str, list[dict]] = {label: [] for label in LABELS}
         sizes = report.setdefault("pool_size", {})
-        measured = {**self.half, "meter": cpu.Meter.of(server, self.servers or [server])}
+        measured = {**self.half, "meter": cpu.Meter.of(server, self.servers)}
         warm = {**self.closed, "seconds": POOL_WARMUP_SECONDS}
         try:
             seed.latency_refresh()  # fresh, so its bands order throughout

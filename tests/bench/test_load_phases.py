@@ -84,7 +84,9 @@ def test_each_load_splits_the_cpu_of_its_own_server_and_counts_the_other_apart(m
     monkeypatch.setattr(phases, "closed_loop", closed_loop)
     floor = SimpleNamespace(port=1, process=SimpleNamespace(pid=101))
     kiropool = SimpleNamespace(port=2, process=SimpleNamespace(pid=202))
-    _run({"floor", "throughput"}).throughput_phases({}, floor, kiropool)
+    run = _run({"floor", "throughput"})
+    run.servers = [floor, kiropool]  # as server_phases leaves them
+    run.throughput_phases({}, floor, kiropool)
     assert {load: (m.server, m.servers) for load, m in meters.items()} == {
         "floor": (101, (101, 202)),
         "dispatch": (202, (101, 202)),
