@@ -27,6 +27,7 @@ class Process:
     ppid: int
     name: str
     cpu_s: float  # user + system, since the process started
+    started: int  # clock ticks after boot: with the pid, which process this is
 
 
 def processes(proc: Path = PROC) -> dict[int, Process]:
@@ -43,8 +44,8 @@ def processes(proc: Path = PROC) -> dict[int, Process]:
         # "pid (name) state ppid ...": the name may hold spaces and parentheses.
         name = stat[stat.index("(") + 1 : stat.rindex(")")]
         fields = stat[stat.rindex(")") + 2 :].split()
-        ppid, utime, stime = int(fields[1]), int(fields[11]), int(fields[12])
-        found[int(entry.name)] = Process(int(entry.name), ppid, name, (utime + stime) / ticks)
+        ppid, utime, stime, started = int(fields[1]), int(fields[11]), int(fields[12]), int(fields[19])
+        found[int(entry.name)] = Process(int(entry.name), ppid, name, (utime + stime) / ticks, started)
     return found
 
 
@@ -89,8 +90,8 @@ def spent(before: Mapping[int, Process], after: Mapping[int, Process], whose: Ma
     totals = dict.fromkeys(KINDS, 0.0)
     for pid, process in after.items():
         earlier = before.get(pid)
-        if earlier is not None and earlier.name != process.name:
-            earlier = None  # the pid was reused: another process
+        if earlier is not None and earlier.started != process.started:
+            earlier = None  # the pid was reused: another process (a name can change: kernel workers rename themselves)
         totals[whose.get(pid, "other")] += process.cpu_s - (earlier.cpu_s if earlier else 0.0)
     return {kind: round(max(0.0, seconds), 3) for kind, seconds in totals.items()}
 

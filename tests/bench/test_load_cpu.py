@@ -19,15 +19,16 @@ from bench.load.cpu import Process, kinds, processes, spent
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def stat_line(pid: int, name: str, ppid: int, utime: int, stime: int) -> str:
-    # pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime ...
-    return f"{pid} ({name}) S {ppid} {pid} {pid} 0 -1 4194304 10 0 0 0 {utime} {stime} 0 0 20 0 1 0 5 0 0\n"
+def stat_line(pid: int, name: str, ppid: int, utime: int, stime: int, started: int) -> str:
+    # pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime
+    # cutime cstime priority nice num_threads itrealvalue starttime vsize rss
+    return f"{pid} ({name}) S {ppid} {pid} {pid} 0 -1 4194304 10 0 0 0 {utime} {stime} 0 0 20 0 1 0 {started} 0 0\n"
 
 
-def fake_proc(tmp_path: Path, entries: list[tuple[int, str, int, int, int]]) -> Path:
-    for pid, name, ppid, utime, stime in entries:
+def fake_proc(tmp_path: Path, entries: list[tuple[int, str, int, int, int, int]]) -> Path:
+    for pid, name, ppid, utime, stime, started in entries:
         (tmp_path / str(pid)).mkdir()
-        (tmp_path / str(pid) / "stat").write_text(stat_line(pid, name, ppid, utime, stime))
+        (tmp_path / str(pid) / "stat").write_text(stat_line(pid, name, ppid, utime, stime, started))
     (tmp_path / "self").mkdir()  # not a pid: skipped
     (tmp_path / "meminfo").write_text("MemTotal: 1 kB\n")
     (tmp_path / "77").mkdir()  # a process that ended while the directory was read: no stat
@@ -35,17 +36,17 @@ def fake_proc(tmp_path: Path, entries: list[tuple[int, str, int, int, int]]) -> 
 
 
 def test_processes_reads_parent_name_and_cpu_even_when_the_name_has_spaces_and_parentheses(tmp_path):
-    proc = fake_proc(tmp_path, [(10, "postgres", 1, 3 * TICKS, TICKS), (11, "py (x) y", 10, TICKS // 2, 0)])
+    proc = fake_proc(tmp_path, [(10, "postgres", 1, 3 * TICKS, TICKS, 500), (11, "py (x) y", 10, TICKS // 2, 0, 900)])
     found = processes(proc)
     assert found == {
-        10: Process(10, 1, "postgres", 4.0),
-        11: Process(11, 10, "py (x) y", 0.5),
+        10: Process(10, 1, "postgres", 4.0, 500),
+        11: Process(11, 10, "py (x) y", 0.5, 900),
     }
 
 
 def test_each_process_is_the_loaded_servers_postgres_the_benchs_or_the_machines():
     table = {
-        pid: Process(pid, ppid, name, 0.0)
+        pid: Process(pid, ppid, name, 0.0, 0)
         for pid, ppid, name in [
             (1, 0, "init"),
             (100, 1, "python"),  # the bench
@@ -75,21 +76,34 @@ def test_each_process_is_the_loaded_servers_postgres_the_benchs_or_the_machines(
 
 
 def test_spent_counts_each_living_process_difference_and_a_new_ones_whole_time():
-    before = {1: Process(1, 0, "postgres", 10.0), 2: Process(2, 0, "python", 5.0), 3: Process(3, 0, "python", 9.0)}
+    before = {
+        1: Process(1, 0, "postgres", 10.0, 100),
+        2: Process(2, 0, "python", 5.0, 200),
+        3: Process(3, 0, "python", 9.0, 300),
+    }
     after = {
-        1: Process(1, 0, "postgres", 10.75),
-        2: Process(2, 0, "python", 5.5),  # 3 ended meanwhile: its last moments are lost, nothing negative
-        4: Process(4, 0, "python", 0.25),  # started within the window
-        5: Process(5, 0, "sshd", 1.0),  # not classified: the rest of the machine
+        1: Process(1, 0, "postgres", 10.75, 100),
+        2: Process(2, 0, "python", 5.5, 200),  # 3 ended meanwhile: its last moments are lost, nothing negative
+        4: Process(4, 0, "python", 0.25, 400),  # started within the window
+        5: Process(5, 0, "sshd", 1.0, 500),  # not classified: the rest of the machine
     }
     whose = {1: "postgres", 2: "server", 4: "clients"}
     assert spent(before, after, whose) == {"server": 0.5, "postgres": 0.75, "clients": 0.25, "other": 1.0}
 
 
 def test_a_reused_pid_is_another_process_and_counts_from_zero():
-    before = {7: Process(7, 0, "postgres", 50.0)}
-    after = {7: Process(7, 0, "python", 0.2)}
-    assert spent(before, after, {7: "clients"})["clients"] == 0.2
+    before = {7: Process(7, 0, "postgres", 50.0, 100)}
+    after = {7: Process(7, 0, "postgres", 0.2, 9000)}  # the same name, started later: another process
+    assert spent(before, after, {7: "postgres"})["postgres"] == 0.2
+
+
+def test_a_process_that_renames_itself_is_still_the_same_one():
+    # A kernel worker's name carries the work it is doing ("kworker/1:1-events"
+    # then "kworker/1:1-mm_percpu_wq"): only what it spent in between counts,
+    # not the minutes it has run since the boot.
+    before = {43: Process(43, 2, "kworker/1:1-events", 74.0, 12)}
+    after = {43: Process(43, 2, "kworker/1:1-mm_percpu_wq", 74.01, 12)}
+    assert spent(before, after, {43: "other"})["other"] == 0.01
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="Linux's /proc")
