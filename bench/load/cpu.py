@@ -98,10 +98,12 @@ def spent(before: Mapping[int, Process], after: Mapping[int, Process], whose: Ma
 
 def scaled(spent_s: Mapping[str, float], *, window_s: float, read_s: float) -> dict[str, float]:
     """What was spent between two readings ``read_s`` apart, as the
-    ``window_s`` of the load would have spent at the same rate. On a
-    saturated machine the reading thread wakes late, most at the window's
-    end, when every client is busy: unscaled, a window's figures would
-    count a longer stretch's CPU against the window's requests."""
+    ``window_s`` of the load would have spent at the same rate: the
+    requests are counted over the window, and the readings never fall
+    exactly on its ends (the thread wakes late, and a scan takes a few
+    milliseconds). Under the closed loop they came 7-28 ms after the
+    window's start and 2-5 ms after its end, a correction under 1 % of a
+    5 s window."""
     scale = window_s / read_s if read_s > 0 else 1.0
     return {kind: round(seconds * scale, 3) for kind, seconds in spent_s.items()}
 
