@@ -157,14 +157,22 @@ def _crowding_rows(phases: list[dict]) -> list[Row]:
     """What the slowest 1 % of each open loop arrived in (``crowding`` of
     ``bench.load.clients.open_loop``), in the order of the open-loop rows:
     no target, it tells a burst the server could not keep up with from a
-    stall (``bench.load.stats.crowding``)."""
+    stall (``bench.load.stats.crowding``). Then the p99 of the arrivals
+    that came after at most the average count, and of those after more."""
     crowds = [phase.get("crowding") or {} for phase in phases]
     if not crowds or any(crowd.get("slowest") is None for crowd in crowds):
         return []
     slowest = " / ".join(f"{crowd['slowest']:.1f}" for crowd in crowds)
     everyone = " / ".join(f"{crowd['all']:.1f}" for crowd in crowds)
     what = f"  arrivals in the {crowds[0]['window_ms']:.0f} ms up to each of the slowest 1%"
-    return [Row(what, f"{slowest} (up to any arrival: {everyone})", "", "")]
+    out = [Row(what, f"{slowest} (up to any arrival: {everyone})", "", "")]
+    if all(crowd.get("crowded_p99_ms") is not None and crowd.get("calm_p99_ms") is not None for crowd in crowds):
+        calm = " / ".join(_ms(crowd["calm_p99_ms"]) for crowd in crowds)
+        crowded = " / ".join(_ms(crowd["crowded_p99_ms"]) for crowd in crowds)
+        shares = " / ".join(f"{crowd['crowded_share']:.0%}" for crowd in crowds)
+        value = f"calm {calm} · after a burst {crowded} ms ({shares} of arrivals)"
+        out.append(Row("  p99, calm (at most that average) / after a burst", value, "", ""))
+    return out
 
 
 def _waiting_rows(waiting: dict | None) -> list[Row]:

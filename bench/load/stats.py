@@ -48,23 +48,42 @@ def crowding(
     seconds up to each ``measured`` arrival (its scheduled time and its
     latency), itself included: on average over the slowest ``share`` of them
     (``slowest``), and over all of them (``all``, about ``1 + rate * window``).
+    Then the measured arrivals split in two by that count: ``calm`` (at most
+    the average, rounded up) and ``crowded`` (more), with the p99 latency
+    of each and the share that was crowded.
 
     It tells two kinds of tail apart. If the slowest arrivals came in bursts
-    of the Poisson schedule, their figure is well above the average: the
-    server could not serve a burst as fast as it came, and only a cheaper
-    request lowers the tail. If it is near the average, the slow requests
-    arrived like any other, and something else stalled them (a pause of a
-    worker or of the database)."""
-    found: dict[str, float | None] = {"window_ms": round(window * 1000, 3), "slowest": None, "all": None}
+    of the Poisson schedule, their figure is well above the average and the
+    crowded arrivals' p99 well above the calm ones': the server could not
+    serve a burst as fast as it came, and only a cheaper request lowers the
+    tail. If both are near, the slow requests arrived like any other, and
+    something else stalled them (a pause of a worker or of the database)."""
+    found: dict[str, float | None] = {
+        "window_ms": round(window * 1000, 3),
+        "slowest": None,
+        "all": None,
+        "calm_p99_ms": None,
+        "crowded_p99_ms": None,
+        "crowded_share": None,
+    }
     if not measured:
         return found
 
     def crowd(at: float) -> int:
         return bisect.bisect_right(schedule, at) - bisect.bisect_left(schedule, at - window)
 
-    slowest = sorted(measured, key=lambda pair: pair[1], reverse=True)[: max(1, round(len(measured) * share))]
-    found["slowest"] = round(sum(crowd(at) for at, _ in slowest) / len(slowest), 2)
-    found["all"] = round(sum(crowd(at) for at, _ in measured) / len(measured), 2)
+    crowds = [crowd(at) for at, _ in measured]
+    average = sum(crowds) / len(crowds)
+    slowest = sorted(zip(measured, crowds, strict=True), key=lambda item: item[0][1], reverse=True)
+    slowest = slowest[: max(1, round(len(measured) * share))]
+    found["slowest"] = round(sum(n for _, n in slowest) / len(slowest), 2)
+    found["all"] = round(average, 2)
+    calm_most = math.ceil(average)
+    calm = [latency for (_, latency), n in zip(measured, crowds, strict=True) if n <= calm_most]
+    crowded = [latency for (_, latency), n in zip(measured, crowds, strict=True) if n > calm_most]
+    found["calm_p99_ms"] = latency_summary(calm)["p99_ms"]
+    found["crowded_p99_ms"] = latency_summary(crowded)["p99_ms"]
+    found["crowded_share"] = round(len(crowded) / len(measured), 3)
     return found
 
 

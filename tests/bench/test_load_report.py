@@ -125,11 +125,22 @@ def test_the_slowest_arrivals_crowding_is_shown_for_every_open_loop_without_a_ve
     assert row.what == "  arrivals in the 10 ms up to each of the slowest 1%"
     assert row.value == "4.3 / 3.0 / 2.5 (up to any arrival: 2.0 / 2.0 / 2.0)"
     assert (row.target, row.verdict) == ("", "")
+    # An older bench.json has no calm / crowded split: no row for it.
+    assert not [row for row in rows(report) if "calm" in row.what]
     assert verdicts(report) == verdicts(GOOD)  # a diagnostic: no target changes
+
+    for name, calm, crowded in (("accounts_50", 14.2, 26.7), ("accounts_1000", 17.6, 28.6), ("floor", 5.0, 6.12)):
+        split = {"calm_p99_ms": calm, "crowded_p99_ms": crowded, "crowded_share": 0.34}
+        report["open_loop"][name]["crowding"].update(split)
+    (row,) = [row for row in rows(report) if "calm" in row.what]
+    assert row.what == "  p99, calm (at most that average) / after a burst"
+    assert row.value == "calm 14.2 / 17.6 / 5.0 · after a burst 26.7 / 28.6 / 6.1 ms (34% / 34% / 34% of arrivals)"
+    assert (row.target, row.verdict) == ("", "")
+    assert verdicts(report) == verdicts(GOOD)
 
     # A report without the figure (an older bench.json, or a phase that failed) has no row.
     del report["open_loop"]["floor"]["crowding"]
-    assert not [row for row in rows(report) if "slowest 1%" in row.what]
+    assert not [row for row in rows(report) if "slowest 1%" in row.what or "calm" in row.what]
 
 
 def test_the_history_phase_shows_each_probe_against_no_history_without_a_verdict():

@@ -39,8 +39,53 @@ def test_crowding_counts_the_whole_schedule_and_the_window_edges():
     schedule = [0.990, 0.995, 1.000, 2.000]
     measured = [(1.000, 0.020), (2.000, 0.001)]
     found = crowding(schedule, measured, window=0.010, share=0.5)
-    assert found == {"window_ms": 10.0, "slowest": 3.0, "all": 2.0}  # 0.990 lies exactly 10 ms before: in
-    assert crowding(schedule, [], window=0.010) == {"window_ms": 10.0, "slowest": None, "all": None}
+    # 0.990 lies exactly 10 ms before: in. Average 2.0: 1.000 (3) was crowded, 2.000 (1) calm.
+    assert found == {
+        "window_ms": 10.0,
+        "slowest": 3.0,
+        "all": 2.0,
+        "calm_p99_ms": 1.0,
+        "crowded_p99_ms": 20.0,
+        "crowded_share": 0.5,
+    }
+    assert crowding(schedule, [], window=0.010) == {
+        "window_ms": 10.0,
+        "slowest": None,
+        "all": None,
+        "calm_p99_ms": None,
+        "crowded_p99_ms": None,
+        "crowded_share": None,
+    }
+
+
+def test_crowding_splits_the_latencies_into_calm_and_crowded_arrivals():
+    # Every 10 ms an arrival served in 5 ms, and five bursts of six arrivals
+    # within 5 ms, whose later arrivals wait for the earlier ones.
+    schedule, latency = [], {}
+    for n in range(500):
+        at = round(n * 0.010, 6)
+        schedule.append(at)
+        latency[at] = 0.005
+    for burst in (1.0005, 2.0005, 3.0005, 4.0005, 4.5005):
+        for k in range(6):
+            at = round(burst + k * 0.001, 6)
+            schedule.append(at)
+            latency[at] = 0.005 + 0.004 * k
+    schedule.sort()
+    measured = [(at, latency[at]) for at in schedule]
+    found = crowding(schedule, measured, window=0.030)
+    # Average 4.1 (the steady arrivals count 4, the bursts up to 9): calm
+    # counts at most 5, so a burst's first two arrivals (5 and 9 ms) are
+    # calm, and its last four crowded, the slowest 25 ms.
+    assert found["all"] == pytest.approx(4.11, abs=0.01)
+    assert 5.0 <= found["calm_p99_ms"] <= 9.0
+    assert found["crowded_p99_ms"] == pytest.approx(25.0)
+    assert 0 < found["crowded_share"] < 0.2
+    # Evenly spread arrivals are all calm: each counts the same few (the
+    # first ones fewer), and none counts more than the average rounded up.
+    even = [(n * 0.010, 0.005) for n in range(500)]
+    steady = crowding([at for at, _ in even], even, window=0.030)
+    assert steady["calm_p99_ms"] == 5.0 and steady["crowded_p99_ms"] is None and steady["crowded_share"] == 0.0
 
 
 def test_poisson_schedule_has_the_rate_and_exponential_gaps():
