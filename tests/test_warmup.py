@@ -79,10 +79,15 @@ def test_a_warm_worker_compiles_nothing_for_the_common_dispatches(scope, preferr
 # Importing an entry point leaves the process warm, with the start's objects
 # frozen: the collector tracks next to none of them; a full collection walks
 # what serving creates, not the modules. PostgreSQL on a port where nothing
-# listens shows that nothing of it needed the database.
+# listens shows that nothing of it needed the database. gunicorn loads the
+# app in its master and forks the workers from it (gunicorn.conf.py,
+# preload_app): so the import leaves no thread (a fork keeps only the one
+# that forks) and no socket (every worker would share one connection).
 ENTRY_WARM = """
 import gc
+import os
 import sys
+import threading
 import {module}
 from routing.selectors import dispatch
 assert "drf_spectacular.views" in sys.modules
@@ -90,6 +95,14 @@ assert dispatch.compiled.cache_info().currsize > 0
 frozen, tracked = gc.get_freeze_count(), len(gc.get_objects())
 assert frozen > 50_000, frozen
 assert tracked < frozen / 100, (tracked, frozen)
+assert threading.enumerate() == [threading.main_thread()], threading.enumerate()
+def target(fd):
+    try:
+        return os.readlink(f"/proc/self/fd/{{fd}}")
+    except FileNotFoundError:  # the listing's own descriptor, closed since
+        return ""
+fds = [target(fd) for fd in os.listdir("/proc/self/fd")]
+assert not [fd for fd in fds if fd.startswith("socket:")], fds
 """
 
 

@@ -131,6 +131,8 @@ def test_gunicorn_refuses_before_it_listens(database):
     result = run([str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "kiropool.wsgi:application"], env)
     assert_refused(result)
     assert "Booting worker" not in result.stderr  # the master stopped before forking any
+    # ... and before loading the app (preload_app), whose own refusal comes with a traceback.
+    assert "Traceback" not in result.stderr, result.stderr
 
 
 def test_gunicorn_without_the_project_config_still_refuses(database):
