@@ -58,7 +58,7 @@ def test_floor_serves_one_select_on_sync_workers_and_the_load_generators_measure
         assert crowd["window_ms"] == 30.0
         assert 1.0 <= crowd["all"] <= 4.0 and crowd["slowest"] >= 1.0
         # Every measured arrival is either calm or crowded: the calm ones
-        # always exist (no arrival's count is above the average rounded up
-        # for all of them), and the share of crowded ones is a fraction.
+        # always exist (the fewest any arrival counted is at most the
+        # average, rounded), and the share of crowded ones is a fraction.
         assert crowd["calm_p99_ms"] > 0 and 0.0 <= crowd["crowded_share"] < 1.0
     assert "Using worker: sync" in (tmp_path / "floor.log").read_text()
