@@ -137,6 +137,10 @@ def test_the_slowest_arrivals_crowding_is_shown_for_every_open_loop_without_a_ve
     assert row.value == "calm 14.2 / 17.6 / 5.0 · after a burst 26.7 / 28.6 / 6.1 ms (34% / 34% / 34% of arrivals)"
     assert (row.target, row.verdict) == ("", "")
     assert verdicts(report) == verdicts(GOOD)
+    # A loop none of whose arrivals came after a burst keeps its place in the row.
+    report["open_loop"]["floor"]["crowding"].update(crowded_p99_ms=None, crowded_share=0.0)
+    (row,) = [row for row in rows(report) if "calm" in row.what]
+    assert row.value == "calm 14.2 / 17.6 / 5.0 · after a burst 26.7 / 28.6 / — ms (34% / 34% / 0% of arrivals)"
 
     # A report without the figure (an older bench.json, or a phase that failed) has no row.
     del report["open_loop"]["floor"]["crowding"]
