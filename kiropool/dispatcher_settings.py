@@ -91,6 +91,10 @@ KIROPOOL_MAX_WAITERS = max(
 KIROPOOL_MAX_WAITERS_PER_KEY = max(
     1, _env.int("KIROPOOL_MAX_WAITERS_PER_KEY", default=max(1, KIROPOOL_MAX_WAITERS * 2 // 3))
 )
+# On PostgreSQL, after a release, a process's oldest waiter of a key gives an
+# older waiter of the key in another process this long to take the slot first
+# (waiters' order across processes); 0 turns the head start off.
+KIROPOOL_WAIT_ORDER_GRACE_MS = _clamp(_env.int("KIROPOOL_WAIT_ORDER_GRACE_MS", default=25), 0, 1000)
 
 # --- how dispatches run -------------------------------------------------------
 

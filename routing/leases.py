@@ -52,7 +52,7 @@ def lease_acquire(*, key: ApiKey, request: DispatchRequest) -> Acquired:
     slots.key_limits_check(key=key, now=timezone.now())
     preferred = key_accounts.model_preference(key, request.model)
     deadline = time.monotonic() + request.max_wait_ms / 1000
-    with waiting.room.visit(key_id=key.pk) as visit:
+    with waiting.room.visit(key_id=key.pk, max_wait_ms=request.max_wait_ms) as visit:
         bound_name = None
         if request.session_id and not preferred:
             # Taken before the read that may send the turn waiting for its
@@ -83,18 +83,23 @@ def _walk(
     while True:
         token = wakeups.token()
         with visit.claims() as claims:
-            with visit.turn():
+            with visit.turn(token):
                 now = timezone.now()
                 read = dict(key=key, request=request, now=now, preferred=preferred)
                 # Key 3 (fewest bound sessions) applies: the request has a session
                 # id and the sticky fast path did not serve it.
                 head = reads.read(**read, snapshot=_snapshot(key), spread=bool(request.session_id), head=True)
                 ready = list(itertools.takewhile(lambda row: row.ready, head.rows))
+                # A release came during this waiter's turn, after an older
+                # waiter's read: that one looks first.
+                yielded = bool(ready) and visit.older_due()
                 # The first identity it can claim on is taken before the turn
                 # passes on: the next reader of the same head already skips it.
-                for row in ready:
+                for row in [] if yielded else ready:
                     if claims.take(row.identity_id):
                         break
+            if yielded:
+                continue
             for row in ready:
                 if row.identity_id in claims.skipped or not claims.take(row.identity_id):
                     # Another attempt of the key here is (or was, as this head
@@ -295,7 +300,7 @@ def _sticky_patience(
             # Holds do not keep a returning turn out, its own included.
             visit.wait(token, min(left, _wake_in(miss, [row], holds=False)))
             token = wakeups.token()
-            with visit.turn():
+            with visit.turn(token):
                 acquired, row = _sticky_fast_path(key=key, request=request, waited_ms=max(1, visit.waited_ms))
             if acquired is not None:
                 metrics.sticky_wait_observe(visit.waited)

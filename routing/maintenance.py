@@ -36,6 +36,7 @@ from routing.models import (
     PoolOrder,
     ProxyLatency,
     SessionBinding,
+    WaitTicket,
 )
 from routing.selectors import rules
 from routing.selectors.counts import count_subquery
@@ -203,11 +204,13 @@ def latency_sample_prune(*, now: datetime | None = None) -> int:
 
 def history_prune(*, now: datetime | None = None) -> int:
     """Delete completed leases and cooldown events older than the retention
-    (``KIROPOOL_HISTORY_RETENTION_DAYS``); live leases are never touched."""
+    (``KIROPOOL_HISTORY_RETENTION_DAYS``), and the wait tickets a dead
+    process left behind, past their expiry; live leases are never touched."""
     now = now or timezone.now()
     before = now - timedelta(days=settings.KIROPOOL_HISTORY_RETENTION_DAYS)
     leases = _prune(Lease, Q(completed_at__isnull=False, completed_at__lte=before))
-    return leases + _prune(CooldownEvent, Q(created_at__lte=before))
+    events = _prune(CooldownEvent, Q(created_at__lte=before))
+    return leases + events + _prune(WaitTicket, Q(expires_at__lte=now))
 
 
 def _prune(model: type[Model], condition: Q) -> int:

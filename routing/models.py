@@ -309,6 +309,25 @@ class LeaseReapMark(models.Model):
         return f"leases reaped through {self.reaped_through:%Y-%m-%d %H:%M:%S}"
 
 
+class WaitTicket(models.Model):
+    """A dispatch waiting for a slot, in any process: its id is its place in
+    the key's queue across processes and hosts (``routing/waiting.py``).
+    Taken when the dispatch starts waiting, deleted when it stops; a ticket
+    a dead process left behind stops counting at ``expires_at`` (past the
+    longest wait a dispatch may ask for) and the reaper deletes it. On
+    PostgreSQL the table is unlogged (migration 0014): a ticket is not worth
+    a WAL flush, and a crash empties the table, as it ends every wait."""
+
+    key_id = models.BigIntegerField()
+    expires_at = models.DateTimeField()
+
+    class Meta:
+        indexes = [models.Index(fields=["key_id", "id"], name="wait_ticket_key_idx")]
+
+    def __str__(self) -> str:
+        return f"wait ticket {self.pk} of key {self.key_id}"
+
+
 # The hot counters the reconcile task recomputes (routing/maintenance.py).
 COUNTER_NAMES = ("identity_in_flight", "key_in_flight", "account_binding_rows")
 

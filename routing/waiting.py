@@ -27,11 +27,22 @@ completions that free the slots would queue behind them. So:
 - waiting dispatches of one key re-try in the order they started waiting:
   when a release wakes them, the oldest looks first, then the next. A waiter
   woken a moment before an older one (threads wake in no set order) lets the
-  older one go first. A dispatch that has not waited yet takes its turn after
+  older one go first, and so does one woken while an older one is still in
+  an attempt that read the pool before the release (it will find the slot
+  taken and ask for its turn again). A dispatch that has not waited yet takes its turn after
   the waiters asking for one, not behind those still asleep: it may take a
-  slot freed at that instant. Across processes and hosts there is no common
-  order (that would cost a write per wait); each process serves its own
-  waiters in order.
+  slot freed at that instant;
+- across processes and hosts, on PostgreSQL, a waiting dispatch holds a
+  ticket (``WaitTicket``, an unlogged row taken when it starts waiting and
+  deleted when it stops), whose id is its place in the key's one queue.
+  When a release wakes them, a process's oldest waiter of the key that
+  finds an older ticket in another process gives that one
+  ``KIROPOOL_WAIT_ORDER_GRACE_MS`` to take the slot before it looks
+  itself. Every process's waiters wake at once, so without it the slot
+  went to whichever looked first. A head start, not a lock: an older
+  waiter that cannot use the slot (it waits for its bound account, or
+  excludes this one), or whose process died, costs the younger ones that
+  grace per release, never the slot;
 - a waiting dispatch hands its pooled database connection back for the wait
   (``KIROPOOL_DB_POOL_SIZE`` connections per process serve all its threads),
   so waiters never hold the connections the completions need.
@@ -41,22 +52,36 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 
 from django.conf import settings
-from django.db import connection
+from django.db import DatabaseError, connection
+from django.utils import timezone
 
 from core.errors import RateLimited
 from routing import wakeups
 from routing.backend import backend
+from routing.models import WaitTicket
+
+logger = logging.getLogger(__name__)
+
+# A ticket outlives the longest wait it stands for by this much before it
+# stops counting (a process that died with it never deletes it).
+TICKET_MARGIN = timedelta(seconds=10)
 
 
 class WaitingRoom:
-    def __init__(self) -> None:
+    """``across_processes``: its waiters hold wait tickets (the server's
+    room; a room built for a test orders its own threads only)."""
+
+    def __init__(self, *, across_processes: bool = False) -> None:
+        self.across_processes = across_processes
         self._cond = threading.Condition()
         self._waiting = 0
         self._per_key: Counter[int] = Counter()
@@ -65,9 +90,10 @@ class WaitingRoom:
         self._busy: set[int] = set()  # keys whose waiter is taking its turn now
         self._sleepers: dict[int, dict[int, int]] = {}  # key id → {seq: wake-up token}
         self._claiming: dict[int, set[int]] = {}  # key id → identity ids its attempts are claiming on
+        self._admitted: dict[int, set[int]] = {}  # key id → seqs of its waiters here
 
-    def visit(self, *, key_id: int) -> Visit:
-        return Visit(self, key_id)
+    def visit(self, *, key_id: int, max_wait_ms: int = 300_000) -> Visit:
+        return Visit(self, key_id, max_wait_ms=max_wait_ms)
 
     def _admit(self, key_id: int) -> int:
         with self._cond:
@@ -81,7 +107,9 @@ class WaitingRoom:
                 )
             self._waiting += 1
             self._per_key[key_id] += 1
-            return next(self._seq)
+            seq = next(self._seq)
+            self._admitted.setdefault(key_id, set()).add(seq)
+            return seq
 
     def _leave(self, key_id: int, seq: int) -> None:
         with self._cond:
@@ -90,11 +118,23 @@ class WaitingRoom:
             self._per_key[key_id] -= 1
             if not self._per_key[key_id]:
                 del self._per_key[key_id]
+            admitted = self._admitted[key_id]
+            admitted.discard(seq)
+            if not admitted:
+                del self._admitted[key_id]
+
+    def _oldest_here(self, key_id: int, seq: int) -> bool:
+        """Whether ``seq`` is the oldest of the key's waiters in this process."""
+        with self._cond:
+            return min(self._admitted.get(key_id, (seq,))) == seq
 
     def _asleep(self, key_id: int, seq: int, token: int) -> None:
-        """A waiter goes to sleep until a release after ``token``. It counts as
+        """A waiter goes to sleep until a release after ``token``, or its turn
+        ended and the rest of its attempt began at ``token``. It counts as
         asleep until it asks for its turn or leaves, so a younger waiter woken
-        first by the same release lets it go first."""
+        first by a release after ``token`` lets it go first: one woken first,
+        and one still in an attempt that read the pool before the release
+        (it will find the slot taken and look again)."""
         with self._cond:
             self._sleepers.setdefault(key_id, {})[seq] = token
 
@@ -106,15 +146,17 @@ class WaitingRoom:
         self._cond.notify_all()
 
     def _older_due(self, key_id: int, seq: int) -> bool:
-        """An older waiter of this key is asleep but already due to wake: a
-        release moved past its token."""
+        """An older waiter of this key, asleep or past its turn, is already
+        due to look again: a release moved past its token."""
         now = wakeups.current()
         return any(older < seq and token != now for older, token in self._sleepers.get(key_id, {}).items())
 
     @contextmanager
-    def _turn(self, key_id: int, seq: int | None, lend: Callable[[], None]) -> Iterator[None]:
+    def _turn(self, key_id: int, seq: int | None, lend: Callable[[], None], token: int | None) -> Iterator[None]:
         """One claim attempt of the key at a time; ``lend`` runs once before
-        this one has to wait for its turn."""
+        this one has to wait for its turn. A waiter's attempt that took
+        ``token`` before its read counts as asleep at it once its turn is
+        over (:meth:`_asleep`)."""
         with self._cond:
             if seq is None:
                 # Not a waiter: after the turn in progress and the waiters
@@ -143,6 +185,8 @@ class WaitingRoom:
         finally:
             with self._cond:
                 self._busy.discard(key_id)
+                if seq is not None and token is not None:
+                    self._sleepers.setdefault(key_id, {})[seq] = token
                 self._cond.notify_all()
 
     def _claim_start(self, key_id: int, identity_id: int) -> bool:
@@ -179,15 +223,16 @@ class WaitingRoom:
             return self._waiting if key_id is None else self._per_key[key_id]
 
 
-room = WaitingRoom()
+room = WaitingRoom(across_processes=True)
 
 
 class Visit:
     """One dispatch's stay: admitted on its first wait, leaves on exit."""
 
-    def __init__(self, room_: WaitingRoom, key_id: int) -> None:
-        self.room, self.key_id = room_, key_id
+    def __init__(self, room_: WaitingRoom, key_id: int, *, max_wait_ms: int = 300_000) -> None:
+        self.room, self.key_id, self.max_wait_ms = room_, key_id, max_wait_ms
         self.seq: int | None = None
+        self.ticket: int | None = None  # its place in the key's queue across processes
         self.waited = 0.0  # seconds spent waiting
 
     def __enter__(self) -> Visit:
@@ -196,6 +241,8 @@ class Visit:
     def __exit__(self, *exc) -> None:
         if self.seq is not None:
             self.room._leave(self.key_id, self.seq)
+        if self.ticket is not None:
+            wait_ticket_drop(self.ticket)
 
     @property
     def admitted(self) -> bool:
@@ -211,18 +258,43 @@ class Visit:
         first wait asks for admission, which may answer 429 at once."""
         if self.seq is None:
             self.seq = self.room._admit(self.key_id)
+            if self.room.across_processes:
+                self.ticket = wait_ticket_take(self.key_id, self.max_wait_ms)
         started = time.monotonic()
         self.room._asleep(self.key_id, self.seq, token)
         _connection_lend()
-        wakeups.wait(token, timeout)
+        if wakeups.wait(token, timeout):
+            self._older_first()
         self.waited += time.monotonic() - started
 
+    def _older_first(self) -> None:
+        """After a release: when this is the key's oldest waiter here and an
+        older one waits in another process, give that one the grace to take
+        the slot first. Still asleep meanwhile, for the younger waiters here
+        to let this one go first after it."""
+        grace = settings.KIROPOOL_WAIT_ORDER_GRACE_MS / 1000
+        if grace <= 0 or self.ticket is None or not self.room._oldest_here(self.key_id, self.seq):
+            return
+        if wait_ticket_older_exists(self.key_id, self.ticket):
+            _connection_lend()
+            time.sleep(grace)
+
     @contextmanager
-    def turn(self) -> Iterator[None]:
+    def turn(self, token: int | None = None) -> Iterator[None]:
         """An attempt's read of the head: one at a time per key in this
-        process, the key's waiters in waiting order first."""
-        with self.room._turn(self.key_id, self.seq, _connection_lend):
+        process, the key's waiters in waiting order first. ``token``: the
+        one the attempt took before its read."""
+        with self.room._turn(self.key_id, self.seq, _connection_lend, token):
             yield
+
+    def older_due(self) -> bool:
+        """Whether an older waiter of the key here is due to look again (a
+        release came after its token): this attempt, a waiter's, read the
+        pool after that release, and leaves what it found to that one."""
+        if self.seq is None:
+            return False
+        with self.room._cond:
+            return self.room._older_due(self.key_id, self.seq)
 
     @contextmanager
     def claims(self) -> Iterator[Claims]:
@@ -267,6 +339,41 @@ class Claims:
         if self.held is not None:
             self.room._claim_end(self.key_id, self.held)
             self.held = None
+
+
+def wait_ticket_take(key_id: int, max_wait_ms: int) -> int | None:
+    """A place in the key's queue across processes (PostgreSQL only: the
+    embedded SQLite serves one host, and its one writer is better spared).
+    None when the database refuses: the wait then keeps only this
+    process's order."""
+    if not backend.postgres:
+        return None
+    expires_at = timezone.now() + timedelta(milliseconds=max_wait_ms) + TICKET_MARGIN
+    try:
+        return WaitTicket.objects.create(key_id=key_id, expires_at=expires_at).pk
+    except DatabaseError:
+        logger.warning("could not take a wait ticket for key %s; its waiters keep this process's order", key_id)
+        return None
+
+
+def wait_ticket_drop(ticket: int) -> None:
+    """Give the place up. A ticket that could not be deleted stops counting
+    at its expiry."""
+    try:
+        WaitTicket.objects.filter(pk=ticket).delete()
+    except DatabaseError:
+        logger.warning("could not delete wait ticket %s; it stops counting at its expiry", ticket)
+
+
+def wait_ticket_older_exists(key_id: int, ticket: int) -> bool:
+    """Whether a live ticket of the key older than ``ticket`` is held. The
+    caller is its process's oldest waiter of the key, so any such ticket is
+    another process's."""
+    try:
+        older = WaitTicket.objects.filter(key_id=key_id, pk__lt=ticket, expires_at__gt=timezone.now())
+        return older.exists()
+    except DatabaseError:
+        return False
 
 
 def _connection_lend() -> None:

@@ -17,7 +17,15 @@ from accounts.models import Account, ApiKey, KeySlot, RoutingIdentity
 from kiropool.celery import app as celery_app
 from routing import maintenance, sessions, tasks
 from routing.latency import SNAPSHOT_WINDOW
-from routing.models import CooldownEvent, LatencySample, LatencySnapshot, Lease, LeaseOutcome, SessionBinding
+from routing.models import (
+    CooldownEvent,
+    LatencySample,
+    LatencySnapshot,
+    Lease,
+    LeaseOutcome,
+    SessionBinding,
+    WaitTicket,
+)
 from routing.selection import LatencyStats
 from routing.selectors.latency import latency_snapshot_current, latency_snapshot_latest, snapshot_load
 from tests.factories import (
@@ -224,6 +232,18 @@ def test_history_prune_keeps_live_leases_and_recent_history(settings, monkeypatc
     assert set(Lease.objects.values_list("pk", flat=True)) == {live_old.pk, recent_done.pk}
     assert list(CooldownEvent.objects.all()) == [kept_event]
     assert maintenance.history_prune(now=now) == 0
+
+
+@pytest.mark.django_db
+def test_history_prune_deletes_the_wait_tickets_past_their_expiry():
+    """A process that died while its dispatches waited never deleted their
+    tickets; they stopped counting at their expiry, and the prune clears them."""
+    now = timezone.now()
+    for seconds in (1, 60):
+        WaitTicket.objects.create(key_id=1, expires_at=now - timedelta(seconds=seconds))
+    live = WaitTicket.objects.create(key_id=1, expires_at=now + timedelta(seconds=1))
+    assert maintenance.history_prune(now=now) == 2
+    assert list(WaitTicket.objects.all()) == [live]
 
 
 @pytest.mark.django_db(transaction=True)

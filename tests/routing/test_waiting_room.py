@@ -168,3 +168,25 @@ def test_an_attempt_that_skipped_an_identity_waits_until_that_claim_is_through()
     holder.join(5)
     waiter.join(5)
     assert order == ["claiming", "through", "read again"]
+
+
+def test_a_waiter_woken_while_an_older_one_is_still_in_its_attempt_lets_it_go_first():
+    """The older waiter read the pool, found no slot, and is still in the
+    rest of its attempt when a release comes; the younger one, asleep, is
+    woken by it. The older one will look again at once: it goes first."""
+    room = WaitingRoom()
+    older, younger = room.visit(key_id=1), room.visit(key_id=1)
+    token = wakeups.current()
+    older.wait(token, 0.0)  # both admitted, the older first
+    younger.wait(token, 0.0)
+    with older.turn(token):
+        pass  # the older one's read: no slot
+    order: list[str] = []
+    wakeups.released_locally()  # a slot frees while the older one finishes its attempt
+    woken = threading.Thread(target=_record, args=(order, "younger", younger, token, 0.0))
+    woken.start()
+    time.sleep(0.2)  # the younger one is awake and asking for its turn
+    assert order == []
+    _record(order, "older", older, token, 0.0)  # the older one's attempt ends in a wait: due at once
+    woken.join(5)
+    assert order == ["older", "younger"]
