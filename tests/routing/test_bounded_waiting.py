@@ -32,22 +32,28 @@ THREADS, RESERVE, PER_KEY = 12, 4, 6  # so 6 may wait for one key, 8 in all
 WAITERS = 10
 
 
-def test_waiters_are_bounded_and_served_in_arrival_order(tmp_path):
+def _one_slot(tmp_path, **settings: str) -> tuple[dict[str, str], dict[str, str]]:
+    """One account with one slot, a key for it: the key's auth header and
+    the server's environment with ``settings``."""
     AccountFactory(name="only", identity__max_concurrency=1)
     key = ApiKeyFactory()
-    auth = {"Authorization": f"Bearer {key.plaintext}"}
     env = project_env(
         tmp_path,
         DATABASE_URL=test_database_url(),
-        KIROPOOL_WAIT_RESERVE_THREADS=str(RESERVE),
-        KIROPOOL_MAX_WAITERS_PER_KEY=str(PER_KEY),
         # Fewer database connections than waiters: a waiter hands its
-        # connection back while it waits, or the completion below would wait
-        # for one.
+        # connection back while it waits, or the completions would wait for one.
         KIROPOOL_DB_POOL_SIZE="2",
         KIROPOOL_DB_POOL_TIMEOUT="20",
+        **settings,
     )
     connection.close()  # the server's connections see the rows committed above
+    return {"Authorization": f"Bearer {key.plaintext}"}, env
+
+
+def test_waiters_are_bounded_and_served_in_arrival_order(tmp_path):
+    auth, env = _one_slot(
+        tmp_path, KIROPOOL_WAIT_RESERVE_THREADS=str(RESERVE), KIROPOOL_MAX_WAITERS_PER_KEY=str(PER_KEY)
+    )
     server = web_server(env, tmp_path, workers=1, threads=THREADS).start()
     answers: dict[int, tuple[int, float]] = {}
     granted: list[int] = []
@@ -137,19 +143,12 @@ def test_waiters_in_two_processes_are_served_in_arrival_order(tmp_path):
     wakes both workers' oldest waiter, and the older ticket gets the slot.
     The head start is 0.3 s here, against 25 ms by default: on a busy
     machine the older waiter's worker may take that long to wake and claim."""
-    AccountFactory(name="only", identity__max_concurrency=1)
-    key = ApiKeyFactory()
-    auth = {"Authorization": f"Bearer {key.plaintext}"}
-    env = project_env(
+    auth, env = _one_slot(
         tmp_path,
-        DATABASE_URL=test_database_url(),
         KIROPOOL_WAIT_RESERVE_THREADS="4",
         KIROPOOL_MAX_WAITERS_PER_KEY="10",
         KIROPOOL_WAIT_ORDER_GRACE_MS="300",
-        KIROPOOL_DB_POOL_SIZE="2",
-        KIROPOOL_DB_POOL_TIMEOUT="20",
     )
-    connection.close()
     server = web_server(env, tmp_path, workers=2, threads=16).start()
     try:
         granted, statuses = _serve_in_turn(server, auth, 10)
