@@ -95,9 +95,10 @@ def _walk(
                 yielded = bool(ready) and visit.older_due()
                 # The first identity it can claim on is taken before the turn
                 # passes on: the next reader of the same head already skips it.
-                for row in [] if yielded else ready:
-                    if claims.take(row.identity_id):
-                        break
+                if not yielded:
+                    for row in ready:
+                        if claims.take(row.identity_id):
+                            break
             if yielded:
                 continue
             for row in ready:

@@ -55,7 +55,6 @@ import itertools
 import logging
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -84,11 +83,10 @@ class WaitingRoom:
         self.across_processes = across_processes
         self._cond = threading.Condition()
         self._waiting = 0
-        self._per_key: Counter[int] = Counter()
         self._seq = itertools.count()
         self._queues: dict[int, list[int]] = {}  # key id → seqs asking for a turn (a heap)
         self._busy: set[int] = set()  # keys whose waiter is taking its turn now
-        self._sleepers: dict[int, dict[int, int]] = {}  # key id → {seq: wake-up token}
+        self._sleepers: dict[int, dict[int, int]] = {}  # key id → {seq: token} of waiters asleep or past their turn
         self._claiming: dict[int, set[int]] = {}  # key id → identity ids its attempts are claiming on
         self._admitted: dict[int, set[int]] = {}  # key id → seqs of its waiters here
 
@@ -101,23 +99,20 @@ class WaitingRoom:
                 raise RateLimited(
                     "too many dispatches are waiting for a slot on this server; retry shortly", retry_after=1
                 )
-            if self._per_key[key_id] >= settings.KIROPOOL_MAX_WAITERS_PER_KEY:
+            admitted = self._admitted.setdefault(key_id, set())
+            if len(admitted) >= settings.KIROPOOL_MAX_WAITERS_PER_KEY:
                 raise RateLimited(
                     "too many dispatches of this API key are waiting for a slot; retry shortly", retry_after=1
                 )
             self._waiting += 1
-            self._per_key[key_id] += 1
             seq = next(self._seq)
-            self._admitted.setdefault(key_id, set()).add(seq)
+            admitted.add(seq)
             return seq
 
     def _leave(self, key_id: int, seq: int) -> None:
         with self._cond:
             self._awake(key_id, seq)
             self._waiting -= 1
-            self._per_key[key_id] -= 1
-            if not self._per_key[key_id]:
-                del self._per_key[key_id]
             admitted = self._admitted[key_id]
             admitted.discard(seq)
             if not admitted:
@@ -220,7 +215,7 @@ class WaitingRoom:
 
     def waiting(self, key_id: int | None = None) -> int:
         with self._cond:
-            return self._waiting if key_id is None else self._per_key[key_id]
+            return self._waiting if key_id is None else len(self._admitted.get(key_id, ()))
 
 
 room = WaitingRoom(across_processes=True)
@@ -229,7 +224,7 @@ room = WaitingRoom(across_processes=True)
 class Visit:
     """One dispatch's stay: admitted on its first wait, leaves on exit."""
 
-    def __init__(self, room_: WaitingRoom, key_id: int, *, max_wait_ms: int = 300_000) -> None:
+    def __init__(self, room_: WaitingRoom, key_id: int, *, max_wait_ms: int) -> None:
         self.room, self.key_id, self.max_wait_ms = room_, key_id, max_wait_ms
         self.seq: int | None = None
         self.ticket: int | None = None  # its place in the key's queue across processes
