@@ -74,6 +74,7 @@ class WebServer:
         self.access_log = access_log
         self.env = dict(os.environ if env is None else env)
         self.env["KIROPOOL_BIND"] = self.bind
+        self.workers = workers
         if workers is not None:
             self.env["WEB_CONCURRENCY"] = str(workers)
         if threads is not None:
@@ -95,7 +96,10 @@ class WebServer:
         return f"http://{self.bind}"
 
     def start(self, *, timeout: float = 60) -> WebServer:
-        """Start gunicorn and return once ``/healthz`` answers."""
+        """Start gunicorn and return once ``/healthz`` answers and, when
+        ``workers`` was given, that many workers were forked: with the app
+        preloaded, the first worker answers before the master forked the
+        next."""
         if port_in_use(self.host, self.port):
             raise WebServerError(f"something already listens on {self.bind}")
         output = None
@@ -117,12 +121,14 @@ class WebServer:
             if output is not None:
                 output.close()
         deadline = time.monotonic() + timeout
-        while not self._healthy():
+        while not (self._healthy() and self._forked()):
             if not self.alive():
                 raise WebServerError(f"gunicorn exited with {self.process.returncode}{self._log_tail()}")
             if time.monotonic() > deadline:
                 self.stop()
-                raise WebServerError(f"gunicorn did not answer /healthz within {timeout:.0f} s{self._log_tail()}")
+                raise WebServerError(
+                    f"gunicorn did not answer /healthz with its workers forked within {timeout:.0f} s{self._log_tail()}"
+                )
             time.sleep(0.2)
         return self
 
@@ -146,6 +152,21 @@ class WebServer:
         if self.log is None or not self.log.exists():
             return ""
         return ":\n" + self.log.read_text(errors="replace")[-4000:]
+
+    def worker_pids(self) -> list[int] | None:
+        """The master's children, sorted; None where ``/proc`` does not list
+        them (not Linux)."""
+        if self.process is None:
+            return []
+        path = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        try:
+            return sorted(int(pid) for pid in path.read_text().split())
+        except OSError:
+            return None
+
+    def _forked(self) -> bool:
+        pids = self.worker_pids()
+        return pids is None or len(pids) >= (self.workers or 0)
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None

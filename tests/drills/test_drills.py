@@ -174,7 +174,8 @@ def test_postgres_restart_during_dispatch_load(pg, database, tmp_path, capsys):
             else:
                 unfinished.append(lease)
 
-    workers_before = sorted(_children(server.process.pid))
+    workers_before = server.worker_pids()
+    assert len(workers_before) == 2  # start() returned with both workers forked
     clients = [threading.Thread(target=gateway, args=(n,), daemon=True) for n in range(6)]
     watch = LimitWatch(pg, database)
     try:
@@ -194,7 +195,7 @@ def test_postgres_restart_during_dispatch_load(pg, database, tmp_path, capsys):
             client.join(60)
         watch.stop.set()
         watch.join(10)
-        workers_after = sorted(_children(server.process.pid))
+        workers_after = server.worker_pids()
         server.stop()
 
     by_phase = {p: Counter(status for ph, status, _ in dispatches if ph == p) for p in ("before", "outage", "after")}
@@ -236,11 +237,6 @@ def test_postgres_restart_during_dispatch_load(pg, database, tmp_path, capsys):
         f"postgres restart: {len(orphans)} lease(s) taken but never handed out (freed at their TTL); "
         f"{watch.samples} snapshots of the slots, peak {watch.peak} of 2 per identity, {len(watch.violations)} over",
     )
-
-
-def _children(pid: int) -> list[int]:
-    path = f"/proc/{pid}/task/{pid}/children"
-    return [int(p) for p in open(path).read().split()] if os.path.exists(path) else []
 
 
 # --- (b) Redis stopped -------------------------------------------------------------------------
