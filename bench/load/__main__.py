@@ -20,7 +20,9 @@ One run, in this order (each load phase lasts BENCH_SECONDS after a short warm-u
      completed), latency from the scheduled start, on 50 and 1,000 accounts;
    - wake after release: how soon a waiting dispatch gets a released slot;
 5. kiropool with 2 workers: 96 dispatches waiting on one held slot; how soon a
-   completion and /healthz answer, then how the waiters are served.
+   completion and /healthz answer, then how the waiters are served;
+6. the periodic latency refresh over an hour of samples at 100 a second:
+   its wall time, its own CPU and PostgreSQL's.
 
 A benchmark, not a test: it asserts nothing. It prints one table (figures,
 targets, met or not) and writes bench/out/bench.json.
@@ -52,7 +54,7 @@ from bench.load.phases import (
 )
 
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/kiropool_bench"
-PHASES = ("floor", "throughput", "pool_size", "open_loop", "wake", "history", "waiting")
+PHASES = ("floor", "throughput", "pool_size", "open_loop", "wake", "history", "waiting", "refresh")
 REPORT_ORDER = (
     "settings",
     "floor",
@@ -63,6 +65,7 @@ REPORT_ORDER = (
     "wake_after_release_ms",
     "history",
     "bounded_waiting",
+    "snapshot_refresh",
     "checks",
 )
 
@@ -150,6 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         run.server_phases(report)
         run.waiting_phase(report)
+        run.refresh_phase(report)
     finally:
         # Also when a server would not start: the figures measured so far are kept.
         report_write(report, started)

@@ -133,6 +133,7 @@ def rows(report: dict) -> list[Row]:
 
     out.extend(_history_rows(report.get("history")))
     out.extend(_waiting_rows(report.get("bounded_waiting")))
+    out.append(_refresh_row(report.get("snapshot_refresh")))
     return out
 
 
@@ -151,6 +152,20 @@ def _history_rows(history: dict | None) -> list[Row]:
         ratio = f"{section['rps'] / clean['rps']:.2f}" if clean["rps"] else "—"
         out.append(Row("    ÷ no history", ratio, "flat: 1.00", REFERENCE))
     return out
+
+
+def _refresh_row(refresh: dict | None) -> Row:
+    """The periodic latency refresh over an hour of samples: what it costs
+    the machine once a minute, and the longest a lease start waited for it.
+    No target."""
+    what = f"latency refresh, {(refresh or {}).get('samples', 360_000):,} samples"
+    if not _measured(refresh):
+        return _missing(what, refresh, REFERENCE)
+    value = (
+        f"{_ms(refresh['wall_ms'])} ms · its CPU {_ms(refresh['cpu_ms'])} · PostgreSQL's"
+        f" {_ms(refresh['postgres_cpu_ms'])} ms · a lease start waits ≤ {_ms(refresh.get('lease_start_max_ms'))} ms"
+    )
+    return Row(what, value, REFERENCE, REFERENCE)
 
 
 def _crowding_rows(phases: list[dict]) -> list[Row]:

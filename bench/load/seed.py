@@ -190,6 +190,34 @@ def history_seed(leases: int) -> None:
     connection.close()
 
 
+def samples_seed(count: int, *, proxies: int = 20) -> None:
+    """``count`` first-token samples on the history pool's accounts, spread
+    evenly over the snapshot window's hour up to now, two in three through
+    one of ``proxies`` proxy URLs: what a gateway completing ``count / 3600``
+    requests a second leaves for each latency refresh to read. Analyzed, as
+    autovacuum would have the table."""
+    from django.db import connection
+    from django.utils import timezone
+
+    from accounts.models import Account
+    from routing.latency import SNAPSHOT_WINDOW
+    from routing.models import LatencySample
+
+    accounts = list(Account.objects.filter(name__startswith=HISTORY_PREFIX).values_list("pk", flat=True))
+    table = connection.ops.quote_name(LatencySample._meta.db_table)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""INSERT INTO {table} (account_id, proxy_url, first_token_ms, recorded_at)
+                SELECT (%s::bigint[])[1 + g %% %s],
+                       CASE WHEN g %% 3 = 0 THEN '' ELSE 'http://proxy-' || (g %% %s) || ':3128' END,
+                       200 + (g %% 1777), %s - (g * %s) / %s
+                  FROM generate_series(0, %s - 1) AS g""",
+            [accounts, len(accounts), proxies, timezone.now(), SNAPSHOT_WINDOW, count, count],
+        )
+        cursor.execute(f"ANALYZE {table}")
+    connection.close()
+
+
 def reap() -> None:
     """One run of the periodic reaper (no Celery runs during the bench)."""
     from django.db import connections

@@ -54,6 +54,14 @@ GOOD = {
         "kendall_tau": 1.0,
         "inversion_fraction": 0.0,
     },
+    "snapshot_refresh": {
+        "samples": 360_000,
+        "runs": 3,
+        "wall_ms": 61.2,
+        "cpu_ms": 4.5,
+        "postgres_cpu_ms": 50.0,
+        "lease_start_max_ms": 12.5,
+    },
 }
 
 
@@ -163,6 +171,21 @@ def test_the_history_phase_shows_each_probe_against_no_history_without_a_verdict
     broken = copy.deepcopy(GOOD)
     broken["history"] = {"error": "OperationalError: disk full"}
     assert verdicts(broken)["new sessions, 50 accounts, no history"] == MISSING
+
+
+def test_the_latency_refresh_shows_its_time_and_both_sides_cpu_without_a_verdict():
+    (row,) = [row for row in rows(GOOD) if row.what.startswith("latency refresh")]
+    assert (row.what, row.value) == (
+        "latency refresh, 360,000 samples",
+        "61.2 ms · its CPU 4.5 · PostgreSQL's 50.0 ms · a lease start waits ≤ 12.5 ms",
+    )
+    assert row.verdict == "reference"
+    without_proc = copy.deepcopy(GOOD)
+    without_proc["snapshot_refresh"]["postgres_cpu_ms"] = None
+    assert "PostgreSQL's — ms" in table(without_proc)
+    broken = copy.deepcopy(GOOD)
+    broken["snapshot_refresh"] = {"error": "OperationalError: disk full"}
+    assert verdicts(broken)["latency refresh, 360,000 samples"] == MISSING
 
 
 def test_a_failed_phase_is_shown_not_measured_and_the_rest_still_judged():
