@@ -13,19 +13,20 @@ waits behind it for long, nor ends in a deadlock with it.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import OperationalError, connection, transaction
-from django.db.models import Exists, F, Model, OuterRef, Q, QuerySet, Subquery
+from django.db.models import Count, Exists, F, Model, OuterRef, Q, QuerySet, Subquery, Sum
 from django.utils import timezone
 
 from accounts.models import Account, AccountGroup, KeySlot, RoutingIdentity
 from routing import pg, selection
 from routing.backend import backend
-from routing.latency import SNAPSHOT_WINDOW, latency_snapshot_build
+from routing.latency import SNAPSHOT_WINDOW, SampleGroup, latency_snapshot_build
 from routing.models import (
     AccountLatency,
     CooldownEvent,
@@ -68,12 +69,16 @@ def latency_snapshot_refresh(*, now: datetime | None = None) -> LatencySnapshot:
     """Aggregate the samples of the last ``SNAPSHOT_WINDOW`` into a new
     snapshot, and drop all but the newest ``SNAPSHOTS_KEPT``."""
     now = now or timezone.now()
-    samples = (
+    # Summed by the database, one row per account and proxy URL: at 100
+    # samples a second, reading the hour's 360,000 rows into this process
+    # took 0.66 s a run, 0.35 s of it this process's CPU (bench/HISTORY.md).
+    groups = (
         LatencySample.objects.filter(recorded_at__gt=now - SNAPSHOT_WINDOW, recorded_at__lte=now)
-        .values_list("account_id", "proxy_url", "first_token_ms")
-        .iterator(chunk_size=5000)
+        .order_by()
+        .values_list("account_id", "proxy_url")
+        .annotate(total_ms=Sum("first_token_ms"), samples=Count("*"))
     )
-    built = latency_snapshot_build(samples, generated_at=now)
+    built = latency_snapshot_build(itertools.starmap(SampleGroup, groups), generated_at=now)
     with transaction.atomic():
         snapshot = LatencySnapshot.objects.create(
             generated_at=now,

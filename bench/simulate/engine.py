@@ -40,7 +40,7 @@ from bench.simulate.scenario import Knobs, Pool
 from bench.simulate.state import NEVER, Account, Identity, at
 from bench.simulate.traffic import Traffic, peak_window
 from bench.simulate.variants import PLAIN, Dispatcher
-from routing.latency import latency_snapshot_build
+from routing.latency import SampleGroup, latency_snapshot_build
 from routing.readiness import ThrottleState
 from routing.selection import LatencySnapshot
 
@@ -99,10 +99,10 @@ class Engine(DispatchCalls):
         self.index = {name: i for i, name in enumerate(self.names)}
 
         self.bindings = Bindings(ttl_s=knobs.affinity_ttl_s, max_entries=knobs.affinity_max_entries)
-        # Samples in the snapshot window: their times, and (account, proxy, ms)
-        # rows in the shape latency_snapshot_build reads.
+        # Samples in the snapshot window: their times, and each as the group
+        # of one latency_snapshot_build reads.
         self.sample_times: deque[float] = deque(t for t, *_ in traffic.warm_samples)
-        self.sample_rows: deque[tuple[str, str | None, float]] = deque(row for _, *row in traffic.warm_samples)
+        self.sample_rows: deque[SampleGroup] = deque(SampleGroup.of(*row) for _, *row in traffic.warm_samples)
         self.snapshot: LatencySnapshot | None = None
         self.patient: list[Request] = []  # waiting for their bound account (patience), oldest first
         self.waiters: list[Request] = []  # waiting for a slot anywhere, oldest first
@@ -187,7 +187,7 @@ class Engine(DispatchCalls):
             if lease.probe:
                 st.quota_restore(ident)  # a probe that succeeded
             self.sample_times.append(t)
-            self.sample_rows.append((account.spec.name, account.spec.proxy_url, lease.first_token_ms))
+            self.sample_rows.append(SampleGroup.of(account.spec.name, account.spec.proxy_url, lease.first_token_ms))
             self.policy.observe(account.spec.name, lease.first_token_ms)
             self.result.served[self.index[ident.spec.name]] += 1
             self.result.latencies_ms.append(lease.first_token_ms)

@@ -102,6 +102,7 @@ def test_snapshot_refresh_aggregates_the_window():
     now = timezone.now()
     LatencySampleFactory(account=a, proxy_url=proxy.url, first_token_ms=100, recorded_at=now - timedelta(minutes=59))
     LatencySampleFactory(account=a, proxy_url=proxy.url, first_token_ms=300, recorded_at=now)
+    LatencySampleFactory(account=a, first_token_ms=200, recorded_at=now - timedelta(minutes=2))  # no proxy
     LatencySampleFactory(account=b, first_token_ms=1100, recorded_at=now - timedelta(minutes=1))
     LatencySampleFactory(account=b, first_token_ms=9999, recorded_at=now - SNAPSHOT_WINDOW)  # just out
     LatencySampleFactory(account=b, first_token_ms=9999, recorded_at=now + timedelta(seconds=1))  # not yet
@@ -111,10 +112,10 @@ def test_snapshot_refresh_aggregates_the_window():
     snapshot.refresh_from_db()
     assert snapshot.generated_at == now
     assert snapshot.window_seconds == 3600
-    assert snapshot.sample_count == 3
-    assert snapshot.global_avg_ms == pytest.approx(500.0)  # sample-weighted: (100 + 300 + 1100) / 3
+    assert snapshot.sample_count == 4
+    assert snapshot.global_avg_ms == pytest.approx(425.0)  # sample-weighted: (100 + 300 + 200 + 1100) / 4
     stored = snapshot_load(snapshot).snapshot
-    assert stored.accounts == {"a": LatencyStats(2, 200.0), "b": LatencyStats(1, 1100.0)}
+    assert stored.accounts == {"a": LatencyStats(3, 200.0), "b": LatencyStats(1, 1100.0)}
     assert stored.proxies == {"http://p:1": LatencyStats(2, 200.0)}
 
 
