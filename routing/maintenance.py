@@ -48,6 +48,9 @@ logger = logging.getLogger(__name__)
 # Rows deleted per transaction: bounds how long a run holds its locks and how
 # much one statement writes.
 BATCH = 1000
+# Order rows whose bands one transaction writes: how long a lease start may
+# wait for a row a refresh holds (about 10 ms for 200 rows).
+BANDS_BATCH = 200
 # Well under PostgreSQL's deadlock_timeout (1 s), so in a lock cycle with a
 # dispatch or a completion it is always the maintenance batch that backs off.
 LOCK_TIMEOUT = "200ms"
@@ -109,7 +112,10 @@ def latency_snapshot_refresh(*, now: datetime | None = None) -> LatencySnapshot:
             )
             for url, stats in built.proxies.items()
         )
-        pool_order_bands_write(snapshot)
+    # Once the snapshot has committed: written in its transaction, every
+    # order row stayed locked until that commit, and every lease start or
+    # binding on the pool waited for it (350 ms at 6,424 rows).
+    pool_order_bands_write(snapshot)
     pool_order_bands_complete(snapshot)
     stale = list(
         LatencySnapshot.objects.newest_first().values_list("id", flat=True)[SNAPSHOTS_KEPT : SNAPSHOTS_KEPT + BATCH]
@@ -120,29 +126,36 @@ def latency_snapshot_refresh(*, now: datetime | None = None) -> LatencySnapshot:
     return snapshot
 
 
-def pool_order_bands_write(snapshot: LatencySnapshot, *, behind_only: bool = False) -> int:
-    """Write every account's latency band under ``snapshot`` into its
-    ``PoolOrder`` rows (with ``behind_only``, only into rows without one or
-    under an older snapshot), so dispatches ordering by that snapshot walk
-    the band indexes (``routing/selectors/walk.py``); return the rows written.
+def pool_order_bands_write(snapshot: LatencySnapshot) -> int:
+    """Write the latency band under ``snapshot`` of every ``PoolOrder`` row
+    without one or under an older snapshot, so dispatches ordering by that
+    snapshot walk the band indexes (``routing/selectors/walk.py``); return
+    the rows written.
 
-    In the caller's transaction (the refresh's: a process that reads the new
-    snapshot finds its bands). The rows are locked first, skipping those a
-    lease start or a binding holds: the refresh never waits, so it never
-    deadlocks with them (:func:`pool_order_bands_complete` writes those
-    after). The bands are then computed in a second statement, which sees
-    every proxy change committed before it; a change still in flight waits
-    for the lock on its rows and clears their band after this commits (the
-    trigger of migration 0009). Without a usable global average no band
-    orders, and nothing is written."""
+    In batches of ``BANDS_BATCH`` rows, each its own transaction, so a row
+    is locked for one batch's milliseconds: a lease start moves its
+    identity's rows, and waits for their locks. Until the last batch has
+    committed, a scope holds rows under two snapshots and its dispatches
+    read in full. A batch's rows are locked first, skipping those a lease
+    start or a binding holds: this never waits, so it never deadlocks with
+    them (:func:`pool_order_bands_complete` writes those after). The bands
+    are then computed in a second statement, which sees every proxy change
+    committed before it; a change still in flight waits for the lock on its
+    rows and clears their band after this commits (the trigger of migration
+    0009). A row already under ``snapshot`` or a newer one is left alone.
+    Without a usable global average no band orders, and nothing is written."""
     if snapshot.global_avg_ms is None:
         return 0
-    rows = PoolOrder.objects.select_for_update(skip_locked=True).order_by()
-    if behind_only:
-        rows = rows.filter(_behind(snapshot))
-    with transaction.atomic():
-        locked = list(rows.values_list("pk", flat=True))
-        return sum(_bands_update(locked[start : start + BATCH], snapshot) for start in range(0, len(locked), BATCH))
+    behind = _behind(snapshot)
+    pks = list(PoolOrder.objects.filter(behind).order_by("pk").values_list("pk", flat=True))
+    written = 0
+    for start in range(0, len(pks), BANDS_BATCH):
+        with transaction.atomic():
+            rows = PoolOrder.objects.select_for_update(skip_locked=True).filter(
+                behind, pk__in=pks[start : start + BANDS_BATCH]
+            )
+            written += _bands_update(list(rows.order_by().values_list("pk", flat=True)), snapshot)
+    return written
 
 
 def pool_order_bands_complete(snapshot: LatencySnapshot) -> int:
@@ -181,7 +194,7 @@ def pool_order_bands_catch_up() -> int:
     snapshot = LatencySnapshot.objects.newest_first().first()
     if snapshot is None:
         return 0
-    return pool_order_bands_write(snapshot, behind_only=True) + pool_order_bands_complete(snapshot)
+    return pool_order_bands_write(snapshot) + pool_order_bands_complete(snapshot)
 
 
 def _behind(snapshot: LatencySnapshot) -> Q:

@@ -418,6 +418,43 @@ def test_the_refresh_never_waits_long_for_a_row_another_transaction_holds(postgr
 
 
 @pytest.mark.django_db(transaction=True)
+def test_the_refresh_holds_one_batch_of_rows_at_a_time_after_its_snapshot_commits(postgres_only, monkeypatch):
+    """A lease start moves its identity's order rows: it waits for a batch,
+    not for the whole refresh. Seen from another connection while the
+    refresh writes its second batch: the snapshot has committed, the first
+    batch's rows hold their new bands and are free, the rest wait for theirs."""
+    _pool_with_latency()
+    monkeypatch.setattr(maintenance, "BANDS_BATCH", 4)
+    write = maintenance._bands_update
+    seen: list[tuple] = []
+
+    def observed(pks, snapshot):
+        if pks and not seen:
+            seen.append(("first", snapshot.pk, tuple(pks)))
+        elif pks and len(seen) == 1:
+            first = list(seen[0][2])
+            with psycopg.connect(test_database_url(), autocommit=True) as other:
+                committed = other.execute("SELECT count(*) FROM routing_latencysnapshot WHERE id = %s", [snapshot.pk])
+                written = other.execute(
+                    "SELECT count(*) FROM routing_poolorder WHERE band_snapshot_id = %s", [snapshot.pk]
+                )
+                counts = (committed.fetchone()[0], written.fetchone()[0])
+                with other.transaction():
+                    free = other.execute(
+                        "SELECT id FROM routing_poolorder WHERE id = ANY(%s) FOR UPDATE NOWAIT", [first]
+                    )
+                    seen.append(("second", counts, len(free.fetchall())))
+        return write(pks, snapshot)
+
+    monkeypatch.setattr(maintenance, "_bands_update", observed)
+    snapshot = maintenance.latency_snapshot_refresh()
+
+    assert seen[1] == ("second", (1, 4), 4)  # committed; the first 4 written, unlocked
+    assert PoolOrder.objects.filter(band_snapshot_id=snapshot.pk).count() == 9  # then all of them
+    assert bands_stored() == bands_of_spec()
+
+
+@pytest.mark.django_db(transaction=True)
 def test_a_row_the_refresh_skipped_gets_its_band_once_released(postgres_only):
     accounts, *_ = _pool_with_latency()
     held = PoolOrder.objects.get(scope_id=PoolOrder.ALL_ACCOUNTS, account=accounts[1])
