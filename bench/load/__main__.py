@@ -21,8 +21,10 @@ One run, in this order (each load phase lasts BENCH_SECONDS after a short warm-u
    - wake after release: how soon a waiting dispatch gets a released slot;
 5. kiropool with 2 workers: 96 dispatches waiting on one held slot; how soon a
    completion and /healthz answer, then how the waiters are served;
-6. the periodic latency refresh over an hour of samples at 100 a second:
-   its wall time, its own CPU and PostgreSQL's.
+6. two periodic tasks, over a minute's work at 100 new sessions a second:
+   the latency refresh (an hour of samples) and the binding purge (6,000
+   expired bindings); the wall time, their CPU and PostgreSQL's, and the
+   longest a lease start waited for them.
 
 A benchmark, not a test: it asserts nothing. It prints one table (figures,
 targets, met or not) and writes bench/out/bench.json.
@@ -54,7 +56,7 @@ from bench.load.phases import (
 )
 
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/kiropool_bench"
-PHASES = ("floor", "throughput", "pool_size", "open_loop", "wake", "history", "waiting", "refresh")
+PHASES = ("floor", "throughput", "pool_size", "open_loop", "wake", "history", "waiting", "refresh", "purge")
 REPORT_ORDER = (
     "settings",
     "floor",
@@ -66,6 +68,7 @@ REPORT_ORDER = (
     "history",
     "bounded_waiting",
     "snapshot_refresh",
+    "binding_purge",
     "checks",
 )
 
@@ -153,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         run.server_phases(report)
         run.waiting_phase(report)
-        run.refresh_phase(report)
+        run.upkeep_phases(report)
     finally:
         # Also when a server would not start: the figures measured so far are kept.
         report_write(report, started)

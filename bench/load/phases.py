@@ -5,14 +5,12 @@ what order, and where each figure goes in the report."""
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
-import statistics
 import sys
 import time
 import traceback
 from pathlib import Path
 
-from bench.load import cpu, seed, servers
+from bench.load import cpu, seed, servers, upkeep
 from bench.load import report as tables
 from bench.load.clients import Plan, closed_loop, open_loop
 from bench.load.stats import closed_merge
@@ -43,8 +41,6 @@ LOAD_TITLES = {
     "dispatch_no_bindings": "dispatch+complete, 0 bindings",
 }
 HISTORY_LEASES = 200_000  # completed since the last vacuum: a day at a couple of leases a second
-# The latency refresh's window at 100 completions a second: an hour of samples.
-REFRESH_SAMPLES, REFRESH_RUNS = 360_000, 3
 MAIN_SERVER_PHASES = frozenset({"throughput", "pool_size", "open_loop", "wake", "history"})  # one kiropool serves them
 
 
@@ -290,85 +286,17 @@ class Run:
                 },
             )
 
-    def refresh_phase(self, report: dict) -> None:
-        if "refresh" not in self.only:
-            return
-        self.say(f"latency refresh: {REFRESH_SAMPLES:,} samples in its window, {REFRESH_RUNS} runs")
-        phase(
-            report,
-            "snapshot_refresh",
-            lambda: refresh_measure(REFRESH_SAMPLES, REFRESH_RUNS, database_url=self.env["DATABASE_URL"]),
-        )
-
-
-def refresh_measure(samples: int, runs: int, *, database_url: str) -> dict:
-    """The periodic latency refresh (``maintenance.latency_snapshot_refresh``)
-    run in this process, as a Celery worker runs it, over ``samples``
-    samples: its wall time, this process's CPU and PostgreSQL's (read from
-    ``/proc``: None without it), each the median of ``runs``. Every minute
-    a worker pays this on the machine that serves the dispatches. Meanwhile
-    another process moves an identity's last start as a lease start does
-    (which moves its accounts' order rows, the rows the refresh writes bands
-    into), every 2 ms: the longest of those is how long a lease start can
-    wait for the refresh."""
-    from django.db import connection
-
-    from accounts.models import RoutingIdentity
-    from routing.maintenance import latency_snapshot_refresh  # Django is set up by now
-
-    seed.samples_seed(samples)
-    identity = RoutingIdentity.objects.filter(name__startswith=seed.HISTORY_PREFIX).order_by("pk").first()
-    table = connection.ops.quote_name(RoutingIdentity._meta.db_table)
-    start = f"UPDATE {table} SET last_started_at = now() WHERE id = {identity.pk}"
-    walls, own, postgres, starts = [], [], [], []
-    # Spawned, not forked: a fork would share this process's pooled connections.
-    context = multiprocessing.get_context("spawn")
-    for _ in range(runs):
-        done, answers = context.Event(), context.Queue()
-        starter = context.Process(target=_lease_starts, args=(database_url, start, done, answers))
-        starter.start()
-        backend = answers.get(timeout=60)  # its connection's: PostgreSQL's figure leaves it out
-        before, cpu_started, started = cpu.processes(), time.process_time(), time.perf_counter()
-        latency_snapshot_refresh()
-        walls.append(time.perf_counter() - started)
-        own.append(time.process_time() - cpu_started)
-        after = cpu.processes()
-        done.set()
-        starts.append(answers.get(timeout=60))
-        starter.join()
-        whose = {pid: "postgres" for pid, process in after.items() if process.name == cpu.POSTGRES and pid != backend}
-        postgres.append(cpu.spent(before, after, whose)["postgres"] if after else None)
-    connections_close()
-
-    def ms(values: list) -> float | None:
-        return None if None in values else round(1000 * statistics.median(values), 1)
-
-    return {
-        "samples": samples,
-        "runs": runs,
-        "wall_ms": ms(walls),
-        "cpu_ms": ms(own),
-        "postgres_cpu_ms": ms(postgres),
-        "lease_start_max_ms": round(1000 * max(starts), 1),
-    }
-
-
-def _lease_starts(url: str, statement: str, done, answers) -> None:
-    """Put this connection's backend pid on ``answers``, then run
-    ``statement`` (an identity's last start moved) every 2 ms, each in its
-    own transaction, until ``done`` is set; then put the longest any took."""
-    import psycopg
-
-    longest = 0.0
-    with psycopg.connect(url, autocommit=True) as connection:
-        connection.execute(statement)
-        answers.put(connection.info.backend_pid)
-        while not done.is_set():
-            started = time.perf_counter()
-            connection.execute(statement)
-            longest = max(longest, time.perf_counter() - started)
-            time.sleep(0.002)
-    answers.put(longest)
+    def upkeep_phases(self, report: dict) -> None:
+        """The periodic tasks that write the rows a lease start moves, each
+        timed over a minute's worth of work at 100 new sessions a second
+        (``bench/load/upkeep.py``). Last: they leave the pools changed."""
+        url = self.env["DATABASE_URL"]
+        if "refresh" in self.only:
+            self.say(f"latency refresh: {upkeep.REFRESH_SAMPLES:,} samples in its window, {upkeep.RUNS} runs")
+            phase(report, "snapshot_refresh", lambda: upkeep.refresh_measure(database_url=url))
+        if "purge" in self.only:
+            self.say(f"binding purge: {upkeep.PURGE_EXPIRED:,} expired bindings, {upkeep.RUNS} runs")
+            phase(report, "binding_purge", lambda: upkeep.purge_measure(key_id=self.seeded.key_id, database_url=url))
 
 
 def connections_close() -> None:

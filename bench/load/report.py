@@ -133,7 +133,7 @@ def rows(report: dict) -> list[Row]:
 
     out.extend(_history_rows(report.get("history")))
     out.extend(_waiting_rows(report.get("bounded_waiting")))
-    out.append(_refresh_row(report.get("snapshot_refresh")))
+    out.extend(_upkeep_rows(report))
     return out
 
 
@@ -154,16 +154,23 @@ def _history_rows(history: dict | None) -> list[Row]:
     return out
 
 
-def _refresh_row(refresh: dict | None) -> Row:
-    """The periodic latency refresh over an hour of samples: what it costs
-    the machine once a minute, and the longest a lease start waited for it.
-    No target."""
-    what = f"latency refresh, {(refresh or {}).get('samples', 360_000):,} samples"
-    if not _measured(refresh):
-        return _missing(what, refresh, REFERENCE)
+def _upkeep_rows(report: dict) -> list[Row]:
+    """The periodic tasks a lease start can wait for (``bench/load/upkeep.py``):
+    what each costs the machine once a minute, and the longest a lease start
+    waited for it. No target."""
+    refresh, purge = report.get("snapshot_refresh"), report.get("binding_purge")
+    return [
+        _upkeep_row(f"latency refresh, {(refresh or {}).get('samples', 360_000):,} samples", refresh),
+        _upkeep_row(f"binding purge, {(purge or {}).get('expired', 6_000):,} expired bindings", purge),
+    ]
+
+
+def _upkeep_row(what: str, section: dict | None) -> Row:
+    if not _measured(section):
+        return _missing(what, section, REFERENCE)
     value = (
-        f"{_ms(refresh['wall_ms'])} ms · its CPU {_ms(refresh['cpu_ms'])} · PostgreSQL's"
-        f" {_ms(refresh['postgres_cpu_ms'])} ms · a lease start waits ≤ {_ms(refresh.get('lease_start_max_ms'))} ms"
+        f"{_ms(section['wall_ms'])} ms · its CPU {_ms(section['cpu_ms'])} · PostgreSQL's"
+        f" {_ms(section['postgres_cpu_ms'])} ms · a lease start waits ≤ {_ms(section['lease_start_max_ms'])} ms"
     )
     return Row(what, value, REFERENCE, REFERENCE)
 

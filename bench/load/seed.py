@@ -16,6 +16,7 @@ BINDINGS = 65_536
 BAND_LATENCIES_MS = (400.0, 1000.0, 2500.0)  # first-token times of the banded pool's three thirds
 MAX_CONCURRENCY = 4  # per identity, for the load phases: room for all 16 closed-loop clients in every pool
 HISTORY_PREFIX = "hist-"
+MAIN_PREFIX = "main-"  # the throughput pool's, with its 65,536 bindings
 
 
 def database_recreate(url: str) -> None:
@@ -61,10 +62,10 @@ def bench_seed(*, main_accounts: int, pool_sizes: tuple[int, ...], open_sizes: t
     from routing.pools import bindings_seed, pool_seed, uniform_pool
 
     call_command("migrate", verbosity=0)
-    main = pool_seed(prefix="main-", identities=uniform_pool(main_accounts, max_concurrency=MAX_CONCURRENCY))
+    main = pool_seed(prefix=MAIN_PREFIX, identities=uniform_pool(main_accounts, max_concurrency=MAX_CONCURRENCY))
     bindings_seed(key_id=main.key_ids["gateway"], accounts=main.accounts, count=BINDINGS)
-    # Its own pool rather than the main one emptied: deleting 65,536 bindings
-    # fires their counter trigger once each, which takes most of a minute.
+    # Its own pool rather than the main one emptied: the main one's bindings
+    # are kept for the throughput phase and the binding purge.
     empty = pool_seed(prefix="empty-", identities=uniform_pool(main_accounts, max_concurrency=MAX_CONCURRENCY))
 
     banded = pool_seed(prefix="bands-", identities=uniform_pool(max(pool_sizes), max_concurrency=MAX_CONCURRENCY))
@@ -216,6 +217,21 @@ def samples_seed(count: int, *, proxies: int = 20) -> None:
         )
         cursor.execute(f"ANALYZE {table}")
     connection.close()
+
+
+def bindings_expire(*, key_id: int, count: int) -> None:
+    """Expire ``count`` of the key's live bindings (the lowest ids), as a
+    minute of them would have expired by the purge's next run."""
+    from django.db.models import F
+    from django.db.models.functions import Now
+
+    from routing.models import SessionBinding
+
+    live = SessionBinding.objects.filter(api_key_id=key_id, expires_at__gt=Now()).order_by("pk")
+    # A millisecond after its last update: about the earliest expiry a binding may have.
+    SessionBinding.objects.filter(pk__in=list(live.values_list("pk", flat=True)[:count])).update(
+        expires_at=F("updated_at") + timedelta(milliseconds=1)
+    )
 
 
 def reap() -> None:

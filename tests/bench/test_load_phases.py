@@ -134,27 +134,3 @@ def test_the_pool_sizes_run_mirrored_with_the_banded_pool_between_and_the_snapsh
     assert sizes["banded"]["runs_rps"] == [700.0, 800.0] and sizes["banded"]["accounts"] == 1000
     assert sizes["ratio"] == 1.0
     assert sizes["ratio_banded"] == 1.0
-
-
-@pytest.mark.django_db(transaction=True)  # the seeding closes its connection, as the bench's does
-def test_the_refresh_phase_times_a_refresh_over_the_samples_it_seeded(postgres_only):
-    from routing.models import LatencySnapshot
-    from tests.factories import AccountFactory
-    from tests.support import test_database_url
-
-    for n in range(3):
-        AccountFactory(name=f"{phases.seed.HISTORY_PREFIX}{n}", identity__name=f"{phases.seed.HISTORY_PREFIX}{n}")
-    AccountFactory(name="other")  # not the history pool's: gets none
-
-    measured = phases.refresh_measure(samples=600, runs=2, database_url=test_database_url())
-
-    newest = LatencySnapshot.objects.latest()
-    assert newest.sample_count == 600  # every sample seeded lies in the window
-    stats = newest.account_stats.values_list("account__name", "samples")
-    assert sorted(stats) == [("hist-0", 200), ("hist-1", 200), ("hist-2", 200)]
-    assert newest.proxy_stats.count() == 20  # two in three samples through one of 20 URLs
-    assert (measured["samples"], measured["runs"]) == (600, 2)
-    assert measured["wall_ms"] > 0 and measured["cpu_ms"] >= 0
-    assert measured["lease_start_max_ms"] > 0  # the thread moved the identity meanwhile
-    if Path("/proc/self/stat").exists():
-        assert measured["postgres_cpu_ms"] is not None

@@ -62,6 +62,14 @@ GOOD = {
         "postgres_cpu_ms": 50.0,
         "lease_start_max_ms": 12.5,
     },
+    "binding_purge": {
+        "expired": 6_000,
+        "runs": 3,
+        "wall_ms": 150.0,
+        "cpu_ms": 20.0,
+        "postgres_cpu_ms": 120.0,
+        "lease_start_max_ms": 8.0,
+    },
 }
 
 
@@ -173,19 +181,25 @@ def test_the_history_phase_shows_each_probe_against_no_history_without_a_verdict
     assert verdicts(broken)["new sessions, 50 accounts, no history"] == MISSING
 
 
-def test_the_latency_refresh_shows_its_time_and_both_sides_cpu_without_a_verdict():
-    (row,) = [row for row in rows(GOOD) if row.what.startswith("latency refresh")]
-    assert (row.what, row.value) == (
-        "latency refresh, 360,000 samples",
-        "61.2 ms · its CPU 4.5 · PostgreSQL's 50.0 ms · a lease start waits ≤ 12.5 ms",
-    )
-    assert row.verdict == "reference"
+def test_the_periodic_tasks_show_their_time_both_sides_cpu_and_the_wait_without_a_verdict():
+    found = [row for row in rows(GOOD) if row.what.startswith(("latency refresh", "binding purge"))]
+    assert [(row.what, row.value) for row in found] == [
+        (
+            "latency refresh, 360,000 samples",
+            "61.2 ms · its CPU 4.5 · PostgreSQL's 50.0 ms · a lease start waits ≤ 12.5 ms",
+        ),
+        (
+            "binding purge, 6,000 expired bindings",
+            "150.0 ms · its CPU 20.0 · PostgreSQL's 120.0 ms · a lease start waits ≤ 8.0 ms",
+        ),
+    ]
+    assert {row.verdict for row in found} == {"reference"}
     without_proc = copy.deepcopy(GOOD)
     without_proc["snapshot_refresh"]["postgres_cpu_ms"] = None
     assert "PostgreSQL's — ms" in table(without_proc)
     broken = copy.deepcopy(GOOD)
-    broken["snapshot_refresh"] = {"error": "OperationalError: disk full"}
-    assert verdicts(broken)["latency refresh, 360,000 samples"] == MISSING
+    broken["binding_purge"] = {"error": "OperationalError: disk full"}
+    assert verdicts(broken)["binding purge, 6,000 expired bindings"] == MISSING
 
 
 def test_a_failed_phase_is_shown_not_measured_and_the_rest_still_judged():
