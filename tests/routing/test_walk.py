@@ -115,6 +115,9 @@ def _apply(op: str, pick: int, data) -> None:
         _binding(account, pick, expired=data.draw(st.booleans()))
     elif op == "binding_delete":
         SessionBinding.objects.filter(pk__in=SessionBinding.objects.filter(account=account).values("pk")[:1]).delete()
+    elif op == "bindings_delete_many":  # one statement over several accounts, as the purge deletes
+        every = SessionBinding.objects.order_by("pk").values_list("pk", flat=True)
+        SessionBinding.objects.filter(pk__in=list(every)[pick % 2 :: 2]).delete()
     elif op == "binding_move":
         SessionBinding.objects.filter(account=account).update(account=accounts[(pick + 1) % len(accounts)])
 
@@ -131,6 +134,7 @@ OPS = [
     "group_replace",
     "binding_create",
     "binding_delete",
+    "bindings_delete_many",
     "binding_move",
 ]
 
