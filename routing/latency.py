@@ -38,7 +38,7 @@ def latency_snapshot_build(groups: Iterable[SampleGroup], *, generated_at: datet
     account weighs more than an idle one); per account and per proxy URL it
     is the plain mean of their own samples."""
     accounts: dict[int | str, list[float]] = {}
-    proxies: dict[str, list[float]] = {}
+    proxies: dict[int | str, list[float]] = {}
     total, count = 0.0, 0
     for account, proxy_url, total_ms, samples in groups:
         total += total_ms
@@ -54,11 +54,11 @@ def latency_snapshot_build(groups: Iterable[SampleGroup], *, generated_at: datet
     )
 
 
-def _accumulate(sums: dict, name: int | str, total_ms: float, samples: int) -> None:
+def _accumulate(sums: dict[int | str, list[float]], name: int | str, total_ms: float, samples: int) -> None:
     entry = sums.setdefault(name, [0.0, 0])
     entry[0] += total_ms
     entry[1] += samples
 
 
-def _stats(sums: dict) -> dict:
+def _stats(sums: dict[int | str, list[float]]) -> dict[int | str, LatencyStats]:
     return {name: LatencyStats(samples=int(n), avg_ms=total / n) for name, (total, n) in sums.items()}
