@@ -89,7 +89,7 @@ def test_over_capacity_with_every_key_within_its_share_the_oldest_go(settings):
 
 
 def test_a_runaway_key_cannot_bench_the_pool_with_rate_limit_reports(settings):
-    settings.KIROPOOL_CAPACITY_REPORT_RATE = "2/min"
+    settings.KIROPOOL_CAPACITY_REPORT_RATE = "2/d"  # a day's window: the test never straddles two
     for i in range(4):
         AccountFactory(name=f"a{i}", identity__max_concurrency=5)
     hostile = Gateway(ApiKeyFactory(name="hostile").plaintext)
@@ -106,7 +106,7 @@ def test_a_runaway_key_cannot_bench_the_pool_with_rate_limit_reports(settings):
 
 
 def test_quota_and_proxy_failure_reports_are_rate_limited_too(settings):
-    settings.KIROPOOL_CAPACITY_REPORT_RATE = "1/min"
+    settings.KIROPOOL_CAPACITY_REPORT_RATE = "1/d"  # a day's window: the test never straddles two
     proxy = ProxyFactory(url="http://shared-proxy:1")
     AccountFactory(name="p1", proxy=proxy, identity__max_concurrency=5)
     AccountFactory(name="p2", proxy=proxy, identity__max_concurrency=5)
