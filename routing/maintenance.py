@@ -116,7 +116,6 @@ def latency_snapshot_refresh(*, now: datetime | None = None) -> LatencySnapshot:
     # order row stayed locked until that commit, and every lease start or
     # binding on the pool waited for it (350 ms at 6,424 rows).
     pool_order_bands_write(snapshot)
-    pool_order_bands_complete(snapshot)
     stale = list(
         LatencySnapshot.objects.newest_first().values_list("id", flat=True)[SNAPSHOTS_KEPT : SNAPSHOTS_KEPT + BATCH]
     )
@@ -127,56 +126,66 @@ def latency_snapshot_refresh(*, now: datetime | None = None) -> LatencySnapshot:
 
 
 def pool_order_bands_write(snapshot: LatencySnapshot) -> int:
-    """Write the latency band under ``snapshot`` of every ``PoolOrder`` row
-    without one or under an older snapshot, so dispatches ordering by that
-    snapshot walk the band indexes (``routing/selectors/walk.py``); return
-    the rows written.
+    """Bring every ``PoolOrder`` row's latency band to ``snapshot``'s, then
+    mark the snapshot's bands whole, so dispatches ordering by it walk the
+    band indexes (``routing/selectors/walk.py``); return the rows written.
+
+    Only the rows whose band is not the snapshot's are written: those
+    without one (new, or their proxy changed) and those under an older
+    snapshot whose band differs under this one (an account near a band's
+    edge as the averages move). A row under a newer snapshot is left alone,
+    and nothing is written once a newer snapshot exists: its refresh
+    decides. Written every minute, the ~6,400 order rows of the bench's
+    pools were ~6,400 row versions in eight indexes each (bench/HISTORY.md).
 
     In batches of ``BANDS_BATCH`` rows, each its own transaction, so a row
     is locked for one batch's milliseconds: a lease start moves its
-    identity's rows, and waits for their locks. Until the last batch has
-    committed, a scope holds rows under two snapshots and its dispatches
-    read in full. A batch's rows are locked first, skipping those a lease
-    start or a binding holds: this never waits, so it never deadlocks with
-    them (:func:`pool_order_bands_complete` writes those after). The bands
-    are then computed in a second statement, which sees every proxy change
-    committed before it; a change still in flight waits for the lock on its
-    rows and clears their band after this commits (the trigger of migration
-    0009). A row already under ``snapshot`` or a newer one is left alone.
-    Without a usable global average no band orders, and nothing is written."""
+    identity's rows, and waits for their locks. A batch's rows are locked
+    first, skipping those a lease start or a binding holds: this never
+    waits, so it never deadlocks with them (:func:`pool_order_bands_complete`
+    writes those after). Each row's band is computed again once it is
+    locked, so it sees every proxy change committed before; a change still
+    in flight waits for the lock and clears the band after this commits (the
+    trigger of migration 0009). Without a usable global average no band
+    orders, and nothing is written."""
     if snapshot.global_avg_ms is None:
         return 0
-    behind = _behind(snapshot)
-    pks = list(PoolOrder.objects.filter(behind).order_by("pk").values_list("pk", flat=True))
+    to_write = _to_write(snapshot)
+    pks = list(_with_band(snapshot).filter(to_write).order_by("pk").values_list("pk", flat=True))
     written = 0
     for start in range(0, len(pks), BANDS_BATCH):
         with transaction.atomic():
-            rows = PoolOrder.objects.select_for_update(skip_locked=True).filter(
-                behind, pk__in=pks[start : start + BANDS_BATCH]
+            rows = (
+                _with_band(snapshot)
+                .select_for_update(skip_locked=True)
+                .filter(to_write, pk__in=pks[start : start + BANDS_BATCH])
             )
             written += _bands_update(list(rows.order_by().values_list("pk", flat=True)), snapshot)
+    written += pool_order_bands_complete(snapshot)
+    _bands_whole_mark(snapshot)
     return written
 
 
 def pool_order_bands_complete(snapshot: LatencySnapshot) -> int:
-    """Write the bands under ``snapshot`` of the rows still without one or
-    under an older snapshot: those the refresh skipped, and those whose
-    proxy changed since. One row a transaction, each waiting for its row up
-    to ``LOCK_TIMEOUT`` (a lease start holds it for milliseconds) and holding
-    no other lock meanwhile, so it cannot be part of a deadlock; a row held
-    longer is left to the next refresh. Until then the scope's dispatches
-    read in full (the walk needs every row of the scope under the snapshot)."""
+    """Write the bands under ``snapshot`` of the rows whose band is still
+    not its own: those :func:`pool_order_bands_write` skipped, and those
+    whose proxy changed since. One row a transaction, each waiting for its
+    row up to ``LOCK_TIMEOUT`` (a lease start holds it for milliseconds) and
+    holding no other lock meanwhile, so it cannot be part of a deadlock; a
+    row held longer is left to the next refresh, and this snapshot's bands
+    are not whole (the walk needs every row of a scope to hold the band of
+    the snapshot it orders by)."""
     if snapshot.global_avg_ms is None:
         return 0
-    behind = _behind(snapshot)
+    to_write = _to_write(snapshot)
     written = 0
-    for pk in list(PoolOrder.objects.filter(behind).values_list("pk", flat=True)[:BATCH]):
+    for pk in list(_with_band(snapshot).filter(to_write).values_list("pk", flat=True)[:BATCH]):
         try:
             with transaction.atomic():
                 lock_timeout_local()
-                # Locked, then computed: the band sees a proxy change committed while it waited.
-                locked = list(PoolOrder.objects.select_for_update().filter(behind, pk=pk).values_list("pk", flat=True))
-                written += _bands_update(locked, snapshot)
+                # Locked, then compared: the band sees a proxy change committed while it waited.
+                rows = _with_band(snapshot).select_for_update().filter(to_write, pk=pk)
+                written += _bands_update(list(rows.values_list("pk", flat=True)), snapshot)
         except OperationalError:
             logger.info("pool order row %s held past %s; its band waits for the next refresh", pk, LOCK_TIMEOUT)
     return written
@@ -190,28 +199,67 @@ def pool_order_bands_catch_up() -> int:
     the band index (6-8 ms against under 1 ms at 1,000 accounts), until the
     next refresh. Run once the edit commits (``routing/signals.py``); like
     the refresh, it skips the rows a lease start holds, then writes them one
-    at a time (:func:`pool_order_bands_complete`)."""
-    snapshot = LatencySnapshot.objects.newest_first().first()
-    if snapshot is None:
-        return 0
-    return pool_order_bands_write(snapshot) + pool_order_bands_complete(snapshot)
+    at a time. Should a refresh make a newer snapshot meanwhile, the rows
+    are written under that one."""
+    written = 0
+    for _ in range(RETRIES):
+        snapshot = LatencySnapshot.objects.order_by("-pk").first()
+        if snapshot is None:
+            break
+        written += pool_order_bands_write(snapshot)
+        if not LatencySnapshot.objects.filter(pk__gt=snapshot.pk).exists():
+            break
+    return written
 
 
-def _behind(snapshot: LatencySnapshot) -> Q:
-    """Order rows without a band under ``snapshot`` or a newer one."""
-    return Q(band_snapshot_id__isnull=True) | Q(band_snapshot_id__lt=snapshot.pk)
-
-
-def _bands_update(pks: list[int], snapshot: LatencySnapshot) -> int:
-    """Set the rows ``pks`` (locked by the caller) to their account's band
-    under ``snapshot``, computed by the database as the dispatch read does."""
-    if not pks:
-        return 0
+def _band_under(snapshot: LatencySnapshot) -> Subquery:
+    """An order row's account's band under ``snapshot``, computed by the
+    database as the dispatch read does."""
     values = {"snapshot_id": snapshot.pk, **rules.band_values(snapshot.global_avg_ms)}
     band = rules.latency_joins(Account.objects.filter(pk=OuterRef("account_id")), snapshot.pk).values(
         band=rules.band(values)
     )
-    return PoolOrder.objects.filter(pk__in=pks).update(band=Subquery(band), band_snapshot_id=snapshot.pk)
+    return Subquery(band)
+
+
+def _with_band(snapshot: LatencySnapshot) -> QuerySet:
+    """The order rows, each with ``band_now``: its band under ``snapshot``."""
+    return PoolOrder.objects.alias(band_now=_band_under(snapshot))
+
+
+def _differs(snapshot: LatencySnapshot) -> Q:
+    """Rows of ``_with_band(snapshot)`` under an older snapshot whose band is not ``snapshot``'s."""
+    return Q(band_snapshot_id__lt=snapshot.pk) & ~Q(band=F("band_now"))
+
+
+def _to_write(snapshot: LatencySnapshot) -> Q:
+    """Rows of ``_with_band(snapshot)`` whose band to write under
+    ``snapshot``: none, or an older one that differs; none at all once a
+    newer snapshot exists. Checked in the statement that locks the rows, so
+    a writer under an older snapshot never overwrites a newer one's band,
+    nor writes one after a newer refresh found the row right."""
+    newer = LatencySnapshot.objects.filter(pk__gt=snapshot.pk)
+    return ~Exists(newer) & (Q(band_snapshot_id__isnull=True) | _differs(snapshot))
+
+
+def _bands_whole_mark(snapshot: LatencySnapshot) -> bool:
+    """Mark ``snapshot``'s bands whole if every banded row holds its band:
+    no row under an older snapshot holds a band that differs under it. Rows
+    without a band do not count: a dispatch tells them apart in its own
+    scope. Checked in the marking statement, so a writer still at work
+    under an older snapshot cannot slip past it: its rows differ, or are
+    still without a band in the statement's view, and they are refused
+    once this snapshot exists (:func:`_to_write`)."""
+    differs = _with_band(snapshot).filter(_differs(snapshot))
+    marked = LatencySnapshot.objects.filter(pk=snapshot.pk, bands_whole_at__isnull=True).filter(~Exists(differs))
+    return bool(marked.update(bands_whole_at=timezone.now()))
+
+
+def _bands_update(pks: list[int], snapshot: LatencySnapshot) -> int:
+    """Set the rows ``pks`` (locked by the caller) to their account's band under ``snapshot``."""
+    if not pks:
+        return 0
+    return PoolOrder.objects.filter(pk__in=pks).update(band=_band_under(snapshot), band_snapshot_id=snapshot.pk)
 
 
 def latency_sample_prune(*, now: datetime | None = None) -> int:

@@ -195,6 +195,10 @@ class LatencySnapshot(models.Model):
     window_seconds = models.PositiveIntegerField()
     global_avg_ms = models.FloatField(null=True, blank=True)
     sample_count = models.PositiveIntegerField(default=0)
+    # When the refresh had checked every order row's band under this
+    # snapshot (maintenance.pool_order_bands_write); until then no dispatch
+    # under it walks the band index.
+    bands_whole_at = models.DateTimeField(null=True, blank=True)
 
     objects = LatencySnapshotQuerySet.as_manager()
 
@@ -373,10 +377,11 @@ class PoolOrder(models.Model):
     last_started_at = models.DateTimeField(null=True)  # the identity's
     credits_sort = models.FloatField()  # balanced credits descending: -(balance, or -1 unknown)
     name = models.CharField(max_length=200)  # the account's; byte order (collation "C") on PostgreSQL
-    # The account's latency band under the snapshot ``band_snapshot_id``,
-    # written by the snapshot refresh (maintenance.pool_order_bands_write);
-    # cleared by a trigger when the account's proxy, or its URL, changes.
-    # A row under another snapshot, or none, is a special account of the walk.
+    # The account's latency band, written by the snapshot refresh under the
+    # snapshot ``band_snapshot_id`` (maintenance.pool_order_bands_write),
+    # and only when it changed: it holds under each later snapshot whose
+    # bands are whole. Cleared by a trigger when the account's proxy, or its
+    # URL, changes.
     band = models.IntegerField(null=True)
     band_snapshot_id = models.BigIntegerField(null=True)
 

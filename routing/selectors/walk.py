@@ -6,7 +6,7 @@ first ``HEAD_ROWS``; on a pool of 1,000 accounts the sort costs the database
 their identity. For a plain account that can start a lease now, whose proxy
 is not cooling and that has no binding past its expiry, every sort key of
 SPEC §2 is a column of its ``PoolOrder`` row (the latency band too, once the
-snapshot refresh wrote it for the snapshot the read orders by), and an
+snapshot refresh has checked it under the snapshot the read orders by), and an
 index of that table holds a scope's rows in that order. So:
 
 - the *walk* reads that index from the start of the key's scope and keeps
@@ -35,11 +35,11 @@ from typing import TYPE_CHECKING
 
 from django.conf import settings
 from django.db.models import BooleanField, Exists, F, OuterRef, Q, QuerySet, Subquery, Value
-from django.db.models.lookups import Exact
+from django.db.models.lookups import Exact, LessThanOrEqual
 
 from accounts.models import Account
 from routing.dispatch import CandidateRow
-from routing.models import PoolOrder, SessionBinding
+from routing.models import LatencySnapshot, PoolOrder, SessionBinding
 from routing.selectors import counts, rules
 
 if TYPE_CHECKING:
@@ -83,7 +83,9 @@ def head_or_special(selectable: Q, values: Mapping[str, object], *, spread: bool
     )
     plain = scope.filter(plain=True)
     if latency:
-        plain = plain.filter(band_snapshot_id=values["snapshot_id"])
+        # Every row of the scope holds its band under the read's snapshot
+        # (_bands_whole); the condition names the band indexes' own.
+        plain = plain.filter(band_snapshot_id__isnull=False)
     walk = (
         plain.filter(Exact(Subquery(startable, output_field=BooleanField()), True))
         .order_by(*index_order(spread=spread, latency=latency))
@@ -106,26 +108,29 @@ def head_or_special(selectable: Q, values: Mapping[str, object], *, spread: bool
 
 def _bands_whole(values: Mapping[str, object]) -> list:
     """That every row of the key's scope holds its band under the read's
-    snapshot: none without a band (new, or its proxy changed since the
-    refresh), none under another snapshot (a refresh skipped it, or this
-    process has not seen the newest snapshot yet). Otherwise the head read
-    finds nothing and the full read decides: those rows are neither walked
-    nor special, and a head of special accounts alone could skip them.
+    snapshot: the refresh has checked every row under it (its
+    ``bands_whole_at``), no row is without a band (new, or its proxy changed
+    since), and none was written under a newer snapshot (this process has
+    not seen the newest yet). A row written under an older one holds the
+    band it has under the read's: the refresh writes a band only when it
+    changes. Otherwise the head read finds nothing and the full read
+    decides: those rows are neither walked nor special, and a head of
+    special accounts alone could skip them.
 
-    Three probes of ``pool_order_band_stale_idx``, each one index entry:
-    whether a row has no band, and the scope's lowest and highest snapshot.
-    Ranges of a parameter instead (``< snapshot``) are estimated at a third
-    of the scope on a generic plan, or at all of it from statistics taken
-    before the last refresh; a plan then scanned the table for them. As
-    special accounts, those estimates turned the read into scans of the
-    accounts."""
+    Two probes of ``pool_order_band_stale_idx``, each one index entry
+    (whether a row has no band, and the scope's highest snapshot), and one
+    of the snapshot's primary key. A range of a parameter instead (``>
+    snapshot``) is estimated at a third of the scope on a generic plan, or
+    at all of it from statistics taken before the last refresh; a plan then
+    scanned the table for it. As special accounts, those estimates turned
+    the read into scans of the accounts."""
     snapshot_id = values["snapshot_id"]
     rows = PoolOrder.objects.filter(scope_id=values["group_id"])
-    banded = rows.filter(band_snapshot_id__isnull=False).values("band_snapshot_id")
+    newest = rows.filter(band_snapshot_id__isnull=False).order_by("-band_snapshot_id").values("band_snapshot_id")[:1]
     return [
+        Exists(LatencySnapshot.objects.filter(pk=snapshot_id, bands_whole_at__isnull=False)),
         ~Exists(rows.filter(band_snapshot_id__isnull=True)),
-        Exact(Subquery(banded.order_by("band_snapshot_id")[:1]), snapshot_id),
-        Exact(Subquery(banded.order_by("-band_snapshot_id")[:1]), snapshot_id),
+        LessThanOrEqual(Subquery(newest), snapshot_id),
     ]
 
 

@@ -1,12 +1,13 @@
 """Latency bands in the order table (migration 0009, routing/selectors/walk.py).
 
-- The refresh writes every row's band under the new snapshot; a trigger
-  clears it when the account's proxy, or the proxy's URL, changes; whatever
-  writes the sources, a row's band is the band SPEC §2 gives its account
-  under the row's snapshot.
+- The refresh writes a row's band under the new snapshot when it has none
+  or it changed, and then marks the snapshot's bands whole; a trigger
+  clears a band when the account's proxy, or the proxy's URL, changes;
+  whatever writes the sources, a row's band is the band SPEC §2 gives its
+  account under the row's snapshot and under every whole snapshot since.
 - On random pools with a usable snapshot, rows under another snapshot or
-  none among them, the walk's head is the full read's head whenever it says
-  so.
+  none among them, a snapshot not whole, the walk's head is the full
+  read's head whenever it says so.
 - A dispatch with a usable snapshot on a large pool reads its head through
   the band index, and grants what the full read grants.
 - A row without its band under the read's snapshot sends the scope's
@@ -25,6 +26,7 @@ import threading
 import psycopg
 import pytest
 from django.db import connection, transaction
+from django.db.migrations.executor import MigrationExecutor
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from hypothesis import HealthCheck, given, settings
@@ -34,12 +36,13 @@ from accounts.models import Account, ApiKey, Pool, Proxy
 from accounts.onboarding.importer import pool_import
 from routing import maintenance, selection
 from routing.dispatch import DispatchRequest
-from routing.models import LatencySnapshot, PoolOrder
+from routing.models import LatencySample, LatencySnapshot, PoolOrder
 from routing.pools import pool_seed, uniform_pool
 from routing.selectors import dispatch as reads
 from routing.selectors import latency as cached
 from routing.selectors.candidates import HEAD_ROWS
 from routing.selectors.latency import latency_snapshot_latest, snapshot_load
+from tests.accounts.test_migrations import migrate
 from tests.factories import AccountFactory, LatencySampleFactory, ProxyFactory, latency_snapshot_create
 from tests.routing.gateway import Gateway
 from tests.routing.random_pools import account_specs, identity_specs, names_at, pool_build, pool_key, walk_head_check
@@ -49,24 +52,42 @@ from tests.support import test_database_url
 pytestmark = pytest.mark.django_db
 
 
-def bands_of_spec() -> dict[int, int]:
-    """Each row's band, by row id, as SPEC §2 computes it (``selection``)
-    from the row's snapshot and the account's proxy now; rows without a
-    band left out."""
-    snapshots = {row.pk: snapshot_load(row).snapshot for row in LatencySnapshot.objects.all()}
+def _band_checks():
+    """Each banded row under each snapshot whose band it must hold: the one
+    it was written under, and every whole one since (still kept), as
+    ``(row id, snapshot, stored band, account name, proxy URL)``."""
+    snapshots = {row.pk: row for row in LatencySnapshot.objects.all()}
+    whole = {pk for pk, row in snapshots.items() if row.bands_whole_at}
     proxies = dict(Account.objects.values_list("pk", "proxy__url"))
-    bands = {}
-    for pk, account_id, name, snapshot_id in PoolOrder.objects.filter(band_snapshot_id__isnull=False).values_list(
-        "pk", "account_id", "account__name", "band_snapshot_id"
+    rows = PoolOrder.objects.filter(band_snapshot_id__isnull=False)
+    for pk, account_id, name, band, since in rows.values_list(
+        "pk", "account_id", "account__name", "band", "band_snapshot_id"
     ):
-        snapshot = snapshots[snapshot_id]
-        score = selection.latency_score(snapshot, account=name, proxy_url=proxies[account_id])
-        bands[pk] = selection.latency_band(score, snapshot.global_avg_ms)
+        for snapshot_id in sorted(({since} | {w for w in whole if w > since}) & snapshots.keys()):
+            yield pk, snapshots[snapshot_id], band, name, proxies[account_id]
+
+
+def bands_of_spec() -> dict[tuple[int, int], int]:
+    """The band each banded row must hold under each snapshot of
+    :func:`_band_checks`, by (row id, snapshot id), as SPEC §2 computes it
+    (``selection``) from that snapshot and the account's proxy now."""
+    loaded = {}
+    bands = {}
+    for pk, snapshot, _, name, proxy_url in _band_checks():
+        if snapshot.pk not in loaded:
+            loaded[snapshot.pk] = snapshot_load(snapshot).snapshot
+        score = selection.latency_score(loaded[snapshot.pk], account=name, proxy_url=proxy_url)
+        bands[pk, snapshot.pk] = selection.latency_band(score, loaded[snapshot.pk].global_avg_ms)
     return bands
 
 
-def bands_stored() -> dict[int, int]:
-    return dict(PoolOrder.objects.filter(band_snapshot_id__isnull=False).values_list("pk", "band"))
+def bands_stored() -> dict[tuple[int, int], int]:
+    return {(pk, snapshot.pk): band for pk, snapshot, band, *_ in _band_checks()}
+
+
+def whole(snapshot: LatencySnapshot) -> bool:
+    snapshot.refresh_from_db()
+    return snapshot.bands_whole_at is not None
 
 
 def _pool_with_latency():
@@ -81,6 +102,13 @@ def _pool_with_latency():
     return accounts, fast, slow
 
 
+def _samples_swapped(one: Account, other: Account) -> None:
+    """The two accounts' samples swapped: the global average stays, their bands swap."""
+    of_one = list(LatencySample.objects.filter(account=one).values_list("pk", flat=True))
+    LatencySample.objects.filter(account=other).update(account=one)
+    LatencySample.objects.filter(pk__in=of_one).update(account=other)
+
+
 # --- the bands are written, and cleared when their inputs change ---------------------------
 
 
@@ -90,14 +118,36 @@ def test_the_refresh_writes_every_rows_band_under_the_new_snapshot():
     rows = PoolOrder.objects.count()
     assert rows == 6 + 3
     assert PoolOrder.objects.filter(band_snapshot_id=snapshot.pk).count() == rows
+    assert whole(snapshot)
     assert bands_stored() == bands_of_spec()
     assert len(set(bands_stored().values())) >= 3  # the samples spread them
 
 
+def test_the_next_refresh_writes_only_the_rows_whose_band_changed():
+    """a2 and a5 (no proxy either) swap their samples: the global average
+    stays, every other account keeps its band, and only their three rows
+    are written again."""
+    accounts, *_ = _pool_with_latency()
+    first = maintenance.latency_snapshot_refresh()
+    before = dict(PoolOrder.objects.values_list("pk", "band"))
+    _samples_swapped(accounts[2], accounts[5])
+    with CaptureQueriesContext(connection) as ctx:
+        second = maintenance.latency_snapshot_refresh()
+    changed = PoolOrder.objects.filter(account__in=[accounts[2], accounts[5]])
+    assert set(PoolOrder.objects.filter(band_snapshot_id=second.pk)) == set(changed)
+    assert all(before[row.pk] != row.band for row in changed)
+    assert PoolOrder.objects.filter(band_snapshot_id=first.pk).count() == 9 - 3
+    assert whole(second)
+    assert bands_stored() == bands_of_spec()  # the unchanged rows hold second's bands too
+    updates = [q["sql"] for q in ctx.captured_queries if q["sql"].startswith(f"UPDATE {ORDER_TABLE}")]
+    assert len(updates) == 1
+
+
 def test_without_a_global_average_no_band_is_written():
     AccountFactory.create_batch(2)
-    maintenance.latency_snapshot_refresh()  # no samples
+    snapshot = maintenance.latency_snapshot_refresh()  # no samples
     assert not PoolOrder.objects.filter(band_snapshot_id__isnull=False).exists()
+    assert not whole(snapshot)
 
 
 def test_a_proxy_change_clears_the_accounts_bands_and_other_edits_keep_them():
@@ -144,8 +194,12 @@ def test_rows_added_after_the_refresh_have_no_band_until_the_next():
         (accounts[0].groups.get().pk, "a4"),
     }
     snapshot = maintenance.latency_snapshot_refresh()
-    assert not PoolOrder.objects.exclude(band_snapshot_id=snapshot.pk).exists()
+    assert set(PoolOrder.objects.filter(band_snapshot_id=snapshot.pk).values_list("scope_id", "account__name")) == {
+        (0, "newcomer"),
+        (accounts[0].groups.get().pk, "a4"),
+    }
     assert PoolOrder.objects.filter(account=newcomer).get().band is not None
+    assert bands_stored() == bands_of_spec()
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -180,18 +234,24 @@ def test_every_write_leaves_each_rows_band_its_snapshots_band(steps, data):
 
 # --- the walk's head is the full read's head, with bands ----------------------------------------
 
-STALE = ["none", "older", "newer", "proxy", "proxy_url"]
+STALE = ["none", "kept", "skipped", "newer", "proxy", "proxy_url"]
 
 
 def _staleness(made, proxies, kind: str, at: int, band: int) -> None:
-    """One way a row comes to hold a band that is not its snapshot's."""
+    """One way a row comes to hold a band written under another snapshot
+    than the read's, or none."""
     account = made[at % len(made)]
     rows = PoolOrder.objects.filter(account=account)
-    snapshot_id = LatencySnapshot.objects.latest("pk").pk
+    snapshot = LatencySnapshot.objects.latest("pk")
     if kind == "none":
         rows.update(band=None, band_snapshot_id=None)
-    elif kind in ("older", "newer"):  # a refresh skipped it; a process a refresh behind
-        rows.update(band=band, band_snapshot_id=snapshot_id + (-1 if kind == "older" else 1))
+    elif kind == "kept":  # written under an older snapshot, unchanged in this one
+        rows.update(band_snapshot_id=snapshot.pk - 1)
+    elif kind == "skipped":  # a refresh could not write it: its snapshot is not whole
+        rows.update(band=band, band_snapshot_id=snapshot.pk - 1)
+        LatencySnapshot.objects.filter(pk=snapshot.pk).update(bands_whole_at=None)
+    elif kind == "newer":  # a process a refresh behind
+        rows.update(band=band, band_snapshot_id=snapshot.pk + 1)
     elif kind == "proxy":
         Account.objects.filter(pk=account.pk).update(proxy=proxies[band % 2])
     else:
@@ -241,12 +301,17 @@ def test_with_bands_the_walks_head_is_the_full_reads_head_whenever_it_says_so(
             _staleness(made, proxies, kind, at, band)
         snapshot = latency_snapshot_latest()
         scope = PoolOrder.objects.filter(scope_id=key.account_group_id or PoolOrder.ALL_ACCOUNTS)
+        bands_whole = (
+            LatencySnapshot.objects.filter(pk=snapshot.id, bands_whole_at__isnull=False).exists()
+            and not scope.filter(band_snapshot_id__isnull=True).exists()
+            and not scope.filter(band_snapshot_id__gt=snapshot.id).exists()
+        )
         walk_head_check(
             key,
             DispatchRequest(session_id="s" if spread else None, exclude_accounts=names_at(made, excluded)),
             preferred=names_at(made, preferred),
             snapshot=snapshot,
-            bands_whole=not scope.exclude(band_snapshot_id=snapshot.id).exists(),
+            bands_whole=bands_whole,
         )
         transaction.set_rollback(True)
 
@@ -334,7 +399,8 @@ def test_an_operators_edit_leaves_no_row_without_its_band_once_it_commits(edit, 
     settings.KIROPOOL_WALK_MIN_ACCOUNTS = 6
     seeded = _latency_pool("edited-", 9)
     _edit(edit, seeded)
-    assert not PoolOrder.objects.exclude(band_snapshot_id=LatencySnapshot.objects.latest("pk").pk).exists()
+    assert not PoolOrder.objects.filter(band_snapshot_id__isnull=True).exists()
+    assert whole(LatencySnapshot.objects.latest("pk"))
     assert bands_stored() == bands_of_spec()
     with CaptureQueriesContext(connection) as ctx:
         Gateway(seeded.key).account_of(session_id="new-1")
@@ -364,11 +430,11 @@ def _band_walk_plan(seeded) -> list[dict]:
 
 
 def test_the_band_walk_reads_the_band_index_and_not_the_pool(postgres_only):
-    """300 accounts in three bands, beside 300 more under an older snapshot
-    (statistics taken then, as after a refresh: "older" looks like every
-    row). The walk reads four rows of the band index, whether the scope's
-    bands are whole takes one index entry per probe, and no scan of the
-    accounts or the order runs."""
+    """300 accounts in three bands, beside 300 more written under an older
+    snapshot (statistics taken then, as after a refresh: "older" looks like
+    every row). The walk reads four rows of the band index, whether the
+    scope's bands are whole takes one index entry per probe, and no scan of
+    the accounts or the order runs."""
     other = _latency_pool("other-", 300)
     PoolOrder.objects.filter(account__in=other.accounts).update(band_snapshot_id=1)
     seeded = _latency_pool("many-", 300)
@@ -376,8 +442,8 @@ def test_the_band_walk_reads_the_band_index_and_not_the_pool(postgres_only):
     walked = [n for n in nodes if n.get("Index Name") == "pool_order_band_spread_idx"]
     assert walked and walked[0]["Actual Rows"] == HEAD_ROWS
     probes = [n for n in nodes if n.get("Index Name") == "pool_order_band_stale_idx"]
-    # three probes for each member of the head read's union
-    assert len(probes) % 3 == 0 and probes and all(n["Actual Rows"] <= 1 for n in probes)
+    # two probes for each member of the head read's union
+    assert len(probes) % 2 == 0 and probes and all(n["Actual Rows"] <= 1 for n in probes)
     tables = {Account._meta.db_table, PoolOrder._meta.db_table}
     scanned = [n for n in nodes if n.get("Relation Name") in tables and n["Node Type"] == "Seq Scan"]
     assert not [n for n in scanned if n["Actual Loops"]]
@@ -396,9 +462,12 @@ def _refresh_in_a_thread(done: threading.Event) -> None:
 
 @pytest.mark.django_db(transaction=True)
 def test_the_refresh_never_waits_long_for_a_row_another_transaction_holds(postgres_only):
-    """The row stays held throughout: the refresh skips it, the completion
-    pass gives up on it after its lock timeout, and it keeps its older band."""
+    """A row whose band changed stays held throughout: the refresh skips it,
+    the completion pass gives up on it after its lock timeout, it keeps its
+    older band, and the new snapshot's bands are not whole."""
     accounts, *_ = _pool_with_latency()
+    first = maintenance.latency_snapshot_refresh()
+    _samples_swapped(accounts[2], accounts[5])
     held = PoolOrder.objects.get(scope_id=PoolOrder.ALL_ACCOUNTS, account=accounts[2])
     done = threading.Event()
     with psycopg.connect(test_database_url()) as locker:
@@ -413,7 +482,10 @@ def test_the_refresh_never_waits_long_for_a_row_another_transaction_holds(postgr
     worker.join(30)
     assert finished_while_held, "the refresh waited for a row lock"
     snapshot = LatencySnapshot.objects.latest("pk")
-    assert set(PoolOrder.objects.exclude(band_snapshot_id=snapshot.pk).values_list("pk", flat=True)) == {held.pk}
+    written = set(PoolOrder.objects.filter(band_snapshot_id=snapshot.pk))
+    assert written == set(PoolOrder.objects.filter(account__in=accounts[2::3]).exclude(pk=held.pk))
+    assert PoolOrder.objects.get(pk=held.pk).band_snapshot_id == first.pk
+    assert not whole(snapshot)
     assert bands_stored() == bands_of_spec()
 
 
@@ -469,14 +541,21 @@ def test_a_row_the_refresh_skipped_gets_its_band_once_released(postgres_only):
     assert bands_stored() == bands_of_spec()
 
 
-def test_the_completion_pass_writes_rows_without_a_band_and_leaves_newer_ones():
+def test_once_a_newer_snapshot_exists_no_band_is_written_under_an_older_one():
+    """A writer a refresh behind (a catch-up that read the newest snapshot
+    just before the refresh made another) writes nothing: the newer
+    snapshot's refresh decides, and may already have found the row right."""
     accounts, fast, slow = _pool_with_latency()
     older = maintenance.latency_snapshot_refresh()
     newer = maintenance.latency_snapshot_refresh()
-    assert maintenance.pool_order_bands_complete(older) == 0  # every row is under a newer one
+    assert PoolOrder.objects.filter(band_snapshot_id=newer.pk).count() == 0  # nothing changed
     Account.objects.filter(pk=accounts[0].pk).update(proxy=slow)  # its two rows lose their band
+    assert maintenance.pool_order_bands_write(older) == 0
+    assert maintenance.pool_order_bands_complete(older) == 0
     assert maintenance.pool_order_bands_complete(newer) == 2
-    assert not PoolOrder.objects.exclude(band_snapshot_id=newer.pk).exists()
+    assert set(PoolOrder.objects.filter(band_snapshot_id=newer.pk)) == set(
+        PoolOrder.objects.filter(account=accounts[0])
+    )
     assert bands_stored() == bands_of_spec()
 
 
@@ -496,3 +575,42 @@ def test_a_process_reads_a_new_snapshot_once_its_check_period_has_passed(monkeyp
     with CaptureQueriesContext(connection) as ctx:
         assert cached.latency_snapshot_current().id == second.pk
     assert len(ctx.captured_queries) == 1  # the check, and no reload
+
+
+# --- migration 0016 ---------------------------------------------------------------------------
+
+
+def _band_index_columns() -> str:
+    """The definition of ``pool_order_band_idx``, as the database holds it."""
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute("SELECT indexdef FROM pg_indexes WHERE indexname = 'pool_order_band_idx'")
+        else:
+            cursor.execute("SELECT sql FROM sqlite_master WHERE name = 'pool_order_band_idx'")
+        (definition,) = cursor.fetchone()
+    return definition.split("(", 1)[1].split(")", 1)[0]
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("all_under_newest", [True, False])
+def test_the_migration_marks_the_newest_snapshot_whole_only_if_every_row_is_under_it(all_under_newest):
+    """As the refresh before it left them: every row under the newest
+    snapshot, and the walk goes on at once; one row behind, and dispatches
+    read in full until the next refresh. Reversed, the band indexes get
+    their snapshot column back."""
+    latest = MigrationExecutor(connection).loader.graph.leaf_nodes()
+    AccountFactory.create_batch(3)
+    try:
+        apps = migrate([("routing", "0015_binding_rows_delete_per_statement")])
+        assert "band_snapshot_id" in _band_index_columns()
+        old = apps.get_model("routing", "LatencySnapshot").objects
+        older = old.create(generated_at=timezone.now(), window_seconds=3600, global_avg_ms=900.0)
+        newest = old.create(generated_at=timezone.now(), window_seconds=3600, global_avg_ms=900.0)
+        PoolOrder.objects.update(band=0, band_snapshot_id=newest.pk)
+        if not all_under_newest:
+            PoolOrder.objects.filter(pk=PoolOrder.objects.order_by("pk")[0].pk).update(band_snapshot_id=older.pk)
+    finally:
+        migrate(latest)
+    assert "band_snapshot_id" not in _band_index_columns()
+    assert whole(LatencySnapshot.objects.get(pk=newest.pk)) is all_under_newest
+    assert not whole(LatencySnapshot.objects.get(pk=older.pk))
