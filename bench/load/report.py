@@ -172,6 +172,8 @@ def _upkeep_row(what: str, section: dict | None) -> Row:
         f"{_ms(section['wall_ms'])} ms · its CPU {_ms(section['cpu_ms'])} · PostgreSQL's"
         f" {_ms(section['postgres_cpu_ms'])} ms · a lease start waits ≤ {_ms(section['lease_start_max_ms'])} ms"
     )
+    if section.get("bands_written") is not None:
+        value += " · bands written " + " / ".join(f"{n:,}" for n in section["bands_written"])
     return Row(what, value, REFERENCE, REFERENCE)
 
 

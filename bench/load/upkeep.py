@@ -25,12 +25,23 @@ PURGE_EXPIRED = 6_000  # a minute of sessions at 100 a second, expired since the
 
 def refresh_measure(*, database_url: str, samples: int = REFRESH_SAMPLES, runs: int = RUNS) -> dict:
     """``maintenance.latency_snapshot_refresh`` over ``samples`` samples on
-    the history pool, while a lease start moves one of its identities."""
+    the history pool, while a lease start moves one of its identities; with
+    the order rows each run wrote a band into (``bands_written``). The first
+    run finds the averages moved from the seeding's snapshot to the hour's
+    samples; the next ones find them where the run before left them."""
     from routing.maintenance import latency_snapshot_refresh  # Django is set up by now
+    from routing.models import PoolOrder
 
     seed.samples_seed(samples)
-    timed = _measure(latency_snapshot_refresh, runs=runs, database_url=database_url, pool=seed.HISTORY_PREFIX)
-    return {"samples": samples, "runs": runs, **timed}
+    timed = _measure(
+        latency_snapshot_refresh,
+        runs=runs,
+        database_url=database_url,
+        pool=seed.HISTORY_PREFIX,
+        then=lambda snapshot: PoolOrder.objects.filter(band_snapshot_id=snapshot.pk).count(),
+    )
+    bands_written = timed.pop("outcomes")
+    return {"samples": samples, "runs": runs, **timed, "bands_written": bands_written}
 
 
 def purge_measure(
@@ -48,10 +59,21 @@ def purge_measure(
         pool=pool,
         prepare=lambda: seed.bindings_expire(key_id=key_id, count=expired),
     )
+    timed.pop("outcomes")
     return {"expired": expired, "runs": runs, **timed}
 
 
-def _measure(work: Callable[[], object], *, runs: int, database_url: str, pool: str, prepare=None) -> dict:
+def _measure(
+    work: Callable[[], object],
+    *,
+    runs: int,
+    database_url: str,
+    pool: str,
+    prepare: Callable[[], object] | None = None,
+    then: Callable[[object], object] | None = None,
+) -> dict:
+    """Time ``runs`` runs of ``work``, each after ``prepare``; ``outcomes``
+    holds ``then`` of each run's result, taken once the run's timers stopped."""
     from django.db import connection
 
     from accounts.models import RoutingIdentity
@@ -59,7 +81,7 @@ def _measure(work: Callable[[], object], *, runs: int, database_url: str, pool: 
     identity = RoutingIdentity.objects.filter(name__startswith=pool).order_by("pk").first()
     table = connection.ops.quote_name(RoutingIdentity._meta.db_table)
     start = f"UPDATE {table} SET last_started_at = now() WHERE id = {identity.pk}"
-    walls, own, postgres, starts = [], [], [], []
+    walls, own, postgres, starts, outcomes = [], [], [], [], []
     # Spawned, not forked: a fork would share this process's pooled connections.
     context = multiprocessing.get_context("spawn")
     for _ in range(runs):
@@ -70,10 +92,12 @@ def _measure(work: Callable[[], object], *, runs: int, database_url: str, pool: 
         starter.start()
         backend = answers.get(timeout=60)  # its connection's: PostgreSQL's figure leaves it out
         before, cpu_started, started = cpu.processes(), time.process_time(), time.perf_counter()
-        work()
+        result = work()
         walls.append(time.perf_counter() - started)
         own.append(time.process_time() - cpu_started)
         after = cpu.processes()
+        if then is not None:
+            outcomes.append(then(result))
         done.set()
         starts.append(answers.get(timeout=60))
         starter.join()
@@ -89,6 +113,7 @@ def _measure(work: Callable[[], object], *, runs: int, database_url: str, pool: 
         "cpu_ms": ms(own),
         "postgres_cpu_ms": ms(postgres),
         "lease_start_max_ms": round(1000 * max(starts), 1),
+        "outcomes": outcomes,
     }
 
 

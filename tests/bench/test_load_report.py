@@ -61,6 +61,7 @@ GOOD = {
         "cpu_ms": 4.5,
         "postgres_cpu_ms": 50.0,
         "lease_start_max_ms": 12.5,
+        "bands_written": [6_424, 3, 0],
     },
     "binding_purge": {
         "expired": 6_000,
@@ -186,7 +187,8 @@ def test_the_periodic_tasks_show_their_time_both_sides_cpu_and_the_wait_without_
     assert [(row.what, row.value) for row in found] == [
         (
             "latency refresh, 360,000 samples",
-            "61.2 ms · its CPU 4.5 · PostgreSQL's 50.0 ms · a lease start waits ≤ 12.5 ms",
+            "61.2 ms · its CPU 4.5 · PostgreSQL's 50.0 ms · a lease start waits ≤ 12.5 ms"
+            " · bands written 6,424 / 3 / 0",
         ),
         (
             "binding purge, 6,000 expired bindings",

@@ -13,7 +13,7 @@ from django.utils import timezone
 
 from accounts.models import Account
 from bench.load import seed, upkeep
-from routing.models import LatencySnapshot, SessionBinding
+from routing.models import LatencySnapshot, PoolOrder, SessionBinding
 from tests.factories import AccountFactory, ApiKeyFactory, SessionBindingFactory
 from tests.support import test_database_url
 
@@ -44,6 +44,8 @@ def test_the_refresh_is_timed_over_the_samples_it_seeded():
     assert sorted(stats) == [("hist-0", 200), ("hist-1", 200), ("hist-2", 200)]
     assert newest.proxy_stats.count() == 20  # two in three samples through one of 20 URLs
     assert (measured["samples"], measured["runs"]) == (600, 2)
+    # The first run moved every band from none; the second found them where the first left them.
+    assert measured["bands_written"] == [PoolOrder.objects.count(), 0]
     _timed(measured)
 
 
