@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import threading
 
 import psycopg
@@ -575,6 +576,59 @@ def test_a_process_reads_a_new_snapshot_once_its_check_period_has_passed(monkeyp
     with CaptureQueriesContext(connection) as ctx:
         assert cached.latency_snapshot_current().id == second.pk
     assert len(ctx.captured_queries) == 1  # the check, and no reload
+
+
+@pytest.mark.django_db(transaction=True)
+def test_refreshes_and_an_operators_edits_side_by_side_leave_every_band_right(postgres_only):
+    """One thread refreshes, the samples moving between its runs so that
+    bands change; another changes accounts' proxies and catches their bands
+    up, as the admin does once an edit commits, first under the snapshot
+    before the newest (a catch-up a refresh behind). However
+    they interleave, every row's band is its snapshot's and every whole
+    snapshot's since."""
+    accounts, fast, slow = _pool_with_latency()
+    maintenance.latency_snapshot_refresh()
+    maintenance.latency_snapshot_refresh()
+    errors: list[BaseException] = []
+
+    def refreshes() -> None:
+        try:
+            for _ in range(8):
+                _samples_swapped(accounts[2], accounts[5])  # their bands swap with every refresh
+                maintenance.latency_snapshot_refresh()
+        except BaseException as error:  # noqa: BLE001 - reported by the test below
+            errors.append(error)
+        finally:
+            connection.close()
+
+    def edits() -> None:
+        try:
+            for n in itertools.count():
+                # at least one edit after the last refresh, when nothing can correct it
+                last = not refresher.is_alive() and n >= 6
+                Account.objects.filter(pk=accounts[n % 6].pk).update(proxy=[fast, slow, None][n % 3])
+                # a catch-up that read the newest snapshot just before a refresh made another
+                maintenance.pool_order_bands_write(LatencySnapshot.objects.order_by("-pk")[1])
+                if last:  # its catch-up under the newest, below, would set right what that wrote
+                    break
+                maintenance.pool_order_bands_catch_up()
+        except BaseException as error:  # noqa: BLE001 - reported by the test below
+            errors.append(error)
+        finally:
+            connection.close()
+
+    refresher = threading.Thread(target=refreshes)
+    threads = [refresher, threading.Thread(target=edits)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors
+    assert LatencySnapshot.objects.filter(bands_whole_at__isnull=False).count() >= 2
+    assert bands_stored() == bands_of_spec()
+    maintenance.pool_order_bands_catch_up()  # the last edit's
+    assert not PoolOrder.objects.filter(band_snapshot_id__isnull=True).exists()
+    assert bands_stored() == bands_of_spec()
 
 
 # --- migration 0016 ---------------------------------------------------------------------------
