@@ -76,7 +76,7 @@ class LatencySampleAdmin(ReadOnlyAdmin):
 
 @admin.register(LatencySnapshot)
 class LatencySnapshotAdmin(ReadOnlyAdmin):
-    list_display = ["generated_at", "global_avg_ms", "sample_count", "window_seconds"]
+    list_display = ["generated_at", "global_avg_ms", "sample_count", "window_seconds", "bands_whole_at"]
 
 
 @admin.register(CooldownEvent)
