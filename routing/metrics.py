@@ -127,7 +127,7 @@ def _pool_state_families():
                 "name", "live_leases", "live_sessions", "cooldown_until", "ejected_until"
             )
         )
-        snapshot_at = selectors.latency_snapshot_generated_at()
+        snapshot = selectors.latency_snapshot_newest_state()
         drift = selectors.counter_drift_list()
     except DatabaseError:
         logger.warning("metrics: the database could not be read", exc_info=True)
@@ -153,12 +153,20 @@ def _pool_state_families():
     yield GaugeMetricFamily(
         "kiropool_identities_ejected", "Routing identities ejected after repeated failures.", value=ejected
     )
-    if snapshot_at is not None:
+    if snapshot is not None:
+        snapshot_at, global_avg_ms, bands_whole_at = snapshot
         yield GaugeMetricFamily(
             "kiropool_latency_snapshot_age_seconds",
             "Age of the newest latency snapshot; over 300 s, latency bands are off.",
             value=(now - snapshot_at).total_seconds(),
         )
+        if global_avg_ms is not None:
+            yield GaugeMetricFamily(
+                "kiropool_latency_bands_whole",
+                "1 once the refresh has checked every order row's band under the newest snapshot; "
+                "at 0, large pools' dispatches read every account until it has.",
+                value=int(bands_whole_at is not None),
+            )
     corrected = CounterMetricFamily(
         "kiropool_counter_drift",
         "How far the reconcile task found a hot counter off from the rows it counts, summed over its runs "

@@ -89,9 +89,10 @@ def binding_operator_list(*, now: datetime, account: str | None = None, key_id: 
     return bindings
 
 
-def latency_snapshot_generated_at():
-    """When the newest latency snapshot was built, or None."""
-    return LatencySnapshot.objects.newest_first().values_list("generated_at", flat=True).first()
+def latency_snapshot_newest_state() -> tuple[datetime, float | None, datetime | None] | None:
+    """When the newest latency snapshot was built, its global average and
+    when its bands were whole (``bands_whole_at``); None without a snapshot."""
+    return LatencySnapshot.objects.newest_first().values_list("generated_at", "global_avg_ms", "bands_whole_at").first()
 
 
 def counter_drift_list() -> list[tuple[str, int]]:

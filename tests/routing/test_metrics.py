@@ -12,6 +12,7 @@ from django.utils import timezone
 from prometheus_client.parser import text_string_to_metric_families
 
 from routing import metrics
+from routing.models import LatencySnapshot, PoolOrder
 from tests.factories import (
     AccountFactory,
     LeaseFactory,
@@ -106,6 +107,19 @@ def test_pool_state_is_read_from_the_database(client):
     assert samples[("kiropool_identities", ())] == 2
     assert samples[("kiropool_database_up", ())] == 1
     assert 90 <= samples[("kiropool_latency_snapshot_age_seconds", ())] < 120
+    assert ("kiropool_latency_bands_whole", ()) not in samples  # no global average: no band orders
+
+
+@pytest.mark.parametrize("whole", [True, False])
+def test_the_bands_gauge_says_whether_the_newest_snapshots_bands_are_whole(client, whole):
+    """Whole once the refresh has checked every row; not when a row it had
+    to write stayed held (a snapshot the refresh left unmarked)."""
+    account = AccountFactory(name="a")
+    latency_snapshot_create(global_avg_ms=900.0, accounts={"a": (4, 2500.0)})
+    assert PoolOrder.objects.get(account=account, scope_id=PoolOrder.ALL_ACCOUNTS).band is not None
+    if not whole:
+        LatencySnapshot.objects.update(bands_whole_at=None)
+    assert scrape(client)[("kiropool_latency_bands_whole", ())] == int(whole)
 
 
 def test_a_burst_of_scrapes_runs_the_pool_aggregates_once(client, django_assert_num_queries):
