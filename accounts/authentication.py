@@ -22,8 +22,9 @@ LAST_USED_RESOLUTION = timedelta(seconds=60)
 
 KEY_BY_PREFIX_SQL = f"SELECT * FROM {ApiKey._meta.db_table} WHERE prefix = %s"
 
-# The notification channel of a key saved or deleted: its payload is the
-# key's prefix (accounts/signals.py sends, every process's cache forgets).
+# The notification channel of a key changed or deleted: its payload is the
+# key's prefix (on PostgreSQL a trigger sends it, accounts/migrations/0008,
+# which names the channel as it was then; every process's cache forgets).
 KEY_CHANNEL = "kiropool_keys"
 
 
@@ -63,14 +64,17 @@ class KeyCache:
     (admin, operator API, services) ends that at once:
 
     - in the process that made it, at once (``accounts/signals.py``);
-    - in every other process, on PostgreSQL, as soon as the save commits:
-      it sends the key's prefix on :data:`KEY_CHANNEL`, and each process's
-      listener (``core/listener.py``) forgets it. So a process keeps keys
-      only while its listener is connected (the first key it reads starts
-      it), and forgets every key when the listener connects again.
+    - in every other process, on PostgreSQL, as soon as the change commits,
+      whether made through the ORM or not (a queryset ``update``, SQL): a
+      trigger sends the key's prefix on :data:`KEY_CHANNEL` (migration
+      ``accounts/0008``; not for the columns the gateway path writes), and
+      each process's listener (``core/listener.py``) forgets it. So a
+      process keeps keys only while its listener is connected (the first
+      key it reads starts it), and forgets every key when the listener
+      connects again.
 
-    The lifetime bounds what is left: a change made without the ORM (a
-    queryset ``update``, SQL), or on SQLite in another process.
+    The lifetime bounds what is left: on SQLite, a change made in another
+    process, or without the ORM.
 
     A forget also stops a row read before it from being cached after it:
     :meth:`put` takes the generation :meth:`generation` gave before the read.

@@ -3,8 +3,9 @@ shell), seen at once:
 
 - a key saved or deleted is forgotten by this process's key cache, so an
   operator who disables a key sees it refused on the next request the
-  process serves; on PostgreSQL every other process forgets it too once the
-  edit commits (``KEY_CHANNEL``, heard by ``core/listener.py``);
+  process serves (on PostgreSQL every process, this one included, forgets
+  it too once the edit commits: the database sends the notice, migration
+  ``accounts/0008``, however the key was changed);
 - an identity, account or proxy saved, or an account added to a group,
   sends :data:`pool_changed`, as do the services that clear cooldowns or
   reset quotas and an import.
@@ -14,9 +15,8 @@ from django.db import transaction
 from django.db.models.signals import m2m_changed, post_delete, post_save
 from django.dispatch import Signal, receiver
 
-from accounts.authentication import KEY_CHANNEL, key_cache
+from accounts.authentication import key_cache
 from accounts.models import Account, AccountGroup, ApiKey, Proxy, RoutingIdentity
-from core import listener
 
 # Sent in the transaction of an operator's edit of the pool. Routing acts
 # on it (routing/signals.py): an edit may have freed a slot (a raised
@@ -35,8 +35,6 @@ def api_key_forget(sender, instance: ApiKey, **kwargs) -> None:
     key_cache.forget(instance.prefix)
     # And once committed: a request in between may have cached the old row.
     transaction.on_commit(lambda: key_cache.forget(instance.prefix))
-    # On PostgreSQL every process's listener, this one's included, hears it on commit.
-    listener.notify(KEY_CHANNEL, instance.prefix)
 
 
 @receiver(post_save, sender=RoutingIdentity)

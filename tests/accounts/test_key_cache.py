@@ -1,9 +1,10 @@
 """The per-process key cache (accounts/authentication.py, KeyCache): a
 gateway request reads no key row while the cache holds it, an operator's save
-is seen at once in the process that made it and, on PostgreSQL, in every
-other process once its notice arrives (tests/security/test_key_revocation.py
-across a real gunicorn's workers), any other change within the cache's
-lifetime, and the key's own limits hold exactly as without it."""
+is seen at once in the process that made it and, on PostgreSQL, any change
+(SQL included) in every process once the database's notice arrives
+(tests/security/test_key_revocation.py across a real gunicorn's workers);
+on SQLite other processes' changes within the cache's lifetime; and the
+key's own limits hold exactly as without it."""
 
 from __future__ import annotations
 
@@ -93,7 +94,9 @@ def test_a_change_the_process_did_not_see_counts_within_the_lifetime(key, settin
     settings.KIROPOOL_KEY_CACHE_SECONDS = SHORT_LIFETIME
     gw = Gateway(key.plaintext)
     assert gw.explain().status_code == 200
-    ApiKey.objects.filter(pk=key.pk).update(enabled=False)  # as another process would: no signal here
+    # No signal here, and on PostgreSQL the test's transaction never commits,
+    # so no notice either: as on SQLite in another process.
+    ApiKey.objects.filter(pk=key.pk).update(enabled=False)
     time.sleep(SHORT_LIFETIME + 0.1)
     assert gw.explain().status_code == 401
 
@@ -159,3 +162,43 @@ def test_a_key_saved_in_another_process_is_forgotten_here(key, postgres_only):
     with psycopg.connect(test_database_url(), autocommit=True) as other:
         other.execute("SELECT pg_notify(%s, %s)", [KEY_CHANNEL, key.prefix])
     until(lambda: key_cache.get(key.prefix) is None, 10, what="the notice never reached the cache")
+
+
+def _sql(statement: str, params: list) -> None:
+    """``statement`` run and committed by another connection, as a shell or a restore script would."""
+    with psycopg.connect(test_database_url(), autocommit=True) as other:
+        other.execute(statement, params)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    "change",
+    [
+        "UPDATE accounts_apikey SET enabled = false WHERE id = %s",
+        "UPDATE accounts_apikey SET expires_at = now() - interval '1 hour' WHERE id = %s",
+        "DELETE FROM accounts_apikey WHERE id = %s",
+    ],
+)
+def test_a_key_changed_in_sql_is_refused_at_once_in_every_process(key, change, postgres_only):
+    """No ORM, no signal: the database's trigger sends the notice (migration
+    accounts/0008), and the cache forgets the key long before its lifetime."""
+    gw = Gateway(key.plaintext)
+    assert gw.explain().status_code == 200
+    assert key_cache.get(key.prefix) is not None
+    _sql(change, [key.pk])
+    until(lambda: key_cache.get(key.prefix) is None, 10, what="the change's notice never reached the cache")
+    assert gw.explain().status_code == 401
+
+
+@pytest.mark.django_db(transaction=True)
+def test_what_the_gateway_path_writes_on_a_key_sends_no_notice(key, postgres_only):
+    """A lease start writes the key's pacing, a request its last use: a
+    notice for those would empty every process's cache of the key at every
+    dispatch. Only the change of its configuration is heard."""
+    with psycopg.connect(test_database_url(), autocommit=True) as heard:
+        heard.execute(f"LISTEN {KEY_CHANNEL}")
+        _sql("UPDATE accounts_apikey SET last_started_at = now(), last_used_at = now() WHERE id = %s", [key.pk])
+        Gateway(key.plaintext).dispatch()  # the gateway's own writes, through the app
+        _sql("UPDATE accounts_apikey SET name = 'renamed' WHERE id = %s", [key.pk])
+        notices = [n.payload for n in heard.notifies(timeout=2.0, stop_after=2)]
+    assert notices == [key.prefix]

@@ -42,3 +42,21 @@ def test_the_upgrade_counts_the_accounts_already_there():
         assert account_rows() == {"aliased": 2, "empty": 1, "single": 1}
     finally:
         migrate(latest)
+
+
+def _key_triggers() -> set[str]:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT tgname FROM pg_trigger WHERE tgrelid = 'accounts_apikey'::regclass AND NOT tgisinternal")
+        return {name for (name,) in cursor.fetchall()}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_key_change_notices_reverse_and_apply_again(postgres_only):
+    latest = MigrationExecutor(connection).loader.graph.leaf_nodes()
+    assert _key_triggers() == {"accounts_api_key_changed", "accounts_api_key_deleted"}
+    try:
+        migrate([("accounts", "0007_keyslot")])
+        assert _key_triggers() == set()
+    finally:
+        migrate(latest)
+    assert _key_triggers() == {"accounts_api_key_changed", "accounts_api_key_deleted"}
