@@ -224,9 +224,8 @@ def pool_order_bands_catch_up() -> int:
         if snapshot is None:
             break
         if snapshot.global_avg_ms is not None:
-            newer = LatencySnapshot.objects.filter(pk__gt=snapshot.pk)
-            written += _bands_write(snapshot, Q(band_snapshot_id__isnull=True) & ~Exists(newer))
-        if not LatencySnapshot.objects.filter(pk__gt=snapshot.pk).exists():
+            written += _bands_write(snapshot, _unbanded(snapshot))
+        if not _newer(snapshot).exists():
             break
     return written
 
@@ -257,8 +256,17 @@ def _to_write(snapshot: LatencySnapshot) -> Q:
     newer snapshot exists. Checked in the statement that locks the rows, so
     a writer under an older snapshot never overwrites a newer one's band,
     nor writes one after a newer refresh found the row right."""
-    newer = LatencySnapshot.objects.filter(pk__gt=snapshot.pk)
-    return ~Exists(newer) & (Q(band_snapshot_id__isnull=True) | _differs(snapshot))
+    return ~Exists(_newer(snapshot)) & (Q(band_snapshot_id__isnull=True) | _differs(snapshot))
+
+
+def _unbanded(snapshot: LatencySnapshot) -> Q:
+    """Rows without a band, to write under ``snapshot`` (a catch-up's):
+    none once a newer snapshot exists, as :func:`_to_write`."""
+    return ~Exists(_newer(snapshot)) & Q(band_snapshot_id__isnull=True)
+
+
+def _newer(snapshot: LatencySnapshot) -> QuerySet:
+    return LatencySnapshot.objects.filter(pk__gt=snapshot.pk)
 
 
 def _bands_whole_mark(snapshot: LatencySnapshot) -> bool:
