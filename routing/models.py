@@ -196,7 +196,7 @@ class LatencySnapshot(models.Model):
     global_avg_ms = models.FloatField(null=True, blank=True)
     sample_count = models.PositiveIntegerField(default=0)
     # When the refresh had checked every order row's band under this
-    # snapshot (maintenance.pool_order_bands_write); until then no dispatch
+    # snapshot (pool_order.pool_order_bands_write); until then no dispatch
     # under it walks the band index.
     bands_whole_at = models.DateTimeField(null=True, blank=True)
 
@@ -378,7 +378,7 @@ class PoolOrder(models.Model):
     credits_sort = models.FloatField()  # balanced credits descending: -(balance, or -1 unknown)
     name = models.CharField(max_length=200)  # the account's; byte order (collation "C") on PostgreSQL
     # The account's latency band, written by the snapshot refresh under the
-    # snapshot ``band_snapshot_id`` (maintenance.pool_order_bands_write),
+    # snapshot ``band_snapshot_id`` (pool_order.pool_order_bands_write),
     # and only when it changed: it holds under each later snapshot whose
     # bands are whole. Cleared by a trigger when the account's proxy, or its
     # URL, changes.

@@ -16,7 +16,7 @@ from django.db.models import Count, Q
 from django.utils import timezone
 
 from accounts.models import Account, ApiKey
-from routing import maintenance
+from routing import batches
 from routing.backend import backend
 from routing.models import SessionBinding
 
@@ -101,23 +101,23 @@ def _bindings_delete(condition: Q) -> int:
             return total
         found, deleted = batch
         total += deleted
-        if found < maintenance.BATCH:
+        if found < batches.BATCH:
             return total
 
 
 def _bindings_delete_batch(condition: Q) -> tuple[int, int] | None:
     """One batch: (rows found, rows deleted), or None after repeated lock timeouts."""
-    for attempt in range(maintenance.RETRIES):
+    for attempt in range(batches.RETRIES):
         try:
             with transaction.atomic():
-                maintenance.lock_timeout_local()
+                batches.lock_timeout_local()
                 # SKIP LOCKED: a concurrent purge takes other rows, and a row a
                 # completion is re-binding right now is left to the next run.
                 rows = list(
                     SessionBinding.objects.filter(condition)
                     .select_for_update(skip_locked=True)
                     .order_by("id")
-                    .values_list("id", "account_id")[: maintenance.BATCH]
+                    .values_list("id", "account_id")[: batches.BATCH]
                 )
                 if not rows:
                     return 0, 0

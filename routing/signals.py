@@ -4,7 +4,7 @@
 - dispatches waiting for a slot look again, in every process, once it
   commits (``wakeups.release_notify``): the edit may have freed one;
 - once it commits, the order rows it left without a latency band get
-  theirs (``maintenance.pool_order_bands_catch_up``, once per
+  theirs (``pool_order.pool_order_bands_catch_up``, once per
   transaction), so their scope's dispatches walk the band index again at
   once, not after the next refresh. Robust: the edit has committed, and a
   failure here only leaves the rows to that refresh."""
@@ -13,10 +13,10 @@ from django.dispatch import receiver
 
 from accounts.signals import pool_changed
 from core.transactions import on_commit_once
-from routing import maintenance, wakeups
+from routing import pool_order, wakeups
 
 
 @receiver(pool_changed)
 def pool_edited(sender, **kwargs) -> None:
     wakeups.release_notify()
-    on_commit_once(maintenance.pool_order_bands_catch_up, robust=True)
+    on_commit_once(pool_order.pool_order_bands_catch_up, robust=True)

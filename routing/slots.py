@@ -32,7 +32,7 @@ from django.utils import timezone
 
 from accounts.models import Account, ApiKey, KeySlot, RoutingIdentity
 from core.errors import RateLimited
-from routing import maintenance, readiness, waiting, wakeups
+from routing import batches, readiness, waiting, wakeups
 from routing.backend import backend
 from routing.dispatch import CandidateRow, DispatchRequest, LeaseGrant
 from routing.models import LEASE_OPEN, CooldownEvent, CooldownKind, Lease, LeaseOutcome, LeaseReapMark, StickyOutcome
@@ -289,7 +289,7 @@ def lease_reap_expired(
         try:
             with transaction.atomic():
                 if lock_timeout:
-                    maintenance.lock_timeout_local()
+                    batches.lock_timeout_local()
                 closed, found = _reap_batch(now=now, identity_ids=identity_ids)
         except OperationalError:
             if not (lock_timeout and backend.postgres):

@@ -8,8 +8,8 @@ from django.utils import timezone
 
 from accounts.models import Account, AccountGroup, ApiKey, Pool, Proxy, RoutingIdentity
 from routing import selection
-from routing.maintenance import pool_order_bands_write
 from routing.models import AccountLatency, LatencySample, LatencySnapshot, Lease, ProxyLatency, SessionBinding
+from routing.pool_order import pool_order_bands_write
 
 
 class RoutingIdentityFactory(factory.django.DjangoModelFactory):

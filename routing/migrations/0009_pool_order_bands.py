@@ -3,7 +3,7 @@ snapshot, so a dispatch with a usable latency snapshot reads the head of a
 large pool through an index too (``routing/selectors/walk.py``).
 
 - ``band`` and ``band_snapshot_id`` are written by the snapshot refresh
-  (``maintenance.pool_order_bands_write``), in the snapshot's transaction.
+  (``pool_order.pool_order_bands_write``), in the snapshot's transaction.
 - A band depends on the snapshot and on the account's proxy (its URL keys
   the proxy's samples). A trigger clears the band when an account's proxy
   changes, or a proxy's URL; the row is then a special account of the walk

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from accounts.models import Pool, RoutingIdentity
-from routing import maintenance, pg, readiness, selection
+from routing import pg, pool_order, readiness, selection
 from routing.dispatch import DispatchRequest
 from routing.selectors import dispatch as reads
 from routing.selectors.candidates import HEAD_ROWS, PARAMETERS, Shape, candidates_queryset
@@ -260,7 +260,7 @@ def _check_one(
     key = pool_key(made, accounts, grouped=grouped, preferred_pool=preferred_pool)
     # The group's rows get their bands once its memberships commit
     # (routing/signals.py); this example's transaction never does.
-    maintenance.pool_order_bands_catch_up()
+    pool_order.pool_order_bands_catch_up()
     excluded_names, preferred_names = names_at(made, excluded), names_at(made, preferred)
     request = DispatchRequest(session_id="s" if spread else None, exclude_accounts=excluded_names)
     now = timezone.now()

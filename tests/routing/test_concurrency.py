@@ -15,8 +15,8 @@ from django.db import connection
 from accounts.models import RoutingIdentity
 from routing import maintenance
 from routing.backend import backend
-from routing.maintenance import pool_order_rebuild
 from routing.models import Lease
+from routing.pool_order import pool_order_rebuild
 from tests.factories import AccountFactory, ApiKeyFactory, LatencySampleFactory, RoutingIdentityFactory
 from tests.routing.test_walk_bands import bands_of_spec, bands_stored
 from tests.support import test_database_url

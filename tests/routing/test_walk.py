@@ -26,8 +26,9 @@ from hypothesis import strategies as st
 
 from accounts.models import Account, AccountGroup, ApiKey, Pool, RoutingIdentity
 from routing.dispatch import DispatchRequest
-from routing.maintenance import counters_reconcile, pool_order_rebuild
+from routing.maintenance import counters_reconcile
 from routing.models import PoolOrder, SessionBinding
+from routing.pool_order import pool_order_rebuild
 from routing.pools import pool_seed, uniform_pool
 from routing.selectors import dispatch as reads
 from routing.selectors.candidates import HEAD_ROWS

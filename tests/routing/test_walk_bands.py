@@ -36,7 +36,7 @@ from hypothesis import strategies as st
 
 from accounts.models import Account, ApiKey, Pool, Proxy
 from accounts.onboarding.importer import pool_import
-from routing import maintenance, selection
+from routing import maintenance, pool_order, selection
 from routing.dispatch import DispatchRequest
 from routing.models import LatencySample, LatencySnapshot, PoolOrder
 from routing.pools import pool_seed, uniform_pool
@@ -227,7 +227,7 @@ def test_every_write_leaves_each_rows_band_its_snapshots_band(steps, data):
                 # its pk in the URL: two proxies never move to the same one (URLs are unique)
                 Proxy.objects.filter(pk=proxy.pk).update(url=f"http://moved-{proxy.pk}-{pick}:1")
             elif op == "bands_write":
-                maintenance.pool_order_bands_write(LatencySnapshot.objects.latest("pk"))
+                pool_order.pool_order_bands_write(LatencySnapshot.objects.latest("pk"))
             else:
                 _apply(op, pick, data)
             assert bands_stored() == bands_of_spec(), op
@@ -498,8 +498,8 @@ def test_the_refresh_holds_one_batch_of_rows_at_a_time_after_its_snapshot_commit
     refresh writes its second batch: the snapshot has committed, the first
     batch's rows hold their new bands and are free, the rest wait for theirs."""
     _pool_with_latency()
-    monkeypatch.setattr(maintenance, "BANDS_BATCH", 4)
-    write = maintenance._bands_update
+    monkeypatch.setattr(pool_order, "BANDS_BATCH", 4)
+    write = pool_order._bands_update
     seen: list[tuple] = []
 
     def observed(pks, snapshot):
@@ -520,7 +520,7 @@ def test_the_refresh_holds_one_batch_of_rows_at_a_time_after_its_snapshot_commit
                     seen.append(("second", counts, len(free.fetchall())))
         return write(pks, snapshot)
 
-    monkeypatch.setattr(maintenance, "_bands_update", observed)
+    monkeypatch.setattr(pool_order, "_bands_update", observed)
     snapshot = maintenance.latency_snapshot_refresh()
 
     assert seen[1] == ("second", (1, 4), 4)  # committed; the first 4 written, unlocked
@@ -538,7 +538,7 @@ def test_a_row_the_refresh_skipped_gets_its_band_once_released(postgres_only):
         snapshot = latency_snapshot_create(global_avg_ms=900.0, accounts={"a1": (4, 2500.0)})
         assert PoolOrder.objects.get(pk=held.pk).band_snapshot_id != snapshot.pk
         locker.rollback()
-    assert maintenance.pool_order_bands_complete(snapshot) == 1
+    assert pool_order.pool_order_bands_complete(snapshot) == 1
     assert not PoolOrder.objects.exclude(band_snapshot_id=snapshot.pk).exists()
     assert bands_stored() == bands_of_spec()
 
@@ -552,9 +552,9 @@ def test_once_a_newer_snapshot_exists_no_band_is_written_under_an_older_one():
     newer = maintenance.latency_snapshot_refresh()
     assert PoolOrder.objects.filter(band_snapshot_id=newer.pk).count() == 0  # nothing changed
     Account.objects.filter(pk=accounts[0].pk).update(proxy=slow)  # its two rows lose their band
-    assert maintenance.pool_order_bands_write(older) == 0
-    assert maintenance.pool_order_bands_complete(older) == 0
-    assert maintenance.pool_order_bands_complete(newer) == 2
+    assert pool_order.pool_order_bands_write(older) == 0
+    assert pool_order.pool_order_bands_complete(older) == 0
+    assert pool_order.pool_order_bands_complete(newer) == 2
     assert set(PoolOrder.objects.filter(band_snapshot_id=newer.pk)) == set(
         PoolOrder.objects.filter(account=accounts[0])
     )
@@ -591,7 +591,7 @@ def test_a_catch_up_writes_only_the_rows_without_a_band():
     PoolOrder.objects.filter(pk=held.pk).update(band=F("band") + 7, band_snapshot_id=first.pk)
     LatencySnapshot.objects.filter(pk=second.pk).update(bands_whole_at=None)  # as if the refresh had skipped it
     Account.objects.filter(pk=accounts[0].pk).update(proxy=slow)  # its two rows lose their band
-    assert maintenance.pool_order_bands_catch_up() == 2
+    assert pool_order.pool_order_bands_catch_up() == 2
     assert set(PoolOrder.objects.filter(band_snapshot_id=second.pk, account=accounts[0])) == set(
         PoolOrder.objects.filter(account=accounts[0])
     )
@@ -631,10 +631,10 @@ def test_refreshes_and_an_operators_edits_side_by_side_leave_every_band_right(po
                 last = not refresher.is_alive() and n >= 6
                 Account.objects.filter(pk=accounts[n % 6].pk).update(proxy=[fast, slow, None][n % 3])
                 # a catch-up that read the newest snapshot just before a refresh made another
-                maintenance.pool_order_bands_write(LatencySnapshot.objects.order_by("-pk")[1])
+                pool_order.pool_order_bands_write(LatencySnapshot.objects.order_by("-pk")[1])
                 if last:  # nothing after it may set right what that wrote
                     break
-                maintenance.pool_order_bands_catch_up()
+                pool_order.pool_order_bands_catch_up()
         except BaseException as error:  # noqa: BLE001 - reported by the test below
             errors.append(error)
         finally:
@@ -649,7 +649,7 @@ def test_refreshes_and_an_operators_edits_side_by_side_leave_every_band_right(po
     assert not errors
     assert LatencySnapshot.objects.filter(bands_whole_at__isnull=False).count() >= 2
     assert bands_stored() == bands_of_spec()
-    maintenance.pool_order_bands_catch_up()  # the last edit's
+    pool_order.pool_order_bands_catch_up()  # the last edit's
     assert not PoolOrder.objects.filter(band_snapshot_id__isnull=True).exists()
     assert bands_stored() == bands_of_spec()
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from django.core.management.base import BaseCommand
 
-from routing.maintenance import pool_order_rebuild
+from routing.pool_order import pool_order_rebuild
 
 
 class Command(BaseCommand):
