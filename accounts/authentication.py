@@ -73,8 +73,10 @@ class KeyCache:
       key it reads starts it), and forgets every key when the listener
       connects again.
 
-    The lifetime bounds what is left: on SQLite, a change made in another
-    process, or without the ORM.
+    On SQLite no process hears another's changes: there the lifetime
+    defaults to 0 (``kiropool/settings.py``) and nothing is kept; one an
+    operator sets bounds how long another process's change, or one made
+    without the ORM, goes unseen.
 
     A forget also stops a row read before it from being cached after it:
     :meth:`put` takes the generation :meth:`generation` gave before the read.

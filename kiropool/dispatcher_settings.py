@@ -52,8 +52,10 @@ KIROPOOL_QUOTA_PROBE_SECONDS = _clamp(_env.int("KIROPOOL_QUOTA_PROBE_SECONDS", d
 # gateway cannot take every slot of the pool (0: no default limit).
 KIROPOOL_KEY_MAX_CONCURRENCY = max(0, _env.int("KIROPOOL_KEY_MAX_CONCURRENCY", default=64))
 # How long a process may answer a gateway request from its copy of the key
-# row (accounts/authentication.py): a change made in another process, such as
-# disabling the key, is seen within this. 0 reads the key on every request.
+# row (accounts/authentication.py). On PostgreSQL a change of the key reaches
+# every process as it commits, and this is only a safety net. On SQLite the
+# default is 0 (kiropool/settings.py): no process hears another's changes
+# there, so each request reads its key.
 KIROPOOL_KEY_CACHE_SECONDS = max(0.0, _env.float("KIROPOOL_KEY_CACHE_SECONDS", default=1.0))
 # Reports that take capacity away from everyone (rate_limited cooling an
 # identity, proxy_failure cooling a proxy, quota_exhausted) per key, as

@@ -330,6 +330,12 @@ SPECTACULAR_SETTINGS = {
 # and the local secrets were read (above).
 from kiropool.dispatcher_settings import *  # noqa: E402, F403
 
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3" and "KIROPOOL_KEY_CACHE_SECONDS" not in os.environ:
+    # On SQLite no process hears another's key changes (LISTEN/NOTIFY is
+    # PostgreSQL's), so unless told otherwise each gateway request reads its
+    # key row: a key disabled or deleted in any process is refused at once.
+    KIROPOOL_KEY_CACHE_SECONDS = 0.0
+
 # --- running it ---------------------------------------------------------------
 
 # /metrics is open, as Prometheus scrapers usually carry no login; set this to

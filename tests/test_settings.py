@@ -22,6 +22,7 @@ print(json.dumps({
     "max_entries": settings.KIROPOOL_AFFINITY_MAX_ENTRIES,
     "lease_ttl": settings.KIROPOOL_LEASE_TTL_SECONDS,
     "hosts": settings.ALLOWED_HOSTS,
+    "key_cache": settings.KIROPOOL_KEY_CACHE_SECONDS,
 }))
 """
 
@@ -61,3 +62,13 @@ def test_affinity_settings_are_clamped():
     high = load(KIROPOOL_AFFINITY_TTL_SECONDS="999999", KIROPOOL_AFFINITY_MAX_ENTRIES="5000000")
     assert (low["ttl"], low["max_entries"]) == (60, 1)
     assert (high["ttl"], high["max_entries"]) == (24 * 3600, 1_000_000)
+
+
+def test_the_key_cache_is_kept_only_where_other_processes_changes_reach_it():
+    """On SQLite no process hears another's key changes: by default each
+    request reads its key (tests/security/test_key_revocation.py), unless
+    the operator asks for a cache."""
+    assert load()["key_cache"] == 0
+    assert load(KIROPOOL_KEY_CACHE_SECONDS="2")["key_cache"] == 2
+    assert load(DATABASE_URL="postgres://u@db:5432/kp")["key_cache"] == 1
+    assert load(DATABASE_URL="postgres://u@db:5432/kp", KIROPOOL_KEY_CACHE_SECONDS="0")["key_cache"] == 0
