@@ -1,12 +1,12 @@
 """How maintenance writes yield to the hot path.
 
-The periodic tasks (``routing/maintenance.py``, ``sessions.py``), the order
-table's upkeep (``pool_order.py``) and a slot's reconciliation write in
-bounded batches by id, so a run holds its locks briefly and one statement
-writes little. On PostgreSQL a batch that waits for a row lock longer than
-``LOCK_TIMEOUT`` gives up and is retried (up to ``RETRIES`` times, or left to
-the next run), so a dispatch or a completion never waits behind it for long,
-nor ends in a deadlock with it.
+The periodic tasks (``routing/maintenance.py``, the purge in
+``sessions.py``, the reaper in ``slots.py``) and the order table's upkeep
+(``pool_order.py``) write in bounded batches by id, so a run holds its
+locks briefly and one statement writes little. On PostgreSQL a batch that
+waits for a row lock longer than ``LOCK_TIMEOUT`` gives up and is retried
+(up to ``RETRIES`` times, or left to the next run), so a dispatch or a
+completion never waits behind it for long, nor ends in a deadlock with it.
 """
 
 from __future__ import annotations
