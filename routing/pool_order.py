@@ -51,8 +51,8 @@ def pool_order_bands_write(snapshot: LatencySnapshot) -> int:
     is locked for one batch's milliseconds: a lease start moves its
     identity's rows, and waits for their locks. A batch's rows are locked
     first, skipping those a lease start or a binding holds: this never
-    waits, so it never deadlocks with them (:func:`pool_order_bands_complete`
-    writes those after). Each row's band is computed again once it is
+    waits, so it never deadlocks with them (:func:`_bands_complete` writes
+    those after). Each row's band is computed again once it is
     locked, so it sees every proxy change committed before; a change still
     in flight waits for the lock and clears the band after this commits (the
     trigger of migration 0009). Without a usable global average no band
@@ -62,20 +62,6 @@ def pool_order_bands_write(snapshot: LatencySnapshot) -> int:
     written = _bands_write(snapshot, _to_write(snapshot))
     _bands_whole_mark(snapshot)
     return written
-
-
-def pool_order_bands_complete(snapshot: LatencySnapshot) -> int:
-    """Write the bands under ``snapshot`` of the rows whose band is still
-    not its own: those :func:`pool_order_bands_write` skipped, and those
-    whose proxy changed since. One row a transaction, each waiting for its
-    row up to ``LOCK_TIMEOUT`` (a lease start holds it for milliseconds) and
-    holding no other lock meanwhile, so it cannot be part of a deadlock; a
-    row held longer is left to the next refresh, and this snapshot's bands
-    are not whole (the walk needs every row of a scope to hold the band of
-    the snapshot it orders by)."""
-    if snapshot.global_avg_ms is None:
-        return 0
-    return _bands_complete(snapshot, _to_write(snapshot))
 
 
 def _bands_write(snapshot: LatencySnapshot, to_write: Q) -> int:
@@ -98,6 +84,14 @@ def _bands_write(snapshot: LatencySnapshot, to_write: Q) -> int:
 
 
 def _bands_complete(snapshot: LatencySnapshot, to_write: Q) -> int:
+    """Write the bands under ``snapshot`` of the rows ``to_write`` still
+    selects: those a batch skipped, and those whose proxy changed since.
+    One row a transaction, each waiting for its row up to ``LOCK_TIMEOUT``
+    (a lease start holds it for milliseconds) and holding no other lock
+    meanwhile, so it cannot be part of a deadlock; a row held longer is left
+    to the next refresh, and this snapshot's bands are not whole (the walk
+    needs every row of a scope to hold the band of the snapshot it orders
+    by)."""
     written = 0
     for pk in list(_with_band(snapshot).filter(to_write).values_list("pk", flat=True)[:BATCH]):
         try:

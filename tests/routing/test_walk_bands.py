@@ -538,7 +538,7 @@ def test_a_row_the_refresh_skipped_gets_its_band_once_released(postgres_only):
         snapshot = latency_snapshot_create(global_avg_ms=900.0, accounts={"a1": (4, 2500.0)})
         assert PoolOrder.objects.get(pk=held.pk).band_snapshot_id != snapshot.pk
         locker.rollback()
-    assert pool_order.pool_order_bands_complete(snapshot) == 1
+    assert pool_order._bands_complete(snapshot, pool_order._to_write(snapshot)) == 1
     assert not PoolOrder.objects.exclude(band_snapshot_id=snapshot.pk).exists()
     assert bands_stored() == bands_of_spec()
 
@@ -553,8 +553,8 @@ def test_once_a_newer_snapshot_exists_no_band_is_written_under_an_older_one():
     assert PoolOrder.objects.filter(band_snapshot_id=newer.pk).count() == 0  # nothing changed
     Account.objects.filter(pk=accounts[0].pk).update(proxy=slow)  # its two rows lose their band
     assert pool_order.pool_order_bands_write(older) == 0
-    assert pool_order.pool_order_bands_complete(older) == 0
-    assert pool_order.pool_order_bands_complete(newer) == 2
+    assert pool_order._bands_complete(older, pool_order._to_write(older)) == 0
+    assert pool_order._bands_complete(newer, pool_order._to_write(newer)) == 2
     assert set(PoolOrder.objects.filter(band_snapshot_id=newer.pk)) == set(
         PoolOrder.objects.filter(account=accounts[0])
     )
