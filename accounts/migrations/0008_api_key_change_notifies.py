@@ -23,16 +23,16 @@ from django.db import migrations
 from core.migration_sql import vendor_statements
 
 # The channel of accounts.authentication.KEY_CHANNEL, as it was when this was written.
-_NOTIFY = "PERFORM pg_notify('kiropool_keys', OLD.prefix)"
+_CHANNEL = "kiropool_keys"
 _QUIET = "- 'last_started_at' - 'last_used_at'"
 
 POSTGRES_UP = [
     f"""
 CREATE FUNCTION accounts_api_key_notify() RETURNS trigger AS $$
 BEGIN
-    {_NOTIFY};
+    PERFORM pg_notify('{_CHANNEL}', OLD.prefix);
     IF TG_OP = 'UPDATE' AND NEW.prefix IS DISTINCT FROM OLD.prefix THEN
-        PERFORM pg_notify('kiropool_keys', NEW.prefix);
+        PERFORM pg_notify('{_CHANNEL}', NEW.prefix);
     END IF;
     RETURN NULL;
 END
