@@ -57,7 +57,7 @@ class Client:
             self.headers["Authorization"] = f"Bearer {key}"
         self.reused = False
 
-    def request(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict, dict[str, str]]:
+    def request(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict, http.client.HTTPMessage]:
         payload = None if body is None else json.dumps(body)
         for retry in (False, True):
             try:
@@ -79,10 +79,10 @@ class Client:
                 data = json.loads(raw or b"{}")
             except ValueError:
                 data = {}
-            return response.status, data, dict(response.getheaders())
+            return response.status, data, response.headers  # case-insensitive, as HTTP header names are
         raise AssertionError("unreachable")
 
-    def post(self, path: str, body: dict) -> tuple[int, dict, dict[str, str]]:
+    def post(self, path: str, body: dict) -> tuple[int, dict, http.client.HTTPMessage]:
         return self.request("POST", path, body)
 
     def close(self) -> None:

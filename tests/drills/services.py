@@ -261,7 +261,8 @@ class CeleryWorker:
 
 
 def request(base: str, method: str, path: str, body=None, headers=None, timeout: float = 30):
-    """(status, parsed JSON or None, headers) of one HTTP request."""
+    """(status, parsed JSON or None, headers) of one HTTP request; the
+    headers are looked up by name in any case, as HTTP's are."""
     conn = http.client.HTTPConnection(base, timeout=timeout)
     try:
         payload = json.dumps(body).encode() if body is not None else None
@@ -273,6 +274,6 @@ def request(base: str, method: str, path: str, body=None, headers=None, timeout:
             data = json.loads(raw) if raw else None
         except ValueError:
             data = None
-        return response.status, data, dict(response.getheaders())
+        return response.status, data, response.headers  # case-insensitive, as HTTP header names are
     finally:
         conn.close()
