@@ -30,7 +30,7 @@ run: migrate
 	$(BIN)/python manage.py ensure_admin
 	bin/run
 
-# A living pool in one command: seeds demo-* rows, starts gunicorn on
+# A living pool in one command: seeds demo-* rows, starts the web server on
 # KIROPOOL_BIND (default 127.0.0.1:8000) and plays a gateway against the API
 # for DEMO_SECONDS, then prints the login, the keys and the dashboard URL.
 DEMO_SECONDS ?= 180
@@ -41,7 +41,7 @@ test: install
 	$(BIN)/python -m pytest
 
 # Part of `make test`; alone, with their figures. fuzz: schemathesis against a
-# real gunicorn on the PostgreSQL test database (needs DATABASE_URL=postgres://...).
+# real server on the PostgreSQL test database (needs DATABASE_URL=postgres://...).
 # drill: fault drills on a private PostgreSQL cluster and redis-server they start.
 fuzz: install
 	$(BIN)/python -m pytest tests/fuzz -m fuzz -p no:cacheprovider
@@ -58,7 +58,7 @@ format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-# A benchmark, not a test: kiropool (gunicorn, 4 workers) against a minimal
+# A benchmark, not a test: kiropool (granian, 4 workers) against a minimal
 # DRF floor on PostgreSQL, closed and open loop, pool sizes, bounded waiting;
 # one table of figures and targets, and bench/out/bench.json.
 # BENCH_DATABASE_URL (default postgres://postgres@127.0.0.1:5432/kiropool_bench)

@@ -5,7 +5,7 @@ For the open endpoints whose answer costs a connection or an aggregate
 burst of requests, or a flood from anyone, costs one computation per interval
 per process, not one per request. Per process on purpose: no shared cache to
 depend on (a probe must not need Redis to say Redis is down), and with W
-gunicorn workers the cost is still bounded by W per interval.
+web workers the cost is still bounded by W per interval.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""The one way kiropool starts its web app as a child process: gunicorn with
-the project's ``gunicorn.conf.py`` on a given or spare port (or, for a
-reference server such as the benchmark's floor, another WSGI app with its own
-gunicorn config file).
+"""The one way kiropool starts its web app as a child process:
+``python -m kiropool.serve`` (granian, ``kiropool/serve.py``) on a given or
+spare port (or, for a reference server such as the benchmark's floor, another
+WSGI app under gunicorn with its own config file).
 
 ``make demo``, ``make bench`` and the tests that need a real server (fuzzing,
 drills, the Python client, bounded waiting) all use :class:`WebServer`, so a
@@ -22,7 +22,8 @@ from pathlib import Path
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
-# gunicorn's default access log line: host - user [time] "request line" status size "referer" "agent"
+# An access log line, kiropool's (kiropool/serve.py) or gunicorn's default:
+# host - user [time] "request line" status ...
 ACCESS_LINE = re.compile(r'^\S+ \S+ \S+ \[[^\]]*\] "(?:[^"\\]|\\.)*" (\d{3}) ', re.MULTILINE)
 
 
@@ -44,16 +45,16 @@ class WebServerError(RuntimeError):
 
 
 class WebServer:
-    """gunicorn serving ``app`` (by default ``kiropool.wsgi``) in its own process group.
+    """kiropool's server (``kiropool/serve.py``), or another WSGI app under
+    gunicorn, in its own process group.
 
     ``env`` is the child's whole environment (default: this process's);
     ``workers`` / ``threads`` override ``WEB_CONCURRENCY`` / ``KIROPOOL_THREADS``,
-    which ``gunicorn.conf.py`` reads. ``app`` and ``config`` (relative to the
-    project) serve another WSGI app with another config file; gunicorn reads
-    ``./gunicorn.conf.py`` when given none, so there is no "no config". The
-    app must answer ``GET /healthz`` with 200. Output goes to ``log`` (or is
-    inherited), and with ``access_log`` every request is logged there, for
-    :meth:`statuses` (``gunicorn.conf.py`` reads ``KIROPOOL_ACCESS_LOG``)."""
+    which ``kiropool/serve.py`` reads. ``app`` and ``config`` (relative to the
+    project) serve another WSGI app under gunicorn with that config file
+    instead. The app must answer ``GET /healthz`` with 200. Output goes to
+    ``log`` (or is inherited), and with ``access_log`` every request is
+    logged there, for :meth:`statuses` (``KIROPOOL_ACCESS_LOG``)."""
 
     def __init__(
         self,
@@ -64,8 +65,8 @@ class WebServer:
         threads: int | None = None,
         log: Path | None = None,
         access_log: Path | None = None,
-        app: str = "kiropool.wsgi:application",
-        config: str = "gunicorn.conf.py",
+        app: str | None = None,
+        config: str | None = None,
     ) -> None:
         self.bind = bind or f"127.0.0.1:{free_port()}"
         self.app = app
@@ -96,10 +97,9 @@ class WebServer:
         return f"http://{self.bind}"
 
     def start(self, *, timeout: float = 60) -> WebServer:
-        """Start gunicorn and return once ``/healthz`` answers and, when
-        ``workers`` was given, that many workers were forked: with the app
-        preloaded, the first worker answers before the master forked the
-        next."""
+        """Start the server and return once ``/healthz`` answers and, when
+        ``workers`` was given, that many workers were forked: the first
+        worker may answer before the others are up."""
         if port_in_use(self.host, self.port):
             raise WebServerError(f"something already listens on {self.bind}")
         output = None
@@ -123,19 +123,20 @@ class WebServer:
         deadline = time.monotonic() + timeout
         while not (self._healthy() and self._forked()):
             if not self.alive():
-                raise WebServerError(f"gunicorn exited with {self.process.returncode}{self._log_tail()}")
+                raise WebServerError(f"the web server exited with {self.process.returncode}{self._log_tail()}")
             if time.monotonic() > deadline:
                 self.stop()
                 raise WebServerError(
-                    f"gunicorn did not answer /healthz with its workers forked within {timeout:.0f} s{self._log_tail()}"
+                    f"the web server did not answer /healthz with its workers forked within {timeout:.0f} s"
+                    f"{self._log_tail()}"
                 )
             time.sleep(0.2)
         return self
 
     def command(self) -> list[str]:
-        # The bind on the command line too (it wins over the config file), so
-        # a config that does not read KIROPOOL_BIND still listens where start() looks.
-        return [sys.executable, "-m", "gunicorn", "-c", self.config, "--bind", self.bind, self.app]
+        if self.app is None:
+            return [sys.executable, "-m", "kiropool.serve"]  # listens on KIROPOOL_BIND
+        return [sys.executable, "-m", "gunicorn", "-c", self.config or "/dev/null", "--bind", self.bind, self.app]
 
     def _healthy(self) -> bool:
         try:
@@ -172,7 +173,7 @@ class WebServer:
         return self.process is not None and self.process.poll() is None
 
     def stop(self, *, timeout: float = 40) -> None:
-        """SIGTERM to the group (gunicorn's graceful stop), SIGKILL after ``timeout``."""
+        """SIGTERM to the group (a graceful stop), SIGKILL after ``timeout``."""
         if not self.alive():
             return
         with contextlib.suppress(ProcessLookupError):

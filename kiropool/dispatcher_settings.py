@@ -81,8 +81,8 @@ KIROPOOL_MAX_FIRST_TOKEN_MS = float(_clamp(_env.int("KIROPOOL_MAX_FIRST_TOKEN_MS
 KIROPOOL_STICKY_PATIENCE_MS = _clamp(_env.int("KIROPOOL_STICKY_PATIENCE_MS", default=500), 0, 300_000)
 
 # Bounded waiting (routing/waiting.py): a dispatch waiting for a slot holds
-# one of gunicorn's threads (KIROPOOL_THREADS per worker, read by
-# gunicorn.conf.py too). At most this many wait per process, and per API key;
+# one of a web worker's threads (KIROPOOL_THREADS per worker, read by
+# kiropool/serve.py too). At most this many wait per process, and per API key;
 # beyond, 429 at once. The threads left over serve completions, probes and
 # everything else.
 KIROPOOL_THREADS = max(1, _env.int("KIROPOOL_THREADS", default=32))

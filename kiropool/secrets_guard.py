@@ -1,7 +1,7 @@
 """No production process runs on public secrets.
 
 With ``DEBUG`` off, every entry point (``kiropool/wsgi.py`` and ``asgi.py``,
-gunicorn's master in ``gunicorn.conf.py``, the Celery worker and beat in
+the web server's launcher ``kiropool/serve.py``, the Celery worker and beat in
 ``kiropool/celery.py``, ``manage.py``) asks :func:`secrets_problems` before it
 serves anything, and refuses to start while ``SECRET_KEY`` is the built-in
 development key or weak by Django's own measure, or while
@@ -119,7 +119,7 @@ def secrets_require() -> None:
 
 def secrets_require_or_exit() -> None:
     """Exit with the refusal on stderr, without a traceback (for command
-    lines: manage.py, gunicorn's master, Celery's worker and beat)."""
+    lines: manage.py, the web server's launcher, Celery's worker and beat)."""
     refusal = secrets_refusal()
     if refusal:
         sys.stderr.write(refusal + "\n")

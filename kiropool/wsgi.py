@@ -6,7 +6,7 @@ from kiropool.secrets_guard import secrets_require
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "kiropool.settings")
 
-# Any WSGI server, gunicorn.conf.py or not: no production web app on public secrets.
+# Any WSGI server, kiropool/serve.py or not: no production web app on public secrets.
 secrets_require()
 application = get_wsgi_application()
 

@@ -4,9 +4,9 @@ Two kinds:
 
 - Events, counted where they happen: dispatches by result, dispatch and wait
   durations, completions by outcome. The gateway views call
-  :func:`dispatch_observe` and :func:`completion_observe`. Under gunicorn with
-  several workers each process counts its own; with ``PROMETHEUS_MULTIPROC_DIR``
-  set (``bin/run`` and ``gunicorn.conf.py`` set it) prometheus_client keeps the
+  :func:`dispatch_observe` and :func:`completion_observe`. With several web
+  workers each process counts its own; with ``PROMETHEUS_MULTIPROC_DIR``
+  set (``kiropool/serve.py`` sets it) prometheus_client keeps the
   counts in files there and a scrape sums every worker's.
 - State, read from the database by :class:`PoolStateCollector`: leases in
   flight and live bindings per identity, identities cooling down, the

@@ -9,7 +9,7 @@ completions that free the slots would queue behind them. So:
   one API key at most ``KIROPOOL_MAX_WAITERS_PER_KEY`` of them; beyond that a
   dispatch is answered 429 at once with ``Retry-After``. The server's threads
   beyond the cap are kept for everything else: completions, probes, the
-  admin, other keys (gunicorn.conf.py sizes the threads to match);
+  admin, other keys (``kiropool/serve.py`` sizes the threads to match);
 - a key's attempts read the head of the order in turns, one at a time in a
   process (:meth:`Visit.turn`), and then claim side by side, each on an
   identity no other attempt of the key here is claiming on

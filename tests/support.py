@@ -1,5 +1,5 @@
 """Helpers shared by the tests that start other processes against the test
-database (workers, a real gunicorn), or wait for another thread."""
+database (workers, a real web server), or wait for another thread."""
 
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def project_env(tmp: Path, **overrides: str) -> dict[str, str]:
 
 def web_server(env: dict[str, str], tmp: Path, *, workers: int = 2, threads: int = 8) -> WebServer:
     """kiropool's own server helper, logging into ``tmp`` (access log included)."""
-    return WebServer(env=env, workers=workers, threads=threads, log=tmp / "gunicorn.log", access_log=tmp / "access.log")
+    return WebServer(env=env, workers=workers, threads=threads, log=tmp / "server.log", access_log=tmp / "access.log")
 
 
 def until(

@@ -79,10 +79,10 @@ def test_a_warm_worker_compiles_nothing_for_the_common_dispatches(scope, preferr
 # Importing an entry point leaves the process warm, with the start's objects
 # frozen: the collector tracks next to none of them; a full collection walks
 # what serving creates, not the modules. PostgreSQL on a port where nothing
-# listens shows that nothing of it needed the database. gunicorn loads the
-# app in its master and forks the workers from it (gunicorn.conf.py,
-# preload_app): so the import leaves no thread (a fork keeps only the one
-# that forks) and no socket (every worker would share one connection).
+# listens shows that nothing of it needed the database. The web server loads
+# the app in its master and forks the workers from it (kiropool/serve.py): so
+# the import leaves no thread (a fork keeps only the one that forks) and no
+# socket (every worker would share one connection).
 ENTRY_WARM = """
 import gc
 import os

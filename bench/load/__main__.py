@@ -4,7 +4,7 @@ One run, in this order (each load phase lasts BENCH_SECONDS after a short warm-u
 
 1. the floor (bench/floor: one indexed SELECT through DRF, CommonMiddleware
    only, persistent connections, 4 sync workers) and kiropool
-   (gunicorn.conf.py, 4 workers) are started side by side;
+   (kiropool/serve.py, 4 workers) are started side by side;
 2. throughput, 16 closed-loop clients each: the floor, and kiropool running
    dispatch → complete (80 % existing sessions, 10 % new, 10 % none) with
    65,536 live bindings and with none. The three loads are measured in
@@ -174,7 +174,7 @@ def report_write(report: dict, started: float) -> None:
     print()
     print(tables.table(report))
     print(
-        f"\nkiropool: gunicorn.conf.py, {WORKERS} workers ({WAITING_WORKERS} for the waiters);"
+        f"\nkiropool: kiropool/serve.py (granian), {WORKERS} workers ({WAITING_WORKERS} for the waiters);"
         f" floor: {WORKERS} sync workers; {CLIENTS} closed-loop clients; open loop timed from the"
         f" scheduled start; {settings['seconds']:.0f} s per phase; load average"
         f" {settings['load_average_at_start'][0]} at start, {settings['load_average_at_end'][0]} at the end."

@@ -110,7 +110,7 @@ def scaled(spent_s: Mapping[str, float], *, window_s: float, read_s: float) -> d
 
 @dataclass(frozen=True)
 class Meter:
-    """Measures windows of load on the server whose gunicorn master is
+    """Measures windows of load on the server whose master process is
     ``server``; ``servers`` are every server the bench started (the idle
     ones count as ``other``)."""
 

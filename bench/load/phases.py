@@ -81,11 +81,11 @@ class Run:
             floor = server = None
             if "floor" in self.only:
                 floor = stack.enter_context(
-                    servers.floor_server(self.env, workers=WORKERS, log=OUT / "gunicorn-floor.log")
+                    servers.floor_server(self.env, workers=WORKERS, log=OUT / "server-floor.log")
                 )
             if self.only & MAIN_SERVER_PHASES:
                 server = stack.enter_context(
-                    servers.kiropool_server(self.env, workers=WORKERS, log=OUT / "gunicorn-kiropool.log")
+                    servers.kiropool_server(self.env, workers=WORKERS, log=OUT / "server-kiropool.log")
                 )
             self.servers = [s for s in (floor, server) if s is not None]
             self.throughput_phases(report, floor, server)
@@ -268,7 +268,7 @@ class Run:
         if "waiting" not in self.only:
             return
         self.say(f"bounded waiting: kiropool with {WAITING_WORKERS} workers, {WAITERS} waiters on one slot")
-        log = OUT / "gunicorn-waiting.log"
+        log = OUT / "server-waiting.log"
         with servers.kiropool_server(self.env, workers=WAITING_WORKERS, log=log) as server:
             phase(
                 report,

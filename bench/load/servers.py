@@ -13,8 +13,8 @@ from core.webserver import WebServer
 
 
 def kiropool_server(env: dict[str, str], *, workers: int, log: Path) -> WebServer:
-    """kiropool as deployed: ``gunicorn.conf.py`` (its worker class and
-    threads), ``workers`` processes."""
+    """kiropool as deployed: ``kiropool/serve.py`` (granian, its threads),
+    ``workers`` processes."""
     return WebServer(env={**env, "DJANGO_SETTINGS_MODULE": "kiropool.settings"}, workers=workers, log=log)
 
 
@@ -31,7 +31,7 @@ def floor_server(env: dict[str, str], *, workers: int, log: Path) -> WebServer:
 
 
 def worker_pids(master: int) -> list[int]:
-    """The gunicorn master's child processes (Linux /proc)."""
+    """The server master's child processes, its workers (Linux /proc)."""
     children = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -60,7 +60,7 @@ def profile_start(server: WebServer, *, seconds: float, output: Path) -> subproc
         raise RuntimeError("py-spy is not installed: make install (requirements-dev.txt pins it)")
     workers = worker_pids(server.process.pid)
     if not workers:
-        raise RuntimeError("no gunicorn worker found to profile")
+        raise RuntimeError("no web worker found to profile")
     output.parent.mkdir(parents=True, exist_ok=True)
     command = [binary, "record", "--pid", str(workers[0]), "--duration", str(max(1, round(seconds)))]
     command += ["--nonblocking", "--format", "flamegraph", "--output", str(output)]

@@ -2,7 +2,7 @@
 gateway request reads no key row while the cache holds it, an operator's save
 is seen at once in the process that made it and, on PostgreSQL, any change
 (SQL included) in every process once the database's notice arrives
-(tests/security/test_key_revocation.py across a real gunicorn's workers);
+(tests/security/test_key_revocation.py across a real server's workers);
 on SQLite other processes' changes within the cache's lifetime; and the
 key's own limits hold exactly as without it."""
 

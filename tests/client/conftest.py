@@ -1,5 +1,5 @@
 """tests/client: the Python client (clients/python) and its LiteLLM
-integration against a real kiropool: gunicorn with gunicorn.conf.py on the
+integration against a real kiropool: its web server (kiropool/serve.py) on the
 PostgreSQL test database. One server for the whole package; each test seeds
 its own small pool in a transactional test (committed, so the server sees it)."""
 
@@ -22,7 +22,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 @pytest.fixture(scope="package")
 def kiropool_url(django_db_setup, django_db_blocker, tmp_path_factory) -> str:
-    """Base URL of a kiropool under gunicorn on the test database (PostgreSQL only)."""
+    """Base URL of a kiropool under its web server on the test database (PostgreSQL only)."""
     if connection.vendor != "postgresql":
         pytest.skip("needs PostgreSQL: set DATABASE_URL=postgres://...")
     from tests.support import project_env, test_database_url, web_server

@@ -1,4 +1,4 @@
-"""The synchronous client against a real kiropool (gunicorn on PostgreSQL):
+"""The synchronous client against a real kiropool (its web server on PostgreSQL):
 leases complete on every way out of the block, failover excludes what
 failed, 429s are waited out, errors are typed, and only safe calls are retried."""
 

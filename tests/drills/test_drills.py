@@ -1,6 +1,6 @@
 """Fault drills against real services that each drill starts for itself: a
 private PostgreSQL cluster (initdb, spare port) and a private redis-server,
-never the machine's own. gunicorn and Celery run as separate processes, as in
+never the machine's own. The web server and Celery run as separate processes, as in
 production, and the drill breaks what is under them:
 
 (a) PostgreSQL restarted during a dispatch load;

@@ -1,5 +1,5 @@
-"""schemathesis against /api/schema/ on a real server: gunicorn with
-gunicorn.conf.py on a spare port, on the PostgreSQL test database.
+"""schemathesis against /api/schema/ on a real server: kiropool's
+(kiropool/serve.py) on a spare port, on the PostgreSQL test database.
 
 Two runs, bounded by examples per operation, each with every check: no
 server error, every response (status, content type, headers, body) as the

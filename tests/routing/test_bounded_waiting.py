@@ -1,5 +1,5 @@
 """Waiting dispatches never starve the server (issue 11 §3), on a real
-gunicorn and PostgreSQL: with more dispatches waiting on one full identity
+web server and PostgreSQL: with more dispatches waiting on one full identity
 than a process admits, the surplus is refused at once, a completion and
 /healthz still answer promptly, and the waiters are served in the order they
 came as slots free.

@@ -172,7 +172,7 @@ sys.stdout.write(metrics.exposition()[0].decode())
 
 
 def test_multiprocess_mode_sums_every_worker(tmp_path):
-    """What gunicorn with several workers does: each process counts into the
+    """What a web server with several workers does: each process counts into the
     shared folder, and any process's scrape sums them."""
     env = {
         "PATH": os.environ["PATH"],

@@ -58,7 +58,7 @@ def test_nul_and_lone_surrogates_in_the_body_are_400(gw, field, value):
 
 def test_creating_a_proxy_sends_no_location_header(operator_api):
     # DRF would copy the proxy's "url" field into Location; with control
-    # characters in it gunicorn refused the response (a 500).
+    # characters in it a WSGI server refuses the response (gunicorn: a 500).
     response = operator_api.post("/api/v1/admin/proxies/", {"name": "p", "url": "http://p\x0b\x07:1"}, format="json")
     assert response.status_code == 201
     assert "Location" not in response

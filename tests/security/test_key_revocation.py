@@ -1,5 +1,5 @@
 """A key an operator disables or deletes is refused by every process of a
-real gunicorn at once, not when each process's key cache runs out
+real web server at once, not when each process's key cache runs out
 (accounts/authentication.py, KeyCache; core/listener.py).
 
 On PostgreSQL the server keeps keys for ten minutes here: before the

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from cryptography.fernet import Fernet
 
+from core.webserver import free_port
 from kiropool.secrets_guard import (
     DEVELOPMENT_SECRET_KEY,
     FERNET_KEY_COMMAND,
@@ -126,20 +127,26 @@ def test_only_the_missing_secret_is_named(database):
     assert "Set SECRET_KEY" not in result.stderr
 
 
-def test_gunicorn_refuses_before_it_listens(database):
-    env = entry_env(database, KIROPOOL_BIND="127.0.0.1:0", PROMETHEUS_MULTIPROC_DIR=str(database.parent))
-    result = run([str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "kiropool.wsgi:application"], env)
+def test_the_web_server_refuses_before_it_listens(database):
+    port = free_port()
+    env = entry_env(database, KIROPOOL_BIND=f"127.0.0.1:{port}", PROMETHEUS_MULTIPROC_DIR=str(database.parent))
+    result = run([sys.executable, "-m", "kiropool.serve"], env)
     assert_refused(result)
-    assert "Booting worker" not in result.stderr  # the master stopped before forking any
-    # ... and before loading the app (preload_app), whose own refusal comes with a traceback.
-    assert "Traceback" not in result.stderr, result.stderr
+    output = result.stdout + result.stderr
+    assert "Listening at" not in output and "Spawning worker" not in output, output
+    # ... and before loading the app, whose own refusal comes with a traceback.
+    assert "Traceback" not in output, output
 
 
-def test_gunicorn_without_the_project_config_still_refuses(database):
-    # Another deployment's gunicorn command line: the WSGI module's own guard.
+def test_another_server_without_the_launcher_still_refuses(database):
+    # Another deployment's command line (granian or gunicorn on the WSGI module): the module's own guard.
     env = entry_env(database, PROMETHEUS_MULTIPROC_DIR=str(database.parent))
-    result = run([str(BIN / "gunicorn"), "-c", "/dev/null", "-b", "127.0.0.1:0", "kiropool.wsgi:application"], env)
-    assert_refused(result)
+    port = str(free_port())
+    granian = [str(BIN / "granian"), "--interface", "wsgi", "--port", port, "kiropool.wsgi:application"]
+    assert_refused(run(granian, env))
+    assert_refused(
+        run([str(BIN / "gunicorn"), "-c", "/dev/null", "-b", f"127.0.0.1:{port}", "kiropool.wsgi:application"], env)
+    )
 
 
 @pytest.mark.parametrize("program", ["worker", "beat"])

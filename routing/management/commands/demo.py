@@ -32,7 +32,7 @@ class Command(BaseCommand):
         parser.add_argument(
             "--bind",
             default=os.environ.get("KIROPOOL_BIND", "127.0.0.1:8000"),
-            help="where the demo's own gunicorn listens (default $KIROPOOL_BIND or 127.0.0.1:8000)",
+            help="where the demo's own web server listens (default $KIROPOOL_BIND or 127.0.0.1:8000)",
         )
         parser.add_argument("--url", help="use a kiropool already running here (e.g. under `make run`) instead")
         parser.add_argument("--clients", type=int, default=8, help="concurrent simulated gateway clients")
@@ -70,7 +70,7 @@ class Command(BaseCommand):
             else:
                 # WhiteNoise serves the dashboard's stylesheet from STATIC_ROOT.
                 call_command("collectstatic", interactive=False, verbosity=0)
-                server = WebServer(bind=bind, log=Path(settings.VAR_DIR) / "demo-gunicorn.log")
+                server = WebServer(bind=bind, log=Path(settings.VAR_DIR) / "demo-server.log")
                 base = server.url
                 self.stdout.write(f"Starting the web app on {base} (log: {server.log}) ...")
                 try:

@@ -1,0 +1,103 @@
+"""The web server (kiropool/serve.py, kiropool/wsgi.py): granian serving
+kiropool's WSGI app as deployed."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import granian.wsgi
+import pytest
+from django.db import connection
+
+from kiropool import serve
+from tests.drills.services import request
+from tests.factories import AccountFactory, ApiKeyFactory
+from tests.support import project_env, test_database_url, web_server
+
+# Concurrent clients, each sending requests one after another on new connections.
+CLIENTS = 4
+REQUESTS_EACH = 10
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("postgres_only")
+def test_every_request_gives_its_pooled_connection_back(tmp_path):
+    """One pooled connection for eight threads: a thread that kept it after
+    its request (a response closed in another thread than the one that ran
+    the view keeps it: Django gives it back on ``request_finished``) would
+    leave the others to wait out the pool's timeout and answer 503."""
+    AccountFactory(name="a")
+    key = ApiKeyFactory(name="gateway")
+    auth = {"Authorization": f"Bearer {key.plaintext}"}
+    env = project_env(
+        tmp_path, DATABASE_URL=test_database_url(), KIROPOOL_DB_POOL_SIZE="1", KIROPOOL_DB_POOL_TIMEOUT="2"
+    )
+    connection.close()  # the server's connections see the rows committed above
+    statuses: list[int] = []
+
+    def client() -> None:
+        for _ in range(REQUESTS_EACH):
+            statuses.append(request(server.bind, "POST", "/api/v1/dispatch/explain", {}, auth)[0])
+
+    with web_server(env, tmp_path, workers=1, threads=8) as server:
+        clients = [threading.Thread(target=client) for _ in range(CLIENTS)]
+        for thread in clients:
+            thread.start()
+        for thread in clients:
+            thread.join()
+
+    assert statuses == [200] * (CLIENTS * REQUESTS_EACH)
+
+
+class _Protocol:
+    """What granian's Rust side hands the WSGI runner: where the response goes."""
+
+    def response_bytes(self, status, headers, body) -> None:
+        self.status = status
+
+
+def _request_environ() -> dict:
+    """The WSGI environ granian's own runner builds for a request."""
+    seen: dict = {}
+
+    def app(environ, start_response):
+        seen.update(environ)
+        start_response("200 OK", [])
+        return [b""]
+
+    granian.wsgi._callback_wrapper(app, {})(_Protocol(), {"REQUEST_METHOD": "GET", "PATH_INFO": "/healthz"})
+    return seen
+
+
+def test_the_servers_secrets_stay_out_of_every_requests_environ(monkeypatch):
+    secrets = {
+        "SECRET_KEY": "s" * 50,
+        "KIROPOOL_FERNET_KEYS": "fernet",
+        "DATABASE_URL": "postgres://kiropool:password@db/kiropool",
+        "REDIS_URL": "redis://:password@cache:6379/0",
+        "UPSTREAM_API_TOKEN": "token",
+    }
+    monkeypatch.setattr(os, "environ", {"PATH": "/usr/bin", "KIROPOOL_THREADS": "8", **secrets})
+    # What the attack would read: granian puts the process environment in request.META.
+    assert secrets.items() <= _request_environ().items()
+
+    assert sorted(serve.environment_scrub(os.environ)) == sorted(secrets)
+
+    meta = _request_environ()
+    assert not set(secrets) & set(meta)
+    assert meta["PATH"] == "/usr/bin" and meta["KIROPOOL_THREADS"] == "8" and meta["PATH_INFO"] == "/healthz"
+
+
+@pytest.mark.parametrize(
+    ("bind", "parsed"),
+    [("127.0.0.1:8000", ("127.0.0.1", 8000)), ("0.0.0.0:80", ("0.0.0.0", 80)), ("[::1]:8080", ("::1", 8080))],
+)
+def test_a_bind_is_host_and_port(bind, parsed):
+    assert serve.bind_parse(bind) == parsed
+
+
+@pytest.mark.parametrize("bind", ["8000", "localhost", ":8000", "localhost:http", "unix:/tmp/kiropool.sock"])
+def test_a_bind_without_host_and_port_is_refused_with_its_value(bind):
+    with pytest.raises(SystemExit, match="KIROPOOL_BIND must be host:port"):
+        serve.bind_parse(bind)
