@@ -68,3 +68,62 @@ def test_a_concurrent_burst_computes_once_even_when_the_computation_is_slow():
         thread.join(30)
     assert answers == ["answer"] * 16
     assert len(calls) == 1
+
+
+# How long the stand-in pool lets a computation wait for its one connection;
+# with the caller waiting for the recomputation, the two waited this long.
+POOL_TIMEOUT_SECONDS = 2.0
+
+
+def test_a_caller_holding_what_the_recomputation_needs_gets_the_previous_value():
+    """The lease floor's shape: its computation needs a pooled connection,
+    and a request may ask for it holding one. Waiting for the recomputation,
+    the two waited for each other until the pool gave up."""
+    pool = threading.Semaphore(1)  # one pooled connection
+    clock = Clock()
+    computing = threading.Event()
+
+    def compute():
+        computing.set()
+        if not pool.acquire(timeout=POOL_TIMEOUT_SECONDS):
+            raise TimeoutError("couldn't get a connection")
+        pool.release()
+        return clock.now
+
+    recent = RecentValue(compute, seconds=10, clock=clock)
+    assert recent.get() == 1000.0
+    clock.now += 11
+    pool.acquire()  # this request ran a query: it holds the connection
+    recomputed = []
+    other = threading.Thread(target=lambda: recomputed.append(recent.get()))
+    other.start()
+    assert computing.wait(5)  # the other request recomputes, waiting for the connection
+
+    assert recent.get() == 1000.0  # the previous value, without waiting
+    pool.release()  # this request ends: its connection goes back
+    other.join(POOL_TIMEOUT_SECONDS + 5)
+    assert recomputed == [1011.0]
+    assert recent.get() == 1011.0
+
+
+def test_an_initial_value_is_served_while_the_first_computation_runs():
+    gate = threading.Semaphore(0)
+    started = threading.Semaphore(0)
+    reads = []
+
+    def compute():
+        started.release()
+        assert gate.acquire(timeout=5)
+        reads.append(1)
+        return f"read {len(reads)}"
+
+    recent = RecentValue(compute, seconds=60, initial="floor")
+    for expected in ("read 1", "read 2"):  # the first value, then the first after a clear()
+        first = threading.Thread(target=recent.get)
+        first.start()
+        assert started.acquire(timeout=5)
+        assert recent.get() == "floor"  # does not wait for the read
+        gate.release()
+        first.join(5)
+        assert recent.get() == expected
+        recent.clear()

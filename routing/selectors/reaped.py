@@ -49,7 +49,9 @@ def _floor_read() -> datetime:
     return _highest
 
 
-_floor = RecentValue(_floor_read, seconds=REFRESH_SECONDS)
+# EXPIRY_FLOOR until the first read is done: a request may hold a pooled
+# connection when it asks, and must not wait for a read that needs one.
+_floor = RecentValue(_floor_read, seconds=REFRESH_SECONDS, initial=EXPIRY_FLOOR)
 
 
 def lease_floor() -> datetime:
