@@ -4,8 +4,9 @@ through ``core.webserver.WebServer``).
 
 granian serves the WSGI app: its HTTP/1 server is Rust, so the interpreter
 runs only Django's and kiropool's code. Under the benchmark's closed loop of
-mixed gateway traffic it served 14-19 % more requests a second than gunicorn
-with threaded workers, the same app on the same database, alternated; the
+mixed gateway traffic it served 9.6 % more requests a second than gunicorn
+with threaded workers on average (-1 to +19 % over five alternated pairs,
+the same app on the same database), at 13 % less server CPU a request; the
 framework floor's own app gained 30-40 % from it (bench/HISTORY.md, "The web
 server"). Each worker runs the app on ``KIROPOOL_THREADS`` threads: a
 dispatch that waits for a free slot holds a thread, not the worker, so the
