@@ -31,7 +31,7 @@ def test_every_request_gives_its_pooled_connection_back(tmp_path):
     key = ApiKeyFactory(name="gateway")
     auth = {"Authorization": f"Bearer {key.plaintext}"}
     env = project_env(
-        tmp_path, DATABASE_URL=test_database_url(), KIROPOOL_DB_POOL_SIZE="1", KIROPOOL_DB_POOL_TIMEOUT="2"
+        tmp_path, DATABASE_URL=test_database_url(), KIROPOOL_DB_POOL_SIZE="1", KIROPOOL_DB_POOL_TIMEOUT="5"
     )
     connection.close()  # the server's connections see the rows committed above
     statuses: list[int] = []
