@@ -60,6 +60,14 @@ def bind_parse(bind: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def count_read(name: str, default: int) -> int:
+    """A count from the environment (workers, threads): at least 1."""
+    value = os.environ.get(name) or str(default)
+    if not value.isdigit() or int(value) < 1:
+        raise SystemExit(f"{name} must be a whole number of at least 1, not {value!r}")
+    return int(value)
+
+
 def prometheus_dir_prepare() -> str:
     """The workers' shared metrics folder, empty: counts of a previous run
     must not linger. Set before the app imports prometheus_client."""
@@ -113,6 +121,7 @@ def main() -> None:
     # Refuse with one clear message before anything listens or loads.
     secrets_require_or_exit()
     address, port = bind_parse(os.environ.get("KIROPOOL_BIND") or DEFAULT_BIND)
+    workers, threads = count_read("WEB_CONCURRENCY", 2), count_read("KIROPOOL_THREADS", 32)
     prometheus_dir_prepare()
     if str(BASE_DIR) not in sys.path:
         sys.path.insert(0, str(BASE_DIR))
@@ -130,8 +139,8 @@ def main() -> None:
         port=port,
         interface=Interfaces.WSGI,
         http=HTTPModes.http1,
-        workers=int(os.environ.get("WEB_CONCURRENCY", "2")),
-        blocking_threads=int(os.environ.get("KIROPOOL_THREADS", "32")),
+        workers=workers,
+        blocking_threads=threads,
         workers_kill_timeout=GRACEFUL_STOP_SECONDS,
         log_access=access_log is not None,
         log_access_format=ACCESS_FORMAT,

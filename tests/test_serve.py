@@ -101,3 +101,14 @@ def test_a_bind_is_host_and_port(bind, parsed):
 def test_a_bind_without_host_and_port_is_refused_with_its_value(bind):
     with pytest.raises(SystemExit, match="KIROPOOL_BIND must be host:port"):
         serve.bind_parse(bind)
+
+
+def test_worker_and_thread_counts_are_whole_numbers_of_at_least_one(monkeypatch):
+    monkeypatch.setenv("WEB_CONCURRENCY", "4")
+    assert serve.count_read("WEB_CONCURRENCY", 2) == 4
+    monkeypatch.delenv("WEB_CONCURRENCY")
+    assert serve.count_read("WEB_CONCURRENCY", 2) == 2
+    for bad in ("0", "-1", "two", "1.5"):
+        monkeypatch.setenv("KIROPOOL_THREADS", bad)
+        with pytest.raises(SystemExit, match=f"KIROPOOL_THREADS must be a whole number of at least 1, not '{bad}'"):
+            serve.count_read("KIROPOOL_THREADS", 32)
