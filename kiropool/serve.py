@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from collections.abc import MutableMapping
 from pathlib import Path
 
@@ -123,8 +122,6 @@ def main() -> None:
     address, port = bind_parse(os.environ.get("KIROPOOL_BIND") or DEFAULT_BIND)
     workers, threads = count_read("WEB_CONCURRENCY", 2), count_read("KIROPOOL_THREADS", 32)
     prometheus_dir_prepare()
-    if str(BASE_DIR) not in sys.path:
-        sys.path.insert(0, str(BASE_DIR))
 
     import kiropool.wsgi  # noqa: F401 - the app, loaded once before the fork (see above)
 
