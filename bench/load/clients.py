@@ -27,6 +27,7 @@ from bench.load.stats import (
     cpu_per_request,
     crowding,
     latency_summary,
+    p99_by_part,
     poisson_schedule,
     schedule_split,
     status_counts,
@@ -294,5 +295,6 @@ def open_loop(
         "start_lag_p99_ms": latency_summary(lags)["p99_ms"],
         "client_threads": processes * threads,
         "crowding": crowding(arrivals, measured, window=CROWD_WINDOW_SECONDS),
+        "p99_by_third_ms": p99_by_part(measured, seconds=seconds, start=warmup),
         **status_counts(_statuses(tallies)),
     }

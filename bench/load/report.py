@@ -115,6 +115,7 @@ def rows(report: dict) -> list[Row]:
     else:
         out.append(_missing("open loop, floor", floor_open, REFERENCE))
     out.extend(_crowding_rows(late))
+    out.extend(_thirds_rows(late))
     if late:
         shares = " / ".join(f"{s['late_starts'] / max(1, s['arrivals']):.1%}" for s in late)
         lags = " / ".join(_ms(s.get("start_lag_p99_ms")) for s in late)
@@ -198,6 +199,17 @@ def _crowding_rows(phases: list[dict]) -> list[Row]:
         value = f"calm {calm} · after a burst {crowded} ms ({shares} of arrivals)"
         out.append(Row("  p99, calm (at most that average) / after a burst", value, "", ""))
     return out
+
+
+def _thirds_rows(phases: list[dict]) -> list[Row]:
+    """Each open loop's p99 in the first, middle and last third of its
+    window (``bench.load.stats.p99_by_part``), in the order of the open-loop
+    rows: no target, it tells a tail that builds up over the phase from one
+    spread through it. None for an older bench.json."""
+    if not phases or not all(phase.get("p99_by_third_ms") for phase in phases):
+        return []
+    thirds = " / ".join(" → ".join(_ms(p99) for p99 in phase["p99_by_third_ms"]) for phase in phases)
+    return [Row("  p99 in the window's first → middle → last third", f"{thirds} ms", "", "")]
 
 
 def _waiting_rows(waiting: dict | None) -> list[Row]:

@@ -89,6 +89,23 @@ def crowding(
     return found
 
 
+def p99_by_part(measured: Sequence[tuple[float, float]], *, seconds: float, start: float, parts: int = 3) -> list:
+    """The p99 latency (ms) of the ``measured`` arrivals (scheduled time,
+    latency) in each of ``parts`` equal slices of the window from ``start``
+    to ``start + seconds``, in order (``None`` for a slice with none).
+
+    A tail that grows from the first slice to the last is something that
+    builds up while the phase runs (dead row versions, bindings, a process's
+    memory), not a burst of the schedule or a stall, which land anywhere."""
+    if seconds <= 0 or parts < 1:
+        raise ValueError("seconds and parts must be positive")
+    slices: list[list[float]] = [[] for _ in range(parts)]
+    for at, latency in measured:
+        part = min(parts - 1, max(0, int((at - start) / seconds * parts)))
+        slices[part].append(latency)
+    return [latency_summary(latencies)["p99_ms"] for latencies in slices]
+
+
 def status_counts(statuses: Mapping[int, int]) -> dict:
     """Requests, the ones not answered 2xx, and how many got each status."""
     requests = sum(statuses.values())

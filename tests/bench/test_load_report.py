@@ -284,3 +284,21 @@ def test_a_load_with_a_cpu_split_shows_it_beneath_without_a_verdict():
     assert lines[1].what.startswith("dispatch+complete")
     assert verdicts(report) == verdicts(GOOD)
     assert "CPU per request" in table(report)
+
+
+def test_each_open_loops_p99_by_thirds_of_its_window_is_shown_without_a_verdict():
+    report = copy.deepcopy(GOOD)
+    # An older bench.json has no thirds: no row.
+    assert not [row for row in rows(report) if "third" in row.what]
+
+    thirds = {"accounts_50": [9.44, 12.0, 21.3], "accounts_1000": [10.0, None, 15.25], "floor": [3.5, 3.6, 3.7]}
+    for name, p99s in thirds.items():
+        report["open_loop"][name]["p99_by_third_ms"] = p99s
+    (row,) = [row for row in rows(report) if "third" in row.what]
+    assert row.what == "  p99 in the window's first → middle → last third"
+    assert row.value == "9.4 → 12.0 → 21.3 / 10.0 → — → 15.2 / 3.5 → 3.6 → 3.7 ms"
+    assert (row.target, row.verdict) == ("", "")
+    assert verdicts(report) == verdicts(GOOD)
+
+    del report["open_loop"]["floor"]["p99_by_third_ms"]
+    assert not [row for row in rows(report) if "third" in row.what]

@@ -16,6 +16,7 @@ from bench.load.stats import (
     inversions,
     kendall_tau,
     latency_summary,
+    p99_by_part,
     poisson_schedule,
     schedule_split,
 )
@@ -214,3 +215,20 @@ def test_no_cpu_split_unless_every_run_measured_one():
 
 def test_cpu_per_request_needs_requests():
     assert cpu_per_request({"server": 1.0}, 0) is None
+
+
+def test_p99_by_part_slices_the_window_by_scheduled_time():
+    # A window of 30 s from 2 s: the thirds are [2, 12), [12, 22), [22, 32].
+    early = [(2.0 + i * 0.1, 0.010) for i in range(100)]  # 10 ms, first third
+    late = [(22.0 + i * 0.1, 0.030) for i in range(99)] + [(32.0, 0.090)]  # the last third, its end included
+    assert p99_by_part(early + late, seconds=30, start=2.0) == [10.0, None, 30.6]
+    # Arrivals are placed by when they were scheduled, not by list order.
+    assert p99_by_part(late + early, seconds=30, start=2.0) == [10.0, None, 30.6]
+    assert p99_by_part([], seconds=30, start=2.0, parts=2) == [None, None]
+
+
+def test_p99_by_part_refuses_nonsense():
+    with pytest.raises(ValueError):
+        p99_by_part([], seconds=0, start=0)
+    with pytest.raises(ValueError):
+        p99_by_part([], seconds=10, start=0, parts=0)
