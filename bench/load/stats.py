@@ -89,7 +89,9 @@ def crowding(
     return found
 
 
-def p99_by_part(measured: Sequence[tuple[float, float]], *, seconds: float, start: float, parts: int = 3) -> list:
+def p99_by_part(
+    measured: Sequence[tuple[float, float]], *, seconds: float, start: float, parts: int = 3
+) -> list[float | None]:
     """The p99 latency (ms) of the ``measured`` arrivals (scheduled time,
     latency) in each of ``parts`` equal slices of the window from ``start``
     to ``start + seconds``, in order (``None`` for a slice with none).
