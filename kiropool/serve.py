@@ -117,10 +117,15 @@ def main() -> None:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "kiropool.settings")
     from kiropool.secrets_guard import secrets_require_or_exit
 
-    # Refuse with one clear message before anything listens or loads.
+    # Refuse with one clear message before anything listens or loads. This
+    # reads the settings, and with them .env: the variables below see it too.
     secrets_require_or_exit()
+    from django.conf import settings
+
     address, port = bind_parse(os.environ.get("KIROPOOL_BIND") or DEFAULT_BIND)
-    workers, threads = count_read("WEB_CONCURRENCY", 2), count_read("KIROPOOL_THREADS", 32)
+    # The threads' default is the settings' own: the waiters' cap is sized
+    # from it (kiropool/dispatcher_settings.py), so the two cannot drift.
+    workers, threads = count_read("WEB_CONCURRENCY", 2), count_read("KIROPOOL_THREADS", settings.KIROPOOL_THREADS)
     prometheus_dir_prepare()
 
     import kiropool.wsgi  # noqa: F401 - the app, loaded once before the fork (see above)

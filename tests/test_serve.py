@@ -3,7 +3,10 @@ kiropool's WSGI app as deployed."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import threading
 
 import granian.wsgi
@@ -112,3 +115,48 @@ def test_worker_and_thread_counts_are_whole_numbers_of_at_least_one(monkeypatch)
         monkeypatch.setenv("KIROPOOL_THREADS", bad)
         with pytest.raises(SystemExit, match=f"KIROPOOL_THREADS must be a whole number of at least 1, not '{bad}'"):
             serve.count_read("KIROPOOL_THREADS", 32)
+
+
+# The launcher run to the point where granian would start serving: the
+# server class records what it was given instead (the launcher's choices are
+# under test here, not granian).
+LAUNCH_RECORDED = """
+import json, granian
+class Recorded:
+    def __init__(self, target, **options):
+        self.options = options
+    def serve(self):
+        from django.conf import settings
+        print(json.dumps({"threads": self.options["blocking_threads"], "workers": self.options["workers"],
+                          "settings_threads": settings.KIROPOOL_THREADS,
+                          "max_waiters": settings.KIROPOOL_MAX_WAITERS}))
+granian.Granian = Recorded
+from kiropool import serve
+serve.main()
+"""
+
+
+def _launched(tmp_path, **overrides: str) -> dict:
+    env = project_env(tmp_path, **overrides)
+    for name in ("KIROPOOL_THREADS", "WEB_CONCURRENCY", "KIROPOOL_MAX_WAITERS"):
+        if name not in overrides:
+            env.pop(name, None)
+    result = subprocess.run(
+        [sys.executable, "-c", LAUNCH_RECORDED], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_the_server_runs_the_threads_the_waiters_cap_was_sized_for(tmp_path):
+    """A waiting dispatch holds a thread; the cap on waiters leaves a reserve
+    of threads for completions only if the server runs as many threads as
+    the settings assumed, by default too."""
+    launched = _launched(tmp_path)
+    assert launched["threads"] == launched["settings_threads"]
+    assert launched["max_waiters"] < launched["threads"]
+    assert launched["workers"] == 2
+
+    launched = _launched(tmp_path, KIROPOOL_THREADS="12", WEB_CONCURRENCY="3")
+    assert (launched["threads"], launched["settings_threads"], launched["workers"]) == (12, 12, 3)
+    assert launched["max_waiters"] < launched["threads"]
