@@ -176,8 +176,24 @@ else:
     # overprices fetching a row by key. With it, a 50-account key's head read
     # scanned every account of the installation (3,162 in the bench, 1.8 ms)
     # rather than look its 50 up by key (0.2 ms).
-    _options = DATABASES["default"]["OPTIONS"].get("options", "")
-    DATABASES["default"]["OPTIONS"]["options"] = f"-c jit=off -c random_page_cost=1.1 {_options}".strip()
+    #
+    # Generic plans, with prepared statements: a statement is planned once for
+    # any values, not for each run's. The dispatcher's statements are written
+    # for it (routing/selectors/compiled.py): the candidates read planned for
+    # its values took 1.2-1.8 ms to plan and 0.4 ms to run on 10 accounts,
+    # and the claims and the completion settled on their generic plans after
+    # five custom ones anyway. As the connection's own setting it costs
+    # nothing a statement; asked for around each read (a SET and a RESET in
+    # the read's round trip) it cost new-session dispatches an eighth of
+    # their median latency (bench/HISTORY.md). Work that scans big tables
+    # with ranges of values asks for plans made for its values
+    # (routing.pg.plans_for_values: the latency refresh).
+    _options = [
+        "-c jit=off -c random_page_cost=1.1",
+        "-c plan_cache_mode=force_generic_plan" if _prepare_threshold else "",
+        DATABASES["default"]["OPTIONS"].get("options", ""),
+    ]
+    DATABASES["default"]["OPTIONS"]["options"] = " ".join(option for option in _options if option)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- cache and broker ---------------------------------------------------------

@@ -22,7 +22,7 @@ from django.db.models import Count, Exists, F, Model, OuterRef, Q, QuerySet, Sum
 from django.utils import timezone
 
 from accounts.models import Account, KeySlot, RoutingIdentity
-from routing import selection
+from routing import pg, selection
 from routing.backend import backend
 from routing.batches import BATCH, lock_timeout_local
 from routing.latency import SNAPSHOT_WINDOW, SampleGroup, latency_snapshot_build
@@ -63,6 +63,10 @@ def latency_snapshot_refresh(*, now: datetime | None = None) -> LatencySnapshot:
         .values_list("account_id", "proxy_url")
         .annotate(total_ms=Sum("first_token_ms"), samples=Count("*"))
     )
+    with transaction.atomic():
+        if backend.postgres:
+            pg.custom_plans_set()  # the window is most of the table: a scan, not the index
+        groups = list(groups)
     built = latency_snapshot_build(itertools.starmap(SampleGroup, groups), generated_at=now)
     with transaction.atomic():
         snapshot = LatencySnapshot.objects.create(

@@ -15,14 +15,15 @@ same ORM conditions the services use, compiled once:
 A statement answers None (or False) when its case does not apply, and the
 caller then runs the ORM service, which answers every case.
 
-They run as plain statements: psycopg prepares each on its sixth run on a
-connection, and after five plans made for the values PostgreSQL settles on
-one generic plan (a test checks it does). Forcing that plan from the first
-run, as the candidates read does (``compiled.statement_run``), spared a
-fresh connection those ten plannings but cost the steady state a quarter
-of its dispatch rate: alternating closed-loop runs served 358-390
-dispatches and completions a second with the SET and RESET sent around
-each of these statements, and 465-570 without (bench/HISTORY.md).
+They run as plain statements, on the connection's generic plans
+(``plan_cache_mode=force_generic_plan``, kiropool/settings.py): psycopg
+prepares each on its sixth run, and from then on it runs on one plan (a
+test checks it does). Before that setting they settled on that plan by
+themselves, after five plans made for the values. Asking for it around
+each of them instead, with a SET and a RESET, had cost the steady state a
+quarter of its dispatch rate: alternating closed-loop runs served 358-390
+dispatches and completions a second that way, and 465-570 without
+(bench/HISTORY.md).
 """
 
 from __future__ import annotations
@@ -423,6 +424,19 @@ def lock_timeout_set(timeout: str) -> None:
     """Give up on a row lock after ``timeout`` in the current transaction."""
     with connection.cursor() as cursor:
         cursor.execute("SELECT set_config('lock_timeout', %s, true)", [timeout])
+
+
+def custom_plans_set() -> None:
+    """Plan the current transaction's statements for their values.
+
+    kiropool's connections plan a prepared statement once, for any values
+    (kiropool/settings.py): right for the dispatcher's statements, written
+    for it. A statement that reads a range of a big table is better planned
+    for its range: on a generic plan the latency refresh's hour of samples
+    (360,000 rows) was read through the index on their time, in 82-125 ms,
+    against 50 ms for the scan chosen for the hour's values."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT set_config('plan_cache_mode', 'force_custom_plan', true)")
 
 
 # The dispatcher's statements are few and fixed (one per compiled shape), but

@@ -23,6 +23,8 @@ print(json.dumps({
     "lease_ttl": settings.KIROPOOL_LEASE_TTL_SECONDS,
     "hosts": settings.ALLOWED_HOSTS,
     "key_cache": settings.KIROPOOL_KEY_CACHE_SECONDS,
+    "db_options": settings.DATABASES["default"].get("OPTIONS", {}).get("options"),
+    "prepare_threshold": settings.DATABASES["default"].get("OPTIONS", {}).get("prepare_threshold"),
 }))
 """
 
@@ -72,3 +74,20 @@ def test_the_key_cache_is_kept_only_where_other_processes_changes_reach_it():
     assert load(KIROPOOL_KEY_CACHE_SECONDS="2")["key_cache"] == 2
     assert load(DATABASE_URL="postgres://u@db:5432/kp")["key_cache"] == 1
     assert load(DATABASE_URL="postgres://u@db:5432/kp", KIROPOOL_KEY_CACHE_SECONDS="0")["key_cache"] == 0
+
+
+def test_postgresql_connections_plan_prepared_statements_once():
+    """With prepared statements, every statement runs on its generic plan
+    (the dispatcher's are written for it, routing/selectors/compiled.py);
+    without them a generic plan would be planned on every run for nothing,
+    and the setting is left alone. Options in DATABASE_URL come after, so
+    an operator's own choice wins."""
+    url = "postgres://u@db:5432/kp"
+    prepared = load(DATABASE_URL=url)
+    assert prepared["prepare_threshold"] == 5
+    assert prepared["db_options"] == "-c jit=off -c random_page_cost=1.1 -c plan_cache_mode=force_generic_plan"
+    unprepared = load(DATABASE_URL=url, DATABASE_PREPARE_THRESHOLD="0")
+    assert unprepared["prepare_threshold"] is None
+    assert unprepared["db_options"] == "-c jit=off -c random_page_cost=1.1"
+    own = load(DATABASE_URL=f"{url}?options=-c%20plan_cache_mode%3Dauto")
+    assert own["db_options"].endswith("-c plan_cache_mode=force_generic_plan -c plan_cache_mode=auto")

@@ -180,45 +180,35 @@ class CompiledQuery:
 
 def statement_run(sql: str, params, *, generic: bool) -> list[tuple]:
     """Run ``sql`` and return its rows. With ``generic`` (the candidates
-    reads), on PostgreSQL with prepared statements, run it on its generic
-    plan and prepare it on its first run.
+    reads), on PostgreSQL with prepared statements, prepare it on its first
+    run rather than on psycopg's sixth.
 
-    PostgreSQL plans a prepared statement afresh with each run's values
-    until a generic plan (planned once, for any values) looks as cheap; for
-    the candidates read it never did, and planning took 1.2-1.8 ms of a read
-    that runs in 0.4 ms on 10 accounts. So these statements ask for their
-    generic plan, and the read is written so that plan is as good as a fresh
-    one (the group's id in the SQL, a floor under every expiry condition:
-    ``candidates.py``, ``counts.py``). They are prepared on their first run,
-    not on psycopg's sixth: left to psycopg's count and then PostgreSQL's
-    own, each of a fresh connection's first eleven runs of a read planned
-    it, 17-20 ms each on the bench's database. (The claims and the
-    completion settle on a generic plan by themselves, and run without
-    the SET and RESET: ``routing/pg.py`` says what those cost them.)
-    Without prepared statements (``DATABASE_PREPARE_THRESHOLD=0``) a
-    generic plan would be planned on every run too, for nothing: then the
-    statement runs as it is.
+    Such a connection plans every prepared statement once, for any values
+    (``plan_cache_mode=force_generic_plan``, kiropool/settings.py), and the
+    read is written so that plan is as good as a fresh one (the group's id
+    in the SQL, a floor under every expiry condition: ``candidates.py``,
+    ``counts.py``). Planned for each run's values, the read spent 1.2-1.8 ms
+    planning and 0.4 ms running on 10 accounts; left to psycopg's count, each
+    of a fresh connection's first five runs planned it, 17-20 ms each on the
+    bench's database. Without prepared statements
+    (``DATABASE_PREPARE_THRESHOLD=0``) the statement runs as it is, planned
+    on every run.
 
-    The SET, the statement and the RESET go to PostgreSQL together, in one
-    round trip (psycopg's pipeline mode), not one after the other: two waits
-    less. If the statement fails, PostgreSQL skips the RESET, and the
-    statement's error is raised (as Django's, through its error wrapper);
-    the SET is undone with it, because statements sent together without a
-    synchronization point run in one transaction."""
-    if not generic or not prepares():
-        with connection.cursor() as cursor:
+    The generic plan used to be asked for around each read, with a SET and
+    a RESET sent in the read's round trip (psycopg's pipeline mode). As the
+    connection's setting instead, a new session's dispatch answered an
+    eighth sooner at the median, in alternated runs of ``make bench``
+    (bench/HISTORY.md, "Generic plans as the connection's setting")."""
+    with connection.cursor() as cursor:
+        if not generic or not prepares():
             cursor.execute(sql, params)
             return cursor.fetchall()
-    with connection.cursor() as setting, connection.cursor() as cursor:
         client = connection.connection
-        with connection.wrap_database_errors, client.pipeline():
-            setting.execute("SET plan_cache_mode = force_generic_plan")
-            threshold, client.prepare_threshold = client.prepare_threshold, 0
-            try:
-                cursor.execute(sql, params)
-            finally:
-                client.prepare_threshold = threshold
-            setting.execute("RESET plan_cache_mode")
+        threshold, client.prepare_threshold = client.prepare_threshold, 0
+        try:
+            cursor.execute(sql, params)
+        finally:
+            client.prepare_threshold = threshold
         return cursor.fetchall()
 
 
