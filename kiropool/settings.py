@@ -187,7 +187,7 @@ else:
     # the read's round trip) it cost new-session dispatches an eighth of
     # their median latency (bench/HISTORY.md). Work that scans big tables
     # with ranges of values asks for plans made for its values
-    # (routing.pg.plans_for_values: the latency refresh).
+    # (routing.pg.custom_plans: the latency refresh).
     _options = [
         "-c jit=off -c random_page_cost=1.1",
         "-c plan_cache_mode=force_generic_plan" if _prepare_threshold else "",

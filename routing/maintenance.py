@@ -63,10 +63,12 @@ def latency_snapshot_refresh(*, now: datetime | None = None) -> LatencySnapshot:
         .values_list("account_id", "proxy_url")
         .annotate(total_ms=Sum("first_token_ms"), samples=Count("*"))
     )
-    with transaction.atomic():
-        if backend.postgres:
-            pg.custom_plans_set()  # the window is most of the table: a scan, not the index
-        groups = list(groups)
+    with pg.custom_plans():  # the hour is most of the table: a scan, not its index on time
+        return _latency_snapshot_write(list(groups), now=now)
+
+
+def _latency_snapshot_write(groups: list[tuple], *, now: datetime) -> LatencySnapshot:
+    """The snapshot of ``groups`` (account, proxy URL, total, samples), its bands, and the old ones dropped."""
     built = latency_snapshot_build(itertools.starmap(SampleGroup, groups), generated_at=now)
     with transaction.atomic():
         snapshot = LatencySnapshot.objects.create(

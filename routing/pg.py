@@ -28,14 +28,15 @@ dispatches and completions a second that way, and 465-570 without
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
 from django.conf import settings
-from django.db import DEFAULT_DB_ALIAS, connection, connections
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, connection, connections
 from django.db.models import Model
 
 from accounts.models import ApiKey, KeySlot, RoutingIdentity
@@ -426,17 +427,38 @@ def lock_timeout_set(timeout: str) -> None:
         cursor.execute("SELECT set_config('lock_timeout', %s, true)", [timeout])
 
 
-def custom_plans_set() -> None:
-    """Plan the current transaction's statements for their values.
+@contextlib.contextmanager
+def custom_plans() -> Iterator[None]:
+    """Plan the statements run inside for their values (nothing off PostgreSQL).
 
     kiropool's connections plan a prepared statement once, for any values
     (kiropool/settings.py): right for the dispatcher's statements, written
-    for it. A statement that reads a range of a big table is better planned
-    for its range: on a generic plan the latency refresh's hour of samples
-    (360,000 rows) was read through the index on their time, in 82-125 ms,
-    against 50 ms for the scan chosen for the hour's values."""
+    for it. Work that reads ranges of big tables, run once a minute, is
+    better planned for its values: on a generic plan the latency refresh
+    read its hour of samples (360,000 rows, most of the table) through the
+    index on their time, in 82-125 ms, against 50 ms for the scan planned
+    for the hour's values.
+
+    Outside a transaction the setting lasts until the block ends, even when
+    it ends in an error (the block's own error is the one raised). In a
+    transaction it is the transaction's, and ends with it."""
+    if connection.vendor != "postgresql":
+        yield
+        return
+    local = connection.in_atomic_block
     with connection.cursor() as cursor:
-        cursor.execute("SELECT set_config('plan_cache_mode', 'force_custom_plan', true)")
+        cursor.execute("SELECT set_config('plan_cache_mode', 'force_custom_plan', %s)", [local])
+    if local:
+        yield
+        return
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(DatabaseError), connection.cursor() as cursor:
+            cursor.execute("RESET plan_cache_mode")
+        raise
+    with connection.cursor() as cursor:
+        cursor.execute("RESET plan_cache_mode")
 
 
 # The dispatcher's statements are few and fixed (one per compiled shape), but

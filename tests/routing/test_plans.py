@@ -197,40 +197,52 @@ def test_a_failed_read_raises_its_own_error_and_prepares_as_before(postgres_only
     assert len(query.fetch(values)) == 3
 
 
+def _plan_mode() -> str:
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW plan_cache_mode")
+        return cursor.fetchone()[0]
+
+
 @pytest.mark.django_db(transaction=True)
-def test_the_latency_refresh_plans_its_window_for_its_values(postgres_only):
+def test_the_latency_refresh_plans_its_statements_for_their_values(postgres_only):
     """On the connection's generic plan, the refresh read its hour of
     samples (most of the table) through the index on their time: 82-125 ms
     for 360,000 rows, against 50 ms for the scan planned for the hour's
-    values. The aggregate runs in a transaction that asks for plans made for
-    its values; the connection's setting is back once it ends."""
+    values. The whole refresh asks for plans made for its values, and the
+    connection's setting is back once it is done."""
     from routing.maintenance import latency_snapshot_refresh
 
     with CaptureQueriesContext(connection) as ctx:
         latency_snapshot_refresh()
     sql = [q["sql"] for q in ctx.captured_queries]
     (aggregate,) = [i for i, q in enumerate(sql) if 'FROM "routing_latencysample"' in q and "SUM(" in q]
-    asked = [i for i, q in enumerate(sql) if "force_custom_plan" in q]
-    assert asked and asked[-1] < aggregate, sql[: aggregate + 1]
-    with connection.cursor() as cursor:
-        cursor.execute("SHOW plan_cache_mode")
-        assert cursor.fetchone() == ("force_generic_plan",)
+    assert "force_custom_plan" in sql[0], sql[0]
+    assert sql[-1] == "RESET plan_cache_mode"
+    assert 0 < aggregate < len(sql) - 1
+    assert _plan_mode() == "force_generic_plan"
 
 
 @pytest.mark.django_db(transaction=True)
-def test_custom_plans_last_as_long_as_the_transaction(postgres_only):
-    """``custom_plans_set`` changes the current transaction's setting only."""
+def test_custom_plans_end_with_their_block_even_in_an_error(postgres_only):
     from routing import pg
 
-    def mode() -> str:
-        with connection.cursor() as cursor:
-            cursor.execute("SHOW plan_cache_mode")
-            return cursor.fetchone()[0]
+    with pg.custom_plans():
+        assert _plan_mode() == "force_custom_plan"
+    assert _plan_mode() == "force_generic_plan"
+    with pytest.raises(DataError, match="invalid input syntax"), pg.custom_plans(), connection.cursor() as cursor:
+        cursor.execute("SELECT %s::timestamptz", ["not a time"])
+    assert _plan_mode() == "force_generic_plan"
+
+
+def test_custom_plans_in_a_transaction_last_as_long_as_it(postgres_only):
+    from routing import pg
 
     with transaction.atomic():
-        pg.custom_plans_set()
-        assert mode() == "force_custom_plan"
-    assert mode() == "force_generic_plan"
+        with pg.custom_plans():
+            assert _plan_mode() == "force_custom_plan"
+        assert _plan_mode() == "force_custom_plan"  # the transaction's: nothing is sent to end it early
+    # The test's own transaction is still open: a savepoint's release keeps it.
+    assert _plan_mode() == "force_custom_plan"
 
 
 def test_a_small_groups_generic_plan_knows_the_group_is_small(postgres_only):
