@@ -184,8 +184,8 @@ else:
     # and the claims and the completion settled on their generic plans after
     # five custom ones anyway. As the connection's own setting it costs
     # nothing a statement; asked for around each read (a SET and a RESET in
-    # the read's round trip) it cost new-session dispatches an eighth of
-    # their median latency (bench/HISTORY.md). Work that scans big tables
+    # the read's round trip) it cost new-session dispatches a tenth of
+    # their median latency and a quarter of their p99 (bench/HISTORY.md). Work that scans big tables
     # with ranges of values asks for plans made for its values
     # (routing.pg.custom_plans: the latency refresh).
     _options = [

@@ -196,8 +196,8 @@ def statement_run(sql: str, params, *, generic: bool) -> list[tuple]:
 
     The generic plan used to be asked for around each read, with a SET and
     a RESET sent in the read's round trip (psycopg's pipeline mode). As the
-    connection's setting instead, a new session's dispatch answered an
-    eighth sooner at the median, in alternated runs of ``make bench``
+    connection's setting instead, a new session's dispatch answered a tenth
+    sooner at the median, in four alternated pairs of ``make bench`` runs
     (bench/HISTORY.md, "Generic plans as the connection's setting")."""
     with connection.cursor() as cursor:
         if not generic or not prepares():

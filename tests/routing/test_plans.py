@@ -136,8 +136,8 @@ def test_the_head_read_runs_on_a_generic_plan_planned_once(postgres_only):
     """Planned afresh on every run, the read spent 1.2-1.8 ms planning and
     0.4 ms running on 10 accounts. The connection plans prepared statements
     once, for any values; the read is prepared on its first run and sends
-    nothing with it (a SET and RESET around each read cost new sessions an
-    eighth of their median latency)."""
+    nothing with it (a SET and RESET around each read cost new sessions a
+    tenth of their median latency)."""
     query, values = head_read(_pool_key())
     with CaptureQueriesContext(connection) as ctx:
         for _ in range(8):
