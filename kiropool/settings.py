@@ -184,10 +184,10 @@ else:
     # and the claims and the completion settled on their generic plans after
     # five custom ones anyway. As the connection's own setting it costs
     # nothing a statement; asked for around each read (a SET and a RESET in
-    # the read's round trip) it cost new-session dispatches a tenth of
-    # their median latency and a quarter of their p99 (bench/HISTORY.md). Work that scans big tables
-    # with ranges of values asks for plans made for its values
-    # (routing.pg.custom_plans: the latency refresh).
+    # the read's round trip) it cost new-session dispatches a tenth of their
+    # median latency and a quarter of their p99 (bench/HISTORY.md). Work
+    # that scans big tables by ranges of values asks for plans made for its
+    # values (routing.pg.custom_plans: the latency refresh).
     _options = [
         "-c jit=off -c random_page_cost=1.1",
         "-c plan_cache_mode=force_generic_plan" if _prepare_threshold else "",

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from django.conf import settings
-from django.db import DEFAULT_DB_ALIAS, DatabaseError, connection, connections
+from django.db import DEFAULT_DB_ALIAS, Error, connection, connections
 from django.db.models import Model
 
 from accounts.models import ApiKey, KeySlot, RoutingIdentity
@@ -454,7 +454,7 @@ def custom_plans() -> Iterator[None]:
     try:
         yield
     except BaseException:
-        with contextlib.suppress(DatabaseError), connection.cursor() as cursor:
+        with contextlib.suppress(Error), connection.cursor() as cursor:
             cursor.execute("RESET plan_cache_mode")
         raise
     with connection.cursor() as cursor:

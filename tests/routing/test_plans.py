@@ -234,6 +234,19 @@ def test_custom_plans_end_with_their_block_even_in_an_error(postgres_only):
     assert _plan_mode() == "force_generic_plan"
 
 
+@pytest.mark.django_db(transaction=True)
+def test_custom_plans_raise_the_blocks_own_error_when_the_connection_is_gone(postgres_only):
+    """A block that ends in an error on a connection that broke under it
+    raises its own error, not the failed reset's."""
+    from routing import pg
+
+    with pytest.raises(ValueError, match="the block's own"), pg.custom_plans():
+        connection.connection.close()
+        raise ValueError("the block's own error")
+    connection.close()  # the broken connection is dropped; the next statement opens a fresh one
+    assert _plan_mode() == "force_generic_plan"
+
+
 def test_custom_plans_in_a_transaction_last_as_long_as_it(postgres_only):
     from routing import pg
 
