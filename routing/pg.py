@@ -41,6 +41,7 @@ from django.db.models import Model
 
 from accounts.models import ApiKey, KeySlot, RoutingIdentity
 from routing import wakeups
+from routing.backend import backend
 from routing.dispatch import CandidateRow
 from routing.models import LatencySample, Lease, LeaseOutcome, SessionBinding
 from routing.selectors import candidates, rules
@@ -442,7 +443,7 @@ def custom_plans() -> Iterator[None]:
     Outside a transaction the setting lasts until the block ends, even when
     it ends in an error (the block's own error is the one raised). In a
     transaction it is the transaction's, and ends with it."""
-    if connection.vendor != "postgresql":
+    if not backend.postgres:
         yield
         return
     local = connection.in_atomic_block
