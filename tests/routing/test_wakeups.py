@@ -86,7 +86,9 @@ def test_waiting_dispatch_wakes_when_another_process_releases():
     gw = Gateway(key.plaintext)
     held = gw.dispatch().json()["lease_id"]
     _, lag = dispatch_while_released(gw, key, held, max_wait_ms=30_000)
-    assert lag < 0.5  # woken by the other process's release, promptly, not by the wait budget
+    # Woken by the other process's release (a few ms; slack 1 s for a busy
+    # machine), not by the 30 s budget.
+    assert lag < 1.0
 
 
 def test_waiting_dispatch_wakes_when_a_cooldown_set_by_another_process_ends():
