@@ -16,7 +16,7 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from accounts.models import Account, AccountGroup, ApiKey, RoutingIdentity
-from routing import slots
+from routing import pg, slots
 from routing.backend import backend
 from routing.models import Lease, SessionBinding
 from routing.pools import bindings_seed, pool_seed, uniform_pool
@@ -222,8 +222,6 @@ def test_the_latency_refresh_plans_its_statements_for_their_values(postgres_only
 
 @pytest.mark.django_db(transaction=True)
 def test_custom_plans_end_with_their_block_even_in_an_error(postgres_only):
-    from routing import pg
-
     with pg.custom_plans():
         assert _plan_mode() == "force_custom_plan"
     assert _plan_mode() == "force_generic_plan"
@@ -236,8 +234,6 @@ def test_custom_plans_end_with_their_block_even_in_an_error(postgres_only):
 def test_custom_plans_raise_the_blocks_own_error_when_the_connection_is_gone(postgres_only):
     """A block that ends in an error on a connection that broke under it
     raises its own error, not the failed reset's."""
-    from routing import pg
-
     with pytest.raises(ValueError, match="the block's own"), pg.custom_plans():
         connection.connection.close()
         raise ValueError("the block's own error")
@@ -246,8 +242,6 @@ def test_custom_plans_raise_the_blocks_own_error_when_the_connection_is_gone(pos
 
 
 def test_custom_plans_in_a_transaction_last_as_long_as_it(postgres_only):
-    from routing import pg
-
     with transaction.atomic():
         with pg.custom_plans():
             assert _plan_mode() == "force_custom_plan"
