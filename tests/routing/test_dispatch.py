@@ -9,7 +9,7 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from accounts.models import Account, ApiKey, RoutingIdentity
-from routing.models import LatencySample, Lease, SessionBinding
+from routing.models import LatencySample, Lease, SessionBinding, StickyOutcome
 from tests.factories import (
     AccountFactory,
     AccountGroupFactory,
@@ -184,6 +184,11 @@ def test_sticky_skipped_when_bound_account_is_excluded_or_disabled(gw, key):
     assert gw.cycle(session_id="conv", exclude_accounts=["bound"]) == "other"
     Account.objects.filter(pk=bound.pk).update(enabled=False)
     assert gw.cycle(session_id="conv") == "other"
+    # Bound to an account that is not a candidate: still a sticky session, moved.
+    bind(key, "conv-2", bound)
+    response = gw.dispatch(session_id="conv-2").json()
+    assert (response["account"]["name"], response["session"]) == ("other", "sticky")
+    assert Lease.objects.get(pk=response["lease_id"]).sticky == StickyOutcome.MOVED
 
 
 def test_new_session_goes_to_least_bound_identity_even_when_slower(gw, key):
