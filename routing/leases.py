@@ -101,6 +101,10 @@ def _walk(
                             break
             if yielded:
                 continue
+            if ready and bound is None and head.bound_account_id is not None:
+                # Bound to an account that is no candidate (disabled, or out
+                # of the key's group): the lease names the one it moves from.
+                bound = key_accounts.account_name(account_id=head.bound_account_id)
             for row in ready:
                 if row.identity_id in claims.skipped or not claims.take(row.identity_id):
                     # Another attempt of the key here is (or was, as this head

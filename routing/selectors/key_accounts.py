@@ -71,6 +71,10 @@ def every_account_excluded(*, key: ApiKey, request: DispatchRequest) -> bool:
     return accounts.exists() and not accounts.exclude(name__in=request.exclude_accounts).exists()
 
 
+def account_name(*, account_id: int) -> str | None:
+    return Account.objects.filter(pk=account_id).values_list("name", flat=True).first()
+
+
 def account_credentials(*, account_id: int):
     """The account's upstream secrets, decrypted into the redacting
     ``SecretDict`` (accounts/fields.py). Only the dispatch response of a key

@@ -188,7 +188,21 @@ def test_sticky_skipped_when_bound_account_is_excluded_or_disabled(gw, key):
     bind(key, "conv-2", bound)
     response = gw.dispatch(session_id="conv-2").json()
     assert (response["account"]["name"], response["session"]) == ("other", "sticky")
-    assert Lease.objects.get(pk=response["lease_id"]).sticky == StickyOutcome.MOVED
+    lease = Lease.objects.get(pk=response["lease_id"])
+    assert (lease.sticky, lease.moved_from) == (StickyOutcome.MOVED, "bound")
+
+
+def test_a_session_bound_outside_the_keys_group_moves_and_names_its_account():
+    """The key's group changed under a live binding: the bound account is no
+    candidate, and the session is still sticky, moved from it."""
+    outside = AccountFactory(name="outside")
+    inside = AccountFactory(name="inside")
+    grouped = ApiKeyFactory(account_group=AccountGroupFactory(accounts=[inside]))
+    bind(grouped, "conv", outside)
+    response = Gateway(grouped.plaintext).dispatch(session_id="conv").json()
+    assert (response["account"]["name"], response["session"]) == ("inside", "sticky")
+    lease = Lease.objects.get(pk=response["lease_id"])
+    assert (lease.sticky, lease.moved_from) == (StickyOutcome.MOVED, "outside")
 
 
 def test_new_session_goes_to_least_bound_identity_even_when_slower(gw, key):
