@@ -107,9 +107,10 @@ def sticky_fast_path_ok(c: Candidate, ctx: SelectionContext) -> bool:
 def sticky_patience_applies(c: Candidate, ctx: SelectionContext) -> bool:
     """Whether a returning turn should wait for its bound account rather than
     move: the account is only crowded (its identity at its limit or pacing),
-    not cooling, ejected, or behind a cooling proxy. Moving costs the
-    conversation its upstream prompt cache; a moment's crowding should not."""
-    if ctx.preferred_accounts or cooldown_remaining(c.proxy_cooldown_until, ctx.now) is not None:
+    not cooling, ejected, exhausted (a row read only for its quota's probe)
+    or behind a cooling proxy. Moving costs the conversation its upstream
+    prompt cache; a moment's crowding should not."""
+    if ctx.preferred_accounts or c.quota_probe or cooldown_remaining(c.proxy_cooldown_until, ctx.now) is not None:
         return False
     return throttle_state(c, ctx.now, slow_start=ctx.slow_start, reserved=False) in ("saturated", "pacing")
 

@@ -375,6 +375,28 @@ def test_a_returning_turn_whose_account_cools_down_moves_without_waiting(gw, key
     assert (lease.sticky, lease.moved_from) == (StickyOutcome.MOVED, "bound")
 
 
+def test_a_returning_turn_whose_account_is_exhausted_moves_without_waiting(gw):
+    """Its quota's probe is due, so its row is read (for the probe), and its
+    identity is full: an exhausted account is not waited for, however busy."""
+    key = ApiKeyFactory(sticky_patience_ms=4000)
+    bound = AccountFactory(
+        name="bound",
+        identity__max_concurrency=1,
+        quota_exhausted=True,
+        quota_next_probe_at=timezone.now() - timedelta(seconds=1),
+    )
+    AccountFactory(name="alias", identity=bound.identity)
+    AccountFactory(name="elsewhere")
+    holder = Gateway(ApiKeyFactory().plaintext)
+    assert holder.dispatch(exclude_accounts=["elsewhere", "bound"]).json()["account"]["name"] == "alias"
+    SessionBindingFactory(api_key=key, account=bound, session_id="conv")
+    response = Gateway(key.plaintext).dispatch(session_id="conv", max_wait_ms=8000).json()
+    assert (response["account"]["name"], response["waited_ms"]) == ("elsewhere", 0)
+    lease = Lease.objects.get(pk=response["lease_id"])
+    assert (lease.sticky, lease.moved_from) == (StickyOutcome.MOVED, "bound")
+    assert RoutingIdentity.objects.get(pk=bound.identity_id).sticky_waiters == 0  # no slot was held for it
+
+
 def test_a_waiting_dispatch_takes_the_slot_a_slow_start_step_adds(gw, settings):
     # Back from an ejection 1.5 s ago, ramping 1 → 3 slots over 4 s: one slot
     # now, two from 2 s after the return. Nothing is released in between, so

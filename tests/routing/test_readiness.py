@@ -15,6 +15,7 @@ from routing.readiness import (
     retry_after_seconds,
     slow_start_step_at,
     sticky_fast_path_ok,
+    sticky_patience_applies,
     throttle_state,
 )
 from tests.routing.policy import NOW, cand, ctx
@@ -159,6 +160,32 @@ def test_retry_after_seconds(remaining: timedelta, expected: int) -> None:
 )
 def test_sticky_fast_path_ok(fields: dict[str, object], context_fields: dict[str, object], ok: bool) -> None:
     assert sticky_fast_path_ok(cand("a", **fields), ctx(**context_fields)) is ok
+
+
+@pytest.mark.parametrize(
+    ("fields", "context_fields", "waits"),
+    [
+        pytest.param({}, {}, False, id="ready: served at once, nothing to wait for"),
+        pytest.param({"in_flight": 1}, {}, True, id="saturated"),
+        pytest.param({"last_started_at": NOW, "min_start_interval_ms": 1000}, {}, True, id="pacing"),
+        pytest.param(
+            {"in_flight": 1, "identity_cooldown_until": NOW + timedelta(seconds=5)}, {}, False, id="identity-cooling"
+        ),
+        pytest.param({"in_flight": 1, "ejected_until": NOW + timedelta(seconds=5)}, {}, False, id="ejected"),
+        pytest.param(
+            {"in_flight": 1, "proxy_url": "http://p", "proxy_cooldown_until": NOW + timedelta(seconds=5)},
+            {},
+            False,
+            id="proxy-cooling",
+        ),
+        pytest.param({"in_flight": 1, "quota_probe": True}, {}, False, id="exhausted, read for its probe"),
+        pytest.param({"in_flight": 1}, {"preferred_accounts": frozenset({"a"})}, False, id="model-preference"),
+    ],
+)
+def test_sticky_patience_waits_only_for_a_crowded_account(
+    fields: dict[str, object], context_fields: dict[str, object], waits: bool
+) -> None:
+    assert sticky_patience_applies(cand("a", **fields), ctx(**context_fields)) is waits
 
 
 def test_a_slow_start_step_is_when_a_full_ramping_identity_may_start_again() -> None:
