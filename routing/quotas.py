@@ -102,10 +102,14 @@ def account_report(
             created_at=now,
         )
     # At or below its minimum it stops being handed out; without a reset
-    # time it gets a probe later, like an exhausted account.
-    Account.objects.filter(
-        pk=account_id, min_remaining_credits__gte=remaining_credits, quota_next_probe_at__isnull=True
-    ).update(quota_next_probe_at=_next_probe(now))
+    # time it gets a probe later, like an exhausted account. A probe time
+    # already past is one left from an earlier spell (the balance came back
+    # since, reported or set by an operator): the wait starts now. One to
+    # come is kept: the probe taken, or another lease's report, started it.
+    no_probe_to_come = Q(quota_next_probe_at__isnull=True) | Q(quota_next_probe_at__lte=now)
+    Account.objects.filter(no_probe_to_come, pk=account_id, min_remaining_credits__gte=remaining_credits).update(
+        quota_next_probe_at=_next_probe(now)
+    )
 
 
 def quota_resets_apply(*, now: datetime | None = None) -> int:

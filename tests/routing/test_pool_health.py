@@ -61,6 +61,25 @@ def test_a_reported_empty_balance_takes_the_account_out_and_a_positive_one_bring
     assert gw.cycle() == "only"
 
 
+def test_an_empty_balance_reported_again_later_waits_a_whole_probe_interval(gw, settings):
+    """The account went empty, its probe brought it back with a positive
+    balance, and later it reports an empty one again: the probe time left
+    from the first spell is long past, and the wait starts anew."""
+    settings.KIROPOOL_QUOTA_PROBE_SECONDS = 600
+    AccountFactory(name="only")
+    gw.complete(gw.dispatch().json()["lease_id"], outcome="success", remaining_credits=0)
+    Account.objects.update(quota_next_probe_at=timezone.now() - timedelta(seconds=1))
+    probe = gw.dispatch(max_wait_ms=0).json()["lease_id"]
+    assert Lease.objects.get(pk=probe).quota_probe
+    gw.complete(probe, outcome="success", remaining_credits=50)
+    assert gw.cycle() == "only"
+    # The probe time the probe set is past by the time the balance runs out again.
+    Account.objects.update(quota_next_probe_at=timezone.now() - timedelta(minutes=5))
+    gw.complete(gw.dispatch().json()["lease_id"], outcome="success", remaining_credits=0)
+    assert gw.dispatch(max_wait_ms=0).status_code == 503  # no probe at once
+    assert Account.objects.get().quota_next_probe_at > timezone.now() + timedelta(minutes=9)
+
+
 def test_the_dashboard_counts_accounts_without_credits_apart(staff_client):
     AccountFactory(name="empty", remaining_credits=0)
     AccountFactory(name="fine", remaining_credits=10)
