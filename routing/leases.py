@@ -123,14 +123,14 @@ def _walk(
             continue
         if len(ready) == HEAD_ROWS:
             continue  # every row of the head was taken a moment before us: read again
-        if not head.rows:
+        everyone = reads.read(**read, snapshot=None, spread=False).rows if head.rows else []
+        candidates = [row for row in everyone if not row.excluded]
+        if not candidates:
+            # Every candidate excluded, or none at all: the request excluded
+            # every enabled account (502), or some it did not are spent (503).
             if key_accounts.every_account_excluded(key=key, request=request):
                 raise AllAccountsFailed()
             raise NoUsableAccount()
-        everyone = reads.read(**read, snapshot=None, spread=False).rows
-        candidates = [row for row in everyone if not row.excluded]
-        if not candidates:
-            raise AllAccountsFailed()
         miss = readiness.miss_of([row.candidate for row in candidates], now, slow_start=_slow_start())
         if not miss.locally_throttled:
             if miss.shortest_cooldown is not None:

@@ -528,6 +528,15 @@ def test_502_when_the_excluded_accounts_are_also_exhausted(gw):
     assert error_of(gw.dispatch(exclude_accounts=["spent"])) == (503, "api_error")
 
 
+def test_503_when_a_healthy_account_is_excluded_and_the_one_left_is_spent(gw):
+    """The read finds the excluded account, and nothing else it may hand
+    out; an enabled account the request did not exclude is exhausted."""
+    AccountFactory(name="healthy")
+    AccountFactory(name="spent", quota_exhausted=True)
+    assert error_of(gw.dispatch(exclude_accounts=["healthy"])) == (503, "api_error")
+    assert error_of(gw.dispatch(exclude_accounts=["healthy", "spent"])) == (502, "api_error")
+
+
 def test_503_when_no_usable_account(gw):
     response = gw.dispatch()
     assert error_of(response) == (503, "api_error")
