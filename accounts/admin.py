@@ -189,11 +189,13 @@ class AccountAdmin(PoolImportExportMixin, PoolModelAdmin):
 
     @admin.action(description="Enable selected accounts", permissions=["change"])
     def enable(self, request, queryset):
-        self.message_user(request, f"Enabled {queryset.update(enabled=True)} accounts.", messages.SUCCESS)
+        count = services.account_enabled_set(accounts=queryset, enabled=True)
+        self.message_user(request, f"Enabled {count} accounts.", messages.SUCCESS)
 
     @admin.action(description="Disable selected accounts", permissions=["change"])
     def disable(self, request, queryset):
-        self.message_user(request, f"Disabled {queryset.update(enabled=False)} accounts.", messages.SUCCESS)
+        count = services.account_enabled_set(accounts=queryset, enabled=False)
+        self.message_user(request, f"Disabled {count} accounts.", messages.SUCCESS)
 
     @admin.action(description="Reset quota of selected accounts", permissions=["change"])
     def reset_quota(self, request, queryset):

@@ -21,6 +21,17 @@ def api_key_create(**fields) -> tuple[ApiKey, str]:
     return key, plaintext
 
 
+def account_enabled_set(*, accounts, enabled: bool) -> int:
+    """Enable or disable accounts in bulk (the admin's actions). An update
+    of a queryset sends no ``post_save``, so the enabling says itself that
+    the pool changed: a dispatch waiting for a slot may take one of them."""
+    with transaction.atomic():
+        count = accounts.update(enabled=enabled)
+        if count and enabled:
+            pool_changed.send(sender=Account)
+    return count
+
+
 def account_quota_reset(*, accounts) -> int:
     """Put quota-exhausted accounts back into selection."""
     now = timezone.now()

@@ -13,6 +13,7 @@ import psycopg
 import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
+from django.urls import reverse
 from django.utils import timezone
 
 from accounts import services
@@ -389,6 +390,29 @@ def test_an_operator_adding_an_account_to_a_keys_group_wakes_its_waiting_dispatc
     assert results["waiter"].status_code == 200
     assert results["waiter"].json()["account"]["name"] == "free"
     assert results["waiter_at"] - added_at < 1.0  # slack 1 s for a busy machine; the budget is 20 s
+
+
+def test_an_operator_enabling_an_account_in_the_admin_wakes_waiting_dispatches(staff_client):
+    """The only enabled account is full, and a dispatch waits. An operator
+    enables a second account with the admin's bulk action (an update of the
+    queryset, which sends no post_save): the dispatch takes it at once, not
+    at the end of its 20 s budget."""
+    AccountFactory(name="full", identity=RoutingIdentityFactory(max_concurrency=1))
+    off = AccountFactory(name="off", enabled=False)
+    key = ApiKeyFactory()
+    assert Gateway(key.plaintext).dispatch().status_code == 200
+    _listening()
+    results: dict = {}
+    waiter = _waiting_on(key, results)
+    page = staff_client.post(
+        reverse("admin:accounts_account_changelist"), {"action": "enable", "_selected_action": [off.pk]}
+    )
+    assert page.status_code == 302
+    enabled_at = time.monotonic()
+    waiter.join(30)
+    assert results["waiter"].status_code == 200
+    assert results["waiter"].json()["account"]["name"] == "off"
+    assert results["waiter_at"] - enabled_at < 1.0  # slack 1 s for a busy machine; the budget is 20 s
 
 
 def test_an_operator_clearing_a_cooldown_wakes_waiting_dispatches():
