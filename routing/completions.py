@@ -94,6 +94,7 @@ def _lease_complete(*, key: ApiKey, lease_id: uuid.UUID, completion: Completion)
             "session_id",
             "key_slot_id",
             "quota_probe",
+            "started_at",
         )
         .first()
     )
@@ -154,21 +155,26 @@ def _identity_release(*, lease: Lease, completion: Completion, now: datetime) ->
     elif outcome == LeaseOutcome.SUCCESS:
         changes.update(failure_streak=0, ejections=0)
     elif outcome in FAILURES:
-        changes.update(_failure_record(identity_id=lease.identity_id, completion=completion, now=now))
+        changes.update(_failure_record(lease=lease, completion=completion, now=now))
     RoutingIdentity.objects.filter(pk=lease.identity_id).update(**changes)
     return cooldown
 
 
-def _failure_record(*, identity_id: int, completion: Completion, now: datetime) -> dict:
+def _failure_record(*, lease: Lease, completion: Completion, now: datetime) -> dict:
     """One more failure in a row; at ``KIROPOOL_EJECTION_FAILURES`` the
-    identity is ejected for ``base · 2^(ejections in a row)``, capped. Failures
-    of leases that were out while it is ejected do not eject it again."""
+    identity is ejected for ``base · 2^(ejections in a row)``, capped.
+    Failures of leases that were already out when it was last ejected count
+    for nothing, whether they end during the ejection or after it: they
+    tell of the trouble that ejected it, not of the identity since."""
+    identity_id = lease.identity_id
     identity = (
         RoutingIdentity.objects.select_for_update()
         .only("failure_streak", "ejections", "ejected_until")
         .get(pk=identity_id)
     )
     if identity.ejected_until is not None and identity.ejected_until > now:
+        return {}
+    if identity.ejected_until is not None and _ejected_since(identity_id=identity_id, started_at=lease.started_at):
         return {}
     streak = identity.failure_streak + 1
     if streak < settings.KIROPOOL_EJECTION_FAILURES:
@@ -186,6 +192,13 @@ def _failure_record(*, identity_id: int, completion: Completion, now: datetime) 
     )
     transaction.on_commit(metrics.ejection_observe)
     return {"failure_streak": 0, "ejections": identity.ejections + 1, "ejected_until": until}
+
+
+def _ejected_since(*, identity_id: int, started_at: datetime) -> bool:
+    """Whether the identity was ejected after ``started_at`` (its ejections'
+    events outlive any lease: they are kept for the history's retention)."""
+    ejections = CooldownEvent.objects.filter(identity_id=identity_id, kind=CooldownKind.EJECTED)
+    return ejections.filter(created_at__gt=started_at).exists()
 
 
 def _account_effects(*, key: ApiKey, lease: Lease, completion: Completion, now: datetime, cooldown) -> bool:

@@ -195,6 +195,29 @@ def test_an_identity_failing_every_time_is_ejected_and_the_time_doubles(gw, sett
     assert identity.ejections == 3
 
 
+def test_failures_of_leases_out_at_an_ejection_do_not_eject_again_even_after_it(gw, settings):
+    """Six leases out; three fail and eject the identity. The ejection ends,
+    then the other three fail: they were out when it was ejected, so they
+    count for nothing. Three failures of leases started since do."""
+    settings.KIROPOOL_EJECTION_FAILURES = 3
+    AccountFactory(name="broken", identity__max_concurrency=6)
+    AccountFactory(name="fine")
+    leases = [gw.dispatch(exclude_accounts=["fine"]).json()["lease_id"] for _ in range(6)]
+    for lease in leases[:3]:
+        assert gw.complete(lease, outcome="retry_next").status_code == 200
+    identity = RoutingIdentity.objects.get(name=Account.objects.get(name="broken").identity.name)
+    assert identity.ejections == 1
+    RoutingIdentity.objects.filter(pk=identity.pk).update(ejected_until=timezone.now() - timedelta(seconds=1))
+    for lease in leases[3:]:
+        assert gw.complete(lease, outcome="retry_next").status_code == 200
+    identity.refresh_from_db()
+    assert (identity.ejections, identity.failure_streak) == (1, 0)
+    assert identity.ejected_until < timezone.now()
+    fail(gw, 3, exclude_accounts=["fine"])
+    identity.refresh_from_db()
+    assert identity.ejections == 2 and identity.ejected_until > timezone.now()
+
+
 def test_a_success_ends_the_failure_streak(gw, settings):
     settings.KIROPOOL_EJECTION_FAILURES = 3
     AccountFactory(name="flaky")
