@@ -205,6 +205,8 @@ def _account_effects(*, key: ApiKey, lease: Lease, completion: Completion, now: 
     """What the outcome says of the account (and its proxy, its session).
     Returns whether the session was bound."""
     outcome = completion.outcome
+    if completion.remaining_credits is not None or outcome == LeaseOutcome.QUOTA_EXHAUSTED:
+        quotas.identity_reset_before(identity_id=lease.identity_id, started_at=lease.started_at, now=now)
     quotas.account_report(
         identity_id=lease.identity_id,
         account_id=lease.account_id,

@@ -117,9 +117,24 @@ def quota_resets_apply(*, now: datetime | None = None) -> int:
     (every alias of its identity), and record it. Returns how many accounts."""
     now = now or timezone.now()
     identities = set(Account.objects.filter(quota_resets_at__lte=now).values_list("identity_id", flat=True).distinct())
-    total = 0
-    for identity_id in sorted(identities):
-        with transaction.atomic():
-            total += identity_quota_restore(identity_id=identity_id, reason="the quota reset time came", now=now)
-            Account.objects.filter(identity_id=identity_id, quota_resets_at__lte=now).update(quota_resets_at=None)
-    return total
+    return sum(_identity_reset(identity_id=identity_id, now=now) for identity_id in sorted(identities))
+
+
+def identity_reset_before(*, identity_id: int, started_at: datetime, now: datetime) -> int:
+    """Before a completion's quota report: apply the identity's reset now if
+    its time came before the lease started. The report then tells of the
+    quota since the reset, and lands on it: an exhaustion or an empty
+    balance takes the accounts out again (the read lets every account of a
+    passed reset time in, and the periodic task would have cleared the
+    report with the reset). A reset that came while the lease was out is
+    left to the periodic task: the report may tell of the quota before it."""
+    if not Account.objects.filter(identity_id=identity_id, quota_resets_at__lte=started_at).exists():
+        return 0
+    return _identity_reset(identity_id=identity_id, now=now)
+
+
+def _identity_reset(*, identity_id: int, now: datetime) -> int:
+    with transaction.atomic():
+        restored = identity_quota_restore(identity_id=identity_id, reason="the quota reset time came", now=now)
+        Account.objects.filter(identity_id=identity_id, quota_resets_at__lte=now).update(quota_resets_at=None)
+    return restored

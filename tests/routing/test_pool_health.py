@@ -112,6 +112,38 @@ def test_an_exhausted_account_returns_at_its_reset_time_with_every_alias(gw, key
     assert events.count() == 2 and {e.reason for e in events} == {"the quota reset time came"}
 
 
+@pytest.mark.parametrize("report", [{"outcome": "quota_exhausted"}, {"outcome": "success", "remaining_credits": 0}])
+def test_a_quota_spent_again_after_its_reset_takes_the_account_out(gw, report):
+    """The reset time came, the read let the account in at once, and a
+    lease started since reports the quota spent again (the periodic task
+    has not run yet): the reset is applied first, and the report takes the
+    account out until its probe, instead of the passed reset time letting
+    it in and the task clearing the report."""
+    AccountFactory(name="a", quota_exhausted=True, quota_resets_at=timezone.now() - timedelta(seconds=1))
+    lease = gw.dispatch(max_wait_ms=0).json()["lease_id"]
+    assert gw.complete(lease, **report).status_code == 200
+    assert gw.dispatch(max_wait_ms=0).status_code == 503
+    account = Account.objects.get()
+    assert account.quota_resets_at is None and account.quota_next_probe_at > timezone.now()
+    assert CooldownEvent.objects.filter(kind=CooldownKind.QUOTA_RESET, reason="the quota reset time came").exists()
+    quotas.quota_resets_apply()
+    assert gw.dispatch(max_wait_ms=0).status_code == 503  # the task has nothing left to undo
+
+
+def test_a_quota_reported_spent_by_a_lease_out_across_the_reset_is_left_to_the_reset(gw):
+    """The lease started before the reset time, which came while it was
+    out: its report may tell of the quota before the reset, so the reset
+    still lets the account in."""
+    AccountFactory(name="a")
+    lease = gw.dispatch().json()["lease_id"]
+    Lease.objects.filter(pk=lease).update(started_at=timezone.now() - timedelta(minutes=1))
+    Account.objects.update(quota_resets_at=timezone.now() - timedelta(seconds=1))
+    assert gw.complete(lease, outcome="quota_exhausted").status_code == 200
+    assert gw.cycle() == "a"
+    assert quotas.quota_resets_apply() == 1
+    assert not Account.objects.get().quota_exhausted
+
+
 def test_operators_set_the_reset_time_over_the_api(operator_api):
     AccountFactory(name="a")
     when = (timezone.now() + timedelta(days=3)).replace(microsecond=0)
