@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from django.db import transaction
+from django.db.models import F, Q
 from django.utils import timezone
 
 from accounts.models import Account, ApiKey, Proxy, RoutingIdentity
@@ -33,12 +34,19 @@ def account_enabled_set(*, accounts, enabled: bool) -> int:
 
 
 def account_quota_reset(*, accounts) -> int:
-    """Put quota-exhausted accounts back into selection."""
+    """Put spent accounts back into selection: those whose quota is
+    exhausted, and those whose known balance is at or below their minimum
+    (the balance is forgotten, as a reset forgets it). Their probe's wait
+    ends with them."""
     now = timezone.now()
+    spent = Q(quota_exhausted=True) | Q(remaining_credits__lte=F("min_remaining_credits"))
     with transaction.atomic():
-        ids = list(accounts.filter(quota_exhausted=True).values_list("id", flat=True))
+        ids = list(accounts.filter(spent).values_list("id", flat=True))
         Account.objects.filter(id__in=ids).update(
-            quota_exhausted=False, quota_exhausted_at=None, quota_exhausted_reason=""
+            quota_exhausted=False, quota_exhausted_at=None, quota_exhausted_reason="", quota_next_probe_at=None
+        )
+        Account.objects.filter(id__in=ids, remaining_credits__lte=F("min_remaining_credits")).update(
+            remaining_credits=None
         )
         CooldownEvent.objects.bulk_create(
             CooldownEvent(kind=CooldownKind.QUOTA_RESET, account_id=pk, reason="reset by operator", created_at=now)

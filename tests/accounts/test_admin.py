@@ -16,6 +16,7 @@ from tests.factories import (
     RoutingIdentityFactory,
     SessionBindingFactory,
 )
+from tests.routing.gateway import Gateway
 
 pytestmark = pytest.mark.django_db
 
@@ -113,6 +114,21 @@ def test_reset_quota(staff_client):
     exhausted.refresh_from_db()
     assert not exhausted.quota_exhausted and exhausted.quota_exhausted_at is None
     assert CooldownEvent.objects.filter(kind="quota_reset", account=exhausted).count() == 1
+
+
+def test_reset_quota_brings_back_an_account_whose_balance_ran_out(staff_client):
+    """Out of selection for an empty balance, not an exhausted quota: the
+    operator's reset forgets the balance and the probe's wait, and the
+    account is handed out again. One with a balance left is untouched."""
+    empty = AccountFactory(name="empty", remaining_credits=0, quota_next_probe_at=timezone.now() + timedelta(hours=1))
+    fine = AccountFactory(name="fine", remaining_credits=40)
+    response = run_action(staff_client, "accounts.account", "reset_quota", [empty, fine])
+    assert "Reset the quota of 1 accounts" in response.content.decode()
+    empty.refresh_from_db()
+    assert (empty.remaining_credits, empty.quota_next_probe_at) == (None, None)
+    assert Account.objects.get(name="fine").remaining_credits == 40
+    gateway = Gateway(ApiKeyFactory().plaintext)
+    assert {gateway.cycle() for _ in range(4)} == {"empty", "fine"}
 
 
 def test_clear_identity_and_proxy_cooldowns(staff_client):
