@@ -439,6 +439,8 @@ def test_complete_errors(gw):
     assert error_of(gw.complete(lease, outcome="teleported")) == (400, "invalid_request_error")
     assert error_of(gw.complete(lease, outcome="expired")) == (400, "invalid_request_error")
     assert error_of(gw.complete(lease, outcome="success", first_token_ms=-5)) == (400, "invalid_request_error")
+    # Past an hour a first-token time is no measurement: refused, not clipped.
+    assert error_of(gw.complete(lease, outcome="success", first_token_ms=3_600_001)) == (400, "invalid_request_error")
     assert error_of(gw.complete(lease, outcome="rate_limited", cooldown_seconds=-1)) == (400, "invalid_request_error")
     assert Lease.objects.get(pk=lease).completed_at is None
     assert gw.complete(lease, outcome="success", first_token_ms=10).status_code == 200
