@@ -70,8 +70,8 @@ class KeyCache:
       ``accounts/0008``; not for the columns the gateway path writes), and
       each process's listener (``core/listener.py``) forgets it. So a
       process keeps keys only while its listener is connected (the first
-      key it reads starts it), and forgets every key when the listener
-      connects again.
+      key it reads starts it): it forgets every key when the listener finds
+      its connection lost, and again when it connects again.
 
     On SQLite no process hears another's changes: there the lifetime
     defaults to 0 (``kiropool/settings.py``) and nothing is kept; one an

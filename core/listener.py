@@ -13,7 +13,9 @@ channel's handler:
 A handler runs on the listener thread: it must be quick and must not touch
 the database. After every connection, the first included, each handler is
 called once with ``None``: a notification sent while nothing listened is
-lost, so the handler must assume it missed some.
+lost, so the handler must assume it missed some. It is called with ``None``
+too as soon as the connection is found lost: until the listener is back,
+what it would hear goes unheard (the key cache then keeps nothing it holds).
 
 SQLite has no notifications: :func:`notify` sends nothing there, and
 callers check the vendor before they start the listener.
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
 
 from django.db import connection, connections
@@ -130,8 +131,9 @@ def _listen_forever(params: dict) -> None:
             _ready.clear()
             if _stop.is_set():
                 return
+            _deliver(None)  # deaf from here until it connects again
             logger.warning("notification listener lost its connection; reconnecting", exc_info=True)
-            time.sleep(RECONNECT_DELAY_SECONDS)
+            _stop.wait(RECONNECT_DELAY_SECONDS)
 
 
 def _deliver(heard: list | None) -> None:
