@@ -62,6 +62,13 @@ class Conflict(ApiError):
     default_detail = "conflict"
 
 
+class KeyRefused(ApiError):
+    """The dispatch's key was disabled, deleted or expired while it waited."""
+
+    status_code = status.HTTP_401_UNAUTHORIZED
+    default_detail = "invalid, disabled or expired API key"
+
+
 class RuleViolation(ApiError):
     """Well-formed, but against a rule the schema cannot express (422)."""
 

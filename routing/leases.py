@@ -150,6 +150,7 @@ def _walk(
             )
         slots.key_limits_recheck(key=key, visit=visit)
         visit.wait(token, min(remaining, _wake_in(miss, candidates)))
+        slots.key_usable_recheck(key=key, visit=visit)
 
 
 def dispatch_warm() -> None:
@@ -304,6 +305,7 @@ def _sticky_patience(
             slots.key_limits_recheck(key=key, visit=visit)
             # Holds do not keep a returning turn out, its own included.
             visit.wait(token, min(left, _wake_in(miss, [row], holds=False)))
+            slots.key_usable_recheck(key=key, visit=visit)
             token = wakeups.token()
             with visit.turn(token):
                 acquired, row = _sticky_fast_path(key=key, request=request, waited_ms=max(1, visit.waited_ms))

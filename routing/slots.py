@@ -21,6 +21,7 @@ takes it. Keyword-only, typed, atomic.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections import Counter
 from datetime import datetime, timedelta
@@ -31,7 +32,7 @@ from django.db.models import Case, Exists, F, Q, Value, When
 from django.utils import timezone
 
 from accounts.models import Account, ApiKey, KeySlot, RoutingIdentity
-from core.errors import RateLimited
+from core.errors import KeyRefused, RateLimited
 from routing import batches, readiness, waiting, wakeups
 from routing.backend import backend
 from routing.dispatch import CandidateRow, DispatchRequest, LeaseGrant
@@ -95,19 +96,51 @@ def key_limits_check(*, key: ApiKey, now: datetime, counters: tuple[int, datetim
             )
 
 
+# How often a waiting dispatch reads its key again, to be refused once an
+# operator disabled, deleted or expired it: a second's grace, and at most
+# one query a second for each waiter (a release wakes them all).
+KEY_RECHECK_SECONDS = 1.0
+
+
 def key_limits_recheck(*, key: ApiKey, visit: waiting.Visit) -> None:
     """Before a dispatch first waits for a slot: the key's limits with its
     counters as they are now, so a key at its own limit is refused at once
     rather than after a wait (one query, on the waiting path only)."""
     if not visit.admitted:
-        key_limits_check(key=key, now=timezone.now(), counters=key_counters(key))
+        row = _key_read(key=key, visit=visit)
+        key_limits_check(key=key, now=timezone.now(), counters=(row.held_slots, row.last_started_at))
+
+
+def key_usable_recheck(*, key: ApiKey, visit: waiting.Visit) -> None:
+    """After a wait, before the dispatch walks again: the key may still be
+    used, read at most every ``KEY_RECHECK_SECONDS``. A key disabled,
+    deleted or expired while its dispatch waited is refused (401), not
+    granted a lease its gateway could no longer complete."""
+    if time.monotonic() - visit.key_read_at >= KEY_RECHECK_SECONDS:
+        _key_read(key=key, visit=visit)
+
+
+def _key_read(*, key: ApiKey, visit: waiting.Visit) -> ApiKey:
+    """The key's row as it is now, with its slots held (``held_slots``);
+    refused (401) when it may no longer be used."""
+    visit.key_read_at = time.monotonic()
+    row = _key_now(key)
+    if row is None or not row.is_usable():
+        raise KeyRefused()
+    return row
 
 
 def key_counters(key: ApiKey) -> tuple[int, datetime | None]:
     """The key's ``in_flight`` and ``last_started_at`` as they are now (a
     key deleted a moment ago has none: its claims find no row to take)."""
+    row = _key_now(key)
+    return (0, None) if row is None else (row.held_slots, row.last_started_at)
+
+
+def _key_now(key: ApiKey) -> ApiKey | None:
+    """The key's row as it is now, with its slots held (``held_slots``)."""
     current = ApiKey.objects.filter(pk=key.pk).annotate(held_slots=KeySlot.held())
-    return current.values_list("held_slots", "last_started_at").first() or (0, None)
+    return current.only("enabled", "expires_at", "last_started_at").first()
 
 
 # Slot rows a key gets at first; each growth after that doubles them, up to its limit.

@@ -229,6 +229,7 @@ class Visit:
         self.seq: int | None = None
         self.ticket: int | None = None  # its place in the key's queue across processes
         self.waited = 0.0  # seconds spent waiting
+        self.key_read_at = 0.0  # when the key's row was last read for it (``slots.key_limits_recheck``)
 
     def __enter__(self) -> Visit:
         return self

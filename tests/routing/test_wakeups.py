@@ -17,7 +17,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from accounts import services
-from accounts.models import Account, AccountGroup, RoutingIdentity
+from accounts.models import Account, AccountGroup, ApiKey, RoutingIdentity
 from accounts.onboarding.importer import pool_import
 from routing import slots, waiting, wakeups
 from routing.models import Lease
@@ -413,6 +413,29 @@ def test_an_operator_enabling_an_account_in_the_admin_wakes_waiting_dispatches(s
     assert results["waiter"].status_code == 200
     assert results["waiter"].json()["account"]["name"] == "off"
     assert results["waiter_at"] - enabled_at < 1.0  # slack 1 s for a busy machine; the budget is 20 s
+
+
+def test_a_dispatch_waiting_when_its_key_is_disabled_is_refused_not_granted():
+    """A dispatch waits on a full identity; an operator disables its key
+    (in SQL: the recheck reads the row, whatever changed it), then the slot
+    frees. The dispatch is refused, not granted a lease its gateway could no
+    longer complete, and nothing is held for it."""
+    AccountFactory(name="full", identity=RoutingIdentityFactory(max_concurrency=1))
+    key = ApiKeyFactory()
+    holder = Gateway(ApiKeyFactory().plaintext)
+    held = holder.dispatch().json()["lease_id"]
+    _listening()
+    results: dict = {}
+    waiter = _waiting_on(key, results)
+    # Past the recheck's period since the waiter last read its key (it read
+    # it before it started waiting): the next wake reads it again.
+    time.sleep(slots.KEY_RECHECK_SECONDS + 0.5)
+    ApiKey.objects.filter(pk=key.pk).update(enabled=False)
+    assert holder.complete(held, outcome="success").status_code == 200
+    waiter.join(30)
+    assert results["waiter"].status_code == 401, results["waiter"].content
+    assert not Lease.objects.filter(api_key=key).exists()
+    assert RoutingIdentity.objects.get().in_flight == 0
 
 
 def test_an_operator_clearing_a_cooldown_wakes_waiting_dispatches():
