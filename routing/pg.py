@@ -79,13 +79,14 @@ class Statements:
             _claimable(reserved=reserved)
         _complete_sql()
 
-    def claim(self, lease: Lease, *, key_cap: int | None) -> Claim:
+    def claim(self, lease: Lease, *, key_cap: int | None, reserved: bool = True) -> Claim:
         """Claim a slot on ``lease.identity_id`` (counting the slots held for
-        waiting sticky sessions) and a free slot of the key (when ``key_cap``
-        counts its leases), and insert ``lease`` holding both; nothing when
-        the identity cannot start a lease right now, and then no slot of the
-        key is touched (:func:`_claim_sql`)."""
-        where = _claimable(reserved=True)
+        waiting sticky sessions, unless not ``reserved``: a bound session's
+        own turn) and a free slot of the key (when ``key_cap`` counts its
+        leases), and insert ``lease`` holding both; nothing when the identity
+        cannot start a lease right now, and then no slot of the key is
+        touched (:func:`_claim_sql`)."""
+        where = _claimable(reserved=reserved)
         now = lease.started_at
         counted = key_cap is not None
         key = _key_slot_params(lease.api_key_id, key_cap) if counted else []

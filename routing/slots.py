@@ -217,14 +217,14 @@ def slot_claim(
         lease.moved_from = bound or ""
     probe = row.candidate.quota_probe
     cap = key_cap(key)
+    own = sticky in (StickyOutcome.HIT, StickyOutcome.WAITED)
     if backend.statements is not None and not key.min_start_interval_ms and not probe:
-        claim = backend.statements.claim(lease, key_cap=cap)
+        claim = backend.statements.claim(lease, key_cap=cap, reserved=not own)
         if claim.key_full and key_slots_grow(key_id=key.pk, cap=cap):
-            claim = backend.statements.claim(lease, key_cap=cap)
+            claim = backend.statements.claim(lease, key_cap=cap, reserved=not own)
         if claim.key_full:
             raise RateLimited("this API key is at its concurrency limit", retry_after=1)  # its limits never wait
         return grant(lease) if claim.leased else None
-    own = sticky in (StickyOutcome.HIT, StickyOutcome.WAITED)
     claimable = rules.identity_claimable(now, settings.KIROPOOL_SLOW_START_SECONDS, reserved=not own)
     with transaction.atomic():
         # The identity first, locked while it can start, as pg._claim_sql

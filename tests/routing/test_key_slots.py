@@ -18,7 +18,7 @@ from accounts.models import ApiKey, KeySlot, RoutingIdentity
 from core.errors import RateLimited
 from routing import leases, maintenance, slots
 from routing.dispatch import DispatchRequest
-from routing.models import Lease
+from routing.models import Lease, StickyOutcome
 from routing.selectors import dispatch as reads
 from tests.accounts.test_migrations import migrate
 from tests.factories import AccountFactory, ApiKeyFactory, RoutingIdentityFactory
@@ -409,3 +409,19 @@ def test_the_upgrade_gives_each_open_counted_lease_a_slot():
         migrate(latest)
     assert ApiKey.objects.get(name="k").in_flight == 2
     assert set(maintenance.counters_reconcile().values()) == {0}
+
+
+def test_a_bound_sessions_own_claim_may_take_the_slot_held_for_it():
+    """Its identity's one free slot is held for a waiting returning turn:
+    a claim for that turn's own account (a hit) takes it, any other claim
+    does not, on either path (the ORM service and the one statement)."""
+    account = AccountFactory(name="bound", identity=RoutingIdentityFactory(max_concurrency=1))
+    key = ApiKeyFactory()
+    slots.identity_hold(identity_id=account.identity_id, until=timezone.now() + timedelta(minutes=1))
+    row = head_row(key, account)
+    request = DispatchRequest(session_id="conv", max_wait_ms=0)
+    assert slots.slot_claim(key=key, row=row, request=request, waited_ms=0) is None
+    assert slots.slot_claim(key=key, row=row, request=request, waited_ms=0, sticky=StickyOutcome.MOVED) is None
+    grant = slots.slot_claim(key=key, row=row, request=request, waited_ms=0, sticky=StickyOutcome.HIT)
+    assert grant is not None and grant.account_id == account.pk
+    assert RoutingIdentity.objects.get(pk=account.identity_id).in_flight == 1
