@@ -399,6 +399,10 @@ def test_dispatch_400_for_malformed_json_and_non_object(gw):
 def test_session_id_of_512_chars_is_fine_and_blank_means_none(gw):
     AccountFactory(identity=RoutingIdentityFactory(max_concurrency=5))
     assert gw.dispatch(session_id="x" * 512).json()["session"] == "new"
+    # Trimmed before its length is checked: 512 characters between spaces.
+    padded = gw.dispatch(session_id="  " + "y" * 512 + "\t")
+    assert padded.status_code == 200, padded.content
+    assert Lease.objects.get(pk=padded.json()["lease_id"]).session_id == "y" * 512
     assert gw.dispatch(session_id="   ").json()["session"] == "none"
     assert gw.dispatch(session_id=None).json()["session"] == "none"
 

@@ -144,6 +144,15 @@ def test_a_quota_reported_spent_by_a_lease_out_across_the_reset_is_left_to_the_r
     assert not Account.objects.get().quota_exhausted
 
 
+def test_a_reported_reset_time_more_than_a_year_ahead_is_refused(gw):
+    AccountFactory()
+    lease = gw.dispatch().json()["lease_id"]
+    far = (timezone.now() + timedelta(days=367)).isoformat()
+    assert gw.complete(lease, outcome="quota_exhausted", quota_resets_at=far).status_code == 422
+    assert Lease.objects.get(pk=lease).completed_at is None  # nothing changed
+    assert Account.objects.get().quota_resets_at is None
+
+
 def test_operators_set_the_reset_time_over_the_api(operator_api):
     AccountFactory(name="a")
     when = (timezone.now() + timedelta(days=3)).replace(microsecond=0)
@@ -372,6 +381,31 @@ def test_out_of_budget_the_retry_after_counts_the_cooldowns(gw):
     # more to go on), but the cooling one surely frees in 20 s: no earlier
     # moment is known, so that is when to come back.
     assert 19 <= int(response["Retry-After"]) <= 20
+
+
+def test_a_waiting_dispatch_takes_the_slot_of_a_lease_that_expires(gw, settings):
+    """The only slot is held by a lease whose gateway never reports: the
+    waiting dispatch is served once that lease expires, not at the end of
+    its budget (nobody announces an expiry)."""
+    settings.KIROPOOL_LEASE_TTL_SECONDS = 2
+    AccountFactory(name="only", identity__max_concurrency=1)
+    assert Gateway(ApiKeyFactory().plaintext).dispatch().status_code == 200  # never completed
+    started = time.monotonic()
+    response = gw.dispatch(max_wait_ms=20_000)
+    elapsed = time.monotonic() - started
+    assert response.status_code == 200, response.content
+    # The held lease expires 2 s after it started; slack 4 s for a busy machine.
+    assert 1.0 <= elapsed <= 6.0
+
+
+def test_out_of_budget_the_retry_after_is_the_end_of_the_pacing_interval(gw):
+    """The only identity paces one start every 30 s and just started one:
+    the moment it may start again is known, and is when to come back."""
+    AccountFactory(name="paced", identity__min_start_interval_ms=30_000, identity__max_concurrency=5)
+    assert Gateway(ApiKeyFactory().plaintext).dispatch().status_code == 200
+    response = gw.dispatch(max_wait_ms=200)
+    assert response.status_code == 429
+    assert 29 <= int(response["Retry-After"]) <= 30
 
 
 # --- sticky patience (issue 12 §7) --------------------------------------------------------------

@@ -17,6 +17,7 @@ from routing.selection import (
     LatencyStats,
     Ranked,
     SelectionContext,
+    credit_burn_per_hour,
     latency_band,
     latency_score,
     latency_usable,
@@ -459,3 +460,16 @@ def test_account_name_is_the_final_tie_breaker(order: list[str]) -> None:
 
 def test_no_candidates() -> None:
     assert order_candidates([], ctx(spread_sessions=True)) == []
+
+
+@pytest.mark.parametrize(
+    ("resets_in", "per_hour"),
+    [
+        pytest.param(timedelta(hours=2), 50.0, id="two hours left"),
+        pytest.param(timedelta(minutes=1), 6000.0, id="one minute left"),
+        pytest.param(timedelta(seconds=10), 6000.0, id="under a minute: counted as one"),
+        pytest.param(timedelta(seconds=-30), 6000.0, id="passed, not yet applied: counted as one"),
+    ],
+)
+def test_credit_pacing_counts_at_least_a_minute_left(resets_in: timedelta, per_hour: float) -> None:
+    assert credit_burn_per_hour(100.0, NOW + resets_in, NOW) == pytest.approx(per_hour)
