@@ -105,7 +105,9 @@ KEY_RECHECK_SECONDS = 1.0
 def key_limits_recheck(*, key: ApiKey, visit: waiting.Visit) -> None:
     """Before a dispatch first waits for a slot: the key's limits with its
     counters as they are now, so a key at its own limit is refused at once
-    rather than after a wait (one query, on the waiting path only)."""
+    rather than after a wait (one query, on the waiting path only); a key
+    no longer usable is refused (401), as after a wait
+    (:func:`key_usable_recheck`)."""
     if not visit.admitted:
         row = _key_read(key=key, visit=visit)
         key_limits_check(key=key, now=timezone.now(), counters=(row.held_slots, row.last_started_at))
