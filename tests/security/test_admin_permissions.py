@@ -125,3 +125,42 @@ def test_an_editor_can_run_them(login):
     account = AccountFactory(enabled=False)
     run_action(client, "account", "enable", [account])
     assert Account.objects.get(pk=account.pk).enabled is True
+
+
+# --- the operator API's tokens ------------------------------------------------------------------
+
+
+def _superuser_token(django_user_model):
+    from rest_framework.authtoken.models import Token
+
+    root = django_user_model.objects.create_user(username="root", password="pw", is_staff=True, is_superuser=True)
+    return Token.objects.create(user=root)
+
+
+TOKEN_PERMISSIONS = ["view_tokenproxy", "add_tokenproxy", "change_tokenproxy", "delete_tokenproxy"]
+
+
+def test_staff_given_the_token_permissions_cannot_reach_anyones_token(login, django_user_model):
+    """Had they read a superuser's key in the token list, they could act as
+    that superuser over the operator API; nor may they make one for them."""
+    token = _superuser_token(django_user_model)
+    client = login(*TOKEN_PERMISSIONS)
+    changelist = reverse("admin:authtoken_tokenproxy_changelist")
+    assert client.get(changelist).status_code == 403
+    assert client.get(reverse("admin:authtoken_tokenproxy_add")).status_code == 403
+    assert client.post(reverse("admin:authtoken_tokenproxy_add"), {"user": token.user_id}).status_code == 403
+    assert token.key not in client.get(reverse("admin:index")).content.decode()
+
+
+def test_a_superuser_lists_whose_tokens_exist_without_their_keys_and_may_revoke_one(login, django_user_model):
+    from rest_framework.authtoken.models import Token
+
+    token = _superuser_token(django_user_model)
+    client = login(superuser=True)
+    changelist = client.get(reverse("admin:authtoken_tokenproxy_changelist"))
+    assert changelist.status_code == 200
+    assert "root" in changelist.content.decode() and token.key not in changelist.content.decode()
+    assert client.get(reverse("admin:authtoken_tokenproxy_add")).status_code == 403  # made at the shell
+    revoke = reverse("admin:authtoken_tokenproxy_delete", args=[token.user_id])
+    assert client.post(revoke, {"post": "yes"}).status_code == 302
+    assert not Token.objects.exists()
