@@ -284,8 +284,10 @@ class ApiKeyAdmin(PoolModelAdmin):
                     messages.WARNING,
                 )
             queryset = queryset.filter(credentials_access=False)
-        self.message_user(request, f"Enabled {queryset.update(enabled=True)} keys.", messages.SUCCESS)
+        count = services.api_key_enabled_set(keys=queryset, enabled=True)
+        self.message_user(request, f"Enabled {count} keys.", messages.SUCCESS)
 
     @admin.action(description="Disable selected keys", permissions=["change"])
     def disable(self, request, queryset):
-        self.message_user(request, f"Disabled {queryset.update(enabled=False)} keys.", messages.SUCCESS)
+        count = services.api_key_enabled_set(keys=queryset, enabled=False)
+        self.message_user(request, f"Disabled {count} keys.", messages.SUCCESS)

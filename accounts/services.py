@@ -6,6 +6,7 @@ from django.db import transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
+from accounts.authentication import key_cache
 from accounts.models import Account, ApiKey, Proxy, RoutingIdentity
 from accounts.signals import pool_changed
 from routing.models import CooldownEvent, CooldownKind
@@ -20,6 +21,19 @@ def api_key_create(**fields) -> tuple[ApiKey, str]:
     key.full_clean()
     key.save()
     return key, plaintext
+
+
+def api_key_enabled_set(*, keys, enabled: bool) -> int:
+    """Enable or disable keys in bulk (the admin's actions). An update of a
+    queryset sends no ``post_save``: this process's key cache forgets them
+    itself (on PostgreSQL every process hears the database's notice too)."""
+    prefixes = list(keys.values_list("prefix", flat=True))
+    with transaction.atomic():
+        count = keys.update(enabled=enabled)
+        transaction.on_commit(lambda: [key_cache.forget(prefix) for prefix in prefixes])
+    for prefix in prefixes:
+        key_cache.forget(prefix)
+    return count
 
 
 def account_enabled_set(*, accounts, enabled: bool) -> int:

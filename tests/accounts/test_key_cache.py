@@ -90,6 +90,18 @@ def test_disabling_a_key_over_the_operator_api_refuses_it_at_once(key, operator_
     assert gw.explain().status_code == 401
 
 
+def test_disabling_a_key_with_the_admins_bulk_action_refuses_it_at_once(key, staff_client):
+    """The action updates a queryset, which sends no post_save: the process
+    forgets the key all the same (on SQLite no notice would reach it)."""
+    gw = Gateway(key.plaintext)
+    assert gw.explain().status_code == 200  # cached
+    response = staff_client.post(
+        reverse("admin:accounts_apikey_changelist"), {"action": "disable", "_selected_action": [key.pk]}
+    )
+    assert response.status_code == 302
+    assert gw.explain().status_code == 401
+
+
 def test_a_change_the_process_did_not_see_counts_within_the_lifetime(key, settings):
     settings.KIROPOOL_KEY_CACHE_SECONDS = SHORT_LIFETIME
     gw = Gateway(key.plaintext)
