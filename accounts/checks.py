@@ -3,12 +3,9 @@ the deploy-only ones with ``--deploy``). Registered in ``AccountsConfig.ready``.
 
 from __future__ import annotations
 
-from django.conf import settings
 from django.core import checks
-from django.core.exceptions import ImproperlyConfigured
 
 from accounts import fields
-from accounts.throttling import parse_rate
 
 
 @checks.register(checks.Tags.security)
@@ -40,14 +37,3 @@ def fernet_keys_set(app_configs, **kwargs) -> list[checks.CheckMessage]:
             id="kiropool.W001",
         )
     ]
-
-
-@checks.register()
-def rates_valid(app_configs, **kwargs) -> list[checks.CheckMessage]:
-    errors = []
-    for name in ("KIROPOOL_DISPATCH_RATE", "KIROPOOL_EXPLAIN_RATE", "KIROPOOL_CAPACITY_REPORT_RATE"):
-        try:
-            parse_rate(getattr(settings, name))
-        except ImproperlyConfigured as exc:
-            errors.append(checks.Error(f"{name}: {exc}", id="kiropool.E002"))
-    return errors

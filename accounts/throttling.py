@@ -23,32 +23,15 @@ import time
 
 from django.conf import settings
 from django.core.cache import caches
-from django.core.exceptions import ImproperlyConfigured
 from rest_framework.throttling import BaseThrottle
 
 from accounts.models import ApiKey
+from core.rates import parse_rate
 
 logger = logging.getLogger(__name__)
 
-PERIODS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 WARN_EVERY_SECONDS = 60.0
 _last_warning = 0.0
-
-
-def parse_rate(rate: str) -> tuple[int, int] | None:
-    """``"60/min"`` → (60, 60); empty → None. Raises ImproperlyConfigured."""
-    rate = (rate or "").strip()
-    if not rate:
-        return None
-    count, _, period = rate.partition("/")
-    try:
-        requests = int(count)
-        seconds = PERIODS[period.strip().lower()[:1]]
-    except (ValueError, KeyError, IndexError):
-        raise ImproperlyConfigured(f"rate {rate!r} is not <count>/<s|min|h|d>, e.g. 60/min") from None
-    if requests < 1:
-        raise ImproperlyConfigured(f"rate {rate!r} must allow at least one request")
-    return requests, seconds
 
 
 class ApiKeyRateThrottle(BaseThrottle):

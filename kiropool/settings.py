@@ -12,6 +12,7 @@ from pathlib import Path
 
 import environ
 
+from core.rates import rates_require
 from kiropool.secrets_guard import DEVELOPMENT_SECRET_KEY
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -379,6 +380,14 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = KIROPOOL_MAX_BODY_BYTES
 # by the concurrency limits, so its rate limit is off unless asked for.
 KIROPOOL_DISPATCH_RATE = env.str("KIROPOOL_DISPATCH_RATE", default="")
 KIROPOOL_EXPLAIN_RATE = env.str("KIROPOOL_EXPLAIN_RATE", default="60/min")
+# A bad rate stops every process here, not the first request that needs it.
+rates_require(
+    {
+        "KIROPOOL_DISPATCH_RATE": KIROPOOL_DISPATCH_RATE,
+        "KIROPOOL_EXPLAIN_RATE": KIROPOOL_EXPLAIN_RATE,
+        "KIROPOOL_CAPACITY_REPORT_RATE": KIROPOOL_CAPACITY_REPORT_RATE,  # noqa: F405 - dispatcher_settings
+    }
+)
 
 # --- logging ----------------------------------------------------------------
 

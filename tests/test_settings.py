@@ -91,3 +91,13 @@ def test_postgresql_connections_plan_prepared_statements_once():
     assert unprepared["db_options"] == "-c jit=off -c random_page_cost=1.1"
     own = load(DATABASE_URL=f"{url}?options=-c%20plan_cache_mode%3Dauto")
     assert own["db_options"].endswith("-c plan_cache_mode=force_generic_plan -c plan_cache_mode=auto")
+
+
+def test_a_bad_rate_stops_a_process_at_startup():
+    """Not the first request that needs it (an explain, a completion's
+    capacity report): every process refuses to load, naming the setting."""
+    for name in ("KIROPOOL_EXPLAIN_RATE", "KIROPOOL_CAPACITY_REPORT_RATE", "KIROPOOL_DISPATCH_RATE"):
+        env = clean_env(DJANGO_SETTINGS_MODULE="kiropool.settings", **{name: "abc"})
+        out = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert out.returncode != 0, name
+        assert f"kiropool refuses to start: {name}: rate 'abc' is not" in out.stderr, out.stderr[-500:]

@@ -20,7 +20,7 @@ from accounts.models import (
     RoutingIdentity,
     validate_model_preferences,
 )
-from accounts.throttling import parse_rate
+from core.rates import parse_rate
 from routing.models import Lease
 from tests.factories import AccountFactory, ApiKeyFactory, RoutingIdentityFactory, api_key_admin_form
 from tests.routing.gateway import Gateway
