@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from django.conf import settings
-from django.db import connection
+from django.db import connection, transaction
 from django.utils import timezone
 from rest_framework import authentication, exceptions, permissions
 
@@ -114,6 +114,12 @@ class KeyCache:
         with self._lock:
             self._forgets += 1
             self._entries.pop(prefix, None)
+
+    def forget_through_commit(self, prefix: str) -> None:
+        """Forget the key now, and again once the change being made commits:
+        a request in between may have cached the old row."""
+        self.forget(prefix)
+        transaction.on_commit(lambda: self.forget(prefix))
 
     def clear(self) -> None:
         with self._lock:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from django.db import transaction
-from django.db.models import F, Q
 from django.utils import timezone
 
 from accounts.authentication import key_cache
 from accounts.models import Account, ApiKey, Proxy, RoutingIdentity
 from accounts.signals import pool_changed
+from routing import quotas
 from routing.models import CooldownEvent, CooldownKind
 
 
@@ -30,9 +30,8 @@ def api_key_enabled_set(*, keys, enabled: bool) -> int:
     prefixes = list(keys.values_list("prefix", flat=True))
     with transaction.atomic():
         count = keys.update(enabled=enabled)
-        transaction.on_commit(lambda: [key_cache.forget(prefix) for prefix in prefixes])
-    for prefix in prefixes:
-        key_cache.forget(prefix)
+        for prefix in prefixes:
+            key_cache.forget_through_commit(prefix)
     return count
 
 
@@ -48,27 +47,14 @@ def account_enabled_set(*, accounts, enabled: bool) -> int:
 
 
 def account_quota_reset(*, accounts) -> int:
-    """Put spent accounts back into selection: those whose quota is
-    exhausted, and those whose known balance is at or below their minimum
-    (the balance is forgotten, as a reset forgets it). Their probe's wait
-    ends with them."""
-    now = timezone.now()
-    spent = Q(quota_exhausted=True) | Q(remaining_credits__lte=F("min_remaining_credits"))
+    """Put spent accounts back into selection, as a quota reset does: those
+    whose quota is exhausted, and those whose known balance is at or below
+    their minimum (``routing.quotas.accounts_quota_restore``)."""
     with transaction.atomic():
-        ids = list(accounts.filter(spent).values_list("id", flat=True))
-        Account.objects.filter(id__in=ids).update(
-            quota_exhausted=False, quota_exhausted_at=None, quota_exhausted_reason="", quota_next_probe_at=None
-        )
-        Account.objects.filter(id__in=ids, remaining_credits__lte=F("min_remaining_credits")).update(
-            remaining_credits=None
-        )
-        CooldownEvent.objects.bulk_create(
-            CooldownEvent(kind=CooldownKind.QUOTA_RESET, account_id=pk, reason="reset by operator", created_at=now)
-            for pk in ids
-        )
-        if ids:
+        count = quotas.accounts_quota_restore(accounts=accounts, reason="reset by operator", now=timezone.now())
+        if count:
             pool_changed.send(sender=Account)
-    return len(ids)
+    return count
 
 
 def identity_cooldown_clear(*, identities) -> int:

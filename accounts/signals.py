@@ -11,7 +11,6 @@ shell), seen at once:
   reset quotas and an import.
 """
 
-from django.db import transaction
 from django.db.models.signals import m2m_changed, post_delete, post_save
 from django.dispatch import Signal, receiver
 
@@ -32,9 +31,7 @@ pool_changed = Signal()
 @receiver(post_save, sender=ApiKey)
 @receiver(post_delete, sender=ApiKey)
 def api_key_forget(sender, instance: ApiKey, **kwargs) -> None:
-    key_cache.forget(instance.prefix)
-    # And once committed: a request in between may have cached the old row.
-    transaction.on_commit(lambda: key_cache.forget(instance.prefix))
+    key_cache.forget_through_commit(instance.prefix)
 
 
 @receiver(post_save, sender=RoutingIdentity)

@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F, Q
+from django.db.models import F, Q, QuerySet
 from django.utils import timezone
 
 from accounts.models import Account
@@ -55,8 +55,19 @@ def identity_quota_exhaust(*, identity_id: int, reason: str, now: datetime) -> i
 def identity_quota_restore(*, identity_id: int, reason: str, now: datetime) -> int:
     """Put every alias of the identity back into selection; a balance at or
     below the minimum is forgotten (it is what took them out)."""
+    return accounts_quota_restore(
+        accounts=Account.objects.filter(identity_id=identity_id), reason=reason, now=now, identity_id=identity_id
+    )
+
+
+def accounts_quota_restore(*, accounts: QuerySet, reason: str, now: datetime, identity_id: int | None = None) -> int:
+    """Put the spent ones of ``accounts`` back into selection: those whose
+    quota is exhausted, and those whose known balance is at or below their
+    minimum (the balance is forgotten: it is what took them out). Their
+    probe's wait ends with them. Returns how many; each gets an event
+    (naming ``identity_id`` when the restore was the identity's)."""
     spent = Q(quota_exhausted=True) | Q(remaining_credits__lte=F("min_remaining_credits"))
-    ids = list(Account.objects.filter(spent, identity_id=identity_id).values_list("id", flat=True))
+    ids = list(accounts.filter(spent).values_list("id", flat=True))
     Account.objects.filter(id__in=ids).update(
         quota_exhausted=False,
         quota_exhausted_at=None,

@@ -7,6 +7,7 @@ import pytest
 from django.contrib.auth.models import Permission
 from django.urls import reverse
 from django.utils import timezone
+from rest_framework.authtoken.models import Token
 
 from accounts.models import Account, ApiKey, Proxy, RoutingIdentity
 from tests.factories import AccountFactory, ApiKeyFactory, ProxyFactory, RoutingIdentityFactory, api_key_admin_form
@@ -131,8 +132,6 @@ def test_an_editor_can_run_them(login):
 
 
 def _superuser_token(django_user_model):
-    from rest_framework.authtoken.models import Token
-
     root = django_user_model.objects.create_user(username="root", password="pw", is_staff=True, is_superuser=True)
     return Token.objects.create(user=root)
 
@@ -153,8 +152,6 @@ def test_staff_given_the_token_permissions_cannot_reach_anyones_token(login, dja
 
 
 def test_a_superuser_lists_whose_tokens_exist_without_their_keys_and_may_revoke_one(login, django_user_model):
-    from rest_framework.authtoken.models import Token
-
     token = _superuser_token(django_user_model)
     client = login(superuser=True)
     changelist = client.get(reverse("admin:authtoken_tokenproxy_changelist"))
