@@ -87,6 +87,12 @@ MIDDLEWARE = [
     "core.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
+# A Server-Timing header on every response, splitting its time in the app
+# (statements, CPU, waits): off unless asked for, as it tells every caller
+# how long the server worked (core/server_timing.py; make bench uses it).
+KIROPOOL_SERVER_TIMING = env.bool("KIROPOOL_SERVER_TIMING", default=False)
+if KIROPOOL_SERVER_TIMING:
+    MIDDLEWARE.insert(0, "core.server_timing.ServerTimingMiddleware")
 # Paths of machine clients: the gateway API and the probes.
 KIROPOOL_MACHINE_PATHS = ("/api/v1/dispatch", "/api/v1/leases/", "/healthz", "/readyz", "/metrics")
 

@@ -25,6 +25,7 @@ print(json.dumps({
     "key_cache": settings.KIROPOOL_KEY_CACHE_SECONDS,
     "db_options": settings.DATABASES["default"].get("OPTIONS", {}).get("options"),
     "prepare_threshold": settings.DATABASES["default"].get("OPTIONS", {}).get("prepare_threshold"),
+    "middleware": settings.MIDDLEWARE,
 }))
 """
 

@@ -30,6 +30,8 @@ from bench.load.stats import (
     p99_by_part,
     poisson_schedule,
     schedule_split,
+    server_timing_parse,
+    slowest_split,
     status_counts,
 )
 
@@ -114,25 +116,27 @@ class Plan:
         return {}
 
 
-def cycle(client: Client, plan: Plan, rng: random.Random, tag: str, serial: int) -> tuple[float, list[int]]:
-    """Run one cycle; return when its first answer arrived (monotonic) and
-    every status code (0: no answer at all)."""
+def cycle(client: Client, plan: Plan, rng: random.Random, tag: str, serial: int) -> tuple[float, list[int], dict]:
+    """Run one cycle; return when its first answer arrived (monotonic),
+    every status code (0: no answer at all) and the first answer's
+    ``Server-Timing`` metrics (empty without the header)."""
     try:
         if plan.traffic == "floor":
-            status, _, _ = client.post(f"/floor/{plan.floor_pk}", {})
-            return time.monotonic(), [status]
-        status, data, _ = client.post(DISPATCH, plan.body(rng, tag, serial))
+            status, _, headers = client.post(f"/floor/{plan.floor_pk}", {})
+            return time.monotonic(), [status], server_timing_parse(headers.get("Server-Timing"))
+        status, data, headers = client.post(DISPATCH, plan.body(rng, tag, serial))
         answered = time.monotonic()
+        timing = server_timing_parse(headers.get("Server-Timing"))
         if status != 200:
-            return answered, [status]
+            return answered, [status], timing
         done, _, _ = client.post(
             f"/api/v1/leases/{data['lease_id']}/complete",
             {"outcome": "success", "first_token_ms": round(rng.uniform(300, 900), 1)},
         )
-        return answered, [status, done]
+        return answered, [status, done], timing
     except OSError:
         client.close()
-        return time.monotonic(), [0]
+        return time.monotonic(), [0], {}
 
 
 @dataclass
@@ -146,6 +150,7 @@ class Tally:
     lags: list[float] | None = None  # open loop: actual start − scheduled start
     late_claims: int = 0  # open loop: no client thread was free at the scheduled time
     scheduled: list[float] | None = None  # open loop: each latency's scheduled start (seconds into the schedule)
+    timings: list[dict] | None = None  # open loop: each first answer's Server-Timing metrics
 
 
 def _closed_thread(port: int, plan: Plan, seed: str, window: tuple[float, float], tally: Tally) -> None:
@@ -156,7 +161,7 @@ def _closed_thread(port: int, plan: Plan, seed: str, window: tuple[float, float]
     serial = 0
     while (started := time.monotonic()) < end:
         serial += 1
-        answered, statuses = cycle(client, plan, rng, seed, serial)
+        answered, statuses, _ = cycle(client, plan, rng, seed, serial)
         if started >= begin:
             tally.latencies.append(answered - started)
             tally.statuses.update(statuses)
@@ -177,9 +182,10 @@ def _open_thread(port: int, plan: Plan, seed: str, arrivals: list[float], state:
         claimed = time.monotonic()
         time.sleep(max(0.0, scheduled - claimed))
         started = time.monotonic()
-        answered, statuses = cycle(client, plan, rng, seed, index)
+        answered, statuses, timing = cycle(client, plan, rng, seed, index)
         if arrivals[index] >= state["warmup"]:
             tally.latencies.append(answered - scheduled)
+            tally.timings.append(timing)
             tally.scheduled.append(arrivals[index])
             tally.service.append(answered - started)
             tally.lags.append(started - scheduled)
@@ -190,7 +196,7 @@ def _open_thread(port: int, plan: Plan, seed: str, arrivals: list[float], state:
 
 
 def _client_process(target, jobs: list[tuple], queue) -> None:
-    tallies = [Tally([], Counter(), service=[], lags=[], scheduled=[]) for _ in jobs]
+    tallies = [Tally([], Counter(), service=[], lags=[], scheduled=[], timings=[]) for _ in jobs]
     threads = [threading.Thread(target=target, args=(*job, tally)) for job, tally in zip(jobs, tallies, strict=True)]
     for thread in threads:
         thread.start()
@@ -268,7 +274,9 @@ def open_loop(
     was free for: when they are not near 0 the client, not the server, set
     part of the pace. ``crowding``: how many arrivals came in the 10 ms up
     to each of the slowest 1 %, against all of them
-    (:func:`bench.load.stats.crowding`)."""
+    (:func:`bench.load.stats.crowding`). ``server_timing``: where the
+    slowest 1 % and all of them spent their time in the server, when it sent
+    a ``Server-Timing`` header (:func:`bench.load.stats.slowest_split`)."""
     arrivals = poisson_schedule(rate, warmup + seconds, random.Random(seed))
     start = time.monotonic() + START_DELAY_SECONDS
     jobs = []
@@ -278,7 +286,8 @@ def open_loop(
         jobs.append([(port, plan, f"{name}.{p}.{t}", mine, state) for t in range(threads)])
     tallies = _run_processes(_open_thread, jobs)
     latencies = [x for t in tallies for x in t.latencies]
-    service = latency_summary([x for t in tallies for x in t.service])
+    services = [x for t in tallies for x in t.service]
+    service = latency_summary(services)
     lags = [x for t in tallies for x in t.lags]
     measured = [pair for t in tallies for pair in zip(t.scheduled, t.latencies, strict=True)]
     elapsed = max((t.last_answer for t in tallies), default=0.0) - (start + warmup)
@@ -296,5 +305,6 @@ def open_loop(
         "client_threads": processes * threads,
         "crowding": crowding(arrivals, measured, window=CROWD_WINDOW_SECONDS),
         "p99_by_third_ms": p99_by_part(measured, seconds=seconds, start=warmup),
+        "server_timing": slowest_split(services, [x for t in tallies for x in t.timings]),
         **status_counts(_statuses(tallies)),
     }

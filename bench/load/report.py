@@ -116,6 +116,7 @@ def rows(report: dict) -> list[Row]:
         out.append(_missing("open loop, floor", floor_open, REFERENCE))
     out.extend(_crowding_rows(late))
     out.extend(_thirds_rows(late))
+    out.extend(_server_timing_rows(late))
     if late:
         shares = " / ".join(f"{s['late_starts'] / max(1, s['arrivals']):.1%}" for s in late)
         lags = " / ".join(_ms(s.get("start_lag_p99_ms")) for s in late)
@@ -210,6 +211,27 @@ def _thirds_rows(phases: list[dict]) -> list[Row]:
         return []
     thirds = " / ".join(" → ".join(_ms(p99) for p99 in phase["p99_by_third_ms"]) for phase in phases)
     return [Row("  p99 in the window's first → middle → last third", f"{thirds} ms", "", "")]
+
+
+def _server_timing_rows(phases: list[dict]) -> list[Row]:
+    """Where the slowest 1 % of each kiropool open loop spent its time, by
+    kiropool's ``Server-Timing`` (``bench.load.stats.slowest_split``), then
+    the same for all of its dispatches: only when kiropool sent the header
+    (``KIROPOOL_SERVER_TIMING=1 make bench``). The floor sends none."""
+    splits = [phase["server_timing"] for phase in phases if phase.get("server_timing")]
+    if not splits:
+        return []
+
+    def split(found: dict) -> str:
+        parts = f"statements {_ms(found['db'])} + CPU {_ms(found['cpu'])} + waits {_ms(found['wait'])}"
+        return f"{_ms(found['service'])} = outside the app {_ms(found['outside'])} + {parts}"
+
+    slowest = " / ".join(split(found["slowest"]) for found in splits)
+    everyone = " / ".join(split(found["all"]) for found in splits)
+    return [
+        Row("  slowest 1%, medians (Server-Timing)", f"{slowest} ms", "", ""),
+        Row("  every dispatch, medians (Server-Timing)", f"{everyone} ms", "", ""),
+    ]
 
 
 def _waiting_rows(waiting: dict | None) -> list[Row]:

@@ -5,6 +5,7 @@ one, and how far an answer order is from the arrival order."""
 from __future__ import annotations
 
 import bisect
+import contextlib
 import math
 import random
 from collections import Counter
@@ -181,3 +182,47 @@ def kendall_tau(ranks: Sequence[int]) -> float | None:
     1 in arrival order, 0 for no relation, -1 in reverse."""
     fraction = inversion_fraction(ranks)
     return None if fraction is None else 1 - 2 * fraction
+
+
+def server_timing_parse(value: str | None) -> dict[str, float]:
+    """The metrics of a ``Server-Timing`` header's value, by name, in
+    milliseconds; a metric without a readable duration is left out.
+    kiropool sends one when ``KIROPOOL_SERVER_TIMING`` is on
+    (``core/server_timing.py``)."""
+    metrics = {}
+    for metric in (value or "").split(","):
+        name, *params = (part.strip() for part in metric.split(";"))
+        for param in params:
+            key, _, number = param.partition("=")
+            if key.strip() == "dur":
+                with contextlib.suppress(ValueError):
+                    metrics[name] = float(number)
+    return metrics
+
+
+SPLIT_PARTS = ("db", "cpu", "wait")
+
+
+def slowest_split(
+    service: Sequence[float], timings: Sequence[Mapping[str, float]], *, share: float = 0.01
+) -> dict[str, dict[str, float]] | None:
+    """Where the dispatches' time went, by the server's own ``Server-Timing``
+    (its ``app`` time split into ``db``, ``cpu`` and ``wait``): the medians,
+    in ms, over the slowest ``share`` of them by ``service`` time (seconds,
+    from the actual start) and over all of them. ``outside`` is the service
+    time the app did not see: the network, the server's queue before a
+    thread took the request, the client's own wait for a CPU. None when no
+    answer carried the header (kiropool ran without it)."""
+    pairs = [(s, t) for s, t in zip(service, timings, strict=True) if "app" in t]
+    if not pairs:
+        return None
+
+    def medians(chosen: list[tuple[float, Mapping[str, float]]]) -> dict[str, float]:
+        found = {"service": round(percentile([s * 1000 for s, _ in chosen], 50), 2)}
+        found["outside"] = round(percentile([max(0.0, s * 1000 - t["app"]) for s, t in chosen], 50), 2)
+        for part in ("app", *SPLIT_PARTS):
+            found[part] = round(percentile([t.get(part, 0.0) for _, t in chosen], 50), 2)
+        return found
+
+    slowest = sorted(pairs, key=lambda pair: pair[0], reverse=True)[: max(1, round(len(pairs) * share))]
+    return {"slowest": medians(slowest), "all": medians(pairs), "count": len(slowest)}

@@ -302,3 +302,24 @@ def test_each_open_loops_p99_by_thirds_of_its_window_is_shown_without_a_verdict(
 
     del report["open_loop"]["floor"]["p99_by_third_ms"]
     assert not [row for row in rows(report) if "third" in row.what]
+
+
+def test_where_the_slowest_dispatches_spent_their_time_is_shown_when_kiropool_sent_it():
+    report = copy.deepcopy(GOOD)
+    # Without KIROPOOL_SERVER_TIMING (or an older bench.json): no rows.
+    assert not [row for row in rows(report) if "Server-Timing" in row.what]
+
+    def found(service: float, db: float) -> dict:
+        return {"service": service, "outside": 1.0, "app": service - 1, "db": db, "cpu": 3.0, "wait": service - 4 - db}
+
+    report["open_loop"]["accounts_50"]["server_timing"] = {"slowest": found(30, 20), "all": found(7, 3), "count": 20}
+    report["open_loop"]["accounts_1000"]["server_timing"] = {"slowest": found(25, 15), "all": found(6, 2), "count": 19}
+    slowest, everyone = [row for row in rows(report) if "Server-Timing" in row.what]
+    assert slowest.what == "  slowest 1%, medians (Server-Timing)"
+    assert slowest.value == (
+        "30.0 = outside the app 1.0 + statements 20.0 + CPU 3.0 + waits 6.0 / "
+        "25.0 = outside the app 1.0 + statements 15.0 + CPU 3.0 + waits 6.0 ms"
+    )
+    assert everyone.value.startswith("7.0 = outside the app 1.0 + statements 3.0 + CPU 3.0 + waits 0.0 / 6.0")
+    assert (slowest.target, slowest.verdict, everyone.verdict) == ("", "", "")
+    assert verdicts(report) == verdicts(GOOD)

@@ -19,6 +19,7 @@ from bench.load.stats import (
     p99_by_part,
     poisson_schedule,
     schedule_split,
+    slowest_split,
 )
 
 
@@ -232,3 +233,24 @@ def test_p99_by_part_refuses_nonsense():
         p99_by_part([], seconds=0, start=0)
     with pytest.raises(ValueError):
         p99_by_part([], seconds=10, start=0, parts=0)
+
+
+def test_slowest_split_takes_the_medians_of_the_slowest_and_of_all():
+    # 200 dispatches: 198 served in 5 ms, two in 40 and 50 ms (the slowest 1 %).
+    service = [0.005] * 198 + [0.040, 0.050]
+    timings = [{"app": 4.0, "db": 2.0, "cpu": 1.5, "wait": 0.5}] * 198 + [
+        {"app": 36.0, "db": 30.0, "cpu": 2.0, "wait": 4.0},
+        {"app": 44.0, "db": 34.0, "cpu": 2.0, "wait": 8.0},
+    ]
+    split = slowest_split(service, timings)
+    assert split["count"] == 2
+    assert split["slowest"] == {"service": 45.0, "outside": 5.0, "app": 40.0, "db": 32.0, "cpu": 2.0, "wait": 6.0}
+    assert split["all"] == {"service": 5.0, "outside": 1.0, "app": 4.0, "db": 2.0, "cpu": 1.5, "wait": 0.5}
+
+
+def test_slowest_split_needs_the_header():
+    # The floor, or kiropool without KIROPOOL_SERVER_TIMING: nothing to split.
+    assert slowest_split([0.005, 0.006], [{}, {}]) is None
+    # Answers without it (an error page before the middleware) are left out.
+    split = slowest_split([0.005, 0.100], [{"app": 4.0, "db": 1.0, "cpu": 2.0, "wait": 1.0}, {}])
+    assert split["slowest"]["service"] == 5.0
