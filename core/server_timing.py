@@ -57,10 +57,10 @@ class ServerTimingMiddleware:
         with connection.execute_wrapper(statements):
             response = self.get_response(request)
         app = time.perf_counter() - wall
-        outside = time.thread_time() - cpu - statements.cpu
-        wait = max(0.0, app - statements.wall - outside)
+        python = time.thread_time() - cpu - statements.cpu
+        wait = max(0.0, app - statements.wall - python)
         response["Server-Timing"] = server_timing_header(
-            app=app, db=statements.wall, statements=statements.count, cpu=outside, wait=wait
+            app=app, db=statements.wall, statements=statements.count, cpu=python, wait=wait
         )
         return response
 
