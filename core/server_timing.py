@@ -17,7 +17,8 @@ Four metrics, in milliseconds, that add up to ``app``:
 Off by default: the header tells every caller how long the server worked,
 which is nobody's business outside a benchmark or a debugging session, and
 the wrapper costs a few microseconds a statement. With it off the middleware
-is not installed (``kiropool/settings.py``). ``KIROPOOL_SERVER_TIMING=1 make
+is not installed (``kiropool/settings.py``); with it on, ``check --deploy``
+warns (``core/checks.py``). ``KIROPOOL_SERVER_TIMING=1 make
 bench`` splits the open loop's slowest dispatches with it (README,
 "Benchmark"; ``bench.load.stats.server_timing_parse`` reads it).
 """

@@ -57,6 +57,12 @@ def test_check_deploy_flags_the_development_defaults():
     assert "kiropool.W001" in result.stderr  # no KIROPOOL_FERNET_KEYS
 
 
+def test_check_deploy_flags_the_server_timing_header():
+    result = check_deploy(**PRODUCTION, KIROPOOL_SERVER_TIMING="true")
+    assert result.returncode != 0
+    assert "kiropool.W002" in result.stderr
+
+
 @pytest.fixture
 def behind_tls_proxy(settings):
     settings.SECURE_SSL_REDIRECT = True
