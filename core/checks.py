@@ -13,7 +13,7 @@ def server_timing_off(app_configs, **kwargs) -> list[checks.CheckMessage]:
     (``core/server_timing.py``): a deployment serving it tells every caller,
     a gateway's key holder or a stranger, how long each request's statements
     took."""
-    if not getattr(settings, "KIROPOOL_SERVER_TIMING", False):
+    if not settings.KIROPOOL_SERVER_TIMING:
         return []
     return [
         checks.Warning(
