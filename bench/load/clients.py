@@ -31,6 +31,7 @@ from bench.load.stats import (
     poisson_schedule,
     schedule_split,
     server_timing_parse,
+    slowest_clusters,
     slowest_split,
     status_counts,
 )
@@ -48,6 +49,11 @@ LATE_START_SECONDS = 0.005
 # arrival times showed bursts of 4-9 within 10-60 ms, and at 30 ms they
 # count 6.4-7.0 against 3.9 (bench/HISTORY.md, 2026-12-04).
 CROWD_WINDOW_SECONDS = 0.030
+# How close together the slowest 1 %'s answers come to count as one cluster
+# (``bench.load.stats.slowest_clusters``): about two dispatches' service
+# time. A stall in one run answered seven dispatches that had started over
+# 48 ms within 9 ms of one another (bench/HISTORY.md, 2026-12-06).
+CLUSTER_GAP_SECONDS = 0.010
 
 
 class Client:
@@ -276,7 +282,9 @@ def open_loop(
     to each of the slowest 1 %, against all of them
     (:func:`bench.load.stats.crowding`). ``server_timing``: where the
     slowest 1 % and all of them spent their time in the server, when it sent
-    a ``Server-Timing`` header (:func:`bench.load.stats.slowest_split`)."""
+    a ``Server-Timing`` header (:func:`bench.load.stats.slowest_split`).
+    ``clusters``: how the slowest 1 % group by when they were answered
+    (:func:`bench.load.stats.slowest_clusters`)."""
     arrivals = poisson_schedule(rate, warmup + seconds, random.Random(seed))
     start = time.monotonic() + START_DELAY_SECONDS
     jobs = []
@@ -290,6 +298,7 @@ def open_loop(
     service = latency_summary(services)
     lags = [x for t in tallies for x in t.lags]
     measured = [pair for t in tallies for pair in zip(t.scheduled, t.latencies, strict=True)]
+    timings = [x for t in tallies for x in t.timings]
     elapsed = max((t.last_answer for t in tallies), default=0.0) - (start + warmup)
     return {
         "rate_per_s": rate,
@@ -305,6 +314,7 @@ def open_loop(
         "client_threads": processes * threads,
         "crowding": crowding(arrivals, measured, window=CROWD_WINDOW_SECONDS),
         "p99_by_third_ms": p99_by_part(measured, seconds=seconds, start=warmup),
-        "server_timing": slowest_split(services, [x for t in tallies for x in t.timings]),
+        "server_timing": slowest_split(services, timings),
+        "clusters": slowest_clusters(measured, timings, gap=CLUSTER_GAP_SECONDS),
         **status_counts(_statuses(tallies)),
     }

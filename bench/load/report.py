@@ -117,6 +117,7 @@ def rows(report: dict) -> list[Row]:
     out.extend(_crowding_rows(late))
     out.extend(_thirds_rows(late))
     out.extend(_server_timing_rows(late))
+    out.extend(_cluster_rows(late))
     if late:
         shares = " / ".join(f"{s['late_starts'] / max(1, s['arrivals']):.1%}" for s in late)
         lags = " / ".join(_ms(s.get("start_lag_p99_ms")) for s in late)
@@ -232,6 +233,29 @@ def _server_timing_rows(phases: list[dict]) -> list[Row]:
         Row("  slowest 1%, medians (Server-Timing)", f"{slowest} ms", "", ""),
         Row("  every dispatch, medians (Server-Timing)", f"{everyone} ms", "", ""),
     ]
+
+
+def _cluster_rows(phases: list[dict]) -> list[Row]:
+    """How each open loop's slowest 1 % group by when they were answered
+    (``bench.load.stats.slowest_clusters``), in the order of the open-loop
+    rows, and the largest group: how far apart it started and was
+    answered, and its statements and waits (kiropool, with the
+    ``Server-Timing`` header). None for an older bench.json."""
+    found = [phase.get("clusters") for phase in phases]
+    if not found or any(clusters is None for clusters in found):
+        return []
+
+    def cluster(c: dict) -> str:
+        text = (
+            f"{c['count']} in {c['clusters']}, the largest {c['largest']}: started over "
+            f"{_ms(c['largest_started_over_ms'])}, answered within {_ms(c['largest_answered_within_ms'])}"
+        )
+        if c["largest_db_ms"] is not None:
+            text += f", statements {_ms(c['largest_db_ms'])} + waits {_ms(c['largest_wait_ms'])}"
+        return text
+
+    what = f"  slowest 1%, answered within {found[0]['gap_ms']:.0f} ms of the one before"
+    return [Row(what, " / ".join(cluster(c) for c in found) + " ms", "", "")]
 
 
 def _waiting_rows(waiting: dict | None) -> list[Row]:

@@ -226,3 +226,56 @@ def slowest_split(
 
     slowest = sorted(pairs, key=lambda pair: pair[0], reverse=True)[: max(1, round(len(pairs) * share))]
     return {"slowest": medians(slowest), "all": medians(pairs), "count": len(slowest)}
+
+
+def slowest_clusters(
+    measured: Sequence[tuple[float, float]],
+    timings: Sequence[Mapping[str, float]],
+    *,
+    gap: float,
+    share: float = 0.01,
+) -> dict[str, float | int | None] | None:
+    """How the slowest ``share`` of the ``measured`` arrivals (scheduled
+    time, latency, in seconds) group by when they were answered: each
+    *cluster* is a run of them whose answers came at most ``gap`` seconds
+    after the one before. The largest (the earliest of equal size): how
+    many, how far apart its arrivals were scheduled and its answers came
+    (ms), and the medians of its ``Server-Timing`` statements (``db``) and
+    waits (None where no answer carried the header; ``timings`` runs
+    beside ``measured``). None without arrivals.
+
+    It tells a stall from a burst. Dispatches that arrived over tens of
+    milliseconds at the usual pace and were all answered at once, their
+    statements long and their waits in the app short, were held by
+    something in the database all together; a burst's dispatches queue for
+    the interpreter and the CPUs, and their waits are long."""
+    if len(measured) != len(timings):
+        raise ValueError("measured and timings must run side by side")
+    if not measured:
+        return None
+    ranked = sorted(zip(measured, timings, strict=True), key=lambda item: item[0][1], reverse=True)
+    slowest = sorted(ranked[: max(1, round(len(measured) * share))], key=lambda item: sum(item[0]))
+    clusters: list[list[tuple[tuple[float, float], Mapping[str, float]]]] = [[slowest[0]]]
+    for item in slowest[1:]:
+        if sum(item[0]) - sum(clusters[-1][-1][0]) <= gap:
+            clusters[-1].append(item)
+        else:
+            clusters.append([item])
+    largest = max(clusters, key=len)
+
+    def median_of(part: str) -> float | None:
+        found = [timing[part] for _, timing in largest if part in timing]
+        return round(percentile(found, 50), 2) if found else None
+
+    starts = [at for (at, _), _ in largest]
+    ends = [at + latency for (at, latency), _ in largest]
+    return {
+        "gap_ms": round(gap * 1000, 3),
+        "count": len(slowest),
+        "clusters": len(clusters),
+        "largest": len(largest),
+        "largest_started_over_ms": round((max(starts) - min(starts)) * 1000, 2),
+        "largest_answered_within_ms": round((max(ends) - min(ends)) * 1000, 2),
+        "largest_db_ms": median_of("db"),
+        "largest_wait_ms": median_of("wait"),
+    }

@@ -323,3 +323,34 @@ def test_where_the_slowest_dispatches_spent_their_time_is_shown_when_kiropool_se
     assert everyone.value.startswith("7.0 = outside the app 1.0 + statements 3.0 + CPU 3.0 + waits 0.0 / 6.0")
     assert (slowest.target, slowest.verdict, everyone.verdict) == ("", "", "")
     assert verdicts(report) == verdicts(GOOD)
+
+
+def test_how_the_slowest_dispatches_cluster_is_shown_for_every_open_loop_without_a_verdict():
+    report = copy.deepcopy(GOOD)
+    # An older bench.json: no row.
+    assert not [row for row in rows(report) if "answered within" in row.what]
+
+    def clusters(largest: int, db: float | None) -> dict:
+        return {
+            "gap_ms": 10.0,
+            "count": 20,
+            "clusters": 6,
+            "largest": largest,
+            "largest_started_over_ms": 48.0,
+            "largest_answered_within_ms": 9.0,
+            "largest_db_ms": db,
+            "largest_wait_ms": None if db is None else 0.5,
+        }
+
+    report["open_loop"]["accounts_50"]["clusters"] = clusters(7, 54.2)
+    report["open_loop"]["accounts_1000"]["clusters"] = clusters(5, 20.0)
+    report["open_loop"]["floor"]["clusters"] = clusters(2, None)  # the floor sends no Server-Timing
+    (row,) = [row for row in rows(report) if "answered within" in row.what]
+    assert row.what == "  slowest 1%, answered within 10 ms of the one before"
+    assert row.value == (
+        "20 in 6, the largest 7: started over 48.0, answered within 9.0, statements 54.2 + waits 0.5 / "
+        "20 in 6, the largest 5: started over 48.0, answered within 9.0, statements 20.0 + waits 0.5 / "
+        "20 in 6, the largest 2: started over 48.0, answered within 9.0 ms"
+    )
+    assert (row.target, row.verdict) == ("", "")
+    assert verdicts(report) == verdicts(GOOD)

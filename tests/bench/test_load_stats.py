@@ -19,6 +19,7 @@ from bench.load.stats import (
     p99_by_part,
     poisson_schedule,
     schedule_split,
+    slowest_clusters,
     slowest_split,
 )
 
@@ -254,3 +255,45 @@ def test_slowest_split_needs_the_header():
     # Answers without it (an error page before the middleware) are left out.
     split = slowest_split([0.005, 0.100], [{"app": 4.0, "db": 1.0, "cpu": 2.0, "wait": 1.0}, {}])
     assert split["slowest"]["service"] == 5.0
+
+
+def _steady(n: int) -> tuple[list[tuple[float, float]], list[dict]]:
+    """``n`` arrivals every 10 ms from 0, each answered in 5 ms."""
+    return [(i * 0.010, 0.005) for i in range(n)], [{"app": 4.0, "db": 2.0, "cpu": 1.5, "wait": 0.0}] * n
+
+
+def test_slowest_clusters_find_dispatches_answered_all_at_once():
+    # A stall: three arrivals 10 ms apart, held until 0.580 s and answered
+    # within a millisecond; a fourth slow one alone, a second later.
+    measured, timings = _steady(296)
+    measured += [(0.500, 0.080), (0.510, 0.0705), (0.520, 0.061), (1.500, 0.030)]
+    timings += [{"app": 79.0, "db": 70.0, "cpu": 1.5, "wait": 0.5}] * 3 + [{"app": 29.0, "db": 5.0, "wait": 20.0}]
+    found = slowest_clusters(measured, timings, gap=0.010, share=4 / 300)
+    assert found == {
+        "gap_ms": 10.0,
+        "count": 4,
+        "clusters": 2,
+        "largest": 3,
+        "largest_started_over_ms": 20.0,
+        "largest_answered_within_ms": 1.0,
+        "largest_db_ms": 70.0,
+        "largest_wait_ms": 0.5,
+    }
+
+
+def test_slowest_clusters_keep_answers_further_apart_than_the_gap_apart():
+    measured, timings = _steady(297)
+    measured += [(0.500, 0.050), (0.540, 0.050), (0.580, 0.050)]  # answered 40 ms apart
+    timings += [{}] * 3  # the floor: no Server-Timing header
+    found = slowest_clusters(measured, timings, gap=0.010, share=0.01)
+    assert (found["count"], found["clusters"], found["largest"]) == (3, 3, 1)
+    assert found["largest_started_over_ms"] == found["largest_answered_within_ms"] == 0.0
+    assert found["largest_db_ms"] is None and found["largest_wait_ms"] is None
+    # A gap a little wider than theirs joins them.
+    assert slowest_clusters(measured, timings, gap=0.041, share=0.01)["clusters"] == 1
+
+
+def test_slowest_clusters_need_arrivals_measured_beside_their_timings():
+    assert slowest_clusters([], [], gap=0.010) is None
+    with pytest.raises(ValueError):
+        slowest_clusters([(0.0, 0.005)], [], gap=0.010)
