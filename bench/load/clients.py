@@ -122,17 +122,18 @@ class Plan:
         return {}
 
 
-def cycle(client: Client, plan: Plan, rng: random.Random, tag: str, serial: int) -> tuple[float, list[int], dict]:
+def cycle(client: Client, plan: Plan, rng: random.Random, tag: str, serial: int) -> tuple[float, list[int], str | None]:
     """Run one cycle; return when its first answer arrived (monotonic),
     every status code (0: no answer at all) and the first answer's
-    ``Server-Timing`` metrics (empty without the header)."""
+    ``Server-Timing`` header as sent (None without it), read after the run
+    (:func:`open_loop`) so no client CPU goes to it while it is measured."""
     try:
         if plan.traffic == "floor":
             status, _, _ = client.post(f"/floor/{plan.floor_pk}", {})
-            return time.monotonic(), [status], {}  # the floor sends no Server-Timing
+            return time.monotonic(), [status], None  # the floor sends no Server-Timing
         status, data, headers = client.post(DISPATCH, plan.body(rng, tag, serial))
         answered = time.monotonic()
-        timing = server_timing_parse(headers.get("Server-Timing"))
+        timing = headers.get("Server-Timing")
         if status != 200:
             return answered, [status], timing
         done, _, _ = client.post(
@@ -142,7 +143,7 @@ def cycle(client: Client, plan: Plan, rng: random.Random, tag: str, serial: int)
         return answered, [status, done], timing
     except OSError:
         client.close()
-        return time.monotonic(), [0], {}
+        return time.monotonic(), [0], None
 
 
 @dataclass
@@ -156,7 +157,7 @@ class Tally:
     lags: list[float] | None = None  # open loop: actual start − scheduled start
     late_claims: int = 0  # open loop: no client thread was free at the scheduled time
     scheduled: list[float] | None = None  # open loop: each latency's scheduled start (seconds into the schedule)
-    timings: list[dict] | None = None  # open loop: each first answer's Server-Timing metrics
+    timings: list[str | None] | None = None  # open loop: each first answer's Server-Timing header
 
 
 def _closed_thread(port: int, plan: Plan, seed: str, window: tuple[float, float], tally: Tally) -> None:
@@ -298,7 +299,7 @@ def open_loop(
     service = latency_summary(services)
     lags = [x for t in tallies for x in t.lags]
     measured = [pair for t in tallies for pair in zip(t.scheduled, t.latencies, strict=True)]
-    timings = [x for t in tallies for x in t.timings]
+    timings = [server_timing_parse(x) for t in tallies for x in t.timings]
     elapsed = max((t.last_answer for t in tallies), default=0.0) - (start + warmup)
     return {
         "rate_per_s": rate,
