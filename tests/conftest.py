@@ -158,19 +158,24 @@ def django_db_setup(django_db_setup):
 
 def pytest_generate_tests(metafunc):
     # The parity suite: a test that asks for ``statements`` runs once with the
-    # ORM services alone ("orm") and, on PostgreSQL, once more with the
-    # one-statement speedups of routing/pg.py on ("fast").
+    # ORM services alone ("orm") and, on PostgreSQL, twice more with the
+    # one-statement speedups of routing/pg.py on: as a key starts ("fast":
+    # the sticky statement first), and as a key of mostly new sessions runs
+    # ("fast-lookup": the binding looked up first, routing/leases.StickyOdds).
     if "statements" in metafunc.fixturenames:
-        variants = ["orm", "fast"] if connection.vendor == "postgresql" else ["orm"]
+        variants = ["orm", "fast", "fast-lookup"] if connection.vendor == "postgresql" else ["orm"]
         metafunc.parametrize("statements", variants, indirect=True)
 
 
 @pytest.fixture
-def statements(request):
-    from routing import pg
+def statements(request, monkeypatch):
+    from routing import leases, pg
     from routing.backend import backend
 
     saved = backend.statements
-    backend.statements = pg.Statements() if request.param == "fast" else None
+    backend.statements = pg.Statements() if request.param.startswith("fast") else None
+    lookup_first = request.param == "fast-lookup"
+    odds = leases.StickyOdds(lookup_first_below=float("inf") if lookup_first else 0.0)
+    monkeypatch.setattr(leases, "sticky_odds", odds)
     yield request.param
     backend.statements = saved

@@ -28,11 +28,13 @@ def cold():
     """This process as a worker that has served nothing yet."""
     clear_url_caches()
     reads.compiled.cache_clear()
+    reads.binding_lookup.cache_clear()
     pg._claimable.cache_clear()
 
 
-def _compiles() -> tuple[int, int]:
-    return reads.compiled.cache_info().misses, pg._claimable.cache_info().misses
+def _compiles() -> tuple[int, int, int]:
+    caches = (reads.compiled, reads.binding_lookup, pg._claimable)
+    return tuple(cache.cache_info().misses for cache in caches)
 
 
 @pytest.mark.usefixtures("cold")

@@ -88,6 +88,15 @@ PARAMETERS = {
 }
 
 
+def live_binding(values: Mapping[str, object]) -> QuerySet:
+    """The account of the live binding of (key, session id), if any: the
+    sticky read's condition, and the binding look-up's
+    (``dispatch.session_bound``)."""
+    return SessionBinding.objects.filter(
+        api_key_id=values["key_id"], session_id=values["session_id"], expires_at__gt=values["now"]
+    ).values("account_id")[:1]
+
+
 def candidates_queryset(shape: Shape, values: Mapping[str, object]) -> QuerySet:
     """The key's selectable accounts with every sort key of SPEC §2, in
     dispatch order. ``values`` holds the parameters (``PARAMETERS``, and the
@@ -115,9 +124,7 @@ def candidates_queryset(shape: Shape, values: Mapping[str, object]) -> QuerySet:
             pk__in=walk.head_or_special(selectable, values, spread=shape.spread, latency=shape.latency, rows=HEAD_ROWS)
         )
 
-    binding = SessionBinding.objects.filter(
-        api_key_id=values["key_id"], session_id=values["session_id"], expires_at__gt=now
-    ).values("account_id")[:1]
+    binding = live_binding(values)
     if shape.bound_only:
         accounts = accounts.filter(pk=Subquery(binding))
 

@@ -601,12 +601,15 @@ def _queries(ctx) -> list[str]:
 # "fast" (PostgreSQL's one-statement writes): a bound session is served by one
 # statement (read the bound account, claim, insert the lease); any other
 # dispatch reads the head of the order and claims in one statement, and a
-# fresh session first finds no bound account. "orm" (SQLite, or PostgreSQL
+# fresh session first finds no bound account. "fast-lookup" (a key of mostly
+# new sessions): a session's binding is looked up first, and a bound one is
+# then served by that one statement. "orm" (SQLite, or PostgreSQL
 # with KIROPOOL_FAST_STATEMENTS off): the claim locks the identity's row if
 # it can start, locks a free slot of the key and marks it taken, updates the
 # identity and inserts the lease, in one transaction.
 DISPATCH_QUERIES = {
     "fast": {None: 3, "fresh": 4, "bound": 2},
+    "fast-lookup": {None: 3, "fresh": 4, "bound": 3},
     "orm": {None: 7, "fresh": 8, "bound": 7},
 }
 
@@ -641,7 +644,7 @@ def test_dispatch_issues_a_fixed_number_of_queries(gw, key, session, statements)
 # NOTIFY in one statement. "orm": read the lease, close it, release the key's
 # slot and the identity's, record the sample, upsert the binding (with a
 # session), NOTIFY on PostgreSQL.
-COMPLETION_QUERIES = {"fast": {None: 2, "conv": 2}, "orm": {None: 6, "conv": 7}}
+COMPLETION_QUERIES = {"fast": {None: 2, "conv": 2}, "fast-lookup": {None: 2, "conv": 2}, "orm": {None: 6, "conv": 7}}
 
 
 @pytest.mark.parametrize("session", [None, "conv"])
