@@ -292,8 +292,12 @@ def _sticky_fast_path(
     read = dict(key=key, request=request, now=now, snapshot=None, spread=False, bound_only=True)
     outcome = StickyOutcome.WAITED if waited_ms else StickyOutcome.HIT
     if backend.statements is not None and not key.min_start_interval_ms:
-        if sticky_odds.lookup_first(key.pk) and not reads.session_bound(
-            key=key, session_id=request.session_id, now=now
+        # A turn waiting for its account (``waited_ms``) was found bound
+        # already: it goes straight to the statement.
+        if (
+            not waited_ms
+            and sticky_odds.lookup_first(key.pk)
+            and not reads.session_bound(key=key, session_id=request.session_id, now=now)
         ):
             sticky_odds.observe(key.pk, bound=False)
             return None, None

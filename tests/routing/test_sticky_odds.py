@@ -15,6 +15,7 @@ from django.utils import timezone
 
 from routing import leases
 from routing.backend import backend
+from routing.dispatch import DispatchRequest
 from routing.models import SessionBinding
 from routing.selectors import dispatch as reads
 from routing.selectors.candidates import live_binding
@@ -104,3 +105,31 @@ def test_a_key_of_new_sessions_skips_the_sticky_statement_and_still_serves_a_ret
     assert response.status_code == 200
     assert response.json()["session"] == "sticky" and response.json()["account"]["name"] == returning
     assert len(_sticky_statements(ctx)) == 1
+
+
+def _binding_lookups(ctx) -> list[str]:
+    return [q["sql"] for q in ctx.captured_queries if q["sql"].lstrip().startswith('SELECT "routing_sessionbinding"')]
+
+
+@pytest.mark.django_db
+@pytest.mark.usefixtures("postgres_only")
+def test_a_turn_waiting_for_its_account_skips_the_look_up(monkeypatch):
+    """Sticky patience retries the fast path for a session it found bound:
+    looking the binding up again would only cost a round trip."""
+    monkeypatch.setattr(leases, "sticky_odds", leases.StickyOdds(lookup_first_below=float("inf")))
+    account, key = AccountFactory(), ApiKeyFactory()
+    gw = Gateway(key.plaintext)
+    gw.cycle(session_id="warm-up")  # the key's first lease makes its slot rows
+    session_bind(key=key, session_id="conv", account_id=account.pk)
+    request = DispatchRequest(session_id="conv")
+
+    with CaptureQueriesContext(connection) as ctx:
+        acquired, row = leases._sticky_fast_path(key=key, request=request, waited_ms=5)
+    assert acquired is not None and row.account_id == account.pk
+    assert _binding_lookups(ctx) == [] and len(_sticky_statements(ctx)) == 1
+    assert gw.complete(str(acquired.lease.id), outcome="success").status_code == 200
+
+    with CaptureQueriesContext(connection) as ctx:
+        acquired, _ = leases._sticky_fast_path(key=key, request=request)
+    assert acquired is not None
+    assert len(_binding_lookups(ctx)) == 1 and len(_sticky_statements(ctx)) == 1
