@@ -25,32 +25,34 @@ from routing.apis import DispatchApi, DispatchInputSerializer, LeaseCompleteApi
 from routing.dispatch import Completed
 
 
-def _one_field(name: str, field: serializers.Field) -> type[serializers.Serializer]:
-    return type(f"Only{name.title().replace('_', '')}Serializer", (serializers.Serializer,), {"value": field})
+def _one_field(name: str, field: serializers.Field) -> tuple[str, type[serializers.Serializer]]:
+    return name, type(f"Only{name.title().replace('_', '')}Serializer", (serializers.Serializer,), {"value": field})
 
 
 # One serializer a field kind and set of options the plan knows (or defers),
 # so that a wrong answer shows whenever that one field's value is valid.
-FIELD_KINDS = [
-    _one_field("text", serializers.CharField(max_length=8, min_length=2)),
-    _one_field(
-        "text_raw", serializers.CharField(required=False, allow_blank=True, allow_null=True, trim_whitespace=False)
-    ),
-    _one_field("strict_text", StrictCharField(required=False, allow_blank=True)),
-    _one_field("strict_int", StrictIntegerField(required=False, min_value=-3, max_value=3)),
-    _one_field("int", serializers.IntegerField(required=False, default=lambda: 7)),
-    _one_field("strict_float", StrictFloatField(required=False, allow_null=True, max_value=1e6)),
-    _one_field("float", serializers.FloatField()),
-    _one_field("strict_bool", StrictBooleanField(required=False, default=True)),
-    _one_field("bool", serializers.BooleanField(required=False, allow_null=True)),
-    _one_field("choice", serializers.ChoiceField(choices=["a", "b", ("c", "see")], allow_blank=True)),
-    _one_field("int_choice", serializers.ChoiceField(choices=[(1, "one"), (2, "two")])),
-    _one_field(
-        "strict_list", StrictListField(child=serializers.CharField(max_length=9), allow_empty=False, max_length=2)
-    ),
-    _one_field("list", serializers.ListField(child=serializers.IntegerField(allow_null=True), required=False)),
-    _one_field("date", serializers.DateTimeField(allow_null=True)),
-]
+KINDS = dict(
+    [
+        _one_field("text", serializers.CharField(max_length=8, min_length=2)),
+        _one_field(
+            "text_raw", serializers.CharField(required=False, allow_blank=True, allow_null=True, trim_whitespace=False)
+        ),
+        _one_field("strict_text", StrictCharField(required=False, allow_blank=True)),
+        _one_field("strict_int", StrictIntegerField(required=False, min_value=-3, max_value=3)),
+        _one_field("int", serializers.IntegerField(required=False, default=lambda: 7)),
+        _one_field("strict_float", StrictFloatField(required=False, allow_null=True, max_value=1e6)),
+        _one_field("float", serializers.FloatField()),
+        _one_field("strict_bool", StrictBooleanField(required=False, default=True)),
+        _one_field("bool", serializers.BooleanField(required=False, allow_null=True)),
+        _one_field("choice", serializers.ChoiceField(choices=["a", "b", ("c", "see")], allow_blank=True)),
+        _one_field("int_choice", serializers.ChoiceField(choices=[(1, "one"), (2, "two")])),
+        _one_field(
+            "strict_list", StrictListField(child=serializers.CharField(max_length=9), allow_empty=False, max_length=2)
+        ),
+        _one_field("list", serializers.ListField(child=serializers.IntegerField(allow_null=True), required=False)),
+        _one_field("date", serializers.DateTimeField(allow_null=True)),
+    ]
+)
 
 
 class HookedSerializer(serializers.Serializer):
@@ -70,7 +72,7 @@ class HookedSerializer(serializers.Serializer):
         return {**attrs, "seen": True}
 
 
-SERIALIZERS = [DispatchInputSerializer, LeaseCompleteApi.InputSerializer, HookedSerializer, *FIELD_KINDS]
+SERIALIZERS = [DispatchInputSerializer, LeaseCompleteApi.InputSerializer, HookedSerializer, *KINDS.values()]
 
 ODD_STRINGS = ["", " ", "  ab ", "x\x00y", "\ud800", "é", "2", "1.5", "true", "abcdefghi", "2030-01-01T00:00:00Z"]
 scalars = st.one_of(
@@ -147,9 +149,9 @@ def test_the_plan_validates_as_drf_does(cls, data):
         (LeaseCompleteApi.InputSerializer, {"outcome": "success", "first_token_ms": 412.5}),
         (LeaseCompleteApi.InputSerializer, {"outcome": "rate_limited", "cooldown_seconds": 30, "proxy_failure": True}),
         (HookedSerializer, {"name": " ab ", "count": 2}),
-        (FIELD_KINDS[11], {"value": ["x", "y"]}),
-        (FIELD_KINDS[12], {"value": [1, None]}),
-        (FIELD_KINDS[13], {"value": None}),
+        (KINDS["strict_list"], {"value": ["x", "y"]}),
+        (KINDS["list"], {"value": [1, None]}),
+        (KINDS["date"], {"value": None}),
     ],
 )
 def test_a_gateways_usual_input_is_settled_by_the_plan(cls, data):
@@ -166,8 +168,8 @@ def test_what_the_plan_cannot_settle_goes_to_drf():
     """A numeric string, a date, an error: DRF's own validation, with its
     coercion or its error."""
     for cls, data, expected in [
-        (FIELD_KINDS[4], {"value": "5"}, {"value": 5}),
-        (FIELD_KINDS[13], {"value": "2030-01-01T00:00:00Z"}, {"value": datetime(2030, 1, 1, tzinfo=UTC)}),
+        (KINDS["int"], {"value": "5"}, {"value": 5}),
+        (KINDS["date"], {"value": "2030-01-01T00:00:00Z"}, {"value": datetime(2030, 1, 1, tzinfo=UTC)}),
     ]:
         shared = SharedSerializer(cls)
         serializer = shared._build()[0]
