@@ -47,16 +47,16 @@ from core import serializer_fields
 class SharedSerializer:
     def __init__(self, serializer_class: type[serializers.Serializer]) -> None:
         self.serializer_class = serializer_class
-        self._built: tuple[serializers.Serializer, _InputPlan | None, _OutputPlan] | None = None
+        self._built: tuple[serializers.Serializer, _InputPlan | None, _OutputPlan | None] | None = None
         self._lock = threading.Lock()
 
-    def _build(self) -> tuple[serializers.Serializer, _InputPlan | None, _OutputPlan]:
+    def _build(self) -> tuple[serializers.Serializer, _InputPlan | None, _OutputPlan | None]:
         if self._built is None:
             with self._lock:
                 if self._built is None:
                     instance = self.serializer_class()
                     _bind(instance)
-                    self._built = (instance, _input_plan(instance), _OutputPlan(instance))
+                    self._built = (instance, _input_plan(instance), _output_plan(instance))
         return self._built
 
     def validate(self, data: Any) -> dict:
@@ -71,7 +71,8 @@ class SharedSerializer:
         return instance.run_validation(data)
 
     def render(self, obj: Any) -> dict:
-        return self._build()[2].render(obj)
+        instance, _, plan = self._build()
+        return plan.render(obj) if plan is not None else instance.to_representation(obj)
 
 
 def _bind(serializer: serializers.Serializer) -> None:
@@ -269,8 +270,8 @@ class _InputPlan:
 def _input_plan(serializer: serializers.Serializer) -> _InputPlan | None:
     """The plan, or None when a writable field is of a kind it does not know
     (that serializer always validates through DRF)."""
-    if getattr(serializer, "partial", False):
-        return None
+    if getattr(serializer, "partial", False) or _overrides(serializer, serializers.Serializer, _INPUT_METHODS):
+        return None  # its own way of validating: DRF runs it
     steps = []
     for field in serializer._writable_fields:
         convert = _field_plan(field)
@@ -278,6 +279,15 @@ def _input_plan(serializer: serializers.Serializer) -> _InputPlan | None:
             return None
         steps.append((field.field_name, convert, getattr(serializer, "validate_" + field.field_name, None)))
     return _InputPlan(steps, validators=bool(serializer.validators))
+
+
+def _overrides(obj: Any, base: type, names: tuple[str, ...]) -> bool:
+    """Whether ``obj``'s class replaces one of ``base``'s methods the plan
+    stands in for (then the plan would skip that code)."""
+    return any(getattr(type(obj), name) is not getattr(base, name) for name in names)
+
+
+_INPUT_METHODS = ("run_validation", "validate_empty_values", "to_internal_value")
 
 
 # --- output ------------------------------------------------------------------------------------
@@ -290,19 +300,26 @@ class _OutputPlan:
     def __init__(self, serializer: serializers.Serializer) -> None:
         self.fields = []
         for field in serializer._readable_fields:
-            if isinstance(field, serializers.Serializer):
+            if isinstance(field, serializers.Serializer) and not _overrides(
+                field, serializers.Serializer, ("to_representation",)
+            ):
                 represent = _OutputPlan(field).render
             elif type(field) in _STRINGS or _uuid_as_string(field):
                 represent = str  # what their to_representation returns
             else:
                 represent = field.to_representation
-            self.fields.append((field.field_name, tuple(field.source_attrs), represent, field))
+            # A field reading its value its own way (a relation's primary
+            # key, say) always reads it so; the others through the chain.
+            attrs = None if _overrides(field, drf_fields.Field, ("get_attribute",)) else tuple(field.source_attrs)
+            self.fields.append((field.field_name, attrs, represent, field))
 
     def render(self, instance: Any) -> dict:
         rendered = {}
         for name, attrs, represent, field in self.fields:
             value = instance
             try:
+                if attrs is None:
+                    raise _Undecided
                 for attr in attrs:
                     value = value[attr] if isinstance(value, Mapping) else getattr(value, attr)
                     if callable(value):
@@ -321,3 +338,10 @@ class _OutputPlan:
 
 def _uuid_as_string(field: drf_fields.Field) -> bool:
     return type(field) is serializers.UUIDField and field.uuid_format == "hex_verbose"
+
+
+def _output_plan(serializer: serializers.Serializer) -> _OutputPlan | None:
+    """The plan, or None when the serializer renders its own way."""
+    if _overrides(serializer, serializers.Serializer, ("to_representation",)):
+        return None
+    return _OutputPlan(serializer)

@@ -312,3 +312,40 @@ def test_a_missing_required_attribute_fails_as_in_drf():
     with pytest.raises(AttributeError) as drfs:
         Needy(SimpleNamespace()).data  # noqa: B018 - the property raises
     assert str(ours.value) == str(drfs.value)
+
+
+class Trimmed(serializers.Serializer):
+    """Validates and renders its own way on top of DRF's."""
+
+    name = serializers.CharField()
+
+    def to_internal_value(self, data):
+        return {**super().to_internal_value(data), "trimmed": True}
+
+    def to_representation(self, instance):
+        return {**super().to_representation(instance), "shown": True}
+
+
+class WithTrimmed(serializers.Serializer):
+    inner = Trimmed(source="*")
+
+
+class Doubled(serializers.IntegerField):
+    """Reads its value its own way."""
+
+    def get_attribute(self, instance):
+        return 2 * super().get_attribute(instance)
+
+
+class WithDoubled(serializers.Serializer):
+    count = Doubled()
+
+
+def test_a_serializer_with_its_own_validation_or_rendering_keeps_it():
+    """A serializer or field replacing a step the plan stands in for is
+    run as DRF runs it, its own code included."""
+    shared = SharedSerializer(Trimmed)
+    assert shared.validate({"name": "a"}) == {"name": "a", "trimmed": True}
+    assert shared.render(SimpleNamespace(name="a")) == {"name": "a", "shown": True}
+    assert SharedSerializer(WithTrimmed).render(SimpleNamespace(name="a")) == {"inner": {"name": "a", "shown": True}}
+    assert SharedSerializer(WithDoubled).render(SimpleNamespace(count=2)) == {"count": 4}
