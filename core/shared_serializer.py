@@ -179,7 +179,7 @@ def _value_plan(field: drf_fields.Field) -> Convert | None:
     elif kind in _BOOLEANS:
 
         def convert(value):
-            if value is not True and value is not False:
+            if (value is not True and value is not False) or not checks(value):
                 raise _Undecided
             return value
 
@@ -189,7 +189,10 @@ def _value_plan(field: drf_fields.Field) -> Convert | None:
         def convert(value):
             if type(value) is not str or value not in choices:
                 raise _Undecided
-            return choices[value]
+            value = choices[value]
+            if not checks(value):
+                raise _Undecided
+            return value
 
     elif kind in _LISTS:
         child = _field_plan(field.child)

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 from unittest import mock
 
 import pytest
+from django.core.validators import MaxLengthValidator, MinValueValidator
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from rest_framework import serializers
@@ -46,6 +47,9 @@ KINDS = dict(
         _one_field("bool", serializers.BooleanField(required=False, allow_null=True)),
         _one_field("choice", serializers.ChoiceField(choices=["a", "b", ("c", "see")], allow_blank=True)),
         _one_field("int_choice", serializers.ChoiceField(choices=[(1, "one"), (2, "two")])),
+        # Validators on kinds whose conversion needs no check of its own.
+        _one_field("limited_choice", serializers.ChoiceField(choices=["a", "bb"], validators=[MaxLengthValidator(1)])),
+        _one_field("true_only", serializers.BooleanField(validators=[MinValueValidator(True)])),
         _one_field(
             "strict_list", StrictListField(child=serializers.CharField(max_length=9), allow_empty=False, max_length=2)
         ),
