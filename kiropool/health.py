@@ -29,8 +29,9 @@ from routing import metrics
 logger = logging.getLogger(__name__)
 
 # A probe must answer well within a load balancer's or kubelet's own timeout
-# (commonly 1-5 s), even when the broker host swallows packets.
-BROKER_TIMEOUT_SECONDS = 2.0
+# (commonly 1-5 s), even when the database's or the broker's host swallows
+# packets. Whole seconds: libpq's connect_timeout takes no fraction.
+PROBE_TIMEOUT_SECONDS = 2
 
 
 @never_cache
@@ -79,9 +80,21 @@ def _check(ping) -> str:
 
 
 def _database_ping() -> None:
-    with connections["default"].cursor() as cursor:
-        cursor.execute("SELECT 1")
-        cursor.fetchone()
+    """``SELECT 1``, within ``PROBE_TIMEOUT_SECONDS`` when the database is
+    down. On PostgreSQL over a connection of the probe's own, opened with
+    the settings' parameters and closed after: a pooled connection would
+    wait the pool's timeout (``KIROPOOL_DB_POOL_TIMEOUT``, 10 s) for a
+    database that does not answer, a thread's persistent one would reconnect
+    with no time limit, and a busy pool is not a database that is down."""
+    database = connections["default"]
+    if database.vendor != "postgresql":
+        with database.cursor() as cursor:
+            cursor.execute("SELECT 1")
+            cursor.fetchone()
+        return
+    params = {**database.get_connection_params(), "connect_timeout": PROBE_TIMEOUT_SECONDS, "autocommit": True}
+    with database.Database.connect(**params) as probe:
+        probe.execute("SELECT 1").fetchone()
 
 
 def _broker_ping() -> None:
@@ -94,7 +107,7 @@ def _broker_ping() -> None:
             if not folder or not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
                 raise FileNotFoundError("broker folder missing or not writable")
         return
-    timeout = BROKER_TIMEOUT_SECONDS
+    timeout = PROBE_TIMEOUT_SECONDS
     with kombu.Connection(
         url, connect_timeout=timeout, transport_options={"socket_timeout": timeout, "socket_connect_timeout": timeout}
     ) as connection:
