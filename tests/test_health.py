@@ -67,23 +67,36 @@ def test_readyz_reaches_the_real_redis_broker(client):
     assert client.get("/readyz").json()["checks"]["broker"] == "ok"
 
 
-def test_readyz_names_an_unreachable_database(tmp_path):
-    # A separate process, configured with a database nobody serves.
+def readyz_in_a_process(database_url: str, *, timeout: float, **env) -> dict:
+    """``GET /readyz`` in a separate process configured with ``database_url``
+    (and the filesystem broker), within ``timeout`` seconds: its status and
+    body."""
     probe = (
         "import django, json; django.setup()\n"
         "from django.test import Client\n"
         "r = Client().get('/readyz')\n"
         "print(json.dumps({'status': r.status_code, 'body': r.json()}))\n"
     )
-    env = clean_env(
+    environ = clean_env(
         DJANGO_SETTINGS_MODULE="kiropool.settings",
-        DATABASE_URL="postgres://nobody@127.0.0.1:1/nothing",
+        DATABASE_URL=database_url,
         CELERY_BROKER_URL="filesystem://",
+        **env,
     )
     out = subprocess.run(
-        [sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, check=True, timeout=60
+        [sys.executable, "-c", probe],
+        cwd=ROOT,
+        env=environ,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=timeout,
     )
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_readyz_names_an_unreachable_database():
+    result = readyz_in_a_process("postgres://nobody@127.0.0.1:1/nothing", timeout=60)  # nobody serves port 1
     assert result["status"] == 503
     assert result["body"]["checks"] == {"database": "down (OperationalError)", "broker": "ok"}
     assert result["body"]["error"]["message"] == "not ready: database unreachable"
@@ -96,26 +109,9 @@ def test_readyz_answers_within_its_timeout_when_the_database_host_is_silent():
     # 2 s connect timeout. The 30 s limit on the whole process is slack for
     # a busy machine (Django's start-up included); the pool's wait would
     # pass it.
-    silent = socket.create_server(("127.0.0.1", 0))
-    try:
-        probe = (
-            "import django, json; django.setup()\n"
-            "from django.test import Client\n"
-            "r = Client().get('/readyz')\n"
-            "print(json.dumps({'status': r.status_code, 'body': r.json()}))\n"
-        )
-        env = clean_env(
-            DJANGO_SETTINGS_MODULE="kiropool.settings",
-            DATABASE_URL=f"postgres://nobody@127.0.0.1:{silent.getsockname()[1]}/nothing",
-            KIROPOOL_DB_POOL_TIMEOUT="60",
-            CELERY_BROKER_URL="filesystem://",
-        )
-        out = subprocess.run(
-            [sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, check=True, timeout=30
-        )
-    finally:
-        silent.close()
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        url = f"postgres://nobody@127.0.0.1:{silent.getsockname()[1]}/nothing"
+        result = readyz_in_a_process(url, timeout=30, KIROPOOL_DB_POOL_TIMEOUT="60")
     assert result["status"] == 503
     assert result["body"]["checks"] == {"database": "down (ConnectionTimeout)", "broker": "ok"}
 
