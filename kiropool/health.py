@@ -16,22 +16,17 @@ import os
 import kombu
 from django.conf import settings
 from django.core.signals import setting_changed
-from django.db import connections
 from django.dispatch import receiver
 from django.http import HttpResponse, JsonResponse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 
+from core.database import PING_TIMEOUT_SECONDS, database_ping
 from core.errors import error_body
 from core.recent import RecentValue
 from routing import metrics
 
 logger = logging.getLogger(__name__)
-
-# A probe must answer well within a load balancer's or kubelet's own timeout
-# (commonly 1-5 s), even when the database's or the broker's host swallows
-# packets. Whole seconds: libpq's connect_timeout takes no fraction.
-PROBE_TIMEOUT_SECONDS = 2
 
 
 @never_cache
@@ -41,7 +36,7 @@ def healthz(request):
 
 
 def _readiness() -> dict[str, str]:
-    return {"database": _check(_database_ping), "broker": _check(_broker_ping)}
+    return {"database": _check(database_ping), "broker": _check(_broker_ping)}
 
 
 # The answer is reused for a few seconds in this process (core/recent.py):
@@ -79,24 +74,6 @@ def _check(ping) -> str:
     return "ok"
 
 
-def _database_ping() -> None:
-    """``SELECT 1``, within ``PROBE_TIMEOUT_SECONDS`` when the database is
-    down. On PostgreSQL over a connection of the probe's own, opened with
-    the settings' parameters and closed after: a pooled connection would
-    wait the pool's timeout (``KIROPOOL_DB_POOL_TIMEOUT``, 10 s) for a
-    database that does not answer, a thread's persistent one would reconnect
-    with no time limit, and a busy pool is not a database that is down."""
-    database = connections["default"]
-    if database.vendor != "postgresql":
-        with database.cursor() as cursor:
-            cursor.execute("SELECT 1")
-            cursor.fetchone()
-        return
-    params = {**database.get_connection_params(), "connect_timeout": PROBE_TIMEOUT_SECONDS, "autocommit": True}
-    with database.Database.connect(**params) as probe:
-        probe.execute("SELECT 1").fetchone()
-
-
 def _broker_ping() -> None:
     url = settings.CELERY_BROKER_URL
     if url.startswith("filesystem://"):
@@ -107,7 +84,10 @@ def _broker_ping() -> None:
             if not folder or not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
                 raise FileNotFoundError("broker folder missing or not writable")
         return
-    timeout = PROBE_TIMEOUT_SECONDS
+    # The database ping's limit (core/database.py): a probe must answer well
+    # within a load balancer's or kubelet's own timeout (commonly 1-5 s), even
+    # when the broker's host swallows packets.
+    timeout = PING_TIMEOUT_SECONDS
     with kombu.Connection(
         url, connect_timeout=timeout, transport_options={"socket_timeout": timeout, "socket_connect_timeout": timeout}
     ) as connection:

@@ -1,4 +1,4 @@
-"""/healthz and /readyz."""
+"""/healthz, /readyz, and /metrics when the database is down."""
 
 import functools
 import json
@@ -68,15 +68,15 @@ def test_readyz_reaches_the_real_redis_broker(client):
     assert client.get("/readyz").json()["checks"]["broker"] == "ok"
 
 
-def readyz_in_a_process(database_url: str, *, timeout: float, **env) -> dict:
-    """``GET /readyz`` in a separate process configured with ``database_url``
+def get_in_a_process(path: str, database_url: str, *, timeout: float, **env) -> tuple[int, str]:
+    """``GET path`` in a separate process configured with ``database_url``
     (and the filesystem broker), within ``timeout`` seconds: its status and
     body."""
     probe = (
-        "import django, json; django.setup()\n"
+        "import django, json, sys; django.setup()\n"
         "from django.test import Client\n"
-        "r = Client().get('/readyz')\n"
-        "print(json.dumps({'status': r.status_code, 'body': r.json()}))\n"
+        "r = Client().get(sys.argv[1])\n"
+        "print(json.dumps({'status': r.status_code, 'body': r.content.decode()}))\n"
     )
     environ = clean_env(
         DJANGO_SETTINGS_MODULE="kiropool.settings",
@@ -85,7 +85,7 @@ def readyz_in_a_process(database_url: str, *, timeout: float, **env) -> dict:
         **env,
     )
     out = subprocess.run(
-        [sys.executable, "-c", probe],
+        [sys.executable, "-c", probe, path],
         cwd=ROOT,
         env=environ,
         capture_output=True,
@@ -93,28 +93,53 @@ def readyz_in_a_process(database_url: str, *, timeout: float, **env) -> dict:
         check=True,
         timeout=timeout,
     )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return result["status"], result["body"]
+
+
+REFUSED_DATABASE_URL = "postgres://nobody@127.0.0.1:1/nothing"  # nobody serves port 1
+
+
+@pytest.fixture
+def silent_database_url():
+    """A database host that takes the TCP connection and never answers (a
+    listening socket nobody accepts from)."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        yield f"postgres://nobody@127.0.0.1:{silent.getsockname()[1]}/nothing"
+
+
+@pytest.fixture(params=["refused", "silent"])
+def unreachable_database_url(request):
+    if request.param == "refused":
+        return REFUSED_DATABASE_URL
+    return request.getfixturevalue("silent_database_url")
 
 
 def test_readyz_names_an_unreachable_database():
-    result = readyz_in_a_process("postgres://nobody@127.0.0.1:1/nothing", timeout=60)  # nobody serves port 1
-    assert result["status"] == 503
-    assert result["body"]["checks"] == {"database": "down (OperationalError)", "broker": "ok"}
-    assert result["body"]["error"]["message"] == "not ready: database unreachable"
+    status, body = get_in_a_process("/readyz", REFUSED_DATABASE_URL, timeout=60)
+    assert status == 503
+    assert json.loads(body)["checks"] == {"database": "down (OperationalError)", "broker": "ok"}
+    assert json.loads(body)["error"]["message"] == "not ready: database unreachable"
 
 
-def test_readyz_answers_within_its_timeout_when_the_database_host_is_silent():
-    # A database host that takes the TCP connection and never answers (a
-    # listening socket nobody accepts from), and a pool that would wait a
-    # minute for a connection: the probe still answers within its own
-    # 2 s connect timeout. The 30 s limit on the whole process is slack for
-    # a busy machine (Django's start-up included); the pool's wait would
-    # pass it.
-    with socket.create_server(("127.0.0.1", 0)) as silent:
-        url = f"postgres://nobody@127.0.0.1:{silent.getsockname()[1]}/nothing"
-        result = readyz_in_a_process(url, timeout=30, KIROPOOL_DB_POOL_TIMEOUT="60")
-    assert result["status"] == 503
-    assert result["body"]["checks"] == {"database": "down (ConnectionTimeout)", "broker": "ok"}
+# A pool that would wait a minute for a connection, and a database host that
+# never answers: the probe and the scrape still answer within the ping's own
+# 2 s connect timeout. The 30 s limit on the whole process is slack for a busy
+# machine (Django's start-up included); the pool's wait would pass it.
+
+
+def test_readyz_answers_within_its_timeout_when_the_database_host_is_silent(silent_database_url):
+    status, body = get_in_a_process("/readyz", silent_database_url, timeout=30, KIROPOOL_DB_POOL_TIMEOUT="60")
+    assert status == 503
+    assert json.loads(body)["checks"] == {"database": "down (ConnectionTimeout)", "broker": "ok"}
+
+
+def test_a_scrape_says_the_database_is_down_within_the_pings_timeout(unreachable_database_url):
+    # Refused too: the pool would still wait its whole timeout for a connection.
+    status, body = get_in_a_process("/metrics", unreachable_database_url, timeout=30, KIROPOOL_DB_POOL_TIMEOUT="60")
+    assert status == 200
+    assert "kiropool_database_up 0.0" in body.splitlines()
+    assert "kiropool_dispatches_total" in body  # the process's own counters are still there
 
 
 class CountingBroker:
@@ -161,14 +186,14 @@ def database_pings(monkeypatch):
     """How many times the readiness check asked the database (each ask is
     the real ``SELECT 1``)."""
     pings = []
-    real = health._database_ping
+    real = health.database_ping
 
     @functools.wraps(real)
     def counted():
         pings.append(1)
         real()
 
-    monkeypatch.setattr(health, "_database_ping", counted)
+    monkeypatch.setattr(health, "database_ping", counted)
     return pings
 
 
