@@ -88,6 +88,25 @@ def _fresh_probe_caches():
     pool_state.clear()
 
 
+@pytest.fixture
+def database_pings(monkeypatch):
+    """Every bounded database ping /readyz and /metrics make
+    (core/database.py), counted; each is still the real ``SELECT 1``."""
+    from kiropool import health
+    from routing import metrics
+
+    pings = []
+    real = health.database_ping
+
+    def counted():
+        pings.append(1)
+        real()
+
+    for module in (health, metrics):
+        monkeypatch.setattr(module, "database_ping", counted)
+    return pings
+
+
 @pytest.fixture(autouse=True)
 def _fresh_lease_floor():
     # Each process reads the reap mark at most every few seconds; every test's

@@ -1,6 +1,5 @@
 """/healthz, /readyz, and /metrics when the database is down."""
 
-import functools
 import json
 import socket
 import subprocess
@@ -12,7 +11,6 @@ import pytest
 from django.conf import settings as django_settings
 from django.db import connection
 
-from kiropool import health
 from kiropool.health import readiness
 from tests.support import clean_env
 
@@ -179,22 +177,6 @@ def counting_broker(settings):
     settings.CELERY_BROKER_URL = broker.url
     yield broker
     broker.close()
-
-
-@pytest.fixture
-def database_pings(monkeypatch):
-    """How many times the readiness check asked the database (each ask is
-    the real ``SELECT 1``)."""
-    pings = []
-    real = health.database_ping
-
-    @functools.wraps(real)
-    def counted():
-        pings.append(1)
-        real()
-
-    monkeypatch.setattr(health, "database_ping", counted)
-    return pings
 
 
 @pytest.mark.django_db

@@ -123,21 +123,6 @@ def test_the_bands_gauge_says_whether_the_newest_snapshots_bands_are_whole(clien
     assert scrape(client)[("kiropool_latency_bands_whole", ())] == int(whole)
 
 
-@pytest.fixture
-def database_pings(monkeypatch):
-    """How many times a reading pinged the database (each ping is the real
-    ``SELECT 1``)."""
-    pings = []
-    real = metrics.database_ping
-
-    def counted():
-        pings.append(1)
-        real()
-
-    monkeypatch.setattr(metrics, "database_ping", counted)
-    return pings
-
-
 # A reading: the identity aggregate, the snapshot, the drift, and the ping
 # before them, which is a query on SQLite and a connection of its own on
 # PostgreSQL (core/database.py).
