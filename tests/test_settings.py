@@ -25,6 +25,8 @@ print(json.dumps({
     "key_cache": settings.KIROPOOL_KEY_CACHE_SECONDS,
     "db_options": settings.DATABASES["default"].get("OPTIONS", {}).get("options"),
     "prepare_threshold": settings.DATABASES["default"].get("OPTIONS", {}).get("prepare_threshold"),
+    "connect_timeout": settings.DATABASES["default"].get("OPTIONS", {}).get("connect_timeout"),
+    "reconnect_timeout": settings.DATABASES["default"].get("OPTIONS", {}).get("pool", {}).get("reconnect_timeout"),
     "middleware": settings.MIDDLEWARE,
 }))
 """
@@ -53,7 +55,7 @@ def test_services_from_environment():
         KIROPOOL_AFFINITY_TTL_SECONDS="120",
         KIROPOOL_LEASE_TTL_SECONDS="60",
     )
-    assert settings["engine"] == "django.db.backends.postgresql"
+    assert settings["engine"] == "core.postgresql"  # Django's, answering at once while the database is down
     assert settings["broker"] == "redis://cache:6379/0"
     assert settings["cache"].endswith("RedisCache")
     assert settings["hosts"] == ["pool.example", "127.0.0.1"]
@@ -92,6 +94,18 @@ def test_postgresql_connections_plan_prepared_statements_once():
     assert unprepared["db_options"] == "-c jit=off -c random_page_cost=1.1"
     own = load(DATABASE_URL=f"{url}?options=-c%20plan_cache_mode%3Dauto")
     assert own["db_options"].endswith("-c plan_cache_mode=force_generic_plan -c plan_cache_mode=auto")
+
+
+def test_postgresql_connection_attempts_give_up_in_seconds():
+    """A database host that does not answer costs an attempt 5 s, not the
+    system's TCP timeout, and a pool slot retries for 5 s before the next
+    request starts a new attempt (tests/drills: the pool finds a database
+    back within seconds). DATABASE_URL's own connect_timeout wins."""
+    url = "postgres://u@db:5432/kp"
+    default = load(DATABASE_URL=url)
+    assert (default["connect_timeout"], default["reconnect_timeout"]) == (5, 5.0)
+    own = load(DATABASE_URL=f"{url}?connect_timeout=2", KIROPOOL_DB_RECONNECT_SECONDS="20")
+    assert (int(own["connect_timeout"]), own["reconnect_timeout"]) == (2, 20.0)
 
 
 def test_a_bad_rate_stops_a_process_at_startup():

@@ -1,0 +1,3 @@
+"""kiropool's PostgreSQL backend (``ENGINE = "core.postgresql"``): Django's,
+answering at once while its connection pool cannot reach the database
+(:mod:`core.postgresql.outage`)."""

@@ -1,0 +1,62 @@
+"""Whether this process's connection pool can reach the database, as its
+own connection attempts found.
+
+Django's pool (psycopg_pool) opens its connections in the background, and a
+request that finds none idle waits for one up to the pool's timeout
+(``KIROPOOL_DB_POOL_TIMEOUT``, 10 s). With the database down, every request
+waited that long for a connection the pool could not open, each holding a
+server thread: a worker's threads filled with them, and everything else
+queued behind (a ``/healthz`` behind 80 dispatches waited 49 s, 2 workers of
+8 threads). So the pool opens its connections through
+:class:`WatchedConnection`, which records here whether the latest attempt
+failed, and the backend (``core/postgresql/base.py``) answers a request at
+once while it did.
+
+Any failed attempt counts, whatever the server said or did not say (libpq
+gives its refusals no SQLSTATE): refused, timed out, shutting down, starting
+up, out of connection slots. A request needing a new connection without a
+pool would have met the same refusal at once.
+"""
+
+from __future__ import annotations
+
+import time
+
+import psycopg
+
+
+class PoolOutage:
+    """Since when the pool's connection attempts have failed, if the latest did."""
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+
+    @property
+    def down(self) -> bool:
+        return self.since is not None
+
+    def failed(self) -> None:
+        if self.since is None:
+            self.since = time.monotonic()
+
+    def connected(self) -> None:
+        self.since = None
+
+
+# One per process: Django keeps one pool per database alias, and kiropool one alias.
+outage = PoolOutage()
+
+
+class WatchedConnection(psycopg.Connection):
+    """psycopg's connection, telling :data:`outage` how each attempt to open
+    one went (the pool's ``connection_class``)."""
+
+    @classmethod
+    def connect(cls, *args, **kwargs):
+        try:
+            connection = super().connect(*args, **kwargs)
+        except psycopg.OperationalError:
+            outage.failed()
+            raise
+        outage.connected()
+        return connection
