@@ -1,5 +1,9 @@
+import socket
+
 import pytest
 from django.db import connection
+
+from tests.support import REFUSED_DATABASE_URL
 
 
 @pytest.fixture(autouse=True)
@@ -198,3 +202,18 @@ def statements(request, monkeypatch):
     monkeypatch.setattr(leases, "sticky_odds", odds)
     yield request.param
     backend.statements = saved
+
+
+@pytest.fixture
+def silent_database_url():
+    """A database host that takes the TCP connection and never answers (a
+    listening socket nobody accepts from)."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        yield f"postgres://nobody@127.0.0.1:{silent.getsockname()[1]}/nothing"
+
+
+@pytest.fixture(params=["refused", "silent"])
+def unreachable_database_url(request):
+    if request.param == "refused":
+        return REFUSED_DATABASE_URL
+    return request.getfixturevalue("silent_database_url")

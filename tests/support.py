@@ -22,6 +22,10 @@ PROCESS_SECRETS = {
 }
 
 
+# A database URL whose host refuses every connection: nobody serves port 1.
+REFUSED_DATABASE_URL = "postgres://nobody@127.0.0.1:1/nothing"
+
+
 def clean_env(**environment: str) -> dict[str, str]:
     """A process environment with nothing of the developer's or CI's settings:
     PATH and HOME, plus ``environment``. PYTEST_VERSION is kept so that the

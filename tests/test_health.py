@@ -12,7 +12,7 @@ from django.conf import settings as django_settings
 from django.db import connection
 
 from kiropool.health import readiness
-from tests.support import clean_env
+from tests.support import REFUSED_DATABASE_URL, clean_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -93,24 +93,6 @@ def get_in_a_process(path: str, database_url: str, *, timeout: float, **env) -> 
     )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     return result["status"], result["body"]
-
-
-REFUSED_DATABASE_URL = "postgres://nobody@127.0.0.1:1/nothing"  # nobody serves port 1
-
-
-@pytest.fixture
-def silent_database_url():
-    """A database host that takes the TCP connection and never answers (a
-    listening socket nobody accepts from)."""
-    with socket.create_server(("127.0.0.1", 0)) as silent:
-        yield f"postgres://nobody@127.0.0.1:{silent.getsockname()[1]}/nothing"
-
-
-@pytest.fixture(params=["refused", "silent"])
-def unreachable_database_url(request):
-    if request.param == "refused":
-        return REFUSED_DATABASE_URL
-    return request.getfixturevalue("silent_database_url")
 
 
 def test_readyz_names_an_unreachable_database():
