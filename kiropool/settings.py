@@ -13,6 +13,7 @@ from pathlib import Path
 import environ
 
 from core.postgresql.outage import WatchedConnection
+from core.postgresql.silence import silence_options
 from core.rates import rates_require
 from kiropool.secrets_guard import DEVELOPMENT_SECRET_KEY
 
@@ -174,6 +175,15 @@ else:
     DATABASES["default"].setdefault("OPTIONS", {}).setdefault(
         "connect_timeout", env.int("KIROPOOL_DB_CONNECT_TIMEOUT", default=5)
     )
+    # A database host that goes silent under an open connection: a query on
+    # it waited for the kernel's TCP timeout, about 15 minutes, holding its
+    # server thread; TCP keepalives and tcp_user_timeout end the connection
+    # after KIROPOOL_DB_SILENCE_TIMEOUT seconds without a word from the host
+    # (core/postgresql/silence.py). 0 leaves the system's; options given in
+    # DATABASE_URL win.
+    KIROPOOL_DB_SILENCE_TIMEOUT = max(0, env.int("KIROPOOL_DB_SILENCE_TIMEOUT", default=10))
+    for _name, _value in silence_options(KIROPOOL_DB_SILENCE_TIMEOUT).items():
+        DATABASES["default"]["OPTIONS"].setdefault(_name, _value)
     # A health check is a SELECT 1 before every request's first query: a
     # round trip for each dispatch and completion. Without it, the first
     # request a thread serves after the database restarted answers a 503

@@ -27,6 +27,11 @@ print(json.dumps({
     "prepare_threshold": settings.DATABASES["default"].get("OPTIONS", {}).get("prepare_threshold"),
     "connect_timeout": settings.DATABASES["default"].get("OPTIONS", {}).get("connect_timeout"),
     "reconnect_timeout": settings.DATABASES["default"].get("OPTIONS", {}).get("pool", {}).get("reconnect_timeout"),
+    "silence": {
+        name: value
+        for name, value in settings.DATABASES["default"].get("OPTIONS", {}).items()
+        if name.startswith(("keepalives", "tcp_user_timeout"))
+    },
     "middleware": settings.MIDDLEWARE,
 }))
 """
@@ -106,6 +111,32 @@ def test_postgresql_connection_attempts_give_up_in_seconds():
     assert (default["connect_timeout"], default["reconnect_timeout"]) == (5, 5.0)
     own = load(DATABASE_URL=f"{url}?connect_timeout=2", KIROPOOL_DB_RECONNECT_SECONDS="20")
     assert (int(own["connect_timeout"]), own["reconnect_timeout"]) == (2, 20.0)
+
+
+def test_a_connection_gives_up_a_silent_database_host():
+    """TCP keepalives and tcp_user_timeout end a connection whose host has
+    said nothing for 10 s (tests/test_database_silence.py), instead of the
+    kernel's retransmissions of about 15 minutes; DATABASE_URL's own options
+    win, and 0 leaves the system's."""
+    url = "postgres://u@db:5432/kp"
+    assert load(DATABASE_URL=url)["silence"] == {
+        "tcp_user_timeout": 10_000,
+        "keepalives": 1,
+        "keepalives_idle": 5,
+        "keepalives_interval": 1,
+        "keepalives_count": 5,
+    }
+    assert load(DATABASE_URL=url, KIROPOOL_DB_SILENCE_TIMEOUT="3")["silence"] == {
+        "tcp_user_timeout": 3_000,
+        "keepalives": 1,
+        "keepalives_idle": 1,
+        "keepalives_interval": 1,
+        "keepalives_count": 2,
+    }
+    own = load(DATABASE_URL=f"{url}?tcp_user_timeout=30000&keepalives_idle=20")["silence"]
+    assert (int(own["tcp_user_timeout"]), int(own["keepalives_idle"]), own["keepalives_count"]) == (30_000, 20, 5)
+    assert load(DATABASE_URL=url, KIROPOOL_DB_SILENCE_TIMEOUT="0")["silence"] == {}
+    assert load()["silence"] == {}  # SQLite: no TCP
 
 
 def test_a_bad_rate_stops_a_process_at_startup():

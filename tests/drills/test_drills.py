@@ -3,7 +3,8 @@ private PostgreSQL cluster (initdb, spare port) and a private redis-server,
 never the machine's own. The web server and Celery run as separate processes, as in
 production, and the drill breaks what is under them:
 
-(a) PostgreSQL restarted during a dispatch load, and down for most of a minute;
+(a) PostgreSQL restarted during a dispatch load, down for most of a minute, and
+    its host silent for half a minute;
 (b) Redis stopped while the gateway works, then started again;
 (c) a gateway that never completes its leases;
 (d) a Celery worker SIGKILLed while it reaps leases / purges bindings.
@@ -34,6 +35,7 @@ from tests.drills.services import (
     request,
     wait_for,
 )
+from tests.silent_link import silent_link
 from tests.support import project_env, web_server
 
 pytestmark = [pytest.mark.drill, pytest.mark.timeout(420)]
@@ -294,6 +296,88 @@ def test_postgres_down_for_most_of_a_minute(pg, database, tmp_path, capsys):
     assert slowest < OUTAGE_ANSWER_SECONDS
     assert recovered < BACK_WITHIN_SECONDS
     assert all(status != 500 for status in server.statuses())
+
+
+# The database's host silent for 30 s: every packet to and from it dropped,
+# nothing refused or reset (tests/silent_link.py), as in a failover that
+# takes the host's address away. Shortened for the drill: a connection gives
+# a silent host up after 3 s (the settings' 10), a connection attempt after
+# 2 s (5) and a wait for a pooled connection after 3 s (10). A dispatch on a
+# connection opened before the silence then fails after the 3 s, the pool's
+# idle ones end by themselves as their keepalive probes go unanswered, and
+# once the pool's attempt to reconnect has failed every dispatch answers at
+# once; 3 s is slack on each answer for a busy machine. Before, a dispatch
+# on such a connection waited for the kernel to give up retransmitting,
+# about 15 minutes: checked, no answer within this drill's 60 s. Served
+# again once the pool reconnects: the next request starts an attempt.
+SILENT_SECONDS = 30
+SILENT_ANSWER_SECONDS = 3 + 3
+SILENT_BACK_WITHIN_SECONDS = 5
+# By then the silence has ended a connection (3 s), an attempt to open one
+# has failed (2 s) and a request that queued for one meanwhile has given up
+# (3 s): from then on, each answers at once (within 1 s).
+SILENT_KNOWN_AFTER_SECONDS = 3 + 2 + 3
+
+
+def test_postgres_host_silent_for_half_a_minute(pg, database, tmp_path, capsys):
+    with silent_link(("127.0.0.1", pg.port)) as link:
+        env = project_env(
+            tmp_path,
+            DATABASE_URL=f"postgres://postgres@{link.host}:{link.port}/{database}",
+            KIROPOOL_DB_SILENCE_TIMEOUT="3",
+            KIROPOOL_DB_CONNECT_TIMEOUT="2",
+            KIROPOOL_DB_POOL_TIMEOUT="3",
+        )
+        auth = seed_pool(env, identities=2, max_concurrency=4)
+        with web_server(env, tmp_path, workers=1, threads=8) as server:
+            status, body, _ = request(server.bind, "POST", "/api/v1/dispatch", {}, auth, 20)
+            assert status == 200
+            complete = request(
+                server.bind, "POST", f"/api/v1/leases/{body['lease_id']}/complete", {"outcome": "success"}, auth, 20
+            )
+            assert complete[0] == 200
+
+            link.silence()
+            silent = time.monotonic()
+            during: list[tuple[int, dict | None, float, float]] = []  # status, body, sent after, seconds
+            while time.monotonic() - silent < SILENT_SECONDS:
+                started = time.monotonic()
+                status, body, _ = request(server.bind, "POST", "/api/v1/dispatch", {}, auth, 60)
+                during.append((status, body, started - silent, time.monotonic() - started))
+                time.sleep(0.5)
+
+            link.restore()
+            back = time.monotonic()
+            statuses = []
+            while not statuses or statuses[-1] != 200:
+                assert time.monotonic() - back < 60, f"not served a minute after the host answered again: {statuses}"
+                status, _, _ = request(server.bind, "POST", "/api/v1/dispatch", {}, auth, 30)
+                statuses.append(status)
+                if status != 200:
+                    time.sleep(0.1)
+            recovered = time.monotonic() - back
+            served = server.statuses()
+
+    slowest = max(seconds for *_, seconds in during)
+    late = [seconds for _, _, sent, seconds in during if sent > SILENT_KNOWN_AFTER_SECONDS]
+    figures(
+        capsys,
+        f"postgres host silent {SILENT_SECONDS} s: {len(during)} dispatches meanwhile, "
+        f"{dict(Counter(status for status, *_ in during))}, answered in "
+        f"{', '.join(f'{seconds:.2f}' for *_, seconds in during[:5])} ... s (the slowest {slowest:.2f} s, "
+        f"after the first {SILENT_KNOWN_AFTER_SECONDS} s {max(late):.2f} s); "
+        f"served again {recovered:.1f} s after it answered ({len(statuses)} dispatches)",
+    )
+    assert {status for status, *_ in during} == {503}
+    assert all(body["error"]["type"] == "api_error" for _, body, *_ in during)
+    assert slowest < SILENT_ANSWER_SECONDS
+    assert late and max(late) < 1
+    assert recovered < SILENT_BACK_WITHIN_SECONDS
+    assert all(status != 500 for status in served)
+    # Nothing half-booked: the slots hold only the lease the last dispatch took.
+    assert sum(in_flight for _, in_flight, _, _ in identity_consistency(pg, database)) == 1
+    for name, in_flight, live, _limit in identity_consistency(pg, database):
+        assert in_flight == live, name
 
 
 # --- (b) Redis stopped -------------------------------------------------------------------------
