@@ -4,11 +4,11 @@ For the open endpoints that report on the database (``/readyz`` and
 ``/metrics``): each must answer well within its caller's own timeout (a
 load balancer's or kubelet's 1-5 s, a Prometheus scrape's 10 s) even when
 the database host swallows packets. Django's connections cannot promise
-that: a pooled one waits the pool's timeout (``KIROPOOL_DB_POOL_TIMEOUT``,
-10 s) for a database that does not answer until the pool's own attempt to
-connect has failed (``core/postgresql``), and a busy pool is not a database
-that is down; a thread's persistent one gives a silent host
-``KIROPOOL_DB_CONNECT_TIMEOUT`` (5 s) per attempt.
+that: a pooled one waits until the pool's own attempt to connect fails
+(``core/postgresql``: ``KIROPOOL_DB_CONNECT_TIMEOUT``, 5 s, for a host that
+does not answer), and in a busy pool, which is not a database that is down,
+up to the pool's timeout (``KIROPOOL_DB_POOL_TIMEOUT``, 10 s); a thread's
+persistent one gives a silent host 5 s per attempt.
 """
 
 from __future__ import annotations

@@ -121,11 +121,11 @@ class PoolStateCollector:
 
 def _pool_state_families():
     """The pool-state families, read from the database (a ping and three
-    queries). The ping first: the reads take a pooled connection, which
-    waits the pool's timeout (10 s, about a Prometheus scrape's own) for a
-    database that is down until the pool's own attempt to connect has
-    failed (``core/postgresql``: a host that does not answer takes 5 s to
-    fail it); the ping finds that out within its 2 s."""
+    queries). The ping first: the reads take a pooled connection, which for
+    a database that is down waits until the pool's own attempt to connect
+    fails (``core/postgresql``: 5 s for a host that does not answer) and in
+    a busy pool up to its timeout (10 s, about a Prometheus scrape's own);
+    the ping finds out within its 2 s."""
     now = timezone.now()
     try:
         database_ping()

@@ -115,9 +115,8 @@ def test_readyz_answers_within_its_timeout_when_the_database_host_is_silent(sile
 
 
 def test_a_scrape_says_the_database_is_down_within_the_pings_timeout(unreachable_database_url):
-    # Refused too: the scrape is the process's first request, waiting in the
-    # pool before the pool's own first attempt fails, so it would wait the
-    # pool's whole timeout for a connection.
+    # Refused too: the ping says so, whatever the pool would do (it fails
+    # the requests waiting in it with its first attempt, core/postgresql).
     status, body = get_in_a_process("/metrics", unreachable_database_url, timeout=30, KIROPOOL_DB_POOL_TIMEOUT="60")
     assert status == 200
     assert "kiropool_database_up 0.0" in body.splitlines()

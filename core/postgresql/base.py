@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from django.db.backends.postgresql import base
 
-from core.postgresql.outage import outage
+from core.postgresql.outage import UNREACHABLE, outage
 
 
 class DatabaseWrapper(base.DatabaseWrapper):
@@ -16,7 +16,5 @@ class DatabaseWrapper(base.DatabaseWrapper):
             # A slot the pool gave up reconnecting is free again: ask it to
             # try now, so the database's return is found by the next request.
             pool.check()
-            raise self.Database.OperationalError(
-                "the database cannot be reached: this process's connection pool failed to open a connection"
-            )
+            raise self.Database.OperationalError(UNREACHABLE)
         return super().get_new_connection(conn_params)
