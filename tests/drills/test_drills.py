@@ -253,46 +253,65 @@ BACK_WITHIN_SECONDS = 5
 OUTAGE_ANSWER_SECONDS = 3
 
 
+def dispatch_and_complete(server, auth) -> None:
+    status, body, _ = request(server.bind, "POST", "/api/v1/dispatch", {}, auth, 20)
+    assert status == 200
+    complete = request(
+        server.bind, "POST", f"/api/v1/leases/{body['lease_id']}/complete", {"outcome": "success"}, auth, 20
+    )
+    assert complete[0] == 200
+
+
+def dispatches_for(server, auth, seconds: float) -> list[tuple[int, dict | None, float, float]]:
+    """One dispatch every half second for ``seconds``, each as (status,
+    body, sent this many seconds after the start, answered in seconds)."""
+    start = time.monotonic()
+    answers = []
+    while time.monotonic() - start < seconds:
+        sent = time.monotonic()
+        status, body, _ = request(server.bind, "POST", "/api/v1/dispatch", {}, auth, 60)
+        answers.append((status, body, sent - start, time.monotonic() - sent))
+        time.sleep(0.5)
+    return answers
+
+
+def until_served(server, auth) -> tuple[float, list[int]]:
+    """Seconds until a dispatch is served again, and the statuses on the way."""
+    start = time.monotonic()
+    statuses: list[int] = []
+    while not statuses or statuses[-1] != 200:
+        assert time.monotonic() - start < 60, f"not served again within a minute: {statuses}"
+        status, _, _ = request(server.bind, "POST", "/api/v1/dispatch", {}, auth, 30)
+        statuses.append(status)
+        if status != 200:
+            time.sleep(0.1)
+    return time.monotonic() - start, statuses
+
+
+def assert_refused(answers) -> None:
+    """Every answer of :func:`dispatches_for` a 503 in the one error shape."""
+    assert {status for status, *_ in answers} == {503}
+    assert all(body["error"]["type"] == "api_error" for _, body, *_ in answers)
+
+
 def test_postgres_down_for_most_of_a_minute(pg, database, tmp_path, capsys):
     env = project_env(tmp_path, DATABASE_URL=pg.url(database))
     auth = seed_pool(env, identities=2, max_concurrency=4)
     with web_server(env, tmp_path, workers=1, threads=8) as server:
-        status, body, _ = request(server.bind, "POST", "/api/v1/dispatch", {}, auth, 20)
-        assert status == 200
-        complete = request(
-            server.bind, "POST", f"/api/v1/leases/{body['lease_id']}/complete", {"outcome": "success"}, auth, 20
-        )
-        assert complete[0] == 200
-
+        dispatch_and_complete(server, auth)
         pg.stop("fast")
-        down = time.monotonic()
-        during: list[tuple[int, dict | None, float]] = []
-        while time.monotonic() - down < OUTAGE_SECONDS:
-            started = time.monotonic()
-            status, body, _ = request(server.bind, "POST", "/api/v1/dispatch", {}, auth, 30)
-            during.append((status, body, time.monotonic() - started))
-            time.sleep(0.5)
-
+        during = dispatches_for(server, auth, OUTAGE_SECONDS)
         pg.start()
-        back = time.monotonic()
-        statuses = []
-        while not statuses or statuses[-1] != 200:
-            assert time.monotonic() - back < 60, f"not served a minute after the database came back: {statuses}"
-            status, _, _ = request(server.bind, "POST", "/api/v1/dispatch", {}, auth, 30)
-            statuses.append(status)
-            if status != 200:
-                time.sleep(0.1)
-        recovered = time.monotonic() - back
+        recovered, statuses = until_served(server, auth)
 
-    slowest = max(seconds for _, _, seconds in during)
+    slowest = max(seconds for *_, seconds in during)
     figures(
         capsys,
         f"postgres down {OUTAGE_SECONDS} s: {len(during)} dispatches meanwhile, "
-        f"{dict(Counter(status for status, _, _ in during))}, the slowest answered in {slowest:.2f} s; "
+        f"{dict(Counter(status for status, *_ in during))}, the slowest answered in {slowest:.2f} s; "
         f"served again {recovered:.1f} s after it was back ({len(statuses)} dispatches)",
     )
-    assert {status for status, _, _ in during} == {503}
-    assert all(body["error"]["type"] == "api_error" for _, body, _ in during)
+    assert_refused(during)
     assert slowest < OUTAGE_ANSWER_SECONDS
     assert recovered < BACK_WITHIN_SECONDS
     assert all(status != 500 for status in server.statuses())
@@ -301,21 +320,21 @@ def test_postgres_down_for_most_of_a_minute(pg, database, tmp_path, capsys):
 # The database's host silent for 30 s: every packet to and from it dropped,
 # nothing refused or reset (tests/silent_link.py), as in a failover that
 # takes the host's address away. Shortened for the drill: a connection gives
-# a silent host up after 3 s (the settings' 10), a connection attempt after
-# 2 s (5) and a wait for a pooled connection after 3 s (10). A dispatch on a
-# connection opened before the silence then fails after the 3 s, the pool's
-# idle ones end by themselves as their keepalive probes go unanswered, and
-# once the pool's attempt to reconnect has failed every dispatch answers at
-# once; 3 s is slack on each answer for a busy machine. Before, a dispatch
+# a silent host up after 3 s (the settings' 10) and a connection attempt
+# after 2 s (5). A dispatch on a connection opened before the silence then
+# fails after the 3 s, the pool's idle ones end by themselves as their
+# keepalive probes go unanswered, and once the pool's attempt to reconnect
+# has failed every dispatch answers at once; 3 s is slack on each answer for
+# a busy machine. Before, a dispatch
 # on such a connection waited for the kernel to give up retransmitting,
 # about 15 minutes: checked, no answer within this drill's 60 s. Served
 # again once the pool reconnects: the next request starts an attempt.
 SILENT_SECONDS = 30
 SILENT_ANSWER_SECONDS = 3 + 3
 SILENT_BACK_WITHIN_SECONDS = 5
-# By then the silence has ended a connection (3 s), an attempt to open one
-# has failed (2 s) and a request that queued for one meanwhile has given up
-# (3 s): from then on, each answers at once (within 1 s).
+# By then the silence has ended a connection (3 s) and an attempt to open one
+# has failed (2 s), failing with it any request queued for one; 3 s more is
+# slack. From then on, each answers at once (within 1 s).
 SILENT_KNOWN_AFTER_SECONDS = 3 + 2 + 3
 
 
@@ -326,36 +345,14 @@ def test_postgres_host_silent_for_half_a_minute(pg, database, tmp_path, capsys):
             DATABASE_URL=f"postgres://postgres@{link.host}:{link.port}/{database}",
             KIROPOOL_DB_SILENCE_TIMEOUT="3",
             KIROPOOL_DB_CONNECT_TIMEOUT="2",
-            KIROPOOL_DB_POOL_TIMEOUT="3",
         )
         auth = seed_pool(env, identities=2, max_concurrency=4)
         with web_server(env, tmp_path, workers=1, threads=8) as server:
-            status, body, _ = request(server.bind, "POST", "/api/v1/dispatch", {}, auth, 20)
-            assert status == 200
-            complete = request(
-                server.bind, "POST", f"/api/v1/leases/{body['lease_id']}/complete", {"outcome": "success"}, auth, 20
-            )
-            assert complete[0] == 200
-
+            dispatch_and_complete(server, auth)
             link.silence()
-            silent = time.monotonic()
-            during: list[tuple[int, dict | None, float, float]] = []  # status, body, sent after, seconds
-            while time.monotonic() - silent < SILENT_SECONDS:
-                started = time.monotonic()
-                status, body, _ = request(server.bind, "POST", "/api/v1/dispatch", {}, auth, 60)
-                during.append((status, body, started - silent, time.monotonic() - started))
-                time.sleep(0.5)
-
+            during = dispatches_for(server, auth, SILENT_SECONDS)
             link.restore()
-            back = time.monotonic()
-            statuses = []
-            while not statuses or statuses[-1] != 200:
-                assert time.monotonic() - back < 60, f"not served a minute after the host answered again: {statuses}"
-                status, _, _ = request(server.bind, "POST", "/api/v1/dispatch", {}, auth, 30)
-                statuses.append(status)
-                if status != 200:
-                    time.sleep(0.1)
-            recovered = time.monotonic() - back
+            recovered, statuses = until_served(server, auth)
             served = server.statuses()
 
     slowest = max(seconds for *_, seconds in during)
@@ -368,8 +365,7 @@ def test_postgres_host_silent_for_half_a_minute(pg, database, tmp_path, capsys):
         f"after the first {SILENT_KNOWN_AFTER_SECONDS} s {max(late):.2f} s); "
         f"served again {recovered:.1f} s after it answered ({len(statuses)} dispatches)",
     )
-    assert {status for status, *_ in during} == {503}
-    assert all(body["error"]["type"] == "api_error" for _, body, *_ in during)
+    assert_refused(during)
     assert slowest < SILENT_ANSWER_SECONDS
     assert late and max(late) < 1
     assert recovered < SILENT_BACK_WITHIN_SECONDS
