@@ -105,6 +105,10 @@ def stop(timeout: float = 5.0) -> None:
 def _connection_params() -> dict:
     params = connections["default"].get_connection_params()
     keep = {"dbname", "user", "password", "host", "port", "sslmode", "options", "sslrootcert", "sslcert", "sslkey"}
+    # A host gone silent is found lost after KIROPOOL_DB_SILENCE_TIMEOUT
+    # (core/postgresql/silence.py), not after the kernel's 15 minutes of
+    # retransmitting the listener's SELECT 1, all that while deaf unawares.
+    keep |= {"tcp_user_timeout", "keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count"}
     return {k: v for k, v in params.items() if k in keep and v not in (None, "")}
 
 

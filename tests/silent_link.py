@@ -140,6 +140,10 @@ class SilentLink:
             self.listener.close()
         with self.lock:
             for sock in self.sockets:
+                # shutdown first: a relay thread blocked reading it keeps a
+                # socket merely closed open, and PostgreSQL's session with it.
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
                 sock.close()
         remove(self.namespace, self.outside)
 

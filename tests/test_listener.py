@@ -10,8 +10,11 @@ import threading
 
 import psycopg
 import pytest
+from django.db import connections
 
 from core import listener
+from core.postgresql.silence import silence_options
+from tests.silent_link import silent_link
 from tests.support import test_database_url, until
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
@@ -105,6 +108,45 @@ def test_on_losing_its_connection_every_handler_hears_at_once_that_notices_may_b
     # Found lost within a listen timeout or two; slack for a busy machine.
     until(lambda: handlers[OTHER].calls.count(None) == 2, 15, what="the loss was never told")
     assert not listener.ready()
+
+
+def test_the_listener_connects_with_the_settings_options_for_a_silent_host(postgres_only):
+    params = listener._connection_params()
+    options = connections["default"].settings_dict["OPTIONS"]
+    assert options.get("tcp_user_timeout")  # the settings set them (kiropool/settings.py)
+    for name in ("tcp_user_timeout", "keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count"):
+        assert params[name] == options[name], name
+
+
+SILENCE = 2  # seconds (the settings' default is 10)
+
+
+def test_a_listener_whose_database_host_goes_silent_says_so_within_the_silence_timeout(postgres_only, monkeypatch):
+    """Its SELECT 1 after each quiet listen finds the host gone: without the
+    options, not for the kernel's 15 minutes, deaf all that while (checked:
+    still unaware after 30 s)."""
+    settings = connections["default"].settings_dict
+    heard = Heard()
+    listener.stop()
+    listener.handle(OTHER, heard)
+    try:
+        with silent_link((settings["HOST"] or "127.0.0.1", int(settings["PORT"] or 5432))) as link:
+            params = {**listener._connection_params(), "host": link.host, "port": link.port}
+            monkeypatch.setattr(listener, "_connection_params", lambda: {**params, **silence_options(SILENCE)})
+            monkeypatch.setattr(listener, "RECONNECT_DELAY_SECONDS", 60.0)
+            listener.ensure()
+            assert listener.ready(10), "the listener never connected"
+            link.silence()
+            # A listen timeout, then the silence; 4 s of slack for a busy machine.
+            until(
+                lambda: heard.calls.count(None) == 2,
+                listener.LISTEN_TIMEOUT_SECONDS + SILENCE + 4,
+                what="the listener never found its host gone",
+            )
+            assert not listener.ready()
+    finally:
+        listener.stop()
+        listener.unhandle(OTHER)
 
 
 def test_a_channel_name_is_a_plain_identifier():
