@@ -67,14 +67,15 @@ class WatchedConnection(psycopg.Connection):
             outage.failed()
             pool = connections["default"].pool
             if pool is not None:
-                pool_waiters_fail(pool, psycopg.OperationalError(UNREACHABLE))
+                pool_waiters_fail(pool, UNREACHABLE)
             raise
         outage.connected()
         return connection
 
 
-def pool_waiters_fail(pool: ConnectionPool, error: Exception) -> None:
-    """Fail the requests waiting in ``pool`` for a connection with ``error``.
+def pool_waiters_fail(pool: ConnectionPool, message: str) -> None:
+    """Fail the requests waiting in ``pool`` for a connection, each with an
+    ``OperationalError`` of its own saying ``message``.
 
     Those that began waiting before an attempt failed would otherwise wait
     out the pool's timeout: a ``/healthz`` behind 80 dispatches waited
@@ -86,4 +87,4 @@ def pool_waiters_fail(pool: ConnectionPool, error: Exception) -> None:
         waiting = list(pool._waiting)
         pool._waiting.clear()
     for position in waiting:
-        position.fail(error)
+        position.fail(psycopg.OperationalError(message))
