@@ -29,6 +29,8 @@ from collections.abc import Callable
 
 from django.db import connection, connections
 
+from core.postgresql.silence import SILENCE_OPTION_NAMES
+
 logger = logging.getLogger(__name__)
 
 # Called with the payloads of a batch of notifications on its channel, or with
@@ -108,7 +110,7 @@ def _connection_params() -> dict:
     # A host gone silent is found lost after KIROPOOL_DB_SILENCE_TIMEOUT
     # (core/postgresql/silence.py), not after the kernel's 15 minutes of
     # retransmitting the listener's SELECT 1, all that while deaf unawares.
-    keep |= {"tcp_user_timeout", "keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count"}
+    keep |= SILENCE_OPTION_NAMES
     return {k: v for k, v in params.items() if k in keep and v not in (None, "")}
 
 

@@ -13,7 +13,7 @@ import pytest
 from django.db import connections
 
 from core import listener
-from core.postgresql.silence import silence_options
+from core.postgresql.silence import SILENCE_OPTION_NAMES, silence_options
 from tests.silent_link import silent_link
 from tests.support import test_database_url, until
 
@@ -114,7 +114,7 @@ def test_the_listener_connects_with_the_settings_options_for_a_silent_host(postg
     params = listener._connection_params()
     options = connections["default"].settings_dict["OPTIONS"]
     assert options.get("tcp_user_timeout")  # the settings set them (kiropool/settings.py)
-    for name in ("tcp_user_timeout", "keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count"):
+    for name in SILENCE_OPTION_NAMES:
         assert params[name] == options[name], name
 
 
