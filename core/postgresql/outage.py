@@ -21,7 +21,6 @@ pool would have met the same refusal at once.
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING
 
 import psycopg
@@ -34,21 +33,16 @@ UNREACHABLE = "the database cannot be reached: this process's connection pool fa
 
 
 class PoolOutage:
-    """Since when the pool's connection attempts have failed, if the latest did."""
+    """Whether the latest of the pool's connection attempts failed."""
 
     def __init__(self) -> None:
-        self.since: float | None = None
-
-    @property
-    def down(self) -> bool:
-        return self.since is not None
+        self.down = False
 
     def failed(self) -> None:
-        if self.since is None:
-            self.since = time.monotonic()
+        self.down = True
 
     def connected(self) -> None:
-        self.since = None
+        self.down = False
 
 
 # One per process: Django keeps one pool per database alias, and kiropool one alias.
