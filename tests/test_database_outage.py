@@ -18,6 +18,14 @@ from tests.support import REFUSED_DATABASE_URL, project_env, test_database_url, 
 
 
 @pytest.fixture
+def test_database(postgres_only, db):
+    """The run's test database, for the tests that connect to it by
+    themselves: pytest-django creates it only when a test of the run asks
+    for the ORM (``db``), and this file run alone would otherwise connect to
+    the database DATABASE_URL names, which need not exist."""
+
+
+@pytest.fixture
 def outage_restored():
     """This process's record of the pool's attempts, as it was: the tests'
     own pooled connections go through the same record."""
@@ -26,7 +34,7 @@ def outage_restored():
     outage.down = down
 
 
-def test_a_failed_connection_attempt_marks_the_pool_down_until_one_succeeds(outage_restored, postgres_only):
+def test_a_failed_connection_attempt_marks_the_pool_down_until_one_succeeds(outage_restored, test_database):
     outage.connected()
     with pytest.raises(psycopg.OperationalError):
         WatchedConnection.connect(REFUSED_DATABASE_URL, connect_timeout=2)
@@ -80,7 +88,7 @@ def test_a_server_whose_database_is_unreachable_answers_at_once(tmp_path, unreac
     assert all(body["error"]["type"] == "api_error" for _, body, _ in answers)
 
 
-def test_the_requests_waiting_in_a_pool_can_be_failed(postgres_only):
+def test_the_requests_waiting_in_a_pool_can_be_failed(test_database):
     """psycopg_pool's internals that :func:`pool_waiters_fail` relies on
     (it has no public way): a client waiting for a connection gets the error
     at once, and the pool serves on."""
