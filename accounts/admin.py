@@ -62,48 +62,50 @@ class CoolingFilter(admin.SimpleListFilter):
         return queryset
 
 
-def _cooldown_column(obj) -> str:
-    if obj.cooldown_until and obj.cooldown_until > timezone.now():
-        left = int((obj.cooldown_until - timezone.now()).total_seconds())
-        return f"{left} s ({obj.cooldown_reason or 'no reason'})"
-    return "—"
+class CooldownAdminMixin:
+    """The admin of rows the dispatcher cools down (identities, proxies): the
+    cooldown left as a column and a filter, and an action that clears it
+    through :meth:`cooldown_clear`."""
+
+    list_filter = [CoolingFilter]
+    dispatcher_written_fields = ("cooldown_until", "cooldown_reason")
+    actions = ["clear_cooldown"]
+
+    def cooldown_clear(self, queryset) -> int:
+        raise NotImplementedError
+
+    @admin.display(description="cooldown left")
+    def cooldown(self, obj):
+        if obj.cooldown_until and obj.cooldown_until > timezone.now():
+            left = int((obj.cooldown_until - timezone.now()).total_seconds())
+            return f"{left} s ({obj.cooldown_reason or 'no reason'})"
+        return "—"
+
+    @admin.action(description="Clear cooldown of selected %(verbose_name_plural)s", permissions=["change"])
+    def clear_cooldown(self, request, queryset):
+        count = self.cooldown_clear(queryset)
+        self.message_user(
+            request, f"Cleared the cooldown of {count} {self.opts.verbose_name_plural}.", messages.SUCCESS
+        )
 
 
 @admin.register(RoutingIdentity)
-class RoutingIdentityAdmin(PoolImportExportMixin, PoolModelAdmin):
+class RoutingIdentityAdmin(CooldownAdminMixin, PoolImportExportMixin, PoolModelAdmin):
     list_display = ["name", "max_concurrency", "min_start_interval_ms", "in_flight", "cooldown", "last_started_at"]
-    list_filter = [CoolingFilter]
     search_fields = ["name"]
     readonly_fields = ["in_flight", "last_started_at", "created_at"]
-    dispatcher_written_fields = ("cooldown_until", "cooldown_reason")
-    actions = ["clear_cooldown"]
 
-    @admin.display(description="cooldown left")
-    def cooldown(self, obj):
-        return _cooldown_column(obj)
-
-    @admin.action(description="Clear cooldown of selected identities", permissions=["change"])
-    def clear_cooldown(self, request, queryset):
-        count = services.identity_cooldown_clear(identities=queryset)
-        self.message_user(request, f"Cleared the cooldown of {count} identities.", messages.SUCCESS)
+    def cooldown_clear(self, queryset) -> int:
+        return services.identity_cooldown_clear(identities=queryset)
 
 
 @admin.register(Proxy)
-class ProxyAdmin(PoolImportExportMixin, PoolModelAdmin):
+class ProxyAdmin(CooldownAdminMixin, PoolImportExportMixin, PoolModelAdmin):
     list_display = ["name", "url", "cooldown"]
-    list_filter = [CoolingFilter]
     search_fields = ["name", "url"]
-    dispatcher_written_fields = ("cooldown_until", "cooldown_reason")
-    actions = ["clear_cooldown"]
 
-    @admin.display(description="cooldown left")
-    def cooldown(self, obj):
-        return _cooldown_column(obj)
-
-    @admin.action(description="Clear cooldown of selected proxies", permissions=["change"])
-    def clear_cooldown(self, request, queryset):
-        count = services.proxy_cooldown_clear(proxies=queryset)
-        self.message_user(request, f"Cleared the cooldown of {count} proxies.", messages.SUCCESS)
+    def cooldown_clear(self, queryset) -> int:
+        return services.proxy_cooldown_clear(proxies=queryset)
 
 
 class AccountAdminForm(PoolModelForm):

@@ -135,8 +135,14 @@ def test_clear_identity_and_proxy_cooldowns(staff_client):
     later = timezone.now() + timedelta(minutes=5)
     identity = RoutingIdentityFactory(cooldown_until=later, cooldown_reason="429")
     proxy = ProxyFactory(cooldown_until=later, cooldown_reason="proxy 502")
-    run_action(staff_client, "accounts.routingidentity", "clear_cooldown", [identity])
-    run_action(staff_client, "accounts.proxy", "clear_cooldown", [proxy])
+    for model, reason, plural in (("routingidentity", "429", "routing identities"), ("proxy", "proxy 502", "proxies")):
+        page = staff_client.get(f"/admin/accounts/{model}/").content.decode()
+        assert f"({reason})" in page  # the cooldown column: seconds left and the reason
+        assert f"Clear cooldown of selected {plural}" in page
+    response = run_action(staff_client, "accounts.routingidentity", "clear_cooldown", [identity])
+    assert "Cleared the cooldown of 1 routing identities." in response.content.decode()
+    response = run_action(staff_client, "accounts.proxy", "clear_cooldown", [proxy])
+    assert "Cleared the cooldown of 1 proxies." in response.content.decode()
     assert RoutingIdentity.objects.get(pk=identity.pk).cooldown_until is None
     assert Proxy.objects.get(pk=proxy.pk).cooldown_until is None
 
