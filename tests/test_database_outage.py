@@ -62,7 +62,7 @@ def test_a_server_whose_database_is_unreachable_answers_at_once(tmp_path, unreac
     auth = {"Authorization": "Bearer kp_live_" + "a" * 32}
     with web_server(env, tmp_path, workers=1, threads=4) as server:
         # The first request opens the pool and waits for it until its first
-        # attempt fails (the next test).
+        # attempt fails (test_requests_waiting_when_an_attempt_fails_answer_with_it).
         status, body, headers = request(server.bind, "POST", "/api/v1/dispatch", {}, auth, 30)
         assert status == 503 and body["error"]["type"] == "api_error"
 

@@ -325,10 +325,10 @@ def test_postgres_down_for_most_of_a_minute(pg, database, tmp_path, capsys):
 # fails after the 3 s, the pool's idle ones end by themselves as their
 # keepalive probes go unanswered, and once the pool's attempt to reconnect
 # has failed every dispatch answers at once; 3 s is slack on each answer for
-# a busy machine. Before, a dispatch
-# on such a connection waited for the kernel to give up retransmitting,
-# about 15 minutes: checked, no answer within this drill's 60 s. Served
-# again once the pool reconnects: the next request starts an attempt.
+# a busy machine. Before, a dispatch on such a connection waited for the
+# kernel to give up retransmitting, about 15 minutes: checked, no answer
+# within this drill's 60 s. Served again once the pool reconnects: the next
+# request starts an attempt.
 SILENT_SECONDS = 30
 SILENT_ANSWER_SECONDS = 3 + 3
 SILENT_BACK_WITHIN_SECONDS = 5
