@@ -306,7 +306,7 @@ def _sticky_fast_path(
         lease.sticky = outcome
         cap = slots.key_cap(key)
         row, claim = backend.statements.sticky_claim(shape=shape, values=values, lease=lease, key_cap=cap)
-        if claim.key_full and slots.key_slots_grow(key_id=key.pk, cap=cap):
+        if claim.key_full and slots.key_slots_free(key_id=key.pk, cap=cap):
             row, claim = backend.statements.sticky_claim(shape=shape, values=values, lease=lease, key_cap=cap)
         sticky_odds.observe(key.pk, bound=row is not None)
         if not claim.leased:

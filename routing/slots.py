@@ -25,6 +25,7 @@ import time
 import uuid
 from collections import Counter
 from datetime import datetime, timedelta
+from functools import partial
 
 from django.conf import settings
 from django.db import OperationalError, transaction
@@ -110,6 +111,9 @@ def key_limits_recheck(*, key: ApiKey, visit: waiting.Visit) -> None:
     (:func:`key_usable_recheck`)."""
     if not visit.admitted:
         row = _key_read(key=key, visit=visit)
+        cap = key_cap(key)
+        if cap is not None and row.held_slots >= cap and lease_reap_expired(key_id=key.pk):
+            row = _key_read(key=key, visit=visit)  # its leases past their TTL no longer count
         key_limits_check(key=key, now=timezone.now(), counters=(row.held_slots, row.last_started_at))
 
 
@@ -164,6 +168,22 @@ def key_slots_grow(*, key_id: int, cap: int) -> bool:
         KeySlot.objects.bulk_create([KeySlot(api_key_id=key_id, number=n) for n in numbers], ignore_conflicts=True)
         return True
     return slots.filter(taken=False).exists()
+
+
+def key_slots_free(*, key_id: int, cap: int) -> bool:
+    """After a claim found no free slot of the key, outside its transaction:
+    more of its rows (:func:`key_slots_grow`), or else its leases past their
+    TTL closed and their slots given back. Such a lease stops counting at
+    its TTL (SPEC §2), for the key as for its identity, not when the reaper
+    next runs (nor never, when no task runs: SPEC §4). Whether the claim
+    should try once more."""
+    return key_slots_grow(key_id=key_id, cap=cap) or lease_reap_expired(key_id=key_id) > 0
+
+
+class KeyFull(Exception):
+    """Inside a claim's transaction: the key has no free slot below its
+    limit. The claim rolls back; its caller answers 429 unless the key's
+    expired leases free one (:func:`key_slots_free`)."""
 
 
 def lease_new(
@@ -222,11 +242,34 @@ def slot_claim(
     own = sticky in (StickyOutcome.HIT, StickyOutcome.WAITED)
     if backend.statements is not None and not key.min_start_interval_ms and not probe:
         claim = backend.statements.claim(lease, key_cap=cap, reserved=not own)
-        if claim.key_full and key_slots_grow(key_id=key.pk, cap=cap):
+        if claim.key_full and key_slots_free(key_id=key.pk, cap=cap):
             claim = backend.statements.claim(lease, key_cap=cap, reserved=not own)
         if claim.key_full:
-            raise RateLimited("this API key is at its concurrency limit", retry_after=1)  # its limits never wait
+            raise _key_full()  # its limits never wait
         return grant(lease) if claim.leased else None
+    attempt = partial(_slot_claim_orm, key=key, row=row, lease=lease, now=now, cap=cap, probe=probe, own=own)
+    try:
+        return attempt()
+    except KeyFull:
+        # Outside the claim's transaction, which locked the identity:
+        # closing the key's expired leases locks leases, then identities,
+        # the reaper's order.
+        if not key_slots_free(key_id=key.pk, cap=cap):
+            raise _key_full() from None
+    try:
+        return attempt()
+    except KeyFull:
+        raise _key_full() from None
+
+
+def _key_full() -> RateLimited:
+    return RateLimited("this API key is at its concurrency limit", retry_after=1)
+
+
+def _slot_claim_orm(
+    *, key: ApiKey, row: CandidateRow, lease: Lease, now: datetime, cap: int | None, probe: bool, own: bool
+) -> LeaseGrant | None:
+    """:func:`slot_claim` as ORM services, in one transaction."""
     claimable = rules.identity_claimable(now, settings.KIROPOOL_SLOW_START_SECONDS, reserved=not own)
     with transaction.atomic():
         # The identity first, locked while it can start, as pg._claim_sql
@@ -267,7 +310,8 @@ def quota_probe_take(*, identity_id: int, now: datetime) -> bool:
 def key_slot_claim(*, key: ApiKey, now: datetime, cap: int | None) -> int | None:
     """Inside the claim's transaction: the key's pacing (on its row) and one
     of its free slots when ``cap`` counts its leases. Returns the slot's id;
-    429 when the key is at either limit."""
+    429 when the key is at its pacing limit, :class:`KeyFull` at its
+    concurrency limit."""
     if key.min_start_interval_ms:
         ready = Q(last_started_at__isnull=True) | Q(
             last_started_at__lte=now - timedelta(milliseconds=key.min_start_interval_ms)
@@ -281,7 +325,7 @@ def key_slot_claim(*, key: ApiKey, now: datetime, cap: int | None) -> int | None
     if slot_id is None and key_slots_grow(key_id=key.pk, cap=cap):
         slot_id = _key_slot_take(key_id=key.pk, cap=cap)
     if slot_id is None:
-        raise RateLimited("this API key is at its concurrency limit", retry_after=1)
+        raise KeyFull()
     return slot_id
 
 
@@ -306,17 +350,23 @@ REAP_BATCH = 1000
 
 
 def lease_reap_expired(
-    *, now: datetime | None = None, identity_ids: list[int] | None = None, lock_timeout: bool = False
+    *,
+    now: datetime | None = None,
+    identity_ids: list[int] | None = None,
+    key_id: int | None = None,
+    lock_timeout: bool = False,
 ) -> int:
     """Close leases past their TTL and give their slots back. Safe to run in
     several processes at once: each lease is closed by exactly one of them.
     With ``lock_timeout`` (the periodic task) a batch that waits too long for
     a row lock gives way to the hot path; the next run finishes the job.
+    ``identity_ids`` / ``key_id``: only the leases on those identities, or
+    of that key.
 
     A run over every identity that goes through to the end moves the reap
     mark (``LeaseReapMark``) up to the time it ran at: the reads' probe for
     unreaped leases starts there (``routing/selectors/reaped.py``). A run
-    for some identities, or one that gave way, leaves it."""
+    for some identities or one key, or one that gave way, leaves it."""
     started = timezone.now()
     now = now or started
     total = 0
@@ -325,7 +375,7 @@ def lease_reap_expired(
             with transaction.atomic():
                 if lock_timeout:
                     batches.lock_timeout_local()
-                closed, found = _reap_batch(now=now, identity_ids=identity_ids)
+                closed, found = _reap_batch(now=now, identity_ids=identity_ids, key_id=key_id)
         except OperationalError:
             if not (lock_timeout and backend.postgres):
                 raise
@@ -334,7 +384,7 @@ def lease_reap_expired(
             continue  # a completion won a lease between our read and update: redo the batch
         total += closed
         if found < REAP_BATCH:
-            if identity_ids is None:
+            if identity_ids is None and key_id is None:
                 # Never past the clock: a run asked to close what will have
                 # expired by a later ``now`` has not seen the leases to come.
                 lease_reap_mark_advance(min(now, started))
@@ -351,10 +401,12 @@ def lease_reap_mark_advance(reaped_through: datetime) -> None:
         )
 
 
-def _reap_batch(*, now: datetime, identity_ids: list[int] | None) -> tuple[int | None, int]:
+def _reap_batch(*, now: datetime, identity_ids: list[int] | None, key_id: int | None) -> tuple[int | None, int]:
     expired = Lease.objects.filter(completed_at__isnull=True, expires_at__lte=now)
     if identity_ids is not None:
         expired = expired.filter(identity_id__in=identity_ids)
+    if key_id is not None:
+        expired = expired.filter(api_key_id=key_id)
     rows = list(
         expired.select_for_update(skip_locked=True)
         .order_by("expires_at")

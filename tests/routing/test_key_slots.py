@@ -14,7 +14,7 @@ from django.db import connection, connections, transaction
 from django.db.migrations.executor import MigrationExecutor
 from django.utils import timezone
 
-from accounts.models import ApiKey, KeySlot, RoutingIdentity
+from accounts.models import Account, ApiKey, KeySlot, RoutingIdentity
 from core.errors import RateLimited
 from routing import leases, maintenance, slots
 from routing.dispatch import DispatchRequest
@@ -123,6 +123,45 @@ def test_the_reaper_frees_the_slot_of_a_lease_past_its_ttl():
     assert slots.lease_reap_expired() == 1
     assert not taken(key)
     assert gw.dispatch().status_code == 200
+
+
+@pytest.mark.usefixtures("wide_pool")
+def test_a_lease_past_its_ttl_stops_counting_against_its_key_before_the_reaper_runs():
+    # SPEC §2: a lease never completed stops counting at its TTL; §4: with no
+    # task run too. The next dispatch goes to another identity (never
+    # started), so only the key's slot still holds the expired lease.
+    key = ApiKeyFactory(max_concurrency=1)
+    gw = Gateway(key.plaintext)
+    lease = gw.dispatch().json()["lease_id"]
+    assert gw.dispatch(max_wait_ms=0).status_code == 429
+    Lease.objects.filter(pk=lease).update(expires_at=timezone.now() - timedelta(seconds=1))
+    second = gw.dispatch(max_wait_ms=0)
+    assert second.status_code == 200, second.content
+    assert second.json()["account"]["name"] != Lease.objects.get(pk=lease).account_name
+    assert Lease.objects.get(pk=lease).outcome == "expired"
+    assert {lease.key_slot_id for lease in open_leases(key)} == taken(key)
+    assert len(taken(key)) == 1
+    assert gw.dispatch(max_wait_ms=0).status_code == 429  # the live one still counts
+
+
+@pytest.mark.usefixtures("wide_pool")
+def test_a_key_full_of_expired_leases_waits_for_a_slot_rather_than_refuse_at_once():
+    # Before its first wait a dispatch reads its key's slots (key_limits_recheck):
+    # one held by a lease past its TTL is free by then. Here the expired lease
+    # is on an account the key no longer routes to, and every other identity
+    # is full with another key's leases, so the dispatch waits.
+    key = ApiKeyFactory(max_concurrency=1)
+    gw = Gateway(key.plaintext)
+    lease = gw.dispatch().json()["lease_id"]
+    Lease.objects.filter(pk=lease).update(expires_at=timezone.now() - timedelta(seconds=1))
+    Account.objects.filter(name=Lease.objects.get(pk=lease).account_name).update(enabled=False)
+    RoutingIdentity.objects.filter(accounts__enabled=True).update(max_concurrency=1)
+    other = Gateway(ApiKeyFactory(max_concurrency=10).plaintext)
+    assert [other.dispatch(max_wait_ms=0).status_code for _ in range(3)] == [200, 200, 200]
+    refused = gw.dispatch(max_wait_ms=50)
+    assert refused.status_code == 429
+    assert "concurrency or pacing limit" in refused.json()["error"]["message"]  # waited, not "this API key"
+    assert not taken(key)
 
 
 def test_a_key_without_a_limit_takes_no_slot(settings):
