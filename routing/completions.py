@@ -42,6 +42,11 @@ MAX_COOLDOWN_SECONDS = 900
 
 FAILURES = (LeaseOutcome.RETRY_NEXT, LeaseOutcome.FATAL)
 
+# What a cooldown's or an event's reason holds (their columns' max_length).
+REASON_LENGTH = 500
+
+_COMPLETED = "this lease is already completed or expired"
+
 
 def lease_complete(*, key: ApiKey, lease_id: uuid.UUID, completion: Completion) -> Completed:
     """Release a lease and apply its outcome. A lease of another key is 404;
@@ -95,11 +100,17 @@ def _lease_complete(*, key: ApiKey, lease_id: uuid.UUID, completion: Completion)
             "key_slot_id",
             "quota_probe",
             "started_at",
+            "outcome",
         )
         .first()
     )
     if lease is None:
         raise NotFound("no such lease for this API key")
+    if lease.outcome:
+        # Refused before anything is counted: a gateway retrying a completion
+        # that got through would spend the key's capacity reports. (Closing
+        # the lease below checks again, as it holds the row.)
+        raise Conflict(_COMPLETED)
     now = timezone.now()
     if _takes_capacity(completion) and not _report_allowed(key):
         # Over its rate of capacity-taking reports: the lease is released and
@@ -122,7 +133,7 @@ def _lease_complete(*, key: ApiKey, lease_id: uuid.UUID, completion: Completion)
             error_message=completion.error_message[:2000],
         )
         if not closed:
-            raise Conflict("this lease is already completed or expired")
+            raise Conflict(_COMPLETED)
         if lease.key_slot_id is not None:
             KeySlot.objects.filter(pk=lease.key_slot_id).update(taken=False)
         cooldown = _identity_release(lease=lease, completion=completion, now=now)
@@ -186,7 +197,8 @@ def _failure_record(*, lease: Lease, completion: Completion, now: datetime) -> d
     CooldownEvent.objects.create(
         kind=CooldownKind.EJECTED,
         identity_id=identity_id,
-        reason=f"{streak} failed completions in a row ({_reason(completion, completion.outcome)})",
+        # The column's length: the gateway's message may fill it alone.
+        reason=f"{streak} failed completions in a row ({_reason(completion, completion.outcome)})"[:REASON_LENGTH],
         until=until,
         created_at=now,
     )
@@ -252,7 +264,7 @@ def _account_effects(*, key: ApiKey, lease: Lease, completion: Completion, now: 
 
 
 def _reason(completion: Completion, default: str) -> str:
-    return (completion.error_message or default)[:500]
+    return (completion.error_message or default)[:REASON_LENGTH]
 
 
 # PostgreSQL aborts one of two transactions that wait on each other (two

@@ -472,6 +472,23 @@ def test_complete_twice_is_409_and_changes_nothing(gw):
     assert RoutingIdentity.objects.get(pk=account.identity_id).cooldown_until is None
 
 
+def test_complete_twice_takes_nothing_from_the_keys_capacity_reports(gw, settings):
+    # A gateway retrying a completion whose answer it lost (the Python client
+    # does, and counts the 409 as done) must not spend the key's budget of
+    # capacity-taking reports: the second completion changes nothing.
+    settings.KIROPOOL_CAPACITY_REPORT_RATE = "1/d"  # a day's window: the test never straddles two
+    AccountFactory(name="a", identity__max_concurrency=5)
+    AccountFactory(name="b", identity__max_concurrency=5)
+    lease = gw.dispatch().json()["lease_id"]
+    assert gw.complete(lease, outcome="success").status_code == 200
+    assert error_of(gw.complete(lease, outcome="rate_limited")) == (409, "conflict_error")
+    assert error_of(gw.complete(lease, outcome="quota_exhausted")) == (409, "conflict_error")
+    second = gw.dispatch().json()["lease_id"]
+    answer = gw.complete(second, outcome="rate_limited").json()
+    assert answer["report_applied"] is True
+    assert RoutingIdentity.objects.filter(cooldown_until__gt=timezone.now()).count() == 1
+
+
 def test_429_when_every_candidate_is_cooling(gw):
     soon = timezone.now() + timedelta(seconds=42.3)
     AccountFactory(identity=RoutingIdentityFactory(cooldown_until=soon))

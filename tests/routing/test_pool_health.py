@@ -236,6 +236,24 @@ def test_an_identity_failing_every_time_is_ejected_and_the_time_doubles(gw, sett
     assert identity.ejections == 3
 
 
+def test_a_long_error_message_on_the_ejecting_failure_still_ejects(gw, settings):
+    # A completion's error_message may be 2,000 characters (an upstream's
+    # error page, say); the ejection's reason adds its own words to it, and
+    # must still fit its column (500) rather than fail the completion.
+    settings.KIROPOOL_EJECTION_FAILURES = 2
+    AccountFactory(name="broken")
+    fail(gw, 1)
+    lease = gw.dispatch(max_wait_ms=0).json()["lease_id"]
+    answer = gw.complete(lease, outcome="fatal", error_message="upstream said: " + "x" * 1985)
+    assert answer.status_code == 200, answer.content
+    identity = RoutingIdentity.objects.get()
+    assert identity.ejections == 1 and identity.ejected_until > timezone.now()
+    assert Lease.objects.get(pk=lease).outcome == "fatal"
+    event = CooldownEvent.objects.get(kind=CooldownKind.EJECTED)
+    assert event.reason.startswith("2 failed completions in a row (upstream said: xxx")
+    assert len(event.reason) <= 500
+
+
 def test_failures_of_leases_out_at_an_ejection_do_not_eject_again_even_after_it(gw, settings):
     """Six leases out; three fail and eject the identity. The ejection ends,
     then the other three fail: they were out when it was ejected, so they
