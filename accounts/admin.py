@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django import forms
 from django.contrib import admin, messages
-from django.db.models import BooleanField, ExpressionWrapper, Q
+from django.db.models import BooleanField, ExpressionWrapper, Prefetch, Q, prefetch_related_objects
 from django.utils import timezone
 from django.utils.html import format_html
 
@@ -10,6 +10,13 @@ from accounts import services
 from accounts.models import Account, AccountGroup, ApiKey, Proxy, RoutingIdentity
 from accounts.permissions import GRANT_CREDENTIALS_ACCESS
 from accounts.resources import PoolImportExportMixin
+
+
+def accounts_by_name():
+    """Accounts for a page that shows them by name (a choice, a member, a
+    key's fixed account): their credentials are neither read nor decrypted,
+    so one that no configured key decrypts does not break the page."""
+    return Account.objects.defer("credentials")
 
 
 class PoolModelForm(forms.ModelForm):
@@ -211,6 +218,18 @@ class AccountGroupAdmin(PoolImportExportMixin, PoolModelAdmin):
     search_fields = ["name"]
     filter_horizontal = ["accounts"]
 
+    def get_object(self, request, object_id, from_field=None):
+        # The form starts from the members read here, by name: never decrypted.
+        group = super().get_object(request, object_id, from_field)
+        if group is not None:
+            prefetch_related_objects([group], Prefetch("accounts", queryset=accounts_by_name()))
+        return group
+
+    def formfield_for_manytomany(self, db_field, request, **kwargs):
+        if db_field.name == "accounts":
+            kwargs["queryset"] = accounts_by_name()
+        return super().formfield_for_manytomany(db_field, request, **kwargs)
+
     @admin.display(description="accounts")
     def account_count(self, obj):
         return obj.accounts.count()
@@ -236,6 +255,19 @@ class ApiKeyAdmin(PoolModelAdmin):
     autocomplete_fields = ["fixed_account"]
     readonly_fields = ["masked_key", "in_flight", "last_started_at", "last_used_at", "created_at"]
     actions = ["enable", "disable"]
+
+    def get_queryset(self, request):
+        return (
+            super()
+            .get_queryset(request)
+            .select_related("account_group", "fixed_account")
+            .defer("fixed_account__credentials")
+        )
+
+    def formfield_for_foreignkey(self, db_field, request, **kwargs):
+        if db_field.name == "fixed_account":
+            kwargs["queryset"] = accounts_by_name()
+        return super().formfield_for_foreignkey(db_field, request, **kwargs)
 
     @admin.display(description="key")
     def masked_key(self, obj):

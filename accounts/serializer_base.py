@@ -70,6 +70,10 @@ class ModelCleanMixin:
                 setattr(instance, name, value)
         writable = {field.source for field in self.fields.values() if not field.read_only and field.source in concrete}
         exclude = [name for name in concrete if name not in writable]
+        # A deferred column the request does not write (stored credentials)
+        # stays unread, as the update leaves it: loading it would decrypt it,
+        # and fail for a row no configured key decrypts.
+        exclude += [name for name in instance.get_deferred_fields() if name not in attrs and name not in exclude]
         try:
             instance.full_clean(exclude=exclude, validate_unique=False)
         except DjangoValidationError as exc:

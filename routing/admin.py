@@ -3,6 +3,7 @@ from __future__ import annotations
 from django.contrib import admin, messages
 from django.utils import timezone
 
+from accounts.models import Account
 from routing import sessions
 from routing.models import CooldownEvent, LatencySample, LatencySnapshot, Lease, SessionBinding
 
@@ -15,6 +16,23 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request, obj=None):
         return False
+
+
+class AccountListFilter(admin.RelatedFieldListFilter):
+    """Accounts to filter by, by name: Django's filter loads every account
+    whole, decrypting each one's credentials (and failing on a row no
+    configured key decrypts) to show its name."""
+
+    def field_choices(self, field, request, model_admin):
+        return list(Account.objects.order_by("name").values_list("pk", "name"))
+
+
+class AccountShownByNameAdmin(ReadOnlyAdmin):
+    """Rows listed with their account (its name): the account's credentials
+    are neither read nor decrypted."""
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).select_related("account").defer("account__credentials")
 
 
 class LiveFilter(admin.SimpleListFilter):
@@ -34,7 +52,7 @@ class LiveFilter(admin.SimpleListFilter):
 
 
 @admin.register(SessionBinding)
-class SessionBindingAdmin(ReadOnlyAdmin):
+class SessionBindingAdmin(AccountShownByNameAdmin):
     list_display = ["session_id", "api_key", "account", "updated_at", "expires_at"]
     list_filter = [LiveFilter, "api_key", "account__identity"]
     list_select_related = ["api_key", "account"]
@@ -67,9 +85,9 @@ class LeaseAdmin(ReadOnlyAdmin):
 
 
 @admin.register(LatencySample)
-class LatencySampleAdmin(ReadOnlyAdmin):
+class LatencySampleAdmin(AccountShownByNameAdmin):
     list_display = ["account", "proxy_url", "first_token_ms", "recorded_at"]
-    list_filter = ["account"]
+    list_filter = [("account", AccountListFilter)]
     list_select_related = ["account"]
     date_hierarchy = "recorded_at"
 
@@ -80,7 +98,7 @@ class LatencySnapshotAdmin(ReadOnlyAdmin):
 
 
 @admin.register(CooldownEvent)
-class CooldownEventAdmin(ReadOnlyAdmin):
+class CooldownEventAdmin(AccountShownByNameAdmin):
     list_display = ["created_at", "kind", "identity", "proxy", "account", "until", "reason"]
     list_filter = ["kind"]
     list_select_related = ["identity", "proxy", "account"]

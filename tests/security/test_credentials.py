@@ -14,11 +14,19 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db import connection
 from django.urls import reverse
+from django.utils import timezone
 
 from accounts import fields
 from accounts.models import Account, RoutingIdentity
-from routing.models import Lease
-from tests.factories import AccountFactory, ApiKeyFactory, RoutingIdentityFactory
+from routing.models import CooldownEvent, CooldownKind, Lease
+from tests.factories import (
+    AccountFactory,
+    AccountGroupFactory,
+    ApiKeyFactory,
+    LatencySampleFactory,
+    RoutingIdentityFactory,
+    SessionBindingFactory,
+)
 from tests.routing.gateway import Gateway
 
 pytestmark = pytest.mark.django_db
@@ -175,6 +183,40 @@ def test_an_undecryptable_row_is_a_clean_503_on_dispatch(account, settings):
     lease = Lease.objects.get()
     assert (lease.outcome, lease.completed_at is not None) == ("fatal", True)
     assert RoutingIdentity.objects.get(pk=account.identity_id).in_flight == 0
+
+
+def test_pages_that_show_an_account_by_name_work_while_its_credentials_cannot_be_decrypted(
+    account, staff_client, operator_api, settings
+):
+    # A rotation leaves a row it cannot decrypt as it was (below); the keys,
+    # groups, bindings, samples and events that name the account never need
+    # its credentials, so they must not read (and try to decrypt) them.
+    key = ApiKeyFactory(route_strategy="fixed", fixed_account=account)
+    group = AccountGroupFactory(accounts=[account])
+    SessionBindingFactory(account=account, api_key=key)
+    LatencySampleFactory(account=account)
+    CooldownEvent.objects.create(kind=CooldownKind.QUOTA_EXHAUSTED, account=account, created_at=timezone.now())
+    settings.KIROPOOL_FERNET_KEYS = [KEY_A]  # not the key "acct" was written with
+    for path in ("/api/v1/admin/keys/", f"/api/v1/admin/keys/{key.pk}/"):
+        response = operator_api.get(path)
+        assert response.status_code == 200, (path, response.content)
+        assert '"fixed_account":"acct"' in response.content.decode().replace(" ", "")
+    # Nor does an edit that leaves them as they are (here: taking the account out of selection).
+    response = operator_api.patch("/api/v1/admin/accounts/acct/", {"enabled": False}, format="json")
+    assert response.status_code == 200, response.content
+    assert Account.objects.filter(name="acct", enabled=False).exists()
+    staff_client.raise_request_exception = False
+    for page in (
+        reverse("admin:accounts_apikey_changelist"),
+        reverse("admin:accounts_apikey_change", args=[key.pk]),
+        reverse("admin:accounts_accountgroup_change", args=[group.pk]),
+        reverse("admin:routing_sessionbinding_changelist"),
+        reverse("admin:routing_latencysample_changelist"),
+        reverse("admin:routing_cooldownevent_changelist"),
+    ):
+        response = staff_client.get(page)
+        assert response.status_code == 200, page
+        assert "acct" in response.content.decode() and SECRET not in response.content.decode()
 
 
 def test_rotation_re_encrypts_every_account_under_the_first_key(account, settings):
