@@ -251,6 +251,17 @@ def test_rotation_names_the_accounts_it_cannot_decrypt_and_leaves_them(account, 
     assert stored(account) == before
 
 
+@pytest.mark.parametrize("size", ["0", "-1"])
+def test_rotation_refuses_a_batch_size_below_one_and_changes_nothing(account, settings, size):
+    # 0 ended the first batch on an empty read (an IndexError); -1 is an error
+    # on PostgreSQL and no limit at all on SQLite.
+    before = stored(account)
+    settings.KIROPOOL_FERNET_KEYS = [KEY_A, fields.development_key(settings.SECRET_KEY).decode()]
+    with pytest.raises(CommandError, match="--batch-size must be at least 1"):
+        call_command("rotate_credentials_key", "--batch-size", size, stdout=io.StringIO())
+    assert stored(account) == before
+
+
 def test_the_migration_encrypts_plaintext_rows():
     migration = importlib.import_module("accounts.migrations.0002_account_credentials_encrypted")
     identity = RoutingIdentityFactory()

@@ -31,6 +31,8 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, batch_size: int, from_development_key: bool, **options):
+        if batch_size < 1:
+            raise CommandError(f"--batch-size must be at least 1, not {batch_size}")
         if not fields.configured_keys():
             self.stderr.write(
                 self.style.WARNING(
