@@ -13,6 +13,7 @@ wiping them).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 # A cell that changes nothing.
@@ -21,6 +22,9 @@ KEEP = object()
 LIST_SEPARATOR = ";"
 TRUE_WORDS = frozenset({"true", "1", "yes", "y", "t"})
 FALSE_WORDS = frozenset({"false", "0", "no", "n", "f"})
+# A whole number in a cell: ASCII digits, an optional minus. ``str.isdigit``
+# also takes "²" and, after stripping minus signs, "--5", which ``int`` refuses.
+WHOLE_NUMBER = re.compile(r"-?[0-9]+")
 
 
 class CellError(ValueError):
@@ -85,7 +89,7 @@ class Integer(Column):
             return raw
         if isinstance(raw, float) and raw.is_integer():
             return int(raw)
-        if isinstance(raw, str) and raw.strip().lstrip("-").isdigit():
+        if isinstance(raw, str) and WHOLE_NUMBER.fullmatch(raw.strip()):
             return int(raw.strip())
         raise CellError("must be a whole number")
 

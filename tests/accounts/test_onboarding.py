@@ -172,6 +172,9 @@ def test_a_row_the_database_would_take_but_the_model_refuses_rejects_the_batch()
         ("accounts", {"remaining_credits": 12}, "remaining_credits", None, "never imported"),
         ("accounts", {"colour": "red"}, "colour", None, "not a column of accounts"),
         ("identities", {"max_concurrency": "two"}, "max_concurrency", None, "whole number"),
+        # str.isdigit takes these, int() does not: a CellError, not a ValueError out of the import
+        ("identities", {"max_concurrency": "--2"}, "max_concurrency", None, "whole number"),
+        ("identities", {"min_start_interval_ms": "²"}, "min_start_interval_ms", None, "whole number"),
         ("identities", {"min_start_interval_ms": -5}, "min_start_interval_ms", None, "greater than or equal to 0"),
         ("proxies", {"url": "http://egress-0.internal:3128"}, "url", None, "already exists"),
         ("groups", {"accounts": ["acct-0001", "nobody"]}, "accounts", None, "no account named 'nobody'"),

@@ -81,6 +81,15 @@ def test_a_bad_row_shows_its_number_and_field_and_nothing_is_written(staff_clien
     assert Account.objects.count() == 0
 
 
+def test_a_number_int_cannot_read_is_a_bad_row_not_a_server_error(staff_client):
+    response = upload(staff_client, "routingidentity", "name,max_concurrency\nkiro-x,--2\n", name="identities.csv")
+
+    assert response.status_code == 200
+    [invalid] = response.context["result"].invalid_rows
+    assert invalid.number == 1 and "max_concurrency" in invalid.field_specific_errors
+    assert not RoutingIdentity.objects.exists()
+
+
 def test_a_confirm_for_a_file_this_import_did_not_store_is_refused(staff_client, tmp_path):
     planted = Path(tempfile.gettempdir()) / "kiropool-planted.csv"
     planted.write_text("name,identity\nx,kiro-a\n")
