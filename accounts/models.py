@@ -7,7 +7,7 @@ import hashlib
 import secrets
 
 from django.core.exceptions import ValidationError
-from django.core.validators import MinValueValidator
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import Q
 from django.utils import timezone
@@ -25,6 +25,13 @@ class RouteStrategy(models.TextChoices):
     FIXED = "fixed", "fixed account"
 
 
+# The longest pacing interval (ms, about 24.8 days): what a PostgreSQL integer
+# column holds, on every database. SQLite's hold 64 bits, and an interval of
+# 10**16 ms was taken there, then every dispatch after the next start
+# overflowed a datetime adding it (a 500).
+MAX_INTERVAL_MS = 2_147_483_647
+
+
 def _pool_check(field: str, name: str) -> models.CheckConstraint:
     return models.CheckConstraint(condition=Q(**{f"{field}__in": Pool.values}), name=name)
 
@@ -35,7 +42,7 @@ class RoutingIdentity(models.Model):
 
     name = models.CharField(max_length=200, unique=True)
     max_concurrency = models.PositiveIntegerField(default=1, validators=[MinValueValidator(1)])
-    min_start_interval_ms = models.PositiveIntegerField(default=0)
+    min_start_interval_ms = models.PositiveIntegerField(default=0, validators=[MaxValueValidator(MAX_INTERVAL_MS)])
     cooldown_until = models.DateTimeField(null=True, blank=True)
     cooldown_reason = models.CharField(max_length=500, blank=True)
     last_started_at = models.DateTimeField(null=True, blank=True, editable=False)
@@ -237,7 +244,7 @@ class ApiKey(models.Model):
     preferred_pool = models.CharField(max_length=20, choices=Pool.choices, default=Pool.BALANCED)
     latency_routing_enabled = models.BooleanField(default=True)
     max_concurrency = models.PositiveIntegerField(null=True, blank=True, validators=[MinValueValidator(1)])
-    min_start_interval_ms = models.PositiveIntegerField(default=0)
+    min_start_interval_ms = models.PositiveIntegerField(default=0, validators=[MaxValueValidator(MAX_INTERVAL_MS)])
     # {"model name": ["account name", ...]}: accounts tried first for that model.
     model_preferences = models.JSONField(default=dict, blank=True, validators=[validate_model_preferences])
     # Whether dispatch responses for this key carry the account's credentials.

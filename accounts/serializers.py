@@ -219,6 +219,7 @@ class ApiKeySerializer(ChangedFieldsUpdateMixin, ModelCleanMixin, StrictModelSer
             "min_start_interval_ms",
             "model_preferences",
             "credentials_access",
+            "sticky_patience_ms",
             "expires_at",
             "in_flight",
             "last_started_at",

@@ -540,6 +540,34 @@ def test_key_update_and_delete(operator_api):
     assert_error(operator_api.get(f"{BASE}/keys/{key.pk}/"), 404, "not_found_error")
 
 
+@pytest.mark.parametrize("resource", ["identities", "keys"])
+def test_a_pacing_interval_past_what_postgresql_holds_is_refused_on_every_database(operator_api, resource):
+    # SQLite's columns hold 64 bits: 10**16 ms was taken there, and every
+    # dispatch after the next lease start then failed adding it to a datetime.
+    obj = RoutingIdentityFactory(name="paced") if resource == "identities" else ApiKeyFactory(name="paced")
+    path = f"{BASE}/{resource}/{obj.name if resource == 'identities' else obj.pk}/"
+    longest = operator_api.patch(path, {"min_start_interval_ms": 2_147_483_647}, format="json")
+    assert longest.status_code == 200, longest.content
+    refused = operator_api.patch(path, {"min_start_interval_ms": 10**16}, format="json")
+    assert "min_start_interval_ms" in assert_error(refused, 400, "invalid_request_error")
+    obj.refresh_from_db()
+    assert obj.min_start_interval_ms == 2_147_483_647
+
+
+def test_key_sticky_patience_is_read_and_written_as_in_the_admin(operator_api):
+    created = operator_api.post(f"{BASE}/keys/", {"name": "patient", "sticky_patience_ms": 10_000}, format="json")
+    assert created.status_code == 201, created.content
+    key = ApiKey.objects.get(name="patient")
+    assert created.json()["sticky_patience_ms"] == key.sticky_patience_ms == 10_000
+    assert operator_api.get(f"{BASE}/keys/{key.pk}/").json()["sticky_patience_ms"] == 10_000
+    changed = operator_api.patch(f"{BASE}/keys/{key.pk}/", {"sticky_patience_ms": None}, format="json")
+    assert changed.status_code == 200 and changed.json()["sticky_patience_ms"] is None
+    key.refresh_from_db()
+    assert key.sticky_patience_ms is None  # back to KIROPOOL_STICKY_PATIENCE_MS
+    refused = operator_api.patch(f"{BASE}/keys/{key.pk}/", {"sticky_patience_ms": -1}, format="json")
+    assert "sticky_patience_ms" in assert_error(refused, 400, "invalid_request_error")
+
+
 @pytest.mark.parametrize(
     ("payload", "field", "status"),
     [
