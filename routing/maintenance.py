@@ -265,10 +265,16 @@ def _key_slot_reconcile(pk: int) -> int:
     try:
         with transaction.atomic():
             lock_timeout_local()
-            slot = KeySlot.objects.select_for_update().filter(pk=pk).annotate(held=_slot_held()).first()
-            if slot is None or slot.taken == slot.held:
+            taken = KeySlot.objects.select_for_update().filter(pk=pk).values_list("taken", flat=True).first()
+            if taken is None:
                 return 0
-            KeySlot.objects.filter(pk=pk).update(taken=slot.held)
+            # Read in a statement of its own, after the lock: a subquery of the
+            # locking statement sees the leases as they were before it waited
+            # (READ COMMITTED), so a lease completed meanwhile still held it.
+            held = KeySlot.objects.filter(_slot_held(), pk=pk).exists()
+            if taken == held:
+                return 0
+            KeySlot.objects.filter(pk=pk).update(taken=held)
             return 1
     except OperationalError:
         if not backend.postgres:

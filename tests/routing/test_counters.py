@@ -5,8 +5,11 @@ and reports it, and a write the database refuses on the hot path is a clean
 from __future__ import annotations
 
 import logging
+import threading
+import time
 
 import pytest
+from django.db import connection, connections
 from django.utils import timezone
 
 from accounts.models import Account, ApiKey, KeySlot, RoutingIdentity
@@ -100,3 +103,56 @@ def test_a_write_the_database_refuses_is_a_clean_503_and_changes_nothing():
     maintenance.counters_reconcile()
     assert gw.complete(lease, outcome="success", first_token_ms=300).status_code == 200
     assert SessionBinding.objects.get().account_id == account.pk
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("postgres_only")
+def test_a_slot_set_right_while_its_lease_completes_is_set_from_what_committed():
+    """A drifted slot (free under its open lease) whose lease completes while
+    the reconcile waits for the slot's lock: once the lock is had, the slot
+    is set from the database as the completion left it (its lease closed, so
+    free), not as it was when the reconcile began waiting (taken, and no
+    lease would ever have freed it)."""
+    AccountFactory(identity__max_concurrency=2)
+    key = ApiKeyFactory(max_concurrency=2)
+    lease = Lease.objects.get(pk=Gateway(key.plaintext).dispatch().json()["lease_id"])
+    KeySlot.objects.filter(pk=lease.key_slot_id).update(taken=False)  # the drift
+    found: list[dict[str, int]] = []
+
+    def reconcile() -> None:
+        try:
+            found.append(maintenance.counters_reconcile())
+        finally:
+            connections.close_all()
+
+    completion = connections.create_connection("default")  # a completion, committed while the reconcile waits
+    try:
+        completion.set_autocommit(False)
+        with completion.cursor() as cursor:
+            cursor.execute(
+                "UPDATE routing_lease SET completed_at = now(), outcome = 'success' WHERE id = %s", [lease.pk]
+            )
+            cursor.execute("UPDATE accounts_keyslot SET taken = false WHERE id = %s", [lease.key_slot_id])
+            cursor.execute(
+                "UPDATE accounts_routingidentity SET in_flight = in_flight - 1 WHERE id = %s", [lease.identity_id]
+            )
+        thread = threading.Thread(target=reconcile)
+        thread.start()
+        deadline = time.monotonic() + 10
+        with connection.cursor() as cursor:
+            while True:  # until the reconcile waits for the slot's row
+                cursor.execute(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                )
+                if cursor.fetchone()[0] or time.monotonic() > deadline:
+                    break
+                time.sleep(0.01)
+        assert thread.is_alive(), found
+        completion.commit()
+    finally:
+        completion.close()
+    thread.join(30)
+    assert found and found[0]["key_in_flight"] == 0  # nothing was wrong by then
+    assert not KeySlot.objects.get(pk=lease.key_slot_id).taken
+    assert ApiKey.objects.get(pk=key.pk).in_flight == 0
