@@ -141,11 +141,23 @@ def identity_reset_before(*, identity_id: int, started_at: datetime, now: dateti
     left to the periodic task: the report may tell of the quota before it."""
     if not Account.objects.filter(identity_id=identity_id, quota_resets_at__lte=started_at).exists():
         return 0
-    return _identity_reset(identity_id=identity_id, now=now)
+    return _identity_reset(identity_id=identity_id, now=now, due_by=started_at)
 
 
-def _identity_reset(*, identity_id: int, now: datetime) -> int:
+def _identity_reset(*, identity_id: int, now: datetime, due_by: datetime | None = None) -> int:
+    """Apply the identity's reset if its time came by ``due_by`` (default
+    ``now``) and no one has applied it since. The aliases are locked first,
+    and whether the reset is still due is read after, in a statement of its
+    own: the caller decided from an earlier read (the task, from its list of
+    identities; a completion, from its check), and meanwhile a completion
+    may have applied the reset and reported the quota spent again. Applied
+    once more, the reset would undo that report and hand the spent accounts
+    out again."""
     with transaction.atomic():
+        aliases = Account.objects.filter(identity_id=identity_id)
+        list(aliases.select_for_update().order_by("pk").values_list("pk", flat=True))
+        if not aliases.filter(quota_resets_at__lte=due_by or now).exists():
+            return 0
         restored = identity_quota_restore(identity_id=identity_id, reason="the quota reset time came", now=now)
         Account.objects.filter(identity_id=identity_id, quota_resets_at__lte=now).update(quota_resets_at=None)
     return restored

@@ -12,7 +12,7 @@ import time
 from datetime import timedelta
 
 import pytest
-from django.db import connection
+from django.db import connection, connections
 from django.utils import timezone
 
 from accounts.models import Account, ApiKey, RoutingIdentity
@@ -128,6 +128,78 @@ def test_a_quota_spent_again_after_its_reset_takes_the_account_out(gw, report):
     assert CooldownEvent.objects.filter(kind=CooldownKind.QUOTA_RESET, reason="the quota reset time came").exists()
     quotas.quota_resets_apply()
     assert gw.dispatch(max_wait_ms=0).status_code == 503  # the task has nothing left to undo
+
+
+def test_a_quota_spent_again_while_the_reset_task_runs_stays_spent(gw, monkeypatch):
+    """The periodic task found the identity's reset time passed; before it
+    applies the reset, a lease started since the reset time reports the
+    quota spent again (its completion applies the reset, then the report).
+    The task must see that the reset is done, not apply it once more over
+    the report and hand the spent account out again."""
+    AccountFactory(name="a", quota_exhausted=True, quota_resets_at=timezone.now() - timedelta(seconds=1))
+    lease = gw.dispatch(max_wait_ms=0).json()["lease_id"]
+    reset, landed = quotas._identity_reset, []
+
+    def completion_lands_first(**kwargs):
+        if not landed:  # the task's call; the completion's own goes straight through
+            landed.append(None)
+            landed[0] = gw.complete(lease, outcome="quota_exhausted").status_code
+        return reset(**kwargs)
+
+    monkeypatch.setattr(quotas, "_identity_reset", completion_lands_first)
+    quotas.quota_resets_apply()
+    assert landed == [200]
+    account = Account.objects.get()
+    assert account.quota_exhausted and account.quota_next_probe_at > timezone.now()
+    assert gw.dispatch(max_wait_ms=0).status_code == 503
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("postgres_only")
+def test_a_reset_task_queued_behind_a_completion_that_spent_the_quota_again_leaves_its_report():
+    """The same on PostgreSQL, with the task queued on the aliases' rows: the
+    completion has applied the reset and reported the quota spent again, and
+    has not committed. The task, which read the reset as due, waits for its
+    rows; once the completion commits, it sees the reset done, not the
+    accounts as it read them before it waited."""
+    account = AccountFactory(name="a", quota_exhausted=True, quota_resets_at=timezone.now() - timedelta(seconds=1))
+    applied: list[int] = []
+
+    def task() -> None:
+        try:
+            applied.append(quotas.quota_resets_apply())
+        finally:
+            connection.close()
+
+    completion = connections.create_connection("default")  # a completion, committed while the task waits
+    try:
+        completion.set_autocommit(False)
+        with completion.cursor() as cursor:
+            cursor.execute(  # the reset applied, then the exhaustion reported
+                "UPDATE accounts_account SET quota_resets_at = NULL, quota_exhausted = true,"
+                " quota_exhausted_at = now(), quota_next_probe_at = now() + interval '1 hour' WHERE id = %s",
+                [account.pk],
+            )
+        thread = threading.Thread(target=task)
+        thread.start()
+        deadline = time.monotonic() + 10
+        with connection.cursor() as cursor:
+            while True:  # until the task waits for the account's row
+                cursor.execute(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                )
+                if cursor.fetchone()[0] or time.monotonic() > deadline:
+                    break
+                time.sleep(0.01)
+        assert thread.is_alive(), applied
+        completion.commit()
+    finally:
+        completion.close()
+    thread.join(30)
+    assert applied == [0]
+    account.refresh_from_db()
+    assert account.quota_exhausted and account.quota_next_probe_at > timezone.now()
 
 
 def test_a_quota_reported_spent_by_a_lease_out_across_the_reset_is_left_to_the_reset(gw):
