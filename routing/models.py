@@ -332,8 +332,9 @@ class WaitTicket(models.Model):
         return f"wait ticket {self.pk} of key {self.key_id}"
 
 
-# The hot counters the reconcile task recomputes (routing/maintenance.py).
-COUNTER_NAMES = ("identity_in_flight", "key_in_flight", "account_binding_rows")
+# The hot counters the reconcile task recomputes (routing/maintenance.py),
+# each exported on /metrics from the first scrape.
+COUNTER_NAMES = ("identity_in_flight", "key_in_flight", "account_binding_rows", "identity_account_rows")
 
 
 class CounterDrift(models.Model):

@@ -81,6 +81,20 @@ def test_drift_is_exported_on_metrics(client):
     assert 'kiropool_counter_drift_total{counter="identity_in_flight"} 0.0' in text
 
 
+def test_the_drift_of_every_counter_the_reconcile_recounts_is_exported_on_metrics(client):
+    """An identity's alias count is recounted and set right like the others,
+    and its drift is exported like theirs: /metrics is where an operator
+    hears that something wrote a counter outside its owners."""
+    account = AccountFactory()
+    RoutingIdentity.objects.filter(pk=account.identity_id).update(account_rows=3)
+    found = maintenance.counters_reconcile()
+    assert found["identity_account_rows"] == 2
+    text = client.get("/metrics").content.decode()
+    assert 'kiropool_counter_drift_total{counter="identity_account_rows"} 2.0' in text
+    for name in found:
+        assert f'kiropool_counter_drift_total{{counter="{name}"}}' in text, name
+
+
 # Outside a test transaction, as in production: a refused statement rolls
 # back on its own (autocommit), and the connection serves the next request.
 @pytest.mark.django_db(transaction=True)
