@@ -9,6 +9,7 @@ JSON like every other endpoint, errors in the one error shape."""
 
 from __future__ import annotations
 
+import functools
 import hmac
 import logging
 import os
@@ -19,7 +20,6 @@ from django.core.signals import setting_changed
 from django.dispatch import receiver
 from django.http import HttpResponse, JsonResponse
 from django.views.decorators.cache import never_cache
-from django.views.decorators.http import require_GET
 
 from core.database import PING_TIMEOUT_SECONDS, database_ping
 from core.errors import error_body
@@ -29,8 +29,23 @@ from routing import metrics
 logger = logging.getLogger(__name__)
 
 
+def get_only(view):
+    """Django's ``require_GET``, refusing in the one error shape: its own
+    405 is an empty HTML page."""
+
+    @functools.wraps(view)
+    def guarded(request, *args, **kwargs):
+        if request.method != "GET":
+            response = JsonResponse(error_body(405, f'Method "{request.method}" not allowed.'), status=405)
+            response["Allow"] = "GET"
+            return response
+        return view(request, *args, **kwargs)
+
+    return guarded
+
+
 @never_cache
-@require_GET
+@get_only
 def healthz(request):
     return JsonResponse({"status": "ok"})
 
@@ -53,7 +68,7 @@ def _readiness_forget(**kwargs) -> None:
 
 
 @never_cache
-@require_GET
+@get_only
 def readyz(request):
     checks = dict(readiness.get())
     down = [name for name, result in checks.items() if result != "ok"]
@@ -95,7 +110,7 @@ def _broker_ping() -> None:
 
 
 @never_cache
-@require_GET
+@get_only
 def metrics_view(request):
     """Prometheus exposition. Open unless ``KIROPOOL_METRICS_TOKEN`` is set,
     then it wants ``Authorization: Bearer <that token>``."""

@@ -27,6 +27,17 @@ def test_healthz_answers_without_credentials_or_database(client, django_assert_n
 
 
 @pytest.mark.django_db
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/metrics"])
+def test_another_method_is_refused_in_the_error_shape(client, path):
+    # The module promises JSON "errors in the one error shape", like every
+    # other endpoint; Django's require_GET answers an empty text/html 405.
+    response = client.post(path)
+    assert response.status_code == 405
+    assert response["Allow"] == "GET"
+    assert response.json() == {"error": {"type": "invalid_request_error", "message": 'Method "POST" not allowed.'}}
+
+
+@pytest.mark.django_db
 def test_readyz_checks_database_and_broker(client):
     response = client.get("/readyz")
     assert response.status_code == 200, response.content
