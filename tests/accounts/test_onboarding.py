@@ -297,6 +297,22 @@ def test_group_membership_is_what_the_file_says():
     }
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--output", "{tmp}/missing/pool.json"],  # a folder that is not there
+        ["--format", "csv", "--output", "{tmp}/taken"],  # one file per kind, into a file
+    ],
+)
+def test_an_output_it_cannot_write_is_refused_with_a_message(tmp_path, args):
+    # pool_import refuses a file it cannot read with a CommandError; the
+    # export crashed with a traceback instead.
+    (tmp_path / "taken").write_text("")
+    args = [arg.format(tmp=tmp_path) for arg in args]
+    with pytest.raises(CommandError, match="cannot write"):
+        call_command("pool_export", *args, stdout=io.StringIO(), stderr=io.StringIO())
+
+
 def test_export_holds_no_credentials_nor_dispatcher_state(tmp_path):
     pool_import(pool_document(10))
     RoutingIdentity.objects.update(in_flight=1, last_started_at=timezone.now())

@@ -113,6 +113,11 @@ def test_a_naive_or_garbled_time_is_refused(recorded):
             call_command("export_trace", "--since", bad, stdout=StringIO(), stderr=StringIO())
 
 
+def test_an_output_it_cannot_write_is_refused_with_a_message(recorded, tmp_path):
+    with pytest.raises(CommandError, match="cannot write"):
+        call_command("export_trace", "--output", str(tmp_path / "missing" / "trace.jsonl"), stderr=StringIO())
+
+
 def test_empty_database_exports_nothing():
     assert export() == []
 

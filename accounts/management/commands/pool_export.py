@@ -40,15 +40,21 @@ class Command(BaseCommand):
             if not output:
                 raise CommandError("CSV holds one kind per file: give one --kind, or --output FOLDER")
             folder = Path(output)
-            folder.mkdir(parents=True, exist_ok=True)
-            for key in kinds:
-                (folder / f"{key}.csv").write_text(csv_write(KINDS[key], batch[key]), encoding="utf-8")
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                for key in kinds:
+                    (folder / f"{key}.csv").write_text(csv_write(KINDS[key], batch[key]), encoding="utf-8")
+            except OSError as exc:
+                raise CommandError(f"{output}: cannot write the CSV files there ({exc})") from None
             self.stderr.write(f"wrote {', '.join(f'{k}.csv' for k in kinds)} to {folder}")
         counts = ", ".join(f"{len(batch[k])} {k}" for k in kinds)
         self.stderr.write(f"exported {counts}")
 
     def _emit(self, text: str, output: str | None) -> None:
         if output:
-            Path(output).write_text(text, encoding="utf-8")
+            try:
+                Path(output).write_text(text, encoding="utf-8")
+            except OSError as exc:
+                raise CommandError(f"{output}: cannot write it ({exc})") from None
         else:
             self.stdout.write(text, ending="")

@@ -7,7 +7,7 @@ import argparse
 import json
 from datetime import datetime
 
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 from django.utils.dateparse import parse_datetime
 
 from routing.models import Lease
@@ -45,7 +45,10 @@ class Command(BaseCommand):
             leases = leases.filter(started_at__lt=until)
         rows = leases.values_list(*FIELDS.values()).iterator(chunk_size=2000)
 
-        target = self.stdout if output == "-" else open(output, "w", encoding="utf-8")  # noqa: SIM115
+        try:
+            target = self.stdout if output == "-" else open(output, "w", encoding="utf-8")  # noqa: SIM115
+        except OSError as exc:
+            raise CommandError(f"{output}: cannot write it ({exc})") from None
         count = 0
         try:
             for row in rows:
