@@ -200,6 +200,23 @@ def test_exceptions_map_to_outcomes_and_no_lease_is_left_open(client, pool):
     assert open_leases() == []
 
 
+def test_an_upstream_message_with_a_nul_character_still_completes_the_lease(client):
+    # The error message goes to the server as the exception's text, truncated
+    # to the server's 2,000 characters; but the server refuses NUL in any
+    # string (400), so the completion failed, was only logged, and the lease
+    # held its slot until the TTL, its failure never reported.
+    with pytest.raises(UpstreamRetryNext), client.lease() as lease:
+        raise UpstreamRetryNext("upstream said: \x00\x01garbled body")
+    assert lease.completed is not None and lease.completed.outcome == "retry_next"
+    assert open_leases() == []
+    assert "\x00" not in Lease.objects.get().error_message
+    # A message the caller reports itself, over the server's 2,000 characters.
+    with client.lease() as lease:
+        lease.report("retry_next", error_message="upstream said: " + "x" * 3000)
+    assert lease.completed is not None and lease.completed.outcome == "retry_next"
+    assert open_leases() == []
+
+
 def test_report_completes_with_an_outcome_without_raising(client):
     with client.lease() as lease:
         lease.report("rate_limited", cooldown_seconds=5, error_message="handled upstream 429")

@@ -28,9 +28,7 @@ from typing import ClassVar
 
 import httpx
 
-from kiropool_client.types import Completion, Outcome
-
-MAX_ERROR_MESSAGE = 2000
+from kiropool_client.types import MAX_ERROR_MESSAGE, Completion, Outcome
 
 
 class UpstreamError(Exception):

@@ -70,15 +70,30 @@ class Completion:
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {"outcome": self.outcome}
-        for name in ("first_token_ms", "cooldown_seconds", "remaining_credits", "error_message"):
+        for name in ("first_token_ms", "cooldown_seconds", "remaining_credits"):
             value = getattr(self, name)
             if value is not None:
                 body[name] = value
+        if self.error_message is not None:
+            body["error_message"] = error_message_sendable(self.error_message)
         if self.quota_resets_at is not None:
             body["quota_resets_at"] = self.quota_resets_at.isoformat()
         if self.proxy_failure:
             body["proxy_failure"] = True
         return body
+
+
+# The server's limits on a completion's message: at most this many characters,
+# no NUL, valid Unicode. It refuses a completion over them (400) as a whole, and
+# the lease then holds its slot until its TTL, its outcome never reported. The
+# message comes from upstream error texts, which may hold anything.
+MAX_ERROR_MESSAGE = 2000
+
+
+def error_message_sendable(text: str) -> str:
+    """``text`` within the server's limits: NUL and unpaired surrogates replaced, truncated."""
+    text = text.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
+    return text[:MAX_ERROR_MESSAGE]
 
 
 # --- responses ---------------------------------------------------------------------
