@@ -149,7 +149,7 @@ def _credentials_or_release(key, acquired: Acquired):
     try:
         return key_accounts.account_credentials(account_id=acquired.row.account_id)
     except CredentialsKeyError:
-        completion = Completion(outcome="fatal", error_message="credentials cannot be decrypted")
+        completion = Completion(outcome="fatal", error_message="credentials cannot be decrypted", abandoned=True)
         completions.lease_complete(key=key, lease_id=acquired.lease.id, completion=completion)
         raise
 
@@ -178,6 +178,13 @@ class LeaseCompleteApi(GatewayApi):
             "then. Must lie in the future, within a year.",
         )
         error_message = serializers.CharField(required=False, allow_blank=True, allow_null=True, max_length=2000)
+        abandoned = serializers.BooleanField(
+            required=False,
+            default=False,
+            help_text="With retry_next or fatal: the gateway gave the request up itself (its caller went away, a "
+            "fault of its own) or never sent it. The lease is released and the account is not blamed: the "
+            "failure counts toward no ejection.",
+        )
 
         def validate_quota_resets_at(self, value):
             now = timezone.now()
@@ -185,6 +192,12 @@ class LeaseCompleteApi(GatewayApi):
                 # A rule the schema cannot state (it depends on the clock): 422.
                 raise serializers.ValidationError("must lie in the future, within a year", code=RULE_ERROR)
             return value
+
+        def validate(self, data):
+            if data["abandoned"] and data["outcome"] not in completions.FAILURES:
+                message = "only a retry_next or fatal outcome can be abandoned"
+                raise serializers.ValidationError({"abandoned": [message]}, code=RULE_ERROR)
+            return data
 
     @extend_schema_serializer(component_name="LeaseCompleted")
     class OutputSerializer(serializers.Serializer):
@@ -217,6 +230,7 @@ class LeaseCompleteApi(GatewayApi):
                 remaining_credits=data.get("remaining_credits"),
                 quota_resets_at=data.get("quota_resets_at"),
                 error_message=data.get("error_message") or "",
+                abandoned=data["abandoned"],
             ),
         )
         metrics.completion_observe(data["outcome"])

@@ -165,7 +165,7 @@ def _identity_release(*, lease: Lease, completion: Completion, now: datetime) ->
         changes.update(cooldown_until=cooldown, cooldown_reason=_reason(completion, "rate limited"))
     elif outcome == LeaseOutcome.SUCCESS:
         changes.update(failure_streak=0, ejections=0)
-    elif outcome in FAILURES:
+    elif outcome in FAILURES and not completion.abandoned:
         changes.update(_failure_record(lease=lease, completion=completion, now=now))
     RoutingIdentity.objects.filter(pk=lease.identity_id).update(**changes)
     return cooldown

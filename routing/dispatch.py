@@ -97,6 +97,10 @@ class Completion:
     error_message: str = ""
     # Over the key's rate of capacity-taking reports: release only.
     report_limited: bool = False
+    # A failure outcome that is not the account's: the gateway gave the
+    # request up itself, or never sent it (as the server does when it cannot
+    # decrypt the account's credentials). It counts toward no ejection.
+    abandoned: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -200,6 +200,23 @@ def test_exceptions_map_to_outcomes_and_no_lease_is_left_open(client, pool):
     assert open_leases() == []
 
 
+def test_requests_the_gateway_abandoned_do_not_eject_the_account(kiropool_url):
+    # The client completes a block left by anything but an upstream failure (a
+    # bug in the gateway, Ctrl-C, a cancelled task) as `fatal`, abandoned: five
+    # plain `fatal`s in a row (KIROPOOL_EJECTION_FAILURES' default) would
+    # eject the identity, for every key.
+    pool = seed_pool("abandoned", identities=1)
+    with KiropoolClient(kiropool_url, pool.key) as client:
+        for _ in range(5):
+            with pytest.raises(KeyboardInterrupt), client.lease():
+                raise KeyboardInterrupt  # the caller gave up, the upstream did nothing wrong
+    assert [o for (o,) in Lease.objects.values_list("outcome")] == ["fatal"] * 5
+    identity = RoutingIdentity.objects.get(name=pool.identities[0])
+    assert identity.ejected_until is None, "abandoned requests ejected the identity"
+    with KiropoolClient(kiropool_url, pool.key) as client, client.lease(max_wait_ms=0):
+        pass
+
+
 def test_an_upstream_message_with_a_nul_character_still_completes_the_lease(client):
     # The error message goes to the server as the exception's text, truncated
     # to the server's 2,000 characters; but the server refuses NUL in any

@@ -240,6 +240,27 @@ def test_an_account_without_a_deployment_is_released_and_skipped(routed):
     assert open_leases() == []
 
 
+def test_releasing_an_account_without_a_deployment_does_not_eject_its_identity(routed):
+    # The README allows a key wider than the Router ("scope the key to the
+    # Router's accounts to save the round trip"): the pick releases such an
+    # account at once, as `retry_next` abandoned: nothing was sent to it, and
+    # five plain `retry_next`s would eject the identity from the pool, for
+    # every key and gateway.
+    pool = seed_pool("llm", identities=3)
+    unmapped = pool.accounts[2]
+    _, router, routing = routed(pool, accounts=pool.accounts[:2])
+    released = Lease.objects.filter(account_name=unmapped)
+    for turn in range(10):
+        if released.count() == 5:
+            break
+        # A new session each time: key 3 sends it to the identity with the
+        # fewest bound sessions, and the unmapped one never gets any.
+        router.completion(model=MODEL, messages=MESSAGES, metadata={"session_id": f"conv-{turn}"})
+        settle(routing)
+    assert list(released.values_list("outcome", flat=True)) == ["retry_next"] * 5
+    assert RoutingIdentity.objects.get(name=unmapped).ejected_until is None
+
+
 def test_close_releases_the_leases_no_callback_completed(routed):
     pool, router, routing = routed()
     deployment = routing.get_available_deployment(MODEL, MESSAGES, request_kwargs={"metadata": {}})

@@ -28,25 +28,27 @@ def http_error(status: int, **headers: str) -> httpx.HTTPStatusError:
 
 
 @pytest.mark.parametrize(
-    ("exc", "outcome", "cooldown"),
+    ("exc", "outcome", "cooldown", "abandoned"),
     [
-        (UpstreamRateLimited("429", retry_after=12.2), "rate_limited", 13),
-        (UpstreamRateLimited("429"), "rate_limited", None),
-        (UpstreamQuotaExhausted("402"), "quota_exhausted", None),
-        (UpstreamRetryNext("500"), "retry_next", None),
-        (UpstreamFatal("400"), "fatal", None),
-        (http_error(429, **{"Retry-After": "7"}), "rate_limited", 7),
-        (http_error(503), "retry_next", None),
-        (http_error(408), "retry_next", None),
-        (http_error(400), "fatal", None),
-        (httpx.ConnectError("refused"), "retry_next", None),
-        (ValueError("a bug"), "fatal", None),
-        (KeyboardInterrupt(), "fatal", None),
+        (UpstreamRateLimited("429", retry_after=12.2), "rate_limited", 13, False),
+        (UpstreamRateLimited("429"), "rate_limited", None, False),
+        (UpstreamQuotaExhausted("402"), "quota_exhausted", None, False),
+        (UpstreamRetryNext("500"), "retry_next", None, False),
+        (UpstreamFatal("400"), "fatal", None, False),
+        (http_error(429, **{"Retry-After": "7"}), "rate_limited", 7, False),
+        (http_error(503), "retry_next", None, False),
+        (http_error(408), "retry_next", None, False),
+        (http_error(400), "fatal", None, False),
+        (httpx.ConnectError("refused"), "retry_next", None, False),
+        # Not the upstream's doing: given up, the account not blamed.
+        (ValueError("a bug"), "fatal", None, True),
+        (KeyboardInterrupt(), "fatal", None, True),
     ],
 )
-def test_an_upstream_exception_maps_to_its_outcome(exc, outcome, cooldown):
+def test_an_upstream_exception_maps_to_its_outcome(exc, outcome, cooldown, abandoned):
     completion = completion_from_exception(exc)
-    assert (completion.outcome, completion.cooldown_seconds) == (outcome, cooldown)
+    assert (completion.outcome, completion.cooldown_seconds, completion.abandoned) == (outcome, cooldown, abandoned)
+    assert completion.to_json().get("abandoned", False) is abandoned
     assert completion.error_message.startswith(type(exc).__name__)
 
 

@@ -308,6 +308,34 @@ def test_an_identity_failing_every_time_is_ejected_and_the_time_doubles(gw, sett
     assert identity.ejections == 3
 
 
+@pytest.mark.parametrize("outcome", ["retry_next", "fatal"])
+def test_failures_the_gateway_abandoned_eject_nothing_and_keep_the_streak(gw, settings, outcome):
+    # The gateway gave the request up itself (its caller went away) or never
+    # sent it: nothing says the account failed.
+    settings.KIROPOOL_EJECTION_FAILURES = 3
+    AccountFactory(name="a", identity__max_concurrency=4)
+    fail(gw, 2)
+    for _ in range(5):
+        lease = gw.dispatch(max_wait_ms=0).json()["lease_id"]
+        answer = gw.complete(lease, outcome=outcome, abandoned=True)
+        assert answer.status_code == 200 and answer.json()["outcome"] == outcome
+    identity = RoutingIdentity.objects.get()
+    assert identity.ejected_until is None and identity.failure_streak == 2  # neither counted nor ended
+    fail(gw, 1)  # the third real failure in a row
+    assert RoutingIdentity.objects.get().ejected_until is not None
+
+
+@pytest.mark.parametrize("outcome", ["success", "rate_limited", "quota_exhausted"])
+def test_only_a_failure_can_be_abandoned(gw, outcome):
+    AccountFactory(name="a")
+    lease = gw.dispatch(max_wait_ms=0).json()["lease_id"]
+    refused = gw.complete(lease, outcome=outcome, abandoned=True)
+    assert refused.status_code == 422
+    assert "abandoned" in refused.json()["error"]["message"]
+    assert Lease.objects.get(pk=lease).completed_at is None  # the lease is still out
+    assert gw.complete(lease, outcome=outcome).status_code == 200
+
+
 def test_a_long_error_message_on_the_ejecting_failure_still_ejects(gw, settings):
     # A completion's error_message may be 2,000 characters (an upstream's
     # error page, say); the ejection's reason adds its own words to it, and

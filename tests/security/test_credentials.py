@@ -185,6 +185,19 @@ def test_an_undecryptable_row_is_a_clean_503_on_dispatch(account, settings):
     assert RoutingIdentity.objects.get(pk=account.identity_id).in_flight == 0
 
 
+def test_undecryptable_credentials_do_not_eject_the_identity_for_every_key(account, settings):
+    # The 503 released the lease as `fatal`, which the outlier ejection counts
+    # as a failure of the upstream account: a few dispatches of a credentials
+    # key (KIROPOOL_EJECTION_FAILURES) ejected the identity, and keys that
+    # never ask for credentials lost an account that works for them.
+    key = ApiKeyFactory(credentials_access=True)
+    settings.KIROPOOL_FERNET_KEYS = [KEY_A]  # not the key the row was written with
+    for _ in range(settings.KIROPOOL_EJECTION_FAILURES):
+        assert Gateway(key.plaintext).dispatch(max_wait_ms=0).status_code == 503
+    assert RoutingIdentity.objects.get(pk=account.identity_id).ejected_until is None
+    assert Gateway(ApiKeyFactory().plaintext).dispatch(max_wait_ms=0).status_code == 200
+
+
 def test_pages_that_show_an_account_by_name_work_while_its_credentials_cannot_be_decrypted(
     account, staff_client, operator_api, settings
 ):

@@ -120,7 +120,8 @@ class KiropoolRouting(CustomRoutingStrategyBase, CustomLogger):
             return [*self._open.values(), *self._completing.values()]
 
     def close(self) -> None:
-        """Stop completing through LiteLLM's callbacks and release the leases still open (``fatal``)."""
+        """Stop completing through LiteLLM's callbacks and release the leases
+        still open (``fatal``, abandoned: the account is not blamed)."""
         # LiteLLM copies litellm.callbacks into its success and failure lists: drop it from all of them.
         litellm.logging_callback_manager.drop_callbacks([self])
         with self._lock:
@@ -128,7 +129,9 @@ class KiropoolRouting(CustomRoutingStrategyBase, CustomLogger):
         for lease_id in lease_ids:
             lease = self._claim(lease_id)
             if lease is not None:
-                self._complete(lease, Completion(outcome="fatal", error_message="the gateway shut down"))
+                self._complete(
+                    lease, Completion(outcome="fatal", error_message="the gateway shut down", abandoned=True)
+                )
         self.client.close()
 
     # --- the pick ------------------------------------------------------------------
@@ -339,6 +342,7 @@ class _Pick:
         return Completion(
             outcome="retry_next",
             error_message=f"the Router has no deployment of model group {self.model!r} for this account",
+            abandoned=True,  # never sent: nothing failed on the account
         )
 
 

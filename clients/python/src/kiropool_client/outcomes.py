@@ -15,8 +15,9 @@ raise                          outcome              kiropool then
 ``httpx.HTTPStatusError`` from the upstream call maps by status (429 →
 ``rate_limited`` with its ``Retry-After``, 408/5xx → ``retry_next``, other 4xx
 → ``fatal``), an ``httpx.TransportError`` to ``retry_next``. Anything else (a
-bug, ``KeyboardInterrupt``, a cancelled task) is ``fatal``: the request was
-abandoned, and nothing is blamed on the account."""
+bug, ``KeyboardInterrupt``, a cancelled task) is ``fatal`` and ``abandoned``:
+the gateway gave the request up, and nothing is blamed on the account (it
+counts toward no ejection of its identity)."""
 
 from __future__ import annotations
 
@@ -127,7 +128,7 @@ def completion_from_exception(exc: BaseException, classify: Classifier | None = 
         return Completion(outcome=outcome, error_message=message)
     if isinstance(exc, httpx.TransportError):
         return Completion(outcome="retry_next", error_message=message)
-    return Completion(outcome="fatal", error_message=message)
+    return Completion(outcome="fatal", error_message=message, abandoned=True)
 
 
 def cooldown_seconds(retry_after: float | None) -> int | None:

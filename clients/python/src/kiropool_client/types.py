@@ -67,6 +67,9 @@ class Completion:
     remaining_credits: float | None = None
     error_message: str | None = None
     quota_resets_at: dt.datetime | None = None  # when the upstream said the credits reset
+    # With retry_next or fatal: the gateway gave the request up itself, or never
+    # sent it; the account is not blamed (the server counts it toward no ejection).
+    abandoned: bool = False
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {"outcome": self.outcome}
@@ -80,6 +83,8 @@ class Completion:
             body["quota_resets_at"] = self.quota_resets_at.isoformat()
         if self.proxy_failure:
             body["proxy_failure"] = True
+        if self.abandoned:
+            body["abandoned"] = True
         return body
 
 
