@@ -62,8 +62,10 @@ class Conflict(ApiError):
     default_detail = "conflict"
 
 
-class KeyRefused(ApiError):
-    """The dispatch's key was disabled, deleted or expired while it waited."""
+class KeyRefused(ApiError, exceptions.AuthenticationFailed):
+    """The dispatch's key was disabled, deleted or expired while it waited.
+    An authentication failure to DRF too, so the 401 names its scheme
+    (``WWW-Authenticate``) like the one before the wait."""
 
     status_code = status.HTTP_401_UNAUTHORIZED
     default_detail = "invalid, disabled or expired API key"

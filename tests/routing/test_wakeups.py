@@ -434,6 +434,7 @@ def test_a_dispatch_waiting_when_its_key_is_disabled_is_refused_not_granted():
     assert holder.complete(held, outcome="success").status_code == 200
     waiter.join(30)
     assert results["waiter"].status_code == 401, results["waiter"].content
+    assert results["waiter"]["WWW-Authenticate"] == 'Bearer realm="kiropool"'  # as before the wait
     assert not Lease.objects.filter(api_key=key).exists()
     assert RoutingIdentity.objects.get().in_flight == 0
 
