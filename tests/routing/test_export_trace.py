@@ -113,6 +113,14 @@ def test_a_naive_or_garbled_time_is_refused(recorded):
             call_command("export_trace", "--since", bad, stdout=StringIO(), stderr=StringIO())
 
 
+@pytest.mark.parametrize("naive", ["2026-06-01", "2026-06-01T09:00:00"])
+def test_the_time_zone_hint_is_a_time_it_accepts(recorded, naive):
+    with pytest.raises(CommandError, match="give a time zone, e.g. ") as refused:
+        call_command("export_trace", "--since", naive, stdout=StringIO(), stderr=StringIO())
+    hint = str(refused.value).rpartition("e.g. ")[2]
+    call_command("export_trace", "--since", hint, stdout=StringIO(), stderr=StringIO())  # taken as given
+
+
 def test_an_output_it_cannot_write_is_refused_with_a_message(recorded, tmp_path):
     with pytest.raises(CommandError, match="cannot write"):
         call_command("export_trace", "--output", str(tmp_path / "missing" / "trace.jsonl"), stderr=StringIO())

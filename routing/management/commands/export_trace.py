@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from datetime import datetime
+from datetime import UTC, datetime
 
 from django.core.management.base import BaseCommand, CommandError
 from django.utils.dateparse import parse_datetime
@@ -78,5 +78,7 @@ def _when(value: str) -> datetime:
     if parsed is None:
         raise argparse.ArgumentTypeError(f"not an ISO 8601 date-time: {value!r}")
     if parsed.tzinfo is None:
-        raise argparse.ArgumentTypeError(f"give a time zone, e.g. {value}Z")
+        # The example is the same time in UTC, in a form this accepts (a bare
+        # date with a "Z" after it is not one).
+        raise argparse.ArgumentTypeError(f"give a time zone, e.g. {parsed.replace(tzinfo=UTC).isoformat()}")
     return parsed
