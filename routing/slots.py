@@ -175,7 +175,7 @@ def key_slots_free(*, key_id: int, cap: int) -> bool:
     more of its rows (:func:`key_slots_grow`), or else its leases past their
     TTL closed and their slots given back. Such a lease stops counting at
     its TTL (SPEC §2), for the key as for its identity, not when the reaper
-    next runs (nor never, when no task runs: SPEC §4). Whether the claim
+    next runs (never, while no task runs: SPEC §4). Whether the claim
     should try once more."""
     return key_slots_grow(key_id=key_id, cap=cap) or lease_reap_expired(key_id=key_id) > 0
 
