@@ -38,8 +38,13 @@ def dispatch_explain(*, key: ApiKey, request: DispatchRequest, now: datetime) ->
     preferred = key_accounts.model_preference(key, request.model)
     found = reads.read(key=key, request=request, now=now, snapshot=None, spread=False, preferred=preferred)
     candidates = [row for row in found.rows if not row.excluded]
-    bound = next((row for row in found.rows if row.account_id == found.bound_account_id), None)
-    bound_name = bound.candidate.account if bound else _account_name(found.bound_account_id)
+    bound_account_id = found.bound_account_id
+    if bound_account_id is None and request.session_id and not found.rows:
+        # No row to carry the binding (nothing is selectable): the session is
+        # still sticky while a live binding exists (SPEC §2), so look it up.
+        bound_account_id = _bound_account_id(key=key, session_id=request.session_id, now=now)
+    bound = next((row for row in found.rows if row.account_id == bound_account_id), None)
+    bound_name = bound.candidate.account if bound else _account_name(bound_account_id)
     ctx = selection.SelectionContext(
         now=now,
         preferred_pool=key.preferred_pool,
@@ -65,7 +70,7 @@ def dispatch_explain(*, key: ApiKey, request: DispatchRequest, now: datetime) ->
     ranked = selection.order_candidates([row.candidate for row in candidates], ctx)
     ranked.sort(key=lambda r: r.candidate.account != fast_path)  # stable: the rest keep their order
     return Explanation(
-        session=SessionState.of(request.session_id, found.bound_account_id),
+        session=SessionState.of(request.session_id, bound_account_id),
         bound_account=bound_name,
         snapshot=snapshot,
         ranked=ranked,
@@ -98,6 +103,12 @@ def _unselectable(
             continue  # back in selection a moment after the read (a reset, a probe)
         found.append((name, reason))
     return found
+
+
+def _bound_account_id(*, key: ApiKey, session_id: str, now: datetime) -> int | None:
+    """The account of the live binding of (key, session id), if any."""
+    rows = reads.binding_lookup().fetch({"key_id": key.pk, "session_id": session_id, "now": now})
+    return rows[0][0] if rows else None
 
 
 def _account_name(account_id: int | None) -> str | None:

@@ -568,6 +568,19 @@ def test_503_when_no_usable_account(gw):
     assert error_of(gw.dispatch()) == (503, "api_error")
 
 
+def test_explain_names_a_live_binding_when_no_account_is_a_candidate(gw, key):
+    """SPEC §2: a session is sticky when a live binding of (key, session id)
+    exists, whatever its account's state; explain says so, and names the
+    account, even when nothing is selectable (the dispatch's 503)."""
+    bound = AccountFactory(name="a")
+    bind(key, "s", bound)
+    Account.objects.filter(pk=bound.pk).update(enabled=False)
+    body = gw.explain(session_id="s").json()
+    assert body["candidates"] == []
+    assert (body["session"], body["bound_account"]) == ("sticky", "a")
+    assert gw.explain(session_id="other").json()["session"] == "new"
+
+
 def test_explain_changes_nothing(gw, key):
     AccountFactory(name="a")
     bind(key, "s", Account.objects.get())
