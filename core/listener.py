@@ -106,7 +106,19 @@ def stop(timeout: float = 5.0) -> None:
 
 def _connection_params() -> dict:
     params = connections["default"].get_connection_params()
-    keep = {"dbname", "user", "password", "host", "port", "sslmode", "options", "sslrootcert", "sslcert", "sslkey"}
+    keep = {
+        "dbname",
+        "user",
+        "password",
+        "passfile",
+        "host",
+        "port",
+        "sslmode",
+        "options",
+        "sslrootcert",
+        "sslcert",
+        "sslkey",
+    }
     # A host gone silent is found lost after KIROPOOL_DB_SILENCE_TIMEOUT
     # (core/postgresql/silence.py), not after the kernel's 15 minutes of
     # retransmitting the listener's SELECT 1, all that while deaf unawares.

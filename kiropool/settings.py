@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import environ
+from django.core.exceptions import ImproperlyConfigured
 
 from core.postgresql.outage import WatchedConnection
 from core.postgresql.silence import silence_options
@@ -22,6 +23,17 @@ VAR_DIR = BASE_DIR / "var"
 
 env = environ.Env()
 environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
+
+
+def _verbatim(name: str, default: str) -> str:
+    """A secret exactly as set. django-environ reads a value that starts with
+    "$" as the name of another variable and, with none by that name, gives
+    the default: a metrics token that happened to start with "$" left
+    /metrics open, and a strong SECRET_KEY (Django's get_random_secret_key
+    draws from an alphabet with "$") became the public development key."""
+    return env.ENVIRON.get(name, default)
+
+
 # The SECRET_KEY and Fernet key `make run` generated once for this checkout
 # (core/local_secrets.py); the environment and .env win over them. A test
 # run never reads them (pytest sets PYTEST_VERSION, and the processes it starts
@@ -36,7 +48,7 @@ if LOCAL_SECRETS_FILE.is_file() and not os.environ.get("PYTEST_VERSION"):
 DEBUG = env.bool("DEBUG", default=False)
 # The default is public: with DEBUG off no server, worker or data command
 # starts on it (kiropool/secrets_guard.py). `make run` generates a local one.
-SECRET_KEY = env.str("SECRET_KEY", default=DEVELOPMENT_SECRET_KEY)
+SECRET_KEY = _verbatim("SECRET_KEY", DEVELOPMENT_SECRET_KEY)
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["127.0.0.1", "localhost", "[::1]", "testserver"])
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
 
@@ -121,6 +133,18 @@ TEMPLATES = [
 DATABASES = {
     "default": env.db("DATABASE_URL", default=f"sqlite:///{VAR_DIR / 'kiropool.sqlite3'}"),
 }
+# PostgreSQL, or SQLite on one host: any other database's URL kept its host
+# and port but was run as PostgreSQL's, so every process started and every
+# request then failed on a connection the PostgreSQL driver could not make.
+if DATABASES["default"]["ENGINE"] not in (
+    "django.db.backends.sqlite3",
+    "django.db.backends.postgresql",
+    "django.contrib.gis.db.backends.postgis",
+):
+    raise ImproperlyConfigured(
+        "kiropool refuses to start: DATABASE_URL: kiropool runs on PostgreSQL (postgres://...) or, on one "
+        f"host, SQLite (sqlite:///...), not {DATABASES['default']['ENGINE']}"
+    )
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # IMMEDIATE transactions take SQLite's write lock at BEGIN, so two writers
     # queue on the busy timeout instead of failing a lock upgrade half-way;
@@ -184,6 +208,15 @@ else:
     KIROPOOL_DB_SILENCE_TIMEOUT = max(0, env.int("KIROPOOL_DB_SILENCE_TIMEOUT", default=10))
     for _name, _value in silence_options(KIROPOOL_DB_SILENCE_TIMEOUT).items():
         DATABASES["default"]["OPTIONS"].setdefault(_name, _value)
+    # libpq's own variables that hold a secret or say where one is kept: libpq
+    # reads them at each connection, but the web server removes every variable
+    # so named from its environment before its workers connect
+    # (kiropool/serve.py: granian copies the environment into every
+    # request), so they are taken into the connection's options here, where
+    # the workers keep them. A password in DATABASE_URL still wins.
+    for _variable, _name in {"PGPASSWORD": "password", "PGPASSFILE": "passfile", "PGSSLKEY": "sslkey"}.items():
+        if os.environ.get(_variable):
+            DATABASES["default"]["OPTIONS"].setdefault(_name, os.environ[_variable])
     # A health check is a SELECT 1 before every request's first query: a
     # round trip for each dispatch and completion. Without it, the first
     # request a thread serves after the database restarted answers a 503
@@ -392,10 +425,10 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3" and "KIROPOOL_
 
 # /metrics is open, as Prometheus scrapers usually carry no login; set this to
 # require `Authorization: Bearer <token>` (Prometheus: `authorization: {credentials: ...}`).
-KIROPOOL_METRICS_TOKEN = env.str("KIROPOOL_METRICS_TOKEN", default="")
+KIROPOOL_METRICS_TOKEN = _verbatim("KIROPOOL_METRICS_TOKEN", "")
 # The login `make run` creates when none exists (manage.py ensure_admin).
 KIROPOOL_ADMIN_USER = env.str("KIROPOOL_ADMIN_USER", default="admin")
-KIROPOOL_ADMIN_PASSWORD = env.str("KIROPOOL_ADMIN_PASSWORD", default="")
+KIROPOOL_ADMIN_PASSWORD = _verbatim("KIROPOOL_ADMIN_PASSWORD", "")
 
 # --- hardening ------------------------------------------------------------------
 

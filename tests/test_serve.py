@@ -160,3 +160,63 @@ def test_the_server_runs_the_threads_the_waiters_cap_was_sized_for(tmp_path):
     launched = _launched(tmp_path, KIROPOOL_THREADS="12", WEB_CONCURRENCY="3")
     assert (launched["threads"], launched["settings_threads"], launched["workers"]) == (12, 12, 3)
     assert launched["max_waiters"] < launched["threads"]
+
+
+# The launcher run to the point where granian would fork its workers: what a
+# worker's database connections would be opened with, the settings'
+# parameters and, for what they leave out, libpq's rule: the variables of the
+# process environment, which the launcher has scrubbed by then.
+LAUNCH_CONNECTIONS = """
+import json, os, granian
+from psycopg import pq
+NAMES = ("password", "passfile", "sslkey")
+class Recorded:
+    def __init__(self, target, **options):
+        pass
+    def serve(self):
+        from django.db import connection
+        from core import listener
+        defaults = pq.Conninfo.get_defaults()
+        environment = {option.keyword.decode(): option.val.decode() for option in defaults if option.val}
+        def effective(params):
+            return {name: params.get(name) or environment.get(name) for name in NAMES}
+        print(json.dumps({"app": effective(connection.get_connection_params()),
+                          "listener": effective(listener._connection_params()),
+                          "environ": sorted(name for name in os.environ if name.startswith("PG"))}))
+granian.Granian = Recorded
+from kiropool import serve
+serve.main()
+"""
+
+
+def test_the_workers_connect_with_libpqs_own_secrets_the_launcher_scrubbed(tmp_path):
+    """A password (or the file holding one, or the client certificate's key)
+    given the libpq way, PGPASSWORD / PGPASSFILE / PGSSLKEY beside a
+    DATABASE_URL without one. Their names match the secrets the launcher
+    removes from its environment before granian copies it into every
+    request (above), and libpq reads them at each connection, in the workers,
+    after that: every connection a worker opened went without them, and every
+    request answered 503."""
+    libpq = {
+        "PGPASSWORD": "db-password",
+        "PGPASSFILE": str(tmp_path / "pgpass"),
+        "PGSSLKEY": str(tmp_path / "client.key"),
+    }
+    env = project_env(tmp_path, DATABASE_URL="postgres://kiropool@127.0.0.1:1/kiropool", **libpq)
+    result = subprocess.run(
+        [sys.executable, "-c", LAUNCH_CONNECTIONS], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    launched = json.loads(result.stdout.strip().splitlines()[-1])
+    expected = {"password": "db-password", "passfile": libpq["PGPASSFILE"], "sslkey": libpq["PGSSLKEY"]}
+    assert launched["app"] == expected
+    assert launched["listener"] == expected
+    assert not set(libpq) & set(launched["environ"])  # still out of every request's environ
+
+    # The URL's own password wins, as it does over PGPASSWORD in libpq.
+    env["DATABASE_URL"] = "postgres://kiropool:url-password@127.0.0.1:1/kiropool"
+    result = subprocess.run(
+        [sys.executable, "-c", LAUNCH_CONNECTIONS], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1])["app"]["password"] == "url-password"

@@ -147,3 +147,51 @@ def test_a_bad_rate_stops_a_process_at_startup():
         out = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, env=env, capture_output=True, text=True)
         assert out.returncode != 0, name
         assert f"kiropool refuses to start: {name}: rate 'abc' is not" in out.stderr, out.stderr[-500:]
+
+
+SECRETS_PROBE = """
+import json
+from django.conf import settings
+print(json.dumps({
+    "secret_key": settings.SECRET_KEY,
+    "metrics_token": settings.KIROPOOL_METRICS_TOKEN,
+    "admin_password": settings.KIROPOOL_ADMIN_PASSWORD,
+}))
+"""
+
+
+def test_secrets_are_read_exactly_as_set():
+    """A secret may start with "$" (Django's own get_random_secret_key draws
+    from an alphabet that has it). django-environ reads such a value as the
+    name of another variable and, with none by that name, gives the default:
+    a metrics token left /metrics open, an admin password was replaced by a
+    generated one, and a strong SECRET_KEY became the public development key."""
+    secrets = {
+        "SECRET_KEY": "$" + "k8Q2v9XzN4pL7wR1tY6uE3sD0fG5hJ8aB2cV9nM4xZ7qW1eR6tY3uI0o",
+        "KIROPOOL_METRICS_TOKEN": "$crape-token",
+        "KIROPOOL_ADMIN_PASSWORD": "$tr0ng-admin-password",
+    }
+    env = clean_env(DJANGO_SETTINGS_MODULE="kiropool.settings", **secrets)
+    out = subprocess.run(
+        [sys.executable, "-c", SECRETS_PROBE], cwd=ROOT, env=env, capture_output=True, text=True, check=True
+    )
+    read = json.loads(out.stdout.strip().splitlines()[-1])
+    assert read == {
+        "secret_key": secrets["SECRET_KEY"],
+        "metrics_token": secrets["KIROPOOL_METRICS_TOKEN"],
+        "admin_password": secrets["KIROPOOL_ADMIN_PASSWORD"],
+    }
+
+
+def test_a_database_kiropool_cannot_run_on_stops_a_process_at_startup():
+    """kiropool runs on PostgreSQL (SQLite on one host). Any other database URL
+    was taken as PostgreSQL's (the engine replaced, the host and port kept):
+    every process started, then every request failed on a connection the
+    PostgreSQL driver could not make, reported as the database being down."""
+    for url in ("mysql://kiropool@db:3306/kiropool", "oracle://kiropool@db:1521/kiropool"):
+        env = clean_env(DJANGO_SETTINGS_MODULE="kiropool.settings", DATABASE_URL=url)
+        out = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert out.returncode != 0, url
+        assert "kiropool refuses to start: DATABASE_URL" in out.stderr, out.stderr[-500:]
+    assert load(DATABASE_URL="postgresql://u@db:5432/kp")["engine"] == "core.postgresql"
+    assert load(DATABASE_URL="sqlite:////tmp/kiropool-probe.sqlite3")["engine"] == "django.db.backends.sqlite3"
