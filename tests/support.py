@@ -80,3 +80,19 @@ def until(
     while not condition():
         assert time.monotonic() < deadline, what
         time.sleep(step)
+
+
+def lock_wait_seen(seconds: float = 10) -> None:
+    """Return once some backend of this test database waits for a lock (a
+    statement another thread sent, queued on a row a test's own connection
+    holds), or after ``seconds``: the caller then asserts its thread is
+    still waiting."""
+    deadline = time.monotonic() + seconds
+    with connection.cursor() as cursor:
+        while time.monotonic() < deadline:
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            )
+            if cursor.fetchone()[0]:
+                return
+            time.sleep(0.01)

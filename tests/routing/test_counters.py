@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 
 import pytest
-from django.db import connection, connections
+from django.db import connections
 from django.utils import timezone
 
 from accounts.models import Account, ApiKey, KeySlot, RoutingIdentity
@@ -17,6 +16,7 @@ from routing import maintenance
 from routing.models import CounterDrift, Lease, SessionBinding
 from tests.factories import AccountFactory, ApiKeyFactory, SessionBindingFactory
 from tests.routing.gateway import Gateway
+from tests.support import lock_wait_seen
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("statements")]
 
@@ -152,16 +152,7 @@ def test_a_slot_set_right_while_its_lease_completes_is_set_from_what_committed()
             )
         thread = threading.Thread(target=reconcile)
         thread.start()
-        deadline = time.monotonic() + 10
-        with connection.cursor() as cursor:
-            while True:  # until the reconcile waits for the slot's row
-                cursor.execute(
-                    "SELECT count(*) FROM pg_stat_activity"
-                    " WHERE datname = current_database() AND wait_event_type = 'Lock'"
-                )
-                if cursor.fetchone()[0] or time.monotonic() > deadline:
-                    break
-                time.sleep(0.01)
+        lock_wait_seen()  # until the reconcile waits for the slot's row
         assert thread.is_alive(), found
         completion.commit()
     finally:

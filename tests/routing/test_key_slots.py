@@ -24,6 +24,7 @@ from tests.accounts.test_migrations import migrate
 from tests.factories import AccountFactory, ApiKeyFactory, RoutingIdentityFactory
 from tests.routing.gateway import Gateway
 from tests.routing.test_concurrency import hammer
+from tests.support import lock_wait_seen
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("statements")]
 
@@ -344,16 +345,7 @@ def test_a_claim_queued_on_its_identitys_row_holds_no_slot_of_the_key():
             cursor.execute("SELECT id FROM accounts_routingidentity WHERE id = %s FOR UPDATE", [busy.identity_id])
         thread = threading.Thread(target=claim_on_busy)
         thread.start()
-        deadline = time.monotonic() + 10
-        with connection.cursor() as cursor:
-            while True:  # until the claim waits for the row
-                cursor.execute(
-                    "SELECT count(*) FROM pg_stat_activity"
-                    " WHERE datname = current_database() AND wait_event_type = 'Lock'"
-                )
-                if cursor.fetchone()[0] or time.monotonic() > deadline:
-                    break
-                time.sleep(0.01)
+        lock_wait_seen()  # until the claim waits for the row
         assert thread.is_alive(), queued
         assert Gateway(key.plaintext).account_of(max_wait_ms=0) == "free"  # the key's one slot
     finally:

@@ -20,6 +20,7 @@ from routing import quotas
 from routing.models import CooldownEvent, CooldownKind, Lease, StickyOutcome
 from tests.factories import AccountFactory, ApiKeyFactory, RoutingIdentityFactory, SessionBindingFactory
 from tests.routing.gateway import Gateway
+from tests.support import lock_wait_seen
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("statements")]
 
@@ -182,16 +183,7 @@ def test_a_reset_task_queued_behind_a_completion_that_spent_the_quota_again_leav
             )
         thread = threading.Thread(target=task)
         thread.start()
-        deadline = time.monotonic() + 10
-        with connection.cursor() as cursor:
-            while True:  # until the task waits for the account's row
-                cursor.execute(
-                    "SELECT count(*) FROM pg_stat_activity"
-                    " WHERE datname = current_database() AND wait_event_type = 'Lock'"
-                )
-                if cursor.fetchone()[0] or time.monotonic() > deadline:
-                    break
-                time.sleep(0.01)
+        lock_wait_seen()  # until the task waits for the account's row
         assert thread.is_alive(), applied
         completion.commit()
     finally:
