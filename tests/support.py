@@ -4,12 +4,13 @@ database (workers, a real web server), or wait for another thread."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
 
-from django.db import connection
+from django.db import connection, connections
 
 from core.webserver import WebServer
 
@@ -96,3 +97,33 @@ def lock_wait_seen(seconds: float = 10) -> None:
             if cursor.fetchone()[0]:
                 return
             time.sleep(0.01)
+
+
+def run_queued_behind(writes: Callable, work: Callable):
+    """Run ``work`` in a thread while a connection of its own holds
+    ``writes`` (called with its cursor) uncommitted; once ``work``'s
+    statement waits for their rows, commit them. Returns what ``work``
+    returned: what it did with the database as the writes left it."""
+    done: list = []
+
+    def run() -> None:
+        try:
+            done.append(work())
+        finally:
+            connections.close_all()
+
+    holder = connections.create_connection("default")
+    try:
+        holder.set_autocommit(False)
+        with holder.cursor() as cursor:
+            writes(cursor)
+        thread = threading.Thread(target=run)
+        thread.start()
+        lock_wait_seen()
+        assert thread.is_alive(), done  # it waits for the held rows
+        holder.commit()
+    finally:
+        holder.close()
+    thread.join(30)
+    assert done, "the work raised (its traceback is above)"
+    return done[0]

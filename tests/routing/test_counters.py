@@ -5,10 +5,8 @@ and reports it, and a write the database refuses on the hot path is a clean
 from __future__ import annotations
 
 import logging
-import threading
 
 import pytest
-from django.db import connections
 from django.utils import timezone
 
 from accounts.models import Account, ApiKey, KeySlot, RoutingIdentity
@@ -16,7 +14,7 @@ from routing import maintenance
 from routing.models import CounterDrift, Lease, SessionBinding
 from tests.factories import AccountFactory, ApiKeyFactory, SessionBindingFactory
 from tests.routing.gateway import Gateway
-from tests.support import lock_wait_seen
+from tests.support import run_queued_behind
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("statements")]
 
@@ -131,33 +129,15 @@ def test_a_slot_set_right_while_its_lease_completes_is_set_from_what_committed()
     key = ApiKeyFactory(max_concurrency=2)
     lease = Lease.objects.get(pk=Gateway(key.plaintext).dispatch().json()["lease_id"])
     KeySlot.objects.filter(pk=lease.key_slot_id).update(taken=False)  # the drift
-    found: list[dict[str, int]] = []
 
-    def reconcile() -> None:
-        try:
-            found.append(maintenance.counters_reconcile())
-        finally:
-            connections.close_all()
+    def completion(cursor) -> None:  # committed while the reconcile waits for the slot's row
+        cursor.execute("UPDATE routing_lease SET completed_at = now(), outcome = 'success' WHERE id = %s", [lease.pk])
+        cursor.execute("UPDATE accounts_keyslot SET taken = false WHERE id = %s", [lease.key_slot_id])
+        cursor.execute(
+            "UPDATE accounts_routingidentity SET in_flight = in_flight - 1 WHERE id = %s", [lease.identity_id]
+        )
 
-    completion = connections.create_connection("default")  # a completion, committed while the reconcile waits
-    try:
-        completion.set_autocommit(False)
-        with completion.cursor() as cursor:
-            cursor.execute(
-                "UPDATE routing_lease SET completed_at = now(), outcome = 'success' WHERE id = %s", [lease.pk]
-            )
-            cursor.execute("UPDATE accounts_keyslot SET taken = false WHERE id = %s", [lease.key_slot_id])
-            cursor.execute(
-                "UPDATE accounts_routingidentity SET in_flight = in_flight - 1 WHERE id = %s", [lease.identity_id]
-            )
-        thread = threading.Thread(target=reconcile)
-        thread.start()
-        lock_wait_seen()  # until the reconcile waits for the slot's row
-        assert thread.is_alive(), found
-        completion.commit()
-    finally:
-        completion.close()
-    thread.join(30)
-    assert found and found[0]["key_in_flight"] == 0  # nothing was wrong by then
+    found = run_queued_behind(completion, maintenance.counters_reconcile)
+    assert found["key_in_flight"] == 0  # nothing was wrong by then
     assert not KeySlot.objects.get(pk=lease.key_slot_id).taken
     assert ApiKey.objects.get(pk=key.pk).in_flight == 0

@@ -12,7 +12,7 @@ import time
 from datetime import timedelta
 
 import pytest
-from django.db import connection, connections
+from django.db import connection
 from django.utils import timezone
 
 from accounts.models import Account, ApiKey, RoutingIdentity
@@ -20,7 +20,7 @@ from routing import quotas
 from routing.models import CooldownEvent, CooldownKind, Lease, StickyOutcome
 from tests.factories import AccountFactory, ApiKeyFactory, RoutingIdentityFactory, SessionBindingFactory
 from tests.routing.gateway import Gateway
-from tests.support import lock_wait_seen
+from tests.support import run_queued_behind
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("statements")]
 
@@ -164,32 +164,15 @@ def test_a_reset_task_queued_behind_a_completion_that_spent_the_quota_again_leav
     rows; once the completion commits, it sees the reset done, not the
     accounts as it read them before it waited."""
     account = AccountFactory(name="a", quota_exhausted=True, quota_resets_at=timezone.now() - timedelta(seconds=1))
-    applied: list[int] = []
 
-    def task() -> None:
-        try:
-            applied.append(quotas.quota_resets_apply())
-        finally:
-            connection.close()
+    def completion(cursor) -> None:  # committed while the task waits for the account's row
+        cursor.execute(  # the reset applied, then the exhaustion reported
+            "UPDATE accounts_account SET quota_resets_at = NULL, quota_exhausted = true,"
+            " quota_exhausted_at = now(), quota_next_probe_at = now() + interval '1 hour' WHERE id = %s",
+            [account.pk],
+        )
 
-    completion = connections.create_connection("default")  # a completion, committed while the task waits
-    try:
-        completion.set_autocommit(False)
-        with completion.cursor() as cursor:
-            cursor.execute(  # the reset applied, then the exhaustion reported
-                "UPDATE accounts_account SET quota_resets_at = NULL, quota_exhausted = true,"
-                " quota_exhausted_at = now(), quota_next_probe_at = now() + interval '1 hour' WHERE id = %s",
-                [account.pk],
-            )
-        thread = threading.Thread(target=task)
-        thread.start()
-        lock_wait_seen()  # until the task waits for the account's row
-        assert thread.is_alive(), applied
-        completion.commit()
-    finally:
-        completion.close()
-    thread.join(30)
-    assert applied == [0]
+    assert run_queued_behind(completion, quotas.quota_resets_apply) == 0
     account.refresh_from_db()
     assert account.quota_exhausted and account.quota_next_probe_at > timezone.now()
 
