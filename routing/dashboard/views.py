@@ -2,6 +2,8 @@
 
 Staff only, through the Django session: a gateway's API key authenticates
 nothing here, so a key holder is sent to the login page like anyone else.
+Like the admin's, the pages are never cached (``never_cache``): a browser
+or proxy keeps no copy of them to show after the operator logs out.
 
 Each page makes a fixed number of queries whatever the size of the pool (see
 the reads in ``routing/selectors/dashboard.py``). The overview loads
@@ -24,6 +26,7 @@ from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.http import url_has_allowed_host_and_scheme
+from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_POST
 
 from accounts.models import Pool
@@ -76,6 +79,7 @@ def _refresh(request: HttpRequest) -> int:
 # --- views ------------------------------------------------------------------------
 
 
+@never_cache
 @require_GET
 @staff_member_required
 def pool_overview(request: HttpRequest) -> HttpResponse:
@@ -161,6 +165,7 @@ def _admin_url(name: str, *args) -> str:
     return reverse(f"admin:{name}", args=args)
 
 
+@never_cache
 @require_GET
 @staff_member_required
 def account_detail(request: HttpRequest, name: str) -> HttpResponse:
@@ -253,6 +258,7 @@ def account_detail(request: HttpRequest, name: str) -> HttpResponse:
     return render(request, "dashboard/account.html", context)
 
 
+@never_cache
 @require_POST
 @staff_member_required
 def binding_unbind(request: HttpRequest, binding_id: int) -> HttpResponse:

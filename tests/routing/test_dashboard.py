@@ -151,6 +151,18 @@ def test_a_logged_in_non_staff_user_is_sent_to_the_login_page(client, pool, djan
     assert response.url.startswith(reverse("admin:login"))
 
 
+def test_no_page_is_kept_by_a_browser_or_proxy_after_logout(staff_client, pool):
+    # As the admin's: the back button after logging out, or a shared cache, shows nothing.
+    binding = SessionBinding.objects.filter(session_id="conv-0").get()
+    for response in (
+        staff_client.get(INDEX),
+        staff_client.get(account_url("alpha")),
+        staff_client.post(reverse("dashboard:binding-unbind", args=[binding.pk])),
+    ):
+        assert response.status_code in (200, 302)
+        assert "no-store" in response["Cache-Control"] and "private" in response["Cache-Control"]
+
+
 def test_anonymous_cannot_unbind(client, pool):
     binding = SessionBinding.objects.filter(session_id="conv-0").get()
     response = client.post(reverse("dashboard:binding-unbind", args=[binding.pk]))
