@@ -115,13 +115,22 @@ class ProxyAdmin(CooldownAdminMixin, PoolImportExportMixin, PoolModelAdmin):
         return services.proxy_cooldown_clear(proxies=queryset)
 
 
+class WriteOnlyTextarea(forms.Textarea):
+    """A text area never filled in by the server, as ``PasswordInput`` is not:
+    a form shown again after an error does not send back what was typed."""
+
+    def format_value(self, value):
+        return None
+
+
 class AccountAdminForm(PoolModelForm):
-    """Credentials are write-only: the stored value is never put in the page."""
+    """Credentials are write-only: neither the stored value nor one just typed
+    is ever put in the page."""
 
     new_credentials = forms.JSONField(
         required=False,
         label="Credentials",
-        widget=forms.Textarea(attrs={"rows": 4, "autocomplete": "off"}),
+        widget=WriteOnlyTextarea(attrs={"rows": 4, "autocomplete": "off"}),
         help_text="Write-only JSON object of upstream secrets. Leave empty to keep what is stored.",
     )
 
@@ -155,6 +164,14 @@ class AccountAdminForm(PoolModelForm):
         if self.cleaned_data.get("new_credentials") is not None:
             self.instance.credentials = self.cleaned_data["new_credentials"]
         return super().save(commit=commit)
+
+    def full_clean(self):
+        super().full_clean()
+        # The page comes back with the field empty: say so, or saving it again
+        # would silently keep the stored credentials instead of the new ones.
+        typed = str(self.data.get(self.add_prefix("new_credentials"), "")).strip()
+        if self._errors and typed and "new_credentials" not in self._errors:
+            self.add_error("new_credentials", "Not saved, and not shown again: enter the credentials again.")
 
     def changed_columns(self) -> list[str]:
         new = ["credentials"] if self.cleaned_data.get("new_credentials") is not None else []

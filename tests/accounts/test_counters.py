@@ -186,6 +186,8 @@ class FormFields(HTMLParser):
         if tag == "select":
             self._select = None
         elif tag == "textarea":
+            # As a browser does, drop the one newline that follows <textarea>.
+            self.data[self._textarea] = self.data[self._textarea].removeprefix("\n")
             self._textarea = None
 
 

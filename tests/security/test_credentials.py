@@ -114,6 +114,36 @@ def test_admin_writes_new_credentials_encrypted(account, staff_client):
     assert Account.objects.get(pk=account.pk).credentials == {"refresh_token": "rotated-by-operator"}
 
 
+@pytest.mark.parametrize(
+    ("typed", "broken"),
+    [
+        ('{"refresh_token": "typed-in-a-rejected-form"}', {"min_remaining_credits": "lots"}),
+        ('{"refresh_token": "typed-in-a-rejected-form"}', {"name": ""}),
+        ('{"refresh_token": "typed-in-a-rejected-form"', {}),  # not JSON: its own error
+    ],
+)
+def test_a_form_shown_again_after_an_error_never_sends_typed_credentials_back(account, staff_client, typed, broken):
+    url = reverse("admin:accounts_account_change", args=[account.pk])
+    form = {
+        "name": account.name,
+        "identity": account.identity.pk,
+        "pool": "balanced",
+        "enabled": "on",
+        "region": "",
+        "profile_arn": "",
+        "min_remaining_credits": "0",
+        "quota_exhausted_reason": "",
+        "new_credentials": typed,
+        **broken,
+    }
+    response = staff_client.post(url, form)
+    assert response.status_code == 200 and response.context["adminform"].form.errors
+    page = response.content.decode()
+    assert "typed-in-a-rejected-form" not in page
+    assert "new_credentials" in response.context["adminform"].form.errors  # the operator is told to type them again
+    assert Account.objects.get(pk=account.pk).credentials == {"refresh_token": SECRET, "region": "us-east-1"}
+
+
 def test_operator_api_reads_never_carry_them(account, operator_api):
     for response in (
         operator_api.get("/api/v1/admin/accounts/"),
