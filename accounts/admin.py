@@ -5,10 +5,11 @@ from django.contrib import admin, messages
 from django.db.models import BooleanField, ExpressionWrapper, Prefetch, Q, prefetch_related_objects
 from django.utils import timezone
 from django.utils.html import format_html
+from django.utils.text import capfirst
 
 from accounts import services
 from accounts.models import Account, AccountGroup, ApiKey, Proxy, RoutingIdentity
-from accounts.permissions import GRANT_CREDENTIALS_ACCESS
+from accounts.permissions import GRANT_CREDENTIALS_ACCESS, credentials_keys_by_group, credentials_reach_refusal
 from accounts.resources import PoolImportExportMixin
 
 
@@ -229,11 +230,32 @@ class AccountAdmin(PoolImportExportMixin, PoolModelAdmin):
         self.message_user(request, f"Reset the quota of {count} accounts.", messages.SUCCESS)
 
 
+class AccountGroupAdminForm(PoolModelForm):
+    # Whether the operator may hand credentials out (set per request by the admin).
+    may_grant_credentials = False
+
+    def clean_accounts(self):
+        accounts = self.cleaned_data["accounts"]
+        group = self.instance
+        if not self.may_grant_credentials and group.pk is not None:
+            added = set(accounts.values_list("pk", flat=True)) - set(group.accounts.values_list("pk", flat=True))
+            keys = credentials_keys_by_group([group.pk]).get(group.pk) if added else None
+            if keys:
+                raise forms.ValidationError(capfirst(credentials_reach_refusal(keys)) + ".")
+        return accounts
+
+
 @admin.register(AccountGroup)
 class AccountGroupAdmin(PoolImportExportMixin, PoolModelAdmin):
+    form = AccountGroupAdminForm
     list_display = ["name", "account_count"]
     search_fields = ["name"]
     filter_horizontal = ["accounts"]
+
+    def get_form(self, request, obj=None, change=False, **kwargs):
+        form = super().get_form(request, obj, change=change, **kwargs)
+        form.may_grant_credentials = request.user.has_perm(GRANT_CREDENTIALS_ACCESS)
+        return form
 
     def get_object(self, request, object_id, from_field=None):
         # The form starts from the members read here, by name: never decrypted.

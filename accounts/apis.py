@@ -17,7 +17,13 @@ from rest_framework.response import Response
 
 from accounts import services
 from accounts.models import Account, AccountGroup, ApiKey, KeySlot, Proxy, RoutingIdentity
-from accounts.permissions import CRUD_VERBS, GRANT_CREDENTIALS_ACCESS, OperatorPermission
+from accounts.permissions import (
+    CRUD_VERBS,
+    GRANT_CREDENTIALS_ACCESS,
+    OperatorPermission,
+    credentials_keys_by_group,
+    credentials_reach_refusal,
+)
 from accounts.serializers import (
     AccountGroupSerializer,
     AccountSerializer,
@@ -196,6 +202,17 @@ class AccountGroupViewSet(OperatorModelViewSet):
 
     def get_queryset(self):
         return selectors.group_operator_list()
+
+    def perform_update(self, serializer):
+        # A new group is used by no key yet: only an update can add accounts to one that is.
+        accounts = serializer.validated_data.get("accounts")
+        if accounts is not None and not self.request.user.has_perm(GRANT_CREDENTIALS_ACCESS):
+            group = serializer.instance
+            added = {account.pk for account in accounts} - {account.pk for account in group.accounts.all()}
+            keys = credentials_keys_by_group([group.pk]).get(group.pk) if added else None
+            if keys:
+                raise exceptions.PermissionDenied(credentials_reach_refusal(keys))
+        super().perform_update(serializer)
 
 
 @extend_schema(tags=["operator: keys"])

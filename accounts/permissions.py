@@ -10,13 +10,40 @@ everyone, superusers included, so a new action cannot slip through open."""
 
 from __future__ import annotations
 
+from collections import defaultdict
+from collections.abc import Iterable
+
 from django.db import models
 from rest_framework import exceptions
 from rest_framework.permissions import BasePermission
 
+from accounts.models import ApiKey
+
 # Creating or changing an API key that hands account credentials to its
 # gateway (ApiKey.credentials_access); declared in ApiKey.Meta.permissions.
 GRANT_CREDENTIALS_ACCESS = "accounts.grant_credentials_access"
+
+
+def credentials_keys_by_group(group_ids: Iterable[int]) -> dict[int, list[str]]:
+    """The names of the API keys with credentials access that route over each
+    of these groups. An account added to such a group hands its credentials
+    to those keys' gateways: as re-pointing such a key does, that needs
+    :data:`GRANT_CREDENTIALS_ACCESS` (removing accounts does not)."""
+    keys = ApiKey.objects.filter(credentials_access=True, account_group_id__in=list(group_ids)).order_by("name")
+    found: dict[int, list[str]] = defaultdict(list)
+    for group_id, name in keys.values_list("account_group_id", "name"):
+        found[group_id].append(name)
+    return dict(found)
+
+
+def credentials_reach_refusal(keys: list[str]) -> str:
+    """Why adding accounts to a group used by ``keys`` is refused."""
+    shown = ", ".join(repr(name) for name in keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+    return (
+        f"adding accounts to this group hands their credentials to the API keys with credentials access that "
+        f"use it ({shown}): that needs the permission {GRANT_CREDENTIALS_ACCESS}"
+    )
+
 
 CRUD_VERBS = {
     "list": "view",

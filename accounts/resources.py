@@ -35,6 +35,7 @@ from accounts.onboarding.exporter import kind_export
 from accounts.onboarding.importer import pool_import
 from accounts.onboarding.kinds import KIND_BY_MODEL, Kind
 from accounts.onboarding.plans import RowPlan
+from accounts.permissions import GRANT_CREDENTIALS_ACCESS
 
 # Errors listed in the admin's message after a failed confirm step.
 SHOWN_ERRORS = 10
@@ -99,8 +100,10 @@ class PoolResource(Resource):
         result = Result()
         result.diff_headers = self.get_diff_headers()
         result.total_rows = len(rows)
+        user = kwargs.get("user")
+        may_grant = user is not None and user.has_perm(GRANT_CREDENTIALS_ACCESS)
         try:
-            report = pool_import({self.kind.key: rows}, dry_run=dry_run)
+            report = pool_import({self.kind.key: rows}, dry_run=dry_run, may_grant_credentials=may_grant)
         except ImportRejected as rejected:
             self._rejected(result, rows, rejected)
             return result

@@ -28,9 +28,10 @@ from django.db import DatabaseError, transaction
 from django.db.models import Model
 
 from accounts.models import Account, AccountGroup
-from accounts.onboarding.errors import ImportRejected, RowError
+from accounts.onboarding.errors import ImportRejected, RowError, RowErrors
 from accounts.onboarding.kinds import KINDS
 from accounts.onboarding.plans import RowPlan, batch_plan, chunks
+from accounts.permissions import credentials_keys_by_group, credentials_reach_refusal
 from accounts.signals import pool_changed
 
 BATCH_SIZE = 500
@@ -59,12 +60,19 @@ class ImportReport:
         return "; ".join(parts) or "nothing to import"
 
 
-def pool_import(batch: Mapping[str, Sequence[Mapping]], *, dry_run: bool = False) -> ImportReport:
+def pool_import(
+    batch: Mapping[str, Sequence[Mapping]], *, dry_run: bool = False, may_grant_credentials: bool = True
+) -> ImportReport:
     """Import ``{"identities": [...], "proxies": [...], "accounts": [...],
     "groups": [...]}`` (any subset); each row a mapping of column → value.
     Raises :class:`ImportRejected` with every error found; writes nothing
-    then, and nothing either when ``dry_run``."""
+    then, and nothing either when ``dry_run``. Without
+    ``may_grant_credentials`` (an admin user without
+    ``accounts.grant_credentials_access``; the shell has it) a group row may
+    not add accounts to a group that a key with credentials access uses."""
     plans, memberships = batch_plan(batch)
+    if not may_grant_credentials:
+        _credentials_reach_check(plans, memberships)
     report = ImportReport(dry_run=dry_run, rows=plans)
     if not dry_run and any(p.action != "skip" for p in plans):
         try:
@@ -83,6 +91,20 @@ def pool_import(batch: Mapping[str, Sequence[Mapping]], *, dry_run: bool = False
                 ]
             ) from exc
     return report
+
+
+def _credentials_reach_check(plans: list[RowPlan], memberships: dict[int, dict[int, int]]) -> None:
+    widened = {
+        p.instance.pk: p
+        for p in plans
+        if p.members is not None and not p.new and {m.pk for m in p.members} - set(memberships.get(p.instance.pk, {}))
+    }
+    errors = RowErrors()
+    keys_by_group = credentials_keys_by_group(widened) if widened else {}
+    for group_id, keys in keys_by_group.items():
+        plan = widened[group_id]
+        errors.add(plan.kind, plan.row, "accounts", credentials_reach_refusal(keys), plan.name)
+    errors.raise_if_any()
 
 
 # --- 3. write ----------------------------------------------------------------------------

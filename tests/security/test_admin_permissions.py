@@ -5,12 +5,21 @@ bulk actions need the change permission, not just a look at the list."""
 
 import pytest
 from django.contrib.auth.models import Permission
+from django.core.files.uploadedfile import SimpleUploadedFile
 from django.urls import reverse
 from django.utils import timezone
 from rest_framework.authtoken.models import Token
 
 from accounts.models import Account, ApiKey, Proxy, RoutingIdentity
-from tests.factories import AccountFactory, ApiKeyFactory, ProxyFactory, RoutingIdentityFactory, api_key_admin_form
+from accounts.resources import SealedTempStorage
+from tests.factories import (
+    AccountFactory,
+    AccountGroupFactory,
+    ApiKeyFactory,
+    ProxyFactory,
+    RoutingIdentityFactory,
+    api_key_admin_form,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -126,6 +135,59 @@ def test_an_editor_can_run_them(login):
     account = AccountFactory(enabled=False)
     run_action(client, "account", "enable", [account])
     assert Account.objects.get(pk=account.pk).enabled is True
+
+
+# --- a group that a key with credentials access uses ----------------------------------------------
+
+GROUP_EDITOR = ["view_accountgroup", "add_accountgroup", "change_accountgroup"]
+
+
+@pytest.fixture
+def credentials_group():
+    """Team A's group, which a key with credentials access routes over, and
+    team B's account, which must not reach that key's gateway."""
+    mine, theirs = AccountFactory(name="team-a-acct"), AccountFactory(name="team-b-acct")
+    group = AccountGroupFactory(name="team-a", accounts=[mine])
+    ApiKeyFactory(name="holder", account_group=group, credentials_access=True)
+    return group, mine, theirs
+
+
+def test_adding_accounts_to_such_a_group_needs_the_grant(login, credentials_group):
+    group, mine, theirs = credentials_group
+    client = login(*GROUP_EDITOR)
+    change = reverse("admin:accounts_accountgroup_change", args=[group.pk])
+    response = client.post(change, {"name": "team-a", "accounts": [mine.pk, theirs.pk]})
+    assert response.status_code == 200
+    assert "accounts.grant_credentials_access" in str(response.context["adminform"].form.errors["accounts"])
+    assert list(group.accounts.all()) == [mine]
+    # Taking accounts out only narrows what the key receives.
+    assert client.post(change, {"name": "team-a", "accounts": []}).status_code == 302
+    assert not group.accounts.exists()
+
+
+def test_the_grant_lets_a_group_editor_add_them(login, credentials_group):
+    group, mine, theirs = credentials_group
+    client = login(*GROUP_EDITOR, "grant_credentials_access")
+    change = reverse("admin:accounts_accountgroup_change", args=[group.pk])
+    assert client.post(change, {"name": "team-a", "accounts": [mine.pk, theirs.pk]}).status_code == 302
+    assert set(group.accounts.all()) == {mine, theirs}
+
+
+def test_an_import_cannot_add_accounts_to_such_a_group_without_the_grant(login, credentials_group):
+    group, mine, theirs = credentials_group
+    client = login(*GROUP_EDITOR)
+    text = "name,accounts\nteam-a,team-a-acct;team-b-acct\n"
+    upload = {"resource": "0", "format": "0", "import_file": SimpleUploadedFile("groups.csv", text.encode())}
+    response = client.post(reverse("admin:accounts_accountgroup_import"), upload)
+    assert response.status_code == 200 and "confirm_form" not in response.context
+    [invalid] = response.context["result"].invalid_rows
+    assert "accounts.grant_credentials_access" in str(invalid.field_specific_errors["accounts"])
+    # The confirm step, forged, runs the same check: nothing is written.
+    stored = SealedTempStorage(encoding="utf-8-sig")
+    stored.save(text)
+    confirm = {"import_file_name": stored.name, "original_file_name": "groups.csv", "format": "0", "resource": "0"}
+    client.post(reverse("admin:accounts_accountgroup_process_import"), confirm)
+    assert list(group.accounts.all()) == [mine]
 
 
 # --- the operator API's tokens ------------------------------------------------------------------

@@ -260,3 +260,48 @@ def test_the_grant_alone_opens_no_route(operator_token_client):
     created = client.post("/api/v1/admin/keys/", {"name": "k", "credentials_access": True}, format="json")
     assert created.status_code == 403
     assert not ApiKey.objects.exists()
+
+
+GROUP_EDITOR = ("accounts.view_accountgroup", "accounts.change_accountgroup")
+
+
+def test_adding_accounts_to_the_group_of_a_key_with_credentials_access_needs_the_grant(
+    other_team, operator_token_client
+):
+    """The same attack through the group: staff who may edit groups but not
+    grant credentials access add another team's account to the group a key
+    with credentials access routes over. Refused, and the key's gateway never
+    gets that account (nor its secret)."""
+    mine = AccountFactory(name="team-a-acct")
+    group = AccountGroupFactory(name="team-a", accounts=[mine])
+    key = ApiKeyFactory(name="holder", account_group=group, credentials_access=True)
+    client = operator_token_client("group-editor", permissions(*GROUP_EDITOR))
+
+    widened = {"accounts": ["team-a-acct", "team-b-acct"]}
+    for method in ("put", "patch"):
+        body = {"name": "team-a", **widened} if method == "put" else widened
+        response = getattr(client, method)("/api/v1/admin/groups/team-a/", body, format="json")
+        assert response.status_code == 403, response.content
+        assert response.json()["error"]["type"] == "permission_error"
+        assert "accounts.grant_credentials_access" in response.json()["error"]["message"]
+    assert list(group.accounts.all()) == [mine]
+    dispatched = Gateway(key.plaintext).dispatch(exclude_accounts=["team-a-acct"])
+    assert dispatched.status_code == 502 and SECRET not in dispatched.content.decode()
+
+    # Taking accounts out only narrows what the key receives, and a group no
+    # such key uses is edited as before.
+    assert client.patch("/api/v1/admin/groups/team-a/", {"accounts": []}, format="json").status_code == 200
+    assert not group.accounts.exists()
+    AccountGroupFactory(name="plain")
+    ApiKeyFactory(name="no-secrets", account_group=AccountGroup.objects.get(name="plain"))
+    joined = client.patch("/api/v1/admin/groups/plain/", {"accounts": ["team-b-acct"]}, format="json")
+    assert joined.status_code == 200
+
+
+def test_the_grant_lets_a_group_editor_add_accounts_to_such_a_group(other_team, operator_token_client):
+    group = AccountGroupFactory(name="team-a")
+    ApiKeyFactory(name="holder", account_group=group, credentials_access=True)
+    client = operator_token_client("granter", permissions(*GROUP_EDITOR, "accounts.grant_credentials_access"))
+    response = client.patch("/api/v1/admin/groups/team-a/", {"accounts": ["team-b-acct"]}, format="json")
+    assert response.status_code == 200
+    assert list(group.accounts.values_list("name", flat=True)) == ["team-b-acct"]
