@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from django.conf import settings as django_settings
 from django.db import connection
+from django.test import Client
+from django.urls import URLResolver, get_resolver
 
 from kiropool.health import readiness
 from tests.support import REFUSED_DATABASE_URL, clean_env
@@ -28,13 +30,35 @@ def test_healthz_answers_without_credentials_or_database(client, django_assert_n
 
 @pytest.mark.django_db
 @pytest.mark.parametrize("path", ["/healthz", "/readyz", "/metrics"])
-def test_another_method_is_refused_in_the_error_shape(client, path):
+@pytest.mark.parametrize("method", ["POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
+def test_another_method_is_refused_in_the_error_shape(path, method):
     # The module promises JSON "errors in the one error shape", like every
     # other endpoint; Django's require_GET answers an empty text/html 405.
-    response = client.post(path)
+    # With CSRF checked as in production (the test client skips it): a
+    # POST, PUT, PATCH or DELETE got the CSRF check's 403 HTML page first.
+    response = Client(enforce_csrf_checks=True).generic(method, path)
     assert response.status_code == 405
     assert response["Allow"] == "GET"
-    assert response.json() == {"error": {"type": "invalid_request_error", "message": 'Method "POST" not allowed.'}}
+    if method != "HEAD":  # a HEAD answer has no body
+        message = f'Method "{method}" not allowed.'
+        assert response.json() == {"error": {"type": "invalid_request_error", "message": message}}
+
+
+def test_only_the_get_only_views_are_exempt_from_csrf():
+    """The probes' exemption (kiropool.health.get_only) reaches no other
+    view: every other view that skips Django's CSRF check is DRF's, which
+    checks CSRF itself when a session logs the caller in."""
+    exempt = set()
+
+    def walk(patterns, prefix=""):
+        for pattern in patterns:
+            if isinstance(pattern, URLResolver):
+                walk(pattern.url_patterns, prefix + str(pattern.pattern))
+            elif getattr(pattern.callback, "csrf_exempt", False) and not hasattr(pattern.callback, "cls"):
+                exempt.add(prefix + str(pattern.pattern))
+
+    walk(get_resolver().url_patterns)
+    assert exempt == {"healthz", "readyz", "metrics"}
 
 
 @pytest.mark.django_db
