@@ -439,9 +439,12 @@ KIROPOOL_ADMIN_PASSWORD = _verbatim("KIROPOOL_ADMIN_PASSWORD", "")
 KIROPOOL_FERNET_KEYS = env.list("KIROPOOL_FERNET_KEYS", default=[])
 
 # Largest request body accepted (413 above it, core/middleware.py). A
-# dispatch with 256 excluded names of 200 characters is about 52 KiB.
-KIROPOOL_MAX_BODY_BYTES = env.int("KIROPOOL_MAX_BODY_BYTES", default=256 * 1024)
-DATA_UPLOAD_MAX_MEMORY_SIZE = KIROPOOL_MAX_BODY_BYTES
+# dispatch with 256 excluded names of 200 characters is about 52 KiB. 0 (or
+# less) for no limit, like the other limits' 0: Django's own limit on forms
+# is then off too (None; its 0 refused every form body, the admin's login
+# among them, and a negative limit made every request a 413).
+KIROPOOL_MAX_BODY_BYTES = max(0, env.int("KIROPOOL_MAX_BODY_BYTES", default=256 * 1024))
+DATA_UPLOAD_MAX_MEMORY_SIZE = KIROPOOL_MAX_BODY_BYTES or None
 
 # Per-key request rates through the cache (accounts/throttling.py), as
 # "<count>/<s|min|h|d>"; empty turns the limit off. Dispatch is already bounded

@@ -195,3 +195,39 @@ def test_a_database_kiropool_cannot_run_on_stops_a_process_at_startup():
         assert "kiropool refuses to start: DATABASE_URL" in out.stderr, out.stderr[-500:]
     assert load(DATABASE_URL="postgresql://u@db:5432/kp")["engine"] == "core.postgresql"
     assert load(DATABASE_URL="sqlite:////tmp/kiropool-probe.sqlite3")["engine"] == "django.db.backends.sqlite3"
+
+
+BODY_PROBE = """
+import json, django
+django.setup()
+from django.http import HttpResponse
+from django.test import RequestFactory
+from core.middleware import RequestGuardMiddleware
+guard = RequestGuardMiddleware(lambda request: HttpResponse(request.POST["name"]))
+try:
+    response = guard(RequestFactory().post("/admin/login/", {"name": "p" * 200}))
+    print(json.dumps([response.status_code, response.content.decode()]))
+except Exception as exc:
+    print(json.dumps([type(exc).__name__]))
+"""
+
+
+def test_a_max_body_of_0_or_less_is_no_limit_on_any_body():
+    """Like the other limits' 0 (KIROPOOL_KEY_MAX_CONCURRENCY,
+    KIROPOOL_DB_SILENCE_TIMEOUT): off. Django's own limit on form bodies
+    was set to the same number: 0 refused every form (the admin's login
+    among them), and a negative limit made every request a 413."""
+
+    def form_read(**environment) -> list:
+        env = clean_env(DJANGO_SETTINGS_MODULE="kiropool.settings", **environment)
+        out = subprocess.run(
+            [sys.executable, "-c", BODY_PROBE], cwd=ROOT, env=env, capture_output=True, text=True, check=True
+        )
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    form = [200, "p" * 200]
+    assert form_read() == form
+    assert form_read(KIROPOOL_MAX_BODY_BYTES="0") == form
+    assert form_read(KIROPOOL_MAX_BODY_BYTES="-1") == form
+    status, body = form_read(KIROPOOL_MAX_BODY_BYTES="100")
+    assert status == 413 and "over the limit of 100 bytes" in body
