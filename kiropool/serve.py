@@ -52,10 +52,17 @@ SECRET_NAMES = re.compile(r"API|TOKEN|KEY|SECRET|PASS|SIGNATURE|CREDENTIAL|_URL$
 
 
 def bind_parse(bind: str) -> tuple[str, int]:
-    """``host:port`` (``[::1]:8000`` for IPv6) → address and port."""
+    """``host:port`` (``[::1]:8000`` for IPv6) → address and port.
+
+    A port is 1 to 65535: granian stopped on a larger one with an
+    OverflowError's traceback, after the app was loaded, and took 0 for a
+    port of the system's choosing, which nothing that reads
+    ``KIROPOOL_BIND`` could find."""
     host, sep, port = bind.rpartition(":")
-    if not sep or not port.isdigit() or not host:
+    if not sep or not (port.isascii() and port.isdigit()) or not host:
         raise SystemExit(f"KIROPOOL_BIND must be host:port, not {bind!r}")
+    if not 1 <= int(port) <= 65535:
+        raise SystemExit(f"KIROPOOL_BIND must be host:port with a port of 1 to 65535, not {bind!r}")
     return host.strip("[]"), int(port)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -100,10 +101,23 @@ def test_a_bind_is_host_and_port(bind, parsed):
     assert serve.bind_parse(bind) == parsed
 
 
-@pytest.mark.parametrize("bind", ["8000", "localhost", ":8000", "localhost:http", "unix:/tmp/kiropool.sock"])
+@pytest.mark.parametrize(
+    "bind", ["8000", "localhost", ":8000", "localhost:http", "unix:/tmp/kiropool.sock", "localhost:-1", "localhost:80²"]
+)
 def test_a_bind_without_host_and_port_is_refused_with_its_value(bind):
     with pytest.raises(SystemExit, match="KIROPOOL_BIND must be host:port"):
         serve.bind_parse(bind)
+
+
+@pytest.mark.parametrize("bind", ["127.0.0.1:65536", "127.0.0.1:70000", "[::1]:99999999999", "0.0.0.0:0"])
+def test_a_bind_with_a_port_out_of_range_is_refused_with_its_value(bind):
+    with pytest.raises(SystemExit, match=re.escape(f"with a port of 1 to 65535, not {bind!r}")):
+        serve.bind_parse(bind)
+
+
+def test_the_ports_at_either_end_of_the_range_are_taken():
+    assert serve.bind_parse("127.0.0.1:1") == ("127.0.0.1", 1)
+    assert serve.bind_parse("127.0.0.1:65535") == ("127.0.0.1", 65535)
 
 
 def test_worker_and_thread_counts_are_whole_numbers_of_at_least_one(monkeypatch):
