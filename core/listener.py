@@ -29,8 +29,6 @@ from collections.abc import Callable
 
 from django.db import connection, connections
 
-from core.postgresql.silence import SILENCE_OPTION_NAMES
-
 logger = logging.getLogger(__name__)
 
 # Called with the payloads of a batch of notifications on its channel, or with
@@ -105,25 +103,15 @@ def stop(timeout: float = 5.0) -> None:
 
 
 def _connection_params() -> dict:
+    """The web workers' connection parameters, as the database ping takes
+    them (core/database.py): every option of the settings and of
+    DATABASE_URL (TLS, the configured connect timeout, the silence options
+    that find a host gone silent within KIROPOOL_DB_SILENCE_TIMEOUT instead
+    of the kernel's 15 minutes), with the listener's own name and
+    autocommit over them. A list of names to keep dropped every option it
+    did not name, and a fixed connect timeout replaced the configured one."""
     params = connections["default"].get_connection_params()
-    keep = {
-        "dbname",
-        "user",
-        "password",
-        "passfile",
-        "host",
-        "port",
-        "sslmode",
-        "options",
-        "sslrootcert",
-        "sslcert",
-        "sslkey",
-    }
-    # A host gone silent is found lost after KIROPOOL_DB_SILENCE_TIMEOUT
-    # (core/postgresql/silence.py), not after the kernel's 15 minutes of
-    # retransmitting the listener's SELECT 1, all that while deaf unawares.
-    keep |= SILENCE_OPTION_NAMES
-    return {k: v for k, v in params.items() if k in keep and v not in (None, "")}
+    return {**params, "autocommit": True, "application_name": APPLICATION_NAME}
 
 
 def _listen_forever(params: dict) -> None:
@@ -131,9 +119,7 @@ def _listen_forever(params: dict) -> None:
 
     while not _stop.is_set():
         try:
-            with psycopg.connect(
-                autocommit=True, connect_timeout=5, application_name=APPLICATION_NAME, **params
-            ) as conn:
+            with psycopg.connect(**params) as conn:
                 for channel in _handlers:
                     conn.execute(f"LISTEN {channel}")
                 _deliver(None)  # whatever was sent while we were (re)connecting

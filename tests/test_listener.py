@@ -13,7 +13,7 @@ import pytest
 from django.db import connections
 
 from core import listener
-from core.postgresql.silence import SILENCE_OPTION_NAMES, silence_options
+from core.postgresql.silence import silence_options
 from tests.silent_link import silent_link
 from tests.support import test_database_url, until
 
@@ -110,12 +110,40 @@ def test_on_losing_its_connection_every_handler_hears_at_once_that_notices_may_b
     assert not listener.ready()
 
 
-def test_the_listener_connects_with_the_settings_options_for_a_silent_host(postgres_only):
-    params = listener._connection_params()
+def test_the_listener_connects_with_the_web_workers_parameters(postgres_only, monkeypatch):
+    """Every option of the settings and of DATABASE_URL reaches the
+    listener's connection: the configured connect timeout (it was 5 s,
+    fixed), the options for a silent host, and those a list of names to
+    keep dropped (here target_session_attrs); its own name and autocommit
+    over them. Read back from the connection the listener opened."""
     options = connections["default"].settings_dict["OPTIONS"]
     assert options.get("tcp_user_timeout")  # the settings set them (kiropool/settings.py)
-    for name in SILENCE_OPTION_NAMES:
-        assert params[name] == options[name], name
+    monkeypatch.setitem(options, "connect_timeout", 7)
+    monkeypatch.setitem(options, "target_session_attrs", "read-write")
+    monkeypatch.setitem(options, "application_name", "from-the-url")
+    opened = []
+    connect = psycopg.connect
+
+    def recorded(*args, **kwargs):
+        conn = connect(*args, **kwargs)
+        if threading.current_thread().name == "kiropool-listener":  # not a connection of Django's
+            opened.append((conn.info.get_parameters(), conn.autocommit))
+        return conn
+
+    monkeypatch.setattr(psycopg, "connect", recorded)
+    listener.stop()
+    try:
+        listener.ensure()
+        assert listener.ready(10), "the listener never connected"
+    finally:
+        listener.stop()
+    [(parameters, autocommit)] = opened
+    assert parameters["connect_timeout"] == "7"
+    assert parameters["target_session_attrs"] == "read-write"
+    for name in silence_options(1):
+        assert parameters[name] == str(options[name]), name
+    assert parameters["application_name"] == listener.APPLICATION_NAME
+    assert autocommit
 
 
 SILENCE = 2  # seconds (the settings' default is 10)

@@ -31,8 +31,3 @@ def silence_options(seconds: int) -> dict[str, int]:
         # the connection at about the same time.
         "keepalives_count": max(1, seconds - probe_after),
     }
-
-
-# The names of those options, for a connection that keeps only what it
-# names (core/listener.py).
-SILENCE_OPTION_NAMES = frozenset(silence_options(1))
