@@ -123,6 +123,8 @@ def _lease_complete(*, key: ApiKey, lease_id: uuid.UUID, completion: Completion)
             quota_resets_at=completion.quota_resets_at,
             error_message=completion.error_message,
             report_limited=True,
+            # The gateway's own failure stays its own: it counts toward no ejection.
+            abandoned=completion.abandoned,
         )
     outcome = completion.outcome
     with transaction.atomic():

@@ -300,6 +300,25 @@ def test_failures_the_gateway_abandoned_eject_nothing_and_keep_the_streak(gw, se
     assert RoutingIdentity.objects.get().ejected_until is not None
 
 
+@pytest.mark.parametrize("outcome", ["retry_next", "fatal"])
+def test_an_abandoned_failure_over_the_capacity_report_rate_stays_abandoned(gw, settings, outcome):
+    # A proxy failure makes the report one that takes capacity away; over the
+    # key's rate of those its report is not applied, but the failure is still
+    # the gateway's own: it must not count toward an ejection either.
+    settings.KIROPOOL_EJECTION_FAILURES = 1
+    settings.KIROPOOL_CAPACITY_REPORT_RATE = "1/d"  # a day's window: the test never straddles two
+    AccountFactory(name="a", identity__max_concurrency=4)
+    applied = []
+    for _ in range(3):
+        lease = gw.dispatch(max_wait_ms=0).json()["lease_id"]
+        answer = gw.complete(lease, outcome=outcome, abandoned=True, proxy_failure=True)
+        assert answer.status_code == 200
+        applied.append(answer.json()["report_applied"])
+    assert applied == [True, False, False]
+    identity = RoutingIdentity.objects.get()
+    assert identity.ejected_until is None and identity.failure_streak == 0
+
+
 @pytest.mark.parametrize("outcome", ["success", "rate_limited", "quota_exhausted"])
 def test_only_a_failure_can_be_abandoned(gw, outcome):
     AccountFactory(name="a")
