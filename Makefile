@@ -71,7 +71,7 @@ bench: local-secrets
 
 # Fairness simulator: every policy on one seeded simulated day (or on a trace
 # from `manage.py export_trace`: make simulate TRACE=file); no server, no database.
-# Writes bench/out/fairness.json, details.json and PNG plots.
+# Writes bench/out/fairness.json, fairness-details.json, upkeep-details.json and PNG plots.
 simulate: install
 	$(BIN)/python -m bench.simulate $(if $(TRACE),--trace $(TRACE))
 

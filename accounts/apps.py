@@ -7,7 +7,7 @@ class AccountsConfig(AppConfig):
 
     def ready(self) -> None:
         from accounts import (
-            checks,  # noqa: F401  registers the credentials-key and rate checks
+            checks,  # noqa: F401  registers the credentials-key checks
             signals,  # noqa: F401  the key cache forgets saved keys
         )
         from accounts.authentication import KEY_CHANNEL, key_cache
