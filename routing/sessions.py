@@ -64,14 +64,20 @@ def binding_purge(*, now: datetime | None = None, max_entries: int | None = None
     limit = max(1, settings.KIROPOOL_AFFINITY_MAX_ENTRIES if max_entries is None else max_entries)
     expired = _bindings_delete(Q(expires_at__lte=now))
     live = SessionBinding.objects.filter(expires_at__gt=now)
-    over = live.count() - limit
+    if live.count() <= limit:
+        return expired, 0
+    # How far over, and each key's count, from one read. Taken from two, a
+    # purge that ran between them left this one the excess from before its
+    # evictions and the keys' counts after them: it evicted again, below
+    # the capacity (down to the key's share).
+    per_key = list(live.values("api_key_id").annotate(n=Count("*")).order_by("-n", "api_key_id"))
+    over = sum(row["n"] for row in per_key) - limit
     if over <= 0:
         return expired, 0
     share = max(1, int(limit * settings.KIROPOOL_AFFINITY_KEY_SHARE))
     live_now = Q(expires_at__gt=now)
     evicted = 0
-    over_share = live.values("api_key_id").annotate(n=Count("*")).filter(n__gt=share).order_by("-n", "api_key_id")
-    for row in over_share:
+    for row in per_key:  # the most first: the loop ends at the first key within its share
         take = min(row["n"] - share, over - evicted)
         if take <= 0:
             break

@@ -192,6 +192,33 @@ def test_purge_capacity_breaks_updated_at_ties_by_age_of_row(settings):
 
 
 @pytest.mark.django_db
+def test_a_purge_that_runs_whole_between_anothers_two_counts_leaves_it_nothing_to_evict():
+    """Two purges at once, the second run from start to end between the
+    first's count of the live bindings and its count per key (here on the
+    same connection, between the two statements). The second evicts down
+    to the capacity; the first then counts what is left, and evicts
+    nothing. Before, it took the number over the capacity from its first
+    count and the key's bindings from its second, and evicted 75 more: the
+    key's bindings down to its share, half the capacity."""
+    key, account = ApiKeyFactory(), AccountFactory()
+    for n in range(400):
+        binding(account, updated_ago=timedelta(seconds=n), expires_in=timedelta(hours=1), api_key=key)
+    other: list = []
+
+    def other_purge_between(execute, sql, params, many, context):
+        if "GROUP BY" in sql and not other:  # the first purge's count per key
+            other.append("running")
+            other[0] = sessions.binding_purge(max_entries=150)
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(other_purge_between):
+        first = sessions.binding_purge(max_entries=150)
+    assert (other, first) == ([(0, 250)], (0, 0))
+    assert SessionBinding.objects.count() == 150
+    assert_binding_rows_exact()
+
+
+@pytest.mark.django_db
 def test_purge_works_in_batches(monkeypatch):
     monkeypatch.setattr(maintenance, "BATCH", 3)
     account = AccountFactory()
