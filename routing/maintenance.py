@@ -17,14 +17,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.db import OperationalError, transaction
+from django.db import IntegrityError, OperationalError, transaction
 from django.db.models import Count, Exists, F, Model, OuterRef, Q, QuerySet, Sum
 from django.utils import timezone
 
 from accounts.models import Account, KeySlot, RoutingIdentity
 from routing import pg, selection
 from routing.backend import backend
-from routing.batches import BATCH, lock_timeout_local
+from routing.batches import BATCH, RETRIES, lock_timeout_local
 from routing.latency import SNAPSHOT_WINDOW, SampleGroup, latency_snapshot_build
 from routing.models import (
     AccountLatency,
@@ -53,63 +53,93 @@ SNAPSHOTS_KEPT = 10
 def latency_snapshot_refresh(*, now: datetime | None = None) -> LatencySnapshot:
     """Aggregate the samples of the last ``SNAPSHOT_WINDOW`` into a new
     snapshot, and drop all but the newest ``SNAPSHOTS_KEPT``."""
-    now = now or timezone.now()
-    # Summed by the database, one row per account and proxy URL: at 100
-    # samples a second, reading the hour's 360,000 rows into this process
-    # took 0.66 s a run, 0.35 s of it this process's CPU (bench/HISTORY.md).
-    groups = (
+    with pg.custom_plans():  # the hour is most of the table: a scan, not its index on time
+        snapshot = _latency_snapshot_create(now=now)
+        # Once the snapshot has committed: written in its transaction, every
+        # order row stayed locked until that commit, and every lease start or
+        # binding on the pool waited for it (350 ms at 6,424 rows).
+        pool_order_bands_write(snapshot)
+        stale = list(
+            LatencySnapshot.objects.newest_first().values_list("id", flat=True)[SNAPSHOTS_KEPT : SNAPSHOTS_KEPT + BATCH]
+        )
+        LatencySnapshot.objects.filter(id__in=stale).delete()
+    # This process reads the new one at once; others within their cache period.
+    latency_snapshot_cache_clear()
+    return snapshot
+
+
+def _latency_snapshot_create(*, now: datetime | None) -> LatencySnapshot:
+    """Read the samples and write their snapshot, one refresh at a time:
+    the lock is taken before the read (and ``now`` after it), so of two
+    refreshes at once (a slow one and the next beat's, or an operator's) the
+    one that reads later commits later, and the newest snapshot, by time and
+    by id (the bands go by id, ``pool_order.py``), is the latest read.
+    Before, a run that read first and committed last left its older figures
+    and bands over the newer ones until the next refresh. On SQLite the
+    transaction takes the write lock as it begins (kiropool/settings.py).
+
+    An account deleted after its samples were read takes them with it, and
+    its stats row fails the snapshot's commit (its foreign key): then the
+    samples are read again, without it, so the other accounts' refresh is
+    not lost."""
+    for attempt in itertools.count(1):
+        try:
+            with transaction.atomic():
+                if backend.postgres:
+                    pg.latency_snapshots_lock()
+                at = now or timezone.now()
+                return _latency_snapshot_write(_sample_groups(at), now=at)
+        except IntegrityError:
+            if attempt == RETRIES:
+                raise
+            logger.info("latency refresh: an account was deleted meanwhile; reading the samples again")
+
+
+def _sample_groups(now: datetime) -> list[tuple]:
+    """The window's samples as (account, proxy URL, total, samples).
+
+    Summed by the database, one row per account and proxy URL: at 100
+    samples a second, reading the hour's 360,000 rows into this process
+    took 0.66 s a run, 0.35 s of it this process's CPU (bench/HISTORY.md)."""
+    return list(
         LatencySample.objects.filter(recorded_at__gt=now - SNAPSHOT_WINDOW, recorded_at__lte=now)
         .order_by()
         .values_list("account_id", "proxy_url")
         .annotate(total_ms=Sum("first_token_ms"), samples=Count("*"))
     )
-    with pg.custom_plans():  # the hour is most of the table: a scan, not its index on time
-        return _latency_snapshot_write(list(groups), now=now)
 
 
 def _latency_snapshot_write(groups: list[tuple], *, now: datetime) -> LatencySnapshot:
-    """The snapshot of ``groups`` (account, proxy URL, total, samples), its bands, and the old ones dropped."""
+    """The snapshot of ``groups`` (account, proxy URL, total, samples) and
+    its stats rows, in the caller's transaction."""
     built = latency_snapshot_build(itertools.starmap(SampleGroup, groups), generated_at=now)
-    with transaction.atomic():
-        snapshot = LatencySnapshot.objects.create(
-            generated_at=now,
-            window_seconds=int(SNAPSHOT_WINDOW.total_seconds()),
-            global_avg_ms=built.global_avg_ms,
-            sample_count=sum(stats.samples for stats in built.accounts.values()),
-        )
-        # An account deleted since its samples were taken has none left (the
-        # samples cascade), so every id here still exists.
-        g = built.global_avg_ms
-        AccountLatency.objects.bulk_create(
-            AccountLatency(
-                snapshot=snapshot,
-                account_id=account_id,
-                samples=stats.samples,
-                avg_ms=stats.avg_ms,
-                score_part=selection.account_score_part(stats, g),
-            )
-            for account_id, stats in built.accounts.items()
-        )
-        ProxyLatency.objects.bulk_create(
-            ProxyLatency(
-                snapshot=snapshot,
-                proxy_id=url,
-                samples=stats.samples,
-                avg_ms=stats.avg_ms,
-                score_part=selection.proxy_score_part(stats, g),
-            )
-            for url, stats in built.proxies.items()
-        )
-    # Once the snapshot has committed: written in its transaction, every
-    # order row stayed locked until that commit, and every lease start or
-    # binding on the pool waited for it (350 ms at 6,424 rows).
-    pool_order_bands_write(snapshot)
-    stale = list(
-        LatencySnapshot.objects.newest_first().values_list("id", flat=True)[SNAPSHOTS_KEPT : SNAPSHOTS_KEPT + BATCH]
+    snapshot = LatencySnapshot.objects.create(
+        generated_at=now,
+        window_seconds=int(SNAPSHOT_WINDOW.total_seconds()),
+        global_avg_ms=built.global_avg_ms,
+        sample_count=sum(stats.samples for stats in built.accounts.values()),
     )
-    LatencySnapshot.objects.filter(id__in=stale).delete()
-    # This process reads the new one at once; others within their cache period.
-    latency_snapshot_cache_clear()
+    g = built.global_avg_ms
+    AccountLatency.objects.bulk_create(
+        AccountLatency(
+            snapshot=snapshot,
+            account_id=account_id,
+            samples=stats.samples,
+            avg_ms=stats.avg_ms,
+            score_part=selection.account_score_part(stats, g),
+        )
+        for account_id, stats in built.accounts.items()
+    )
+    ProxyLatency.objects.bulk_create(
+        ProxyLatency(
+            snapshot=snapshot,
+            proxy_id=url,
+            samples=stats.samples,
+            avg_ms=stats.avg_ms,
+            score_part=selection.proxy_score_part(stats, g),
+        )
+        for url, stats in built.proxies.items()
+    )
     return snapshot
 
 

@@ -43,7 +43,7 @@ from accounts.models import ApiKey, KeySlot, RoutingIdentity
 from routing import wakeups
 from routing.backend import backend
 from routing.dispatch import CandidateRow
-from routing.models import LatencySample, Lease, LeaseOutcome, SessionBinding
+from routing.models import LatencySample, LatencySnapshot, Lease, LeaseOutcome, SessionBinding
 from routing.selectors import candidates, rules
 from routing.selectors import dispatch as reads
 from routing.selectors.compiled import CompiledQuery, sentinel_values
@@ -421,6 +421,18 @@ WITH done AS (
 )
 SELECT done.account_name, (SELECT count(*) FROM bound) > 0, (SELECT count(*) FROM notified)
   FROM done, released"""
+
+
+def latency_snapshots_lock() -> None:
+    """Hold the latency snapshots' table against writers until the current
+    transaction ends, waiting for any other: a refresh takes it before it
+    reads its samples (``maintenance.latency_snapshot_refresh``), so the next
+    one reads only once its snapshot has committed. It holds up no reader,
+    and no write of another table (the stats rows, the order table); an
+    earlier refresh marking its snapshot's bands whole, or dropping old
+    snapshots, waits for it (for the read of the samples: under a second)."""
+    with connection.cursor() as cursor:
+        cursor.execute(f"LOCK TABLE {table(LatencySnapshot)} IN SHARE ROW EXCLUSIVE MODE")
 
 
 def lock_timeout_set(timeout: str) -> None:

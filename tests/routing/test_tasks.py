@@ -37,6 +37,7 @@ from tests.factories import (
     RoutingIdentityFactory,
     SessionBindingFactory,
 )
+from tests.support import run_queued_behind
 
 
 def binding(account, *, updated_ago: timedelta, expires_in: timedelta, **fields) -> SessionBinding:
@@ -145,6 +146,30 @@ def test_of_two_refreshes_stamped_alike_every_reader_takes_the_later():
     assert latency_snapshot_latest().id == later.pk
     assert latency_snapshot_current().snapshot.accounts == {"a": LatencyStats(1, 700.0)}
     assert LatencySnapshot.objects.latest().pk == later.pk
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("postgres_only")
+def test_an_account_deleted_while_the_snapshot_is_written_is_left_out_and_the_rest_refreshed():
+    """The refresh has read the samples of an account that an operator is
+    deleting (with its samples): the snapshot's stats row for it waits for
+    the account's row, and once the deletion commits it is gone. The
+    refresh reads the samples again and writes the snapshot without it;
+    before, the whole run failed on the foreign key and no account's
+    latency was refreshed."""
+    kept, gone = AccountFactory(name="kept"), AccountFactory(name="gone")
+    LatencySampleFactory(account=kept, first_token_ms=200)
+    LatencySampleFactory.create_batch(2, account=gone, first_token_ms=900)
+
+    def deletion(cursor) -> None:  # committed while the refresh's snapshot waits for the account's row
+        cursor.execute("DELETE FROM routing_latencysample WHERE account_id = %s", [gone.pk])
+        cursor.execute("DELETE FROM accounts_account WHERE id = %s", [gone.pk])
+
+    snapshot = run_queued_behind(deletion, maintenance.latency_snapshot_refresh)
+    assert LatencySnapshot.objects.get().pk == snapshot.pk
+    stored = snapshot_load(snapshot)
+    assert (stored.sample_count, stored.snapshot.global_avg_ms) == (1, 200.0)
+    assert stored.snapshot.accounts == {"kept": LatencyStats(1, 200.0)}
 
 
 @pytest.mark.django_db

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import threading
+from datetime import timedelta
 
 import psycopg
 import pytest
@@ -49,7 +50,7 @@ from tests.factories import AccountFactory, LatencySampleFactory, ProxyFactory, 
 from tests.routing.gateway import Gateway
 from tests.routing.random_pools import account_specs, identity_specs, names_at, pool_build, pool_key, walk_head_check
 from tests.routing.test_walk import OPS, ORDER_TABLE, _apply, _nodes, _reads, scripted_day
-from tests.support import test_database_url
+from tests.support import lock_wait_seen, test_database_url
 
 pytestmark = pytest.mark.django_db
 
@@ -558,6 +559,70 @@ def test_once_a_newer_snapshot_exists_no_band_is_written_under_an_older_one():
     assert set(PoolOrder.objects.filter(band_snapshot_id=newer.pk)) == set(
         PoolOrder.objects.filter(account=accounts[0])
     )
+    assert bands_stored() == bands_of_spec()
+
+
+def bands_under(snapshot: LatencySnapshot) -> dict[int, int]:
+    """Every order row's band as SPEC §2 gives it under ``snapshot``, by row id."""
+    loaded = snapshot_load(snapshot).snapshot
+    proxies = dict(Account.objects.values_list("pk", "proxy__url"))
+    return {
+        pk: selection.latency_band(
+            selection.latency_score(loaded, account=name, proxy_url=proxies[account_id]), loaded.global_avg_ms
+        )
+        for pk, account_id, name in PoolOrder.objects.values_list("pk", "account_id", "account__name")
+    }
+
+
+@pytest.mark.django_db(transaction=True)
+def test_of_two_refreshes_at_once_the_one_that_reads_later_commits_later(postgres_only, monkeypatch):
+    """A slow refresh, held here once it has read its samples, and the next
+    one beside it: the next waits for the slow one's snapshot to commit
+    before it reads, so the newest snapshot, by time and by id (the bands
+    go by id), is the later read's, and the order table holds its bands.
+    Before, the later read committed first and the slow one's snapshot,
+    written after it, had the higher id: its older bands replaced the newer
+    ones, and the dispatches, reading the newer snapshot, could not walk."""
+    _pool_with_latency()  # samples of now, in the later window only
+    later = timezone.now()
+    earlier = later - timedelta(minutes=1)
+    # in both windows: the earlier snapshot's one sample, so it has bands (all 0)
+    LatencySampleFactory(
+        account=AccountFactory(name="z"), first_token_ms=300, recorded_at=earlier - timedelta(minutes=9)
+    )
+    read, go, errors = threading.Event(), threading.Event(), []
+    build = maintenance.latency_snapshot_build
+
+    def slow_build(groups, *, generated_at):
+        if generated_at == earlier:  # the slow refresh has read its samples
+            read.set()
+            assert go.wait(30)
+        return build(groups, generated_at=generated_at)
+
+    def refresh(now) -> None:
+        try:
+            maintenance.latency_snapshot_refresh(now=now)
+        except BaseException as error:  # noqa: BLE001 - reported by the test below
+            errors.append(error)
+        finally:
+            connection.close()
+
+    monkeypatch.setattr(maintenance, "latency_snapshot_build", slow_build)
+    threads = [threading.Thread(target=refresh, args=(now,)) for now in (earlier, later)]
+    try:
+        threads[0].start()
+        assert read.wait(10)
+        threads[1].start()
+        lock_wait_seen()  # until the next refresh waits for the slow one's commit
+    finally:
+        go.set()
+        for thread in threads:
+            thread.join(30)
+    assert not errors
+    newest = LatencySnapshot.objects.order_by("-pk")[0]
+    assert (newest.generated_at, newest.pk) == (later, latency_snapshot_latest().id)
+    assert whole(newest)
+    assert dict(PoolOrder.objects.values_list("pk", "band")) == bands_under(newest)
     assert bands_stored() == bands_of_spec()
 
 
