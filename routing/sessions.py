@@ -128,9 +128,12 @@ def _bindings_delete_batch(condition: Q) -> tuple[int, int] | None:
                 if not rows:
                     return 0, 0
                 # The triggers update each binding's account: lock those rows
-                # in id order first, so two purges never wait on each other in a cycle.
+                # in id order first, so two purges never wait on each other in a
+                # cycle. FOR NO KEY UPDATE, all the triggers' updates take: a
+                # lease start's foreign-key check on the account does not wait.
                 account_ids = sorted({account_id for _, account_id in rows})
-                list(Account.objects.filter(id__in=account_ids).order_by("id").select_for_update().values_list("id"))
+                accounts = Account.objects.filter(id__in=account_ids).order_by("id")
+                list(accounts.select_for_update(no_key=True).values_list("id"))
                 deleted, _ = SessionBinding.objects.filter(condition, id__in=[pk for pk, _ in rows]).delete()
                 return len(rows), deleted
         except OperationalError:

@@ -7,6 +7,7 @@ import time
 import uuid
 from datetime import timedelta
 
+import psycopg
 import pytest
 from celery import signals
 from django.conf import settings
@@ -37,7 +38,7 @@ from tests.factories import (
     RoutingIdentityFactory,
     SessionBindingFactory,
 )
-from tests.support import run_queued_behind
+from tests.support import run_queued_behind, test_database_url
 
 
 def binding(account, *, updated_ago: timedelta, expires_in: timedelta, **fields) -> SessionBinding:
@@ -240,6 +241,46 @@ def test_a_purge_that_runs_whole_between_anothers_two_counts_leaves_it_nothing_t
         first = sessions.binding_purge(max_entries=150)
     assert (other, first) == ([(0, 250)], (0, 0))
     assert SessionBinding.objects.count() == 150
+    assert_binding_rows_exact()
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("postgres_only")
+def test_a_purge_holding_its_accounts_lets_a_lease_start_on_them():
+    """The purge locks each batch's accounts before the triggers update their
+    binding counts. A lease's insert checks its foreign key to the account
+    (FOR KEY SHARE): held FOR UPDATE, the account made every lease start on
+    it wait for the batch's commit; FOR NO KEY UPDATE, all the triggers'
+    updates need, does not."""
+    account = AccountFactory()
+    binding(account, updated_ago=timedelta(hours=1), expires_in=-timedelta(minutes=1))
+    held, done = threading.Event(), threading.Event()
+
+    def hold_before_delete(execute, sql, params, many, context):
+        if sql.startswith("DELETE") and not held.is_set():  # the accounts are locked by now
+            held.set()
+            assert done.wait(10)
+        return execute(sql, params, many, context)
+
+    def purge() -> None:
+        try:
+            with connection.execute_wrapper(hold_before_delete):
+                sessions.binding_purge()
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=purge)
+    thread.start()
+    try:
+        assert held.wait(10)
+        with psycopg.connect(test_database_url(), autocommit=True) as other:
+            other.execute("SET lock_timeout = '2s'")
+            # What a lease insert's foreign-key check takes on its account.
+            other.execute("SELECT 1 FROM accounts_account WHERE id = %s FOR KEY SHARE", [account.pk])
+    finally:
+        done.set()
+        thread.join(10)
+    assert not SessionBinding.objects.exists()
     assert_binding_rows_exact()
 
 
