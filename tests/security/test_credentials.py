@@ -94,9 +94,9 @@ def test_the_admin_never_decrypts_nor_shows_them(account, staff_client, monkeypa
         assert stored(account) not in page.content.decode()  # nor the ciphertext
 
 
-def test_admin_writes_new_credentials_encrypted(account, staff_client):
-    url = reverse("admin:accounts_account_change", args=[account.pk])
-    form = {
+def account_form(account: Account, new_credentials: str) -> dict:
+    """The admin's change form of ``account`` as a browser submits it."""
+    return {
         "name": account.name,
         "identity": account.identity.pk,
         "pool": "balanced",
@@ -105,8 +105,13 @@ def test_admin_writes_new_credentials_encrypted(account, staff_client):
         "profile_arn": "",
         "min_remaining_credits": "0",
         "quota_exhausted_reason": "",
-        "new_credentials": '{"refresh_token": "rotated-by-operator"}',
+        "new_credentials": new_credentials,
     }
+
+
+def test_admin_writes_new_credentials_encrypted(account, staff_client):
+    url = reverse("admin:accounts_account_change", args=[account.pk])
+    form = account_form(account, '{"refresh_token": "rotated-by-operator"}')
     assert staff_client.post(url, form).status_code == 302
     assert fields.is_token(stored(account))
     assert Account.objects.get(pk=account.pk).credentials == {"refresh_token": "rotated-by-operator"}
@@ -124,19 +129,7 @@ def test_admin_writes_new_credentials_encrypted(account, staff_client):
 )
 def test_a_form_shown_again_after_an_error_never_sends_typed_credentials_back(account, staff_client, typed, broken):
     url = reverse("admin:accounts_account_change", args=[account.pk])
-    form = {
-        "name": account.name,
-        "identity": account.identity.pk,
-        "pool": "balanced",
-        "enabled": "on",
-        "region": "",
-        "profile_arn": "",
-        "min_remaining_credits": "0",
-        "quota_exhausted_reason": "",
-        "new_credentials": typed,
-        **broken,
-    }
-    response = staff_client.post(url, form)
+    response = staff_client.post(url, {**account_form(account, typed), **broken})
     assert response.status_code == 200 and response.context["adminform"].form.errors
     page = response.content.decode()
     assert "typed-in-a-rejected-form" not in page
