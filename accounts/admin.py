@@ -3,6 +3,7 @@ from __future__ import annotations
 from django import forms
 from django.contrib import admin, messages
 from django.db.models import BooleanField, ExpressionWrapper, Prefetch, Q, prefetch_related_objects
+from django.db.models.constants import LOOKUP_SEP
 from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.text import capfirst
@@ -10,6 +11,7 @@ from django.utils.text import capfirst
 from accounts import services
 from accounts.models import Account, AccountGroup, ApiKey, Proxy, RoutingIdentity
 from accounts.permissions import GRANT_CREDENTIALS_ACCESS, credentials_keys_by_group, credentials_reach_refusal
+from accounts.proxy_urls import proxy_url_masked, proxy_url_unmasked
 from accounts.resources import PoolImportExportMixin
 
 
@@ -107,10 +109,78 @@ class RoutingIdentityAdmin(CooldownAdminMixin, PoolImportExportMixin, PoolModelA
         return services.identity_cooldown_clear(identities=queryset)
 
 
+class ProxyUrlAdminMixin:
+    """The admin of rows holding a proxy URL (the column ``proxy_url_field``):
+    shown with its password masked (``masked_url``, which sorts nothing), and
+    never filtered by it: ``?url__startswith=http://user:a`` would tell the
+    password one guessed character at a time (a 400 instead). Keep the column
+    out of ``search_fields`` for the same reason."""
+
+    proxy_url_field = "url"
+
+    @admin.display(description="proxy URL")
+    def masked_url(self, obj):
+        return proxy_url_masked(getattr(obj, self.proxy_url_field)) or "—"
+
+    def lookup_allowed(self, lookup, value, request=None):
+        if lookup.split(LOOKUP_SEP)[0] == self.proxy_url_field:
+            return False
+        return super().lookup_allowed(lookup, value, request)
+
+
+class MaskedUrlInput(forms.TextInput):
+    """A proxy URL with its password masked, the stored one or one just typed
+    (a form shown again after an error sends no password back)."""
+
+    def format_value(self, value):
+        return super().format_value(None if value is None else proxy_url_masked(str(value)))
+
+
+class ProxyAdminForm(PoolModelForm):
+    """The URL is shown masked; sent back as shown, it keeps the stored
+    password (and is no change), as the operator API does."""
+
+    class Meta:
+        model = Proxy
+        fields = ["name", "url", "cooldown_until", "cooldown_reason"]
+        widgets = {"url": MaskedUrlInput(attrs={"class": "vTextField"})}
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.instance.pk is not None and "url" in self.fields:
+            self.initial["url"] = proxy_url_masked(self.instance.url)
+
+    def clean_url(self):
+        stored = self.instance.url if self.instance.pk is not None else None
+        return proxy_url_unmasked(self.cleaned_data["url"], stored=stored)
+
+    def full_clean(self):
+        super().full_clean()
+        # The page comes back with a password just typed masked: say so, or
+        # saving it again would keep the stored password instead.
+        typed = str(self.data.get(self.add_prefix("url"), ""))
+        if self._errors and "url" not in self._errors and proxy_url_masked(typed) != typed:
+            self.add_error("url", "Not saved, and not shown again: type the password again.")
+
+
 @admin.register(Proxy)
-class ProxyAdmin(CooldownAdminMixin, PoolImportExportMixin, PoolModelAdmin):
-    list_display = ["name", "url", "cooldown"]
-    search_fields = ["name", "url"]
+class ProxyAdmin(ProxyUrlAdminMixin, CooldownAdminMixin, PoolImportExportMixin, PoolModelAdmin):
+    form = ProxyAdminForm
+    list_display = ["name", "masked_url", "cooldown"]
+    search_fields = ["name"]
+
+    def get_fields(self, request, obj=None):
+        # One who may only look sees the URL as a read-only value: masked.
+        fields = [f for f in super().get_fields(request, obj) if f != "masked_url"]
+        if obj is not None and not self.has_change_permission(request, obj):
+            fields = ["masked_url" if f == "url" else f for f in fields]
+        return fields
+
+    def get_readonly_fields(self, request, obj=None):
+        fields = list(super().get_readonly_fields(request, obj))
+        if obj is not None and not self.has_change_permission(request, obj):
+            fields.append("masked_url")
+        return fields
 
     def cooldown_clear(self, queryset) -> int:
         return services.proxy_cooldown_clear(proxies=queryset)

@@ -13,6 +13,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from accounts.fields import EncryptedJSONField
+from accounts.proxy_urls import PASSWORD_MASK, proxy_url_has_mask
 
 
 class Pool(models.TextChoices):
@@ -99,6 +100,17 @@ class Proxy(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    def clean(self):
+        # A masked URL that reached the model is not the stored one as read
+        # (accounts/proxy_urls.py): its password was never typed.
+        if proxy_url_has_mask(self.url):
+            raise ValidationError(
+                {
+                    "url": f"The password is masked ({PASSWORD_MASK}): type the whole URL, password included. "
+                    f"A masked password keeps the stored one only while the rest of the URL is unchanged."
+                }
+            )
 
     def cooling_down(self, now=None) -> bool:
         return self.cooldown_until is not None and self.cooldown_until > (now or timezone.now())

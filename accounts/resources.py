@@ -29,7 +29,7 @@ from import_export.tmp_storages import TempFolderStorage
 from tablib import Dataset
 
 from accounts.fields import fernet
-from accounts.onboarding.columns import Credentials, Names
+from accounts.onboarding.columns import Credentials, Names, ProxyUrl
 from accounts.onboarding.errors import ImportRejected
 from accounts.onboarding.exporter import kind_export
 from accounts.onboarding.importer import pool_import
@@ -63,11 +63,12 @@ class SealedTempStorage(TempFolderStorage):
 
 
 def _display(plan: RowPlan, column) -> str:
-    """A preview cell: the value the row will have. Never credentials."""
+    """A preview cell: the value the row will have. Never credentials, nor a
+    proxy's password."""
     if isinstance(column, Names):
         return "; ".join(m.name for m in plan.members or ())
     value = getattr(plan.instance, column.field, "")
-    return "" if value is None else str(value)
+    return "" if value is None else column.render(str(value))
 
 
 class PoolResource(Resource):
@@ -105,7 +106,7 @@ class PoolResource(Resource):
         try:
             report = pool_import({self.kind.key: rows}, dry_run=dry_run, may_grant_credentials=may_grant)
         except ImportRejected as rejected:
-            self._rejected(result, rows, rejected)
+            self._rejected(result, [_masked(self.kind, row) for row in rows], rejected)
             return result
         for plan in report.rows:
             row_result = RowResult()
@@ -135,6 +136,16 @@ class PoolResource(Resource):
         for record in kind_export(self.kind, queryset):
             dataset.append([_cell(record[c.name]) for c in columns])
         return dataset
+
+
+def _masked(kind: Kind, row: dict) -> dict:
+    # A refused row is shown back with its cells: a proxy's password masked
+    # (credentials are no column of the table).
+    columns = kind.by_name
+    return {
+        name: columns[name].render(value) if isinstance(columns.get(name), ProxyUrl) else value
+        for name, value in row.items()
+    }
 
 
 def _cell(value):

@@ -26,6 +26,7 @@ from accounts.models import (
     RoutingIdentity,
     validate_model_preferences,
 )
+from accounts.proxy_urls import PASSWORD_MASK, proxy_url_masked, proxy_url_unmasked
 from accounts.serializer_base import (
     ChangedFieldsUpdateMixin,
     ModelCleanMixin,
@@ -74,7 +75,9 @@ class RoutingIdentitySerializer(ChangedFieldsUpdateMixin, ModelCleanMixin, Stric
 
 
 class ProxySerializer(ChangedFieldsUpdateMixin, ModelCleanMixin, StrictModelSerializer):
-    """An egress proxy that account traffic goes through."""
+    """An egress proxy that account traffic goes through. Its URL is read with
+    the password masked; written back masked and otherwise unchanged, it keeps
+    the stored password."""
 
     cooldown_remaining_s = serializers.SerializerMethodField()
 
@@ -82,9 +85,26 @@ class ProxySerializer(ChangedFieldsUpdateMixin, ModelCleanMixin, StrictModelSeri
         model = Proxy
         fields = ["name", "url", "cooldown_until", "cooldown_reason", "cooldown_remaining_s", "created_at"]
         read_only_fields = ["created_at"]
+        extra_kwargs = {
+            "url": {
+                "help_text": (
+                    f"Read with its password masked (`http://user:{PASSWORD_MASK}@host:port`). Written whole; "
+                    f"sent back as read, it keeps the stored password (a masked password with any other "
+                    f"change is refused)."
+                )
+            }
+        }
 
     def get_cooldown_remaining_s(self, proxy) -> int:
         return cooldown_remaining_s(proxy.cooldown_until)
+
+    def validate_url(self, value: str) -> str:
+        return proxy_url_unmasked(value, stored=self.instance.url if self.instance is not None else None)
+
+    def to_representation(self, proxy):
+        data = super().to_representation(proxy)
+        data["url"] = proxy_url_masked(data["url"])
+        return data
 
 
 class AccountSerializer(ChangedFieldsUpdateMixin, ModelCleanMixin, StrictModelSerializer):

@@ -3,6 +3,7 @@ from __future__ import annotations
 from django.contrib import admin, messages
 from django.utils import timezone
 
+from accounts.admin import ProxyUrlAdminMixin
 from accounts.models import Account
 from routing import sessions
 from routing.models import CooldownEvent, LatencySample, LatencySnapshot, Lease, SessionBinding
@@ -72,8 +73,17 @@ class SessionBindingAdmin(AccountShownByNameAdmin):
         sessions.session_unbind(bindings=queryset)
 
 
+class ProxyUrlShownMaskedAdmin(ProxyUrlAdminMixin, ReadOnlyAdmin):
+    """Rows that record the proxy URL a request went through: its page shows
+    it with the password masked, in place of the column."""
+
+    proxy_url_field = "proxy_url"
+    exclude = ["proxy_url"]
+    readonly_fields = ["masked_url"]
+
+
 @admin.register(Lease)
-class LeaseAdmin(ReadOnlyAdmin):
+class LeaseAdmin(ProxyUrlShownMaskedAdmin):
     list_display = ["id", "account_name", "api_key", "session_id", "started_at", "completed_at", "outcome"]
     list_filter = ["outcome", "identity"]
     list_select_related = ["api_key"]
@@ -85,8 +95,8 @@ class LeaseAdmin(ReadOnlyAdmin):
 
 
 @admin.register(LatencySample)
-class LatencySampleAdmin(AccountShownByNameAdmin):
-    list_display = ["account", "proxy_url", "first_token_ms", "recorded_at"]
+class LatencySampleAdmin(ProxyUrlShownMaskedAdmin, AccountShownByNameAdmin):
+    list_display = ["account", "masked_url", "first_token_ms", "recorded_at"]
     list_filter = [("account", AccountListFilter)]
     list_select_related = ["account"]
     date_hierarchy = "recorded_at"

@@ -13,6 +13,7 @@ from rest_framework.response import Response
 
 from accounts.apis import OperatorApi
 from accounts.permissions import CRUD_VERBS
+from accounts.proxy_urls import proxy_url_masked
 from core.schema import operator_error_responses
 from core.serializer_fields import QueryIntegerField, StrictCharField, query_params_single
 from routing import maintenance, sessions
@@ -112,7 +113,7 @@ class AccountLatencySerializer(serializers.Serializer):
 
 
 class ProxyLatencySerializer(serializers.Serializer):
-    proxy_url = serializers.CharField()
+    proxy_url = serializers.CharField(help_text="The URL the samples went through, its password masked.")
     samples = serializers.IntegerField()
     avg_first_token_ms = serializers.FloatField()
 
@@ -149,7 +150,7 @@ def snapshot_payload(stored: StoredSnapshot | None) -> dict:
             for name, stats in sorted(snapshot.accounts.items())
         ],
         "proxies": [
-            {"proxy_url": url, "samples": stats.samples, "avg_first_token_ms": stats.avg_ms}
+            {"proxy_url": proxy_url_masked(url), "samples": stats.samples, "avg_first_token_ms": stats.avg_ms}
             for url, stats in sorted(snapshot.proxies.items())
         ],
     }

@@ -16,6 +16,8 @@ import json
 import re
 from dataclasses import dataclass
 
+from accounts.proxy_urls import proxy_url_masked
+
 # A cell that changes nothing.
 KEEP = object()
 # Group members in one CSV cell: a comma would need quoting in every row.
@@ -68,6 +70,16 @@ class Text(Column):
 
     def parse(self, raw):
         return "" if _blank(raw) else _text(raw)
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyUrl(Text):
+    """A proxy's URL: exported with its password masked (as credentials are
+    never exported); imported back over the proxy it came from, the masked
+    URL keeps the stored one (``accounts/proxy_urls.py``)."""
+
+    def render(self, value):
+        return proxy_url_masked(value) if isinstance(value, str) else value
 
 
 @dataclass(frozen=True, slots=True)

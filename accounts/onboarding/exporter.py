@@ -1,5 +1,6 @@
 """Export of the pool in the shape the import takes back: the operator-editable
-columns only (see ``kinds.py``), references by name, never credentials.
+columns only (see ``kinds.py``), references by name, never credentials, and
+proxy URLs with their passwords masked.
 
 One query per kind (two for groups: the groups, then their members), whatever
 the pool's size; credentials are not even selected.
@@ -23,7 +24,7 @@ def kind_export(kind: Kind, queryset: QuerySet | None = None) -> list[dict]:
         rows = rows.filter(pk__in=queryset.values("pk"))
     scalar = [c for c in kind.exported if not isinstance(c, Names)]
     records = {
-        pk: {c.name: values[i] for i, c in enumerate(scalar)}
+        pk: {c.name: c.render(values[i]) for i, c in enumerate(scalar)}
         for pk, *values in rows.values_list("pk", *(c.export for c in scalar))
     }
     if kind is GROUPS:

@@ -20,6 +20,7 @@ from accounts.onboarding.columns import (
     Credentials,
     Integer,
     Names,
+    ProxyUrl,
     Reference,
     Text,
 )
@@ -75,7 +76,7 @@ IDENTITIES = Kind(
         Integer("min_start_interval_ms", "min_start_interval_ms", "min_start_interval_ms"),
     ),
 )
-PROXIES = Kind("proxies", "proxies", Proxy, (NAME, Text("url", "url", "url")))
+PROXIES = Kind("proxies", "proxies", Proxy, (NAME, ProxyUrl("url", "url", "url")))
 ACCOUNTS = Kind(
     "accounts",
     "accounts",

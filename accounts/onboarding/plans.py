@@ -25,9 +25,10 @@ from django.core.exceptions import NON_FIELD_ERRORS, ValidationError
 from django.db.models import CheckConstraint, Model, Q
 
 from accounts.models import AccountGroup
-from accounts.onboarding.columns import KEEP, CellError, Column, Credentials, Names, Reference
+from accounts.onboarding.columns import KEEP, CellError, Column, Credentials, Names, ProxyUrl, Reference
 from accounts.onboarding.errors import RowErrors
 from accounts.onboarding.kinds import GROUPS, KINDS, REFERENCED, STATE_FIELDS, Kind
+from accounts.proxy_urls import proxy_url_unmasked
 
 # Names (or ids) in one ``IN (...)`` list: the reads, the unique checks and
 # the import's membership deletes all go by chunks of this size.
@@ -290,6 +291,8 @@ def _assign(plan: RowPlan, column: Column, value, index, memberships, errors: Ro
             setattr(instance, column.field, target)
             plan.changed.append(column.field)
         return
+    if isinstance(column, ProxyUrl):  # an exported (masked) URL imported back keeps the stored one
+        value = proxy_url_unmasked(value, stored=None if plan.new else instance.url)
     if isinstance(column, Credentials) or plan.new or getattr(instance, column.field) != value:
         # Credentials are never read back to compare: given means written.
         setattr(instance, column.field, value)
