@@ -343,6 +343,22 @@ def _key_slot_take(*, key_id: int, cap: int) -> int | None:
     return slot_id
 
 
+def identity_slots_release(*, identity_id: int) -> int:
+    """Inside the transaction that deletes the identity, and with it its
+    leases (``Lease.identity`` cascades): give back the key slots its open
+    leases hold, which would otherwise stay taken, their keys refused at
+    their limit, until the reconcile task finds them. The leases are locked
+    first, as a completion locks its lease before its slot: one completed
+    meanwhile is left out (its completion freed its slot, which another
+    lease may hold by now). Returns how many slots were given back."""
+    held = Lease.objects.filter(completed_at__isnull=True, identity_id=identity_id, key_slot__isnull=False)
+    slot_ids = sorted(held.select_for_update().order_by("pk").values_list("key_slot_id", flat=True))
+    freed = KeySlot.objects.filter(pk__in=slot_ids).update(taken=False)
+    if freed:
+        wakeups.release_notify()
+    return freed
+
+
 # --- reap --------------------------------------------------------------------------
 
 # Leases closed per transaction by the reaper; bounds how long it holds locks.
