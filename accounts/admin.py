@@ -196,7 +196,9 @@ class WriteOnlyTextarea(forms.Textarea):
 
 class AccountAdminForm(PoolModelForm):
     """Credentials are write-only: neither the stored value nor one just typed
-    is ever put in the page."""
+    is ever put in the page. The quota state is shown, not edited: it changes
+    through completions and the reset-quota action, which keep its history
+    and its probe time, as over the operator API."""
 
     new_credentials = forms.JSONField(
         required=False,
@@ -216,8 +218,6 @@ class AccountAdminForm(PoolModelForm):
             "enabled",
             "remaining_credits",
             "min_remaining_credits",
-            "quota_exhausted",
-            "quota_exhausted_reason",
             "quota_resets_at",
             "region",
             "profile_arn",
@@ -266,8 +266,15 @@ class AccountAdmin(PoolImportExportMixin, PoolModelAdmin):
     list_select_related = ["identity", "proxy"]
     search_fields = ["name", "identity__name", "profile_arn"]
     autocomplete_fields = ["identity"]
-    readonly_fields = ["credentials_stored", "quota_exhausted_at", "binding_rows", "created_at"]
-    dispatcher_written_fields = ("remaining_credits", "quota_exhausted", "quota_exhausted_reason", "quota_resets_at")
+    readonly_fields = [
+        "credentials_stored",
+        "quota_exhausted",
+        "quota_exhausted_at",
+        "quota_exhausted_reason",
+        "binding_rows",
+        "created_at",
+    ]
+    dispatcher_written_fields = ("remaining_credits", "quota_resets_at")
     actions = ["enable", "disable", "reset_quota"]
 
     def get_queryset(self, request):

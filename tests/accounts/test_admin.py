@@ -6,6 +6,7 @@ from django.utils import timezone
 
 from accounts.models import Account, ApiKey, Proxy, RoutingIdentity
 from routing.models import CooldownEvent, SessionBinding
+from tests.accounts.test_counters import change_form
 from tests.factories import (
     AccountFactory,
     AccountGroupFactory,
@@ -129,6 +130,44 @@ def test_reset_quota_brings_back_an_account_whose_balance_ran_out(staff_client):
     assert Account.objects.get(name="fine").remaining_credits == 40
     gateway = Gateway(ApiKeyFactory().plaintext)
     assert {gateway.cycle() for _ in range(4)} == {"empty", "fine"}
+
+
+def test_the_account_form_shows_the_quota_state_and_leaves_it_to_the_reset_action(staff_client):
+    """As over the operator API, the quota state is read-only on the form:
+    unticking "quota exhausted" put the account back without the reset's
+    event and left its exhaustion and probe times, and ticking it took one
+    out with neither. Such a post now changes nothing of it."""
+    now = timezone.now()
+    probe = now + timedelta(minutes=5)
+    exhausted = AccountFactory(
+        quota_exhausted=True,
+        quota_exhausted_at=now,
+        quota_exhausted_reason="monthly credits spent",
+        quota_next_probe_at=probe,
+    )
+    fresh = AccountFactory()
+    edits = [
+        (exhausted, {"quota_exhausted_reason": ""}),
+        (fresh, {"quota_exhausted": "on", "quota_exhausted_reason": "typed"}),
+    ]
+    for account, change in edits:
+        url = reverse("admin:accounts_account_change", args=[account.pk])
+        form = change_form(staff_client, url)
+        form.pop("quota_exhausted", None)  # unticked
+        response = staff_client.post(url, {**form, **change})
+        assert response.status_code == 302, response.context["adminform"].form.errors
+    exhausted.refresh_from_db()
+    state = ("quota_exhausted", "quota_exhausted_at", "quota_exhausted_reason", "quota_next_probe_at")
+    assert [getattr(exhausted, name) for name in state] == [True, now, "monthly credits spent", probe]
+    fresh.refresh_from_db()
+    assert (fresh.quota_exhausted, fresh.quota_exhausted_reason) == (False, "")
+    assert not CooldownEvent.objects.exists()
+    page = staff_client.get(reverse("admin:accounts_account_change", args=[exhausted.pk])).content.decode()
+    assert "monthly credits spent" in page  # shown, not editable
+    run_action(staff_client, "accounts.account", "reset_quota", [exhausted])  # the way back, with its event
+    exhausted.refresh_from_db()
+    assert [getattr(exhausted, name) for name in state] == [False, None, "", None]
+    assert CooldownEvent.objects.filter(kind="quota_reset", account=exhausted).count() == 1
 
 
 def test_clear_identity_and_proxy_cooldowns(staff_client):
