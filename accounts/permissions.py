@@ -61,14 +61,21 @@ def model_permission(model: type[models.Model], verb: str) -> str:
     return f"{model._meta.app_label}.{verb}_{model._meta.model_name}"
 
 
+def view_permissions(model: type[models.Model]) -> list[str]:
+    """The permissions of which any one lets a user look at the model's rows:
+    the admin's rule (``has_view_permission``), whoever may change a model may
+    also look at it."""
+    return [model_permission(model, "view"), model_permission(model, "change")]
+
+
 def operator_permissions_required(view) -> list[str]:
     """The permissions of which any one lets the caller run the view's
     current action; empty when the action declared none."""
     verb = view.action_verbs.get(view.action)
     if verb is None:
         return []
-    if verb == "view":  # the admin's rule: whoever may change a model may also look at it
-        return [model_permission(view.permission_model, "view"), model_permission(view.permission_model, "change")]
+    if verb == "view":
+        return view_permissions(view.permission_model)
     return [model_permission(view.permission_model, verb)]
 
 

@@ -16,11 +16,17 @@ def test_root_sends_staff_to_the_dashboard(staff_client):
     assert response.status_code == 302 and response.url == DASHBOARD
 
 
+def test_root_sends_staff_who_may_not_view_the_dashboard_to_the_admin(client, django_user_model):
+    client.force_login(django_user_model.objects.create_user(username="op", password="pw", is_staff=True))
+    response = client.get("/")
+    assert response.status_code == 302 and response.url == reverse("admin:index")
+
+
 def test_root_sends_anyone_else_to_the_login_then_the_dashboard(client, django_user_model):
     response = client.get("/")
     assert response.status_code == 302 and response.url == f"{LOGIN}?next={DASHBOARD}"
 
-    django_user_model.objects.create_user(username="op", password="a-long-password", is_staff=True)
+    django_user_model.objects.create_superuser(username="op", password="a-long-password")
     login = client.post(response.url, {"username": "op", "password": "a-long-password", "next": DASHBOARD})
     assert login.status_code == 302 and login.url == DASHBOARD
     assert client.get(login.url).status_code == 200

@@ -2,6 +2,10 @@
 
 Staff only, through the Django session: a gateway's API key authenticates
 nothing here, so a key holder is sent to the login page like anyone else.
+Staff is the way in, not a licence, as in the admin and the operator API
+(``accounts/permissions.py``): a page needs the view (or change) permission
+of every model whose rows it shows, and unbinding the delete permission of
+session bindings; a staff user without them gets the admin's 403.
 Like the admin's, the pages are never cached (``never_cache``): a browser
 or proxy keeps no copy of them to show after the operator logs out.
 
@@ -15,6 +19,7 @@ they are shown.
 
 from __future__ import annotations
 
+from functools import wraps
 from urllib.parse import urlencode
 
 from django.contrib import messages
@@ -29,7 +34,8 @@ from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_POST
 
-from accounts.models import Pool
+from accounts.models import Account, Pool, Proxy, RoutingIdentity
+from accounts.permissions import model_permission, view_permissions
 from routing import sessions
 from routing.dashboard import charts, timecharts
 from routing.dashboard.history import (
@@ -52,10 +58,17 @@ from routing.dashboard.presenters import (
 )
 from routing.dashboard.table import COLUMNS, DEFAULT_SORT, FILTERS, matches_query, parse_sort, sort_rows
 from routing.dashboard.text import Left, Moment, ms_text
-from routing.models import SessionBinding
+from routing.models import CooldownEvent, LatencySnapshot, Lease, SessionBinding
 from routing.selectors import dashboard as selectors
 
-UNBIND_PERMISSION = "routing.delete_sessionbinding"
+UNBIND_PERMISSION = model_permission(SessionBinding, "delete")
+# The models whose rows each page shows: the overview every account with its
+# identity's and proxy's state and the latency snapshot's bands; the account
+# page those, and its session bindings, leases (key names, session ids,
+# error texts) and cooldown events. Counts over other rows (an account's live
+# sessions, the last hour's returning turns) show none of them.
+OVERVIEW_MODELS = (Account, RoutingIdentity, Proxy, LatencySnapshot)
+ACCOUNT_MODELS = (*OVERVIEW_MODELS, SessionBinding, Lease, CooldownEvent)
 BINDINGS_PER_PAGE = 50
 RECENT_LEASES = 50
 RECENT_EVENTS = 30
@@ -76,12 +89,39 @@ def _refresh(request: HttpRequest) -> int:
     return value if value in REFRESH_CHOICES else 0
 
 
+def views_missing(user, shown) -> list[str]:
+    """The view permissions of the models in ``shown`` that ``user`` may not
+    look at in the admin (holding neither their view nor change permission)."""
+    return [
+        model_permission(model, "view")
+        for model in shown
+        if not any(user.has_perm(permission) for permission in view_permissions(model))
+    ]
+
+
+def viewing_required(*shown: type):
+    """Refuse (403) a staff user who may not look at each of these models."""
+
+    def decorate(view):
+        @wraps(view)
+        def checked(request: HttpRequest, *args, **kwargs) -> HttpResponse:
+            missing = views_missing(request.user, shown)
+            if missing:
+                raise PermissionDenied(f"Needs the permission {', '.join(missing)}.")
+            return view(request, *args, **kwargs)
+
+        return checked
+
+    return decorate
+
+
 # --- views ------------------------------------------------------------------------
 
 
 @never_cache
 @require_GET
 @staff_member_required
+@viewing_required(*OVERVIEW_MODELS)
 def pool_overview(request: HttpRequest) -> HttpResponse:
     now = timezone.now()
     accounts = selectors.dashboard_accounts(now=now)
@@ -168,6 +208,7 @@ def _admin_url(name: str, *args) -> str:
 @never_cache
 @require_GET
 @staff_member_required
+@viewing_required(*ACCOUNT_MODELS)
 def account_detail(request: HttpRequest, name: str) -> HttpResponse:
     now = timezone.now()
     account = selectors.dashboard_account(name=name, now=now)

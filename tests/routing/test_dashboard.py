@@ -151,6 +151,57 @@ def test_a_logged_in_non_staff_user_is_sent_to_the_login_page(client, pool, djan
     assert response.url.startswith(reverse("admin:login"))
 
 
+def staff_holding(client, django_user_model, *permissions: str):
+    """Log in a staff user (not a superuser) holding exactly these permissions ("app.codename")."""
+    user = django_user_model.objects.create_user(username="watcher", password="pw", is_staff=True)
+    user.user_permissions.set(
+        Permission.objects.get(content_type__app_label=name.split(".")[0], codename=name.split(".")[1])
+        for name in permissions
+    )
+    client.force_login(user)
+    return client
+
+
+OVERVIEW_VIEWS = [
+    "accounts.view_account",
+    "accounts.view_routingidentity",
+    "accounts.view_proxy",
+    "routing.view_latencysnapshot",
+]
+ACCOUNT_VIEWS = [*OVERVIEW_VIEWS, "routing.view_sessionbinding", "routing.view_lease", "routing.view_cooldownevent"]
+PAGES = [(INDEX, OVERVIEW_VIEWS), (account_url("alpha"), ACCOUNT_VIEWS)]
+
+
+def test_a_staff_user_without_permissions_sees_nothing_and_unbinds_nothing(client, pool, django_user_model):
+    # Staff is the way in, not a licence: as the admin and the operator API refuse this user.
+    staff_holding(client, django_user_model)
+    binding = SessionBinding.objects.get(session_id="conv-0")
+    for url in (INDEX, account_url("alpha"), account_url("nobody")):
+        response = client.get(url)
+        assert response.status_code == 403, url
+        body = response.content.decode()
+        assert "alpha" not in body and "gateway-eu" not in body and "conv-0" not in body
+    assert client.post(reverse("dashboard:binding-unbind", args=[binding.pk])).status_code == 403
+    assert SessionBinding.objects.filter(pk=binding.pk).exists()
+
+
+@pytest.mark.parametrize(("url", "needed"), PAGES)
+def test_each_page_needs_the_view_permission_of_everything_it_shows(client, pool, django_user_model, url, needed):
+    for missing in needed:
+        staff_holding(client, django_user_model, *(p for p in needed if p != missing))
+        assert client.get(url).status_code == 403, missing
+        django_user_model.objects.filter(username="watcher").delete()
+    staff_holding(client, django_user_model, *needed)
+    assert client.get(url).status_code == 200
+
+
+@pytest.mark.parametrize(("url", "needed"), PAGES)
+def test_the_change_permission_lets_one_look_too(client, pool, django_user_model, url, needed):
+    # The admin's rule: whoever may change a model may also look at it.
+    staff_holding(client, django_user_model, *(p.replace(".view_", ".change_") for p in needed))
+    assert client.get(url).status_code == 200
+
+
 def test_no_page_is_kept_by_a_browser_or_proxy_after_logout(staff_client, pool):
     # As the admin's: the back button after logging out, or a shared cache, shows nothing.
     binding = SessionBinding.objects.filter(session_id="conv-0").get()
@@ -426,12 +477,13 @@ def test_unbind_is_csrf_protected(pool, django_user_model):
 
 
 def test_unbinding_needs_the_delete_permission(client, pool, django_user_model):
-    user = django_user_model.objects.create_user(username="watcher", password="pw", is_staff=True)
-    client.force_login(user)
+    staff_holding(client, django_user_model, *ACCOUNT_VIEWS)
+    user = django_user_model.objects.get(username="watcher")
     binding = SessionBinding.objects.get(session_id="conv-0")
     url = reverse("dashboard:binding-unbind", args=[binding.pk])
 
-    assert b"Unbind" not in client.get(account_url("alpha")).content
+    page = client.get(account_url("alpha"))
+    assert page.status_code == 200 and b"Unbind" not in page.content
     assert client.post(url).status_code == 403
     assert SessionBinding.objects.filter(pk=binding.pk).exists()
 
@@ -439,6 +491,7 @@ def test_unbinding_needs_the_delete_permission(client, pool, django_user_model):
     client.force_login(django_user_model.objects.get(pk=user.pk))
     assert b"Unbind" in client.get(account_url("alpha")).content
     assert client.post(url).status_code == 302
+    assert not SessionBinding.objects.filter(pk=binding.pk).exists()
 
 
 # --- a fixed number of queries ----------------------------------------------------------------
