@@ -10,6 +10,8 @@ proxy the operator never typed it for (README, Security)."""
 
 from __future__ import annotations
 
+import re
+
 PASSWORD_MASK = "***"
 
 
@@ -45,3 +47,18 @@ def proxy_url_unmasked(url: str, *, stored: str | None) -> str:
     if stored is not None and url == proxy_url_masked(stored):
         return stored
     return url
+
+
+# A URL with a password inside free text: the scheme, the user and its colon,
+# then the password up to the last "@" before a space or a quote (more masked
+# rather than less, as above).
+_PASSWORD_IN_TEXT = re.compile(r"""(\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s:/@'"]*:)[^\s'"]*@""")
+
+
+def passwords_masked(text: str) -> str:
+    """``text`` (a gateway's error message, say) with the password of every
+    URL in it masked: an upstream's or a proxy library's exception often
+    names the proxy it went through, URL and all."""
+    if "://" not in text or "@" not in text:
+        return text
+    return _PASSWORD_IN_TEXT.sub(lambda m: m.group(1) + PASSWORD_MASK + "@", text)

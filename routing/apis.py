@@ -16,6 +16,7 @@ from rest_framework.views import APIView
 
 from accounts.authentication import ApiKeyAuthentication, HasApiKey
 from accounts.fields import CredentialsKeyError
+from accounts.proxy_urls import passwords_masked
 from accounts.throttling import DispatchRateThrottle, ExplainRateThrottle
 from core.errors import RULE_ERROR, AllAccountsFailed, NoUsableAccount, RateLimited
 from core.schema import error_responses
@@ -229,7 +230,7 @@ class LeaseCompleteApi(GatewayApi):
                 proxy_failure=data["proxy_failure"],
                 remaining_credits=data.get("remaining_credits"),
                 quota_resets_at=data.get("quota_resets_at"),
-                error_message=data.get("error_message") or "",
+                error_message=passwords_masked(data.get("error_message") or ""),
                 abandoned=data["abandoned"],
             ),
         )

@@ -13,11 +13,12 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.core.management import call_command
 from django.urls import reverse
 
-from accounts.models import Proxy
+from accounts.models import Proxy, RoutingIdentity
 from accounts.onboarding.errors import ImportRejected
 from accounts.onboarding.importer import pool_import
 from accounts.proxy_urls import proxy_url_masked
 from routing import maintenance
+from routing.models import CooldownEvent, Lease
 from tests.factories import (
     AccountFactory,
     ApiKeyFactory,
@@ -292,3 +293,26 @@ def test_dispatch_still_gives_the_gateway_the_whole_url(proxy):
     response = Gateway(ApiKeyFactory().plaintext).dispatch()
     assert response.status_code == 200, response.content
     assert response.json()["account"]["proxy_url"] == URL
+
+
+def test_a_completions_error_text_keeps_no_proxy_password():
+    """A gateway's exception text often names the proxy it went through, URL
+    and all. What the completion stores from it (the lease's error, the
+    cooldown's reason and its event, shown in the admin, the dashboards and
+    the operator API) has the password masked, as everywhere else."""
+    proxy = ProxyFactory(name="egress", url="http://user:hunter2@10.0.0.1:8080")
+    account = AccountFactory(name="a", proxy=proxy)
+    gw = Gateway(ApiKeyFactory().plaintext)
+    lease = gw.dispatch().json()["lease_id"]
+    text = "ProxyError('Cannot connect to proxy http://user:hunter2@10.0.0.1:8080', socks5://u:p%40ss@h:1 too)"
+    assert gw.complete(lease, outcome="rate_limited", proxy_failure=True, error_message=text).status_code == 200
+    stored = [
+        Lease.objects.get(pk=lease).error_message,
+        RoutingIdentity.objects.get(pk=account.identity_id).cooldown_reason,
+        Proxy.objects.get(pk=proxy.pk).cooldown_reason,
+        *CooldownEvent.objects.values_list("reason", flat=True),
+    ]
+    assert len(stored) >= 4
+    for reason in stored:
+        assert "hunter2" not in reason and "p%40ss" not in reason
+        assert "http://user:***@10.0.0.1:8080" in reason
