@@ -24,7 +24,7 @@ from routing import waiting
 from routing.models import WaitTicket
 from tests.drills.services import request
 from tests.factories import AccountFactory, ApiKeyFactory
-from tests.support import project_env, test_database_url, web_server
+from tests.support import project_env, test_database_url, until, web_server
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("postgres_only")]
 
@@ -48,6 +48,20 @@ def _one_slot(tmp_path, **settings: str) -> tuple[dict[str, str], dict[str, str]
     )
     connection.close()  # the server's connections see the rows committed above
     return {"Authorization": f"Bearer {key.plaintext}"}, env
+
+
+def _arrived(n: int, answered) -> None:
+    """Until waiter ``n`` (0-based) has arrived: its wait ticket is taken
+    (each admitted waiter takes one, in the order of admission, before it
+    sleeps) or it was answered. The next is sent only then, so arrival
+    order is the order they were sent in however slowly a thread gets
+    going on a busy machine."""
+    until(
+        lambda: n in answered or WaitTicket.objects.count() > n,
+        20,
+        what=f"waiter {n} never arrived",
+        step=0.01,
+    )
 
 
 def test_waiters_are_bounded_and_served_in_arrival_order(tmp_path):
@@ -82,10 +96,11 @@ def test_waiters_are_bounded_and_served_in_arrival_order(tmp_path):
             thread = threading.Thread(target=waiter, args=(n,))
             thread.start()
             threads.append(thread)
-            time.sleep(0.1)  # arrival order is the order they were sent in
-        # The surplus was refused at once, while the slot is still held.
+            _arrived(n, answers)
+        # The surplus was refused at once (each was answered before the next
+        # was sent), while the slot is still held: nobody else has an answer.
         refused = [n for n, (status, _) in answers.items() if status == 429]
-        assert len(refused) == WAITERS - PER_KEY, answers
+        assert len(refused) == len(answers) == WAITERS - PER_KEY, answers
 
         started = time.monotonic()
         healthz = request(server.bind, "GET", "/healthz")[0]
@@ -108,9 +123,10 @@ def test_waiters_are_bounded_and_served_in_arrival_order(tmp_path):
 
 
 def _serve_in_turn(server, auth: dict, waiters: int) -> tuple[list[int], dict[int, int]]:
-    """Hold the key's one slot, send ``waiters`` dispatches 0.1 s apart (their
-    arrival order), then release: each waiter granted holds the slot 0.5 s
-    and releases it (see above). The order of the grants, and every status."""
+    """Hold the key's one slot, send ``waiters`` dispatches one after the
+    other, each once the one before arrived (their arrival order), then
+    release: each waiter granted holds the slot 0.5 s and releases it (see
+    above). The order of the grants, and every status."""
     statuses: dict[int, int] = {}
     granted: list[int] = []
     lock = threading.Lock()
@@ -131,7 +147,7 @@ def _serve_in_turn(server, auth: dict, waiters: int) -> tuple[list[int], dict[in
     for n in range(waiters):
         threads.append(threading.Thread(target=waiter, args=(n,)))
         threads[-1].start()
-        time.sleep(0.1)
+        _arrived(n, statuses)
     request(server.bind, "POST", f"/api/v1/leases/{held['lease_id']}/complete", {"outcome": "success"}, auth)
     for thread in threads:
         thread.join(timeout=120)

@@ -508,11 +508,18 @@ def test_429_when_locally_throttled_past_the_wait_budget(gw):
 
 
 def test_pacing_waits_instead_of_failing(gw):
-    AccountFactory(identity=RoutingIdentityFactory(max_concurrency=5, min_start_interval_ms=300))
-    assert gw.dispatch().json()["waited_ms"] == 0
+    AccountFactory(identity=RoutingIdentityFactory(max_concurrency=5, min_start_interval_ms=1000))
+    first = gw.dispatch().json()
+    assert first["waited_ms"] == 0
     assert gw.dispatch(max_wait_ms=0).status_code == 429
-    paced = gw.dispatch(max_wait_ms=2000).json()
-    assert 150 <= paced["waited_ms"] <= 1500
+    paced = gw.dispatch(max_wait_ms=3000).json()
+    # It waited rather than failed, and started no sooner than the interval
+    # after the first (the server's own clock: however long this thread took
+    # between the requests, up to the 1 s interval). Woken at the end of the
+    # interval, not of its 3 s budget: slack 1.5 s for a busy machine.
+    gap = Lease.objects.get(pk=paced["lease_id"]).started_at - Lease.objects.get(pk=first["lease_id"]).started_at
+    assert gap >= timedelta(milliseconds=1000)
+    assert 0 < paced["waited_ms"] <= 2500
 
 
 def test_key_limits_answer_429_at_once(key):

@@ -20,7 +20,7 @@ from routing import quotas
 from routing.models import CooldownEvent, CooldownKind, Lease, StickyOutcome
 from tests.factories import AccountFactory, ApiKeyFactory, RoutingIdentityFactory, SessionBindingFactory
 from tests.routing.gateway import Gateway
-from tests.support import run_queued_behind
+from tests.support import run_queued_behind, until
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("statements")]
 
@@ -540,17 +540,31 @@ def test_a_returning_turn_waits_for_its_busy_account_instead_of_moving():
     assert explained["sticky_would_wait"] is True and explained["sticky_patience_ms"] == 5000
 
     def release():
-        time.sleep(0.6)
-        holder.complete(held, outcome="success")
-        connection.close()
+        try:
+            # 0.6 s after the returning turn started waiting (its hold on
+            # the slot is seen), however late this thread or the dispatch
+            # got going on a busy machine.
+            until(
+                lambda: RoutingIdentity.objects.filter(pk=bound.identity_id, sticky_waiters=1).exists(),
+                5,
+                what="the returning turn never started waiting",
+                step=0.01,
+            )
+            time.sleep(0.6)
+            holder.complete(held, outcome="success")
+        finally:
+            connection.close()
 
     releaser = threading.Thread(target=release)
     releaser.start()
     response = gw.dispatch(session_id="conv", max_wait_ms=10_000)
-    releaser.join()
+    releaser.join(30)
+    assert not releaser.is_alive()
     body = response.json()
     assert body["account"]["name"] == "bound"  # did not move
-    # It waited for the release at 0.6 s; slack 2.5 s for a busy machine.
+    # It waited for the release 0.6 s after its hold was seen (its wait
+    # starts a statement or two after the hold: 0.1 s allowed); slack 2.5 s
+    # above for a busy machine.
     assert 500 <= body["waited_ms"] <= 3100
     assert Lease.objects.get(pk=body["lease_id"]).sticky == StickyOutcome.WAITED
 
@@ -578,7 +592,8 @@ def test_new_sessions_do_not_take_the_slot_a_returning_turn_waits_for():
     holder.complete(held, outcome="success")
     # A new session asking right after the release finds the slot held.
     newcomer = holder.dispatch(session_id="new", max_wait_ms=0)
-    waiter.join()
+    waiter.join(30)
+    assert not waiter.is_alive()
     assert results["sticky"]["account"]["name"] == "bound"
     assert newcomer.status_code == 429, newcomer.content
     assert RoutingIdentity.objects.get(pk=bound.identity_id).sticky_waiters == 0  # the hold is gone

@@ -16,7 +16,7 @@ from django.utils import timezone
 
 from accounts.models import Account, ApiKey, KeySlot, RoutingIdentity
 from kiropool.celery import app as celery_app
-from routing import maintenance, sessions, tasks
+from routing import batches, maintenance, sessions, tasks
 from routing.latency import SNAPSHOT_WINDOW
 from routing.models import (
     CooldownEvent,
@@ -286,7 +286,9 @@ def test_a_purge_holding_its_accounts_lets_a_lease_start_on_them():
 
 @pytest.mark.django_db
 def test_purge_works_in_batches(monkeypatch):
-    monkeypatch.setattr(maintenance, "BATCH", 3)
+    # The purge (routing/sessions.py) reads routing.batches.BATCH at each
+    # batch; maintenance.BATCH is the prunes' own copy.
+    monkeypatch.setattr(batches, "BATCH", 3)
     account = AccountFactory()
     for n in range(8):
         binding(account, updated_ago=timedelta(hours=8), expires_in=-timedelta(seconds=n + 1))
@@ -363,7 +365,8 @@ def test_two_purges_at_once_evict_exactly_down_to_capacity(postgres_only):
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join()
+        thread.join(60)
+    assert not any(thread.is_alive() for thread in threads), "a purge never finished"
 
     assert errors == []
     assert sum(expired for expired, _ in results) == 100
@@ -402,7 +405,8 @@ def test_purge_backs_off_when_the_hot_path_holds_a_lock(postgres_only):
         assert SessionBinding.objects.count() == 3
     finally:
         release.set()
-        holder.join()
+        holder.join(30)
+    assert not holder.is_alive()
     assert sessions.binding_purge(max_entries=100) == (3, 0)  # the next run finishes the job
     assert_binding_rows_exact()
 

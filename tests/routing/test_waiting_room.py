@@ -12,11 +12,23 @@ from routing.waiting import WaitingRoom
 from tests.support import until
 
 
-def _record(order: list[str], name: str, visit, token: int, late: float) -> None:
+def _record(order: list[str], name: str, visit, token: int, late=None) -> None:
     visit.wait(token, 5.0)
-    time.sleep(late)  # this thread is slow to get going after the wake-up
+    if late is not None:
+        late()  # this thread is slow to get going after the wake-up
     with visit.turn():
         order.append(name)
+
+
+def _asking_or_through(room: WaitingRoom, visit, order: list[str]):
+    """Until ``visit`` asks for its turn and waits for it, or has had it
+    (``order`` has an entry): what a test waits for, rather than sleeping
+    and hoping a thread on a busy machine got that far."""
+
+    def asked() -> bool:
+        return bool(order) or (visit.seq is not None and visit.seq in room._queues.get(visit.key_id, ()))
+
+    return lambda: until(asked, 5, what="it never asked for its turn")
 
 
 def test_an_older_waiter_woken_late_still_goes_first():
@@ -25,13 +37,17 @@ def test_an_older_waiter_woken_late_still_goes_first():
     wakeups.released_locally()  # the release both are waiting for has happened
     order: list[str] = []
     older, younger = room.visit(key_id=1), room.visit(key_id=1)
-    first = threading.Thread(target=_record, args=(order, "older", older, token, 0.3))
+    # The older one is slow: it asks for its turn only once the younger one
+    # asked (and waits), or went ahead (which the order shows).
+    late = _asking_or_through(room, younger, order)
+    first = threading.Thread(target=_record, args=(order, "older", older, token, late))
     first.start()
     until(lambda: older.seq is not None)
-    second = threading.Thread(target=_record, args=(order, "younger", younger, token, 0.0))
+    second = threading.Thread(target=_record, args=(order, "younger", younger, token))
     second.start()
-    first.join(5)
-    second.join(5)
+    first.join(10)
+    second.join(10)
+    assert not first.is_alive() and not second.is_alive()
     assert order == ["older", "younger"]
 
 
@@ -42,7 +58,7 @@ def test_an_older_waiter_not_yet_due_does_not_hold_up_a_younger_one():
     wakeups.released_locally()
     sleeping.wait(wakeups.current(), 0)  # older, asleep until a release that has not come
     order: list[str] = []
-    thread = threading.Thread(target=_record, args=(order, "woken", woken, stale, 0.0))
+    thread = threading.Thread(target=_record, args=(order, "woken", woken, stale))
     thread.start()
     thread.join(5)
     assert order == ["woken"]
@@ -54,7 +70,7 @@ def test_another_keys_waiters_are_not_in_the_queue():
     wakeups.released_locally()
     room.visit(key_id=1).wait(token, 0)  # due, and never takes its turn
     order: list[str] = []
-    thread = threading.Thread(target=_record, args=(order, "other key", room.visit(key_id=2), token, 0.0))
+    thread = threading.Thread(target=_record, args=(order, "other key", room.visit(key_id=2), token))
     thread.start()
     thread.join(5)
     assert order == ["other key"]
@@ -113,7 +129,7 @@ def test_a_waiter_asking_for_a_turn_goes_before_a_new_attempt():
     holder = threading.Thread(target=_hold, args=(order, room.visit(key_id=1), release))
     holder.start()
     until(lambda: order)
-    waited = threading.Thread(target=_record, args=(order, "waiter", room.visit(key_id=1), token, 0.0))
+    waited = threading.Thread(target=_record, args=(order, "waiter", room.visit(key_id=1), token))
     waited.start()
     until(lambda: room._queues.get(1))  # the waiter has asked for its turn
     new = threading.Thread(target=_attempt, args=(order, "new", room.visit(key_id=1), 0.0))
@@ -183,10 +199,10 @@ def test_a_waiter_woken_while_an_older_one_is_still_in_its_attempt_lets_it_go_fi
         pass  # the older one's read: no slot
     order: list[str] = []
     wakeups.released_locally()  # a slot frees while the older one finishes its attempt
-    woken = threading.Thread(target=_record, args=(order, "younger", younger, token, 0.0))
+    woken = threading.Thread(target=_record, args=(order, "younger", younger, token))
     woken.start()
-    time.sleep(0.2)  # the younger one is awake and asking for its turn
+    _asking_or_through(room, younger, order)()  # the younger one is awake and asking for its turn
     assert order == []
-    _record(order, "older", older, token, 0.0)  # the older one's attempt ends in a wait: due at once
+    _record(order, "older", older, token)  # the older one's attempt ends in a wait: due at once
     woken.join(5)
     assert order == ["older", "younger"]
