@@ -74,8 +74,9 @@ class CoolingFilter(admin.SimpleListFilter):
 
 class CooldownAdminMixin:
     """The admin of rows the dispatcher cools down (identities, proxies): the
-    cooldown left as a column and a filter, and an action that clears it
-    through :meth:`cooldown_clear`."""
+    cooldown left as a column and a filter, an action that clears it
+    through :meth:`cooldown_clear`, and an edit of it recorded in the
+    history as those are (``services.cooldown_edit_save``)."""
 
     list_filter = [CoolingFilter]
     dispatcher_written_fields = ("cooldown_until", "cooldown_reason")
@@ -83,6 +84,11 @@ class CooldownAdminMixin:
 
     def cooldown_clear(self, queryset) -> int:
         raise NotImplementedError
+
+    def save_model(self, request, obj, form, change):
+        # Only the changed columns, as PoolModelAdmin writes them, and a
+        # cooldown set or cleared here goes into the history.
+        services.cooldown_edit_save(row=obj, columns=form.changed_columns() if change else None)
 
     @admin.display(description="cooldown left")
     def cooldown(self, obj):
@@ -286,6 +292,11 @@ class AccountAdmin(PoolImportExportMixin, PoolModelAdmin):
             .defer("credentials")
             .annotate(has_credentials=ExpressionWrapper(~Q(credentials={}), output_field=BooleanField()))
         )
+
+    def save_model(self, request, obj, form, change):
+        # Only the changed columns, as PoolModelAdmin writes them; a balance
+        # set at or below the minimum gets its probe time.
+        services.account_edit_save(account=obj, columns=form.changed_columns() if change else None)
 
     @admin.display(description="credentials stored", boolean=True)
     def credentials_stored(self, obj):

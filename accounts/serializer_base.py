@@ -106,10 +106,15 @@ class ChangedFieldsUpdateMixin:
             if name in deferred or _column_value(instance, field) != _column_value_of(field, value):
                 setattr(instance, name, value)
                 columns.append(name)
-        instance.save(update_fields=columns)  # an empty list writes nothing
+        self.columns_save(instance, columns)
         for name, value in many:
             getattr(instance, name).set(value)
         return instance
+
+    def columns_save(self, instance, columns: list[str]) -> None:
+        """Write the changed ``columns`` (a serializer whose model has a
+        service for its edits calls it here)."""
+        instance.save(update_fields=columns)  # an empty list writes nothing
 
 
 def _column_value(instance, field):

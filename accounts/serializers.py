@@ -15,6 +15,7 @@ from django.core.validators import MaxLengthValidator
 from django.utils import timezone
 from rest_framework import serializers
 
+from accounts import services
 from accounts.models import (
     MAX_PREFERENCE_ACCOUNTS,
     MAX_PREFERENCE_MODELS,
@@ -44,7 +45,21 @@ def cooldown_remaining_s(until: datetime | None) -> int:
     return max(0, math.ceil((until - timezone.now()).total_seconds()))
 
 
-class RoutingIdentitySerializer(ChangedFieldsUpdateMixin, ModelCleanMixin, StrictModelSerializer):
+class CooldownEditMixin:
+    """Identities and proxies: a cooldown set, changed or cleared by an edit
+    is recorded in the history, as the clear-cooldown action records its
+    clearing (``services.cooldown_edit_save``)."""
+
+    def create(self, validated_data):
+        row = self.Meta.model(**validated_data)
+        services.cooldown_edit_save(row=row, columns=None)
+        return row
+
+    def columns_save(self, instance, columns: list[str]) -> None:
+        services.cooldown_edit_save(row=instance, columns=columns)
+
+
+class RoutingIdentitySerializer(CooldownEditMixin, ChangedFieldsUpdateMixin, ModelCleanMixin, StrictModelSerializer):
     """A routing identity: one upstream Kiro user, whose accounts share its
     concurrency, pacing, cooldown and load."""
 
@@ -74,7 +89,7 @@ class RoutingIdentitySerializer(ChangedFieldsUpdateMixin, ModelCleanMixin, Stric
         return cooldown_remaining_s(identity.cooldown_until)
 
 
-class ProxySerializer(ChangedFieldsUpdateMixin, ModelCleanMixin, StrictModelSerializer):
+class ProxySerializer(CooldownEditMixin, ChangedFieldsUpdateMixin, ModelCleanMixin, StrictModelSerializer):
     """An egress proxy that account traffic goes through. Its URL is read with
     the password masked; written back masked and otherwise unchanged, it keeps
     the stored password."""
@@ -174,6 +189,16 @@ class AccountSerializer(ChangedFieldsUpdateMixin, ModelCleanMixin, StrictModelSe
         if value is not None and not math.isfinite(value):
             raise serializers.ValidationError("must be a finite number")
         return value
+
+    # A balance set at or below the minimum gets its probe time
+    # (services.account_edit_save), as a reported one does.
+    def create(self, validated_data):
+        account = Account(**validated_data)
+        services.account_edit_save(account=account, columns=None)
+        return account
+
+    def columns_save(self, instance, columns: list[str]) -> None:
+        services.account_edit_save(account=instance, columns=columns)
 
 
 class AccountGroupSerializer(ChangedFieldsUpdateMixin, ModelCleanMixin, StrictModelSerializer):

@@ -112,13 +112,19 @@ def account_report(
             reason=f"a balance of {remaining_credits:g} was reported",
             created_at=now,
         )
-    # At or below its minimum it stops being handed out; without a reset
-    # time it gets a probe later, like an exhausted account. A probe time
-    # already past is one left from an earlier spell (the balance came back
-    # since, reported or set by an operator): the wait starts now. One to
-    # come is kept: the probe taken, or another lease's report, started it.
+    accounts_probe_schedule(accounts=Account.objects.filter(pk=account_id), now=now)
+
+
+def accounts_probe_schedule(*, accounts: QuerySet, now: datetime) -> int:
+    """Those of ``accounts`` whose known balance is at or below their
+    minimum (reported, or set by an operator) stop being handed out; without
+    a reset time they get a probe later, like an exhausted account. A probe
+    time already past is one left from an earlier spell (the balance came
+    back since, reported or set by an operator): the wait starts now. One
+    to come is kept: the probe taken, or another lease's report, started it.
+    Returns how many got a probe time."""
     no_probe_to_come = Q(quota_next_probe_at__isnull=True) | Q(quota_next_probe_at__lte=now)
-    Account.objects.filter(no_probe_to_come, pk=account_id, min_remaining_credits__gte=remaining_credits).update(
+    return accounts.filter(no_probe_to_come, remaining_credits__lte=F("min_remaining_credits")).update(
         quota_next_probe_at=_next_probe(now)
     )
 
