@@ -246,6 +246,27 @@ def test_without_a_reset_time_one_probe_lease_goes_through_then_the_wait_restart
     assert [gw.cycle() for _ in range(2)] == ["spent", "spent"]
 
 
+@pytest.mark.parametrize("report", [{"outcome": "quota_exhausted"}, {"outcome": "success", "remaining_credits": 7}])
+def test_a_lease_out_when_its_account_moved_reports_on_the_identity_it_started_on(gw, operator_api, report):
+    """README Decisions, "A lease reports on the identity it started on": the
+    account moves to another identity while its lease is out; the quota the
+    lease reports is the old upstream user's (its exhaustion benches the old
+    aliases, not the moved account's new ones), its slot is given back
+    there, and a balance, the account's own (SPEC §2), lands on the account."""
+    old, new = RoutingIdentityFactory(name="old"), RoutingIdentityFactory(name="new")
+    AccountFactory(name="moved", identity=old)
+    lease = gw.dispatch().json()["lease_id"]
+    AccountFactory(name="stays", identity=old)
+    AccountFactory(name="new-alias", identity=new)
+    assert operator_api.patch("/api/v1/admin/accounts/moved/", {"identity": "new"}, format="json").status_code == 200
+    assert gw.complete(lease, **report).status_code == 200
+    exhausted = report["outcome"] == "quota_exhausted"
+    spent = dict(Account.objects.values_list("name", "quota_exhausted"))
+    assert spent == {"moved": False, "stays": exhausted, "new-alias": False}
+    assert Account.objects.get(name="moved").remaining_credits == report.get("remaining_credits")
+    assert dict(RoutingIdentity.objects.values_list("name", "in_flight")) == {"old": 0, "new": 0}
+
+
 # --- outlier ejection with slow start (issue 12 §5) ------------------------------------------
 
 
