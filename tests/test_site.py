@@ -3,6 +3,7 @@ and its links to the dashboards."""
 
 import pytest
 from django.contrib import admin
+from django.contrib.auth.models import Permission
 from django.urls import reverse
 
 pytestmark = pytest.mark.django_db
@@ -52,6 +53,34 @@ def test_the_admin_is_titled_kiropool_and_links_the_dashboards(staff_client):
     assert f'<a href="{DASHBOARD}">View site</a>' in page
     assert 'id="kiropool-dashboards"' in page
     assert f'<a href="{DASHBOARD}">Account pool</a>' in page
+    assert f'<a href="{DASHBOARD}?state=abnormal">Accounts needing attention</a>' in page
+
+
+OVERVIEW_VIEWS = ["view_account", "view_routingidentity", "view_proxy", "view_latencysnapshot"]
+
+
+@pytest.mark.parametrize("held", [[], OVERVIEW_VIEWS[:-1], ["view_account", "view_sessionbinding"]])
+def test_the_admin_links_no_dashboard_a_staff_user_may_not_view(client, django_user_model, held):
+    # The dashboard answers them 403: no "View site", no dashboard links on the index; the docs stay.
+    user = django_user_model.objects.create_user(username="op", password="pw", is_staff=True)
+    user.user_permissions.set(Permission.objects.filter(codename__in=held))
+    client.force_login(user)
+    assert client.get(DASHBOARD).status_code == 403
+    for url in (reverse("admin:index"), reverse("admin:password_change"), reverse("admin:accounts_account_changelist")):
+        response = client.get(url)
+        assert response.status_code in (200, 403), url
+        page = response.content.decode()
+        assert "View site" not in page and f'href="{DASHBOARD}' not in page, url
+    assert f'<a href="{reverse("docs")}">API docs</a>' in client.get(reverse("admin:index")).content.decode()
+
+
+def test_the_admin_links_the_dashboard_to_a_staff_user_who_may_view_it(client, django_user_model):
+    user = django_user_model.objects.create_user(username="op", password="pw", is_staff=True)
+    user.user_permissions.set(Permission.objects.filter(codename__in=OVERVIEW_VIEWS))
+    client.force_login(user)
+    assert client.get(DASHBOARD).status_code == 200
+    page = client.get(reverse("admin:index")).content.decode()
+    assert f'<a href="{DASHBOARD}">View site</a>' in page
     assert f'<a href="{DASHBOARD}?state=abnormal">Accounts needing attention</a>' in page
 
 
