@@ -394,6 +394,9 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Account-pool dispatcher for LLM gateways.",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    # /api/schema/ and /api/docs/ are open and the same for everyone (SERVE_PUBLIC): they read no
+    # credentials, so a bad token sent along is ignored, as on the probes (it was a 403; the API answers 401).
+    "SERVE_AUTHENTICATION": [],
     # Request bodies get their own components (AccountRequest, PatchedAccountRequest):
     # without read-only fields, and with minLength 1 on strings that may not be blank.
     "COMPONENT_SPLIT_REQUEST": True,

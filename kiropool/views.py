@@ -56,8 +56,8 @@ def _in_json(response):
 
 class SchemaView(SpectacularAPIView):
     """``/api/schema/``: the schema in YAML (or JSON, as asked), and its errors (a
-    wrong method, format or ``Accept``, a bad token) in the one JSON error shape,
-    as everywhere under /api/: drf-spectacular answered them in YAML."""
+    wrong method, format or ``Accept``) in the one JSON error shape, as
+    everywhere under /api/: drf-spectacular answered them in YAML."""
 
     def finalize_response(self, request, response, *args, **kwargs):
         response = super().finalize_response(request, response, *args, **kwargs)
