@@ -8,6 +8,9 @@
 - A NUL character in the path or the query string is a 400: no name or
   filter value can contain one, and PostgreSQL text cannot hold one, so the
   query built from it would fail with a server error instead of "not found".
+
+And Django's ``CommonMiddleware`` keeps its ``APPEND_SLASH`` redirect away
+from the API (``CommonMiddleware`` below).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from django.conf import settings
 from django.contrib.auth import middleware as auth
 from django.contrib.messages import middleware as messages
 from django.http import JsonResponse
+from django.middleware import common
 
 from core.errors import error_body
 
@@ -59,3 +63,13 @@ class AuthenticationMiddleware(MachineLane, auth.AuthenticationMiddleware):
 
 class MessageMiddleware(MachineLane, messages.MessageMiddleware):
     pass
+
+
+class CommonMiddleware(common.CommonMiddleware):
+    """Django's, without the ``APPEND_SLASH`` redirect under ``/api/``: a 301
+    with an empty HTML body, which a client following it resends without the
+    POST's body (under ``DEBUG`` Django raised for a POST instead). There the
+    404 in the error shape names the path with (or without) its slash."""
+
+    def should_redirect_with_slash(self, request):
+        return not request.path_info.startswith("/api/") and super().should_redirect_with_slash(request)

@@ -4,7 +4,7 @@
 from django.contrib.auth.views import redirect_to_login
 from django.http import JsonResponse
 from django.shortcuts import redirect
-from django.urls import reverse
+from django.urls import is_valid_path, reverse
 from django.views import defaults
 from django.views.decorators.http import require_GET
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
@@ -20,8 +20,21 @@ def _is_api(request) -> bool:
 
 def not_found(request, exception):
     if _is_api(request):
-        return JsonResponse(error_body(404, "no such endpoint"), status=404)
+        return JsonResponse(error_body(404, _no_such_endpoint(request)), status=404)
     return defaults.page_not_found(request, exception)
+
+
+def _no_such_endpoint(request) -> str:
+    """Names the path that exists with (or without) the trailing slash: the
+    API answers only the form it documents, it does not redirect
+    (core/middleware.CommonMiddleware)."""
+    if is_valid_path(_slash_toggled(request.path_info), getattr(request, "urlconf", None)):
+        return f"no such endpoint; did you mean {_slash_toggled(request.path)}?"
+    return "no such endpoint"
+
+
+def _slash_toggled(path: str) -> str:
+    return path.removesuffix("/") if path.endswith("/") else f"{path}/"
 
 
 def bad_request(request, exception):

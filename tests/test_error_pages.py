@@ -10,6 +10,46 @@ def test_unknown_api_path_answers_in_the_error_shape(db):
     assert response.json() == {"error": {"type": "not_found_error", "message": "no such endpoint"}}
 
 
+LEASE = "/api/v1/leases/6f0e7a4e-8d7e-4a7e-9a55-5f2b8d1c0a11/complete"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "right"),
+    [
+        # the operator API and the description end in "/", the gateway endpoints do not (SPEC names them so)
+        ("get", "/api/v1/admin/accounts", "/api/v1/admin/accounts/"),
+        ("post", "/api/v1/admin/keys", "/api/v1/admin/keys/"),
+        ("post", "/api/v1/admin/accounts/alice-1/reset-quota", "/api/v1/admin/accounts/alice-1/reset-quota/"),
+        ("get", "/api/schema", "/api/schema/"),
+        ("post", "/api/v1/dispatch/", "/api/v1/dispatch"),
+        ("post", f"{LEASE}/", LEASE),
+    ],
+)
+def test_a_path_off_by_its_trailing_slash_is_a_404_naming_the_right_one(db, method, path, right):
+    # Not APPEND_SLASH's 301 with an empty HTML body: a client that follows it resends a POST without its body.
+    response = getattr(Client(), method)(path, {}, content_type="application/json", HTTP_AUTHORIZATION="Token x")
+    assert response.status_code == 404
+    message = f"no such endpoint; did you mean {right}?"
+    assert response.json() == {"error": {"type": "not_found_error", "message": message}}
+
+
+def test_a_post_without_its_slash_under_debug_is_no_crash(db, settings):
+    settings.DEBUG = True  # APPEND_SLASH raised a RuntimeError: it cannot redirect a POST's body
+    assert Client().post("/api/v1/admin/keys", {}, content_type="application/json").status_code == 404
+
+
+def test_the_paths_as_spec_writes_them_reach_their_views(db):
+    # 401 for the bad key: the view answered, not a redirect or a 404.
+    for path in ("/api/v1/dispatch", "/api/v1/dispatch/explain", LEASE):
+        assert Client().post(path, {}, content_type="application/json").status_code == 401
+    assert Client().get("/api/v1/admin/accounts/").status_code == 401
+
+
+def test_outside_the_api_a_missing_slash_is_still_redirected(db):
+    response = Client().get("/dashboard")
+    assert response.status_code == 301 and response["Location"] == "/dashboard/"
+
+
 def test_unknown_page_outside_the_api_is_html(db):
     response = Client().get("/nowhere")
     assert response.status_code == 404
