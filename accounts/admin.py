@@ -2,8 +2,10 @@ from __future__ import annotations
 
 from django import forms
 from django.contrib import admin, messages
+from django.db import IntegrityError
 from django.db.models import BooleanField, ExpressionWrapper, Prefetch, Q, prefetch_related_objects
 from django.db.models.constants import LOOKUP_SEP
+from django.shortcuts import redirect
 from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.text import capfirst
@@ -13,6 +15,7 @@ from accounts.models import Account, AccountGroup, ApiKey, Proxy, RoutingIdentit
 from accounts.permissions import GRANT_CREDENTIALS_ACCESS, credentials_keys_by_group, credentials_reach_refusal
 from accounts.proxy_urls import proxy_url_masked, proxy_url_unmasked
 from accounts.resources import PoolImportExportMixin
+from routing.models import CooldownEvent, Lease
 
 
 def accounts_by_name():
@@ -54,6 +57,20 @@ class PoolModelAdmin(admin.ModelAdmin):
             obj.save(update_fields=form.changed_columns())  # an empty list writes nothing
         else:
             obj.save()
+
+    def delete_view(self, request, object_id, extra_context=None):
+        try:
+            return super().delete_view(request, object_id, extra_context)
+        except IntegrityError:
+            # A dispatch started a lease on it meanwhile (the lease's foreign
+            # key is checked at commit): nothing was deleted, as the operator
+            # API's 409 says.
+            self.message_user(
+                request,
+                f"A lease started on this {self.opts.verbose_name} while it was being deleted: nothing was deleted.",
+                messages.ERROR,
+            )
+            return redirect(request.path)
 
 
 class CoolingFilter(admin.SimpleListFilter):
@@ -113,6 +130,16 @@ class RoutingIdentityAdmin(CooldownAdminMixin, PoolImportExportMixin, PoolModelA
 
     def cooldown_clear(self, queryset) -> int:
         return services.identity_cooldown_clear(identities=queryset)
+
+    def get_deleted_objects(self, objs, request):
+        # Its leases and cooldown events are its history and go with it, as
+        # over the operator API (an open lease's key slot is given back:
+        # routing/signals.py). No one may delete those rows by themselves,
+        # so the admin's usual check refused every identity that had served
+        # a lease, naming a permission nobody has.
+        deleted, counts, perms_needed, protected = super().get_deleted_objects(objs, request)
+        history = {Lease._meta.verbose_name, CooldownEvent._meta.verbose_name}
+        return deleted, counts, perms_needed - history, protected
 
 
 class ProxyUrlAdminMixin:

@@ -7,7 +7,7 @@ from django.utils import timezone
 
 from accounts.authentication import key_cache
 from accounts.models import Account, ApiKey, Proxy, RoutingIdentity
-from accounts.signals import pool_changed
+from accounts.signals import keys_disabling, pool_changed
 from routing import quotas
 from routing.models import CooldownEvent, CooldownKind
 
@@ -37,10 +37,12 @@ def api_key_enabled_set(*, keys, enabled: bool) -> int:
     """Enable or disable keys in bulk (the admin's actions). An update of a
     queryset sends no ``post_save``: this process's key cache forgets them
     itself (on PostgreSQL every process hears the database's notice too)."""
-    prefixes = list(keys.values_list("prefix", flat=True))
+    rows = list(keys.values_list("pk", "prefix"))
     with transaction.atomic():
+        if not enabled:
+            keys_disabling.send(sender=ApiKey, key_ids=sorted(pk for pk, _ in rows))
         count = keys.update(enabled=enabled)
-        for prefix in prefixes:
+        for _, prefix in rows:
             key_cache.forget_through_commit(prefix)
     return count
 

@@ -27,6 +27,11 @@ from accounts.models import Account, AccountGroup, ApiKey, Proxy, RoutingIdentit
 # accounts.
 pool_changed = Signal()
 
+# Sent with ``key_ids`` in the transaction that disables keys in bulk (the
+# admin's action), before their rows are written: routing closes their open
+# leases (routing/signals.py), as it does for a key saved unusable or deleted.
+keys_disabling = Signal()
+
 
 @receiver(post_save, sender=ApiKey)
 @receiver(post_delete, sender=ApiKey)

@@ -25,8 +25,9 @@ def binding_purge() -> dict[str, int]:
 
 @shared_task
 def lease_reap() -> int:
-    """Close leases past their TTL and give their slots back."""
-    return slots.lease_reap_expired(lock_timeout=True)
+    """Close leases past their TTL, and those of keys no longer usable, and
+    give their slots back."""
+    return slots.lease_reap_expired(lock_timeout=True) + slots.key_leases_close_revoked()
 
 
 @shared_task

@@ -1,14 +1,15 @@
 """An operator's delete never leaves a counter or a key slot behind. A
 routing identity deleted with leases still open takes them with it
 (``Lease.identity`` cascades); the key slots they held are given back in
-the same transaction, over the operator API or in the ORM, so their key
-is not refused at its limit until the reconcile task runs (or for good,
-without one). (The admin refuses to delete an identity with leases at
-all: they have no delete permission there.)"""
+the same transaction, in the admin, over the operator API or in the ORM,
+so their key is not refused at its limit until the reconcile task runs (or
+for good, without one)."""
 
 from __future__ import annotations
 
 import pytest
+from django.urls import reverse
+from django.utils import timezone
 
 from accounts.models import ApiKey, KeySlot, RoutingIdentity
 from routing import maintenance
@@ -80,3 +81,45 @@ def test_a_lease_completed_while_its_identity_is_deleted_leaves_its_slot_to_the_
     assert not RoutingIdentity.objects.filter(pk=identity.pk).exists()
     assert KeySlot.objects.get(pk=lease.key_slot_id).taken  # the other lease holds it
     assert maintenance.counters_reconcile()["key_in_flight"] == 0
+
+
+def test_the_admin_deletes_an_identity_with_its_lease_history(staff_client, leased_identity):
+    """Its leases, open or completed, go with it, as over the operator API:
+    the admin refused before, saying no one had permission to delete leases
+    (none has: they are history), which left the operator nothing to do."""
+    key, identity = leased_identity
+    LeaseFactory(identity=identity, account=None, account_name="gone", completed_at=timezone.now(), outcome="success")
+    url = reverse("admin:accounts_routingidentity_delete", args=[identity.pk])
+    page = staff_client.get(url)
+    assert page.status_code == 200 and not page.context["perms_lacking"]
+    assert staff_client.post(url, {"post": "yes"}).status_code == 302
+    assert not RoutingIdentity.objects.filter(pk=identity.pk).exists()
+    assert not Lease.objects.filter(identity_id=identity.pk).exists()
+    assert ApiKey.objects.get(pk=key.pk).in_flight == 0
+    assert maintenance.counters_reconcile()["key_in_flight"] == 0
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("postgres_only")
+def test_a_lease_started_while_the_admin_deletes_its_identity_keeps_the_identity(staff_client):
+    """A claim that holds the identity's row has inserted its lease; the
+    admin's delete queues behind it, and the lease's foreign key refuses it
+    at commit: a message and nothing deleted, not a server error."""
+    identity = AccountFactory().identity
+    identity.accounts.all().delete()
+    url = reverse("admin:accounts_routingidentity_delete", args=[identity.pk])
+
+    def claim(cursor) -> None:  # a claim's statements, as routing/pg.py sends them
+        cursor.execute("SELECT id FROM accounts_routingidentity WHERE id = %s FOR NO KEY UPDATE", [identity.pk])
+        cursor.execute("UPDATE accounts_routingidentity SET in_flight = in_flight + 1 WHERE id = %s", [identity.pk])
+        cursor.execute(
+            "INSERT INTO routing_lease (id, account_name, identity_id, proxy_url, session_id, model, started_at,"
+            " expires_at, waited_ms, outcome, error_message) VALUES (gen_random_uuid(), 'gone', %s, '', '', '',"
+            " now(), now() + interval '15 minutes', 0, '', '')",
+            [identity.pk],
+        )
+
+    answer = run_queued_behind(claim, lambda: staff_client.post(url, {"post": "yes"}))
+    assert answer.status_code == 302
+    assert RoutingIdentity.objects.get(pk=identity.pk).in_flight == 1
+    assert Lease.objects.filter(identity_id=identity.pk).count() == 1
