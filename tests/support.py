@@ -127,3 +127,15 @@ def run_queued_behind(writes: Callable, work: Callable):
     thread.join(30)
     assert done, "the work raised (its traceback is above)"
     return done[0]
+
+
+def lease_row_insert(cursor, *, identity_id: int, api_key_id: int | None = None) -> None:
+    """An open lease on ``identity_id`` inserted as a claim inserts it, on a
+    raw connection (a claim that holds its rows while another statement
+    queues behind them)."""
+    cursor.execute(
+        "INSERT INTO routing_lease (id, api_key_id, account_name, identity_id, proxy_url, session_id, model,"
+        " started_at, expires_at, waited_ms, outcome, error_message) VALUES (gen_random_uuid(), %s, 'a', %s,"
+        " '', '', '', now(), now() + interval '15 minutes', 0, '', '')",
+        [api_key_id, identity_id],
+    )

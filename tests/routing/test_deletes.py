@@ -16,7 +16,7 @@ from routing import maintenance
 from routing.models import Lease
 from tests.factories import AccountFactory, ApiKeyFactory, LeaseFactory
 from tests.routing.gateway import Gateway
-from tests.support import run_queued_behind
+from tests.support import lease_row_insert, run_queued_behind
 
 pytestmark = pytest.mark.django_db
 
@@ -112,12 +112,7 @@ def test_a_lease_started_while_the_admin_deletes_its_identity_keeps_the_identity
     def claim(cursor) -> None:  # a claim's statements, as routing/pg.py sends them
         cursor.execute("SELECT id FROM accounts_routingidentity WHERE id = %s FOR NO KEY UPDATE", [identity.pk])
         cursor.execute("UPDATE accounts_routingidentity SET in_flight = in_flight + 1 WHERE id = %s", [identity.pk])
-        cursor.execute(
-            "INSERT INTO routing_lease (id, account_name, identity_id, proxy_url, session_id, model, started_at,"
-            " expires_at, waited_ms, outcome, error_message) VALUES (gen_random_uuid(), 'gone', %s, '', '', '',"
-            " now(), now() + interval '15 minutes', 0, '', '')",
-            [identity.pk],
-        )
+        lease_row_insert(cursor, identity_id=identity.pk)
 
     answer = run_queued_behind(claim, lambda: staff_client.post(url, {"post": "yes"}))
     assert answer.status_code == 302

@@ -20,7 +20,7 @@ from routing import maintenance, tasks
 from routing.models import Lease, LeaseOutcome
 from tests.factories import AccountFactory, ApiKeyFactory, LeaseFactory
 from tests.routing.gateway import Gateway
-from tests.support import run_queued_behind
+from tests.support import lease_row_insert, run_queued_behind
 
 pytestmark = pytest.mark.django_db
 
@@ -204,12 +204,7 @@ def test_a_lease_started_while_the_admin_deletes_its_key_keeps_the_key(staff_cli
     def claim(cursor) -> None:  # slots.key_slot_claim's pacing, then the identity and the lease
         cursor.execute("UPDATE accounts_apikey SET last_started_at = now() WHERE id = %s", [key.pk])
         cursor.execute("UPDATE accounts_routingidentity SET in_flight = in_flight + 1 WHERE id = %s", [identity.pk])
-        cursor.execute(
-            "INSERT INTO routing_lease (id, api_key_id, account_name, identity_id, proxy_url, session_id, model,"
-            " started_at, expires_at, waited_ms, outcome, error_message) VALUES (gen_random_uuid(), %s, 'a', %s,"
-            " '', '', '', now(), now() + interval '15 minutes', 0, '', '')",
-            [key.pk, identity.pk],
-        )
+        lease_row_insert(cursor, identity_id=identity.pk, api_key_id=key.pk)
 
     answer = run_queued_behind(claim, lambda: staff_client.post(url, {"post": "yes"}))
     assert answer.status_code == 302
