@@ -11,14 +11,14 @@
 
 An identity deleted (over the operator API, in the ORM) takes its leases
 with it: the key slots its open leases held are given back in the same
-transaction (``slots.identity_slots_release``).
+transaction (``revocations.identity_slots_release``).
 
 A key that may no longer be used (saved disabled or past its expiry,
 disabled by the admin's bulk action, or deleted) has its open leases closed
 and their identity and key slots given back, in the same transaction and
-before its row is written (``slots.key_leases_close``): its gateway could no
+before its row is written (``revocations.key_leases_close``): its gateway could no
 longer complete them. A key whose expiry moves earlier has its open leases
-end by then (``slots.key_leases_shorten``)."""
+end by then (``revocations.key_leases_shorten``)."""
 
 from django.db.models.signals import pre_delete, pre_save
 from django.dispatch import receiver
@@ -26,7 +26,7 @@ from django.dispatch import receiver
 from accounts.models import ApiKey, RoutingIdentity
 from accounts.signals import keys_disabling, pool_changed
 from core.transactions import on_commit_once
-from routing import pool_order, slots, wakeups
+from routing import pool_order, revocations, wakeups
 
 
 @receiver(pool_changed)
@@ -37,7 +37,7 @@ def pool_edited(sender, **kwargs) -> None:
 
 @receiver(pre_delete, sender=RoutingIdentity)
 def identity_deleting(sender, instance: RoutingIdentity, **kwargs) -> None:
-    slots.identity_slots_release(identity_id=instance.pk)
+    revocations.identity_slots_release(identity_id=instance.pk)
 
 
 @receiver(pre_save, sender=ApiKey)
@@ -47,16 +47,16 @@ def key_saving(sender, instance: ApiKey, **kwargs) -> None:
     if instance._state.adding:
         return
     if not instance.is_usable():
-        slots.key_leases_close(key_ids=[instance.pk])
+        revocations.key_leases_close(key_ids=[instance.pk])
     elif instance.expires_at is not None:
-        slots.key_leases_shorten(key_id=instance.pk, expires_at=instance.expires_at)
+        revocations.key_leases_shorten(key_id=instance.pk, expires_at=instance.expires_at)
 
 
 @receiver(keys_disabling)
 def keys_disabled(sender, key_ids: list[int], **kwargs) -> None:
-    slots.key_leases_close(key_ids=key_ids)
+    revocations.key_leases_close(key_ids=key_ids)
 
 
 @receiver(pre_delete, sender=ApiKey)
 def key_deleting(sender, instance: ApiKey, **kwargs) -> None:
-    slots.key_leases_close(key_ids=[instance.pk])
+    revocations.key_leases_close(key_ids=[instance.pk])

@@ -350,69 +350,6 @@ def _key_slot_take(*, key_id: int, cap: int) -> int | None:
     return slot_id
 
 
-def identity_slots_release(*, identity_id: int) -> int:
-    """Inside the transaction that deletes the identity, and with it its
-    leases (``Lease.identity`` cascades): give back the key slots its open
-    leases hold, which would otherwise stay taken, their keys refused at
-    their limit, until the reconcile task finds them. The leases are locked
-    first, as a completion locks its lease before its slot: one completed
-    meanwhile is left out (its completion freed its slot, which another
-    lease may hold by now). Returns how many slots were given back."""
-    held = Lease.objects.filter(completed_at__isnull=True, identity_id=identity_id, key_slot__isnull=False)
-    slot_ids = sorted(held.select_for_update().order_by("pk").values_list("key_slot_id", flat=True))
-    freed = KeySlot.objects.filter(pk__in=slot_ids).update(taken=False)
-    if freed:
-        wakeups.release_notify()
-    return freed
-
-
-KEY_REVOKED = "closed: its API key was disabled, expired or deleted"
-
-
-def key_leases_close(*, key_ids: list[int]) -> int:
-    """In the transaction that disables, expires or deletes these keys,
-    before it writes their rows: close their open leases (``expired``) and
-    give back the identity and key slots they hold. Their gateways could no
-    longer complete them (refused 401), so each held its identity's slot
-    until its TTL, keeping the other keys off it. A completion that held a
-    lease meanwhile is waited for and wins; the gateway's later completion
-    of a closed lease is the 409 of any closed lease. Locks leases, then
-    slots, then identities (the reaper's order); the keys' rows after."""
-    open_leases = Lease.objects.filter(completed_at__isnull=True, api_key_id__in=key_ids)
-    while True:
-        with transaction.atomic():  # its own for a save outside one (the shell), else a savepoint
-            rows = list(open_leases.select_for_update().order_by("pk").values_list("id", "identity_id", "key_slot_id"))
-            if not rows:
-                return 0
-            closed = _leases_close(rows, now=timezone.now(), error_message=KEY_REVOKED)
-            if closed == len(rows):
-                return closed
-            # A completion closed one between the read and the update (SQLite,
-            # which locks no row): again, without it.
-            transaction.set_rollback(True)
-
-
-def key_leases_close_revoked(*, now: datetime | None = None) -> int:
-    """The reaper's sweep for what :func:`key_leases_close` could not see:
-    leases of keys no longer usable that were claimed after the key's edit
-    by a dispatch that had read the key before it, or whose key was disabled
-    or expired in SQL or by a queryset ``update``. Closed and their slots
-    given back as the edit would have done, a minute later at most."""
-    revoked = ApiKey.objects.filter(Q(enabled=False) | Q(expires_at__lte=now or timezone.now()))
-    key_ids = list(revoked.order_by("pk").values_list("pk", flat=True))
-    return key_leases_close(key_ids=key_ids) if key_ids else 0
-
-
-def key_leases_shorten(*, key_id: int, expires_at: datetime) -> int:
-    """A key's expiry moved: its open leases end by it at the latest, as a
-    lease granted now would (:func:`lease_new`)."""
-    later = Lease.objects.filter(completed_at__isnull=True, api_key_id=key_id, expires_at__gt=expires_at)
-    shortened = later.update(expires_at=expires_at)
-    if shortened:
-        wakeups.release_notify()  # a waiter's wake-up at the first lease expiry comes sooner
-    return shortened
-
-
 # --- reap --------------------------------------------------------------------------
 
 # Leases closed per transaction by the reaper; bounds how long it holds locks.
@@ -484,14 +421,14 @@ def _reap_batch(*, now: datetime, identity_ids: list[int] | None, key_id: int | 
     )
     if not rows:
         return 0, 0
-    closed = _leases_close(rows, now=now)
+    closed = leases_close(rows, now=now)
     if closed != len(rows):
         transaction.set_rollback(True)
         return None, len(rows)
     return closed, len(rows)
 
 
-def _leases_close(rows: list[tuple[uuid.UUID, int, int | None]], *, now: datetime, error_message: str = "") -> int:
+def leases_close(rows: list[tuple[uuid.UUID, int, int | None]], *, now: datetime, error_message: str = "") -> int:
     """Close leases locked by the caller, given as (id, identity, key slot),
     as ``expired``, and give back their identity's and key's slots. Returns
     how many were still open; fewer than given gives nothing back (the

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from routing import maintenance, quotas, sessions, slots
+from routing import maintenance, quotas, revocations, sessions, slots
 
 
 @shared_task
@@ -27,7 +27,7 @@ def binding_purge() -> dict[str, int]:
 def lease_reap() -> int:
     """Close leases past their TTL, and those of keys no longer usable, and
     give their slots back."""
-    return slots.lease_reap_expired(lock_timeout=True) + slots.key_leases_close_revoked()
+    return slots.lease_reap_expired(lock_timeout=True) + revocations.key_leases_close_revoked()
 
 
 @shared_task
