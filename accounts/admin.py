@@ -12,7 +12,7 @@ from django.utils.text import capfirst
 
 from accounts import services
 from accounts.models import Account, AccountGroup, ApiKey, Proxy, RoutingIdentity
-from accounts.permissions import GRANT_CREDENTIALS_ACCESS, credentials_keys_by_group, credentials_reach_refusal
+from accounts.permissions import GRANT_CREDENTIALS_ACCESS, group_widening_refusal
 from accounts.proxy_urls import proxy_url_masked, proxy_url_unmasked
 from accounts.resources import PoolImportExportMixin
 from routing.models import CooldownEvent, Lease
@@ -351,12 +351,10 @@ class AccountGroupAdminForm(PoolModelForm):
 
     def clean_accounts(self):
         accounts = self.cleaned_data["accounts"]
-        group = self.instance
-        if not self.may_grant_credentials and group.pk is not None:
-            added = set(accounts.values_list("pk", flat=True)) - set(group.accounts.values_list("pk", flat=True))
-            keys = credentials_keys_by_group([group.pk]).get(group.pk) if added else None
-            if keys:
-                raise forms.ValidationError(capfirst(credentials_reach_refusal(keys)) + ".")
+        if not self.may_grant_credentials and self.instance.pk is not None:
+            refusal = group_widening_refusal(self.instance, accounts.values_list("pk", flat=True))
+            if refusal:
+                raise forms.ValidationError(capfirst(refusal) + ".")
         return accounts
 
 

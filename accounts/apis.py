@@ -21,8 +21,7 @@ from accounts.permissions import (
     CRUD_VERBS,
     GRANT_CREDENTIALS_ACCESS,
     OperatorPermission,
-    credentials_keys_by_group,
-    credentials_reach_refusal,
+    group_widening_refusal,
 )
 from accounts.serializers import (
     AccountGroupSerializer,
@@ -207,11 +206,9 @@ class AccountGroupViewSet(OperatorModelViewSet):
         # A new group is used by no key yet: only an update can add accounts to one that is.
         accounts = serializer.validated_data.get("accounts")
         if accounts is not None and not self.request.user.has_perm(GRANT_CREDENTIALS_ACCESS):
-            group = serializer.instance
-            added = {account.pk for account in accounts} - {account.pk for account in group.accounts.all()}
-            keys = credentials_keys_by_group([group.pk]).get(group.pk) if added else None
-            if keys:
-                raise exceptions.PermissionDenied(credentials_reach_refusal(keys))
+            refusal = group_widening_refusal(serializer.instance, [account.pk for account in accounts])
+            if refusal:
+                raise exceptions.PermissionDenied(refusal)
         super().perform_update(serializer)
 
 

@@ -45,6 +45,16 @@ def credentials_reach_refusal(keys: list[str]) -> str:
     )
 
 
+def group_widening_refusal(group, account_ids: Iterable[int]) -> str | None:
+    """Why setting ``group``'s accounts to ``account_ids`` needs
+    :data:`GRANT_CREDENTIALS_ACCESS`, or None: it adds no account, or no
+    key with credentials access uses the group (taking accounts out never
+    needs it). The admin's group form and the operator API both ask here."""
+    added = set(account_ids) - set(group.accounts.values_list("pk", flat=True))
+    keys = credentials_keys_by_group([group.pk]).get(group.pk) if added else None
+    return credentials_reach_refusal(keys) if keys else None
+
+
 CRUD_VERBS = {
     "list": "view",
     "retrieve": "view",
